@@ -1,0 +1,54 @@
+"""What every launcher shares: import path, logging per rank, one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from megascale.errors import MegascaleError  # noqa: E402
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (before any process group exists)."""
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def quiet_third_party() -> None:
+    """Silence start-up chatter that says nothing to a user: DeepSpeed's accelerator guess, torch deprecations."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
+
+
+def setup_logging() -> None:
+    """INFO on rank 0, warnings only elsewhere, so N ranks do not print N copies."""
+    quiet_third_party()
+    level = logging.INFO if launch_rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Call ``main``; a MegascaleError becomes one line on stderr (rank 0 only) and exit status 2."""
+    try:
+        return main(argv)
+    except MegascaleError as err:
+        if launch_rank() == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2

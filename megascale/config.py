@@ -1,0 +1,347 @@
+"""Run configuration: typed nested dataclasses, YAML files, dotted overrides.
+
+A config is built in three steps, each of which may raise ``MegascaleError``
+with one line naming the offending key and the fix:
+
+1. ``load_config(path, overrides)`` reads YAML, applies ``a.b=value`` overrides;
+2. ``from_dict`` turns the nested dict into dataclasses, rejecting unknown keys
+   and values of the wrong type;
+3. ``validate`` checks the relations between fields (heads divide d_model, …).
+
+Every field carries a docstring (the string literal under it); ``describe()``
+reads them back so ``launch/pretrain.py --help-config`` lists every key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from megascale.errors import MegascaleError
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Llama-style decoder and how its blocks are tied."""
+
+    vocab_size: int = 4096
+    """Vocabulary size; must be >= the tokenizer's (the data pipeline trains one of this size)."""
+    d_model: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks applied per token (applied, not unique, blocks)."""
+    n_heads: int = 4
+    """Query heads; must divide d_model."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means n_heads; must divide n_heads."""
+    ffn_dim: int = 0
+    """SwiGLU hidden width; 0 means 8/3 * d_model rounded up to a multiple of ffn_multiple_of."""
+    ffn_multiple_of: int = 64
+    """Rounding for the default ffn_dim (hardware-friendly sizes)."""
+    max_seq_len: int = 256
+    """Longest sequence the RoPE tables are built for; data.seq_len must not exceed it."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the LM head."""
+    sharing: str = "none"
+    """Block sharing plan: none | all | cycle:k | sequence:k | explicit group list "0,1,0,1"."""
+    attention: str = "auto"
+    """Attention backend: auto (Triton on CUDA when available, else torch) | torch | triton."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2*n_layers)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        m = self.ffn_multiple_of
+        return m * ((8 * self.d_model // 3 + m - 1) // m)
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    corpus: str = "stdlib"
+    """'stdlib' builds the embedded corpus (Python's own sources) at `path` if missing; 'prepared' requires `path` to exist (see launch/prepare_data.py)."""
+    path: str = "data/stdlib"
+    """Directory with manifest.json, tokenizer.model and train/val token files."""
+    seq_len: int = 256
+    """Training sequence length in tokens."""
+    stdlib_max_bytes: int = 8_000_000
+    """Size cap of the embedded stdlib corpus, in bytes of source text."""
+    shuffle: bool = True
+    """Shuffle sample order each epoch (deterministically from train.seed)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine and linear schedules)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps from 0 to lr."""
+    schedule: str = "cosine"
+    """Decay after warm-up: cosine | linear | constant."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    """The training run: batch, precision, ZeRO, logging and checkpoints."""
+
+    seed: int = 0
+    """Seed for weights and data order."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all ranks; 0 means micro_batch_size * data-parallel size. Gradient accumulation = global / (micro * dp)."""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3."""
+    eval_every: int = 100
+    """Validation every this many steps (and at the start and the end); 0 disables."""
+    eval_batches: int = 16
+    """Validation micro-batches per evaluation over all ranks (rounded down to a multiple of the data-parallel size)."""
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    save_every: int = 0
+    """Checkpoint every this many steps; 0 means only at the end."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints to keep; older ones are deleted after a newer one is safely written."""
+    out_dir: str = "runs/tiny"
+    """Run directory: checkpoints/, metrics.jsonl, loss.png, tensorboard/."""
+    resume: str = ""
+    """'' starts fresh; 'auto' resumes from the latest checkpoint in out_dir if there is one; or a checkpoint path."""
+    sample_prompt: str = "def "
+    """Prompt for the greedy sample printed at the end."""
+    sample_tokens: int = 48
+    """Tokens generated for that sample; 0 disables it."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class MetricsConfig:
+    """What is measured and where it goes."""
+
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s per device for MFU; 0 looks the device up (H100, A100, …) and leaves MFU empty on CPU."""
+    tensorboard: bool = True
+    """Write TensorBoard event files when tensorboard is installed."""
+    plot: bool = True
+    """Write loss.png at the end of the run."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model shape and sharing plan."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Metrics."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building
+
+
+def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, strictly (unknown keys and wrong types raise)."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the config file"
+        raise MegascaleError(f"{where} must be a mapping of keys to values, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise MegascaleError(_unknown_key_message(prefix + str(key), names, prefix))
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _unknown_key_message(key: str, names: list[str], prefix: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, names, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(prefix + n for n in names)}"
+    return f"unknown config key '{key}': {hint} (see `launch/pretrain.py --help-config`)"
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(typ):
+        return from_dict(value if value is not None else {}, typ, key + ".")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        value = _yaml11_float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
+    if typ is str and isinstance(value, list) and key.endswith("sharing"):
+        return ",".join(str(v) for v in value)  # explicit plan written as a YAML list
+    # bool is a subclass of int in Python: reject `true` where a number is expected.
+    if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
+        raise MegascaleError(
+            f"config key '{key}' expects {typ.__name__}, got {value!r} ({type(value).__name__}); "
+            f"fix the value in the YAML file or the override"
+        )
+    return value
+
+
+def _yaml11_float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.max_steps=50'`` → (['train', 'max_steps'], 50). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise MegascaleError(f"override '{text}' is not of the form key.sub=value (e.g. train.max_steps=50)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted ``key=value`` in the nested dict (creating sections as needed)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MegascaleError(f"override '{text}': '{part}' is a value, not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides, build and validate it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    cfg = from_dict(apply_overrides(data, list(overrides or [])))
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MegascaleError(f"config file '{path}' not found; pass an existing YAML file, e.g. --config configs/tiny.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise MegascaleError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
+    return data or {}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Check relations between fields; raise MegascaleError on the first problem."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    _check(m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model.d_model, model.n_layers and model.n_heads must be positive")
+    _check(m.d_model % m.n_heads == 0, f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; pick heads so d_model/heads is an integer (e.g. head dim 64)")
+    _check(m.n_kv_heads >= 0 and m.n_heads % m.kv_heads == 0, f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; use a divisor of n_heads (or 0 for n_heads)")
+    _check(m.head_dim % 2 == 0, f"head dim d_model/n_heads={m.head_dim} must be even for RoPE; change model.n_heads")
+    _check(m.vocab_size > 0, "model.vocab_size must be positive")
+    _check(m.attention in ("auto", "torch", "triton"), f"model.attention='{m.attention}' is not one of auto, torch, triton")
+    _check_sharing(m)
+    _check(d.corpus in ("stdlib", "prepared"), f"data.corpus='{d.corpus}' is not one of stdlib, prepared")
+    _check(0 < d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+    _check(o.schedule in ("cosine", "linear", "constant"), f"optim.schedule='{o.schedule}' is not one of cosine, linear, constant")
+    _check(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+    _check(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
+    _check(t.precision in ("fp32", "bf16", "fp16"), f"train.precision='{t.precision}' is not one of fp32, bf16, fp16")
+    _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    _check(t.max_steps > 0 and t.micro_batch_size > 0, "train.max_steps and train.micro_batch_size must be positive")
+    _check(t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = micro_batch_size * data-parallel size)")
+
+
+def _check_sharing(m: ModelConfig) -> None:
+    from megascale.model.sharing import SharingPlan  # local: config must not import torch eagerly
+
+    SharingPlan.parse(m.sharing, m.n_layers)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MegascaleError(message)
+
+
+# ---------------------------------------------------------------- docs
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (read from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[str]:
+    """One line per config key: ``key = default  # doc``."""
+    lines = []
+    hints = get_type_hints(cls)
+    docs = field_docs(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"[{prefix}{f.name}] {docs.get(f.name, '')}")
+            lines += describe(hints[f.name], prefix + f.name + ".")
+        else:
+            lines.append(f"  {prefix}{f.name} = {getattr(default, f.name)!r}  # {docs.get(f.name, '')}")
+    return lines

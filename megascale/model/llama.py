@@ -1,0 +1,190 @@
+"""A Llama-style decoder in plain PyTorch, with tied transformer blocks.
+
+RMSNorm, rotary position embeddings (RoPE, Hugging Face's rotate-half layout so
+exported weights need no permutation), grouped-query attention, SwiGLU MLP,
+optional embedding/LM-head tying.
+
+Tied blocks: the model stores G unique blocks in ``blocks`` (an ``nn.ModuleDict``
+keyed by group id, stable names for checkpoints and pipeline splits) and applies
+them in the order of its ``SharingPlan``: layer i applies ``blocks[group_of[i]]``.
+Units of one group therefore use one storage, and autograd sums their gradient
+contributions into that storage's ``.grad``.
+
+This module never imports DeepSpeed: parallelism and the engine wrap it from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megascale.config import ModelConfig
+from megascale.model.attention import attention
+from megascale.model.sharing import SharingPlan
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability under bf16/fp16, as Llama does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, hd), computed in fp32 on every call.
+
+    Recomputing (T·hd/2 multiplies) instead of caching a buffer keeps the tables
+    out of the engine's dtype cast, so positions stay exact under bf16.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hd) by position; rotate-half layout."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.backend = "torch"  # set by Transformer.set_attention_backend
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin)
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Unique parameters (memory) vs applied parameters (compute)."""
+
+    unique: int
+    applied: int
+    embedding: int  # input embedding rows: a lookup, no FLOPs
+
+    @property
+    def unique_blocks_ratio(self) -> float:
+        return self.unique / self.applied
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: SharingPlan | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.plan = plan or SharingPlan.parse(cfg.sharing, cfg.n_layers)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleDict({str(g): Block(cfg) for g in range(self.plan.n_groups)})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            # Residual-output projections are scaled by depth (GPT-2): applied layers count.
+            if getattr(module, "_is_residual_out", False):
+                std = std / math.sqrt(2 * self.cfg.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; call under a fixed torch seed for reproducibility."""
+        for block in self.blocks.values():
+            block.attn.o_proj._is_residual_out = True
+            block.mlp.down_proj._is_residual_out = True
+        self.apply(self._init_weights)
+
+    def set_attention_backend(self, backend: str) -> None:
+        for block in self.blocks.values():
+            block.attn.backend = backend
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) → logits (B, T, V), or the mean cross-entropy when targets are given."""
+        B, T = tokens.shape
+        cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_theta, tokens.device)
+        x = self.embed(tokens)  # (B, T, D)
+        for group in self.plan.group_of:
+            x = self.blocks[str(group)](x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    # ------------------------------------------------------------ accounting
+
+    def param_counts(self) -> ParamCounts:
+        unique = sum(p.numel() for p in self.parameters())  # parameters() dedups shared storage
+        per_block = [sum(p.numel() for p in self.blocks[str(g)].parameters()) for g in self.plan.group_of]
+        head = 0 if self.cfg.tie_embeddings else self.lm_head.weight.numel()
+        embedding = self.embed.weight.numel()
+        applied = embedding + head + self.norm.weight.numel() + sum(per_block)
+        return ParamCounts(unique=unique, applied=applied, embedding=embedding)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), from *applied* parameters.
+
+        6 FLOPs per applied weight that multiplies (2 forward, 4 backward) — every
+        parameter except the embedding lookup, but including the LM head even when
+        it is tied to the embedding — plus attention's score and value products:
+        2·2·T·(nh·hd) per layer forward, ×3 with backward = 12·L·nh·hd·T
+        (PaLM's convention; causal masking is not subtracted).
+        """
+        c = self.cfg
+        counts = self.param_counts()
+        matmul_params = counts.applied - counts.embedding + (self.lm_head.weight.numel() if c.tie_embeddings else 0)
+        return 6.0 * matmul_params + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
+

@@ -1,0 +1,158 @@
+"""Checkpoints: DeepSpeed's own format plus ``megascale.json``, written atomically.
+
+Layout of ``<out_dir>/checkpoints``::
+
+    latest                 tag of the newest complete checkpoint (DeepSpeed's convention)
+    zero_to_fp32.py        DeepSpeed's consolidation script, copied by DeepSpeed
+    step_00000100/         DeepSpeed model/optimizer shards + megascale.json
+
+A save goes to ``step_N.tmp`` first; rank 0 writes ``megascale.json`` into it,
+renames it to ``step_N`` (an atomic rename) and only then moves ``latest``
+(write-temp-then-replace). A crash at any point leaves ``latest`` pointing at
+the previous complete checkpoint; leftover ``.tmp`` directories are removed by
+the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megascale.errors import MegascaleError
+
+log = logging.getLogger(__name__)
+
+META_NAME = "megascale.json"
+META_FORMAT = "megascale-checkpoint"
+META_VERSION = 1
+# Fault injection for the crash-safety tests: the process dies hard at this point of a save.
+FAULT_ENV = "MEGASCALE_FAULT_DURING_SAVE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], is_main: bool, keep: int) -> Path:
+    """Save a complete checkpoint for ``step`` (all ranks call this); returns its directory."""
+    tag = tag_for(step)
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_partial_saves(root)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=tag + ".tmp", save_latest=False)
+    _barrier()
+    final = root / tag
+    if is_main:
+        if os.environ.get(FAULT_ENV) == "after_shards":
+            os._exit(17)
+        _atomic_write(root / (tag + ".tmp") / META_NAME, json.dumps(meta, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(root / (tag + ".tmp"), final)
+        _atomic_write(root / "latest", tag)
+        _prune(root, keep)
+    _barrier()
+    return final
+
+
+def _remove_partial_saves(root: Path) -> None:
+    for partial in root.glob("step_*.tmp"):
+        log.warning("removing incomplete checkpoint %s (a save was interrupted)", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint ``latest`` points at, or None when the run has none yet."""
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise MegascaleError(f"{pointer} names '{path.name}', which does not exist; point it at a step_* directory in {root}")
+    return path
+
+
+def resolve_checkpoint(spec: str, out_dir: Path) -> Path | None:
+    """train.resume → a checkpoint directory: '' none, 'auto' latest in out_dir if any, else a path."""
+    if not spec:
+        return None
+    if spec == "auto":
+        return latest_checkpoint(out_dir / "checkpoints")
+    path = Path(spec)
+    for root in (path, path / "checkpoints"):  # a checkpoints/ directory or a run directory
+        if (root / "latest").is_file() and not (path / META_NAME).exists():
+            return latest_checkpoint(root)
+    if not path.is_dir():
+        raise MegascaleError(f"checkpoint '{path}' does not exist; pass a step_* directory, a checkpoints/ directory or a run directory")
+    return path  # read_meta says so if it is not a megascale checkpoint
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """Read and check ``megascale.json`` of a checkpoint directory."""
+    meta_path = path / META_NAME
+    if not meta_path.is_file():
+        raise MegascaleError(f"{path} has no {META_NAME}: not a megascale checkpoint; pass a directory written by megascale")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MegascaleError(
+            f"{meta_path} is unreadable ({type(err).__name__}); restore it from a copy or resume from an older step_* directory"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise MegascaleError(f"{meta_path} is not a megascale checkpoint description; pass a directory written by megascale")
+    if meta.get("version", 0) > META_VERSION:
+        raise MegascaleError(f"{meta_path} has format version {meta['version']} (> {META_VERSION}); upgrade megascale")
+    return meta
+
+
+# Fields that change the parameter set: a checkpoint only loads into the same ones.
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "ffn_multiple_of", "tie_embeddings")
+
+
+def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], plan: list[int]) -> None:
+    """Refuse, in one line, a checkpoint whose model shape or sharing plan differs from the config's."""
+    saved = meta.get("config", {}).get("model", {})
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}" for k in SHAPE_KEYS if saved.get(k) != model_cfg.get(k)]
+    if meta.get("sharing_plan") != plan:
+        diffs.append(f"sharing plan: checkpoint {meta.get('sharing_plan')} vs config {plan}")
+    if diffs:
+        raise MegascaleError(
+            "checkpoint was saved for another model shape (" + "; ".join(diffs) + "); "
+            "resume with the checkpoint's model.* settings or use a new train.out_dir"
+        )
+
+
+def load_checkpoint(engine, path: Path) -> None:
+    """Load weights, optimizer and LR-scheduler state into the engine (all ranks)."""
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if loaded is None:
+        raise MegascaleError(f"DeepSpeed could not load {path}; it may be incomplete — resume from an older step_* directory")

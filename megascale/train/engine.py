@@ -1,0 +1,110 @@
+"""The DeepSpeed engine, configured from our typed config.
+
+The DeepSpeed JSON is *generated* (``deepspeed_config``) rather than kept as a
+hand-written twin of the YAML, so ZeRO stage, precision, clipping and
+accumulation can never disagree between the two.
+
+The optimizer is ``torch.optim.AdamW`` handed to DeepSpeed as a client
+optimizer: it runs on CPU and CUDA alike (``fused=True`` on CUDA), where
+DeepSpeed's own Adam needs a compiled op.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megascale.config import Config, OptimConfig
+from megascale.errors import MegascaleError
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a global batch splits over data-parallel ranks and accumulation steps."""
+
+    micro_batch: int
+    grad_accum: int
+    dp_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp_size
+
+
+def batch_layout(cfg: Config, dp_size: int) -> BatchLayout:
+    """Derive gradient accumulation from the global batch; one line if it does not divide."""
+    micro = cfg.train.micro_batch_size
+    global_batch = cfg.train.global_batch_size or micro * dp_size
+    if global_batch % (micro * dp_size):
+        raise MegascaleError(
+            f"train.global_batch_size={global_batch} is not a multiple of micro_batch_size*dp = {micro}*{dp_size}; "
+            f"use a multiple of {micro * dp_size}"
+        )
+    return BatchLayout(micro, global_batch // (micro * dp_size), dp_size)
+
+
+def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run."""
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_batch_size": layout.global_batch,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # megascale logs its own metrics
+        "wall_clock_breakdown": False,
+        # ZeRO partitions hold a client optimizer (torch AdamW), which DeepSpeed flags as untested.
+        "zero_allow_untested_optimizer": True,
+    }
+    return ds
+
+
+def lr_lambda(o: OptimConfig, max_steps: int):
+    """Multiplier of optim.lr at each step: linear warm-up, then cosine/linear/constant decay."""
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linear and embedding weights), not norms: the usual LLM recipe."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # deduplicated: a tied tensor appears once
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the LR schedule."""
+    import deepspeed  # noqa: PLC0415
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.train.max_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, layout),
+    )
+    return engine

@@ -1,0 +1,114 @@
+"""Metrics: one JSON line per logged step, TensorBoard when installed, a loss-curve PNG.
+
+Only rank 0 writes. Values are plain floats by the time they get here; the loop
+decides when to synchronise with the device (once per logging interval).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,  # SXM; PCIe parts are lower — set metrics.peak_tflops for those
+    "A100": 312.0,
+    "B200": 2250.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "V100": 125.0,
+}
+
+
+def device_peak_tflops(device: torch.device, configured: float) -> float | None:
+    """The peak used for MFU: the configured one, else a lookup by CUDA device name, else None."""
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak memory in GiB: allocator peak on CUDA, process max RSS on CPU."""
+    if device.type == "cuda":
+        return {"mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return {"mem_rss_peak_gib": rss_kib * scale / 2**30}
+
+
+class MetricsWriter:
+    """Appends metric records to ``metrics.jsonl`` (and TensorBoard) on the main rank."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = _tensorboard_writer(out_dir / "tensorboard") if enabled and tensorboard else None
+        if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        log.info("tensorboard not installed: metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(path))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
+    """Training and validation loss against tokens seen, as a PNG."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    records = read_metrics(metrics_path)
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", lw=1.5, ms=4)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title or "loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny stdlib dataset and a launcher runner for multi-process tests.
+
+Every multi-rank test starts real processes (torchrun, deepspeed, mpirun) on
+gloo with the tiny test model below, and reads the losses back from the run's
+metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PRETRAIN = ROOT / "launch" / "pretrain.py"
+BIN = Path(sys.executable).parent
+
+# A model small enough for 2-4 CPU ranks in seconds, with tied blocks (cycle:2) and GQA.
+TINY = [
+    "model.vocab_size=512", "model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.max_seq_len=32", "model.sharing=cycle:2",
+    "data.corpus=prepared", "data.seq_len=32", "optim.lr=1e-3", "optim.warmup_steps=2",
+    "train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=5", "train.log_every=1",
+    "train.eval_every=0", "train.sample_tokens=0", "train.progress=false",
+    "metrics.tensorboard=false", "metrics.plot=false",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The embedded stdlib corpus, small: 512-token vocabulary, ~600 kB of source."""
+    from megascale.data import ensure_stdlib_dataset
+
+    path = tmp_path_factory.mktemp("data") / "stdlib-512"
+    ensure_stdlib_dataset(path, vocab_size=512, max_bytes=600_000, seed=0)
+    return path
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any launcher variables, one thread per rank."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("PMI_", "OMPI_"))}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(nproc: int, launcher: str) -> list[str]:
+    if launcher == "single":
+        return [sys.executable, str(PRETRAIN)]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", f"--master-port={free_port()}", str(PRETRAIN)]
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), f"--num_gpus={nproc}", f"--master_port={free_port()}", str(PRETRAIN)]
+    if launcher == "mpirun":
+        return [str(BIN / "mpirun"), "-n", str(nproc), sys.executable, str(PRETRAIN)]
+    raise ValueError(launcher)
+
+
+def run_pretrain(out_dir: Path, data: Path, *overrides: str, nproc: int = 1, launcher: str | None = None,
+                 env: dict[str, str] | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run launch/pretrain.py on the tiny model; returns the finished process."""
+    launcher = launcher or ("single" if nproc == 1 else "torchrun")
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *TINY, f"data.path={data}", f"train.out_dir={out_dir}", *overrides]
+    if launcher == "mpirun":
+        env = {**(env or {}), "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(launch_command(nproc, launcher) + args, capture_output=True, text=True,
+                          env=clean_env(**(env or {})), cwd=ROOT, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """step → training loss from the run's metrics.jsonl."""
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
