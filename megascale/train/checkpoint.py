@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 META_NAME = "megascale.json"
 META_FORMAT = "megascale-checkpoint"
 META_VERSION = 1
-# Fault injection for the crash-safety tests: the process dies hard at this point of a save.
+# Fault injection for the crash-safety tests: MEGASCALE_FAULT_DURING_SAVE=<step> makes rank 0
+# die hard (os._exit) after the shards of that step's save are written, before it is published.
 FAULT_ENV = "MEGASCALE_FAULT_DURING_SAVE"
 
 
@@ -64,7 +65,7 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], is_main
     _barrier()
     final = root / tag
     if is_main:
-        if os.environ.get(FAULT_ENV) == "after_shards":
+        if os.environ.get(FAULT_ENV) == str(step):
             os._exit(17)
         _atomic_write(root / (tag + ".tmp") / META_NAME, json.dumps(meta, indent=2))
         if final.exists():

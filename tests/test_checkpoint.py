@@ -1,0 +1,99 @@
+"""Checkpoints: exact resume, atomic saves under a crash, and refusal of bad checkpoints."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import losses, run_pretrain
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Content hash of every file below ``directory``."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def eight_steps(tmp_path_factory, data_dir):
+    """An uninterrupted 2-rank run of 8 steps with checkpoints at 4 and 8."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_pretrain(out, data_dir, "train.max_steps=8", "train.save_every=4", nproc=2)
+    return out
+
+
+def test_resume_is_exact(eight_steps, data_dir, tmp_path):
+    meta = json.loads((eight_steps / "checkpoints" / "step_00000004" / "megascale.json").read_text())
+    assert meta["step"] == 4 and meta["sharing_plan"] == [0, 1, 0, 1] and meta["data"]["sampler"]["consumed"] == 32
+    assert meta["params"]["unique"] < meta["params"]["applied"]
+    run_pretrain(tmp_path, data_dir, "train.max_steps=8", "train.save_every=4",
+                 f"train.resume={eight_steps / 'checkpoints' / 'step_00000004'}", nproc=2)
+    full, resumed = losses(eight_steps), losses(tmp_path)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit-identical in fp32
+
+
+def test_crash_during_save_keeps_previous_checkpoint(data_dir, tmp_path, eight_steps):
+    args = ("train.max_steps=8", "train.save_every=4")
+    crashed = run_pretrain(tmp_path, data_dir, *args, env={"MEGASCALE_FAULT_DURING_SAVE": "8"}, check=False)
+    assert crashed.returncode == 17
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000004"
+    assert (ckpts / "step_00000008.tmp").is_dir()  # the half-written save, never published
+    before = snapshot(ckpts / "step_00000004")
+    run_pretrain(tmp_path, data_dir, *args, "train.resume=auto")
+    assert snapshot(ckpts / "step_00000004") == before
+    assert (ckpts / "latest").read_text() == "step_00000008"
+    assert not (ckpts / "step_00000008.tmp").exists()
+    # The resumed run ends where the uninterrupted 2-rank run did (same global batches).
+    assert losses(tmp_path)[8] == pytest.approx(losses(eight_steps)[8], rel=1e-5)
+
+
+def test_checkpoint_from_another_shape_is_refused(eight_steps, data_dir, tmp_path):
+    ckpts = eight_steps / "checkpoints"
+    before = snapshot(ckpts)
+    proc = run_pretrain(tmp_path, data_dir, "model.d_model=128", f"train.resume={ckpts}", check=False)
+    line = one_error_line(proc)
+    assert "another model shape" in line and "d_model" in line
+    assert snapshot(ckpts) == before
+
+
+def test_unreadable_metadata_is_refused(eight_steps, data_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(eight_steps / "checkpoints" / "step_00000004", broken)
+    (broken / "megascale.json").write_text("{not json")
+    before = snapshot(broken)
+    line = one_error_line(run_pretrain(tmp_path / "run", data_dir, f"train.resume={broken}", check=False))
+    assert "megascale.json" in line and "unreadable" in line
+    assert snapshot(broken) == before
+
+
+def test_foreign_directory_is_refused(data_dir, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "weights.pt").write_bytes(b"x")
+    line = one_error_line(run_pretrain(tmp_path / "run", data_dir, f"train.resume={foreign}", check=False))
+    assert "not a megascale checkpoint" in line
+
+
+def test_missing_data_is_one_line(tmp_path, data_dir):
+    line = one_error_line(run_pretrain(tmp_path, data_dir, f"data.path={tmp_path / 'nowhere'}", check=False))
+    assert "prepare_data.py" in line
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.dmodel=64", "unknown config key 'model.dmodel'"),
+    ("train.max_steps=many", "expects int"),
+    ("model.n_heads=5", "does not divide model.d_model"),
+])
+def test_bad_config_is_one_line(tmp_path, data_dir, override, fragment):
+    assert fragment in one_error_line(run_pretrain(tmp_path, data_dir, override, check=False))

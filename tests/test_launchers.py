@@ -1,0 +1,49 @@
+"""The same command under `deepspeed` and `mpirun` (mpi4py discovery); metrics, plots and the sample."""
+
+import json
+
+import pytest
+
+from conftest import losses, run_pretrain
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("deepspeed")
+    proc = run_pretrain(out, data_dir, "train.max_steps=4", "train.eval_every=2", "train.eval_batches=4",
+                        "metrics.plot=true", "metrics.tensorboard=true", "train.sample_tokens=8", "train.progress=true",
+                        nproc=2, launcher="deepspeed")
+    return out, proc
+
+
+def test_deepspeed_launcher_reports_and_writes_everything(deepspeed_run):
+    out, proc = deepspeed_run
+    assert "launcher torch-env, backend gloo, device cpu, world size 2" in proc.stderr
+    assert "unique (memory)" in proc.stderr and "applied (compute)" in proc.stderr
+    for line in ("checkpoint    :", "metrics       :", "loss curve    :", "val loss      :", "sample (greedy):"):
+        assert line in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    start = records[0]
+    assert start["event"] == "start" and start["params_unique"] < start["params_applied"] and start["flops_per_token"] > 0
+    steps = [r for r in records if "loss" in r]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu", "mem_rss_peak_gib"):
+        assert key in steps[-1]
+    assert steps[-1]["mfu"] is None  # no peak for a CPU unless metrics.peak_tflops is set
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4]
+    assert (out / "loss.png").stat().st_size > 10_000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert "pretrain: 100%" in proc.stderr  # tqdm bar on rank 0
+
+
+def test_mpirun_matches_deepspeed_launcher(deepspeed_run, data_dir, tmp_path):
+    out, _ = deepspeed_run
+    proc = run_pretrain(tmp_path, data_dir, "train.max_steps=4", "train.eval_every=2", "train.eval_batches=4",
+                        nproc=2, launcher="mpirun")
+    assert "launcher mpi, backend gloo, device cpu, world size 2" in proc.stderr
+    assert losses(tmp_path) == losses(out)
+
+
+def test_peak_flops_gives_mfu(tmp_path, data_dir):
+    run_pretrain(tmp_path, data_dir, "train.max_steps=2", "metrics.peak_tflops=0.5")
+    record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["mfu"] == pytest.approx(record["tflops_per_device"] / 0.5)
