@@ -16,6 +16,14 @@ if str(ROOT) not in sys.path:
 from megascale.errors import MegascaleError  # noqa: E402
 
 
+def launch_world_size() -> int | None:
+    """The world size the launcher announced, if any (before any process group exists)."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_NTASKS"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return None
+
+
 def launch_rank() -> int:
     """This process's global rank as the launcher set it (before any process group exists)."""
     for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
@@ -33,6 +41,8 @@ def quiet_third_party() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
+    # DeepSpeed's pipeline engine broadcasts inside autograd; torch warns on every backward.
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
 
 
 def setup_logging() -> None:
@@ -51,4 +61,13 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
     except MegascaleError as err:
         if launch_rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
+        _leave_process_group()
         return 2
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down so an erroring rank exits now instead of lingering in gloo's shutdown."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -34,6 +34,11 @@ def main(argv: list[str]) -> int:
         return 0
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # validated before any process group exists
+    world = common.launch_world_size()
+    if world is not None:
+        from megascale.parallel.topology import ParallelDims
+
+        ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, world).check_model(cfg.model)
 
     from megascale.train.dist import init_distributed
     from megascale.train.loop import pretrain

@@ -156,6 +156,20 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is split over processes; data parallelism takes the rest of the world size."""
+
+    tp: int = 1
+    """Tensor-parallel degree (Megatron-style): must divide heads, KV heads, FFN width and vocabulary."""
+    pp: int = 1
+    """Pipeline-parallel stages (DeepSpeed's 1F1B pipeline engine); ZeRO stage must be 0 or 1 when pp > 1."""
+    partition: str = "parameters"
+    """How layers are split over stages: parameters (balanced by parameter count) | uniform | blocks (equal blocks per stage)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them."""
+
+
+@dataclass
 class MetricsConfig:
     """What is measured and where it goes."""
 
@@ -179,6 +193,8 @@ class Config:
     """The optimizer."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor and pipeline parallelism."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Metrics."""
 
@@ -304,6 +320,14 @@ def validate(cfg: Config) -> None:
     _check(t.precision in ("fp32", "bf16", "fp16"), f"train.precision='{t.precision}' is not one of fp32, bf16, fp16")
     _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _check(t.max_steps > 0 and t.micro_batch_size > 0, "train.max_steps and train.micro_batch_size must be positive")
+    p = cfg.parallel
+    _check(p.tp >= 1 and p.pp >= 1, f"parallel.tp={p.tp} and parallel.pp={p.pp} must be >= 1")
+    _check(p.partition in ("parameters", "uniform", "blocks"), f"parallel.partition='{p.partition}' is not one of parameters, uniform, blocks")
+    _check(
+        p.pp == 1 or t.zero_stage <= 1,
+        f"train.zero_stage={t.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed's pipeline engine supports ZeRO 0-1); "
+        f"set train.zero_stage=1 or parallel.pp=1",
+    )
     _check(t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = micro_batch_size * data-parallel size)")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from megascale.config import ModelConfig
 from megascale.model.attention import attention
@@ -107,6 +108,17 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attn_norm(x))
 
 
+class CrossEntropy(nn.Module):
+    """Mean next-token cross-entropy over full-vocabulary logits (B, T, V).
+
+    A module rather than a call inside ``forward`` so tensor parallelism can swap
+    in the vocabulary-parallel version without touching the model.
+    """
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
 @dataclass(frozen=True)
 class ParamCounts:
     """Unique parameters (memory) vs applied parameters (compute)."""
@@ -131,6 +143,11 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.loss_fn: nn.Module = CrossEntropy()
+        # Identity here; tensor parallelism swaps in an all-gather of the vocabulary shards.
+        self.full_logits: nn.Module = nn.Identity()
+        # Recompute block activations in backward (set from parallel.activation_checkpointing).
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -158,11 +175,15 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_theta, tokens.device)
         x = self.embed(tokens)  # (B, T, D)
         for group in self.plan.group_of:
-            x = self.blocks[str(group)](x, cos, sin)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+            block = self.blocks[str(group)]
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, V/tp) under tensor parallelism
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            return self.full_logits(logits)
+        return self.loss_fn(logits, targets)
 
     # ------------------------------------------------------------ accounting
 

@@ -157,3 +157,85 @@ def load_checkpoint(engine, path: Path) -> None:
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
     if loaded is None:
         raise MegascaleError(f"DeepSpeed could not load {path}; it may be incomplete — resume from an older step_* directory")
+
+
+# ------------------------------------------------------------ layout conversion
+#
+# A checkpoint saved under one (tp, pp, dp) layout resumes under another through
+# full weights: the plain model's state dict is rebuilt from the DeepSpeed files
+# (pipeline layer files or per-tensor-rank model files, TP shards concatenated),
+# loaded into the fresh model, and the model is sharded anew. Optimizer moments
+# do not survive the conversion; step, LR schedule and data position do.
+
+# Parameter-name suffixes → the dimension tensor parallelism splits (see parallel/tensor_parallel.py).
+_TP_DIM0 = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight", "embed.weight", "lm_head.weight")
+_TP_DIM1 = ("o_proj.weight", "down_proj.weight")
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MegascaleError(f"{path} is missing: the checkpoint is incomplete; resume from another step_* directory")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate tensor-parallel shards of one state dict along the dimension each was split on."""
+    merged = {}
+    for name, first in shards[0].items():
+        if name.endswith(_TP_DIM0) and len(shards) > 1:
+            merged[name] = torch.cat([s[name] for s in shards], dim=0)
+        elif name.endswith(_TP_DIM1) and len(shards) > 1:
+            merged[name] = torch.cat([s[name] for s in shards], dim=1)
+        else:
+            merged[name] = first  # replicated (norms)
+    return merged
+
+
+def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, torch.Tensor]:
+    if meta["config"]["train"]["zero_stage"] == 3:
+        if tp > 1:
+            raise MegascaleError(f"{path}: converting a ZeRO-3 checkpoint saved with tp={tp} is not supported; resume it with the same layout")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    shards = [_load(path / f"mp_rank_{r:02d}_model_states.pt")["module"] for r in range(tp)]
+    return merge_tp_shards(shards)
+
+
+def _layer_file(path: Path, idx: int, tp_rank: int) -> Path:
+    return path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"  # DeepSpeed's PipelineModule naming
+
+
+def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, torch.Tensor]:
+    """Rebuild the plain model's state dict from pipeline layer files (see parallel/pipeline.py's layer list)."""
+    plan = meta["sharing_plan"]
+    n = len(plan)
+    state: dict[str, torch.Tensor] = {}
+    for idx in range(n + 3):
+        if idx == n + 2 and meta["config"]["model"]["tie_embeddings"]:
+            break  # the tied head is the embedding's weight, saved with layer 0
+        layer = merge_tp_shards([_load(_layer_file(path, idx, r)) for r in range(tp)])
+        for key, value in layer.items():
+            if 1 <= idx <= n:
+                key = f"blocks.{plan[idx - 1]}." + key.removeprefix("block.")
+            state[key] = value
+    return state
+
+
+def full_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The unsharded plain-model state dict of a checkpoint saved under any layout."""
+    layout = meta.get("layout", {"tp": 1, "pp": 1})
+    tp, pp = layout["tp"], layout["pp"]
+    state = _pipeline_state(path, meta, tp) if pp > 1 else _engine_state(path, meta, tp)
+    if meta["config"]["model"]["tie_embeddings"]:
+        state["lm_head.weight"] = state["embed.weight"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def restore_schedule(engine, step: int) -> None:
+    """Put the LR schedule and DeepSpeed's step counter at ``step`` (for a converted resume)."""
+    engine.global_steps = step
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        scheduler.last_epoch = step - 1
+        scheduler.step()

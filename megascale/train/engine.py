@@ -88,23 +88,51 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device):
-    """Wrap ``model`` in a DeepSpeed engine with AdamW and the LR schedule."""
-    import deepspeed  # noqa: PLC0415
-
+def build_optimizer(module: torch.nn.Module, cfg: Config, device: torch.device):
     o = cfg.optim
     optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay),
+        param_groups(module, o.weight_decay),
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
         fused=device.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.train.max_steps))
+    return optimizer, scheduler
+
+
+def parallelize(model: torch.nn.Module, cfg: Config, groups):
+    """Apply tensor parallelism, activation checkpointing and the pipeline split, in that order.
+
+    Returns the module DeepSpeed should wrap: the model itself, or this stage's PipelineModule.
+    """
+    from megascale.parallel.pipeline import build_pipeline_module  # noqa: PLC0415
+    from megascale.parallel.tensor_parallel import apply_tensor_parallel  # noqa: PLC0415
+
+    p = cfg.parallel
+    apply_tensor_parallel(model, groups.tp_group)
+    if groups.dims.pp == 1:
+        model.activation_checkpointing = p.activation_checkpointing
+        return model
+    return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing)
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device, groups):
+    """Parallelize ``model`` over ``groups`` and wrap it in a DeepSpeed engine with AdamW and the LR schedule."""
+    import deepspeed  # noqa: PLC0415
+
+    from megascale.parallel.pipeline import install_coalesced_tied_reduction  # noqa: PLC0415
+
+    module = parallelize(model, cfg, groups)
+    optimizer, scheduler = build_optimizer(module, cfg, device)
+    pipelined = groups.dims.pp > 1
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
+        model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, layout),
+        mpu=None if pipelined else groups.grid,  # a PipelineModule brings its own grid
     )
+    if pipelined:
+        install_coalesced_tied_reduction(engine)
     return engine

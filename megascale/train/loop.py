@@ -22,6 +22,7 @@ from megascale.errors import MegascaleError
 from megascale.model import Transformer
 from megascale.model.attention import resolve_backend
 from megascale.model.generate import greedy_generate
+from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
 from megascale.train.engine import BatchLayout, batch_layout, build_engine
@@ -98,10 +99,11 @@ def describe_model(model: Transformer, cfg: Config, layout: BatchLayout) -> dict
     }
 
 
-def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config) -> None:
+def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: ParallelGroups) -> None:
     if not ctx.is_main:
         return
     log.info("launcher %s, backend %s, device %s, world size %d", ctx.launcher, ctx.backend, ctx.device, ctx.world_size)
+    log.info("layout: %s", groups.dims.describe())
     log.info("sharing plan: %s", info["sharing"])
     log.info(
         "parameters: %s unique (memory), %s applied (compute); %.3g FLOPs/token; weights+grads+Adam ≈ %.1f MiB/replica before ZeRO",
@@ -109,59 +111,94 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config) -> None:
     )
     log.info(
         "batch: %d sequences × %d tokens per step (micro %d, accumulation %d, dp %d); ZeRO stage %d, %s",
-        info["global_batch"], cfg.data.seq_len, cfg.train.micro_batch_size, info["grad_accum"], ctx.world_size,
+        info["global_batch"], cfg.data.seq_len, cfg.train.micro_batch_size, info["grad_accum"], groups.dims.dp,
         cfg.train.zero_stage, cfg.train.precision,
     )
+
+
+# ------------------------------------------------------------------ the run state
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, passed to the step, eval and save functions."""
+
+    cfg: Config
+    ctx: DistContext
+    groups: ParallelGroups
+    model: Transformer  # the plain model (before parallelization)
+    engine: Any
+    data: Data
+    sampler: DistributedBatchSampler
+    info: dict[str, Any]
+    out_dir: Path
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.groups.dims.pp > 1
 
 
 # ------------------------------------------------------------------ steps
 
 
-def train_step(engine, data: Data, sampler: DistributedBatchSampler, seq_len: int, device: torch.device) -> torch.Tensor:
+def train_step(run: Run) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns the mean loss (on device, not synced)."""
-    micro_batches = sampler.next_global_batch()
+    seq, device = run.cfg.data.seq_len, run.ctx.device
+    batches = [batch_from_indices(run.data.train, idx, seq) for idx in run.sampler.next_global_batch()]
+    if run.pipelined:
+        # DeepSpeed's 1F1B schedule consumes the micro-batches and steps the optimizer itself.
+        return run.engine.train_batch(data_iter=iter([(x.to(device), y.to(device)) for x, y in batches])).detach().float()
     total = torch.zeros((), device=device)
-    for indices in micro_batches:
-        inputs, targets = batch_from_indices(data.train, indices, seq_len)
-        loss = engine(inputs.to(device), targets.to(device))
-        engine.backward(loss)
-        engine.step()  # DeepSpeed only updates at the accumulation boundary
+    for inputs, targets in batches:
+        loss = run.engine(inputs.to(device), targets.to(device))
+        run.engine.backward(loss)
+        run.engine.step()  # DeepSpeed only updates at the accumulation boundary
         total += loss.detach().float()
-    return total / len(micro_batches)
+    return total / len(batches)
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+def mean_over(value: torch.Tensor, group) -> float:
+    """Mean of a scalar over ``group`` (the data-parallel group: TP and PP peers already agree)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
         value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
+        dist.all_reduce(value, group=group)
+        value /= dist.get_world_size(group)
     return float(value)
 
 
 @torch.no_grad()
-def evaluate(engine, val: TokenFile, cfg: Config, ctx: DistContext) -> float:
-    """Mean loss over the first ``eval_batches`` validation micro-batches, round-robin over ranks.
+def evaluate(run: Run) -> float:
+    """Mean loss over the first ``eval_batches`` validation micro-batches, round-robin over DP ranks.
 
-    The set does not depend on the number of ranks (beyond rounding to a multiple
-    of it), so 1-rank and N-rank runs report comparable validation losses.
+    The set does not depend on the layout (beyond rounding to a multiple of the
+    data-parallel size), so runs on different layouts report comparable losses.
     """
-    seq, micro, world = cfg.data.seq_len, cfg.train.micro_batch_size, ctx.world_size
-    available = val.num_samples(seq) // micro
-    n_batches = min(cfg.train.eval_batches, available)
-    n_batches -= n_batches % world  # every rank runs the same number of forwards (ZeRO-3 gathers)
+    seq, micro, dp = run.cfg.data.seq_len, run.cfg.train.micro_batch_size, run.groups.dims.dp
+    val = run.data.val
+    n_batches = min(run.cfg.train.eval_batches, val.num_samples(seq) // micro)
+    n_batches -= n_batches % dp  # every rank runs the same number of forwards (ZeRO-3 gathers, pipelines)
     if n_batches == 0:
         raise MegascaleError(
-            f"validation split has {val.num_samples(seq)} sequences of {seq} tokens, fewer than the {micro * world} "
-            f"needed for one batch per rank; prepare more data, or lower data.seq_len or train.micro_batch_size"
+            f"validation split has {val.num_samples(seq)} sequences of {seq} tokens, fewer than the {micro * dp} "
+            f"needed for one batch per data-parallel rank; prepare more data, or lower data.seq_len or train.micro_batch_size"
         )
-    engine.eval()
-    total = torch.zeros((), device=ctx.device)
-    mine = range(ctx.rank, n_batches, world)
-    for b in mine:
-        inputs, targets = batch_from_indices(val, range(b * micro, (b + 1) * micro), seq)
-        total += engine(inputs.to(ctx.device), targets.to(ctx.device)).float()
-    engine.train()
-    return mean_over_ranks(total / len(mine))
+    device = run.ctx.device
+    batches = [batch_from_indices(val, range(b * micro, (b + 1) * micro), seq) for b in range(run.groups.dp_rank, n_batches, dp)]
+    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    if run.pipelined:
+        loss = run.engine.eval_batch(iter(batches), num_micro_batches=len(batches)).float()
+    else:
+        run.engine.eval()
+        loss = torch.stack([run.engine(x, y).float() for x, y in batches]).mean()
+        run.engine.train()
+    return mean_over(loss, run.groups.dp_group)
 
 
 def check_finite(loss: float, step: int, out_dir: Path) -> None:
@@ -172,32 +209,32 @@ def check_finite(loss: float, step: int, out_dir: Path) -> None:
         )
 
 
-# ------------------------------------------------------------------ the run
+# ------------------------------------------------------------------ start-up
 
 
-@dataclass
-class Progress:
-    step: int = 0
-    tokens: int = 0
+def layout_of(groups: ParallelGroups) -> dict[str, int]:
+    return {"tp": groups.dims.tp, "pp": groups.dims.pp, "dp": groups.dims.dp}
 
 
-def checkpoint_meta(cfg: Config, model: Transformer, data: Data, sampler, progress: Progress, info: dict) -> dict[str, Any]:
+def checkpoint_meta(run: Run) -> dict[str, Any]:
+    info = run.info
     return {
         "format": ckpt.META_FORMAT,
         "version": ckpt.META_VERSION,
-        "step": progress.step,
-        "tokens": progress.tokens,
-        "config": cfg.to_dict(),
-        "sharing_plan": model.plan.to_list(),
+        "step": run.progress.step,
+        "tokens": run.progress.tokens,
+        "config": run.cfg.to_dict(),
+        "sharing_plan": run.model.plan.to_list(),
         "params": {"unique": info["params_unique"], "applied": info["params_applied"], "flops_per_token": info["flops_per_token"]},
-        "tokenizer": {"path": str(data.tokenizer.path.resolve()), "vocab_size": data.tokenizer.vocab_size},
-        "data": {"path": str(data.path.resolve()), "sampler": sampler.state_dict()},
-        "world_size": sampler.dp_size,
+        "tokenizer": {"path": str(run.data.tokenizer.path.resolve()), "vocab_size": run.data.tokenizer.vocab_size},
+        "data": {"path": str(run.data.path.resolve()), "sampler": run.sampler.state_dict()},
+        "layout": layout_of(run.groups),
+        "world_size": run.ctx.world_size,
         "untie_history": [],
     }
 
 
-def resume_if_asked(cfg: Config, model: Transformer) -> tuple[Path | None, dict[str, Any] | None]:
+def find_resume(cfg: Config, model: Transformer) -> tuple[Path | None, dict[str, Any] | None]:
     """Find and check the checkpoint to resume from, before any engine exists (so nothing is touched on error)."""
     path = ckpt.resolve_checkpoint(cfg.train.resume, Path(cfg.train.out_dir))
     if path is None:
@@ -207,51 +244,77 @@ def resume_if_asked(cfg: Config, model: Transformer) -> tuple[Path | None, dict[
     return path, meta
 
 
-def pretrain(cfg: Config, ctx: DistContext) -> RunSummary:
-    """Run pretraining as configured; every rank calls this."""
-    out_dir = Path(cfg.train.out_dir)
+def make_groups(cfg: Config, ctx: DistContext) -> ParallelGroups:
+    dims = ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, ctx.world_size)
+    dims.check_model(cfg.model)
+    return build_groups(dims)
+
+
+def setup_run(cfg: Config, ctx: DistContext) -> Run:
+    """Data, model, layout, engine and (when asked) the resumed state."""
+    groups = make_groups(cfg, ctx)
     data = open_data(cfg, ctx)
     model = build_model(cfg, ctx)
-    layout = batch_layout(cfg, ctx.world_size)
+    layout = batch_layout(cfg, groups.dims.dp)
     info = describe_model(model, cfg, layout)
-    log_startup(ctx, info, cfg)
+    log_startup(ctx, info, cfg, groups)
     sampler = DistributedBatchSampler(
         data.train.num_samples(cfg.data.seq_len), layout.global_batch, layout.micro_batch,
-        ctx.rank, ctx.world_size, cfg.train.seed, cfg.data.shuffle,
+        groups.dp_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle,
     )
-    resume_path, meta = resume_if_asked(cfg, model)
-    engine = build_engine(model, cfg, layout, ctx.device)
-    progress = Progress()
+    resume_path, meta = find_resume(cfg, model)
+    converted = resume_path is not None and meta["layout"] != layout_of(groups)
+    if converted:
+        # Another layout: restore full weights into the plain model, then shard it anew.
+        model.load_state_dict(ckpt.full_weights(resume_path, meta))
+    engine = build_engine(model, cfg, layout, ctx.device, groups)
+    run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir))
     if resume_path is not None:
-        ckpt.load_checkpoint(engine, resume_path)
-        sampler.load_state_dict(meta["data"]["sampler"])
-        progress = Progress(meta["step"], meta["tokens"])
-        if ctx.is_main:
-            log.info("resumed from %s at step %d", resume_path, progress.step)
-    return run_loop(engine, model, cfg, ctx, data, sampler, info, progress, out_dir)
+        restore(run, resume_path, meta, converted)
+    return run
 
 
-def run_loop(engine, model, cfg, ctx, data, sampler, info, progress: Progress, out_dir: Path) -> RunSummary:
-    t = cfg.train
-    writer = MetricsWriter(out_dir, ctx.is_main, cfg.metrics.tensorboard)
-    writer.log({"step": progress.step, "event": "start", "world_size": ctx.world_size, "device": str(ctx.device), **info})
-    summary = RunSummary(out_dir, None, writer.path, None)
-    peak = device_peak_tflops(ctx.device, cfg.metrics.peak_tflops)
+def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None:
+    if converted:
+        ckpt.restore_schedule(run.engine, meta["step"])
+    else:
+        ckpt.load_checkpoint(run.engine, path)
+    run.sampler.load_state_dict(meta["data"]["sampler"])
+    run.progress = Progress(meta["step"], meta["tokens"])
+    if run.ctx.is_main:
+        how = f"converted from layout {meta.get('layout')} (weights restored, optimizer moments reset)" if converted else "exact"
+        log.info("resumed from %s at step %d: %s", path, run.progress.step, how)
+
+
+def pretrain(cfg: Config, ctx: DistContext) -> RunSummary:
+    """Run pretraining as configured; every rank calls this."""
+    return run_loop(setup_run(cfg, ctx))
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def run_loop(run: Run) -> RunSummary:
+    t, ctx, progress = run.cfg.train, run.ctx, run.progress
+    writer = MetricsWriter(run.out_dir, ctx.is_main, run.cfg.metrics.tensorboard)
+    writer.log({"step": progress.step, "event": "start", "world_size": ctx.world_size, "device": str(ctx.device),
+                "layout": layout_of(run.groups), **run.info})
+    summary = RunSummary(run.out_dir, None, writer.path, None)
+    peak = device_peak_tflops(ctx.device, run.cfg.metrics.peak_tflops)
     bar = _progress_bar(ctx, t, progress.step)
     if t.eval_every and progress.step == 0:
-        summary.first_val_loss = _log_eval(engine, data, cfg, ctx, progress, writer)
+        summary.first_val_loss = _log_eval(run, writer)
     last_saved, window_start, window_steps = -1, time.perf_counter(), 0
     while progress.step < t.max_steps:
-        loss_t = train_step(engine, data, sampler, cfg.data.seq_len, ctx.device)
+        loss_t = train_step(run)
         progress.step += 1
-        progress.tokens += info["tokens_per_step"]
+        progress.tokens += run.info["tokens_per_step"]
         window_steps += 1
         if progress.step % t.log_every == 0 or progress.step == t.max_steps:
-            loss = mean_over_ranks(loss_t)
-            check_finite(loss, progress.step, out_dir)
+            loss = mean_over(loss_t, run.groups.dp_group)
+            check_finite(loss, progress.step, run.out_dir)
             elapsed = time.perf_counter() - window_start
-            record = _step_record(engine, progress, loss, info, window_steps / elapsed, peak, ctx)
-            writer.log(record)
+            writer.log(_step_record(run, loss, window_steps / elapsed, peak))
             summary.losses.append(loss)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}")
@@ -259,18 +322,17 @@ def run_loop(engine, model, cfg, ctx, data, sampler, info, progress: Progress, o
         if bar is not None:
             bar.update(1)
         if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
-            _log_eval(engine, data, cfg, ctx, progress, writer)
+            _log_eval(run, writer)
         if t.save_every and progress.step % t.save_every == 0:
-            summary.checkpoint = _save(engine, cfg, model, data, sampler, progress, info, ctx, out_dir)
-            last_saved = progress.step
+            summary.checkpoint, last_saved = _save(run), progress.step
     if bar is not None:
         bar.close()
     if t.eval_every:
-        summary.final_val_loss = _log_eval(engine, data, cfg, ctx, progress, writer)
+        summary.final_val_loss = _log_eval(run, writer)
     if last_saved != progress.step:
-        summary.checkpoint = _save(engine, cfg, model, data, sampler, progress, info, ctx, out_dir)
+        summary.checkpoint = _save(run)
     writer.close()
-    _finish(summary, engine, cfg, ctx, data)
+    _finish(run, summary)
     return summary
 
 
@@ -282,45 +344,47 @@ def _progress_bar(ctx: DistContext, t, start: int):
     return tqdm(total=t.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
 
 
-def _step_record(engine, progress: Progress, loss: float, info: dict, steps_per_s: float, peak, ctx) -> dict[str, Any]:
+def _step_record(run: Run, loss: float, steps_per_s: float, peak: float | None) -> dict[str, Any]:
+    info, engine = run.info, run.engine
     tokens_per_s = steps_per_s * info["tokens_per_step"]
     grad_norm = engine.get_global_grad_norm()
     record = {
-        "step": progress.step,
-        "tokens": progress.tokens,
+        "step": run.progress.step,
+        "tokens": run.progress.tokens,
         "loss": loss,
         "lr": engine.get_lr()[0],
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "tokens_per_s": tokens_per_s,
-        "tflops_per_device": info["flops_per_token"] * tokens_per_s / ctx.world_size / 1e12,
-        **memory_stats(ctx.device),
+        "tflops_per_device": info["flops_per_token"] * tokens_per_s / run.ctx.world_size / 1e12,
+        **memory_stats(run.ctx.device),
     }
     record["mfu"] = record["tflops_per_device"] / peak if peak else None
     return record
 
 
-def _log_eval(engine, data: Data, cfg: Config, ctx: DistContext, progress: Progress, writer: MetricsWriter) -> float:
-    val_loss = evaluate(engine, data.val, cfg, ctx)
-    writer.log({"step": progress.step, "tokens": progress.tokens, "val_loss": val_loss})
-    if ctx.is_main:
-        log.info("step %d: validation loss %.4f", progress.step, val_loss)
+def _log_eval(run: Run, writer: MetricsWriter) -> float:
+    val_loss = evaluate(run)
+    writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "val_loss": val_loss})
+    if run.ctx.is_main:
+        log.info("step %d: validation loss %.4f", run.progress.step, val_loss)
     return val_loss
 
 
-def _save(engine, cfg, model, data, sampler, progress, info, ctx, out_dir: Path) -> Path:
-    meta = checkpoint_meta(cfg, model, data, sampler, progress, info)
-    path = ckpt.save_checkpoint(engine, out_dir / "checkpoints", progress.step, meta, ctx.is_main, cfg.train.keep_checkpoints)
-    if ctx.is_main:
+def _save(run: Run) -> Path:
+    path = ckpt.save_checkpoint(run.engine, run.out_dir / "checkpoints", run.progress.step, checkpoint_meta(run),
+                                run.ctx.is_main, run.cfg.train.keep_checkpoints)
+    if run.ctx.is_main:
         log.info("checkpoint saved: %s", path)
     return path
 
 
-def _finish(summary: RunSummary, engine, cfg: Config, ctx: DistContext, data: Data) -> None:
-    if ctx.is_main and cfg.metrics.plot and summary.metrics.exists():
-        summary.loss_png = plot_loss_curve(summary.metrics, summary.out_dir / "loss.png", title=f"{summary.out_dir.name}: {engine.module.plan.spec}")
-    if cfg.train.sample_tokens:
-        # All ranks generate: under ZeRO-3 every forward gathers parameters collectively.
-        engine.eval()
-        prompt = data.tokenizer.encode(cfg.train.sample_prompt)
-        ids = greedy_generate(engine.module, prompt, cfg.train.sample_tokens)
-        summary.sample = cfg.train.sample_prompt + data.tokenizer.decode(ids)
+def _finish(run: Run, summary: RunSummary) -> None:
+    if run.ctx.is_main and run.cfg.metrics.plot and summary.metrics.exists():
+        summary.loss_png = plot_loss_curve(summary.metrics, summary.out_dir / "loss.png",
+                                           title=f"{summary.out_dir.name}: {run.model.plan.spec}")
+    if run.cfg.train.sample_tokens and not run.pipelined:
+        # All ranks generate: under ZeRO-3 and tensor parallelism every forward is collective.
+        run.engine.eval()
+        prompt = run.data.tokenizer.encode(run.cfg.train.sample_prompt)
+        ids = greedy_generate(run.engine.module, prompt, run.cfg.train.sample_tokens)
+        summary.sample = run.cfg.train.sample_prompt + run.data.tokenizer.decode(ids)

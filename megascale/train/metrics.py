@@ -16,18 +16,9 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from megascale.hardware import PEAK_TFLOPS  # one table for MFU and the planner
 
-# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,  # SXM; PCIe parts are lower — set metrics.peak_tflops for those
-    "A100": 312.0,
-    "B200": 2250.0,
-    "L40S": 362.0,
-    "A10G": 125.0,
-    "V100": 125.0,
-}
+log = logging.getLogger(__name__)
 
 
 def device_peak_tflops(device: torch.device, configured: float) -> float | None:

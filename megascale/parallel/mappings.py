@@ -1,0 +1,105 @@
+"""Tensor-parallel communication as small autograd functions, each with its conjugate.
+
+Megatron's pattern: a column-parallel layer's input enters the tensor-parallel
+region with ``copy_to_tp`` (identity forward, all-reduce of the gradient
+backward); a row-parallel layer's partial outputs leave it with
+``reduce_from_tp`` (all-reduce forward, identity backward). ``gather_from_tp``
+and its conjugate ``split_to_tp`` move the last dimension between shards and
+the full tensor. The process group is always an argument — no global state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _world(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split_last(x: torch.Tensor, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    return x.chunk(world, dim=-1)[dist.get_rank(group)].contiguous()
+
+
+def _gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_last(grad, ctx.group), None
+
+
+class _SplitToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_last(grad, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward; all-reduce of the gradient backward."""
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce forward; identity backward."""
+    return _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate the last dimension's shards forward; keep this rank's shard of the gradient backward."""
+    return _GatherFromTP.apply(x, group)
+
+
+def split_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    """Keep this rank's shard of the last dimension forward; gather the gradient backward."""
+    return _SplitToTP.apply(x, group)

@@ -1,0 +1,186 @@
+"""Pipeline parallelism on DeepSpeed's pipeline engine (1F1B schedule), with tied blocks.
+
+The plain model becomes a flat layer list: embedding, one entry per *applied*
+layer, final norm + LM head. Every block entry is a ``TiedLayerSpec`` keyed by
+its tie group, so DeepSpeed builds a group's block once per stage — units of a
+group on one stage share one storage — and stages holding the same group keep
+replicas that it keeps in sync through a per-group process group. With
+``tie_embeddings`` the LM head is the embedding's ``TiedLayerSpec`` on the last
+stage.
+
+DeepSpeed all-reduces replica gradients one tensor at a time; we replace that
+step with one coalesced all-reduce per tie group (flatten → all-reduce →
+unflatten). It runs where DeepSpeed's runs: after the last backward of the
+batch and *before* the data-parallel reduction, so the DP all-reduce sees the
+summed tied gradient (the ordering Megatron-LM#844 got wrong for the shared
+embedding) and every replica takes the identical optimizer step.
+
+Weights come from the already-initialised (and, with tp > 1, already sharded)
+plain model, so a pipelined run starts from the 1-rank run's exact weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megascale.errors import MegascaleError
+from megascale.model.llama import Transformer, rope_tables
+from megascale.parallel.topology import ParallelGroups
+
+
+class EmbedLayer(nn.Module):
+    """tokens (B, T) → hidden (B, T, D). Holds the LM head too when it is tied to the embedding."""
+
+    def __init__(self, embed: nn.Module, lm_head: nn.Module | None = None):
+        super().__init__()
+        self.embed = embed
+        self.lm_head = lm_head
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The tied LM head on the last stage: hidden (B, T, D) → logits (B, T, V[/tp])."""
+        return self.lm_head(x)
+
+
+class BlockLayer(nn.Module):
+    """One applied transformer layer: RoPE tables from the sequence length, then the (shared) block."""
+
+    def __init__(self, block: nn.Module, head_dim: int, rope_theta: float):
+        super().__init__()
+        self.block = block
+        self.head_dim, self.rope_theta = head_dim, rope_theta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cos, sin = rope_tables(self.head_dim, x.shape[1], self.rope_theta, x.device)
+        return self.block(x, cos, sin)
+
+
+class NormLayer(nn.Module):
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class HeadLayer(nn.Module):
+    def __init__(self, lm_head: nn.Module):
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(x)
+
+
+def _param_names(module: nn.Module) -> list[str]:
+    return [name for name, _ in module.named_parameters()]
+
+
+def pipeline_layers(model: Transformer) -> list:
+    """The model as DeepSpeed layer specs: embed, L applied blocks, norm, head."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec  # noqa: PLC0415
+
+    cfg = model.cfg
+    tied_embed = cfg.tie_embeddings
+    if tied_embed:
+        attrs = ["embed.weight"]
+        layers = [TiedLayerSpec("embed", EmbedLayer, model.embed, model.lm_head, tied_weight_attr=attrs)]
+    else:
+        layers = [LayerSpec(EmbedLayer, model.embed)]
+    for group in model.plan.group_of:
+        block = model.blocks[str(group)]
+        probe = BlockLayer(block, cfg.head_dim, cfg.rope_theta)
+        layers.append(TiedLayerSpec(f"block{group}", BlockLayer, block, cfg.head_dim, cfg.rope_theta,
+                                    tied_weight_attr=_param_names(probe)))
+    layers.append(LayerSpec(NormLayer, model.norm))
+    if tied_embed:
+        layers.append(TiedLayerSpec("embed", EmbedLayer, model.embed, model.lm_head,
+                                    forward_fn=EmbedLayer.project, tied_weight_attr=["embed.weight"]))
+    else:
+        layers.append(LayerSpec(HeadLayer, model.lm_head))
+    return layers
+
+
+def partition_method(spec: str) -> str:
+    """parallel.partition → DeepSpeed's partition method ('parameters', 'uniform', 'type:BlockLayer')."""
+    if spec in ("parameters", "uniform"):
+        return spec
+    if spec == "blocks":
+        return "type:BlockLayer"
+    raise MegascaleError(f"parallel.partition='{spec}' is not one of parameters, uniform, blocks")
+
+
+def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition: str, activation_checkpointing: bool):
+    """Wrap the plain (possibly tensor-parallel) model into a DeepSpeed PipelineModule for this rank's stage."""
+    from deepspeed.pipe import PipelineModule  # noqa: PLC0415
+
+    return PipelineModule(
+        layers=pipeline_layers(model),
+        topology=groups.topology,
+        loss_fn=model.loss_fn,
+        partition_method=partition_method(partition),
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        activation_checkpoint_func=_checkpoint,
+    )
+
+
+def _checkpoint(function, *args):
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+
+# ------------------------------------------------------------ tied gradients
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def reduce_tied_grads_coalesced(engine) -> None:
+    """One all-reduce per tie group over the stages that hold it (replaces DeepSpeed's per-tensor loop)."""
+    if engine.zero_optimization_partition_gradients():
+        engine.optimizer.overlapping_partition_gradients_reduce_epilogue()
+    module = engine.module
+    for key, comm in module.tied_comms.items():
+        if len(comm["ranks"]) < 2:
+            continue  # the group lives on one stage: its units already share one .grad
+        grads = []
+        for attr in comm["weight_attr"]:
+            weight = module._recursive_getattr(module.tied_modules[key], attr)
+            grad = weight._hp_grad if engine.using_bf16_optimizer else weight.grad
+            if grad is not None:
+                grads.append(grad)
+        if grads:
+            flat = flatten(grads)
+            dist.all_reduce(flat, group=comm["group"])
+            unflatten_into(flat, grads)
+
+
+def install_coalesced_tied_reduction(engine) -> None:
+    """Route the schedule's ReduceTiedGrads instruction to ``reduce_tied_grads_coalesced``."""
+    from deepspeed.runtime.pipe import schedule  # noqa: PLC0415
+
+    # The engine looks instructions up on ``self._INSTRUCTION_MAP``; an instance attribute overrides the class map.
+    engine._INSTRUCTION_MAP = {**type(engine)._INSTRUCTION_MAP, schedule.ReduceTiedGrads: _reduce_tied_grads_method}
+
+
+def _reduce_tied_grads_method(self):
+    reduce_tied_grads_coalesced(self)
+
+
+def tied_replicas(engine) -> dict[str, torch.Tensor]:
+    """Flat copy of every tied module's weights held on this stage (for replica-equality checks)."""
+    module = engine.module
+    return {key: flatten([p.detach() for p in mod.parameters()]).clone() for key, mod in module.tied_modules.items()}
+

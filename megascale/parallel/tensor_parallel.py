@@ -1,0 +1,158 @@
+"""Megatron-style tensor parallelism, applied to a plain ``Transformer`` from outside.
+
+``apply_tensor_parallel(model, group)`` swaps modules in place:
+
+* attention q/k/v and MLP gate/up → ``ColumnParallelLinear`` (output features split:
+  whole heads per rank, so attention runs locally on n_heads/tp query heads and
+  n_kv_heads/tp KV heads — GQA groups never straddle ranks);
+* attention o_proj and MLP down → ``RowParallelLinear`` (input features split,
+  partial outputs all-reduced);
+* the embedding → ``VocabParallelEmbedding`` (rows split by vocabulary range);
+* the LM head → a column-parallel linear over the vocabulary with no gather, and
+  the loss → ``VocabParallelCrossEntropy``: full-vocabulary logits never exist on
+  one rank during training.
+
+Each new layer is cut from the already-initialised dense layer, so a tp=N model
+starts from exactly the weights of the 1-rank model (what equivalence tests need).
+Sharded parameters carry ``tensor_model_parallel = True`` so DeepSpeed counts
+them once per shard and replicated ones (norms) once in the gradient norm.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megascale.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp
+
+
+def _shard(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return t.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].detach().clone()
+
+
+def _mark_sharded(p: nn.Parameter) -> nn.Parameter:
+    p.tensor_model_parallel = True
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_localᵀ with W split by output features (rows)."""
+
+    def __init__(self, dense: nn.Linear, group):
+        super().__init__()
+        self.group = group
+        self.weight = _mark_sharded(nn.Parameter(_shard(dense.weight, 0, group)))  # (out/tp, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = Σ_ranks x_local W_localᵀ with W split by input features (columns)."""
+
+    def __init__(self, dense: nn.Linear, group):
+        super().__init__()
+        self.group = group
+        self.weight = _mark_sharded(nn.Parameter(_shard(dense.weight, 1, group)))  # (out, in/tp)
+
+    def forward(self, x_local: torch.Tensor) -> torch.Tensor:
+        return reduce_from_tp(F.linear(x_local, self.weight), self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds rows [start, end) of the vocabulary; other tokens contribute zeros."""
+
+    def __init__(self, dense: nn.Embedding, group):
+        super().__init__()
+        self.group = group
+        self.weight = _mark_sharded(nn.Parameter(_shard(dense.weight, 0, group)))  # (V/tp, D)
+        rows = self.weight.shape[0]
+        self.start = dist.get_rank(group) * rows
+        self.end = self.start + rows
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        outside = (tokens < self.start) | (tokens >= self.end)
+        local = (tokens - self.start).masked_fill(outside, 0)
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, D)
+        return reduce_from_tp(x, self.group)
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary, without gathering them.
+
+    loss_t = log Σ_v exp(z_tv) − z_t,target: the max and the sum of exponentials
+    are all-reduced (MAX, SUM), the target logit is summed from the one rank that
+    holds it. Backward: softmax − one_hot, computed locally.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, group):
+        logits = logits.float()  # (N, V/tp)
+        z_max = logits.max(dim=-1).values
+        dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - z_max.unsqueeze(-1)
+        rows = shifted.shape[-1]
+        outside = (targets < vocab_start) | (targets >= vocab_start + rows)
+        local_t = (targets - vocab_start).masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(target_logit, group=group)
+        dist.all_reduce(sum_exp, group=group)
+        softmax = exp / sum_exp.unsqueeze(-1)
+        ctx.save_for_backward(softmax, local_t, outside)
+        return (sum_exp.log() - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local_t, outside = ctx.saved_tensors
+        g = softmax.clone()
+        inside = (~outside).nonzero(as_tuple=True)[0]
+        g[inside, local_t[inside]] -= 1.0
+        return g * (grad / softmax.shape[0]), None, None, None
+
+
+class VocabParallelCrossEntropy(nn.Module):
+    def __init__(self, vocab_size: int, group):
+        super().__init__()
+        self.group = group
+        self.vocab_start = dist.get_rank(group) * (vocab_size // dist.get_world_size(group))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.size(-1))  # (B*T, V/tp)
+        return _VocabParallelCE.apply(flat, targets.reshape(-1), self.vocab_start, self.group)
+
+
+class GatherLogits(nn.Module):
+    """Full-vocabulary logits for generation and evaluation with logits."""
+
+    def __init__(self, group):
+        super().__init__()
+        self.group = group
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return gather_from_tp(logits, self.group)
+
+
+def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
+    """Shard ``model`` (a megascale Transformer) over ``group`` in place; returns it."""
+    tp = dist.get_world_size(group)
+    if tp == 1:
+        return model
+    for block in model.blocks.values():
+        attn, mlp = block.attn, block.mlp
+        attn.q_proj, attn.k_proj, attn.v_proj = (ColumnParallelLinear(m, group) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        attn.o_proj = RowParallelLinear(attn.o_proj, group)
+        attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
+        mlp.gate_proj, mlp.up_proj = ColumnParallelLinear(mlp.gate_proj, group), ColumnParallelLinear(mlp.up_proj, group)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, group)
+    tied = model.cfg.tie_embeddings
+    model.embed = VocabParallelEmbedding(model.embed, group)
+    model.lm_head = ColumnParallelLinear(model.lm_head, group)
+    if tied:
+        model.lm_head.weight = model.embed.weight  # the same vocabulary rows on this rank
+    model.loss_fn = VocabParallelCrossEntropy(model.cfg.vocab_size, group)
+    model.full_logits = GatherLogits(group)
+    return model
