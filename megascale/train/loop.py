@@ -6,6 +6,7 @@ trace fine-tuning stage can reuse them (DESIGN.md: no second copy of the loop).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from megascale.parallel.topology import ParallelDims, ParallelGroups, build_grou
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
 from megascale.train.engine import BatchLayout, batch_layout, build_engine
+from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,7 @@ class Run:
     info: dict[str, Any]
     out_dir: Path
     progress: Progress = field(default_factory=Progress)
+    grad_bytes: float | None = None  # measured on the first step, between backward and the optimizer step
 
     @property
     def pipelined(self) -> bool:
@@ -156,9 +159,11 @@ def train_step(run: Run) -> torch.Tensor:
         # DeepSpeed's 1F1B schedule consumes the micro-batches and steps the optimizer itself.
         return run.engine.train_batch(data_iter=iter([(x.to(device), y.to(device)) for x, y in batches])).detach().float()
     total = torch.zeros((), device=device)
-    for inputs, targets in batches:
+    for i, (inputs, targets) in enumerate(batches):
         loss = run.engine(inputs.to(device), targets.to(device))
         run.engine.backward(loss)
+        if run.grad_bytes is None and i == len(batches) - 1:
+            run.grad_bytes = measured_state_bytes(run.engine).grads  # gradients exist only until the step
         run.engine.step()  # DeepSpeed only updates at the accumulation boundary
         total += loss.detach().float()
     return total / len(batches)
@@ -305,9 +310,12 @@ def run_loop(run: Run) -> RunSummary:
     if t.eval_every and progress.step == 0:
         summary.first_val_loss = _log_eval(run, writer)
     last_saved, window_start, window_steps = -1, time.perf_counter(), 0
+    first_step = progress.step + 1
     while progress.step < t.max_steps:
         loss_t = train_step(run)
         progress.step += 1
+        if progress.step == first_step:
+            report_state_memory(run, writer)
         progress.tokens += run.info["tokens_per_step"]
         window_steps += 1
         if progress.step % t.log_every == 0 or progress.step == t.max_steps:
@@ -334,6 +342,29 @@ def run_loop(run: Run) -> RunSummary:
     writer.close()
     _finish(run, summary)
     return summary
+
+
+def report_state_memory(run: Run, writer: MetricsWriter) -> None:
+    """Per rank: local parameters and the bytes of weights, gradients, optimizer state — formula vs measured."""
+    c, dims = run.cfg, run.groups.dims
+    params = local_param_count(run.engine)
+    formula = formula_state_bytes(params, c.train.precision, c.train.zero_stage, dims.dp)
+    measured = measured_state_bytes(run.engine)
+    mine = {"rank": run.ctx.rank, "stage": run.groups.stage, "tp_rank": run.groups.tp_rank, "params": params,
+            "formula": dataclasses.asdict(formula),
+            "measured": {**dataclasses.asdict(measured), "grads": run.grad_bytes}}
+    reports = [None] * run.ctx.world_size
+    dist.all_gather_object(reports, mine)
+    writer.log({"step": run.progress.step, "event": "state_memory", "ranks": reports})
+    if run.ctx.is_main:
+        for r in reports:
+            f, m = r["formula"], r["measured"]
+            grads = "n/a" if m["grads"] is None else f"{m['grads'] / 2**20:.2f}"
+            log.info(
+                "rank %d (stage %d, tp %d): %s params; MiB weights %.2f/%.2f, grads %.2f/%s, optimizer %.2f/%.2f (formula/measured)",
+                r["rank"], r["stage"], r["tp_rank"], f"{r['params']:,}", f["weights"] / 2**20, m["weights"] / 2**20,
+                f["grads"] / 2**20, grads, f["optimizer"] / 2**20, m["optimizer"] / 2**20,
+            )
 
 
 def _progress_bar(ctx: DistContext, t, start: int):

@@ -8,6 +8,7 @@ storage and are counted once — which is the point of measuring it.
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass
 
 import torch
 
@@ -26,3 +27,96 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
         if storage.data_ptr():
             seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
     return sum(seen.values())
+
+
+# ------------------------------------------------------------ per-rank state accounting
+#
+# Bytes per *local* parameter (after tensor and pipeline splitting), with P the local
+# parameter count, w the bytes of the training dtype (4 fp32, 2 bf16/fp16) and dp the
+# data-parallel size:
+#
+#   weights    P·w            (ZeRO-3: P·w/dp — parameters are partitioned too)
+#   gradients  P·w            held at the end of backward (ZeRO >= 1: P·w/dp — each rank keeps
+#                             only its partition once the reduction is done; the full P·w is transient)
+#   optimizer  P·(m + 8)/dp'  Adam's two fp32 moments plus an fp32 master copy m = 4 bytes
+#                             (DeepSpeed keeps one whenever it partitions, even in fp32;
+#                             plain fp32 ZeRO-0 has none), dp' = dp when partitioned, else 1.
+#
+# DeepSpeed partitions optimizer state with ZeRO >= 1, and with bf16 it always does (its
+# BF16 optimizer is ZeRO-1-like). Flat buffers are padded to alignment, so measurement
+# runs a little above the formula for tiny models. Not modelled: bf16 with ZeRO-0, where
+# DeepSpeed's BF16 optimizer adds a full fp32 gradient-accumulation buffer — use ZeRO-1.
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    weights: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+
+def formula_state_bytes(local_params: int, precision: str, zero_stage: int, dp: int) -> StateBytes:
+    w = 4 if precision == "fp32" else 2
+    partitioned = zero_stage >= 1 or precision == "bf16"
+    master = 0 if (precision == "fp32" and not partitioned) else 4
+    weights = local_params * w / (dp if zero_stage == 3 else 1)
+    grads = local_params * w / (dp if zero_stage >= 1 else 1)
+    optimizer = local_params * (master + 8) / (dp if partitioned else 1)
+    return StateBytes(weights, grads, optimizer)
+
+
+def _storage_bytes(tensors) -> dict[int, int]:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return seen
+
+
+def _flat(items) -> list:
+    out = []
+    for item in items or []:
+        out.extend(_flat(item) if isinstance(item, (list, tuple)) else [item])
+    return out
+
+
+def _weight_tensors(engine) -> list:
+    return [getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()]
+
+
+def _optimizer_tensors(engine) -> list:
+    zero = engine.optimizer
+    base = getattr(zero, "optimizer", zero)
+    tensors = [v for state in base.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        tensors += _flat(getattr(zero, name, None))
+    return tensors
+
+
+def _grad_tensors(engine) -> list:
+    zero = engine.optimizer
+    tensors = [p.grad for p in engine.module.parameters()]
+    for name in ("grads_in_partition", "averaged_gradients", "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"):
+        value = getattr(zero, name, None)
+        tensors += _flat(value.values() if isinstance(value, dict) else value)
+    tensors += _flat(getattr(zero, "fp32_groups_gradient_flat_partition", None))
+    return tensors
+
+
+def measured_state_bytes(engine) -> StateBytes:
+    """Bytes held by this rank's weights, gradient buffers and optimizer state, each storage once."""
+    weights = _storage_bytes(_weight_tensors(engine))
+    optimizer = {k: v for k, v in _storage_bytes(_optimizer_tensors(engine)).items() if k not in weights}
+    grads = {k: v for k, v in _storage_bytes(_grad_tensors(engine)).items() if k not in weights and k not in optimizer}
+    return StateBytes(sum(weights.values()), sum(grads.values()), sum(optimizer.values()))
+
+
+def local_param_count(engine) -> int:
+    """Parameters stored on this rank before ZeRO partitioning (ZeRO-3 keeps the full size in ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
