@@ -1,6 +1,20 @@
 """Triton kernels, each beside its pure-PyTorch reference.
 
-Installed as ``megascale.kernels`` (see setup.py). The kernels themselves
-arrive with their own issue; the model reaches attention through
-``megascale.model.attention`` whose backend switch selects them on CUDA.
+Installed as ``megascale.kernels`` (see setup.py). Import the op modules
+themselves; this package imports nothing, so it loads without Triton or a GPU.
+
+* ``megascale.kernels.attention`` — fused (flash) attention, forward and
+  backward: ``flash_attention(q, k, v, causal=True, softmax_scale=None)``,
+  ``attention_reference``, ``unsupported_reason(q, k, v)``,
+  ``unsupported_config(head_dim, dtype, device)``. The model reaches it through
+  ``megascale.model.attention``, whose backend switch selects it on CUDA.
+* ``megascale.kernels.tied_grad`` — the shared-weight gradient reduction of tied
+  blocks: ``tied_grad_reduce(contributions, grads)`` → ``TiedGradStats``,
+  ``coherence``, ``unit_alignment``, ``tied_grad_reduce_reference``, and
+  ``flatten_for_collective`` / ``unflatten_into`` for one collective per tie group.
+
+Both run on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before
+they are imported (how the tests run them without a GPU).
 """
+
+KERNELS = ("attention", "tied_grad")

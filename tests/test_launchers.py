@@ -47,3 +47,17 @@ def test_peak_flops_gives_mfu(tmp_path, data_dir):
     run_pretrain(tmp_path, data_dir, "train.max_steps=2", "metrics.peak_tflops=0.5")
     record = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["mfu"] == pytest.approx(record["tflops_per_device"] / 0.5)
+
+
+def test_bf16_trains_on_cpu(tmp_path, data_dir):
+    run_pretrain(tmp_path, data_dir, "train.precision=bf16", "train.max_steps=3", nproc=2)
+    got = losses(tmp_path)
+    assert len(got) == 3 and all(l == l and l < 7 for l in got.values())  # finite, near ln(512)
+
+
+def test_fp16_on_cpu_is_one_line(tmp_path, data_dir):
+    proc = run_pretrain(tmp_path, data_dir, "train.precision=fp16", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [l for l in proc.stderr.splitlines() if l.startswith("error: ")] == [
+        "error: train.precision=fp16 is not supported on this device (cpu); use train.precision=bf16 or fp32 (fp16 needs a GPU)"
+    ]

@@ -9,6 +9,8 @@ time, and says why — the trainer logs that line at startup.
 from __future__ import annotations
 
 import importlib.util
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -16,33 +18,66 @@ import torch.nn.functional as F
 from megascale.errors import MegascaleError
 
 BACKENDS = ("auto", "torch", "triton")
+SDPA = "torch scaled_dot_product_attention"
+
+
+def _interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through its interpreter (slow; for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def triton_attention_available() -> bool:
-    """True when the Triton flash-attention kernel module is installed."""
+    """True when Triton and the flash-attention kernel module are installed (says nothing about the device)."""
     try:
-        return importlib.util.find_spec("megascale.kernels.attention") is not None
+        return importlib.util.find_spec("triton") is not None and (
+            importlib.util.find_spec("megascale.kernels.attention") is not None
+        )
     except ModuleNotFoundError:
         return False
 
 
-def resolve_backend(requested: str, device: torch.device) -> tuple[str, str]:
-    """Pick the attention backend for ``device``; returns (backend, reason)."""
+def _kernel_refusal(
+    device: torch.device, head_dim: int | None, dtype: torch.dtype | None, interpreter_ok: bool
+) -> str | None:
+    """Why the Triton kernel cannot serve this model on this device, or None when it can."""
+    if not triton_attention_available():
+        return "Triton attention kernel not installed"
+    if device.type != "cuda" and not (interpreter_ok and device.type == "cpu" and _interpreting()):
+        return "no CUDA device"
+    if head_dim is None:
+        return None
+    from megascale.kernels.attention import unsupported_config  # noqa: PLC0415 (imports triton)
+
+    return unsupported_config(head_dim, dtype or torch.float32, device)
+
+
+def resolve_backend(
+    requested: str, device: torch.device, head_dim: int | None = None, dtype: torch.dtype | None = None
+) -> tuple[str, str]:
+    """Pick the attention backend for ``device``; returns (backend, reason), the reason being the log line's.
+
+    auto: the Triton kernel on CUDA when it supports the model's head dim and dtype
+    (when given: shapes are fixed per model, so this is decided once), else PyTorch
+    SDPA with the reason. triton: the kernel, also on CPU under TRITON_INTERPRET=1;
+    an explicit request the kernel cannot serve stops with one line.
+    """
     if requested not in BACKENDS:
         raise MegascaleError(f"model.attention='{requested}' is not one of {', '.join(BACKENDS)}")
-    has_triton = triton_attention_available()
-    if requested == "triton":
-        if not has_triton:
-            raise MegascaleError(
-                "model.attention=triton but megascale.kernels.attention is not available; use model.attention=torch"
-            )
-        return "triton", "requested"
     if requested == "torch":
         return "torch", "requested"
-    if device.type == "cuda" and has_triton:
+    # The interpreter is far too slow to be picked automatically; only an explicit request gets it.
+    refusal = _kernel_refusal(device, head_dim, dtype, interpreter_ok=requested == "triton")
+    if requested == "triton":
+        if refusal is not None:
+            hint = " (or TRITON_INTERPRET=1 on CPU, for tests)" if refusal == "no CUDA device" else ""
+            raise MegascaleError(
+                f"model.attention=triton but the Triton kernel cannot run here: {refusal}{hint}; "
+                "use model.attention=auto or torch"
+            )
+        return "triton", "requested"
+    if refusal is None:
         return "triton", "auto: CUDA device and Triton kernel available"
-    why = "no CUDA device" if device.type != "cuda" else "Triton attention kernel not installed"
-    return "torch", f"auto: {why}, using torch scaled_dot_product_attention"
+    return "torch", f"auto: {refusal}, using {SDPA}"
 
 
 def attention(
@@ -59,9 +94,14 @@ def attention(
     Returns (B, n_heads, T, hd).
     """
     if backend == "triton":
-        from megascale.kernels.attention import flash_attention  # noqa: PLC0415 (optional kernel)
+        from megascale.kernels.attention import flash_attention, unsupported_reason  # noqa: PLC0415 (optional kernel)
 
-        return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        reason = unsupported_reason(q, k, v)
+        if reason is None:
+            return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        # resolve_backend already refused what it could see (head dim, dtype, device);
+        # anything else falls back here, warned once per distinct reason.
+        warnings.warn(f"Triton attention: {reason}; using {SDPA}", stacklevel=2)
     # enable_gqa lets SDPA broadcast KV heads without materialising repeated K/V.
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=gqa)

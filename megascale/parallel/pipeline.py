@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megascale.errors import MegascaleError
+from megascale.kernels.tied_grad import flatten_for_collective, unflatten_into
 from megascale.model.llama import Transformer, rope_tables
 from megascale.parallel.topology import ParallelGroups
 
@@ -136,17 +137,6 @@ def _checkpoint(function, *args):
 # ------------------------------------------------------------ tied gradients
 
 
-def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
 def reduce_tied_grads_coalesced(engine) -> None:
     """One all-reduce per tie group over the stages that hold it (replaces DeepSpeed's per-tensor loop)."""
     if engine.zero_optimization_partition_gradients():
@@ -162,7 +152,8 @@ def reduce_tied_grads_coalesced(engine) -> None:
             if grad is not None:
                 grads.append(grad)
         if grads:
-            flat = flatten(grads)
+            # Triton multi-tensor copy on CUDA, torch.cat elsewhere (megascale.kernels.tied_grad).
+            flat = flatten_for_collective(grads)
             dist.all_reduce(flat, group=comm["group"])
             unflatten_into(flat, grads)
 
@@ -182,5 +173,5 @@ def _reduce_tied_grads_method(self):
 def tied_replicas(engine) -> dict[str, torch.Tensor]:
     """Flat copy of every tied module's weights held on this stage (for replica-equality checks)."""
     module = engine.module
-    return {key: flatten([p.detach() for p in mod.parameters()]).clone() for key, mod in module.tied_modules.items()}
+    return {key: flatten_for_collective([p.detach() for p in mod.parameters()]) for key, mod in module.tied_modules.items()}
 

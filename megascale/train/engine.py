@@ -117,10 +117,24 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups):
     return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing)
 
 
+def check_precision(precision: str) -> None:
+    """Refuse, in one line, a precision the accelerator DeepSpeed detected cannot train in."""
+    from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+
+    accel = get_accelerator()
+    supported = {"fp16": accel.is_fp16_supported, "bf16": accel.is_bf16_supported}.get(precision)
+    if supported is not None and not supported():
+        raise MegascaleError(
+            f"train.precision={precision} is not supported on this device ({accel.device_name()}); "
+            f"use train.precision=bf16 or fp32 (fp16 needs a GPU)"
+        )
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device, groups):
     """Parallelize ``model`` over ``groups`` and wrap it in a DeepSpeed engine with AdamW and the LR schedule."""
     import deepspeed  # noqa: PLC0415
 
+    check_precision(cfg.train.precision)
     from megascale.parallel.pipeline import install_coalesced_tied_reduction  # noqa: PLC0415
 
     module = parallelize(model, cfg, groups)

@@ -33,6 +33,9 @@ from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_st
 log = logging.getLogger(__name__)
 
 
+TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass
 class Data:
     tokenizer: Tokenizer
@@ -77,7 +80,7 @@ def open_data(cfg: Config, ctx: DistContext) -> Data:
 def build_model(cfg: Config, ctx: DistContext) -> Transformer:
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
-    backend, why = resolve_backend(cfg.model.attention, ctx.device)
+    backend, why = resolve_backend(cfg.model.attention, ctx.device, head_dim=cfg.model.head_dim, dtype=TRAIN_DTYPES[cfg.train.precision])
     model.set_attention_backend(backend)
     if ctx.is_main:
         log.info("attention backend: %s (%s)", backend, why)

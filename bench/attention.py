@@ -1,0 +1,237 @@
+"""TFLOP/s of the Triton flash attention against PyTorch SDPA's backends, side by side in one run.
+
+    python bench/attention.py --json runs/bench/attention.json --png runs/bench/attention.png
+    python bench/attention.py --smoke        # CPU, seconds: the code paths, not the speed
+
+Providers: ``triton`` (megascale.kernels.attention) and SDPA restricted to each of
+its backends in turn — ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient`` — so the
+comparison is with the best PyTorch has on the device. A backend that refuses a
+shape is recorded as unavailable with its error, not dropped silently.
+
+FLOPs (as in the FlashAttention papers and Triton's tutorial): the forward does
+two (T × T × D) matmuls per head, 4·B·H·T²·D FLOPs, halved when causal; the
+backward does five, 2.5 × the forward; forward+backward is 3.5 × the forward.
+Shapes keep B·T = --tokens constant and H = --model-dim / D, so every length
+does the same projection work and only attention's T² grows.
+
+--smoke runs on CPU: a tiny shape through the naive reference, SDPA's math
+backend and the Triton kernel under TRITON_INTERPRET=1, to prove the script works
+where no GPU is present. Its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # × the forward's FLOPs
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--png", type=Path, help="plot TFLOP/s against sequence length here")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run through every code path")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
+    p.add_argument("--causal", default="true,false", help="which of true,false to run")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--tokens", type=int, default=16384, help="B·T per shape (B = tokens / T, at least 1)")
+    p.add_argument("--model-dim", type=int, default=2048, help="H = model_dim / head_dim query heads")
+    p.add_argument("--kv-group", type=int, default=1, help="query heads per KV head (1: MHA)")
+    p.add_argument("--providers", default="triton,sdpa-flash,sdpa-cudnn,sdpa-efficient")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.head_dims, args.lengths, args.tokens, args.model_dim = "32", "16,33", 33, 64
+        args.dtype, args.providers = "fp32", "triton,reference,sdpa-math"
+    return args
+
+
+def import_kernels():
+    """megascale.kernels when installed; the checkout's kernels/ otherwise (e.g. on a bare GPU machine)."""
+    try:
+        from megascale.kernels import attention  # noqa: PLC0415
+    except ModuleNotFoundError:
+        sys.path.insert(0, str(ROOT))
+        from kernels import attention  # noqa: PLC0415
+    return attention
+
+
+def sdpa(backend_name: str):
+    """SDPA restricted to one backend (GQA broadcast by SDPA itself)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH,
+    }[backend_name]
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            gqa = q.shape[1] != k.shape[1]
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    return run
+
+
+def provider_fn(name: str, kernels):
+    if name == "triton":
+        return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal)
+    if name == "reference":
+        return lambda q, k, v, causal: kernels.attention_reference(q, k, v, causal=causal)
+    if name.startswith("sdpa-"):
+        return sdpa(name.removeprefix("sdpa-"))
+    raise SystemExit(f"unknown provider {name}")
+
+
+def time_ms(fn, device: torch.device) -> float:
+    """Mean milliseconds per call: triton's do_bench (CUDA events, L2 flushed) on GPU; one wall-clock call on CPU.
+
+    The CPU path only serves --smoke, where the number means nothing and speed of the run is what counts.
+    """
+    if device.type == "cuda":
+        import triton.testing  # noqa: PLC0415
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def make_case(fn, mode: str, q, k, v, do, causal: bool):
+    """The callable to time for a mode; bwd times only the backward of a kept graph."""
+    if mode == "fwd":
+        return lambda: fn(q, k, v, causal)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
+    out = fn(q, k, v, causal)
+    return lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True)
+
+
+def forward_flops(B: int, H: int, T: int, D: int, causal: bool) -> float:
+    return 4.0 * B * H * T * T * D * (0.5 if causal else 1.0)
+
+
+def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, modes) -> list[dict]:
+    """Every provider and mode at one shape; the Triton output's error against the first working SDPA."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen).requires_grad_()
+    k = torch.randn(B, H_kv, T, D, device=device, dtype=dtype, generator=gen).requires_grad_()
+    v = torch.randn(B, H_kv, T, D, device=device, dtype=dtype, generator=gen).requires_grad_()
+    do = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen)
+    rows, outputs = [], {}
+    for name in providers:
+        fn = provider_fn(name, kernels)
+        try:
+            with torch.no_grad():
+                outputs[name] = fn(q, k, v, causal).float()
+        except Exception as e:  # noqa: BLE001 (a backend refusing a shape is a result)
+            rows += [dict(provider=name, mode=m, ms=None, tflops=None, error=str(e).splitlines()[0][:160]) for m in modes]
+            continue
+        for mode in modes:
+            ms = time_ms(make_case(fn, mode, q, k, v, do, causal), device)
+            tflops = forward_flops(B, H, T, D, causal) * FLOP_FACTOR[mode] / (ms * 1e-3) / 1e12
+            rows.append(dict(provider=name, mode=mode, ms=ms, tflops=tflops, error=None))
+    baseline = next((o for n, o in outputs.items() if n != "triton"), None)
+    err = float((outputs["triton"] - baseline).abs().max()) if "triton" in outputs and baseline is not None else None
+    shape = dict(B=B, H=H, H_kv=H_kv, T=T, D=D, causal=causal)
+    return [{**shape, **row, "triton_max_abs_err": err} for row in rows]
+
+
+def environment(device: torch.device, args) -> dict:
+    import triton  # noqa: PLC0415
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return dict(
+        device=name, date=dt.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv),
+        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, dtype=args.dtype,
+        smoke=args.smoke, interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
+    )
+
+
+def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> None:
+    """One line per shape and mode: TFLOP/s per provider, and Triton over the best SDPA backend."""
+    header = f"{'D':>4} {'causal':>6} {'T':>6} {'B':>4} {'mode':>8} " + " ".join(f"{p:>15}" for p in providers)
+    print(header + f" {'triton/best':>12}")
+    keys = sorted({(r["D"], r["causal"], r["T"], r["B"], r["mode"]) for r in rows},
+                  key=lambda x: (x[0], not x[1], x[2], modes.index(x[4])))
+    for D, causal, T, B, mode in keys:
+        got = {r["provider"]: r["tflops"] for r in rows if (r["D"], r["causal"], r["T"], r["B"], r["mode"]) == (D, causal, T, B, mode)}
+        cells = " ".join(f"{got[p]:15.4g}" if got.get(p) is not None else f"{'n/a':>15}" for p in providers)
+        others = [t for p, t in got.items() if p != "triton" and t is not None]
+        ratio = f"{got['triton'] / max(others):12.2f}" if got.get("triton") and others else f"{'':>12}"
+        print(f"{D:>4} {str(causal):>6} {T:>6} {B:>4} {mode:>8} {cells}{ratio}")
+    for r in rows:
+        if r["error"] and r["mode"] == modes[0]:
+            print(f"  unavailable: {r['provider']} at D={r['D']} T={r['T']} causal={r['causal']}: {r['error']}")
+
+
+def plot(rows: list[dict], providers: list[str], modes: list[str], path: Path, title: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    panels = sorted({(r["D"], r["causal"]) for r in rows}, key=lambda x: (x[0], not x[1]))
+    fig, axes = plt.subplots(len(panels), len(modes), figsize=(4.5 * len(modes), 3.2 * len(panels)), squeeze=False)
+    for (D, causal), row_axes in zip(panels, axes):
+        for mode, ax in zip(modes, row_axes):
+            for p in providers:
+                pts = sorted((r["T"], r["tflops"]) for r in rows if (r["D"], r["causal"], r["mode"], r["provider"]) == (D, causal, mode, p) and r["tflops"])
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=p)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"D={D} {'causal' if causal else 'full'} {mode}", fontsize=9)
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("no CUDA device: the benchmark needs a GPU (use --smoke to check the script on CPU)")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    kernels = import_kernels()
+    providers, modes = args.providers.split(","), args.modes.split(",")
+    causals = [c.strip().lower() == "true" for c in args.causal.split(",")]
+    rows = []
+    for D in map(int, args.head_dims.split(",")):
+        H = max(1, args.model_dim // D)
+        for causal in causals:
+            for T in map(int, args.lengths.split(",")):
+                B = max(1, args.tokens // T)
+                rows += bench_shape(providers, kernels, device, DTYPES[args.dtype], B, H, max(1, H // args.kv_group), T, D, causal, modes)
+    env = environment(device, args)
+    print(f"# {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print_table(rows, providers, modes)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+        print(f"wrote {args.json}")
+    if args.png:
+        plot(rows, providers, modes, args.png, f"attention TFLOP/s, {env['device']}, {env['dtype']}")
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""GB/s of the tied-block gradient reduction, against PyTorch and against the device's copy bandwidth.
+
+    python bench/tied_grad.py --json runs/bench/tied_grad.json --png runs/bench/tied_grad.png
+    python bench/tied_grad.py --smoke        # CPU, seconds: the code paths, not the speed
+
+For K units and a shared tensor of N elements the reduction must read K
+contributions and the existing .grad and write the .grad: (K + 2)·N elements,
+the bytes counted for every provider. Providers, side by side in one run:
+
+* ``triton``: megascale.kernels.tied_grad.tied_grad_reduce, one launch;
+* ``torch``: the plain PyTorch composition — stack, sum into .grad, norms, dots;
+* ``copy``: ``dst.copy_(src)`` moving the same number of bytes, the speed of
+  light for a memory-bound pass on this device.
+
+Sizes are those of one shared tensor in the gradients' dtype (1 MB … 1 GB);
+``llama-block`` is one 1B-class block's nine tensors (d 2048, FFN 5632, 32/8
+heads) in one call, the kernel's real use. Shapes that do not fit in memory are
+reported as skipped.
+
+--smoke runs on CPU: tiny tensors through the kernel under TRITON_INTERPRET=1,
+the PyTorch composition and the copy, to prove the script works where no GPU
+is present. Its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MB = 2**20
+LLAMA_BLOCK = dict(d=2048, ffn=5632, heads=32, kv_heads=8)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--png", type=Path, help="plot GB/s against tensor size here")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run through every code path")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="contributions' and grads' dtype")
+    p.add_argument("--units", default="2,4,8,12", help="values of K")
+    p.add_argument("--sizes-mb", default="1,4,16,64,256,1024", help="one shared tensor's size in MB")
+    p.add_argument("--no-block", action="store_true", help="skip the llama-block case")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.units, args.sizes_mb, args.no_block = "2,3", "0.001,0.004", True
+    return args
+
+
+def import_kernels():
+    """megascale.kernels when installed; the checkout's kernels/ otherwise (e.g. on a bare GPU machine)."""
+    try:
+        from megascale.kernels import tied_grad  # noqa: PLC0415
+    except ModuleNotFoundError:
+        sys.path.insert(0, str(ROOT))
+        from kernels import tied_grad  # noqa: PLC0415
+    return tied_grad
+
+
+def torch_composition(contributions, grads):
+    """What one would write in PyTorch: per tensor stack, sum into .grad, norms and dots in fp32."""
+    K, device = len(contributions[0]), grads[0].device
+    sq, dots, sum_sq = (torch.zeros(K, device=device), torch.zeros(K, device=device), torch.zeros((), device=device))
+    for units, grad in zip(contributions, grads):
+        g = torch.stack(units).view(K, -1).float()  # (K, N)
+        total = g.sum(0)  # (N,)
+        grad.add_(total.view_as(grad))
+        sq += torch.linalg.vector_norm(g, dim=1).square()
+        dots += g @ total
+        sum_sq += total @ total
+    return sq, dots, sum_sq
+
+
+def shapes_for(case: str, size_bytes: int, elem: int) -> list[tuple[int, ...]]:
+    if case == "llama-block":
+        d, f, h, kv = LLAMA_BLOCK.values()
+        kv_dim = d // h * kv
+        return [(d, d), (kv_dim, d), (kv_dim, d), (d, d), (f, d), (f, d), (d, f), (d,), (d,)]
+    return [(max(1, size_bytes // elem),)]
+
+
+def time_ms(fn, device: torch.device) -> float:
+    """Mean milliseconds per call: triton's do_bench on GPU; one wall-clock call on CPU (--smoke only)."""
+    if device.type == "cuda":
+        import triton.testing  # noqa: PLC0415
+
+        return triton.testing.do_bench(fn, warmup=10, rep=50)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def fits(device: torch.device, need: int) -> bool:
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < 0.85 * free
+
+
+def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    shapes = shapes_for(case, size_bytes, elem)
+    n = sum(torch.Size(s).numel() for s in shapes)
+    moved = (K + 2) * n * elem  # read K contributions and the grad, write the grad
+    row = dict(K=K, case=case, size_mb=n * elem / MB, tensors=len(shapes), elements=n, bytes_moved=moved)
+    # contributions + grads, the composition's (K, N) fp32 stack, the copy's two buffers
+    if not fits(device, (K + 1) * n * elem + K * n * 4 + moved):
+        return {**row, "skipped": "memory"}
+    contributions = [[torch.randn(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes]
+    grads = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+    ms = {
+        "triton": time_ms(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device),
+        "torch": time_ms(lambda: torch_composition(contributions, grads), device),
+    }
+    del contributions, grads
+    src = torch.empty(moved // 2 // elem, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    ms["copy"] = time_ms(lambda: dst.copy_(src), device)
+    gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
+    return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps,
+            "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"]}
+
+
+def environment(device: torch.device, args) -> dict:
+    import triton  # noqa: PLC0415
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return dict(
+        device=name, date=dt.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv),
+        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, dtype=args.dtype,
+        smoke=args.smoke, interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
+    )
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {'skipped: ' + r['skipped']:>12}")
+            continue
+        print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {r['triton_gbps']:>12.4g} {r['torch_gbps']:>11.4g} "
+              f"{r['copy_gbps']:>10.4g} {r['of_copy']:>8.1%} {r['vs_torch']:>8.2f}x")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    units = sorted({r["K"] for r in rows})
+    fig, axes = plt.subplots(1, len(units), figsize=(4.2 * len(units), 3.4), squeeze=False)
+    for K, ax in zip(units, axes[0]):
+        pts = sorted((r for r in rows if r["K"] == K and r["case"] == "tensor" and "skipped" not in r),
+                     key=lambda r: r["size_mb"])
+        for key in ("triton", "torch", "copy"):
+            if pts:
+                ax.plot([r["size_mb"] for r in pts], [r[f"{key}_gbps"] for r in pts], marker="o", label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"K={K}", fontsize=9)
+        ax.set_xlabel("tensor size (MB)")
+        ax.set_ylabel("GB/s")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("no CUDA device: the benchmark needs a GPU (use --smoke to check the script on CPU)")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    tg = import_kernels()
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for K in map(int, args.units.split(",")):
+        cases = [("tensor", int(float(mb) * MB)) for mb in args.sizes_mb.split(",")]
+        cases += [] if args.no_block else [("llama-block", 0)]
+        for case, size in cases:
+            rows.append(bench_case(tg, device, dtype, K, case, size))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    env = environment(device, args)
+    print(f"# {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print_table(rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+        print(f"wrote {args.json}")
+    if args.png:
+        plot(rows, args.png, f"tied-grad reduction GB/s, {env['device']}, {env['dtype']}")
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,601 @@
+"""Fused (flash) attention in Triton: forward and backward, beside its PyTorch reference.
+
+The algorithm is FlashAttention-2 (Dao, 2023), read from Triton's fused-attention
+tutorial and the flash-attention repository:
+
+* forward: one program per (query block, batch × head). K/V blocks stream past
+  the query block held in registers; an online softmax keeps the running row
+  maximum ``m`` and row sum ``l`` so the (T, T) score matrix never exists in
+  memory. The log-sum-exp per row is saved for the backward.
+* backward: recomputation. The scores of a (query block, key block) tile are
+  rebuilt from Q, K and the saved log-sum-exp, so the backward stores nothing
+  of size T². Three launches: Δ = rowsum(O ∘ dO) (``_bwd_delta_kernel``), dK/dV
+  with one program per key block (``_bwd_dkdv_kernel``) and dQ with one program
+  per query block (``_bwd_dq_kernel``). Splitting dQ from dK/dV costs one more
+  recomputation of the scores but needs no atomics, so gradients are
+  deterministic and written once, in the input dtype.
+
+Scores live in the log2 domain (scale folded with log2(e)) so the kernels call
+``exp2``, which is what the hardware's SFU computes natively.
+
+Layout: q (B, H, T, D); k, v (B, H_kv, T, D) with H % H_kv == 0 (grouped-query
+attention: query head h reads kv head h // (H // H_kv), never a repeated copy).
+Any strides: the model passes transposed views of (B, T, H, D) projections.
+Lengths need not be multiples of the block size: the last block is masked, and
+only the blocks that straddle the sequence end or the causal diagonal pay for
+masks (``MASK`` constexpr), the others run unmasked.
+
+``flash_attention`` runs on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1``
+was set before this module was imported (the tests do this).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x · log2(e))
+
+# Read once, as triton.jit did when it decorated the kernels below: in interpreter
+# mode they run on CPU tensors through NumPy.
+INTERPRET = bool(triton.knobs.runtime.interpret)
+
+
+# ---------------------------------------------------------------------------
+# Block-size configurations
+# ---------------------------------------------------------------------------
+
+
+def _table(half: list[tuple], fp32: list[tuple]) -> dict[tuple, set[tuple[int, int]]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) → the (input bits, head dim) pairs it is a candidate for."""
+    table: dict[tuple, set[tuple[int, int]]] = {}
+    for bits, blocks in ((16, half), (32, fp32)):
+        for m, n, w, s, dims in blocks:
+            table.setdefault((m, n, w, s), set()).update((bits, d) for d in dims)
+    return table
+
+
+def _configs(table: dict) -> list[triton.Config]:
+    """The table's tiles as Configs; one tiny config under the interpreter.
+
+    Autotuning under the interpreter would run every config through NumPy: slow and
+    pointless, so it gets a single 16 × 16 tile (the smallest tl.dot accepts).
+    """
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+
+
+def _pruner(table: dict):
+    """Autotune pruner keeping the configs listed for the call's input width and head dim."""
+
+    def prune(configs, named_args, **kwargs):
+        want = (named_args["Q"].element_size() * 8, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
+        key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
+        return [c for c in configs if want in table.get(key(c), ())] or configs
+
+    return prune
+
+
+# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, head dims), chosen by compiling
+# every kernel for sm_90 and reading ptxas -v: kept where shared memory fits an H100
+# (227 KiB) and registers spill at most ~128 bytes; 256-wide heads need small tiles.
+# The forward and dQ keep a (BLOCK_M, D) query tile resident, dK/dV two (BLOCK_N, D) tiles
+# plus their fp32 accumulators, hence its smaller blocks. fp32 inputs (3xTF32 products,
+# see _dot_flags) take twice the registers and shared memory: small tiles only, and
+# still some spilling; fp32 is the exactness path, bf16/fp16 the fast one. Configs that
+# overflow a smaller GPU's shared memory are skipped by the autotuner.
+_UP_TO_128 = (32, 64, 128)
+_ALL = SUPPORTED_HEAD_DIMS
+_FWD_TILES = _table(
+    half=[
+        (128, 64, 8, 3, _UP_TO_128), (128, 64, 8, 4, _UP_TO_128), (128, 128, 8, 3, _UP_TO_128),
+        (128, 128, 8, 2, _UP_TO_128), (128, 32, 8, 4, _UP_TO_128), (64, 64, 4, 4, _UP_TO_128),
+        (64, 128, 4, 3, _UP_TO_128), (64, 32, 4, 3, _ALL),
+        (128, 64, 8, 2, (256,)), (128, 32, 8, 2, (256,)), (64, 64, 8, 2, (256,)),
+    ],
+    fp32=[(32, 32, 4, 2, _UP_TO_128), (64, 64, 4, 2, _UP_TO_128)],
+)
+_DKDV_TILES = _table(
+    half=[
+        (32, 128, 8, 3, _UP_TO_128), (32, 128, 8, 2, _UP_TO_128), (32, 64, 8, 3, _UP_TO_128),
+        (64, 128, 8, 3, (32, 64)), (64, 64, 8, 3, (32, 64)), (16, 64, 4, 2, (32, 64)),
+        (32, 32, 8, 2, (256,)), (16, 32, 8, 2, (256,)),
+    ],
+    fp32=[(16, 32, 4, 2, _UP_TO_128), (32, 32, 4, 2, _UP_TO_128)],
+)
+_DQ_TILES = _table(
+    half=[
+        (128, 32, 8, 3, _ALL), (128, 64, 8, 3, _UP_TO_128), (64, 64, 4, 3, _UP_TO_128),
+        (64, 32, 4, 3, _ALL), (64, 16, 4, 2, _ALL),
+    ],
+    fp32=[(32, 32, 4, 2, _UP_TO_128), (64, 16, 4, 2, _UP_TO_128)],
+)
+_TUNE_KEY = ["seq_bucket", "HEAD_DIM", "CAUSAL"]  # tensor dtypes are added to the key by Triton
+
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32.
+
+    UPCAST is set only for bf16 under the interpreter, whose NumPy tl.dot reads bf16
+    bit patterns as integers; the operands are already rounded to bf16, so the
+    upcast product is what the tensor cores compute on a GPU.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _kv_stages(start_m, seq_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query block at start_m: key blocks [0, full_end) need no mask, [full_end, hi) do.
+
+    A key block is mask-free when it lies wholly inside the sequence and, if causal,
+    wholly at or left of the block's first query row.
+    """
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, seq_len)
+        full_end = (tl.minimum(start_m + 1, seq_len) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seq_len
+        full_end = (seq_len // BLOCK_N) * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
+def _load_rows(base, offs_t, offs_d, stride_t, stride_d, seq_len, MASK: tl.constexpr):
+    """A (rows, D) tile; rows past the sequence end read as zero when MASK."""
+    ptrs = base + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d
+    if MASK:
+        return tl.load(ptrs, mask=offs_t[:, None] < seq_len, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _visible(m, n, seq_len, CAUSAL: tl.constexpr):
+    """True where query m may attend to key n; m and n come broadcastable, e.g. (M, 1) and (1, N)."""
+    valid = (m < seq_len) & (n < seq_len)
+    if CAUSAL:
+        valid = valid & (m >= n)
+    return valid
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+               offs_m, lo, hi, seq_len, qk_scale,
+               CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): updates acc (BLOCK_M, D), row sum l_i, row max m_i."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, stride_kt, stride_kd, seq_len, MASK)  # (BLOCK_N, D)
+        qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+        qk = qk * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        if MASK:
+            # Row validity is left out: padded query rows are never stored, and keeping
+            # column 0 for them avoids an all -inf row (NaN from -inf - -inf).
+            keep = offs_n[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            qk = tl.where(keep, qk, float("-inf"))
+        # The first block visited always holds key 0, visible to every row, so m_ij is finite.
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)  # rescales what was accumulated under the old maximum
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vt, stride_vd, seq_len, MASK)  # (BLOCK_N, D)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs(_FWD_TILES), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                stride_qb, stride_qh, stride_qt, stride_qd,
+                stride_kb, stride_kh, stride_kt, stride_kd,
+                stride_vb, stride_vh, stride_vt, stride_vd,
+                stride_ob, stride_oh, stride_ot, stride_od,
+                n_heads, group, seq_len, seq_bucket, qk_scale,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Causal query blocks near the end do the most work: launch them first so the
+    # light ones fill the tail of the grid.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    kv_h = h // group  # grouped-query attention: the query heads of a group share one K/V head
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, stride_qd, seq_len, True)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    full_end, hi = _kv_stages(start_m, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                               offs_m, 0, full_end, seq_len, qk_scale,
+                               CAUSAL, False, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                               offs_m, full_end, hi, seq_len, qk_scale,
+                               CAUSAL, True, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
+
+    row_ok = offs_m < seq_len
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+    # log2-sum-exp2 of the scaled scores: the backward rebuilds p = exp2(s - lse) from it.
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA,
+                      stride_ob, stride_oh, stride_ot, stride_od,
+                      stride_db, stride_dh, stride_dt, stride_dd,
+                      n_heads, seq_len,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Δ_i = Σ_d O_id · dO_id = Σ_j P_ij dP_ij, the softmax backward's row term."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = _load_rows(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ot, stride_od, seq_len, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dt, stride_dd, seq_len, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                stride_qt, stride_qd, stride_dt, stride_dd,
+                offs_n, lo, hi, seq_len, qk_scale,
+                CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [lo, hi) of one query head.
+
+    Works on transposed tiles (keys × queries) so that dV = Pᵀ dO and dK = dSᵀ Q
+    are plain products.
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, offs_m, offs_d, stride_qt, stride_qd, seq_len, MASK)  # (BLOCK_M, D)
+        do = _load_rows(do_base, offs_m, offs_d, stride_dt, stride_dd, seq_len, MASK)  # (BLOCK_M, D)
+        if MASK:
+            lse = tl.load(lse_base + offs_m, mask=offs_m < seq_len, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=offs_m < seq_len, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        zeros = tl.zeros([k.shape[0], BLOCK_M], dtype=tl.float32)
+        s_t = _mma(k, tl.trans(q), zeros, PRECISION, UPCAST) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASK:
+            p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], seq_len, CAUSAL), p_t, 0.0)
+        dv = _mma(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)
+        dp_t = _mma(v, tl.trans(do), zeros, PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _mma(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs(_DKDV_TILES), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES)})
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                     stride_qb, stride_qh, stride_qt, stride_qd,
+                     stride_kb, stride_kh, stride_kt, stride_kd,
+                     stride_vb, stride_vh, stride_vt, stride_vd,
+                     stride_db, stride_dh, stride_dt, stride_dd,
+                     stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+                     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+                     n_heads, n_kv_heads, group, seq_len, seq_bucket, qk_scale, sm_scale,
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block of one KV head.
+
+    Grouped-query attention: the program loops over the `group` query heads that
+    read this KV head and sums their contributions in registers. The alternative,
+    one program per query head with atomic adds into dK/dV, needs fp32 scratch
+    buffers, a cast pass and gives run-to-run differences; the loop keeps the
+    backward deterministic and writes dK/dV once. Its cost is less parallelism
+    (B · H_kv · T/BLOCK_N programs), which is ample at training shapes.
+    """
+    pid_bkv = tl.program_id(1)
+    b = (pid_bkv // n_kv_heads).to(tl.int64)
+    kv_h = (pid_bkv % n_kv_heads).to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = _load_rows(K + b * stride_kb + kv_h * stride_kh, offs_n, offs_d, stride_kt, stride_kd, seq_len, True)
+    v = _load_rows(V + b * stride_vb + kv_h * stride_vh, offs_n, offs_d, stride_vt, stride_vd, seq_len, True)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    # Query blocks [lo, diag_end) straddle the causal diagonal, [diag_end, full_end)
+    # are mask-free, [tail, seq_len) hold the sequence end.
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diag_end = tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        diag_end = 0
+    full_end = (seq_len // BLOCK_M) * BLOCK_M
+    tail = tl.maximum(diag_end, full_end)
+    for g in range(group):
+        h = kv_h * group + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_db + h * stride_dh
+        row0 = (b * n_heads + h) * seq_len  # LSE and Δ are (B, H, T) contiguous
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0,
+                             stride_qt, stride_qd, stride_dt, stride_dd,
+                             offs_n, lo, tl.minimum(diag_end, seq_len), seq_len, qk_scale,
+                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0,
+                             stride_qt, stride_qd, stride_dt, stride_dd,
+                             offs_n, diag_end, full_end, seq_len, qk_scale,
+                             CAUSAL, False, BLOCK_M, HEAD_DIM, PRECISION, UPCAST)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0,
+                             stride_qt, stride_qd, stride_dt, stride_dd,
+                             offs_n, tail, seq_len, seq_len, qk_scale,
+                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST)
+
+    row_ok = (offs_n < seq_len)[:, None]
+    dk_ptrs = DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=row_ok)  # s = scale · q·k
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+              offs_m, lo, hi, seq_len, qk_scale,
+              CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Accumulate dQ (BLOCK_M, D) of one query block over key blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, offs_d, stride_kt, stride_kd, seq_len, MASK)  # (BLOCK_N, D)
+        v = _load_rows(v_base, offs_n, offs_d, stride_vt, stride_vd, seq_len, MASK)  # (BLOCK_N, D)
+        zeros = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
+        s = _mma(q, tl.trans(k), zeros, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK:
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seq_len, CAUSAL), p, 0.0)
+        dp = _mma(do, tl.trans(v), zeros, PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
+    return dq
+
+
+@triton.autotune(configs=_configs(_DQ_TILES), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_DQ_TILES)})
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+                   stride_qb, stride_qh, stride_qt, stride_qd,
+                   stride_kb, stride_kh, stride_kt, stride_kd,
+                   stride_vb, stride_vh, stride_vt, stride_vd,
+                   stride_db, stride_dh, stride_dt, stride_dd,
+                   stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+                   n_heads, group, seq_len, seq_bucket, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    kv_h = h // group
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, stride_qd, seq_len, True)
+    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dt, stride_dd, seq_len, True)
+    row0 = pid_bh.to(tl.int64) * seq_len
+    lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    full_end, hi = _kv_stages(start_m, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_m, 0, full_end, seq_len, qk_scale, CAUSAL, False, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_m, full_end, hi, seq_len, qk_scale, CAUSAL, True, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    """How tl.dot multiplies: fp32 inputs as 3xTF32, bf16 upcast under the interpreter.
+
+    3xTF32 splits each fp32 operand into a TF32 head and tail and sums three tensor-core
+    products: close to fp32 accuracy (torch's default keeps TF32 off for fp32) at
+    tensor-core speed. "ieee" would run on the FMA units, spill kilobytes of registers
+    and take minutes to compile. The interpreter multiplies in exact fp32 either way.
+    """
+    return {"PRECISION": "tf32x3" if dtype == torch.float32 else "tf32", "UPCAST": INTERPRET and dtype == torch.bfloat16}
+
+
+def _seq_bucket(seq_len: int) -> int:
+    """Autotuning key for the length: powers of two, so generation (T growing by one) tunes log T times."""
+    return triton.next_power_of_2(seq_len)
+
+
+class Tiles(NamedTuple):
+    """Fixed (BLOCK_M, BLOCK_N) per kernel, bypassing the autotuner.
+
+    The tests use it to run tile shapes other than the interpreter's 16 × 16
+    (BLOCK_M ≠ BLOCK_N exercises the causal and tail bookkeeping); None everywhere else.
+    """
+
+    fwd: tuple[int, int]
+    dkdv: tuple[int, int]
+    dq: tuple[int, int]
+
+
+def _launch(kernel, grid, args: tuple, kwargs: dict, tile: tuple[int, int] | None) -> None:
+    """Autotuned launch, or the underlying kernel with a fixed tile."""
+    if tile is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        kernel.fn[grid](*args, **kwargs, BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=4 if not INTERPRET else 1)
+
+
+def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, D = q.shape
+    o = torch.empty_like(q)  # (B, H, T, D), q's memory layout
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)  # log2 domain
+    args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            H, H // k.shape[1], T, _seq_bucket(T), scale * LOG2E)
+    _launch(_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), args,
+            dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype)), tiles and tiles.fwd)
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None):
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)  # (B, H, T) fp32
+    block = 16 if INTERPRET else 128
+    _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block
+    )
+    common = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
+    dkdv_args = (q, k, v, do, dk, dv, lse, delta,
+                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+                 H, H_kv, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
+    _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv), dkdv_args, common,
+            tiles and tiles.dkdv)
+    dq_args = (q, k, v, do, dq, lse, delta,
+               *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+               H, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
+    _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), dq_args, common,
+            tiles and tiles.dq)
+    return dq, dk, dv
+
+
+class FlashAttention(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, O and the log-sum-exp; the backward recomputes the scores."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, tiles: Tiles | None = None):
+        o, lse = _forward(q, k, v, causal, softmax_scale, tiles)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.softmax_scale, ctx.tiles = causal, softmax_scale, tiles
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.tiles)
+        return dq, dk, dv, None, None, None
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+def unsupported_config(head_dim: int, dtype: torch.dtype, device: torch.device | str) -> str | None:
+    """Why the kernel cannot run this head dim / dtype / device, or None when it can.
+
+    The model's backend switch asks this once at start-up: shapes are fixed per model.
+    """
+    device = torch.device(device)
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {head_dim} not in {SUPPORTED_HEAD_DIMS}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} not in (float16, bfloat16, float32)"
+    if device.type != "cuda" and not (INTERPRET and device.type == "cpu"):
+        return f"device {device.type}: the Triton kernel needs CUDA (or CPU tensors with TRITON_INTERPRET=1)"
+    if device.type == "cuda" and dtype == torch.float32 and head_dim > 128:
+        return f"float32 with head dim {head_dim} spills the GPU's registers; use bfloat16/float16 or head dim <= 128"
+    return None
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """One line saying why flash_attention cannot take these tensors, or None when it can."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"expected 4-D (B, heads, T, head_dim) tensors, got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
+    if k.shape != v.shape:
+        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape"
+    B, H, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or head dim"
+    if k.shape[1] == 0 or H % k.shape[1] != 0:
+        return f"{H} query heads are not a multiple of {k.shape[1]} kv heads"
+    if T == 0:
+        return "empty sequence (T = 0)"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if not (q.device == k.device == v.device):
+        return f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})"
+    if max(x.stride(2) for x in (q, k, v)) * T >= 2**31:
+        return "sequence too long for 32-bit row offsets within a head"
+    return unsupported_config(D, q.dtype, q.device)
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, softmax_scale: float | None = None
+) -> torch.Tensor:
+    """Flash attention, differentiable in q, k, v.
+
+    q: (B, H, T, D); k, v: (B, H_kv, T, D) with H % H_kv == 0. Returns (B, H, T, D)
+    in q's dtype. softmax_scale defaults to 1/sqrt(D). Raises ValueError with the
+    reason from ``unsupported_reason`` for inputs the kernel does not handle.
+    """
+    reason = unsupported_reason(q, k, v)
+    if reason is not None:
+        raise ValueError(f"flash_attention: {reason}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return FlashAttention.apply(q, k, v, bool(causal), scale)
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, softmax_scale: float | None = None
+) -> torch.Tensor:
+    """Naive attention in fp32 that materialises the (T, T) scores; the parity tests' ground truth."""
+    group = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    k = k.float().repeat_interleave(group, dim=1)  # (B, H, T, D)
+    v = v.float().repeat_interleave(group, dim=1)  # (B, H, T, D)
+    scores = (q.float() @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    if causal:
+        T = q.shape[2]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)  # (T, T)
+        scores = scores.masked_fill(future, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).to(q.dtype)  # (B, H, T, D)

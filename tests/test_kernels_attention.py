@@ -1,0 +1,221 @@
+"""Triton flash attention against its naive fp32 reference: output and dq, dk, dv.
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set
+before the kernel module is imported) at small shapes; with CUDA the same tests
+also run at real shapes. Tolerances are per dtype and absolute + relative, on
+values of order 1 (randn inputs, randn upstream gradient).
+
+Interpreter caveats, both worked around or allowed for:
+* its tl.dot misreads bf16 operands, so under the interpreter the kernel upcasts
+  bf16 dot operands to fp32 (exactly representable: same products as a GPU);
+* its fp32 → bf16 cast truncates instead of rounding to nearest, so bf16 errors
+  are about twice what a GPU gives; the bf16 tolerance allows for it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
+
+from megascale.kernels.attention import (  # noqa: E402
+    FlashAttention,
+    Tiles,
+    attention_reference,
+    flash_attention,
+    unsupported_config,
+    unsupported_reason,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# (atol, rtol) for output and gradients, against the fp32 reference on the same (rounded) inputs.
+TOL = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (6e-2, 3e-2),
+}
+
+# (B, H, H_kv, T, D): GQA ratios 1, 2, 4; lengths 1, 17, 64, 100 (not multiples of 16 except 64).
+SMALL = [
+    (1, 4, 4, 17, 32),
+    (1, 4, 2, 64, 32),
+    (1, 4, 1, 100, 64),
+    (1, 4, 2, 1, 32),
+    (1, 2, 1, 20, 128),
+    (1, 1, 1, 18, 256),
+]
+# Real shapes, CUDA only: training-like lengths, an odd length, a wide head.
+LARGE = [
+    (2, 16, 4, 1024, 128),
+    (1, 8, 8, 2048, 64),
+    (2, 8, 2, 1000, 128),
+    (1, 4, 1, 777, 32),
+    (1, 4, 4, 512, 256),
+]
+SHAPES = SMALL + (LARGE if CUDA else [])
+
+
+def _inputs(B, H, H_kv, T, D, dtype, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype).requires_grad_()
+
+    return randn(B, H, T, D), randn(B, H_kv, T, D), randn(B, H_kv, T, D), randn(B, H, T, D).detach()
+
+
+def _check(q, k, v, do, causal, scale=None):
+    """Kernel vs reference: output and the three gradients, with the dtype's tolerance."""
+    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref = attention_reference(q, k, v, causal=causal, softmax_scale=scale)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    atol, rtol = TOL[q.dtype]
+    assert out.dtype == q.dtype and out.shape == q.shape
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-kv{}-T{}-D{}".format(*s))
+def test_matches_reference_fp32(shape, causal):
+    q, k, v, do = _inputs(*shape, torch.float32)
+    if (reason := unsupported_reason(q, k, v)) is not None:  # fp32 with head dim 256 on a GPU
+        pytest.skip(reason)
+    _check(q, k, v, do, causal=causal)
+
+
+DTYPE_SHAPES = [(1, 4, 2, 40, 32)] + ([(2, 16, 4, 1024, 128), (1, 8, 2, 1000, 64), (1, 4, 4, 512, 256)] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", DTYPE_SHAPES, ids=lambda s: "B{}-H{}-kv{}-T{}-D{}".format(*s))
+def test_matches_reference_half(shape, causal, dtype):
+    _check(*_inputs(*shape, dtype), causal=causal)
+
+
+def test_explicit_softmax_scale():
+    _check(*_inputs(1, 2, 1, 24, 32, torch.float32), causal=True, scale=0.3)
+
+
+def test_strided_inputs_and_broadcast_upstream_gradient():
+    """The model's layout: q, k, v are transposed views of (B, T, H, D); o.sum() gives a stride-0 dO."""
+    B, T, H, H_kv, D = 2, 23, 4, 2, 32
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).requires_grad_()
+    kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).requires_grad_()
+    views = (q.transpose(1, 2), kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2))  # (B, h, T, D)
+    assert not any(x.is_contiguous() for x in views)
+    flash_attention(*views, causal=True).sum().backward()
+    got = (q.grad.clone(), kv.grad.clone())
+    q.grad = kv.grad = None
+    attention_reference(*views, causal=True).sum().backward()
+    torch.testing.assert_close(got[0], q.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], kv.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_reference_matches_sdpa():
+    """The reference itself: agrees with PyTorch SDPA (GQA by repeated K/V)."""
+    q, k, v, _ = _inputs(2, 4, 2, 33, 32, torch.float32)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), is_causal=True
+    )
+    torch.testing.assert_close(attention_reference(q, k, v, causal=True), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "q_shape, kv_shape, dtype, expected",
+    [
+        ((1, 4, 8, 96), (1, 4, 8, 96), torch.float32, "head dim 96 not in (32, 64, 128, 256)"),
+        ((1, 4, 8, 32), (1, 3, 8, 32), torch.float32, "4 query heads are not a multiple of 3 kv heads"),
+        ((1, 4, 8, 32), (1, 4, 9, 32), torch.float32, "differ in batch, length or head dim"),
+        ((1, 4, 8, 32), (1, 4, 8, 32), torch.float64, "dtype torch.float64 not in"),
+        ((4, 8, 32), (4, 8, 32), torch.float32, "expected 4-D"),
+    ],
+)
+def test_unsupported_inputs_raise_with_reason(q_shape, kv_shape, dtype, expected):
+    q = torch.zeros(q_shape, dtype=dtype, device=DEVICE)
+    k = v = torch.zeros(kv_shape, dtype=dtype, device=DEVICE)
+    assert expected in unsupported_reason(q, k, v)
+    with pytest.raises(ValueError, match="flash_attention: "):
+        flash_attention(q, k, v)
+
+
+def test_supported_configs():
+    assert unsupported_config(64, torch.bfloat16, DEVICE) is None
+    assert unsupported_config(128, torch.float32, DEVICE) is None
+    assert "head dim 80" in unsupported_config(80, torch.bfloat16, DEVICE)
+    assert "device meta" in unsupported_config(64, torch.bfloat16, "meta")
+    assert "head dim 256 spills" in unsupported_config(256, torch.float32, "cuda")
+
+
+# --- the model's backend switch (megascale/model/attention.py) ---------------------------------
+
+
+def test_backend_resolution_uses_kernel_support():
+    from megascale.errors import MegascaleError
+    from megascale.model.attention import resolve_backend
+
+    device = torch.device(DEVICE)
+    assert resolve_backend("triton", device, head_dim=64) == ("triton", "requested")
+    backend, why = resolve_backend("auto", device, head_dim=64, dtype=torch.bfloat16)
+    if CUDA:
+        assert backend == "triton"
+        backend, why = resolve_backend("auto", device, head_dim=96)
+        assert backend == "torch" and "head dim 96 not in" in why
+    else:  # the interpreter is for explicit requests only
+        assert backend == "torch" and "no CUDA device" in why
+    with pytest.raises(MegascaleError, match="head dim 96 not in"):
+        resolve_backend("triton", device, head_dim=96)
+
+
+def test_model_with_triton_backend_matches_torch_backend():
+    """A tied GQA model (head dim 32) gives the same loss and gradients with either backend."""
+    from megascale.config import ModelConfig
+    from megascale.model import Transformer
+
+    cfg = ModelConfig(vocab_size=61, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=24, sharing="all")
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(DEVICE)
+    tokens = torch.randint(0, 61, (1, 19), device=DEVICE)
+    results = []
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        model.set_attention_backend(backend)
+        loss = model(tokens, tokens)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_t, grads_t), (loss_k, grads_k) = results
+    torch.testing.assert_close(loss_k, loss_t, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads_k, grads_t):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# Tile shapes other than the interpreter's autotune choice (16 × 16): BLOCK_M ≠ BLOCK_N moves the
+# causal diagonal and the sequence tail to different places inside a tile, as the GPU configs do.
+TILES = [
+    Tiles(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16)),
+    Tiles(fwd=(16, 32), dkdv=(32, 16), dq=(16, 32)),
+    Tiles(fwd=(64, 16), dkdv=(16, 64), dq=(64, 16)),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("tiles", TILES, ids=lambda t: "fwd{}x{}-dkdv{}x{}-dq{}x{}".format(*t.fwd, *t.dkdv, *t.dq))
+def test_uneven_tiles_match_reference(tiles, causal):
+    q, k, v, do = _inputs(1, 4, 2, 45, 32, torch.float32, seed=3)
+    scale = 1 / 32**0.5
+    out = FlashAttention.apply(q, k, v, causal, scale, tiles)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref = attention_reference(q, k, v, causal=causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")

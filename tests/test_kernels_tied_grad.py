@@ -1,0 +1,187 @@
+"""The tied-block gradient reduction kernel against its PyTorch reference.
+
+Without a GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set
+before the kernel module is imported) on small tensors whose sizes cross the
+interpreter's 16-element tiles and 32-element chunks; with CUDA the same tests
+also run at real sizes. Interpreter caveat: its fp32 → bf16 cast truncates
+instead of rounding to nearest, so bf16 gradient buffers may differ from the
+reference by one bf16 ulp; the bf16 tolerance allows for it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
+
+from megascale.kernels.tied_grad import (  # noqa: E402
+    TiedGradStats,
+    coherence,
+    flatten_for_collective,
+    tied_grad_reduce,
+    tied_grad_reduce_reference,
+    unflatten_into,
+    unit_alignment,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# (atol, rtol) for the updated .grad buffers, by their dtype. bf16: one ulp (2^-7 relative) plus slack.
+GRAD_TOL = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (1e-2, 1.6e-2)}
+STATS_RTOL = 1e-5  # fp32 statistics, summed in a different order than the reference
+
+# Uneven sizes: 1 element, under a tile, across tiles and chunks, 2-D; CUDA adds real ones.
+SMALL_SHAPES = [(1,), (7,), (100,), (33, 5), (64,)]
+LARGE_SHAPES = [(4096, 4096), (11008, 4096 // 8), (4096,), (123457,)]
+SHAPES = SMALL_SHAPES + (LARGE_SHAPES if CUDA else [])
+
+
+def _group(n_units, shapes, c_dtype, g_dtype, seed=0, shared=0.0):
+    """Random contributions (shared·common + noise per unit) and random prior .grad buffers."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=gen, device=DEVICE)
+
+    contributions = []
+    for shape in shapes:
+        common = randn(shape)
+        contributions.append([(shared * common + randn(shape)).to(c_dtype) for _ in range(n_units)])
+    grads = [randn(shape).to(g_dtype) for shape in shapes]
+    return contributions, grads
+
+
+def _assert_stats_close(got: TiedGradStats, want: TiedGradStats):
+    for name in ("sq_norms", "dots", "sum_sq"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=STATS_RTOL, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("n_units", [1, 2, 3, 4, 8, 12])
+@pytest.mark.parametrize(
+    "c_dtype, g_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+    ids=["fp32", "bf16", "bf16-into-fp32"],
+)
+def test_reduce_matches_reference(n_units, c_dtype, g_dtype):
+    contributions, grads = _group(n_units, SHAPES, c_dtype, g_dtype)
+    ref_grads = [g.clone() for g in grads]
+    buffers = [g.data_ptr() for g in grads]
+    stats = tied_grad_reduce(contributions, grads, backend="triton")
+    want = tied_grad_reduce_reference(contributions, ref_grads)
+    _assert_stats_close(stats, want)
+    assert [g.data_ptr() for g in grads] == buffers  # accumulated in place
+    atol, rtol = GRAD_TOL[g_dtype]
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def test_stats_are_of_this_steps_contributions_only():
+    """A non-zero prior .grad is added to, but does not enter the statistics; the sum is exact."""
+    contributions, grads = _group(3, [(50,), (9, 3)], torch.float32, torch.float32, seed=2)
+    before = [g.clone() for g in grads]
+    stats = tied_grad_reduce(contributions, grads, backend="triton")
+    sums = [torch.stack(units).sum(0) for units in contributions]
+    for g, b, s in zip(grads, before, sums):
+        torch.testing.assert_close(g, b + s)
+    flat = [torch.cat([u.reshape(-1) for u in units]) for units in zip(*contributions)]  # per unit, (N,)
+    total = torch.stack(flat).sum(0)
+    torch.testing.assert_close(stats.sq_norms, torch.stack([f @ f for f in flat]), rtol=STATS_RTOL, atol=0)
+    torch.testing.assert_close(stats.dots, torch.stack([f @ total for f in flat]), rtol=STATS_RTOL, atol=0)
+    torch.testing.assert_close(stats.sum_sq, total @ total, rtol=STATS_RTOL, atol=0)
+
+
+def test_coherence_extremes():
+    g = torch.randn(40, device=DEVICE)
+    same = tied_grad_reduce([[g.clone() for _ in range(4)]], [torch.zeros(40, device=DEVICE)], backend="triton")
+    assert coherence(same) == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(unit_alignment(same), torch.ones(4, device=DEVICE), atol=1e-6)
+
+    basis = torch.eye(4, 64, device=DEVICE)  # orthogonal unit vectors
+    ortho = tied_grad_reduce([[basis[k] for k in range(4)]], [torch.zeros(64, device=DEVICE)], backend="triton")
+    assert coherence(ortho) == pytest.approx(0.25, abs=1e-6)
+
+    opposed = tied_grad_reduce([[g, -g]], [torch.zeros(40, device=DEVICE)], backend="triton")
+    assert coherence(opposed) == pytest.approx(0.0, abs=1e-6)
+
+    single = tied_grad_reduce([[g]], [torch.zeros(40, device=DEVICE)], backend="triton")
+    zeros = tied_grad_reduce([[torch.zeros(5, device=DEVICE)] * 3], [torch.zeros(5, device=DEVICE)], backend="triton")
+    assert coherence(single) == 1.0 and coherence(zeros) == 1.0
+    assert torch.equal(unit_alignment(zeros), torch.ones(3, device=DEVICE))
+
+
+def test_unit_alignment_finds_the_dissenting_unit():
+    contributions, grads = _group(4, [(256,)], torch.float32, torch.float32, seed=3, shared=3.0)
+    contributions[0][2] = -contributions[0][2]
+    stats = tied_grad_reduce(contributions, grads, backend="triton")
+    assert int(unit_alignment(stats).argmin()) == 2
+
+
+def test_non_contiguous_contributions_are_handled():
+    base = torch.randn(3, 16, 10, device=DEVICE)
+    contributions = [[base[k].t() for k in range(3)]]  # (10, 16) views, not contiguous
+    assert not contributions[0][0].is_contiguous()
+    grads, ref = [torch.zeros(10, 16, device=DEVICE)], [torch.zeros(10, 16, device=DEVICE)]
+    _assert_stats_close(tied_grad_reduce(contributions, grads, backend="triton"),
+                        tied_grad_reduce_reference(contributions, ref))
+    torch.testing.assert_close(grads[0], ref[0])
+
+
+def test_non_contiguous_grad_is_refused():
+    grad = torch.zeros(16, 10, device=DEVICE).t()
+    with pytest.raises(ValueError, match=r"grads\[0\] is not contiguous"):
+        tied_grad_reduce([[torch.ones(10, 16, device=DEVICE)] * 2], [grad])
+
+
+@pytest.mark.parametrize(
+    "contributions, grads, match",
+    [
+        ([[torch.ones(3)], [torch.ones(3), torch.ones(3)]], [torch.ones(3), torch.ones(3)], "has 2 units, expected 1"),
+        ([[torch.ones(4)]], [torch.ones(3)], "has shape"),
+        ([[torch.ones(3)]], [torch.ones(3), torch.ones(3)], "one list of contributions per grad"),
+        ([[torch.ones(3, dtype=torch.float64)]], [torch.ones(3)], "one dtype"),
+    ],
+)
+def test_bad_inputs_raise(contributions, grads, match):
+    with pytest.raises(ValueError, match=match):
+        tied_grad_reduce(contributions, grads)
+
+
+def test_backends_agree_and_auto_choice():
+    contributions, grads = _group(2, SMALL_SHAPES, torch.float32, torch.float32, seed=4)
+    copies = [g.clone() for g in grads]
+    _assert_stats_close(tied_grad_reduce(contributions, grads, backend="auto"),
+                        tied_grad_reduce(contributions, copies, backend="torch"))
+    with pytest.raises(ValueError, match="not one of"):
+        tied_grad_reduce(contributions, grads, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype, flat_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)])
+def test_flatten_scale_unflatten_roundtrip(dtype, flat_dtype):
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    tensors = [torch.randn(s, generator=gen, device=DEVICE).to(dtype) for s in SHAPES]
+    flat = flatten_for_collective(tensors, scale=0.5, dtype=flat_dtype, backend="triton")
+    want = flatten_for_collective(tensors, scale=0.5, dtype=flat_dtype, backend="torch")
+    assert flat.shape == (sum(t.numel() for t in tensors),) and flat.dtype == (flat_dtype or dtype)
+    torch.testing.assert_close(flat, want, atol=0, rtol=0)  # x · 0.5 is exact
+    flat.mul_(2)  # what a 2-rank all-reduce of the halves gives back
+    out = [torch.full_like(t, float("nan")) for t in tensors]
+    unflatten_into(flat, out, backend="triton")
+    for o, t in zip(out, tensors):
+        torch.testing.assert_close(o, t, atol=0, rtol=0)
+
+
+def test_flatten_reads_non_contiguous_and_unflatten_refuses_it():
+    x = torch.randn(8, 6, device=DEVICE)
+    flat = flatten_for_collective([x.t(), x[:, :2]], backend="triton")
+    torch.testing.assert_close(flat, torch.cat([x.t().reshape(-1), x[:, :2].reshape(-1)]))
+    with pytest.raises(ValueError, match=r"tensors\[0\] is not contiguous"):
+        unflatten_into(flat[:48], [torch.zeros(6, 8, device=DEVICE).t()])
+    with pytest.raises(ValueError, match=r"the tensors need \(3,\)"):
+        unflatten_into(flat, [torch.zeros(3, device=DEVICE)])
