@@ -8,7 +8,7 @@ NPROC       ?= 2
 ARGS        ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: venv pretrain test data clean-venv
+.PHONY: venv pretrain test plan plan-demo clean-venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,14 @@ $(STAMP): requirements.txt setup.py
 # Pretrain the config on NPROC local ranks (CPU: gloo; GPUs when present).
 pretrain: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/pretrain.py --config $(CONFIG) $(ARGS)
+
+# Plan a run from a budget (default: 8 H100s for a week); ARGS="--flops 1e21 --emit-config run.yaml".
+plan: $(STAMP)
+	$(PY) launch/plan.py $(or $(ARGS),--gpus 8 --gpu H100 --days 7)
+
+# An IsoFLOP sweep on CPU, trained and fitted (~20 minutes on 2 cores).
+plan-demo: $(STAMP)
+	$(PY) launch/plan.py sweep --preset cpu-demo --out runs/sweep-demo --run --jobs 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests $(ARGS)

@@ -1,0 +1,467 @@
+"""Budget → allocation → shape → a runnable training recipe.
+
+``make_plan`` is the whole planner: it turns the budget into FLOPs, asks the
+mapping for (N_opt, D_opt), solves a shape whose size is within 2% of N_opt,
+and spends the *whole* budget on that shape: D = C / FLOPs-per-token, where the
+FLOPs model is either
+
+* ``exact`` (default) — the trainer's own count, ``Transformer.flops_per_token``:
+  6 × applied matmul parameters (LM head in, embedding lookup out) +
+  12·L·H·hd·T for attention; the same number the trainer's MFU uses; or
+* ``6nd`` — C = 6·N·D with N all applied parameters (the papers' approximation).
+
+Recipe rules (each stated where it is applied):
+
+* global batch and peak LR from DeepSeek LLM's compute-optimal hyper-parameter
+  fits (Bi et al. 2024, eq. 1): B_opt = 0.2920·C^0.3271 tokens,
+  η_opt = 0.3118·C^-0.1250 — the batch rounded to a power of two sequences;
+* steps = ceil(D / (global batch × seq_len)); warm-up 2% of the steps
+  (at most 2000; short runs up to 10%, at most 100 steps); cosine decay to 10%;
+* ZeRO stage and micro-batch from a memory estimate: weights + grads + Adam
+  (16 bytes per unique parameter in bf16 mixed precision and in fp32) sharded as
+  ZeRO does, plus activations ≈ 34·d bytes per token per applied layer in bf16
+  (Korthikanti et al. 2022, without the attention-score term that flash
+  attention never stores; ×2 in fp32) plus ≈ 12·V bytes per token of logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megascale.errors import MegascaleError
+from megascale.hardware import GPU
+from megascale.planner.mappings import PUBLISHED, TARGET_WORDS, Allocation, Mapping, ParametricMapping, sci
+from megascale.planner.shapes import Shape, ShapeCounts, count, solve_shape
+
+FLOPS_MODELS = ("exact", "6nd")
+FLOPS_MODEL_WORDS = {
+    "exact": "exact: the trainer's count, 6 × applied matmul parameters + 12·L·H·hd·T attention",
+    "6nd": "6ND: 6 × all applied parameters per token (the papers' approximation)",
+}
+SECONDS_PER_HOUR = 3600.0
+
+
+# ------------------------------------------------------------------ budget
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A compute budget in FLOPs, and the hardware it will run on when known."""
+
+    flops: float
+    gpu: GPU | None = None
+    n_gpus: int = 0
+    hours: float | None = None
+    mfu: float = 0.4
+
+    @property
+    def cluster_flops_per_s(self) -> float | None:
+        """Achieved FLOP/s of the whole cluster: n × peak × MFU."""
+        if self.gpu is None or not self.n_gpus:
+            return None
+        return self.n_gpus * self.gpu.peak_flops * self.mfu
+
+    def seconds_for(self, flops: float) -> float | None:
+        rate = self.cluster_flops_per_s
+        return flops / rate if rate else None
+
+    def describe(self) -> str:
+        if self.gpu is None or not self.n_gpus:
+            return f"{sci(self.flops)} FLOPs"
+        hw = f"{self.n_gpus} × {self.gpu.name} ({self.gpu.peak_tflops:g} TFLOP/s dense bf16)"
+        if self.hours is not None:
+            return f"{sci(self.flops)} FLOPs = {hw} × {self.hours:g} h × MFU {self.mfu:g}"
+        return f"{sci(self.flops)} FLOPs on {hw} at MFU {self.mfu:g}"
+
+
+def make_budget(flops: float | None = None, gpu: GPU | None = None, n_gpus: int | None = None,
+                hours: float | None = None, mfu: float = 0.4) -> Budget:
+    """Validate and build a budget: either ``flops``, or ``n_gpus`` × ``hours`` on ``gpu`` at ``mfu``."""
+    if not (0.0 < mfu <= 1.0) or not math.isfinite(mfu):
+        raise MegascaleError(f"MFU {mfu:g} must be in (0, 1]; typical bf16 LLM training reaches 0.3-0.5 (e.g. --mfu 0.4)")
+    if n_gpus is not None and n_gpus <= 0:
+        raise MegascaleError(f"GPU count {n_gpus} must be a positive integer (e.g. --gpus 8)")
+    if hours is not None and not (hours > 0 and math.isfinite(hours)):
+        raise MegascaleError(f"budget of {hours:g} hours must be positive (e.g. --hours 168 or --days 7)")
+    if flops is not None:
+        if not (flops > 0 and math.isfinite(flops)):
+            raise MegascaleError(f"budget of {flops:g} FLOPs must be positive (e.g. --flops 1e21)")
+        if hours is not None:
+            raise MegascaleError("give the budget either as --flops or as --gpus × --hours/--days, not both")
+        return Budget(flops, gpu, n_gpus or (1 if gpu else 0), None, mfu)
+    if hours is None or gpu is None:
+        raise MegascaleError("no budget: give --flops C, or --gpus N --gpu NAME --hours H (or --days D) [--mfu 0.4]")
+    n = n_gpus or 1
+    return Budget(n * gpu.peak_flops * mfu * hours * SECONDS_PER_HOUR, gpu, n, hours, mfu)
+
+
+# ------------------------------------------------------------------ recipe
+
+
+def deepseek_batch_tokens(flops: float) -> float:
+    """Compute-optimal batch size in tokens, DeepSeek LLM eq. 1: 0.2920·C^0.3271."""
+    return 0.2920 * flops**0.3271
+
+
+def deepseek_lr(flops: float) -> float:
+    """Compute-optimal peak learning rate, DeepSeek LLM eq. 1: 0.3118·C^-0.1250."""
+    return 0.3118 * flops**-0.1250
+
+
+def warmup_steps(steps: int) -> int:
+    """2% of the run (at most 2000 steps); short runs get up to 10% (at most 100 steps) so Adam settles first."""
+    return max(1, min(2000, max(round(0.02 * steps), min(100, steps // 10))))
+
+
+def global_batch_sequences(flops: float, seq_len: int, multiple: int) -> int:
+    """B_opt / seq_len rounded to a power of two (in log space), then up to a multiple of ``multiple`` (the GPUs)."""
+    seqs = max(1.0, deepseek_batch_tokens(flops) / seq_len)
+    pow2 = 2 ** round(math.log2(seqs))
+    return multiple * math.ceil(pow2 / multiple)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Per-GPU memory estimate in bytes."""
+
+    state: float  # weights + grads + optimizer state after ZeRO sharding
+    activations: float  # for one micro-batch
+    capacity: float  # the device's memory (0: unknown)
+
+    @property
+    def total(self) -> float:
+        return self.state + self.activations
+
+
+def state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int) -> float:
+    """Weights + grads + Adam per GPU, sharded as ZeRO stage ``zero_stage`` does over ``n_gpus``."""
+    n = max(1, n_gpus)
+    w, g, opt = (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)  # opt: (fp32 master +) Adam m, v
+    if zero_stage >= 1:
+        opt /= n
+    if zero_stage >= 2:
+        g /= n
+    if zero_stage >= 3:
+        w /= n
+    return unique * (w + g + opt)
+
+
+def activation_bytes(shape: Shape, micro_batch: int, precision: str) -> float:
+    per_token = shape.n_layers * 34 * shape.d_model * (1 if precision in ("bf16", "fp16") else 2) + 12 * shape.vocab_size
+    return per_token * shape.seq_len * micro_batch
+
+
+def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU | None, n_gpus: int,
+                         global_batch: int) -> tuple[int, int, Memory, list[str]]:
+    """(ZeRO stage, micro-batch, memory, notes): the lowest stage and largest power-of-two micro-batch that fit."""
+    per_gpu_batch = max(1, global_batch // max(1, n_gpus))
+    if gpu is None or not gpu.memory_gib:  # no hardware, or an unlisted GPU (--peak-tflops): memory unknown
+        micro = min(per_gpu_batch, 16)
+        return 1, micro, Memory(state_bytes(counts.unique, precision, 1, n_gpus), activation_bytes(shape, micro, precision), 0.0), []
+    capacity = gpu.memory_gib * 2**30
+    usable = 0.9 * capacity  # allocator fragmentation, CUDA context, communication buffers
+    for stage in (1, 2, 3):
+        state = state_bytes(counts.unique, precision, stage, n_gpus)
+        micro = 2 ** int(math.log2(min(64, per_gpu_batch)))
+        while micro >= 1:
+            act = activation_bytes(shape, micro, precision)
+            if state + act <= usable:
+                return stage, micro, Memory(state, act, capacity), []
+            micro //= 2
+    state = state_bytes(counts.unique, precision, 3, n_gpus)
+    note = (f"does not fit: {state / 2**30:.0f} GiB of weights+grads+Adam per GPU even with ZeRO-3 plus activations for one "
+            f"sequence exceed {gpu.memory_gib:g} GiB; use more GPUs, tensor/pipeline parallelism or activation checkpointing")
+    return 3, 1, Memory(state, activation_bytes(shape, 1, precision), capacity), [note]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the run is trained."""
+
+    seq_len: int
+    global_batch: int  # sequences per optimizer step
+    micro_batch: int  # sequences per GPU per forward/backward
+    steps: int
+    warmup: int
+    lr: float
+    precision: str
+    zero_stage: int
+    tokens: int  # steps × global_batch × seq_len
+    flops: float  # the trainer's FLOPs for those tokens (under the chosen FLOPs model)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+# ------------------------------------------------------------------ the plan
+
+
+@dataclass
+class Plan:
+    budget: Budget
+    mapping: Mapping
+    allocation: Allocation
+    shape: Shape
+    counts: ShapeCounts
+    flops_model: str
+    flops_per_token: float  # under flops_model
+    recipe: Recipe
+    memory: Memory
+    predicted_loss: float | None
+    data: dict[str, Any]
+    out_dir: str
+    notes: list[str] = field(default_factory=list)
+    comparison: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def size_error(self) -> float:
+        return self.counts.value(self.allocation.target_kind) / self.allocation.target - 1.0
+
+    @property
+    def wall_seconds(self) -> float | None:
+        return self.budget.seconds_for(self.recipe.flops if self.flops_model == "exact" else self.counts.flops_per_token * self.recipe.tokens)
+
+
+def make_plan(
+    budget: Budget,
+    mapping: Mapping,
+    *,
+    vocab_size: int = 32000,
+    seq_len: int = 2048,
+    sharing: str = "none",
+    tie_embeddings: bool = False,
+    kv_heads: int = 0,
+    flops_model: str = "exact",
+    precision: str = "bf16",
+    data_path: str | None = None,
+    out_dir: str = "runs/plan",
+    strict: bool = True,
+    global_batch: int | None = None,
+) -> Plan:
+    """The whole plan for ``budget`` under ``mapping``."""
+    if flops_model not in FLOPS_MODELS:
+        raise MegascaleError(f"FLOPs model '{flops_model}' is not one of {', '.join(FLOPS_MODELS)}")
+    alloc = mapping.allocate(budget.flops)
+    shape = solve_shape(alloc.target, kind=alloc.target_kind, vocab_size=vocab_size, seq_len=seq_len, sharing=sharing,
+                        tie_embeddings=tie_embeddings, kv_heads=kv_heads, strict=strict)
+    return plan_for_shape(budget, mapping, alloc, shape, flops_model=flops_model, precision=precision,
+                          data=data_section(data_path, vocab_size, seq_len), out_dir=out_dir, global_batch=global_batch)
+
+
+def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: Shape, *, flops_model: str, precision: str,
+                   data: dict[str, Any], out_dir: str, global_batch: int | None = None, micro_batch: int | None = None) -> Plan:
+    """Spend ``budget`` on a given ``shape``: tokens, batch, steps, memory layout, loss, time."""
+    counts = count(shape)
+    per_token = counts.flops_per_token if flops_model == "exact" else 6.0 * counts.applied
+    n_gpus = max(1, budget.n_gpus)
+    gb = global_batch or global_batch_sequences(budget.flops, shape.seq_len, n_gpus)
+    zero, micro, memory, notes = choose_memory_layout(shape, counts, precision, budget.gpu, n_gpus, gb)
+    if micro_batch:
+        micro = micro_batch
+    gb = max(gb, micro * n_gpus)
+    gb -= gb % (micro * n_gpus)
+    steps = max(1, math.ceil(budget.flops / per_token / (gb * shape.seq_len)))
+    tokens = steps * gb * shape.seq_len
+    recipe = Recipe(shape.seq_len, gb, micro, steps, warmup_steps(steps), deepseek_lr(budget.flops), precision, zero,
+                    tokens, per_token * tokens)
+    loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
+    plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, memory, loss, data, out_dir, notes)
+    plan.notes += _notes(plan)
+    plan.comparison = compare_mappings(budget.flops, exclude=mapping.name)
+    return plan
+
+
+def data_section(data_path: str | None, vocab_size: int, seq_len: int) -> dict[str, Any]:
+    if data_path:
+        return {"corpus": "prepared", "path": data_path, "seq_len": seq_len}
+    # The embedded stdlib corpus runs as is (a demo: a few million tokens); point at your data for a real run.
+    return {"corpus": "stdlib", "path": f"data/stdlib-{_vocab_tag(vocab_size)}", "seq_len": seq_len, "stdlib_max_bytes": 16_000_000}
+
+
+def _vocab_tag(vocab: int) -> str:
+    return f"{vocab // 1000}k" if vocab % 1000 == 0 else str(vocab)
+
+
+def _notes(plan: Plan) -> list[str]:
+    notes = []
+    if plan.shape.sharing != "none":
+        notes.append("tied blocks: N, FLOPs and time follow applied parameters, memory the unique ones; the published "
+                     "laws were fitted on untied models, so treat the allocation (and any predicted loss) as a dense "
+                     "model's of the same compute — fit your own with `launch/plan.py sweep` + `fit`")
+    if plan.mapping.param_count != "params":
+        notes.append(f"mapping '{plan.mapping.name}' sizes {TARGET_WORDS[plan.mapping.param_count]}; the shape hits that quantity")
+    if plan.predicted_loss is not None and not plan.mapping.extra.get("fitted"):
+        notes.append("predicted loss is in nats/token on the paper's data and tokenizer (MassiveText): a relative guide, not your corpus's loss")
+    if plan.data["corpus"] == "stdlib":
+        notes.append("the emitted config trains on the embedded stdlib corpus (a few million tokens, repeated); "
+                     "for a real run prepare your corpus and pass --data PATH (or override data.corpus=prepared data.path=...)")
+    return notes
+
+
+def compare_mappings(flops: float, exclude: str = "") -> list[dict[str, Any]]:
+    """Every published mapping's allocation at ``flops``, for contrast."""
+    rows = []
+    for name, m in PUBLISHED.items():
+        if name == exclude:
+            continue
+        a = m.allocate(flops)
+        rows.append({"mapping": name, "params": a.params, "tokens": a.tokens, "tokens_per_param": a.tokens_per_param,
+                     "loss": a.loss, "counts": m.param_count})
+    return rows
+
+
+# ------------------------------------------------------------------ config
+
+
+def plan_config(plan: Plan) -> dict[str, Any]:
+    """The run config (same sections as configs/125m.yaml) that trains the plan."""
+    r = plan.recipe
+    return {
+        "model": plan.shape.model_overrides(),
+        "data": dict(plan.data),
+        "optim": {"lr": float(f"{r.lr:.3g}"), "warmup_steps": r.warmup, "schedule": "cosine", "min_lr_ratio": 0.1,
+                  "weight_decay": 0.1, "grad_clip": 1.0},
+        "train": {
+            "max_steps": r.steps, "micro_batch_size": r.micro_batch, "global_batch_size": r.global_batch,
+            "precision": r.precision, "zero_stage": r.zero_stage,
+            "eval_every": max(1, r.steps // 20), "eval_batches": 16, "log_every": max(1, min(10, r.steps // 100)),
+            "save_every": max(1, r.steps // 10) if r.steps >= 1000 else 0, "out_dir": plan.out_dir,
+        },
+        "metrics": {"peak_tflops": plan.budget.gpu.peak_tflops if plan.budget.gpu else 0.0},
+    }
+
+
+def config_header(plan: Plan) -> str:
+    c, r = plan.counts, plan.recipe
+    lines = [
+        f"Planned by `launch/plan.py`: {plan.budget.describe()}",
+        f"mapping {plan.mapping.name}: {plan.mapping.title}",
+        f"N_opt {sci(plan.allocation.params, 4)} -> {c.applied:,} applied / {c.unique:,} unique parameters; "
+        f"D = {sci(r.tokens, 4)} tokens ({r.tokens / c.applied:.1f} per parameter)",
+        f"FLOPs model {FLOPS_MODEL_WORDS[plan.flops_model]}: {sci(plan.flops_per_token, 4)} FLOPs/token, {sci(r.flops, 4)} in all",
+        "lr and global batch: DeepSeek LLM fits (0.3118*C^-0.125, 0.2920*C^0.3271 tokens); warm-up 2% of steps",
+    ]
+    if plan.data["corpus"] == "stdlib":
+        lines.append("data: the embedded stdlib demo corpus; for a real run: data.corpus=prepared data.path=YOUR_DIR")
+    lines.append("run: deepspeed launch/pretrain.py --config THIS_FILE")
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def write_config(plan: Plan, path: Path | str) -> Path:
+    """Write the plan's config as YAML and check that it loads and validates."""
+    from megascale.config import load_config  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump(plan_config(plan), sort_keys=False, default_flow_style=False)
+    path.write_text(config_header(plan).replace("THIS_FILE", str(path)) + body)
+    load_config(path)
+    return path
+
+
+# ------------------------------------------------------------------ output
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    b, a, c, r = plan.budget, plan.allocation, plan.counts, plan.recipe
+    return {
+        "budget": {"flops": b.flops, "gpu": b.gpu.name if b.gpu else None, "peak_tflops": b.gpu.peak_tflops if b.gpu else None,
+                   "n_gpus": b.n_gpus or None, "hours": b.hours, "mfu": b.mfu},
+        "mapping": plan.mapping.to_dict() | {"formula": plan.mapping.formula()},
+        "allocation": {"params": a.params, "tokens": a.tokens, "tokens_per_param": a.tokens_per_param, "loss": a.loss,
+                       "target": a.target, "target_kind": a.target_kind, "flops_convention": "C = 6ND"},
+        "shape": plan.shape.to_dict() | {"head_dim": plan.shape.head_dim, "unique_blocks": plan.shape.n_groups},
+        "params": {"applied": c.applied, "unique": c.unique, "non_embedding": c.non_embedding, "embedding": c.embedding,
+                   "size_error": plan.size_error},
+        "flops_model": plan.flops_model,
+        "flops_per_token": plan.flops_per_token,
+        "tokens": r.tokens,
+        "tokens_per_param": r.tokens / c.applied,
+        "training": asdict(r) | {"tokens_per_step": r.tokens_per_step, "schedule": "cosine", "min_lr_ratio": 0.1},
+        "memory_per_gpu_gib": {"state": plan.memory.state / 2**30, "activations": plan.memory.activations / 2**30,
+                               "capacity": plan.memory.capacity / 2**30 or None},
+        "predicted_loss": plan.predicted_loss,
+        "wall_seconds": plan.wall_seconds,
+        "config": plan_config(plan),
+        "notes": plan.notes,
+        "other_mappings": plan.comparison,
+    }
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def human(x: float, unit: str = "") -> str:
+    """1.23e9 → '1.23B'."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days ({seconds / 3600:.0f} h)"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.0f} s"
+
+
+def render_plan(plan: Plan) -> str:
+    """The plan as a readable two-column table, then the other mappings for contrast."""
+    b, a, c, r, s = plan.budget, plan.allocation, plan.counts, plan.recipe, plan.shape
+    m = plan.mapping
+    rows = [
+        ("budget", b.describe()),
+        ("mapping", f"{m.name} — {m.title}"),
+        ("", m.formula()),
+        ("", f"source: {m.source}"),
+        ("allocation", f"N_opt {human(a.params)} parameters · D_opt {human(a.tokens)} tokens · "
+                       f"{a.tokens_per_param:.1f} tokens/parameter (C = 6ND)"
+                       + (f" · M_opt {sci(a.target)} FLOPs/token" if a.target_kind == "model_scale" else "")),
+        ("model", s.describe()),
+        ("parameters", f"{c.applied:,} applied (compute) · {c.unique:,} unique (memory) · "
+                       f"{c.non_embedding:,} non-embedding · {plan.size_error:+.2%} vs target"),
+        ("FLOPs model", f"{FLOPS_MODEL_WORDS[plan.flops_model]} = {sci(plan.flops_per_token, 4)} FLOPs/token"
+                        + (f" (6N: {sci(6 * c.applied, 4)})" if plan.flops_model == "exact" else f" (exact: {sci(c.flops_per_token, 4)})")),
+        ("tokens", f"D = C / FLOPs-per-token = {human(r.tokens)} tokens ({r.tokens / c.applied:.1f} per parameter), "
+                   f"{sci(r.flops)} FLOPs"),
+        ("training", f"{r.steps:,} steps × {r.global_batch} sequences × {r.seq_len} tokens ({human(r.tokens_per_step)} tokens/step) · "
+                     f"lr {r.lr:.2g}, warm-up {r.warmup}, cosine to 10%"),
+        ("layout", f"{r.precision} · ZeRO-{r.zero_stage} · micro-batch {r.micro_batch}"
+                   + (f" per GPU × {b.n_gpus} GPUs × accumulation {r.global_batch // (r.micro_batch * b.n_gpus)}" if b.n_gpus else "")),
+    ]
+    mem = plan.memory
+    if mem.capacity:
+        rows.append(("memory/GPU", f"≈ {gib(mem.state)} weights+grads+Adam + {gib(mem.activations)} activations "
+                                   f"of {mem.capacity / 2**30:.0f} GiB"))
+    else:
+        rows.append(("memory", f"≈ {gib(mem.state)} weights+grads+Adam per replica before ZeRO sharding, "
+                               f"{gib(mem.activations)} activations per micro-batch"))
+    if plan.predicted_loss is not None:
+        rows.append(("predicted loss", f"{plan.predicted_loss:.3f} nats/token (mapping's L(N, D) at the planned N and D)"))
+    wall = plan.wall_seconds
+    rows.append(("wall time", duration(wall) + f" at MFU {b.mfu:g}" if wall is not None else "n/a: give --gpus and --gpu for a time estimate"))
+    width = max(len(k) for k, _ in rows)
+    out = ["megascale compute plan"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+    out += [f"  {'note':<{width}}  {n}" for n in plan.notes]
+    out += ["", f"other mappings at {sci(b.flops)} FLOPs (C = 6ND):", render_comparison(plan.comparison)]
+    return "\n".join(out)
+
+
+def render_comparison(rows: list[dict[str, Any]]) -> str:
+    lines = [f"  {'mapping':<17} {'N_opt':>8} {'D_opt':>8} {'D/N':>7} {'loss':>7}  N counts"]
+    for row in rows:
+        loss = f"{row['loss']:.3f}" if row["loss"] is not None else "-"
+        lines.append(f"  {row['mapping']:<17} {human(row['params']):>8} {human(row['tokens']):>8} "
+                     f"{row['tokens_per_param']:>7.1f} {loss:>7}  {row['counts']}")
+    return "\n".join(lines)
