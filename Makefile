@@ -8,7 +8,7 @@ NPROC       ?= 2
 ARGS        ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: venv pretrain test plan plan-demo clean-venv
+.PHONY: venv pretrain finetune test plan plan-demo clean-venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): requirements.txt setup.py
 # Pretrain the config on NPROC local ranks (CPU: gloo; GPUs when present).
 pretrain: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/pretrain.py --config $(CONFIG) $(ARGS)
+
+# Trace fine-tuning from the tiny pretraining checkpoint (pretrains first if it is missing).
+finetune: $(STAMP)
+	test -f runs/tiny/checkpoints/latest || $(MAKE) pretrain CONFIG=configs/tiny.yaml
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/finetune_trace.py --config configs/trace_tiny.yaml --init runs/tiny/checkpoints $(ARGS)
 
 # Plan a run from a budget (default: 8 H100s for a week); ARGS="--flops 1e21 --emit-config run.yaml".
 plan: $(STAMP)

@@ -164,9 +164,11 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel stages (DeepSpeed's 1F1B pipeline engine); ZeRO stage must be 0 or 1 when pp > 1."""
     partition: str = "parameters"
-    """How layers are split over stages: parameters (balanced by parameter count) | uniform | blocks (equal blocks per stage)."""
+    """How layers are split over stages: parameters (balanced by parameter count) | uniform | blocks (equal blocks per stage) | blocks per stage, e.g. "1,3"."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
+    sequence_parallel: bool = False
+    """With tp > 1, hold norms and residuals as (B, T/tp, D) sequence slices (Megatron's sequence parallelism); data.seq_len must divide by tp."""
 
 
 @dataclass
@@ -179,6 +181,50 @@ class MetricsConfig:
     """Write TensorBoard event files when tensorboard is installed."""
     plot: bool = True
     """Write loss.png at the end of the run."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Trace fine-tuning (launch/finetune_trace.py): (query, trace, response) examples, weighted loss, held-out evaluation.
+
+    The model shape is not configured here: it comes from the `init` checkpoint
+    (its vocabulary extended by the template's separator tokens, see megascale/finetune/template.py).
+    """
+
+    init: str = ""
+    """Pretraining checkpoint to start from (a step_* directory, a checkpoints/ directory or a run directory; any tp/pp/dp layout, tied or untied). --init sets it."""
+    train_file: str = ""
+    """JSONL of training examples {"query", "trace" (string or list of steps), "response"}; '' generates arithmetic problems."""
+    eval_file: str = ""
+    """JSONL of held-out examples; '' generates them (in and beyond the training digit range). With a file, every example counts as in-range."""
+    trace_weight: float = 1.0
+    """Loss weight of trace tokens (and of the marker that ends the trace); 0 trains on the response only."""
+    response_weight: float = 1.0
+    """Loss weight of response tokens (and of the end-of-example token). Query and padding tokens always weigh 0; the loss is sum(w*ce)/sum(w) per micro-batch."""
+    trace_in_input: bool = True
+    """Keep the trace in the sequence. False drops it: the model answers right after the query (the direct-answer baseline)."""
+    packing: bool = True
+    """Pack several examples per sequence (attention never crosses examples; positions restart per example); False pads one example per sequence."""
+    skip_bad_examples: bool = False
+    """Malformed JSONL lines or over-long examples: False stops with file:line; True counts, logs and skips them."""
+    tasks: str = "add,sub,mul"
+    """Generated problems: comma-separated subset of add (with carries), sub (with borrows), mul (partial products)."""
+    train_examples: int = 20000
+    """Generated training examples."""
+    train_min_digits: int = 1
+    """Fewest digits of the longer operand in generated training problems."""
+    train_max_digits: int = 3
+    """Most digits of the longer operand in generated training problems (and in the in-range held-out set)."""
+    eval_max_digits: int = 5
+    """Held-out out-of-range problems have train_max_digits+1 .. eval_max_digits digits (longer than any seen in training)."""
+    eval_examples: int = 64
+    """Held-out examples per split (in-range, out-of-range) scored by generation at every evaluation (train.eval_every steps)."""
+    eval_batch_size: int = 32
+    """Prompts generated together (one batched, KV-cached greedy decode)."""
+    max_new_tokens: int = 160
+    """Generation limit per held-out example (trace + response)."""
+    seed: int = 1234
+    """Seed of the generated problems (train and held-out sets are disjoint)."""
 
 
 @dataclass
@@ -197,6 +243,8 @@ class Config:
     """Tensor and pipeline parallelism."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Metrics."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Trace fine-tuning (launch/finetune_trace.py only; pretraining ignores it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -322,13 +370,33 @@ def validate(cfg: Config) -> None:
     _check(t.max_steps > 0 and t.micro_batch_size > 0, "train.max_steps and train.micro_batch_size must be positive")
     p = cfg.parallel
     _check(p.tp >= 1 and p.pp >= 1, f"parallel.tp={p.tp} and parallel.pp={p.pp} must be >= 1")
-    _check(p.partition in ("parameters", "uniform", "blocks"), f"parallel.partition='{p.partition}' is not one of parameters, uniform, blocks")
+    if p.pp > 1:
+        from megascale.parallel.pipeline import explicit_boundaries  # noqa: PLC0415 (imports torch)
+
+        explicit_boundaries(p.partition, m.n_layers, p.pp)
     _check(
         p.pp == 1 or t.zero_stage <= 1,
         f"train.zero_stage={t.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed's pipeline engine supports ZeRO 0-1); "
         f"set train.zero_stage=1 or parallel.pp=1",
     )
+    _check(
+        not p.sequence_parallel or d.seq_len % p.tp == 0,
+        f"parallel.sequence_parallel needs data.seq_len={d.seq_len} divisible by parallel.tp={p.tp}; change one of them",
+    )
     _check(t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = micro_batch_size * data-parallel size)")
+    _check_finetune(cfg.finetune)
+
+
+def _check_finetune(f: FinetuneConfig) -> None:
+    _check(f.trace_weight >= 0 and f.response_weight >= 0, "finetune.trace_weight and finetune.response_weight must be >= 0")
+    _check(f.trace_weight > 0 or f.response_weight > 0, "finetune.trace_weight and finetune.response_weight are both 0: nothing would be trained; make one positive")
+    tasks = [x.strip() for x in f.tasks.split(",") if x.strip()]
+    bad = [x for x in tasks if x not in ("add", "sub", "mul")]
+    _check(bool(tasks) and not bad, f"finetune.tasks='{f.tasks}' must be a comma-separated subset of add, sub, mul")
+    _check(1 <= f.train_min_digits <= f.train_max_digits <= f.eval_max_digits,
+           f"finetune digits must satisfy 1 <= train_min_digits ({f.train_min_digits}) <= train_max_digits ({f.train_max_digits}) <= eval_max_digits ({f.eval_max_digits})")
+    _check(f.train_examples > 0 and f.eval_examples > 0 and f.eval_batch_size > 0 and f.max_new_tokens > 0,
+           "finetune.train_examples, eval_examples, eval_batch_size and max_new_tokens must be positive")
 
 
 def _check_sharing(m: ModelConfig) -> None:

@@ -47,11 +47,15 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("data.seq_len=100000", "must be in 1..model.max_seq_len"),
         ("train.precision=fp8", "is not one of fp32, bf16, fp16"),
         ("max_steps", "is not of the form key.sub=value"),
+        ("parallel.pp=2 train.zero_stage=3", "cannot be combined with pipeline parallelism"),
+        ("parallel.sequence_parallel=true parallel.tp=3", "divisible by parallel.tp=3"),
+        ("parallel.pp=2 parallel.partition=1,2", "summing to model.n_layers=4"),
+        ("parallel.pp=2 parallel.partition=balanced", "is not parameters, uniform, blocks"),
     ],
 )
 def test_bad_input_is_one_line(override, fragment):
     with pytest.raises(MegascaleError) as err:
-        load_config(ROOT / "configs/tiny.yaml", [override])
+        load_config(ROOT / "configs/tiny.yaml", override.split(" "))
     message = str(err.value)
     assert fragment in message and "\n" not in message
 

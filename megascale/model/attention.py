@@ -87,12 +87,19 @@ def attention(
     causal: bool = True,
     backend: str = "torch",
     softmax_scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query support.
 
-    q: (B, n_heads, T, hd); k, v: (B, n_kv_heads, T, hd) with n_heads % n_kv_heads == 0.
+    q: (B, n_heads, T, hd); k, v: (B, n_kv_heads, T_k, hd) with n_heads % n_kv_heads == 0.
+    mask: optional boolean (B, 1, T, T_k), True = attend; it replaces ``causal``
+    (packed examples' block-diagonal mask, padded or cached generation). The
+    Triton kernel has no mask input, so a masked call always runs PyTorch SDPA.
     Returns (B, n_heads, T, hd).
     """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=gqa)
     if backend == "triton":
         from megascale.kernels.attention import flash_attention, unsupported_reason  # noqa: PLC0415 (optional kernel)
 
@@ -103,5 +110,4 @@ def attention(
         # anything else falls back here, warned once per distinct reason.
         warnings.warn(f"Triton attention: {reason}; using {SDPA}", stacklevel=2)
     # enable_gqa lets SDPA broadcast KV heads without materialising repeated K/V.
-    gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=gqa)

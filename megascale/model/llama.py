@@ -53,6 +53,47 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device)
     return emb.cos(), emb.sin()
 
 
+def rope_tables_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, 1, T, hd) for explicit per-token positions (B, T).
+
+    Used when examples are packed (positions restart at 0 in every example) and
+    when decoding with a KV cache (the new token's position is past the prompt).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float().unsqueeze(-1) * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask (B, 1, T, T), True = may attend: same document and not in the future.
+
+    Packed sequences hold several examples; a token must see only earlier tokens
+    of its own example, so its output does not depend on what is packed beside it.
+    """
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
+    same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # (B, T, T)
+    return (same & causal).unsqueeze(1)
+
+
+class LayerKV:
+    """Keys and values one applied layer has seen so far (generation with a KV cache).
+
+    Tied layers share weights, not activations: a cache holds one of these per *applied* layer.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None  # (B, nkv, T_seen, hd)
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys/values; return all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, nh, T, hd) by position; rotate-half layout."""
     half = x.shape[-1] // 2
@@ -70,13 +111,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.backend = "torch"  # set by Transformer.set_attention_backend
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+        """mask: optional boolean (B, 1, T, T_keys), True = attend (replaces the causal mask); cache: KV of earlier steps."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        B, T = q.shape[:2]  # T from the projection: under sequence parallelism x holds only T/tp positions
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v, causal=True, backend=self.backend)  # (B, nh, T, hd)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # (B, nkv, T_seen + T, hd)
+        y = attention(q, k, v, causal=True, backend=self.backend, mask=mask)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -103,8 +149,9 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -113,10 +160,23 @@ class CrossEntropy(nn.Module):
 
     A module rather than a call inside ``forward`` so tensor parallelism can swap
     in the vocabulary-parallel version without touching the model.
+
+    With per-token ``weights`` (B, T) the loss is Σ w·ce / Σ w over the micro-batch
+    (trace fine-tuning: query and padding tokens weigh 0, trace and response their
+    configured weights); 0 when every weight is 0.
     """
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        flat = logits.float().view(-1, logits.size(-1))
+        if weights is None:
+            return F.cross_entropy(flat, targets.reshape(-1))
+        return weighted_mean(F.cross_entropy(flat, targets.reshape(-1), reduction="none"), weights)
+
+
+def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ w·x / Σ w (0 when Σ w = 0), in fp32."""
+    w = weights.reshape(-1).float()
+    return (per_token * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -169,21 +229,46 @@ class Transformer(nn.Module):
         for block in self.blocks.values():
             block.attn.backend = backend
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) → logits (B, T, V), or the mean cross-entropy when targets are given."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        cache: list[LayerKV] | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, T) → logits (B, T, V), or the mean cross-entropy when targets are given.
+
+        Pretraining passes tokens and targets only (causal attention, positions 0..T-1).
+        Fine-tuning adds per-token loss ``weights`` (B, T), ``doc_ids`` (B, T) for packed
+        examples (block-diagonal causal attention) and ``positions`` (B, T) restarting per
+        example. Generation passes an explicit boolean ``mask`` (B, 1, T, T_keys) and a
+        ``cache`` with one ``LayerKV`` per applied layer.
+        """
         B, T = tokens.shape
-        cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_theta, tokens.device)
+        if positions is None:
+            cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_theta, tokens.device)
+        else:
+            cos, sin = rope_tables_at(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        if doc_ids is not None:
+            mask = document_mask(doc_ids)
         x = self.embed(tokens)  # (B, T, D)
-        for group in self.plan.group_of:
+        for layer, group in enumerate(self.plan.group_of):
             block = self.blocks[str(group)]
+            kv = None if cache is None else cache[layer]
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, kv, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, mask, kv)
         logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, V/tp) under tensor parallelism
         if targets is None:
             return self.full_logits(logits)
-        return self.loss_fn(logits, targets)
+        if weights is None:
+            return self.loss_fn(logits, targets)
+        return self.loss_fn(logits, targets, weights)
 
     # ------------------------------------------------------------ accounting
 

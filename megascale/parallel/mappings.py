@@ -103,3 +103,66 @@ def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 def split_to_tp(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's shard of the last dimension forward; gather the gradient backward."""
     return _SplitToTP.apply(x, group)
+
+
+# ------------------------------------------------------------ sequence parallelism
+#
+# With sequence parallelism the regions outside the tensor-parallel matmuls (norms,
+# residual adds) hold (B, T/tp, D) slices of the sequence instead of full replicas.
+# Entering a column-parallel layer all-gathers the sequence (backward: reduce-scatter);
+# leaving a row-parallel layer reduce-scatters it (backward: all-gather). The same bytes
+# move as with copy/reduce, but activations outside the matmuls take 1/tp of the memory.
+
+
+def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    if dist.get_backend(group) == "nccl":
+        chunks = [c.contiguous() for c in x.chunk(world, dim=1)]
+        out = torch.empty_like(chunks[0])
+        dist.reduce_scatter(out, chunks, group=group)
+        return out
+    # gloo has no reduce-scatter: all-reduce, keep our slice (same result, more traffic; CPU only).
+    return _all_reduce(x.clone(), group).chunk(world, dim=1)[dist.get_rank(group)].contiguous()
+
+
+class _GatherFromSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_seq(grad, ctx.group), None
+
+
+def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T/tp, D) → (B, T, D) forward; reduce-scatter of the gradient backward."""
+    return _GatherFromSP.apply(x, group)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
+    """Partial (B, T, D) summed over ranks, this rank keeping (B, T/tp, D); all-gather backward."""
+    return _ReduceScatterToSP.apply(x, group)

@@ -50,13 +50,14 @@ class EmbedLayer(nn.Module):
 class BlockLayer(nn.Module):
     """One applied transformer layer: RoPE tables from the sequence length, then the (shared) block."""
 
-    def __init__(self, block: nn.Module, head_dim: int, rope_theta: float):
+    def __init__(self, block: nn.Module, head_dim: int, rope_theta: float, seq_multiplier: int = 1):
         super().__init__()
         self.block = block
         self.head_dim, self.rope_theta = head_dim, rope_theta
+        self.seq_multiplier = seq_multiplier  # tp under sequence parallelism: x holds T/tp positions
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cos, sin = rope_tables(self.head_dim, x.shape[1], self.rope_theta, x.device)
+        cos, sin = rope_tables(self.head_dim, x.shape[1] * self.seq_multiplier, self.rope_theta, x.device)
         return self.block(x, cos, sin)
 
 
@@ -82,7 +83,7 @@ def _param_names(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_parameters()]
 
 
-def pipeline_layers(model: Transformer) -> list:
+def pipeline_layers(model: Transformer, seq_multiplier: int = 1) -> list:
     """The model as DeepSpeed layer specs: embed, L applied blocks, norm, head."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec  # noqa: PLC0415
 
@@ -96,7 +97,7 @@ def pipeline_layers(model: Transformer) -> list:
     for group in model.plan.group_of:
         block = model.blocks[str(group)]
         probe = BlockLayer(block, cfg.head_dim, cfg.rope_theta)
-        layers.append(TiedLayerSpec(f"block{group}", BlockLayer, block, cfg.head_dim, cfg.rope_theta,
+        layers.append(TiedLayerSpec(f"block{group}", BlockLayer, block, cfg.head_dim, cfg.rope_theta, seq_multiplier,
                                     tied_weight_attr=_param_names(probe)))
     layers.append(LayerSpec(NormLayer, model.norm))
     if tied_embed:
@@ -107,24 +108,58 @@ def pipeline_layers(model: Transformer) -> list:
     return layers
 
 
-def partition_method(spec: str) -> str:
-    """parallel.partition → DeepSpeed's partition method ('parameters', 'uniform', 'type:BlockLayer')."""
-    if spec in ("parameters", "uniform"):
-        return spec
-    if spec == "blocks":
-        return "type:BlockLayer"
-    raise MegascaleError(f"parallel.partition='{spec}' is not one of parameters, uniform, blocks")
+NAMED_PARTITIONS = {"parameters": "parameters", "uniform": "uniform", "blocks": "type:BlockLayer"}
 
 
-def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition: str, activation_checkpointing: bool):
-    """Wrap the plain (possibly tensor-parallel) model into a DeepSpeed PipelineModule for this rank's stage."""
+def explicit_boundaries(spec: str, n_layers: int, pp: int) -> list[int] | None:
+    """parallel.partition='2,6' (blocks per stage) → layer-list boundaries; None for a named method.
+
+    The layer list is [embed, L blocks, norm, head]: the embedding joins the first
+    stage, the norm and head the last.
+    """
+    if spec in NAMED_PARTITIONS:
+        return None
+    try:
+        counts = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise MegascaleError(
+            f"parallel.partition='{spec}' is not parameters, uniform, blocks or a list of blocks per stage like 2,6"
+        ) from None
+    if len(counts) != pp or sum(counts) != n_layers or min(counts) < 0:
+        raise MegascaleError(
+            f"parallel.partition='{spec}' must give {pp} non-negative block counts (one per stage) summing to model.n_layers={n_layers}"
+        )
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count + (1 if len(bounds) == 1 else 0))
+    bounds[-1] += 2  # norm and head
+    return bounds
+
+
+def _module_class(bounds: list[int] | None):
+    """DeepSpeed's PipelineModule, or a subclass that takes the stage boundaries as given."""
     from deepspeed.pipe import PipelineModule  # noqa: PLC0415
 
-    return PipelineModule(
-        layers=pipeline_layers(model),
+    if bounds is None:
+        return PipelineModule
+
+    def _partition_layers(self, method="uniform"):
+        self.parts = list(bounds)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    return type("ExplicitlyPartitionedPipelineModule", (PipelineModule,), {"_partition_layers": _partition_layers})
+
+
+def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition: str, activation_checkpointing: bool,
+                          sequence_parallel: bool = False):
+    """Wrap the plain (possibly tensor-parallel) model into a DeepSpeed PipelineModule for this rank's stage."""
+    bounds = explicit_boundaries(partition, model.cfg.n_layers, groups.dims.pp)
+    return _module_class(bounds)(
+        layers=pipeline_layers(model, groups.dims.tp if sequence_parallel else 1),
         topology=groups.topology,
         loss_fn=model.loss_fn,
-        partition_method=partition_method(partition),
+        partition_method=NAMED_PARTITIONS.get(partition, "uniform"),
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
         activation_checkpoint_func=_checkpoint,
     )

@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megascale.parallel.mappings import copy_to_tp, gather_from_tp, reduce_from_tp
+from megascale.model.llama import RMSNorm
+from megascale.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 
 
 def _shard(t: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -38,35 +39,43 @@ def _mark_sharded(p: nn.Parameter) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_localᵀ with W split by output features (rows)."""
+    """y_local = x W_localᵀ with W split by output features (rows).
 
-    def __init__(self, dense: nn.Linear, group):
+    With sequence parallelism the input arrives as (B, T/tp, D) and is all-gathered.
+    """
+
+    def __init__(self, dense: nn.Linear, group, sequence_parallel: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _mark_sharded(nn.Parameter(_shard(dense.weight, 0, group)))  # (out/tp, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight)
+        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight)
 
 
 class RowParallelLinear(nn.Module):
-    """y = Σ_ranks x_local W_localᵀ with W split by input features (columns)."""
+    """y = Σ_ranks x_local W_localᵀ with W split by input features (columns).
 
-    def __init__(self, dense: nn.Linear, group):
+    With sequence parallelism the sum is reduce-scattered to (B, T/tp, D).
+    """
+
+    def __init__(self, dense: nn.Linear, group, sequence_parallel: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _mark_sharded(nn.Parameter(_shard(dense.weight, 1, group)))  # (out, in/tp)
 
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp(F.linear(x_local, self.weight), self.group)
+        y = F.linear(x_local, self.weight)
+        return reduce_scatter_to_sp(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Each rank holds rows [start, end) of the vocabulary; other tokens contribute zeros."""
 
-    def __init__(self, dense: nn.Embedding, group):
+    def __init__(self, dense: nn.Embedding, group, sequence_parallel: bool = False):
         super().__init__()
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = _mark_sharded(nn.Parameter(_shard(dense.weight, 0, group)))  # (V/tp, D)
         rows = self.weight.shape[0]
         self.start = dist.get_rank(group) * rows
@@ -75,8 +84,27 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         outside = (tokens < self.start) | (tokens >= self.end)
         local = (tokens - self.start).masked_fill(outside, 0)
-        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, D)
-        return reduce_from_tp(x, self.group)
+        x = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, D) partial
+        return reduce_scatter_to_sp(x, self.group) if self.sequence_parallel else reduce_from_tp(x, self.group)
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """RMSNorm over a (B, T/tp, D) sequence slice.
+
+    Each rank sees only its slice, so the weight's gradient is a partial sum: the
+    weight enters through ``copy_to_tp`` (identity forward, all-reduce backward),
+    which hands every rank the full gradient before DeepSpeed reads it.
+    """
+
+    def __init__(self, norm: RMSNorm, group):
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.group = group
+        self.weight = norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return copy_to_tp(self.weight, self.group) * xf.to(x.dtype)
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -85,10 +113,13 @@ class _VocabParallelCE(torch.autograd.Function):
     loss_t = log Σ_v exp(z_tv) − z_t,target: the max and the sum of exponentials
     are all-reduced (MAX, SUM), the target logit is summed from the one rank that
     holds it. Backward: softmax − one_hot, computed locally.
+
+    ``norm_weights`` (N,), optional: per-token weights already divided by their sum
+    (trace fine-tuning); the loss is then Σ_t norm_w_t · loss_t instead of the mean.
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, vocab_start, group):
+    def forward(ctx, logits, targets, vocab_start, group, norm_weights=None):
         logits = logits.float()  # (N, V/tp)
         z_max = logits.max(dim=-1).values
         dist.all_reduce(z_max, op=dist.ReduceOp.MAX, group=group)
@@ -102,16 +133,20 @@ class _VocabParallelCE(torch.autograd.Function):
         dist.all_reduce(target_logit, group=group)
         dist.all_reduce(sum_exp, group=group)
         softmax = exp / sum_exp.unsqueeze(-1)
-        ctx.save_for_backward(softmax, local_t, outside)
-        return (sum_exp.log() - target_logit).mean()
+        ctx.save_for_backward(softmax, local_t, outside, norm_weights)
+        if norm_weights is None:
+            return (sum_exp.log() - target_logit).mean()
+        return ((sum_exp.log() - target_logit) * norm_weights).sum()
 
     @staticmethod
     def backward(ctx, grad):
-        softmax, local_t, outside = ctx.saved_tensors
+        softmax, local_t, outside, norm_weights = ctx.saved_tensors
         g = softmax.clone()
         inside = (~outside).nonzero(as_tuple=True)[0]
         g[inside, local_t[inside]] -= 1.0
-        return g * (grad / softmax.shape[0]), None, None, None
+        if norm_weights is None:
+            return g * (grad / softmax.shape[0]), None, None, None, None
+        return g * (grad * norm_weights).unsqueeze(-1), None, None, None, None
 
 
 class VocabParallelCrossEntropy(nn.Module):
@@ -120,9 +155,14 @@ class VocabParallelCrossEntropy(nn.Module):
         self.group = group
         self.vocab_start = dist.get_rank(group) * (vocab_size // dist.get_world_size(group))
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy, or Σ w·ce / Σ w with per-token ``weights`` (as the dense CrossEntropy)."""
         flat = logits.reshape(-1, logits.size(-1))  # (B*T, V/tp)
-        return _VocabParallelCE.apply(flat, targets.reshape(-1), self.vocab_start, self.group)
+        norm = None
+        if weights is not None:
+            w = weights.reshape(-1).float()
+            norm = w / w.sum().clamp(min=torch.finfo(torch.float32).tiny)  # the same on every TP rank
+        return _VocabParallelCE.apply(flat, targets.reshape(-1), self.vocab_start, self.group, norm)
 
 
 class GatherLogits(nn.Module):
@@ -136,21 +176,30 @@ class GatherLogits(nn.Module):
         return gather_from_tp(logits, self.group)
 
 
-def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
-    """Shard ``model`` (a megascale Transformer) over ``group`` in place; returns it."""
+def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False) -> nn.Module:
+    """Shard ``model`` (a megascale Transformer) over ``group`` in place; returns it.
+
+    sequence_parallel: norms and residuals hold (B, T/tp, D) slices (T must divide by tp).
+    """
     tp = dist.get_world_size(group)
     if tp == 1:
         return model
+    sp = sequence_parallel
     for block in model.blocks.values():
         attn, mlp = block.attn, block.mlp
-        attn.q_proj, attn.k_proj, attn.v_proj = (ColumnParallelLinear(m, group) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
-        attn.o_proj = RowParallelLinear(attn.o_proj, group)
+        attn.q_proj, attn.k_proj, attn.v_proj = (ColumnParallelLinear(m, group, sp) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        attn.o_proj = RowParallelLinear(attn.o_proj, group, sp)
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
-        mlp.gate_proj, mlp.up_proj = ColumnParallelLinear(mlp.gate_proj, group), ColumnParallelLinear(mlp.up_proj, group)
-        mlp.down_proj = RowParallelLinear(mlp.down_proj, group)
+        mlp.gate_proj, mlp.up_proj = ColumnParallelLinear(mlp.gate_proj, group, sp), ColumnParallelLinear(mlp.up_proj, group, sp)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, group, sp)
+        if sp:
+            block.input_norm = SequenceParallelRMSNorm(block.input_norm, group)
+            block.post_attn_norm = SequenceParallelRMSNorm(block.post_attn_norm, group)
+    if sp:
+        model.norm = SequenceParallelRMSNorm(model.norm, group)
     tied = model.cfg.tie_embeddings
-    model.embed = VocabParallelEmbedding(model.embed, group)
-    model.lm_head = ColumnParallelLinear(model.lm_head, group)
+    model.embed = VocabParallelEmbedding(model.embed, group, sp)
+    model.lm_head = ColumnParallelLinear(model.lm_head, group, sp)  # gathers the sequence back under SP
     if tied:
         model.lm_head.weight = model.embed.weight  # the same vocabulary rows on this rank
     model.loss_fn = VocabParallelCrossEntropy(model.cfg.vocab_size, group)

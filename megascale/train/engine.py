@@ -62,6 +62,10 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
         # ZeRO partitions hold a client optimizer (torch AdamW), which DeepSpeed flags as untested.
         "zero_allow_untested_optimizer": True,
     }
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp > 1:
+        # DeepSpeed's pipeline sends 1/tp of an activation per tensor rank and re-gathers it, which
+        # assumes the activation is replicated over tensor ranks; sequence-parallel slices are not.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return ds
 
 
@@ -110,11 +114,11 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups):
     from megascale.parallel.tensor_parallel import apply_tensor_parallel  # noqa: PLC0415
 
     p = cfg.parallel
-    apply_tensor_parallel(model, groups.tp_group)
+    apply_tensor_parallel(model, groups.tp_group, p.sequence_parallel)
     if groups.dims.pp == 1:
         model.activation_checkpointing = p.activation_checkpointing
         return model
-    return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing)
+    return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing, p.sequence_parallel)
 
 
 def check_precision(precision: str) -> None:

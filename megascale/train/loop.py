@@ -145,6 +145,9 @@ class Run:
     out_dir: Path
     progress: Progress = field(default_factory=Progress)
     grad_bytes: float | None = None  # measured on the first step, between backward and the optimizer step
+    # A later training stage (megascale.finetune.stage.TraceStage): its data, initial weights,
+    # batches (extra forward arguments), evaluation and checkpoint extras. None = pretraining.
+    stage: Any = None
 
     @property
     def pipelined(self) -> bool:
@@ -157,19 +160,26 @@ class Run:
 def train_step(run: Run) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns the mean loss (on device, not synced)."""
     seq, device = run.cfg.data.seq_len, run.ctx.device
-    batches = [batch_from_indices(run.data.train, idx, seq) for idx in run.sampler.next_global_batch()]
+    batches = [load_batch(run, run.data.train, idx) for idx in run.sampler.next_global_batch()]
     if run.pipelined:
         # DeepSpeed's 1F1B schedule consumes the micro-batches and steps the optimizer itself.
         return run.engine.train_batch(data_iter=iter([(x.to(device), y.to(device)) for x, y in batches])).detach().float()
     total = torch.zeros((), device=device)
-    for i, (inputs, targets) in enumerate(batches):
-        loss = run.engine(inputs.to(device), targets.to(device))
+    for i, batch in enumerate(batches):
+        loss = run.engine(*(t.to(device) for t in batch))  # (inputs, targets[, weights, doc_ids, positions])
         run.engine.backward(loss)
         if run.grad_bytes is None and i == len(batches) - 1:
             run.grad_bytes = measured_state_bytes(run.engine).grads  # gradients exist only until the step
         run.engine.step()  # DeepSpeed only updates at the accumulation boundary
         total += loss.detach().float()
     return total / len(batches)
+
+
+def load_batch(run: Run, split, indices) -> tuple[torch.Tensor, ...]:
+    """The engine's forward arguments for sample ``indices``: (inputs, targets), or the stage's tuple."""
+    if run.stage is not None:
+        return run.stage.batch(split, indices)
+    return batch_from_indices(split, indices, run.cfg.data.seq_len)
 
 
 def mean_over(value: torch.Tensor, group) -> float:
@@ -198,13 +208,13 @@ def evaluate(run: Run) -> float:
             f"needed for one batch per data-parallel rank; prepare more data, or lower data.seq_len or train.micro_batch_size"
         )
     device = run.ctx.device
-    batches = [batch_from_indices(val, range(b * micro, (b + 1) * micro), seq) for b in range(run.groups.dp_rank, n_batches, dp)]
-    batches = [(x.to(device), y.to(device)) for x, y in batches]
+    batches = [load_batch(run, val, range(b * micro, (b + 1) * micro)) for b in range(run.groups.dp_rank, n_batches, dp)]
+    batches = [tuple(t.to(device) for t in batch) for batch in batches]
     if run.pipelined:
         loss = run.engine.eval_batch(iter(batches), num_micro_batches=len(batches)).float()
     else:
         run.engine.eval()
-        loss = torch.stack([run.engine(x, y).float() for x, y in batches]).mean()
+        loss = torch.stack([run.engine(*batch).float() for batch in batches]).mean()
         run.engine.train()
     return mean_over(loss, run.groups.dp_group)
 
@@ -239,6 +249,7 @@ def checkpoint_meta(run: Run) -> dict[str, Any]:
         "layout": layout_of(run.groups),
         "world_size": run.ctx.world_size,
         "untie_history": [],
+        **({"finetune": run.stage.meta()} if run.stage is not None else {}),
     }
 
 
@@ -258,10 +269,14 @@ def make_groups(cfg: Config, ctx: DistContext) -> ParallelGroups:
     return build_groups(dims)
 
 
-def setup_run(cfg: Config, ctx: DistContext) -> Run:
-    """Data, model, layout, engine and (when asked) the resumed state."""
+def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
+    """Data, model, layout, engine and (when asked) the resumed state.
+
+    ``stage`` (None: pretraining) supplies a later stage's data (``open_data``), its
+    starting weights (``init_model``, on a fresh start) and its batches (``batch``).
+    """
     groups = make_groups(cfg, ctx)
-    data = open_data(cfg, ctx)
+    data = open_data(cfg, ctx) if stage is None else stage.open_data(cfg, ctx)
     model = build_model(cfg, ctx)
     layout = batch_layout(cfg, groups.dims.dp)
     info = describe_model(model, cfg, layout)
@@ -275,8 +290,10 @@ def setup_run(cfg: Config, ctx: DistContext) -> Run:
     if converted:
         # Another layout: restore full weights into the plain model, then shard it anew.
         model.load_state_dict(ckpt.full_weights(resume_path, meta))
+    elif resume_path is None and stage is not None:
+        stage.init_model(model)  # e.g. the pretraining checkpoint's weights, before any sharding
     engine = build_engine(model, cfg, layout, ctx.device, groups)
-    run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir))
+    run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), stage=stage)
     if resume_path is not None:
         restore(run, resume_path, meta, converted)
     return run
@@ -309,7 +326,7 @@ def run_loop(run: Run) -> RunSummary:
                 "layout": layout_of(run.groups), **run.info})
     summary = RunSummary(run.out_dir, None, writer.path, None)
     peak = device_peak_tflops(ctx.device, run.cfg.metrics.peak_tflops)
-    bar = _progress_bar(ctx, t, progress.step)
+    bar = _progress_bar(ctx, t, progress.step, "pretrain" if run.stage is None else "finetune")
     if t.eval_every and progress.step == 0:
         summary.first_val_loss = _log_eval(run, writer)
     last_saved, window_start, window_steps = -1, time.perf_counter(), 0
@@ -370,12 +387,12 @@ def report_state_memory(run: Run, writer: MetricsWriter) -> None:
             )
 
 
-def _progress_bar(ctx: DistContext, t, start: int):
+def _progress_bar(ctx: DistContext, t, start: int, desc: str):
     if not (ctx.is_main and t.progress):
         return None
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    return tqdm(total=t.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    return tqdm(total=t.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
 
 def _step_record(run: Run, loss: float, steps_per_s: float, peak: float | None) -> dict[str, Any]:
@@ -398,9 +415,11 @@ def _step_record(run: Run, loss: float, steps_per_s: float, peak: float | None) 
 
 def _log_eval(run: Run, writer: MetricsWriter) -> float:
     val_loss = evaluate(run)
-    writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "val_loss": val_loss})
+    extra = run.stage.evaluate(run) if run.stage is not None else {}  # e.g. generation accuracy
+    writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "val_loss": val_loss, **extra})
     if run.ctx.is_main:
-        log.info("step %d: validation loss %.4f", run.progress.step, val_loss)
+        log.info("step %d: validation loss %.4f%s", run.progress.step, val_loss,
+                 "".join(f", {k} {v:.4g}" for k, v in extra.items() if isinstance(v, float)))
     return val_loss
 
 
@@ -416,7 +435,9 @@ def _finish(run: Run, summary: RunSummary) -> None:
     if run.ctx.is_main and run.cfg.metrics.plot and summary.metrics.exists():
         summary.loss_png = plot_loss_curve(summary.metrics, summary.out_dir / "loss.png",
                                            title=f"{summary.out_dir.name}: {run.model.plan.spec}")
-    if run.cfg.train.sample_tokens and not run.pipelined:
+    # Generation needs arbitrary lengths: not under the pipeline engine or sequence parallelism's T/tp slices.
+    sliced = run.cfg.parallel.sequence_parallel and run.groups.dims.tp > 1
+    if run.cfg.train.sample_tokens and not run.pipelined and not sliced:
         # All ranks generate: under ZeRO-3 and tensor parallelism every forward is collective.
         run.engine.eval()
         prompt = run.data.tokenizer.encode(run.cfg.train.sample_prompt)
