@@ -187,10 +187,6 @@ class ParamCounts:
     applied: int
     embedding: int  # input embedding rows: a lookup, no FLOPs
 
-    @property
-    def unique_blocks_ratio(self) -> float:
-        return self.unique / self.applied
-
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: SharingPlan | None = None):

@@ -203,10 +203,3 @@ def install_coalesced_tied_reduction(engine) -> None:
 
 def _reduce_tied_grads_method(self):
     reduce_tied_grads_coalesced(self)
-
-
-def tied_replicas(engine) -> dict[str, torch.Tensor]:
-    """Flat copy of every tied module's weights held on this stage (for replica-equality checks)."""
-    module = engine.module
-    return {key: flatten_for_collective([p.detach() for p in mod.parameters()]) for key, mod in module.tied_modules.items()}
-
