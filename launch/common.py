@@ -54,6 +54,25 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def check_layout(cfg) -> None:
+    """Check the parallel layout against the world size the launcher announced, before any process group exists."""
+    world = launch_world_size()
+    if world is not None:
+        from megascale.parallel.topology import ParallelDims  # noqa: PLC0415
+
+        ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, world).check_model(cfg.model)
+
+
+def summary_lines(summary) -> list[str]:
+    """Where a finished run put its checkpoint, metrics and plots (a megascale RunSummary)."""
+    lines = [f"run directory : {summary.out_dir}", f"checkpoint    : {summary.checkpoint}", f"metrics       : {summary.metrics}"]
+    if summary.loss_png:
+        lines.append(f"loss curve    : {summary.loss_png}")
+    if summary.first_val_loss is not None and summary.final_val_loss is not None:
+        lines.append(f"val loss      : {summary.first_val_loss:.4f} -> {summary.final_val_loss:.4f}")
+    return lines
+
+
 def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
     """Call ``main``; a MegascaleError becomes one line on stderr (rank 0 only) and exit status 2."""
     try:

@@ -41,11 +41,7 @@ def main(argv: list[str]) -> int:
     from megascale.finetune.stage import finetune_config
 
     cfg, _, _ = finetune_config(load_config(args.config, overrides))  # checked before any process group exists
-    world = common.launch_world_size()
-    if world is not None:
-        from megascale.parallel.topology import ParallelDims
-
-        ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, world).check_model(cfg.model)
+    common.check_layout(cfg)
 
     from megascale.finetune.stage import finetune
     from megascale.train.dist import init_distributed
@@ -58,14 +54,9 @@ def main(argv: list[str]) -> int:
 
 
 def report(summary) -> None:
-    run = summary.run
-    lines = [f"run directory : {run.out_dir}", f"checkpoint    : {run.checkpoint}", f"metrics       : {run.metrics}"]
-    if run.loss_png:
-        lines.append(f"loss curve    : {run.loss_png}")
+    lines = common.summary_lines(summary.run)
     if summary.accuracy_png:
         lines.append(f"accuracy plot : {summary.accuracy_png}")
-    if run.first_val_loss is not None and run.final_val_loss is not None:
-        lines.append(f"val loss      : {run.first_val_loss:.4f} -> {run.final_val_loss:.4f}")
     for key in ("acc_in", "acc_out", "step_acc_in", "step_acc_out", "trace_tok_acc_in"):
         if key in summary.first and key in summary.last:
             lines.append(f"{key:<14}: {summary.first[key]:.3f} -> {summary.last[key]:.3f} (held-out)")

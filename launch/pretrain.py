@@ -34,11 +34,7 @@ def main(argv: list[str]) -> int:
         return 0
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # validated before any process group exists
-    world = common.launch_world_size()
-    if world is not None:
-        from megascale.parallel.topology import ParallelDims
-
-        ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, world).check_model(cfg.model)
+    common.check_layout(cfg)
 
     from megascale.train.dist import init_distributed
     from megascale.train.loop import pretrain
@@ -51,11 +47,7 @@ def main(argv: list[str]) -> int:
 
 
 def report(summary) -> None:
-    lines = [f"run directory : {summary.out_dir}", f"checkpoint    : {summary.checkpoint}", f"metrics       : {summary.metrics}"]
-    if summary.loss_png:
-        lines.append(f"loss curve    : {summary.loss_png}")
-    if summary.first_val_loss is not None and summary.final_val_loss is not None:
-        lines.append(f"val loss      : {summary.first_val_loss:.4f} -> {summary.final_val_loss:.4f}")
+    lines = common.summary_lines(summary)
     if summary.sample:
         lines.append("sample (greedy):\n" + summary.sample)
     print("\n".join(lines), flush=True)
