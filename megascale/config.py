@@ -172,6 +172,40 @@ class ParallelConfig:
 
 
 @dataclass
+class UntieConfig:
+    """When tied blocks get their own weights during training (DESIGN.md, "Ties and unties").
+
+    Conditions are evaluated per tie group of the configured plan (model.sharing) after
+    every step, identically on every rank. When one holds, the group's units (all, or the
+    ones that disagree most with the group) get their own copies of the block's weights
+    and Adam moments, and the DeepSpeed engine is rebuilt around the new parameter set.
+    """
+
+    when: str = ""
+    """Conditions, comma-separated, any one fires: step:N | tokens:F (fraction of the planned tokens, max_steps x tokens per step) | plateau | coherence. '' never unties."""
+    groups: str = "all"
+    """Tie groups (ids in the configured plan) the conditions apply to: all, or a comma-separated list such as 0,2."""
+    per_group: str = ""
+    """Per-group conditions that replace `when` for those groups, e.g. "0=coherence;1=step:200"."""
+    units: str = "all"
+    """Which units of a firing group are untied: all | lowest:k (the k units whose gradients align least with the group's sum; needs probe_every > 0)."""
+    plateau_window: int = 50
+    """plateau: steps over which the smoothed training loss must improve."""
+    plateau_threshold: float = 0.01
+    """plateau: fires when the relative improvement of the smoothed loss over the window is below this."""
+    plateau_smoothing: float = 0.9
+    """plateau: EMA coefficient of the training-loss smoothing (read every train.log_every steps)."""
+    probe_every: int = 0
+    """Capture the per-unit gradients of every tie group every this many steps (coherence, alignment); 0 = never. Other steps cost nothing."""
+    coherence_threshold: float = 0.3
+    """coherence: fires when rho = |sum g|^2 / (K sum |g_i|^2) stays below this (1 = units agree, 1/K = orthogonal)."""
+    coherence_probes: int = 3
+    """coherence: consecutive probes below the threshold needed to fire."""
+    min_step: int = 0
+    """No untie before this step (plateau and coherence are noisy during warm-up)."""
+
+
+@dataclass
 class MetricsConfig:
     """What is measured and where it goes."""
 
@@ -241,6 +275,8 @@ class Config:
     """The training loop."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Tensor and pipeline parallelism."""
+    untie: UntieConfig = field(default_factory=UntieConfig)
+    """Untying tied blocks during training."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """Metrics."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -282,8 +318,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return float(value)
     if typ is float and isinstance(value, str):
         value = _yaml11_float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
-    if typ is str and isinstance(value, list) and key.endswith("sharing"):
-        return ",".join(str(v) for v in value)  # explicit plan written as a YAML list
+    if typ is str and isinstance(value, list) and key.endswith(("sharing", "groups")):
+        return ",".join(str(v) for v in value)  # a list of ids written as a YAML list
+    if typ is str and type(value) is int and key.endswith("groups"):
+        return str(value)  # untie.groups=0: one group id reads as an int
     # bool is a subclass of int in Python: reject `true` where a number is expected.
     if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
         raise MegascaleError(
@@ -385,6 +423,13 @@ def validate(cfg: Config) -> None:
     )
     _check(t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = micro_batch_size * data-parallel size)")
     _check_finetune(cfg.finetune)
+    _check_untie(cfg)
+
+
+def _check_untie(cfg: Config) -> None:
+    from megascale.untie.conditions import parse_rules  # noqa: PLC0415
+
+    parse_rules(cfg)  # raises on a bad condition, group or unit selection
 
 
 def _check_finetune(f: FinetuneConfig) -> None:

@@ -95,3 +95,50 @@ def _renumber(groups: list[int]) -> list[int]:
     """Renumber group ids 0..G-1 in order of first appearance, so plans compare by structure."""
     first: dict[int, int] = {}
     return [first.setdefault(g, len(first)) for g in groups]
+
+
+# ------------------------------------------------------------ untying
+
+
+def untie_units(plan: SharingPlan, units: list[int]) -> SharingPlan:
+    """The plan after giving each of ``units`` (layer indices) its own block.
+
+    The remaining units of each group stay tied; a unit that is already alone is
+    left as it is. Group ids are renumbered by first appearance so the new plan reads
+    back identically through ``SharingPlan.parse`` (checkpoints and fine-tuning
+    rebuild models from the plan list); ``block_sources`` says which old block
+    each new one starts from.
+    """
+    groups = list(plan.group_of)
+    bad = [u for u in units if not 0 <= u < plan.n_layers]
+    if bad:
+        raise MegascaleError(f"cannot untie units {bad}: the model has layers 0..{plan.n_layers - 1}")
+    fresh = plan.n_groups
+    for unit in sorted(set(units)):
+        if len(plan.units_of(plan.group_of[unit])) > 1:
+            groups[unit] = fresh  # a new group of one: its own block
+            fresh += 1
+    renumbered = _renumber(groups)
+    return SharingPlan(tuple(renumbered), ",".join(map(str, renumbered)))
+
+
+def block_sources(old: SharingPlan, new: SharingPlan) -> dict[int, int]:
+    """For each group of ``new``, the group of ``old`` whose block its weights come from.
+
+    Untying only splits groups, so all units of a new group came from one old group.
+    """
+    if old.n_layers != new.n_layers:
+        raise MegascaleError(f"sharing plans for {old.n_layers} and {new.n_layers} layers cannot be compared")
+    sources: dict[int, int] = {}
+    for layer, g in enumerate(new.group_of):
+        src = old.group_of[layer]
+        if sources.setdefault(g, src) != src:
+            raise MegascaleError(f"plan {new.to_list()} merges groups of {old.to_list()}: untying can only split groups")
+    return sources
+
+
+def replay_untie_history(plan: SharingPlan, history: list[dict]) -> SharingPlan:
+    """The plan after the untie events recorded in a checkpoint's ``untie_history``, in order."""
+    for event in history:
+        plan = untie_units(plan, list(event["units"]))
+    return plan

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -238,4 +239,6 @@ def restore_schedule(engine, step: int) -> None:
     scheduler = engine.lr_scheduler
     if scheduler is not None:
         scheduler.last_epoch = step - 1
-        scheduler.step()
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()

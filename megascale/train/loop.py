@@ -23,12 +23,14 @@ from megascale.errors import MegascaleError
 from megascale.model import Transformer
 from megascale.model.attention import resolve_backend
 from megascale.model.generate import greedy_generate
+from megascale.model.sharing import SharingPlan, replay_untie_history
 from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
 from megascale.train.engine import BatchLayout, batch_layout, build_engine
 from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
+from megascale.untie.conditions import UntieController
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +79,13 @@ def open_data(cfg: Config, ctx: DistContext) -> Data:
     return Data(tokenizer, TokenFile(path / "train"), TokenFile(path / "val"), path)
 
 
-def build_model(cfg: Config, ctx: DistContext) -> Transformer:
+def build_model(cfg: Config, ctx: DistContext, plan: SharingPlan | None = None, quiet: bool = False) -> Transformer:
+    """The plain model, seeded; ``plan`` overrides model.sharing (a resumed or untied run's plan)."""
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model, plan)
     backend, why = resolve_backend(cfg.model.attention, ctx.device, head_dim=cfg.model.head_dim, dtype=TRAIN_DTYPES[cfg.train.precision])
     model.set_attention_backend(backend)
-    if ctx.is_main:
+    if ctx.is_main and not quiet:
         log.info("attention backend: %s (%s)", backend, why)
     return model
 
@@ -143,7 +146,10 @@ class Run:
     sampler: DistributedBatchSampler
     info: dict[str, Any]
     out_dir: Path
+    layout: BatchLayout
+    controller: UntieController
     progress: Progress = field(default_factory=Progress)
+    untie_history: list[dict[str, Any]] = field(default_factory=list)  # events, in order (megascale.json)
     grad_bytes: float | None = None  # measured on the first step, between backward and the optimizer step
     # A later training stage (megascale.finetune.stage.TraceStage): its data, initial weights,
     # batches (extra forward arguments), evaluation and checkpoint extras. None = pretraining.
@@ -248,19 +254,26 @@ def checkpoint_meta(run: Run) -> dict[str, Any]:
         "data": {"path": str(run.data.path.resolve()), "sampler": run.sampler.state_dict()},
         "layout": layout_of(run.groups),
         "world_size": run.ctx.world_size,
-        "untie_history": [],
+        "untie_history": run.untie_history,
+        "untie_state": run.controller.state_dict(),
         **({"finetune": run.stage.meta()} if run.stage is not None else {}),
     }
 
 
-def find_resume(cfg: Config, model: Transformer) -> tuple[Path | None, dict[str, Any] | None]:
-    """Find and check the checkpoint to resume from, before any engine exists (so nothing is touched on error)."""
+def find_resume(cfg: Config) -> tuple[Path | None, dict[str, Any] | None, SharingPlan]:
+    """Find and check the checkpoint to resume from, before any engine exists (so nothing is touched on error).
+
+    Returns it with the sharing plan to build: the configured one after the
+    checkpoint's untie events, which must give the plan the checkpoint was saved with.
+    """
+    plan = SharingPlan.parse(cfg.model.sharing, cfg.model.n_layers)
     path = ckpt.resolve_checkpoint(cfg.train.resume, Path(cfg.train.out_dir))
     if path is None:
-        return None, None
+        return None, None, plan
     meta = ckpt.read_meta(path)
-    ckpt.check_compatible(meta, cfg.to_dict()["model"], model.plan.to_list())
-    return path, meta
+    plan = replay_untie_history(plan, meta.get("untie_history", []))
+    ckpt.check_compatible(meta, cfg.to_dict()["model"], plan.to_list())
+    return path, meta, plan
 
 
 def make_groups(cfg: Config, ctx: DistContext) -> ParallelGroups:
@@ -277,7 +290,8 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     """
     groups = make_groups(cfg, ctx)
     data = open_data(cfg, ctx) if stage is None else stage.open_data(cfg, ctx)
-    model = build_model(cfg, ctx)
+    resume_path, meta, plan = find_resume(cfg)
+    model = build_model(cfg, ctx, plan)
     layout = batch_layout(cfg, groups.dims.dp)
     info = describe_model(model, cfg, layout)
     log_startup(ctx, info, cfg, groups)
@@ -285,7 +299,6 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
         data.train.num_samples(cfg.data.seq_len), layout.global_batch, layout.micro_batch,
         groups.dp_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle,
     )
-    resume_path, meta = find_resume(cfg, model)
     converted = resume_path is not None and meta["layout"] != layout_of(groups)
     if converted:
         # Another layout: restore full weights into the plain model, then shard it anew.
@@ -293,7 +306,8 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     elif resume_path is None and stage is not None:
         stage.init_model(model)  # e.g. the pretraining checkpoint's weights, before any sharding
     engine = build_engine(model, cfg, layout, ctx.device, groups)
-    run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), stage=stage)
+    controller = UntieController(cfg, planned_tokens=cfg.train.max_steps * info["tokens_per_step"])
+    run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), layout, controller, stage=stage)
     if resume_path is not None:
         restore(run, resume_path, meta, converted)
     return run
@@ -306,6 +320,9 @@ def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None
         ckpt.load_checkpoint(run.engine, path)
     run.sampler.load_state_dict(meta["data"]["sampler"])
     run.progress = Progress(meta["step"], meta["tokens"])
+    run.untie_history = list(meta.get("untie_history", []))
+    if meta.get("untie_state"):
+        run.controller.load_state_dict(meta["untie_state"])
     if run.ctx.is_main:
         how = f"converted from layout {meta.get('layout')} (weights restored, optimizer moments reset)" if converted else "exact"
         log.info("resumed from %s at step %d: %s", path, run.progress.step, how)
@@ -330,12 +347,19 @@ def run_loop(run: Run) -> RunSummary:
     if t.eval_every and progress.step == 0:
         summary.first_val_loss = _log_eval(run, writer)
     last_saved, window_start, window_steps = -1, time.perf_counter(), 0
-    first_step = progress.step + 1
+    memory_due = True  # per-rank state memory on the first step, and again after each untie
+    probe = make_probe(run)
     while progress.step < t.max_steps:
+        probing = probe is not None and run.controller.probe_due(progress.step + 1)
+        if probing:
+            probe.arm()
         loss_t = train_step(run)
         progress.step += 1
-        if progress.step == first_step:
+        if probing:
+            log_probe(run, probe, writer)
+        if memory_due:
             report_state_memory(run, writer)
+            memory_due = False
         progress.tokens += run.info["tokens_per_step"]
         window_steps += 1
         if progress.step % t.log_every == 0 or progress.step == t.max_steps:
@@ -344,11 +368,16 @@ def run_loop(run: Run) -> RunSummary:
             elapsed = time.perf_counter() - window_start
             writer.log(_step_record(run, loss, window_steps / elapsed, peak))
             summary.losses.append(loss)
+            run.controller.observe_loss(progress.step, loss)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}")
             window_start, window_steps = time.perf_counter(), 0
         if bar is not None:
             bar.update(1)
+        decisions = run.controller.decide(progress.step, progress.tokens, run.model.plan)
+        if decisions:
+            probe = untie_now(run, probe, decisions, writer)
+            memory_due = True
         if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
             _log_eval(run, writer)
         if t.save_every and progress.step % t.save_every == 0:
@@ -362,6 +391,35 @@ def run_loop(run: Run) -> RunSummary:
     writer.close()
     _finish(run, summary)
     return summary
+
+
+def make_probe(run: Run):
+    """The per-unit gradient probe when an untie rule reads it (untie.probe_every > 0), else None."""
+    if not (run.controller.active and run.cfg.untie.probe_every > 0):
+        return None
+    from megascale.train.probe import CoherenceProbe  # noqa: PLC0415
+
+    sequence_parallel = run.cfg.parallel.sequence_parallel and run.groups.dims.tp > 1
+    return CoherenceProbe(run.engine.module, run.model.plan, run.groups, sequence_parallel)
+
+
+def log_probe(run: Run, probe, writer: MetricsWriter) -> None:
+    """Reduce this step's captured per-unit gradients; feed the controller; write coherence per group."""
+    result = probe.finish()
+    run.controller.observe_probe(run.model.plan, result.by_group())
+    writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "event": "probe", **result.to_record()})
+
+
+def untie_now(run: Run, probe, decisions, writer: MetricsWriter):
+    """Untie, record the event, and return a probe attached to the new engine."""
+    from megascale.untie.untie import untie_run  # noqa: PLC0415
+
+    if probe is not None:
+        probe.remove()
+    event = untie_run(run, decisions)
+    run.untie_history.append({k: event[k] for k in ("step", "tokens", "groups", "units", "reasons", "plan_after")})
+    writer.log(event)
+    return make_probe(run)
 
 
 def report_state_memory(run: Run, writer: MetricsWriter) -> None:

@@ -1,4 +1,4 @@
-"""Metrics: one JSON line per logged step, TensorBoard when installed, a loss-curve PNG.
+"""Metrics: one JSON line per logged step, TensorBoard when installed, a loss-curve PNG (untie events marked).
 
 Only rank 0 writes. Values are plain floats by the time they get here; the loop
 decides when to synchronise with the device (once per logging interval).
@@ -94,6 +94,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
         ax.plot(*zip(*train), label="train", lw=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", lw=1.5, ms=4)
+    mark_unties(ax, records)
     ax.set_xlabel("tokens")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title or "loss")
@@ -103,3 +104,11 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return png_path
+
+
+def mark_unties(ax, records: list[dict[str, Any]]) -> None:
+    """A dashed vertical line at each untie event, labelled with the units untied."""
+    for i, r in enumerate(r for r in records if r.get("event") == "untie"):
+        ax.axvline(r["tokens"], color="tab:red", ls="--", lw=1, label="untie" if i == 0 else None)
+        ax.annotate(f"untie {r['units']}", (r["tokens"], 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", fontsize=8, color="tab:red")

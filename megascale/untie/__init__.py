@@ -1,0 +1,1 @@
+"""Untying tied blocks during training: when (``conditions``), and how (``transfer``, ``untie``)."""

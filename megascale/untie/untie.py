@@ -1,0 +1,91 @@
+"""The untie itself: a new sharing plan, a new engine, the training state carried over.
+
+``untie_run(run, decisions)`` is called by the training loop between two steps,
+on every rank with the same decisions:
+
+1. the new plan gives each freed unit its own block (``sharing.untie_units``);
+2. every parameter's fp32 weight and Adam moments are read out of the old engine
+   by name (``transfer.read_state``), and the old engine is released;
+3. a model with the new plan is built and parallelized exactly as at start-up
+   (tensor parallel shards, pipeline stages, a new DeepSpeed engine whose ZeRO
+   partitions cover the new parameter set);
+4. the state is written into it, each new block from the block it was tied to,
+   and the optimizer step, LR schedule and DeepSpeed counters continue.
+
+Each freed block starts equal to the shared one with equal moments, so the
+output right after the untie equals the output right before (tested).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+from typing import Any
+
+import torch
+
+from megascale.model.sharing import SharingPlan, block_sources, untie_units
+from megascale.untie.conditions import Decision
+from megascale.untie.transfer import read_state, write_state
+
+log = logging.getLogger(__name__)
+
+
+def source_name(sources: dict[int, int], pipelined: bool):
+    """Map a parameter name of the new engine to the old engine's name it is copied from."""
+    # The plain model names blocks "blocks.<g>."; DeepSpeed's PipelineModule "tied_modules.block<g>.".
+    pattern = re.compile(r"^(tied_modules\.block)(\d+)(\.)" if pipelined else r"^(blocks\.)(\d+)(\.)")
+
+    def source(name: str) -> str:
+        return pattern.sub(lambda m: f"{m.group(1)}{sources[int(m.group(2))]}{m.group(3)}", name)
+
+    return source
+
+
+def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
+    """Untie the decided units of ``run`` in place (all ranks); returns the event recorded in metrics and checkpoints."""
+    from megascale.train.checkpoint import restore_schedule  # noqa: PLC0415
+    from megascale.train.engine import build_engine  # noqa: PLC0415
+    from megascale.train.loop import build_model, describe_model  # noqa: PLC0415
+
+    old_plan: SharingPlan = run.model.plan
+    units = sorted({u for d in decisions for u in d.units})
+    new_plan = untie_units(old_plan, units)
+    sources = block_sources(old_plan, new_plan)
+    state = read_state(run.engine)
+    _release(run)
+    rng = torch.get_rng_state()  # building a model reseeds torch; training continues on the old stream
+    model = build_model(run.cfg, run.ctx, new_plan, quiet=True)
+    torch.set_rng_state(rng)
+    engine = build_engine(model, run.cfg, run.layout, run.ctx.device, run.groups)
+    write_state(engine, state, source_name(sources, run.pipelined))
+    restore_schedule(engine, run.progress.step)
+    engine.global_samples = run.progress.step * run.layout.global_batch
+    before = run.info
+    run.model, run.engine = model, engine
+    run.info = describe_model(model, run.cfg, run.layout)
+    run.grad_bytes = None  # measured again on the next step
+    event = {
+        "step": run.progress.step, "tokens": run.progress.tokens, "event": "untie",
+        "groups": [d.group for d in decisions], "units": units,
+        "reasons": {str(d.group): d.reason for d in decisions},
+        "plan_before": old_plan.to_list(), "plan_after": new_plan.to_list(),
+        "params_unique_before": before["params_unique"], "params_unique_after": run.info["params_unique"],
+    }
+    if run.ctx.is_main:
+        for d in decisions:
+            log.info("step %d: untied group %d units %s (%s)", run.progress.step, d.group, d.units, d.reason)
+        log.info("sharing plan now %s: %s -> %s unique parameters", new_plan.describe(),
+                 f"{before['params_unique']:,}", f"{run.info['params_unique']:,}")
+    return event
+
+
+def _release(run) -> None:
+    """Drop the old engine (hooks, flat buffers, optimizer state) before building the new one."""
+    engine = run.engine
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    run.engine = None
+    del engine
+    gc.collect()

@@ -1,0 +1,237 @@
+"""Untying: plans, conditions, the engine rebuild with state carried over, and untying inside a run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import BIN, ROOT, TINY, clean_env, free_port, losses, run_pretrain
+from megascale.config import load_config
+from megascale.errors import MegascaleError
+from megascale.model.sharing import SharingPlan, block_sources, replay_untie_history, untie_units
+from megascale.untie.conditions import UntieController
+
+# ------------------------------------------------------------------ plans
+
+
+def test_untie_units_gives_each_freed_unit_its_own_block():
+    plan = SharingPlan.parse("cycle:2", 6)  # [0,1,0,1,0,1]
+    new = untie_units(plan, [2])
+    assert new.to_list() == [0, 1, 2, 1, 0, 1]
+    assert block_sources(plan, new) == {0: 0, 1: 1, 2: 0}
+    whole = untie_units(plan, [0, 2, 4])
+    assert whole.to_list() == [0, 1, 2, 1, 3, 1]
+    assert block_sources(plan, whole) == {0: 0, 1: 1, 2: 0, 3: 0}
+
+
+def test_untied_plan_reads_back_through_parse():
+    plan = SharingPlan.parse("all", 4)
+    new = untie_units(plan, [0])  # the first unit leaves: ids renumber by first appearance
+    assert new.to_list() == [0, 1, 1, 1]
+    assert block_sources(plan, new) == {0: 0, 1: 0}
+    assert SharingPlan.parse(new.spec, 4) == SharingPlan(new.group_of, new.spec)
+
+
+def test_untie_of_a_lone_unit_changes_nothing_and_history_replays():
+    plan = SharingPlan.parse("0,0,1,2", 4)
+    assert untie_units(plan, [3]).to_list() == [0, 0, 1, 2]
+    history = [{"units": [1]}, {"units": [2]}]
+    assert replay_untie_history(SharingPlan.parse("all", 4), history).to_list() == [0, 1, 2, 0]
+
+
+def test_block_sources_refuses_a_merge():
+    with pytest.raises(MegascaleError, match="only split"):
+        block_sources(SharingPlan.parse("none", 2), SharingPlan.parse("all", 2))
+
+
+# ------------------------------------------------------------------ conditions
+
+
+def controller(*overrides: str, steps: int = 100) -> UntieController:
+    cfg = load_config(None, ["model.n_layers=4", "model.sharing=all", *overrides])
+    return UntieController(cfg, planned_tokens=steps * 1000)
+
+
+ALL = SharingPlan.parse("all", 4)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("untie.when=epoch:3", "not a condition"),
+    ("untie.when=step:x", "needs a number"),
+    ("untie.when=tokens:1.5", "out of range"),
+    ("untie.groups=3", "do not exist"),
+    ("untie.units=lowest:0", "lowest:k"),
+    ("untie.per_group=0:step:3", "group=conditions"),
+])
+def test_bad_untie_settings_fail_in_one_line(bad, match):
+    with pytest.raises(MegascaleError, match=match):
+        load_config(None, ["model.n_layers=4", "model.sharing=all", "untie.when=step:3", bad])
+
+
+def test_coherence_needs_probes():
+    with pytest.raises(MegascaleError, match="probe_every"):
+        load_config(None, ["model.n_layers=4", "model.sharing=all", "untie.when=coherence"])
+
+
+def test_step_and_token_conditions_fire_once():
+    c = controller("untie.when=step:5")
+    assert [c.decide(s, 0, ALL) for s in (3, 4)] == [[], []]
+    (d,) = c.decide(5, 0, ALL)
+    assert d.group == 0 and d.units == [0, 1, 2, 3] and "step 5" in d.reason
+    assert c.decide(6, 0, ALL) == []  # fired already
+    t = controller("untie.when=tokens:0.5")
+    assert t.decide(10, 49_000, ALL) == [] and t.decide(11, 50_000, ALL)[0].units == [0, 1, 2, 3]
+
+
+def test_plateau_fires_on_a_flat_loss_not_on_a_falling_one():
+    flat = controller("untie.when=plateau", "untie.plateau_window=10", "untie.plateau_smoothing=0")
+    falling = controller("untie.when=plateau", "untie.plateau_window=10", "untie.plateau_smoothing=0")
+    fired = {}
+    for step in range(1, 40):
+        flat.observe_loss(step, 3.0 + 0.001 * (step % 2))
+        falling.observe_loss(step, 5.0 * 0.98**step)
+        for name, c in (("flat", flat), ("falling", falling)):
+            if c.decide(step, 0, ALL):
+                fired.setdefault(name, step)
+    assert fired == {"flat": 11}  # the first step with a full window behind it
+
+
+def probe(rho: float, cos: list[float]) -> dict:
+    return {0: {"rho": rho, "alignment": dict(enumerate(cos))}}
+
+
+def test_coherence_fires_after_consecutive_low_probes_and_picks_the_least_aligned():
+    c = controller("untie.when=coherence", "untie.probe_every=1", "untie.coherence_probes=3", "untie.units=lowest:1")
+    seq = [0.2, 0.2, 0.9, 0.2, 0.2]
+    decisions = []
+    for step, rho in enumerate(seq, 1):
+        c.observe_probe(ALL, probe(rho, [0.9, -0.4, 0.8, 0.7]))
+        decisions += c.decide(step, 0, ALL)
+    assert decisions == []  # the 0.9 probe reset the count
+    c.observe_probe(ALL, probe(0.2, [0.9, -0.4, 0.8, 0.7]))
+    (d,) = c.decide(6, 0, ALL)
+    assert d.units == [1] and "least aligned" in d.reason
+
+
+def test_controller_state_round_trips():
+    a = controller("untie.when=plateau,coherence", "untie.probe_every=1", "untie.plateau_window=3")
+    for step in range(1, 6):
+        a.observe_loss(step, 4.0 - 0.1 * step)
+        a.observe_probe(ALL, probe(0.1, [0.5, 0.1, 0.2, 0.3]))
+    b = controller("untie.when=plateau,coherence", "untie.probe_every=1", "untie.plateau_window=3")
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert a.decide(6, 0, ALL) == b.decide(6, 0, ALL)
+
+
+def test_partial_untie_keeps_watching_the_rest_of_the_group():
+    c = controller("untie.when=coherence", "untie.probe_every=1", "untie.coherence_probes=1", "untie.units=lowest:1")
+    c.observe_probe(ALL, probe(0.1, [0.9, -0.4, 0.8, 0.7]))
+    (d,) = c.decide(1, 0, ALL)
+    plan = untie_units(ALL, d.units)  # [0, 1, 0, 0]
+    assert c.tied_units(plan, 0) == [0, 2, 3]
+    c.state.fired.clear()  # a later rule firing again on what remains
+    c.observe_probe(plan, {0: {"rho": 0.1, "alignment": {0: 0.9, 2: 0.1, 3: 0.5}}})
+    assert c.decide(2, 0, plan)[0].units == [2]
+
+
+# ------------------------------------------------------------------ the engine rebuild
+
+
+def untie_check(data_dir, tmp_path, units: str, *overrides: str, nproc: int = 1) -> dict:
+    cmd = [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+           str(ROOT / "tests" / "untie_check.py"), units, *TINY, f"data.path={data_dir}",
+           f"train.out_dir={tmp_path / 'run'}", "train.eval_batches=2", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=600)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("UNTIE_REPORT ")), None)
+    assert proc.returncode == 0 and line, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(line.split(" ", 1)[1])
+
+
+LAYOUTS = [
+    pytest.param(1, ["train.zero_stage=0"], id="zero0"),
+    pytest.param(1, ["train.zero_stage=1", "train.precision=bf16"], id="zero1-bf16"),
+    pytest.param(2, ["train.zero_stage=2"], id="dp2-zero2"),
+    pytest.param(2, ["train.zero_stage=3"], id="dp2-zero3"),
+    pytest.param(4, ["train.zero_stage=1", "parallel.tp=2", "parallel.pp=2"], id="tp2-pp2-zero1"),
+]
+
+
+@pytest.mark.parametrize("nproc, overrides", LAYOUTS)
+def test_untie_keeps_output_and_copies_the_state(data_dir, tmp_path, nproc, overrides):
+    r = untie_check(data_dir, tmp_path, "0,2", *overrides, nproc=nproc)
+    assert r["plan_after"] == [0, 1, 2, 1]
+    assert r["val_after"] == pytest.approx(r["val_before"], rel=1e-6, abs=1e-6)  # same output
+    assert r["state_max_diff"] == 0.0  # fp32 weights and both Adam moments copied exactly
+    assert r["step_after"] == r["step_before"] == 2 and r["adam_state_step"] == 2
+    assert r["lr_after"] == r["lr_before"] and r["global_steps"] == 2
+    for rank in r["memory_by_rank"]:
+        for when in ("before", "after"):
+            m = rank[when]
+            assert m["measured"] == pytest.approx(m["formula"], rel=0.03)
+    assert all(l == l for l in r["losses"]) and r["losses"][2] < r["losses"][1] * 1.02  # no spike
+
+
+def test_untie_grows_memory_by_the_formula(data_dir, tmp_path):
+    r = untie_check(data_dir, tmp_path, "0,2", "train.zero_stage=1")
+    (rank,) = r["memory_by_rank"]
+    grown_formula = rank["after"]["formula"] - rank["before"]["formula"]
+    grown_measured = rank["after"]["measured"] - rank["before"]["measured"]
+    assert grown_formula > 0 and grown_measured == pytest.approx(grown_formula, rel=0.01)
+    assert r["new_names"] and all(n.startswith("blocks.2.") for n in r["new_names"])
+
+
+# ------------------------------------------------------------------ untying inside a run
+
+
+UNTIE_AT_3 = ["untie.when=step:3", "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=5"]
+
+
+@pytest.fixture(scope="module")
+def untied_run(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("untied")
+    run_pretrain(out, data_dir, *UNTIE_AT_3, "metrics.plot=true")
+    return out
+
+
+def test_untie_in_a_run_matches_the_tied_run_until_it_acts(data_dir, tmp_path, untied_run):
+    tied = tmp_path / "tied"
+    run_pretrain(tied, data_dir, "train.max_steps=6")
+    a, b = losses(tied), losses(untied_run)
+    # The untie happens after step 3's update; step 4 still runs on equal weights.
+    assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
+    assert a[5] != b[5] and max(b[5], b[6]) < b[4] * 1.02
+    records = [json.loads(l) for l in (untied_run / "metrics.jsonl").read_text().splitlines()]
+    (event,) = [r for r in records if r.get("event") == "untie"]
+    assert event["step"] == 3 and event["plan_after"] == [0, 1, 2, 3] and event["reasons"]["0"] == "step 3 >= 3"
+    assert len([r for r in records if r.get("event") == "state_memory"]) == 2  # before and after
+    assert (untied_run / "loss.png").stat().st_size > 0
+
+
+def read_meta(run_dir, step: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "megascale.json").read_text())
+
+
+def test_checkpoints_record_the_untie_history(untied_run):
+    assert read_meta(untied_run, 2)["untie_history"] == [] and read_meta(untied_run, 2)["sharing_plan"] == [0, 1, 0, 1]
+    (event,) = read_meta(untied_run, 4)["untie_history"]
+    assert event["step"] == 3 and read_meta(untied_run, 4)["sharing_plan"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("step", [2, 4], ids=["before-untie", "after-untie"])
+def test_resume_across_the_untie(data_dir, tmp_path, untied_run, step):
+    ckpt = untied_run / "checkpoints" / f"step_{step:08d}"
+    proc = run_pretrain(tmp_path / "resumed", data_dir, *UNTIE_AT_3, f"train.resume={ckpt}")
+    resumed, full = losses(tmp_path / "resumed"), losses(untied_run)
+    assert resumed == {s: full[s] for s in range(step + 1, 7)}
+    assert ("untied group 0" in proc.stderr) == (step < 3)  # repeated at step 3 only when resumed before it
+
+
+@pytest.mark.parametrize("step", [2, 4])
+def test_zero_to_fp32_reads_checkpoints_on_both_sides_of_the_untie(untied_run, step):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(untied_run / "checkpoints"), tag=f"step_{step:08d}")
+    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    assert blocks == ({"0", "1"} if step == 2 else {"0", "1", "2", "3"})
