@@ -38,7 +38,7 @@ plan-demo: $(STAMP)
 	$(PY) launch/plan.py sweep --preset cpu-demo --out runs/sweep-demo --run --jobs 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q --durations=20 tests $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
