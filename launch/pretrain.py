@@ -38,12 +38,13 @@ def main(argv: list[str]) -> int:
 
     from megascale.train.dist import init_distributed
     from megascale.train.loop import pretrain
+    from megascale.train.preempt import PREEMPTED_EXIT
 
-    ctx = init_distributed()
+    ctx = init_distributed(cfg.train.collective_timeout_s)
     summary = pretrain(cfg, ctx)
     if ctx.is_main:
         report(summary)
-    return 0
+    return PREEMPTED_EXIT if summary.preempted else 0
 
 
 def report(summary) -> None:

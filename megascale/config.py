@@ -153,6 +153,12 @@ class TrainConfig:
     """Tokens generated for that sample; 0 disables it."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
+    nan_policy: str = "stop"
+    """Non-finite loss: stop (one line, at the next logging step) | skip (drop the micro-batch; pp=1) | rollback (reload the latest checkpoint, never train on that batch again)."""
+    nan_max_events: int = 10
+    """skip/rollback: stop after this many non-finite events."""
+    collective_timeout_s: float = 1800.0
+    """Seconds any collective may wait: when a rank dies, the others exit after this long instead of hanging."""
 
 
 @dataclass
@@ -421,6 +427,9 @@ def validate(cfg: Config) -> None:
         not p.sequence_parallel or d.seq_len % p.tp == 0,
         f"parallel.sequence_parallel needs data.seq_len={d.seq_len} divisible by parallel.tp={p.tp}; change one of them",
     )
+    _check(t.nan_policy in ("stop", "skip", "rollback"), f"train.nan_policy='{t.nan_policy}' is not one of stop, skip, rollback")
+    _check(t.nan_policy != "skip" or p.pp == 1,
+           "train.nan_policy=skip needs parallel.pp=1 (the pipeline engine runs all micro-batches in one call); use rollback")
     _check(t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = micro_batch_size * data-parallel size)")
     _check_finetune(cfg.finetune)
     _check_untie(cfg)

@@ -1,8 +1,11 @@
 """Process-group start-up under any launcher.
 
-``deepspeed``, ``torchrun`` and ``srun`` wrappers set RANK/WORLD_SIZE/MASTER_*
-in the environment; ``mpirun`` sets only its own PMI/OMPI variables, and
-DeepSpeed's MPI discovery (mpi4py) maps those to the torch ones. A bare
+``deepspeed`` and ``torchrun`` set RANK/WORLD_SIZE/MASTER_* in the environment;
+``mpirun`` sets only its own PMI/OMPI variables, and DeepSpeed's MPI discovery
+(mpi4py) maps those to the torch ones; ``srun`` (one task per GPU, no ssh, no
+launcher of ours in between) sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, which
+map to the torch ones here, with the rendezvous host from MASTER_ADDR (the sbatch
+scripts set it to the first node) or else the node srun was started from. A bare
 ``python launch/pretrain.py`` is a world of one. The backend comes from the
 accelerator DeepSpeed detects at run time: NCCL on CUDA, gloo on CPU.
 """
@@ -40,10 +43,14 @@ class DistContext:
 
 
 def detect_launcher(env: dict[str, str] | None = None) -> str:
-    """Name the launcher from the environment: torch-env, mpi or single."""
+    """Name the launcher from the environment: torch-env, slurm, mpi or single."""
     env = dict(os.environ) if env is None else env
     if all(k in env for k in ("RANK", "WORLD_SIZE")):
         return "torch-env"
+    # A task of an srun step (SLURM_STEP_NUM_TASKS is set for step tasks, not for the batch
+    # script itself); mpirun inside an allocation also inherits SLURM_*, but sets OMPI_*.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and "OMPI_COMM_WORLD_RANK" not in env:
+        return "slurm"
     if any(k in env for k in _MPI_RANK_VARS):
         return "mpi"
     return "single"
@@ -60,20 +67,34 @@ def _single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistContext:
-    """Start the default process group for whatever launched us and return our identity."""
+def slurm_env(env: dict[str, str]) -> dict[str, str]:
+    """The torch rendezvous variables for an srun task, from SLURM's own."""
+    addr = env.get("MASTER_ADDR") or env.get("SLURM_LAUNCH_NODE_IPADDR") or "127.0.0.1"
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)  # same on every node
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr, "MASTER_PORT": port}
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistContext:
+    """Start the default process group for whatever launched us and return our identity.
+
+    ``timeout_s`` bounds every collective: when a rank dies the others fail out of
+    their next collective after this long instead of waiting forever.
+    """
     import deepspeed  # noqa: PLC0415 (heavy import kept out of module import)
     from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
 
     launcher = detect_launcher()
     if launcher == "single":
         _single_process_env()
+    elif launcher == "slurm":
+        os.environ.update(slurm_env(dict(os.environ)))
     port = int(os.environ.get("MASTER_PORT", 29500))
     deepspeed.init_distributed(
         auto_mpi_discovery=launcher == "mpi",
         distributed_port=port,
         verbose=False,
-        timeout=timedelta(minutes=timeout_minutes),
+        timeout=timedelta(seconds=timeout_s),
     )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -30,6 +30,8 @@ from megascale.train.dist import DistContext
 from megascale.train.engine import BatchLayout, batch_layout, build_engine
 from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
+from megascale.train.nonfinite import NanGuard, harmless_backward_loss, zero_lr
+from megascale.train.preempt import PREEMPTED_EXIT, StopRequest
 from megascale.untie.conditions import UntieController
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class RunSummary:
     first_val_loss: float | None = None
     final_val_loss: float | None = None
     losses: list[float] = field(default_factory=list)
+    preempted: str | None = None  # the stop signal that ended the run early, if any
 
 
 # ------------------------------------------------------------------ setup
@@ -150,6 +153,7 @@ class Run:
     controller: UntieController
     progress: Progress = field(default_factory=Progress)
     untie_history: list[dict[str, Any]] = field(default_factory=list)  # events, in order (megascale.json)
+    nan: NanGuard = field(default_factory=NanGuard)  # train.nan_policy and the batches it skips
     grad_bytes: float | None = None  # measured on the first step, between backward and the optimizer step
     # A later training stage (megascale.finetune.stage.TraceStage): its data, initial weights,
     # batches (extra forward arguments), evaluation and checkpoint extras. None = pretraining.
@@ -164,21 +168,44 @@ class Run:
 
 
 def train_step(run: Run) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns the mean loss (on device, not synced)."""
-    seq, device = run.cfg.data.seq_len, run.ctx.device
-    batches = [load_batch(run, run.data.train, idx) for idx in run.sampler.next_global_batch()]
+    """One optimizer step over this rank's micro-batches; returns the mean loss (on device, not synced).
+
+    Under train.nan_policy=skip, micro-batches with a non-finite loss are left out of
+    the gradient and of the returned mean (NaN when all of them were).
+    """
+    device, guard = run.ctx.device, run.nan
+    batches = [load_batch(run, run.data.train, idx) for idx in guard.draw(run.sampler, run.progress.step + 1)]
     if run.pipelined:
         # DeepSpeed's 1F1B schedule consumes the micro-batches and steps the optimizer itself.
-        return run.engine.train_batch(data_iter=iter([(x.to(device), y.to(device)) for x, y in batches])).detach().float()
-    total = torch.zeros((), device=device)
+        loss = run.engine.train_batch(data_iter=iter([(x.to(device), y.to(device)) for x, y in batches])).detach().float()
+        return loss * float("nan") if guard.poison else loss
+    total, kept = torch.zeros((), device=device), 0
+    guard.skipped_micro = 0
     for i, batch in enumerate(batches):
-        loss = run.engine(*(t.to(device) for t in batch))  # (inputs, targets[, weights, doc_ids, positions])
-        run.engine.backward(loss)
+        batch = tuple(t.to(device) for t in batch)  # (inputs, targets[, weights, doc_ids, positions])
+        loss = run.engine(*batch)
+        if guard.poison:
+            loss = loss * float("nan")
+        if guard.policy == "skip" and not finite_everywhere(loss, run.groups.dp_group):
+            guard.skipped_micro += 1
+            run.engine.backward(harmless_backward_loss(run.engine, batch))
+            if guard.skipped_micro == len(batches):
+                zero_lr(run.engine)  # nothing left to learn from: keep the weights where they are
+        else:
+            run.engine.backward(loss)
+            total, kept = total + loss.detach().float(), kept + 1
         if run.grad_bytes is None and i == len(batches) - 1:
             run.grad_bytes = measured_state_bytes(run.engine).grads  # gradients exist only until the step
         run.engine.step()  # DeepSpeed only updates at the accumulation boundary
-        total += loss.detach().float()
-    return total / len(batches)
+    return total / kept if kept else torch.full((), float("nan"), device=device)
+
+
+def finite_everywhere(loss: torch.Tensor, group) -> bool:
+    """Whether this micro-batch's loss is finite on every data-parallel rank (all skip it together, or none)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    return not bool(bad.item())
 
 
 def load_batch(run: Run, split, indices) -> tuple[torch.Tensor, ...]:
@@ -256,6 +283,7 @@ def checkpoint_meta(run: Run) -> dict[str, Any]:
         "world_size": run.ctx.world_size,
         "untie_history": run.untie_history,
         "untie_state": run.controller.state_dict(),
+        "nonfinite": run.nan.state_dict(),
         **({"finetune": run.stage.meta()} if run.stage is not None else {}),
     }
 
@@ -307,7 +335,8 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
         stage.init_model(model)  # e.g. the pretraining checkpoint's weights, before any sharding
     engine = build_engine(model, cfg, layout, ctx.device, groups)
     controller = UntieController(cfg, planned_tokens=cfg.train.max_steps * info["tokens_per_step"])
-    run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), layout, controller, stage=stage)
+    run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), layout, controller, stage=stage,
+              nan=NanGuard(cfg.train.nan_policy, cfg.train.nan_max_events))
     if resume_path is not None:
         restore(run, resume_path, meta, converted)
     return run
@@ -323,6 +352,7 @@ def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None
     run.untie_history = list(meta.get("untie_history", []))
     if meta.get("untie_state"):
         run.controller.load_state_dict(meta["untie_state"])
+    run.nan.load_state_dict(meta.get("nonfinite", {}))
     if run.ctx.is_main:
         how = f"converted from layout {meta.get('layout')} (weights restored, optimizer moments reset)" if converted else "exact"
         log.info("resumed from %s at step %d: %s", path, run.progress.step, how)
@@ -342,55 +372,133 @@ def run_loop(run: Run) -> RunSummary:
     writer.log({"step": progress.step, "event": "start", "world_size": ctx.world_size, "device": str(ctx.device),
                 "layout": layout_of(run.groups), **run.info})
     summary = RunSummary(run.out_dir, None, writer.path, None)
-    peak = device_peak_tflops(ctx.device, run.cfg.metrics.peak_tflops)
-    bar = _progress_bar(ctx, t, progress.step, "pretrain" if run.stage is None else "finetune")
+    meter = _Meter(device_peak_tflops(ctx.device, run.cfg.metrics.peak_tflops),
+                   _progress_bar(ctx, t, progress.step, "pretrain" if run.stage is None else "finetune"))
     if t.eval_every and progress.step == 0:
         summary.first_val_loss = _log_eval(run, writer)
-    last_saved, window_start, window_steps = -1, time.perf_counter(), 0
+    last_saved = -1
     memory_due = True  # per-rank state memory on the first step, and again after each untie
     probe = make_probe(run)
-    while progress.step < t.max_steps:
-        probing = probe is not None and run.controller.probe_due(progress.step + 1)
-        if probing:
-            probe.arm()
-        loss_t = train_step(run)
-        progress.step += 1
-        if probing:
-            log_probe(run, probe, writer)
-        if memory_due:
-            report_state_memory(run, writer)
-            memory_due = False
-        progress.tokens += run.info["tokens_per_step"]
-        window_steps += 1
-        if progress.step % t.log_every == 0 or progress.step == t.max_steps:
-            loss = mean_over(loss_t, run.groups.dp_group)
-            check_finite(loss, progress.step, run.out_dir)
-            elapsed = time.perf_counter() - window_start
-            writer.log(_step_record(run, loss, window_steps / elapsed, peak))
-            summary.losses.append(loss)
-            run.controller.observe_loss(progress.step, loss)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.3f}")
-            window_start, window_steps = time.perf_counter(), 0
-        if bar is not None:
-            bar.update(1)
-        decisions = run.controller.decide(progress.step, progress.tokens, run.model.plan)
-        if decisions:
-            probe = untie_now(run, probe, decisions, writer)
-            memory_due = True
-        if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
-            _log_eval(run, writer)
-        if t.save_every and progress.step % t.save_every == 0:
-            summary.checkpoint, last_saved = _save(run), progress.step
-    if bar is not None:
-        bar.close()
-    if t.eval_every:
+    stop = StopRequest().install()
+    try:
+        while progress.step < t.max_steps:
+            probing = probe is not None and run.controller.probe_due(progress.step + 1)
+            if probing:
+                probe.arm()
+            loss_t = train_step(run)
+            progress.step += 1
+            progress.tokens += run.info["tokens_per_step"]
+            if run.nan.checks_every_step and handle_nonfinite(run, loss_t, writer):
+                continue  # rolled back: step, data position and state are the checkpoint's
+            if probing:
+                log_probe(run, probe, writer)
+            if memory_due:
+                report_state_memory(run, writer)
+                memory_due = False
+            logged = progress.step % t.log_every == 0 or progress.step == t.max_steps
+            meter.step(run, loss_t if logged else None, writer, summary)
+            decisions = run.controller.decide(progress.step, progress.tokens, run.model.plan)
+            if decisions:
+                probe = untie_now(run, probe, decisions, writer)
+                memory_due = True
+                if run.nan.policy == "rollback":  # a rollback must never cross an untie
+                    summary.checkpoint, last_saved = _save(run), progress.step
+            if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
+                _log_eval(run, writer)
+            if t.save_every and progress.step % t.save_every == 0:
+                summary.checkpoint, last_saved = _save(run), progress.step
+            if logged and stop.agreed(ctx.device):  # the ranks synchronise here anyway
+                summary.preempted = stop.signal_name or "a stop signal on another rank"
+                break
+    finally:
+        stop.uninstall()
+        meter.close()
+    if summary.preempted:
+        _log_preempted(run, writer, summary)
+    elif t.eval_every:
         summary.final_val_loss = _log_eval(run, writer)
     if last_saved != progress.step:
         summary.checkpoint = _save(run)
     writer.close()
     _finish(run, summary)
     return summary
+
+
+class _Meter:
+    """Throughput window, logged-step records and the progress bar."""
+
+    def __init__(self, peak: float | None, bar):
+        self.peak, self.bar = peak, bar
+        self.start, self.steps = time.perf_counter(), 0
+
+    def step(self, run: Run, loss_t: torch.Tensor | None, writer: MetricsWriter, summary: RunSummary) -> None:
+        """Count a step; on logging steps (``loss_t`` given) read the loss and write a record."""
+        self.steps += 1
+        if loss_t is not None:
+            loss = mean_over(loss_t, run.groups.dp_group)
+            if not math.isfinite(loss) and run.nan.policy == "skip":  # every micro-batch was skipped
+                writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "loss": None})
+                loss_t = None
+        if loss_t is not None:
+            check_finite(loss, run.progress.step, run.out_dir)
+            writer.log(_step_record(run, loss, self.steps / (time.perf_counter() - self.start), self.peak))
+            summary.losses.append(loss)
+            run.controller.observe_loss(run.progress.step, loss)
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}")
+            self.start, self.steps = time.perf_counter(), 0
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def handle_nonfinite(run: Run, loss_t: torch.Tensor, writer: MetricsWriter) -> bool:
+    """Count skipped micro-batches; under rollback, roll back on a non-finite step. True if it rolled back."""
+    guard, step = run.nan, run.progress.step
+    if guard.skipped_micro:
+        guard.count(step, run.out_dir, f"{guard.skipped_micro} micro-batch(es) with a non-finite loss skipped")
+        writer.log({"step": step, "event": "nan_skip", "micro_batches": guard.skipped_micro})
+    if guard.policy != "rollback":
+        return False
+    loss = mean_over(loss_t, run.groups.dp_group)
+    if math.isfinite(loss):
+        return False
+    guard.count(step, run.out_dir, f"loss {loss}: rolling back to the latest checkpoint")
+    rollback(run, writer)
+    return True
+
+
+def rollback(run: Run, writer: MetricsWriter) -> None:
+    """Reload the latest checkpoint and mark the batch just trained on as never to be used again."""
+    root = run.out_dir / "checkpoints"
+    path = ckpt.latest_checkpoint(root)
+    if path is None:
+        raise MegascaleError(
+            f"loss became non-finite at step {run.progress.step} and train.nan_policy=rollback found no checkpoint in {root}; "
+            f"set train.save_every so there is one to roll back to"
+        )
+    meta = ckpt.read_meta(path)
+    bad_step = run.progress.step
+    run.nan.bad_batches.append(run.nan.position)
+    ckpt.load_checkpoint(run.engine, path)
+    run.sampler.load_state_dict(meta["data"]["sampler"])
+    run.progress.step, run.progress.tokens = meta["step"], meta["tokens"]  # in place: the loop holds this object
+    if meta.get("untie_state"):
+        run.controller.load_state_dict(meta["untie_state"])
+    writer.log({"step": bad_step, "event": "nan_rollback", "to_step": meta["step"], "skipped_batch": run.nan.position})
+    if run.ctx.is_main:
+        log.warning("rolled back from step %d to %s; the batch at data position %s will be skipped",
+                    bad_step, path.name, run.nan.position)
+
+
+def _log_preempted(run: Run, writer: MetricsWriter, summary: RunSummary) -> None:
+    writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "event": "preempted", "signal": summary.preempted})
+    if run.ctx.is_main:
+        log.warning("stopping at step %d on %s: saving a checkpoint, then exiting with code %d so the job is requeued",
+                    run.progress.step, summary.preempted, PREEMPTED_EXIT)
 
 
 def make_probe(run: Run):
@@ -495,7 +603,7 @@ def _finish(run: Run, summary: RunSummary) -> None:
                                            title=f"{summary.out_dir.name}: {run.model.plan.spec}")
     # Generation needs arbitrary lengths: not under the pipeline engine or sequence parallelism's T/tp slices.
     sliced = run.cfg.parallel.sequence_parallel and run.groups.dims.tp > 1
-    if run.cfg.train.sample_tokens and not run.pipelined and not sliced:
+    if run.cfg.train.sample_tokens and not run.pipelined and not sliced and not summary.preempted:
         # All ranks generate: under ZeRO-3 and tensor parallelism every forward is collective.
         run.engine.eval()
         prompt = run.data.tokenizer.encode(run.cfg.train.sample_prompt)
