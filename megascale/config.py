@@ -221,6 +221,8 @@ class MetricsConfig:
     """Write TensorBoard event files when tensorboard is installed."""
     plot: bool = True
     """Write loss.png at the end of the run."""
+    wandb_project: str = ""
+    """Also log to Weights & Biases under this project when wandb is installed ('' = off; never required; WANDB_MODE=offline works)."""
 
 
 @dataclass

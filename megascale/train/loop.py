@@ -368,7 +368,7 @@ def pretrain(cfg: Config, ctx: DistContext) -> RunSummary:
 
 def run_loop(run: Run) -> RunSummary:
     t, ctx, progress = run.cfg.train, run.ctx, run.progress
-    writer = MetricsWriter(run.out_dir, ctx.is_main, run.cfg.metrics.tensorboard)
+    writer = MetricsWriter(run.out_dir, ctx.is_main, run.cfg.metrics.tensorboard, run.cfg.metrics.wandb_project, run.cfg.to_dict())
     writer.log({"step": progress.step, "event": "start", "world_size": ctx.world_size, "device": str(ctx.device),
                 "layout": layout_of(run.groups), **run.info})
     summary = RunSummary(run.out_dir, None, writer.path, None)

@@ -43,10 +43,11 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 class MetricsWriter:
     """Appends metric records to ``metrics.jsonl`` (and TensorBoard) on the main rank."""
 
-    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, wandb_project: str = "", config: dict | None = None):
         self.path = out_dir / "metrics.jsonl"
         self.enabled = enabled
         self._tb = _tensorboard_writer(out_dir / "tensorboard") if enabled and tensorboard else None
+        self._wandb = _wandb_run(wandb_project, out_dir, config) if enabled and wandb_project else None
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -55,14 +56,19 @@ class MetricsWriter:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v)}
         if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self._tb.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, record["step"])
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=record["step"])
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def _tensorboard_writer(path: Path):
@@ -72,6 +78,18 @@ def _tensorboard_writer(path: Path):
         log.info("tensorboard not installed: metrics go to metrics.jsonl only")
         return None
     return SummaryWriter(str(path))
+
+
+def _wandb_run(project: str, out_dir: Path, config: dict | None):
+    """A Weights & Biases run resumed by run directory (a requeued job continues the same run), or None."""
+    try:
+        import wandb  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        log.warning("metrics.wandb_project=%s but wandb is not installed (pip install wandb): metrics go to "
+                    "metrics.jsonl and TensorBoard only", project)
+        return None
+    run_id = "".join(c if c.isalnum() else "-" for c in str(out_dir.resolve()))[-64:]
+    return wandb.init(project=project, name=out_dir.name, id=run_id, resume="allow", dir=str(out_dir), config=config)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
