@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import common
 
@@ -34,6 +35,10 @@ def main(argv: list[str]) -> int:
         return 0
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     cfg = load_config(args.config, overrides)  # validated before any process group exists
+    if cfg.train.init_hf:
+        from megascale.export.hf import with_hf_model
+
+        cfg = with_hf_model(cfg, Path(cfg.train.init_hf))
     common.check_layout(cfg)
 
     from megascale.train.dist import init_distributed

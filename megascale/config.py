@@ -145,6 +145,8 @@ class TrainConfig:
     """Complete checkpoints to keep; older ones are deleted after a newer one is safely written."""
     out_dir: str = "runs/tiny"
     """Run directory: checkpoints/, metrics.jsonl, loss.png, tensorboard/."""
+    init_hf: str = ""
+    """Start (a fresh run) from a Hugging Face Llama directory: its shape replaces model.* (untied) and its weights are loaded. Prepare the data with its tokenizer."""
     resume: str = ""
     """'' starts fresh; 'auto' resumes from the latest checkpoint in out_dir if there is one; or a checkpoint path."""
     sample_prompt: str = "def "

@@ -25,6 +25,7 @@ import torch
 from megascale.config import Config, ModelConfig, validate
 from megascale.data import Tokenizer
 from megascale.errors import MegascaleError
+from megascale.export.hf import hf_model_overrides, import_hf, is_hf_directory
 from megascale.finetune import data as fd
 from megascale.finetune.arithmetic import Example, arithmetic_splits
 from megascale.finetune.evaluate import evaluate_splits
@@ -41,13 +42,32 @@ VAL_LOSS_EXAMPLES = 512
 
 
 def resolve_init(cfg: Config) -> tuple[Path, dict[str, Any]]:
-    """The pretraining checkpoint named by finetune.init, and its megascale.json."""
+    """The pretraining checkpoint named by finetune.init and its megascale.json (or a Hugging Face Llama directory's equivalent)."""
     if not cfg.finetune.init:
         raise MegascaleError("no pretraining checkpoint to start from: pass --init CHECKPOINT (e.g. runs/tiny/checkpoints) or set finetune.init")
+    if is_hf_directory(Path(cfg.finetune.init)):
+        return Path(cfg.finetune.init), hf_init_meta(Path(cfg.finetune.init))
     path = ckpt.resolve_checkpoint(cfg.finetune.init, Path(cfg.finetune.init))
     if path is None:
         raise MegascaleError(f"finetune.init={cfg.finetune.init} holds no checkpoint; run `make pretrain` first or pass a step_* directory")
     return path, ckpt.read_meta(path)
+
+
+def hf_init_meta(directory: Path) -> dict[str, Any]:
+    """What fine-tuning reads from a checkpoint's megascale.json, for a Hugging Face Llama directory."""
+    model = ModelConfig(**hf_model_overrides(directory))
+    tokenizer = directory / "tokenizer.model"
+    if not tokenizer.is_file():
+        raise MegascaleError(f"{directory} has no tokenizer.model (sentencepiece); fine-tuning needs the model's tokenizer beside it")
+    return {"format": "huggingface", "config": {"model": dataclasses.asdict(model)}, "sharing_plan": list(range(model.n_layers)),
+            "tokenizer": {"path": str(tokenizer.resolve()), "vocab_size": model.vocab_size}, "layout": "hugging face", "step": 0}
+
+
+def init_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full plain-model weights of the fine-tuning start: a megascale checkpoint of any layout, or a Hugging Face directory."""
+    if meta.get("format") == "huggingface":
+        return import_hf(path)[1]
+    return ckpt.full_weights(path, meta)
 
 
 def finetune_config(cfg: Config) -> tuple[Config, Path, dict[str, Any]]:
@@ -132,7 +152,7 @@ class TraceStage:
 
     def init_model(self, model: torch.nn.Module) -> None:
         """Pretrained weights (full, from any layout) with the vocabulary grown by the separator rows."""
-        state = fd.extend_vocab(ckpt.full_weights(self.init_path, self.init_meta), model.cfg.vocab_size)
+        state = fd.extend_vocab(init_weights(self.init_path, self.init_meta), model.cfg.vocab_size)
         model.load_state_dict(state)
         log.info("initialised from %s (layout %s, sharing plan %s)", self.init_path,
                  self.init_meta.get("layout"), self.init_meta["sharing_plan"])

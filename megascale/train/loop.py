@@ -333,6 +333,8 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
         model.load_state_dict(ckpt.full_weights(resume_path, meta))
     elif resume_path is None and stage is not None:
         stage.init_model(model)  # e.g. the pretraining checkpoint's weights, before any sharding
+    elif resume_path is None and cfg.train.init_hf:
+        load_hf_weights(model, Path(cfg.train.init_hf), ctx)
     engine = build_engine(model, cfg, layout, ctx.device, groups)
     controller = UntieController(cfg, planned_tokens=cfg.train.max_steps * info["tokens_per_step"])
     run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), layout, controller, stage=stage,
@@ -340,6 +342,15 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     if resume_path is not None:
         restore(run, resume_path, meta, converted)
     return run
+
+
+def load_hf_weights(model: Transformer, directory: Path, ctx: DistContext) -> None:
+    from megascale.export.hf import import_hf  # noqa: PLC0415
+
+    _, state = import_hf(directory)
+    model.load_state_dict(state)
+    if ctx.is_main:
+        log.info("initialised from the Hugging Face model in %s", directory)
 
 
 def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None:

@@ -1,0 +1,324 @@
+"""Hugging Face export and import (megascale.export.hf, launch/export_hf.py).
+
+Three tiny pretraining runs (tied blocks with tied embeddings; no sharing; tied blocks
+under tp=2 x pp=2) are exported, loaded with ``transformers.LlamaForCausalLM`` and
+compared with megascale's own ``Transformer`` on the same tokens, in fp32; the export is
+imported back (``import_hf``) into an untied model that must give the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch as safetensors_torch
+import torch
+import transformers
+
+from conftest import ROOT, clean_env, run_pretrain
+from megascale.config import ModelConfig
+from megascale.errors import MegascaleError
+from megascale.export import export_hf, import_hf, model_config_of
+from megascale.model.llama import Transformer
+from megascale.train.checkpoint import full_weights, read_meta, resolve_checkpoint
+
+EXPORT = ROOT / "launch" / "export_hf.py"
+TOL = 1e-4
+TEXT = "def f(x):\n    return {'a': x ** 2}  # ünïcode 123456\n\n\tdone\n"
+
+# name -> (pretrain overrides on top of conftest.TINY (sharing cycle:2, GQA 4q/2kv), processes)
+RUNS = {
+    "tied": (["model.tie_embeddings=true"], 1),
+    "untied": (["model.sharing=none"], 1),
+    "tp2pp2": (["parallel.tp=2", "parallel.pp=2", "train.zero_stage=1"], 4),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
+    """name -> run directory; each trained once per module, on first use."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            overrides, nproc = RUNS[name]
+            out = tmp_path_factory.mktemp(f"run-{name}")
+            run_pretrain(out, data_dir, *overrides, nproc=nproc, timeout=600)
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def exports(runs, tmp_path_factory) -> dict[str, Path]:
+    """name -> exported Hugging Face directory (tied: API on the run dir; untied: API on the step dir; tp2pp2: the CLI)."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            run = runs(name)
+            out = tmp_path_factory.mktemp(f"hf-{name}") / "model"
+            if name == "tp2pp2":
+                proc = export_cli("--checkpoint", str(run / "checkpoints"), "--out", str(out))
+                assert proc.returncode == 0, proc.stderr
+                assert f"-> {out}" in proc.stdout and "model.safetensors" in proc.stdout
+            elif name == "untied":
+                assert export_hf(resolve_checkpoint(str(run), run), out) == out
+            else:
+                assert export_hf(run, out) == out
+            cache[name] = out
+        return cache[name]
+
+    return get
+
+
+def export_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXPORT), *args], capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=300)
+
+
+def megascale_model(run: Path) -> tuple[Transformer, dict]:
+    """The checkpoint's own model: its config and sharing plan, weights from full_weights (any layout)."""
+    path = resolve_checkpoint(str(run), run)
+    meta = read_meta(path)
+    model = Transformer(model_config_of(meta))
+    model.load_state_dict(full_weights(path, meta))
+    return model.eval(), meta
+
+
+def hf_model(directory: Path):
+    return transformers.LlamaForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32).eval()
+
+
+def tokens_for(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def sharpen(model: torch.nn.Module, factor: float = 10.0) -> None:
+    """Scale every q/k projection: attention scores x factor^2, so a RoPE layout mismatch cannot hide in near-uniform attention."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(factor)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_export_matches_megascale_logits(name, runs, exports):
+    run, out = runs(name), exports(name)
+    ours, meta = megascale_model(run)
+    plan = meta["sharing_plan"]
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == len(plan) == 4
+    assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] == (name == "tied")
+    assert (config["bos_token_id"], config["eos_token_id"]) == (2, 3)
+    note = json.loads((out / "megascale.json").read_text())
+    assert note["step"] == meta["step"] and note["sharing_plan"] == plan and note["untie_history"] == []
+    assert note["layout"]["tp"] == (2 if name == "tp2pp2" else 1)
+
+    # Tied blocks are expanded: every layer has its own tensors, equal to its group's block.
+    tensors = safetensors_torch.load_file(str(out / "model.safetensors"))
+    assert ("lm_head.weight" in tensors) == (name != "tied")
+    assert len([k for k in tensors if k.startswith("model.layers.")]) == 9 * len(plan)
+    for layer, group in enumerate(plan):
+        torch.testing.assert_close(tensors[f"model.layers.{layer}.self_attn.q_proj.weight"], ours.blocks[str(group)].attn.q_proj.weight, rtol=0, atol=0)
+        torch.testing.assert_close(tensors[f"model.layers.{layer}.mlp.down_proj.weight"], ours.blocks[str(group)].mlp.down_proj.weight, rtol=0, atol=0)
+
+    hf = hf_model(out)
+    assert len(hf.model.layers) == 4
+    tokens = tokens_for(ours.cfg.vocab_size)
+    with torch.no_grad():
+        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+        assert diff < TOL, f"{name}: HF logits differ by {diff}"
+        sharpen(ours), sharpen(hf)  # tied blocks scale once, their HF copies once each: still the same model
+        diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+        assert diff < TOL, f"{name}, sharpened attention: HF logits differ by {diff}"
+
+
+def test_rope_layout_is_checked(runs, exports):
+    """Negative control: Meta's interleaved-RoPE permutation of q/k (what a layout mismatch would need) breaks parity."""
+    ours, _ = megascale_model(runs("untied"))
+    hf = hf_model(exports("untied"))
+    sharpen(ours), sharpen(hf)
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        rows, cols = w.shape
+        return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    tokens = tokens_for(ours.cfg.vocab_size)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.copy_(permute(layer.self_attn.q_proj.weight, 4))
+            layer.self_attn.k_proj.weight.copy_(permute(layer.self_attn.k_proj.weight, 2))
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() > 100 * TOL
+
+
+@pytest.mark.parametrize("name", ["tied", "tp2pp2"])
+def test_import_round_trip(name, runs, exports):
+    ours, meta = megascale_model(runs(name))
+    overrides, state = import_hf(exports(name))
+    assert overrides["sharing"] == "none" and overrides["n_layers"] == 4 and overrides["n_kv_heads"] == 2
+    assert overrides["tie_embeddings"] == (name == "tied")
+    if name == "tied":
+        assert state["lm_head.weight"] is state["embed.weight"]
+    untied = Transformer(ModelConfig(**overrides, attention="torch"))
+    assert list(state) == list(untied.state_dict())  # blocks.0 .. blocks.3: one block per layer
+    untied.load_state_dict(state)
+    untied.eval()
+    assert untied.plan.n_groups == 4 and all(t.dtype == torch.float32 for t in state.values())
+    tokens = tokens_for(ours.cfg.vocab_size)
+    with torch.no_grad():
+        diff = (ours(tokens) - untied(tokens)).abs().max().item()
+    assert diff < TOL, f"{name}: imported model's logits differ by {diff}"
+    assert ModelConfig(**overrides).hidden_dim == ours.cfg.hidden_dim
+
+
+def test_import_sharded_transformers_save(exports, tmp_path):
+    """A directory written by transformers itself (its own config.json format, weights sharded with an index)."""
+    hf = hf_model(exports("untied"))
+    hf.save_pretrained(str(tmp_path), max_shard_size="300KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    overrides, state = import_hf(tmp_path)
+    ref_overrides, ref_state = import_hf(exports("untied"))
+    assert overrides == ref_overrides and state.keys() == ref_state.keys()
+    for key in state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=0, atol=0)
+
+
+def test_tokenizer_loads_in_transformers(exports):
+    import sentencepiece as spm
+
+    out = exports("tied")
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    ids = tok.encode(TEXT)
+    assert ids == sp.encode(TEXT, out_type=int)  # no BOS/EOS added, no dummy prefix, digits split: as trained
+    assert tok.decode(ids) == TEXT
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (2, 3, 0, 1)
+
+
+def test_finetune_separators_are_added_tokens(data_dir, tmp_path):
+    from megascale.export import hf as H
+
+    seps = {"<|query|>": 512, "<|trace|>": 513, "<|step|>": 514, "<|response|>": 515}
+    tok = H._tokenizer_info(data_dir / "tokenizer.model", True, 576, {"finetune": {"separators": seps}})
+    H._write_tokenizer(tmp_path, tok, 64)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert {s: hf_tok.convert_tokens_to_ids(s) for s in seps} == seps
+    assert 513 in hf_tok.encode("x = 1<|trace|>y")
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_export_refuses_missing_checkpoint(tmp_path):
+    line = one_error_line(export_cli("--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "hf")))
+    assert "does not exist" in line and "step_*" in line
+    line = one_error_line(export_cli("--checkpoint", str(tmp_path), "--out", str(tmp_path / "hf")))
+    assert "not a megascale checkpoint" in line
+
+
+def test_export_refuses_foreign_out_dir_and_missing_tokenizer(runs, tmp_path):
+    step = resolve_checkpoint(str(runs("untied")), runs("untied"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(MegascaleError, match="not empty"):
+        export_hf(step, foreign)
+    assert (foreign / "keep.txt").read_text() == "mine"
+
+    moved = tmp_path / step.name  # a checkpoint whose data directory has gone
+    shutil.copytree(step, moved)
+    meta = json.loads((moved / "megascale.json").read_text())
+    tokenizer = Path(meta["tokenizer"]["path"])
+    meta["tokenizer"]["path"] = str(tmp_path / "gone" / "tokenizer.model")
+    (moved / "megascale.json").write_text(json.dumps(meta))
+    with pytest.raises(MegascaleError, match="--tokenizer"):
+        export_hf(moved, tmp_path / "hf")
+    out = export_hf(moved, tmp_path / "hf", tokenizer=tokenizer)
+    assert export_hf(moved, out, tokenizer=tokenizer) == out  # an earlier export is overwritten
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"head_dim": 32}, "head_dim=32"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_parameters": None}, "RoPE scaling 'linear'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "RoPE scaling 'yarn'"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads=3"),
+])
+def test_import_refuses_non_llama_config(change, fragment, exports, tmp_path):
+    src = exports("untied")
+    shutil.copy(src / "model.safetensors", tmp_path / "model.safetensors")
+    config = {**json.loads((src / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MegascaleError, match=None) as err:
+        import_hf(tmp_path)
+    message = str(err.value)
+    assert fragment in message and "\n" not in message and ";" in message
+
+
+def test_import_refuses_bad_directories(exports, tmp_path):
+    with pytest.raises(MegascaleError, match="does not exist"):
+        import_hf(tmp_path / "nowhere")
+    with pytest.raises(MegascaleError, match="no config.json"):
+        import_hf(tmp_path)
+    src = exports("untied")
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    with pytest.raises(MegascaleError, match="neither model.safetensors"):
+        import_hf(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(MegascaleError, match="safe_serialization=True"):
+        import_hf(tmp_path)
+    tensors = safetensors_torch.load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    safetensors_torch.save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MegascaleError, match="q_proj.bias"):
+        import_hf(tmp_path)
+    del tensors["model.layers.0.self_attn.q_proj.bias"], tensors["model.norm.weight"]
+    safetensors_torch.save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(MegascaleError, match="model.norm.weight"):
+        import_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(MegascaleError, match="not a readable safetensors file"):
+        import_hf(tmp_path)
+
+
+# ------------------------------------------------------------------ training from a Hugging Face directory
+
+
+def test_pretraining_starts_from_a_hugging_face_directory(runs, exports, data_dir, tmp_path):
+    from megascale.data import TokenFile, batch_from_indices
+
+    hf = exports("tied")
+    out = tmp_path / "from-hf"
+    proc = run_pretrain(out, data_dir, f"train.init_hf={hf}", "train.max_steps=1", "train.eval_every=1", "train.eval_batches=2")
+    assert "initialised from the Hugging Face model" in proc.stderr
+    first_val = next(json.loads(l)["val_loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in l)
+    model, _ = megascale_model(runs("tied"))  # the exported checkpoint's own weights
+    val = TokenFile(data_dir / "val")
+    with torch.no_grad():
+        expected = torch.stack([model(*batch_from_indices(val, range(b * 4, (b + 1) * 4), 32)) for b in range(2)]).mean()
+    assert first_val == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_finetuning_starts_from_a_hugging_face_directory(exports, tmp_path):
+    from test_finetune import run_finetune
+
+    proc = run_finetune(tmp_path / "ft", exports("untied"), "train.max_steps=2")
+    assert "initialised from" in proc.stderr and "hugging face" in proc.stderr
+    meta = json.loads((tmp_path / "ft" / "checkpoints" / "step_00000002" / "megascale.json").read_text())
+    assert meta["finetune"]["init"] == str(exports("untied").resolve())
