@@ -1,0 +1,239 @@
+"""Training throughput: megascale (DeepSpeed engine) against a plain PyTorch loop, in one run.
+
+    python bench/train_throughput.py                         # GPU: 125m, 350m, 1.3b; seq 2048, bf16, ZeRO-1
+    python bench/train_throughput.py --cpu                   # CPU: the tiny config, fp32 — framework overhead
+    python bench/train_throughput.py --configs 125m --micro-batch 8 --ckpt off --json out.json
+
+For every config, sharing (untied `none`, tied `all`) and activation checkpointing
+(off, on), both trainers run the same model on the same random token batches:
+
+* megascale: ``megascale.train.engine.build_engine`` (DeepSpeed, ZeRO stage of the
+  config, torch AdamW inside it, the attention backend megascale picks) and the
+  forward/backward/step sequence of ``megascale.train.loop.train_step``;
+* plain: the same ``Transformer``, ``torch.optim.AdamW(fused=True)`` on CUDA,
+  SDPA attention, bf16 autocast over fp32 weights, no DeepSpeed.
+
+Each runs ``--warmup`` steps, then ``--steps`` timed steps (synchronised at the
+end only). Reported: tokens/s, model TFLOP/s per device (FLOPs per token from
+*applied* parameters plus the attention term, ``Transformer.flops_per_token``),
+MFU against the device's dense bf16 peak (``megascale.hardware``; none on CPU),
+peak memory, and megascale over plain. ``--micro-batch auto`` (GPU) doubles the
+micro-batch from 1 until the plain loop runs out of memory and uses the largest
+that fit. A table on stdout; ``--json`` writes it with device, date and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+import torch  # noqa: E402
+
+from megascale.config import Config, load_config  # noqa: E402
+from megascale.model import Transformer  # noqa: E402
+from megascale.model.attention import resolve_backend  # noqa: E402
+
+
+@dataclass
+class Result:
+    config: str
+    sharing: str
+    ckpt: bool
+    trainer: str
+    micro_batch: int
+    tokens_per_s: float
+    tflops: float
+    mfu: float | None
+    peak_gib: float | None
+    step_ms: float
+
+
+def bench_config(name: str, args) -> Config:
+    overrides = [f"model.sharing={args.sharing}", "train.zero_stage=1", f"train.micro_batch_size={args.micro}",
+                 "train.global_batch_size=0", f"parallel.activation_checkpointing={str(args.ckpt_on).lower()}"]
+    if args.cpu:
+        overrides += ["train.precision=fp32", f"data.seq_len={args.seq or 128}"]
+    else:
+        overrides += ["train.precision=bf16", f"data.seq_len={args.seq or 2048}"]
+    return load_config(ROOT / "configs" / f"{name}.yaml", overrides)
+
+
+def make_model(cfg: Config, device: torch.device, backend: str) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).to(device)
+    model.set_attention_backend(backend)
+    return model
+
+
+def random_batches(cfg: Config, n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len + 1)
+    out = []
+    for _ in range(n):
+        seq = torch.randint(0, cfg.model.vocab_size, shape, generator=g).to(device)
+        out.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    return out
+
+
+def timed(step, batches, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds per step over ``steps`` after ``warmup``, synchronising only at the ends."""
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_trainer(cfg: Config, device: torch.device):
+    model = make_model(cfg, device, "torch")
+    model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                            weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+
+    def step(batch):
+        with autocast:
+            loss = model(*batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def megascale_trainer(cfg: Config, device: torch.device, ctx, groups):
+    from megascale.train.engine import batch_layout, build_engine  # noqa: PLC0415
+
+    backend, _ = resolve_backend(cfg.model.attention, device, cfg.model.head_dim, torch.bfloat16)
+    model = make_model(cfg, device, backend)
+    engine = build_engine(model, cfg, batch_layout(cfg, 1), device, groups)
+
+    def step(batch):  # train_step's sequence for one micro-batch per step
+        loss = engine(*batch)
+        engine.backward(loss)
+        engine.step()
+
+    return model, step
+
+
+def measure(name: str, trainer: str, args, device, ctx, groups) -> Result:
+    cfg = bench_config(name, args)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, step = plain_trainer(cfg, device) if trainer == "plain" else megascale_trainer(cfg, device, ctx, groups)
+    batches = random_batches(cfg, 4, device)
+    seconds = timed(step, batches, args.warmup, args.steps, device)
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len / seconds
+    tflops = model.flops_per_token(cfg.data.seq_len) * tokens / 1e12
+    peak = peak_tflops(device)
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del model, step, batches
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Result(name, args.sharing, args.ckpt_on, trainer, cfg.train.micro_batch_size, tokens, tflops,
+                  tflops / peak if peak else None, mem, seconds * 1e3)
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    from megascale.train.metrics import device_peak_tflops  # noqa: PLC0415
+
+    return device_peak_tflops(device, 0.0)
+
+
+def largest_micro_batch(name: str, args, device) -> int:
+    """Double the micro-batch until the plain loop runs out of memory; the largest that fit."""
+    best, micro = 0, 1
+    while micro <= 256:
+        args.micro = micro
+        try:
+            cfg = bench_config(name, args)
+            model, step = plain_trainer(cfg, device)
+            step(random_batches(cfg, 1, device)[0])
+            sync(device)
+            best = micro
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            model = step = None
+            gc.collect()
+            torch.cuda.empty_cache()
+        micro *= 2
+    if not best:
+        raise SystemExit(f"{name}: micro-batch 1 does not fit on {torch.cuda.get_device_name(device)}")
+    return max(1, best // 2) if best > 1 else best  # headroom for DeepSpeed's own buffers
+
+
+def row(r: Result, base: Result | None) -> str:
+    mfu = f"{r.mfu:6.1%}" if r.mfu is not None else "   n/a"
+    mem = f"{r.peak_gib:7.1f}" if r.peak_gib is not None else "    n/a"
+    ratio = f"{r.tokens_per_s / base.tokens_per_s:6.3f}" if base else "      "
+    return (f"{r.config:<6} {r.sharing:<5} {'on' if r.ckpt else 'off':<4} {r.trainer:<9} {r.micro_batch:>5} "
+            f"{r.step_ms:9.1f} {r.tokens_per_s:11,.0f} {r.tflops:8.2f} {mfu} {mem} {ratio}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=None, help="comma-separated configs/*.yaml names (default 125m,350m,1.3b; --cpu: tiny)")
+    p.add_argument("--cpu", action="store_true", help="run on CPU (fp32, tiny config): framework overhead per step")
+    p.add_argument("--sharings", default="none,all")
+    p.add_argument("--ckpt", default="off,on", help="activation checkpointing settings to run: off,on")
+    p.add_argument("--micro-batch", default="auto", help="sequences per step, or auto (GPU: largest that fits)")
+    p.add_argument("--seq", type=int, default=0, help="sequence length (default 2048 on GPU, 128 on CPU)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    if args.cpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from megascale.train.dist import init_distributed  # noqa: PLC0415
+    from megascale.train.loop import make_groups  # noqa: PLC0415
+
+    ctx = init_distributed()
+    device = ctx.device
+    configs = (args.configs or ("tiny" if args.cpu else "125m,350m,1.3b")).split(",")
+    results: list[Result] = []
+    print("config sharing ckpt trainer   micro  step ms    tokens/s   TFLOP/s    MFU  mem GiB  megascale/plain")
+    for name in configs:
+        for sharing in args.sharings.split(","):
+            for ckpt in args.ckpt.split(","):
+                args.sharing, args.ckpt_on = sharing, ckpt == "on"
+                auto = args.micro_batch == "auto"
+                args.micro = (largest_micro_batch(name, args, device) if device.type == "cuda" else 8) if auto else int(args.micro_batch)
+                groups = make_groups(bench_config(name, args), ctx)
+                plain = measure(name, "plain", args, device, ctx, groups)
+                ours = measure(name, "megascale", args, device, ctx, groups)
+                print(row(plain, None))
+                print(row(ours, plain), flush=True)
+                results += [plain, ours]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "command": " ".join(sys.argv),
+            "results": [r.__dict__ for r in results]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
