@@ -235,3 +235,33 @@ def test_zero_to_fp32_reads_checkpoints_on_both_sides_of_the_untie(untied_run, s
     state = get_fp32_state_dict_from_zero_checkpoint(str(untied_run / "checkpoints"), tag=f"step_{step:08d}")
     blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
     assert blocks == ({"0", "1"} if step == 2 else {"0", "1", "2", "3"})
+
+
+# ------------------------------------------------------------------ coherence inside a run
+
+
+def probe_records(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"event": "probe"' in l]
+
+
+@pytest.mark.parametrize("threshold, fires", [(1.01, True), (0.0, False)], ids=["always-below", "never-below"])
+def test_coherence_condition_in_a_run(data_dir, tmp_path, threshold, fires):
+    """rho <= 1 always: a threshold above 1 must fire after coherence_probes probes, one at 0 never."""
+    run_pretrain(tmp_path, data_dir, "model.sharing=all", "untie.when=coherence", "untie.probe_every=2",
+                 "untie.coherence_probes=2", f"untie.coherence_threshold={threshold}", "untie.units=lowest:1",
+                 "train.max_steps=6")
+    probes = probe_records(tmp_path)
+    rhos = [v for p in probes for k, v in p.items() if k.startswith("coherence/")]  # one tied group per probe
+    assert [p["step"] for p in probes][:2] == [2, 4] and len(rhos) == len(probes) and all(0 < r <= 1 for r in rhos)
+    assert all(set(p) >= {f"alignment/g0/u{u}" for u in range(4)} for p in probes[:2])
+    unties = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"event": "untie"' in l]
+    if not fires:
+        assert unties == []
+        return
+    (event,) = unties
+    assert event["step"] == 4 and len(event["units"]) == 1
+    least = min(range(4), key=lambda u: probes[1][f"alignment/g0/u{u}"])
+    assert event["units"] == [least] and "least aligned" in event["reasons"]["0"]
+    # after the untie the remaining three units are still probed as one group
+    later = [p for p in probes if p["step"] > 4]
+    assert later and all(len([k for k in p if k.startswith("alignment/")]) == 3 for p in later)

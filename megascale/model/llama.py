@@ -204,6 +204,9 @@ class Transformer(nn.Module):
         self.full_logits: nn.Module = nn.Identity()
         # Recompute block activations in backward (set from parallel.activation_checkpointing).
         self.activation_checkpointing = False
+        # An object with an int ``current``, told which layer (unit) runs each block: how the
+        # coherence probe (megascale.train.probe) attributes a shared block's gradient to units.
+        self.unit_tracker = None
         self.reset_parameters()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -252,19 +255,29 @@ class Transformer(nn.Module):
         if doc_ids is not None:
             mask = document_mask(doc_ids)
         x = self.embed(tokens)  # (B, T, D)
-        for layer, group in enumerate(self.plan.group_of):
-            block = self.blocks[str(group)]
+        for layer in range(self.plan.n_layers):
             kv = None if cache is None else cache[layer]
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, kv, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(self._apply_unit, layer, x, cos, sin, mask, kv, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, kv)
+                x = self._apply_unit(layer, x, cos, sin, mask, kv)
         logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, V/tp) under tensor parallelism
         if targets is None:
             return self.full_logits(logits)
         if weights is None:
             return self.loss_fn(logits, targets)
         return self.loss_fn(logits, targets, weights)
+
+    def _apply_unit(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    mask: torch.Tensor | None, kv: LayerKV | None) -> torch.Tensor:
+        """Layer ``layer``: its group's block, after telling the unit tracker (if any) which unit runs.
+
+        This is the function activation checkpointing wraps, so the recomputation in
+        backward names the unit again before it re-runs the block.
+        """
+        if self.unit_tracker is not None:
+            self.unit_tracker.current = layer
+        return self.blocks[str(self.plan.group_of[layer])](x, cos, sin, mask, kv)
 
     # ------------------------------------------------------------ accounting
 

@@ -166,3 +166,8 @@ def gather_from_sp(x: torch.Tensor, group) -> torch.Tensor:
 def reduce_scatter_to_sp(x: torch.Tensor, group) -> torch.Tensor:
     """Partial (B, T, D) summed over ranks, this rank keeping (B, T/tp, D); all-gather backward."""
     return _ReduceScatterToSP.apply(x, group)
+
+
+def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, T/tp, ...) → (B, T, ...) by a plain all-gather, outside autograd: for hooks that see sequence slices."""
+    return _gather_seq(x, group)

@@ -15,11 +15,17 @@ batch and *before* the data-parallel reduction, so the DP all-reduce sees the
 summed tied gradient (the ordering Megatron-LM#844 got wrong for the shared
 embedding) and every replica takes the identical optimizer step.
 
+Each block entry's ``forward_fn`` (``BlockUnit``) tells the block which layer applies
+it, for the per-unit gradients of megascale.train.probe; ``StageUnit`` keeps such
+entries in DeepSpeed's per-layer checkpoint files and activation checkpointing.
+
 Weights come from the already-initialised (and, with tp > 1, already sharded)
 plain model, so a pipelined run starts from the 1-rank run's exact weights.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -55,10 +61,59 @@ class BlockLayer(nn.Module):
         self.block = block
         self.head_dim, self.rope_theta = head_dim, rope_theta
         self.seq_multiplier = seq_multiplier  # tp under sequence parallelism: x holds T/tp positions
+        self.unit_tracker = None  # as Transformer.unit_tracker: told which layer applies the block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cos, sin = rope_tables(self.head_dim, x.shape[1] * self.seq_multiplier, self.rope_theta, x.device)
         return self.block(x, cos, sin)
+
+
+@dataclass(frozen=True)
+class BlockUnit:
+    """The ``forward_fn`` of layer ``layer``'s TiedLayerSpec: DeepSpeed calls it as ``fn(tied BlockLayer, x)``.
+
+    A stage holds one BlockLayer per tie group, shared by the group's units there, so
+    only the call site knows which layer runs; it tells the layer's unit tracker (the
+    coherence probe's) before applying the block. The pipeline checkpoints this call
+    (through StageUnit), so the recomputation in backward names the unit again.
+    """
+
+    layer: int
+
+    def __call__(self, module: BlockLayer, x: torch.Tensor) -> torch.Tensor:
+        if module.unit_tracker is not None:
+            module.unit_tracker.current = self.layer
+        return module(x)
+
+
+class StageUnit:
+    """One block application in a stage's ``forward_funcs``: the tied BlockLayer and the BlockUnit that applies it.
+
+    DeepSpeed would keep ``partial(BlockUnit(layer), block_layer)`` there, and it takes an
+    entry without a ``state_dict`` for a stateless function: it would neither write it to
+    nor read it from its per-layer checkpoint files (layer_XX-model_YY-model_states.pt),
+    and would not checkpoint its activations. This stand-in is called the same way and
+    hands state and parameters to the BlockLayer, so checkpoints and recomputation stay
+    what they were when the BlockLayer itself sat in ``forward_funcs``.
+    """
+
+    def __init__(self, unit: BlockUnit, module: BlockLayer):
+        self.unit, self.module = unit, module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unit(self.module, x)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        return self.module.load_state_dict(*args, **kwargs)
+
+    def parameters(self, *args, **kwargs):
+        return self.module.parameters(*args, **kwargs)
+
+    def named_parameters(self, *args, **kwargs):
+        return self.module.named_parameters(*args, **kwargs)
 
 
 class NormLayer(nn.Module):
@@ -94,11 +149,11 @@ def pipeline_layers(model: Transformer, seq_multiplier: int = 1) -> list:
         layers = [TiedLayerSpec("embed", EmbedLayer, model.embed, model.lm_head, tied_weight_attr=attrs)]
     else:
         layers = [LayerSpec(EmbedLayer, model.embed)]
-    for group in model.plan.group_of:
+    for layer, group in enumerate(model.plan.group_of):
         block = model.blocks[str(group)]
-        probe = BlockLayer(block, cfg.head_dim, cfg.rope_theta)
+        names = _param_names(BlockLayer(block, cfg.head_dim, cfg.rope_theta))
         layers.append(TiedLayerSpec(f"block{group}", BlockLayer, block, cfg.head_dim, cfg.rope_theta, seq_multiplier,
-                                    tied_weight_attr=_param_names(probe)))
+                                    forward_fn=BlockUnit(layer), tied_weight_attr=names))
     layers.append(LayerSpec(NormLayer, model.norm))
     if tied_embed:
         layers.append(TiedLayerSpec("embed", EmbedLayer, model.embed, model.lm_head,
@@ -136,19 +191,34 @@ def explicit_boundaries(spec: str, n_layers: int, pp: int) -> list[int] | None:
     return bounds
 
 
+def stage_units(module) -> list[int]:
+    """The layers (units) whose blocks this stage's PipelineModule applies, in order."""
+    specs = module._layer_specs[module._local_start:module._local_stop]
+    return [spec.forward_fn.layer for spec in specs if isinstance(getattr(spec, "forward_fn", None), BlockUnit)]
+
+
 def _module_class(bounds: list[int] | None):
-    """DeepSpeed's PipelineModule, or a subclass that takes the stage boundaries as given."""
+    """A PipelineModule subclass that applies blocks as StageUnits, and takes the stage boundaries as given if any."""
     from deepspeed.pipe import PipelineModule  # noqa: PLC0415
 
-    if bounds is None:
-        return PipelineModule
+    def _build(self):
+        PipelineModule._build(self)
+        self.forward_funcs = [StageUnit(f.func, f.args[0]) if isinstance(getattr(f, "func", None), BlockUnit) else f
+                              for f in self.forward_funcs]
+
+    def _is_checkpointable(self, funcs):
+        # DeepSpeed's own test checkpoints nn.Modules with parameters; a StageUnit is not one.
+        return any(isinstance(f, StageUnit) for f in funcs) or PipelineModule._is_checkpointable(self, funcs)
 
     def _partition_layers(self, method="uniform"):
         self.parts = list(bounds)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
-    return type("ExplicitlyPartitionedPipelineModule", (PipelineModule,), {"_partition_layers": _partition_layers})
+    methods = {"_build": _build, "_is_checkpointable": _is_checkpointable}
+    if bounds is not None:
+        methods["_partition_layers"] = _partition_layers
+    return type("MegascalePipelineModule", (PipelineModule,), methods)
 
 
 def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition: str, activation_checkpointing: bool,

@@ -400,6 +400,8 @@ def run_loop(run: Run) -> RunSummary:
             progress.step += 1
             progress.tokens += run.info["tokens_per_step"]
             if run.nan.checks_every_step and handle_nonfinite(run, loss_t, writer):
+                if probing:
+                    probe.disarm()  # the step was undone; so is its capture
                 continue  # rolled back: step, data position and state are the checkpoint's
             if probing:
                 log_probe(run, probe, writer)

@@ -58,13 +58,13 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     rng = torch.get_rng_state()  # building a model reseeds torch; training continues on the old stream
     model = build_model(run.cfg, run.ctx, new_plan, quiet=True)
     torch.set_rng_state(rng)
+    info = describe_model(model, run.cfg, run.layout)  # before tensor parallelism shards the plain model
     engine = build_engine(model, run.cfg, run.layout, run.ctx.device, run.groups)
     write_state(engine, state, source_name(sources, run.pipelined))
     restore_schedule(engine, run.progress.step)
     engine.global_samples = run.progress.step * run.layout.global_batch
     before = run.info
-    run.model, run.engine = model, engine
-    run.info = describe_model(model, run.cfg, run.layout)
+    run.model, run.engine, run.info = model, engine, info
     run.grad_bytes = None  # measured again on the next step
     event = {
         "step": run.progress.step, "tokens": run.progress.tokens, "event": "untie",
