@@ -265,3 +265,22 @@ def test_coherence_condition_in_a_run(data_dir, tmp_path, threshold, fires):
     # after the untie the remaining three units are still probed as one group
     later = [p for p in probes if p["step"] > 4]
     assert later and all(len([k for k in p if k.startswith("alignment/")]) == 3 for p in later)
+
+
+@pytest.mark.parametrize("step", [2, 4], ids=["before-untie", "after-untie"])
+def test_hf_export_on_both_sides_of_the_untie(untied_run, tmp_path, step):
+    import torch
+    import transformers
+
+    from megascale.export import export_hf, model_config_of
+    from megascale.model import Transformer
+    from megascale.train.checkpoint import full_weights, read_meta as read_checkpoint_meta
+
+    path = untied_run / "checkpoints" / f"step_{step:08d}"
+    meta = read_checkpoint_meta(path)
+    ours = Transformer(model_config_of(meta))
+    ours.load_state_dict(full_weights(path, meta))
+    hf = transformers.LlamaForCausalLM.from_pretrained(export_hf(path, tmp_path / "hf"), dtype=torch.float32)
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max() < 1e-4
