@@ -244,9 +244,13 @@ def probe_records(out):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"event": "probe"' in l]
 
 
-@pytest.mark.parametrize("threshold, fires", [(1.01, True), (0.0, False)], ids=["always-below", "never-below"])
-def test_coherence_condition_in_a_run(data_dir, tmp_path, threshold, fires):
-    """rho <= 1 always: a threshold above 1 must fire after coherence_probes probes, one at 0 never."""
+def test_coherence_condition_in_a_run(data_dir, tmp_path):
+    """rho <= 1 always: a threshold above 1 must fire after coherence_probes probes.
+
+    That the detector stays silent when units agree and fires when they conflict is tested on
+    built cases in tests/test_probe.py and on the controller above; this is the wiring in a run.
+    """
+    threshold = 1.01
     run_pretrain(tmp_path, data_dir, "model.sharing=all", "untie.when=coherence", "untie.probe_every=2",
                  "untie.coherence_probes=2", f"untie.coherence_threshold={threshold}", "untie.units=lowest:1",
                  "train.max_steps=6")
@@ -255,9 +259,6 @@ def test_coherence_condition_in_a_run(data_dir, tmp_path, threshold, fires):
     assert [p["step"] for p in probes][:2] == [2, 4] and len(rhos) == len(probes) and all(0 < r <= 1 for r in rhos)
     assert all(set(p) >= {f"alignment/g0/u{u}" for u in range(4)} for p in probes[:2])
     unties = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"event": "untie"' in l]
-    if not fires:
-        assert unties == []
-        return
     (event,) = unties
     assert event["step"] == 4 and len(event["units"]) == 1
     least = min(range(4), key=lambda u: probes[1][f"alignment/g0/u{u}"])
