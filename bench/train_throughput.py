@@ -14,7 +14,8 @@ For every config, sharing (untied `none`, tied `all`) and activation checkpointi
   SDPA attention, bf16 autocast over fp32 weights, no DeepSpeed.
 
 Each runs ``--warmup`` steps, then ``--steps`` timed steps (synchronised at the
-end only). Reported: tokens/s, model TFLOP/s per device (FLOPs per token from
+end only); on CPU both stay in memory and are timed in alternating windows of 5
+steps (median over windows), because a shared CPU's speed drifts. Reported: tokens/s, model TFLOP/s per device (FLOPs per token from
 *applied* parameters plus the attention term, ``Transformer.flops_per_token``),
 MFU against the device's dense bf16 peak (``megascale.hardware``; none on CPU),
 peak memory, and megascale over plain. ``--micro-batch auto`` (GPU) doubles the
@@ -29,6 +30,7 @@ import datetime
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -136,6 +138,43 @@ def megascale_trainer(cfg: Config, device: torch.device, ctx, groups):
     return model, step
 
 
+def interleaved(steps: list, batches, warmup: int, rounds: int, per_round: int, device: torch.device) -> list[float]:
+    """Seconds per step of each trainer, timed in turn within every round; the median over rounds.
+
+    On a shared CPU the speed drifts by tens of percent within a minute; alternating
+    short windows exposes both trainers to the same drift, which timing one after the
+    other does not.
+    """
+    for step in steps:
+        for i in range(warmup):
+            step(batches[i % len(batches)])
+    samples: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for i, step in enumerate(steps):
+            samples[i].append(timed(step, batches, 0, per_round, device))
+    return [statistics.median(s) for s in samples]
+
+
+def measure_pair_cpu(name: str, args, device, ctx, groups) -> tuple[Result, Result]:
+    """Plain and megascale on CPU, both in memory, interleaved (see ``interleaved``)."""
+    cfg = bench_config(name, args)
+    (plain_model, plain_step), (ours_model, ours_step) = plain_trainer(cfg, device), megascale_trainer(cfg, device, ctx, groups)
+    batches = random_batches(cfg, 4, device)
+    rounds = max(1, args.steps // 5)
+    secs = interleaved([plain_step, ours_step], batches, args.warmup, rounds, 5, device)
+    return tuple(result(name, trainer, cfg, model, s, device, args)  # type: ignore[return-value]
+                 for trainer, model, s in (("plain", plain_model, secs[0]), ("megascale", ours_model, secs[1])))
+
+
+def result(name: str, trainer: str, cfg: Config, model: Transformer, seconds: float, device, args) -> Result:
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len / seconds
+    tflops = model.flops_per_token(cfg.data.seq_len) * tokens / 1e12
+    peak = peak_tflops(device)
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return Result(name, args.sharing, args.ckpt_on, trainer, cfg.train.micro_batch_size, tokens, tflops,
+                  tflops / peak if peak else None, mem, seconds * 1e3)
+
+
 def measure(name: str, trainer: str, args, device, ctx, groups) -> Result:
     cfg = bench_config(name, args)
     if device.type == "cuda":
@@ -143,16 +182,12 @@ def measure(name: str, trainer: str, args, device, ctx, groups) -> Result:
     model, step = plain_trainer(cfg, device) if trainer == "plain" else megascale_trainer(cfg, device, ctx, groups)
     batches = random_batches(cfg, 4, device)
     seconds = timed(step, batches, args.warmup, args.steps, device)
-    tokens = cfg.train.micro_batch_size * cfg.data.seq_len / seconds
-    tflops = model.flops_per_token(cfg.data.seq_len) * tokens / 1e12
-    peak = peak_tflops(device)
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    out = result(name, trainer, cfg, model, seconds, device, args)
     del model, step, batches
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Result(name, args.sharing, args.ckpt_on, trainer, cfg.train.micro_batch_size, tokens, tflops,
-                  tflops / peak if peak else None, mem, seconds * 1e3)
+    return out
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -221,8 +256,11 @@ def main() -> None:
                 auto = args.micro_batch == "auto"
                 args.micro = (largest_micro_batch(name, args, device) if device.type == "cuda" else 8) if auto else int(args.micro_batch)
                 groups = make_groups(bench_config(name, args), ctx)
-                plain = measure(name, "plain", args, device, ctx, groups)
-                ours = measure(name, "megascale", args, device, ctx, groups)
+                if device.type == "cuda":  # one at a time: two large models would not share the memory
+                    plain = measure(name, "plain", args, device, ctx, groups)
+                    ours = measure(name, "megascale", args, device, ctx, groups)
+                else:
+                    plain, ours = measure_pair_cpu(name, args, device, ctx, groups)
                 print(row(plain, None))
                 print(row(ours, plain), flush=True)
                 results += [plain, ours]
