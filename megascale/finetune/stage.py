@@ -32,7 +32,7 @@ from megascale.finetune.evaluate import evaluate_splits
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
 from megascale.train.loop import Data, RunSummary, run_loop, setup_run
-from megascale.train.metrics import read_metrics
+from megascale.train.metrics import new_axes, read_metrics, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -197,24 +197,11 @@ def finetune(cfg: Config, ctx: DistContext) -> FinetuneSummary:
 
 def plot_accuracy(records: list[dict[str, Any]], png_path: Path, title: str) -> Path:
     """Held-out response and step accuracy against optimizer steps."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_axes()
     styles = {"acc_in": "o-", "acc_out": "s-", "step_acc_in": "o--", "step_acc_out": "s--", "trace_tok_acc_in": ":"}
     for key, style in styles.items():
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
             ax.plot(*zip(*points), style, label=key, lw=1.3, ms=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, ax, png_path, "step", "held-out accuracy", title)

@@ -353,16 +353,21 @@ def load_hf_weights(model: Transformer, directory: Path, ctx: DistContext) -> No
         log.info("initialised from the Hugging Face model in %s", directory)
 
 
+def restore_position(run: Run, meta: dict[str, Any]) -> None:
+    """Step, tokens, data position and untie-controller state of a checkpoint (resume and rollback)."""
+    run.sampler.load_state_dict(meta["data"]["sampler"])
+    run.progress.step, run.progress.tokens = meta["step"], meta["tokens"]  # in place: the loop holds this object
+    if meta.get("untie_state"):
+        run.controller.load_state_dict(meta["untie_state"])
+
+
 def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None:
     if converted:
         ckpt.restore_schedule(run.engine, meta["step"])
     else:
         ckpt.load_checkpoint(run.engine, path)
-    run.sampler.load_state_dict(meta["data"]["sampler"])
-    run.progress = Progress(meta["step"], meta["tokens"])
+    restore_position(run, meta)
     run.untie_history = list(meta.get("untie_history", []))
-    if meta.get("untie_state"):
-        run.controller.load_state_dict(meta["untie_state"])
     run.nan.load_state_dict(meta.get("nonfinite", {}))
     if run.ctx.is_main:
         how = f"converted from layout {meta.get('layout')} (weights restored, optimizer moments reset)" if converted else "exact"
@@ -497,10 +502,7 @@ def rollback(run: Run, writer: MetricsWriter) -> None:
     bad_step = run.progress.step
     run.nan.bad_batches.append(run.nan.position)
     ckpt.load_checkpoint(run.engine, path)
-    run.sampler.load_state_dict(meta["data"]["sampler"])
-    run.progress.step, run.progress.tokens = meta["step"], meta["tokens"]  # in place: the loop holds this object
-    if meta.get("untie_state"):
-        run.controller.load_state_dict(meta["untie_state"])
+    restore_position(run, meta)
     writer.log({"step": bad_step, "event": "nan_rollback", "to_step": meta["step"], "skipped_batch": run.nan.position})
     if run.ctx.is_main:
         log.warning("rolled back from step %d to %s; the batch at data position %s will be skipped",

@@ -97,31 +97,43 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
-    """Training and validation loss against tokens seen, as a PNG."""
+def new_axes(height: float = 4.5):
+    """A figure and axes on the file-only Agg backend (no display on clusters and CI)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    return plt.subplots(figsize=(7, height))
+
+
+def save_figure(fig, ax, png_path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, grid and legend, then write the PNG and free the figure."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path:
+    """Training and validation loss against tokens seen, as a PNG."""
     records = read_metrics(metrics_path)
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_axes()
     if train:
         ax.plot(*zip(*train), label="train", lw=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", lw=1.5, ms=4)
     mark_unties(ax, records)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title or "loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, ax, png_path, "tokens", "cross-entropy (nats/token)", title or "loss")
 
 
 def mark_unties(ax, records: list[dict[str, Any]]) -> None:

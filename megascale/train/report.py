@@ -15,7 +15,7 @@ from typing import Any
 
 from megascale.errors import MegascaleError
 from megascale.train.checkpoint import latest_checkpoint, read_meta
-from megascale.train.metrics import mark_unties, plot_loss_curve, read_metrics
+from megascale.train.metrics import mark_unties, new_axes, plot_loss_curve, read_metrics, save_figure
 
 
 def load_run(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -32,25 +32,13 @@ def plot_coherence(records: list[dict[str, Any]], png: Path) -> Path | None:
     keys = sorted({k for r in probes for k in r if k.startswith("coherence/")})
     if not keys:
         return None
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_axes(height=4)
     for key in keys:
         points = [(r["tokens"], r[key]) for r in probes if key in r]
         ax.plot(*zip(*points), ".-", label=key.split("/")[1], lw=1)
     mark_unties(ax, records)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("coherence ρ = |Σg|² / (K Σ|g_i|²)")
     ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return save_figure(fig, ax, png, "tokens", "coherence ρ = |Σg|² / (K Σ|g_i|²)", "gradient coherence per tie group")
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
