@@ -161,6 +161,10 @@ class TrainConfig:
     """skip/rollback: stop after this many non-finite events."""
     collective_timeout_s: float = 1800.0
     """Seconds any collective may wait: when a rank dies, the others exit after this long instead of hanging."""
+    fused_loss: bool = True
+    """LM head and cross-entropy in one op, chunked over tokens, so the full (tokens, vocabulary) logits never sit in memory; false = the plain head then loss."""
+    loss_chunk_tokens: int = 0
+    """Tokens per chunk of the fused loss; 0 = auto (about 32 M fp32 logits per chunk)."""
 
 
 @dataclass
@@ -416,6 +420,7 @@ def validate(cfg: Config) -> None:
     _check(t.precision in ("fp32", "bf16", "fp16"), f"train.precision='{t.precision}' is not one of fp32, bf16, fp16")
     _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _check(t.max_steps > 0 and t.micro_batch_size > 0, "train.max_steps and train.micro_batch_size must be positive")
+    _check(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0 = auto)")
     p = cfg.parallel
     _check(p.tp >= 1 and p.pp >= 1, f"parallel.tp={p.tp} and parallel.pp={p.pp} must be >= 1")
     if p.pp > 1:

@@ -90,6 +90,19 @@ def test_tied_embeddings_across_first_and_last_stage(runs):
         assert got[step] == pytest.approx(loss, rel=1e-5), step
 
 
+@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 1, 1)], ids=lambda l: "tp{}pp{}dp{}".format(*l))
+def test_fused_loss_equals_plain_head_and_loss(runs, layout):
+    """Every run above uses the fused chunked loss (the default); this pins it, split in chunks, to the plain path."""
+    fused = runs(*layout, "cycle:2", "train.loss_chunk_tokens=48")  # 128 tokens per micro-batch: chunks of 48, 48, 32
+    plain = runs(*layout, "cycle:2", "train.fused_loss=false")
+    expected, got = losses(plain), losses(fused)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+    reference, weights = final_weights(plain), final_weights(fused)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_activation_checkpointing_changes_nothing(runs):
     expected = losses(runs(1, 1, 1, "cycle:2"))
     for layout in [(1, 1, 1), (1, 2, 1)]:

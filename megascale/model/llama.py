@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 
 from megascale.config import ModelConfig
 from megascale.model.attention import attention
+from megascale.model.head_loss import linear_cross_entropy
 from megascale.model.sharing import SharingPlan
 
 
@@ -173,6 +174,25 @@ class CrossEntropy(nn.Module):
         return weighted_mean(F.cross_entropy(flat, targets.reshape(-1), reduction="none"), weights)
 
 
+class LMHead(nn.Linear):
+    """hidden (..., D) → logits (..., V); given targets, the loss instead, without the full logits.
+
+    The loss is computed here, inside the head module's forward, so that ZeRO-3 (which
+    gathers a module's parameters around its forward and backward) has the weight
+    gathered while the fused op reads it.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int):
+        super().__init__(d_model, vocab_size, bias=False)
+        self.chunk_tokens = 0  # train.loss_chunk_tokens; 0 = auto
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, targets, weights, chunk_tokens=self.chunk_tokens)
+
+
 def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ w·x / Σ w (0 when Σ w = 0), in fp32."""
     w = weights.reshape(-1).float()
@@ -196,10 +216,12 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleDict({str(g): Block(cfg) for g in range(self.plan.n_groups)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.loss_fn: nn.Module = CrossEntropy()
+        # Loss through the head's fused chunked op (train.fused_loss) instead of full logits then loss_fn.
+        self.fused_loss = False
         # Identity here; tensor parallelism swaps in an all-gather of the vocabulary shards.
         self.full_logits: nn.Module = nn.Identity()
         # Recompute block activations in backward (set from parallel.activation_checkpointing).
@@ -261,6 +283,8 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(self._apply_unit, layer, x, cos, sin, mask, kv, use_reentrant=False)
             else:
                 x = self._apply_unit(layer, x, cos, sin, mask, kv)
+        if targets is not None and self.fused_loss:
+            return self.lm_head(self.norm(x), targets, weights)
         logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, V/tp) under tensor parallelism
         if targets is None:
             return self.full_logits(logits)

@@ -40,17 +40,18 @@ from megascale.parallel.topology import ParallelGroups
 class EmbedLayer(nn.Module):
     """tokens (B, T) → hidden (B, T, D). Holds the LM head too when it is tied to the embedding."""
 
-    def __init__(self, embed: nn.Module, lm_head: nn.Module | None = None):
+    def __init__(self, embed: nn.Module, lm_head: nn.Module | None = None, fused_loss: bool = False):
         super().__init__()
         self.embed = embed
         self.lm_head = lm_head
+        self.fused_loss = fused_loss
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed(tokens)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The tied LM head on the last stage: hidden (B, T, D) → logits (B, T, V[/tp])."""
-        return self.lm_head(x)
+        """The tied LM head on the last stage: hidden (B, T, D) → logits (B, T, V[/tp]); with the fused loss, hidden."""
+        return x if self.fused_loss else self.lm_head(x)
 
 
 class BlockLayer(nn.Module):
@@ -126,27 +127,53 @@ class NormLayer(nn.Module):
 
 
 class HeadLayer(nn.Module):
-    def __init__(self, lm_head: nn.Module):
+    """hidden → logits; with the fused loss, the hidden states pass through and ``HeadLoss`` applies the head."""
+
+    def __init__(self, lm_head: nn.Module, fused_loss: bool = False):
         super().__init__()
         self.lm_head = lm_head
+        self.fused_loss = fused_loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(x)
+        return x if self.fused_loss else self.lm_head(x)
+
+
+class HeadLoss:
+    """The last stage's loss_fn under train.fused_loss: the LM head's fused chunked loss on the final hidden states.
+
+    A plain callable, not an nn.Module, so the head's weight is not registered a second
+    time under the PipelineModule; ``head`` is set once the stage's layers are built.
+    """
+
+    def __init__(self) -> None:
+        self.head: nn.Module | None = None
+
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden, targets)
+
+
+def _stage_head(module) -> nn.Module | None:
+    """The LM head this stage applies last (its own or the tied embedding's), or None on other stages."""
+    last = module.forward_funcs[-1] if module.forward_funcs else None
+    if isinstance(last, HeadLayer):
+        return last.lm_head
+    owner = (getattr(last, "args", None) or (None,))[0]  # a tied layer's functools.partial(project, EmbedLayer)
+    return owner.lm_head if isinstance(owner, EmbedLayer) and getattr(last, "func", None) is EmbedLayer.project else None
 
 
 def _param_names(module: nn.Module) -> list[str]:
     return [name for name, _ in module.named_parameters()]
 
 
-def pipeline_layers(model: Transformer, seq_multiplier: int = 1) -> list:
-    """The model as DeepSpeed layer specs: embed, L applied blocks, norm, head."""
+def pipeline_layers(model: Transformer, seq_multiplier: int = 1, fused_loss: bool = False) -> list:
+    """The model as DeepSpeed layer specs: embed, L applied blocks, norm, head (hidden pass-through when fused_loss)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec  # noqa: PLC0415
 
     cfg = model.cfg
     tied_embed = cfg.tie_embeddings
     if tied_embed:
         attrs = ["embed.weight"]
-        layers = [TiedLayerSpec("embed", EmbedLayer, model.embed, model.lm_head, tied_weight_attr=attrs)]
+        layers = [TiedLayerSpec("embed", EmbedLayer, model.embed, model.lm_head, fused_loss, tied_weight_attr=attrs)]
     else:
         layers = [LayerSpec(EmbedLayer, model.embed)]
     for layer, group in enumerate(model.plan.group_of):
@@ -156,10 +183,10 @@ def pipeline_layers(model: Transformer, seq_multiplier: int = 1) -> list:
                                     forward_fn=BlockUnit(layer), tied_weight_attr=names))
     layers.append(LayerSpec(NormLayer, model.norm))
     if tied_embed:
-        layers.append(TiedLayerSpec("embed", EmbedLayer, model.embed, model.lm_head,
+        layers.append(TiedLayerSpec("embed", EmbedLayer, model.embed, model.lm_head, fused_loss,
                                     forward_fn=EmbedLayer.project, tied_weight_attr=["embed.weight"]))
     else:
-        layers.append(LayerSpec(HeadLayer, model.lm_head))
+        layers.append(LayerSpec(HeadLayer, model.lm_head, fused_loss))
     return layers
 
 
@@ -222,17 +249,21 @@ def _module_class(bounds: list[int] | None):
 
 
 def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition: str, activation_checkpointing: bool,
-                          sequence_parallel: bool = False):
+                          sequence_parallel: bool = False, fused_loss: bool = False):
     """Wrap the plain (possibly tensor-parallel) model into a DeepSpeed PipelineModule for this rank's stage."""
     bounds = explicit_boundaries(partition, model.cfg.n_layers, groups.dims.pp)
-    return _module_class(bounds)(
-        layers=pipeline_layers(model, groups.dims.tp if sequence_parallel else 1),
+    loss_fn = HeadLoss() if fused_loss else model.loss_fn
+    module = _module_class(bounds)(
+        layers=pipeline_layers(model, groups.dims.tp if sequence_parallel else 1, fused_loss),
         topology=groups.topology,
-        loss_fn=model.loss_fn,
+        loss_fn=loss_fn,
         partition_method=NAMED_PARTITIONS.get(partition, "uniform"),
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
         activation_checkpoint_func=_checkpoint,
     )
+    if fused_loss:
+        loss_fn.head = _stage_head(module)
+    return module
 
 
 def _checkpoint(function, *args):

@@ -8,9 +8,9 @@
 * attention o_proj and MLP down → ``RowParallelLinear`` (input features split,
   partial outputs all-reduced);
 * the embedding → ``VocabParallelEmbedding`` (rows split by vocabulary range);
-* the LM head → a column-parallel linear over the vocabulary with no gather, and
-  the loss → ``VocabParallelCrossEntropy``: full-vocabulary logits never exist on
-  one rank during training.
+* the LM head → ``VocabParallelLMHead``, a column-parallel linear over the vocabulary
+  with no gather whose fused chunked loss (``train.fused_loss``) or the unfused
+  ``VocabParallelCrossEntropy`` never holds full-vocabulary logits on one rank.
 
 Each new layer is cut from the already-initialised dense layer, so a tp=N model
 starts from exactly the weights of the 1-rank model (what equivalence tests need).
@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megascale.model.head_loss import linear_cross_entropy
 from megascale.model.llama import RMSNorm
 from megascale.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 
@@ -52,6 +53,27 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
         return F.linear(x, self.weight)
+
+
+class VocabParallelLMHead(ColumnParallelLinear):
+    """The LM head split by vocabulary rows; given targets, the fused chunked loss over the shards.
+
+    Logits stay split (no gather): ``linear_cross_entropy`` combines each chunk's
+    per-rank log-sum-exp and target logit with one small all-gather.
+    """
+
+    def __init__(self, dense: nn.Linear, group, sequence_parallel: bool = False):
+        super().__init__(dense, group, sequence_parallel)
+        self.vocab_start = dist.get_rank(group) * self.weight.shape[0]
+        self.chunk_tokens = getattr(dense, "chunk_tokens", 0)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return linear_cross_entropy(x, self.weight, targets, weights, chunk_tokens=self.chunk_tokens,
+                                    vocab_start=self.vocab_start, group=self.group)
 
 
 class RowParallelLinear(nn.Module):
@@ -199,7 +221,7 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
         model.norm = SequenceParallelRMSNorm(model.norm, group)
     tied = model.cfg.tie_embeddings
     model.embed = VocabParallelEmbedding(model.embed, group, sp)
-    model.lm_head = ColumnParallelLinear(model.lm_head, group, sp)  # gathers the sequence back under SP
+    model.lm_head = VocabParallelLMHead(model.lm_head, group, sp)  # gathers the sequence back under SP
     if tied:
         model.lm_head.weight = model.embed.weight  # the same vocabulary rows on this rank
     model.loss_fn = VocabParallelCrossEntropy(model.cfg.vocab_size, group)

@@ -21,7 +21,9 @@ Recipe rules (each stated where it is applied):
   (16 bytes per unique parameter in bf16 mixed precision and in fp32) sharded as
   ZeRO does, plus activations ≈ 34·d bytes per token per applied layer in bf16
   (Korthikanti et al. 2022, without the attention-score term that flash
-  attention never stores; ×2 in fp32) plus ≈ 12·V bytes per token of logits.
+  attention never stores; ×2 in fp32) plus the fused chunked loss
+  (train.fused_loss): the hidden states' gradient per token, the head's fp32
+  gradient and one chunk of fp32 logits — not V bytes per token.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import yaml
 
 from megascale.errors import MegascaleError
 from megascale.hardware import GPU
+from megascale.model.head_loss import CHUNK_ELEMENTS
 from megascale.planner.mappings import PUBLISHED, TARGET_WORDS, Allocation, Mapping, ParametricMapping, sci
 from megascale.planner.shapes import Shape, ShapeCounts, count, solve_shape
 
@@ -152,8 +155,10 @@ def state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int) -> fl
 
 
 def activation_bytes(shape: Shape, micro_batch: int, precision: str) -> float:
-    per_token = shape.n_layers * 34 * shape.d_model * (1 if precision in ("bf16", "fp16") else 2) + 12 * shape.vocab_size
-    return per_token * shape.seq_len * micro_batch
+    width = 1 if precision in ("bf16", "fp16") else 2
+    per_token = shape.n_layers * 34 * shape.d_model * width + 2 * width * shape.d_model  # blocks; the loss's dx
+    loss = 4 * shape.vocab_size * shape.d_model + 3 * 4 * CHUNK_ELEMENTS  # head gradient (fp32); a chunk's logits, softmax
+    return per_token * shape.seq_len * micro_batch + loss
 
 
 def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU | None, n_gpus: int,

@@ -114,11 +114,14 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups):
     from megascale.parallel.tensor_parallel import apply_tensor_parallel  # noqa: PLC0415
 
     p = cfg.parallel
+    model.fused_loss = cfg.train.fused_loss
+    model.lm_head.chunk_tokens = cfg.train.loss_chunk_tokens
     apply_tensor_parallel(model, groups.tp_group, p.sequence_parallel)
     if groups.dims.pp == 1:
         model.activation_checkpointing = p.activation_checkpointing
         return model
-    return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing, p.sequence_parallel)
+    return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing, p.sequence_parallel,
+                                 fused_loss=cfg.train.fused_loss)
 
 
 def check_precision(precision: str) -> None:

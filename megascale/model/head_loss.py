@@ -1,0 +1,116 @@
+"""The LM head and the cross-entropy in one op, chunked over tokens: full logits never exist.
+
+The plain path keeps (N, V) logits for backward — in bf16, plus an fp32 copy and
+the softmax: ≈ 10·V bytes per token, 20 GB for a micro-batch of 16k tokens at a
+32k vocabulary, more than the rest of a 1B model's activations. Here the head
+matmul, the log-sum-exp, the loss and both gradients are computed a chunk of
+tokens at a time, in the forward (Liger-Kernel's and Apple's cut-cross-entropy
+idea, read from their descriptions): what backward needs is then only dx (N, D)
+and dW (V, D), which it scales by the incoming gradient. FLOPs are those of the
+plain path (one matmul forward, two for the gradients); nothing is recomputed.
+
+Tensor parallelism (vocabulary split over ranks): each rank holds (N_c, V/tp)
+logits of a chunk; the per-token log-sum-exp and the target logit are combined
+across ranks with one all-gather of 2·N_c floats per chunk, so the softmax is
+exact and no rank ever holds another's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# fp32 logits per chunk (elements): 32 M = 128 MiB, about 3× that with the softmax
+# temporaries; large enough that the chunk's matmul keeps a GPU busy.
+CHUNK_ELEMENTS = 1 << 25
+MIN_CHUNK_TOKENS = 64
+
+
+def auto_chunk_tokens(vocab_local: int) -> int:
+    """Tokens per chunk for ``vocab_local`` logits per token: the CHUNK_ELEMENTS budget, a multiple of 64."""
+    return max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // vocab_local // 64 * 64)
+
+
+def token_weights(targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-token factors (N,) fp32 whose weighted sum of token losses is the loss: 1/N, or w / Σw (0 when Σw = 0)."""
+    n = targets.numel()
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float32, device=targets.device)
+    w = weights.reshape(-1).float()
+    return w / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         weights: torch.Tensor | None = None, *, chunk_tokens: int = 0,
+                         vocab_start: int = 0, group=None) -> torch.Tensor:
+    """Mean cross-entropy of logits x·Wᵀ against ``targets``, or Σ w·ce / Σ w with per-token ``weights``.
+
+    x (..., D); weight (V_local, D), the rows [vocab_start, vocab_start + V_local) of the
+    head, split over ``group`` (None: the whole vocabulary here); targets (...,) global
+    token ids; weights (...,) optional. chunk_tokens: tokens per chunk, 0 = auto.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    chunk = chunk_tokens or auto_chunk_tokens(weight.shape[0])
+    tp_group = group if group is not None and dist.get_world_size(group) > 1 else None
+    return _LinearCrossEntropy.apply(flat, weight, targets.reshape(-1), token_weights(targets, weights),
+                                     vocab_start, tp_group, chunk, torch.is_grad_enabled())
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, factors, vocab_start, group, chunk, grad_enabled):
+        # needs_input_grad ignores no_grad mode (evaluation): the caller's grad mode says whether backward will come.
+        want_dx, want_dw = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        # fp16 gradients unscaled by the loss scale would underflow: keep them in fp32 until backward.
+        grad_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+        dx = torch.empty(x.shape, dtype=grad_dtype, device=x.device) if want_dx else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_dw else None
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, x.shape[0], chunk):
+            xc, fc = x[s:s + chunk], factors[s:s + chunk]
+            logits = (xc @ weight.t()).float()  # (n, V_local): the only logits alive at a time
+            lse, target_logit, local_t, inside = _chunk_stats(logits, targets[s:s + chunk], vocab_start, group)
+            loss += ((lse - target_logit) * fc).sum()
+            if want_dx or want_dw:
+                g = _logit_grad(logits, lse, local_t, inside, fc).to(x.dtype)  # d loss / d logits
+                if want_dx:
+                    dx[s:s + chunk] = g @ weight
+                if want_dw:
+                    dw += (g.t() @ xc).float()
+        ctx.dtypes = (x.dtype, weight.dtype)
+        ctx.grads = (dx, dw if dw is None or x.dtype == torch.float16 else dw.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dx, dw), ctx.grads = ctx.grads, None
+        dx = None if dx is None else (dx * grad).to(ctx.dtypes[0])
+        dw = None if dw is None else (dw * grad).to(ctx.dtypes[1])
+        return dx, dw, None, None, None, None, None, None
+
+
+def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group):
+    """Per-token log-sum-exp and target logit over the whole vocabulary, for a chunk's local logits.
+
+    Returns (lse, target_logit, local target index, whether the target is in this rank's rows).
+    """
+    rows = logits.shape[-1]
+    inside = (targets >= vocab_start) & (targets < vocab_start + rows)
+    local_t = (targets - vocab_start).masked_fill(~inside, 0)
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)
+    if group is None:
+        return lse, target_logit, local_t, inside
+    parts = [torch.empty(2, lse.shape[0], dtype=lse.dtype, device=lse.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, torch.stack([lse, target_logit]), group=group)
+    every = torch.stack(parts)  # (tp, 2, n): each rank's partial log-sum-exp and (at most one nonzero) target logit
+    return torch.logsumexp(every[:, 0], dim=0), every[:, 1].sum(0), local_t, inside
+
+
+def _logit_grad(logits: torch.Tensor, lse: torch.Tensor, local_t: torch.Tensor, inside: torch.Tensor,
+                factors: torch.Tensor) -> torch.Tensor:
+    """(softmax − one-hot) · factor, in place over ``logits`` (fp32)."""
+    g = logits.sub_(lse.unsqueeze(-1)).exp_()
+    hit = inside.nonzero(as_tuple=True)[0]
+    g[hit, local_t[hit]] -= 1.0
+    return g.mul_(factors.unsqueeze(-1))
