@@ -3,6 +3,7 @@
     python bench/train_throughput.py                         # GPU: 125m, 350m, 1.3b; seq 2048, bf16, ZeRO-1
     python bench/train_throughput.py --cpu                   # CPU: the tiny config, fp32 — framework overhead
     python bench/train_throughput.py --configs 125m --micro-batch 8 --ckpt off --json out.json
+    python bench/train_throughput.py --cpu --variants "train.compile=false;train.compile=true"   # before/after
 
 For every config, sharing (untied `none`, tied `all`) and activation checkpointing
 (off, on), both trainers run the same model on the same random token batches:
@@ -21,6 +22,10 @@ MFU against the device's dense bf16 peak (``megascale.hardware``; none on CPU),
 peak memory, and megascale over plain. ``--micro-batch auto`` (GPU) doubles the
 micro-batch from 1 until the plain loop runs out of memory and uses the largest
 that fit. A table on stdout; ``--json`` writes it with device, date and versions.
+
+``--variants`` runs several megascale trainers, each with its own config overrides
+(semicolon-separated sets, comma-separated overrides within a set), against the
+same plain loop in the same run: an optimisation's before/after figure.
 """
 
 from __future__ import annotations
@@ -59,15 +64,17 @@ class Result:
     mfu: float | None
     peak_gib: float | None
     step_ms: float
+    variant: str = ""  # megascale config overrides of this trainer ("" = the config's defaults)
 
 
-def bench_config(name: str, args) -> Config:
+def bench_config(name: str, args, variant: str = "") -> Config:
     overrides = [f"model.sharing={args.sharing}", "train.zero_stage=1", f"train.micro_batch_size={args.micro}",
                  "train.global_batch_size=0", f"parallel.activation_checkpointing={str(args.ckpt_on).lower()}"]
     if args.cpu:
         overrides += ["train.precision=fp32", f"data.seq_len={args.seq or 128}"]
     else:
         overrides += ["train.precision=bf16", f"data.seq_len={args.seq or 2048}"]
+    overrides += [o.strip() for o in variant.split(",") if o.strip()]
     return load_config(ROOT / "configs" / f"{name}.yaml", overrides)
 
 
@@ -155,34 +162,36 @@ def interleaved(steps: list, batches, warmup: int, rounds: int, per_round: int, 
     return [statistics.median(s) for s in samples]
 
 
-def measure_pair_cpu(name: str, args, device, ctx, groups) -> tuple[Result, Result]:
-    """Plain and megascale on CPU, both in memory, interleaved (see ``interleaved``)."""
+def measure_all_cpu(name: str, args, device, ctx, groups) -> list[Result]:
+    """Plain and every megascale variant on CPU, all in memory, interleaved (see ``interleaved``)."""
     cfg = bench_config(name, args)
-    (plain_model, plain_step), (ours_model, ours_step) = plain_trainer(cfg, device), megascale_trainer(cfg, device, ctx, groups)
+    trainers = [("plain", "", *plain_trainer(cfg, device))]
+    trainers += [("megascale", v, *megascale_trainer(bench_config(name, args, v), device, ctx, groups)) for v in args.variant_list]
     batches = random_batches(cfg, 4, device)
     rounds = max(1, args.steps // 5)
-    secs = interleaved([plain_step, ours_step], batches, args.warmup, rounds, 5, device)
-    return tuple(result(name, trainer, cfg, model, s, device, args)  # type: ignore[return-value]
-                 for trainer, model, s in (("plain", plain_model, secs[0]), ("megascale", ours_model, secs[1])))
+    secs = interleaved([step for *_, step in trainers], batches, args.warmup, rounds, 5, device)
+    return [result(name, trainer, cfg, model, s, device, args, variant)
+            for (trainer, variant, model, _), s in zip(trainers, secs)]
 
 
-def result(name: str, trainer: str, cfg: Config, model: Transformer, seconds: float, device, args) -> Result:
+def result(name: str, trainer: str, cfg: Config, model: Transformer, seconds: float, device, args,
+           variant: str = "") -> Result:
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len / seconds
     tflops = model.flops_per_token(cfg.data.seq_len) * tokens / 1e12
     peak = peak_tflops(device)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return Result(name, args.sharing, args.ckpt_on, trainer, cfg.train.micro_batch_size, tokens, tflops,
-                  tflops / peak if peak else None, mem, seconds * 1e3)
+                  tflops / peak if peak else None, mem, seconds * 1e3, variant)
 
 
-def measure(name: str, trainer: str, args, device, ctx, groups) -> Result:
-    cfg = bench_config(name, args)
+def measure(name: str, trainer: str, args, device, ctx, groups, variant: str = "") -> Result:
+    cfg = bench_config(name, args, variant)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model, step = plain_trainer(cfg, device) if trainer == "plain" else megascale_trainer(cfg, device, ctx, groups)
     batches = random_batches(cfg, 4, device)
     seconds = timed(step, batches, args.warmup, args.steps, device)
-    out = result(name, trainer, cfg, model, seconds, device, args)
+    out = result(name, trainer, cfg, model, seconds, device, args, variant)
     del model, step, batches
     gc.collect()
     if device.type == "cuda":
@@ -224,7 +233,7 @@ def row(r: Result, base: Result | None) -> str:
     mem = f"{r.peak_gib:7.1f}" if r.peak_gib is not None else "    n/a"
     ratio = f"{r.tokens_per_s / base.tokens_per_s:6.3f}" if base else "      "
     return (f"{r.config:<6} {r.sharing:<5} {'on' if r.ckpt else 'off':<4} {r.trainer:<9} {r.micro_batch:>5} "
-            f"{r.step_ms:9.1f} {r.tokens_per_s:11,.0f} {r.tflops:8.2f} {mfu} {mem} {ratio}")
+            f"{r.step_ms:9.1f} {r.tokens_per_s:11,.0f} {r.tflops:8.2f} {mfu} {mem} {ratio}  {r.variant}")
 
 
 def main() -> None:
@@ -237,8 +246,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=0, help="sequence length (default 2048 on GPU, 128 on CPU)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--variants", default="", help='megascale override sets, e.g. "train.compile=false;train.compile=true"')
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    args.variant_list = args.variants.split(";") if args.variants else [""]
     if args.cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     from megascale.train.dist import init_distributed  # noqa: PLC0415
@@ -248,7 +259,7 @@ def main() -> None:
     device = ctx.device
     configs = (args.configs or ("tiny" if args.cpu else "125m,350m,1.3b")).split(",")
     results: list[Result] = []
-    print("config sharing ckpt trainer   micro  step ms    tokens/s   TFLOP/s    MFU  mem GiB  megascale/plain")
+    print("config sharing ckpt trainer   micro  step ms    tokens/s   TFLOP/s    MFU  mem GiB  megascale/plain  variant")
     for name in configs:
         for sharing in args.sharings.split(","):
             for ckpt in args.ckpt.split(","):
@@ -258,12 +269,13 @@ def main() -> None:
                 groups = make_groups(bench_config(name, args), ctx)
                 if device.type == "cuda":  # one at a time: two large models would not share the memory
                     plain = measure(name, "plain", args, device, ctx, groups)
-                    ours = measure(name, "megascale", args, device, ctx, groups)
+                    ours = [measure(name, "megascale", args, device, ctx, groups, v) for v in args.variant_list]
                 else:
-                    plain, ours = measure_pair_cpu(name, args, device, ctx, groups)
+                    plain, *ours = measure_all_cpu(name, args, device, ctx, groups)
                 print(row(plain, None))
-                print(row(ours, plain), flush=True)
-                results += [plain, ours]
+                for r in ours:
+                    print(row(r, plain), flush=True)
+                results += [plain, *ours]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

@@ -12,9 +12,22 @@ themselves; this package imports nothing, so it loads without Triton or a GPU.
   blocks: ``tied_grad_reduce(contributions, grads)`` → ``TiedGradStats``,
   ``coherence``, ``unit_alignment``, ``tied_grad_reduce_reference``, and
   ``flatten_for_collective`` / ``unflatten_into`` for one collective per tie group.
+* ``megascale.kernels.rmsnorm`` — fused RMSNorm, forward and backward (dx and a
+  deterministic two-stage dweight): ``rms_norm(x, weight, eps)``,
+  ``rms_norm_reference``, ``unsupported_reason(x, weight)``.
+* ``megascale.kernels.swiglu`` — fused ``silu(gate) * up``, forward and backward
+  (silu recomputed): ``swiglu(gate, up)``, ``swiglu_reference``,
+  ``unsupported_reason(gate, up)``.
+* ``megascale.kernels.rope`` — fused rotary embedding (rotate-half layout) on
+  strided (B, H, T, hd) views with (T, hd) or (B, 1, T, hd) tables, forward and
+  backward: ``apply_rope(x, cos, sin)``, ``apply_rope_reference``,
+  ``unsupported_reason(x, cos, sin)``.
 
-Both run on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before
+The rmsnorm, swiglu and rope references are the model's own code
+(``megascale.model.llama``), whose semantics the kernels reproduce.
+
+All run on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before
 they are imported (how the tests run them without a GPU).
 """
 
-KERNELS = ("attention", "tied_grad")
+KERNELS = ("attention", "tied_grad", "rmsnorm", "swiglu", "rope")

@@ -58,6 +58,8 @@ class ModelConfig:
     """Block sharing plan: none | all | cycle:k | sequence:k | explicit group list "0,1,0,1"."""
     attention: str = "auto"
     """Attention backend: auto (Triton on CUDA when available, else torch) | torch | triton."""
+    fused_ops: str = "torch"
+    """RMSNorm, RoPE and SwiGLU: torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). torch until the kernels are measured faster on a GPU."""
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2*n_layers)."""
 
@@ -165,6 +167,8 @@ class TrainConfig:
     """LM head and cross-entropy in one op, chunked over tokens, so the full (tokens, vocabulary) logits never sit in memory; false = the plain head then loss."""
     loss_chunk_tokens: int = 0
     """Tokens per chunk of the fused loss; 0 = auto (about 32 M fp32 logits per chunk)."""
+    compile: bool = False
+    """torch.compile each transformer block (in place: names and checkpoints unchanged). Off by default until measured faster on the device (bench/train_throughput.py --compile); not with ZeRO-3."""
 
 
 @dataclass
@@ -411,6 +415,7 @@ def validate(cfg: Config) -> None:
     _check(m.head_dim % 2 == 0, f"head dim d_model/n_heads={m.head_dim} must be even for RoPE; change model.n_heads")
     _check(m.vocab_size > 0, "model.vocab_size must be positive")
     _check(m.attention in ("auto", "torch", "triton"), f"model.attention='{m.attention}' is not one of auto, torch, triton")
+    _check(m.fused_ops in ("torch", "triton"), f"model.fused_ops='{m.fused_ops}' is not one of torch, triton")
     _check_sharing(m)
     _check(d.corpus in ("stdlib", "prepared"), f"data.corpus='{d.corpus}' is not one of stdlib, prepared")
     _check(0 < d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
@@ -420,6 +425,9 @@ def validate(cfg: Config) -> None:
     _check(t.precision in ("fp32", "bf16", "fp16"), f"train.precision='{t.precision}' is not one of fp32, bf16, fp16")
     _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _check(t.max_steps > 0 and t.micro_batch_size > 0, "train.max_steps and train.micro_batch_size must be positive")
+    _check(not (t.compile and t.zero_stage == 3),
+           "train.compile=true cannot be combined with train.zero_stage=3 (ZeRO-3 gathers parameters in hooks inside every block, "
+           "which break the compiled graph); use train.zero_stage 0-2 or train.compile=false")
     _check(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0 = auto)")
     p = cfg.parallel
     _check(p.tp >= 1 and p.pp >= 1, f"parallel.tp={p.tp} and parallel.pp={p.pp} must be >= 1")

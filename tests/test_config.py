@@ -51,6 +51,9 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("parallel.sequence_parallel=true parallel.tp=3", "divisible by parallel.tp=3"),
         ("parallel.pp=2 parallel.partition=1,2", "summing to model.n_layers=4"),
         ("parallel.pp=2 parallel.partition=balanced", "is not parameters, uniform, blocks"),
+        ("train.compile=true train.zero_stage=3", "cannot be combined with train.zero_stage=3"),
+        ("train.loss_chunk_tokens=-1", "must be >= 0"),
+        ("model.fused_ops=cuda", "is not one of torch, triton"),
     ],
 )
 def test_bad_input_is_one_line(override, fragment):

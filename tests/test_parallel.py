@@ -103,6 +103,18 @@ def test_fused_loss_equals_plain_head_and_loss(runs, layout):
         torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_compiled_blocks_train_the_same(runs):
+    """train.compile=true (torch.compile of each block; inductor's CPU code here) on the 1-rank run."""
+    plain, compiled = runs(1, 1, 1, "cycle:2"), runs(1, 1, 1, "cycle:2", "train.compile=true")
+    expected, got = losses(plain), losses(compiled)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-4), step  # inductor may reorder float sums
+    reference, weights = final_weights(plain), final_weights(compiled)
+    assert set(weights) == set(reference)  # compiling in place keeps every parameter name
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_activation_checkpointing_changes_nothing(runs):
     expected = losses(runs(1, 1, 1, "cycle:2"))
     for layout in [(1, 1, 1), (1, 2, 1)]:

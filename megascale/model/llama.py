@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from megascale.config import ModelConfig
 from megascale.model.attention import attention
 from megascale.model.head_loss import linear_cross_entropy
+from megascale.model.ops import apply_rope, rms_norm, swiglu
 from megascale.model.sharing import SharingPlan
 
 
@@ -34,12 +35,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.ops = "torch"  # model.fused_ops, set by Transformer.set_ops_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability under bf16/fp16, as Llama does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.ops)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +94,6 @@ class LayerKV:
         return self.k, self.v
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, nh, T, hd) by position; rotate-half layout."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -111,6 +103,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.backend = "torch"  # set by Transformer.set_attention_backend
+        self.ops = "torch"  # model.fused_ops, set by Transformer.set_ops_backend
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
@@ -120,7 +113,7 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.ops), apply_rope(k, cos, sin, self.ops)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, nkv, T_seen + T, hd)
         y = attention(q, k, v, causal=True, backend=self.backend, mask=mask)  # (B, nh, T, hd)
@@ -135,9 +128,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+        self.ops = "torch"  # model.fused_ops, set by Transformer.set_ops_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.ops))
 
 
 class Block(nn.Module):
@@ -249,6 +243,12 @@ class Transformer(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         for block in self.blocks.values():
             block.attn.backend = backend
+
+    def set_ops_backend(self, backend: str) -> None:
+        """RMSNorm, RoPE and SwiGLU in PyTorch ("torch") or as fused Triton kernels ("triton")."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.ops = backend
 
     def forward(
         self,

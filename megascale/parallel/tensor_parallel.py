@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from megascale.model.head_loss import linear_cross_entropy
 from megascale.model.llama import RMSNorm
+from megascale.model.ops import rms_norm
 from megascale.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 
 
@@ -122,11 +123,10 @@ class SequenceParallelRMSNorm(RMSNorm):
         super().__init__(norm.weight.shape[0], norm.eps)
         self.group = group
         self.weight = norm.weight
+        self.ops = norm.ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return copy_to_tp(self.weight, self.group) * xf.to(x.dtype)
+        return rms_norm(x, copy_to_tp(self.weight, self.group), self.eps, self.ops)
 
 
 class _VocabParallelCE(torch.autograd.Function):

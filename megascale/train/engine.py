@@ -117,6 +117,9 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups):
     model.fused_loss = cfg.train.fused_loss
     model.lm_head.chunk_tokens = cfg.train.loss_chunk_tokens
     apply_tensor_parallel(model, groups.tp_group, p.sequence_parallel)
+    if cfg.train.compile:
+        for block in model.blocks.values():
+            block.compile()  # in place: the block keeps its parameters and their names
     if groups.dims.pp == 1:
         model.activation_checkpointing = p.activation_checkpointing
         return model

@@ -22,6 +22,7 @@ from megascale.data import DistributedBatchSampler, Tokenizer, TokenFile, batch_
 from megascale.errors import MegascaleError
 from megascale.model import Transformer
 from megascale.model.attention import resolve_backend
+from megascale.model.ops import resolve_ops_backend
 from megascale.model.generate import greedy_generate
 from megascale.model.sharing import SharingPlan, replay_untie_history
 from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups
@@ -88,8 +89,10 @@ def build_model(cfg: Config, ctx: DistContext, plan: SharingPlan | None = None, 
     model = Transformer(cfg.model, plan)
     backend, why = resolve_backend(cfg.model.attention, ctx.device, head_dim=cfg.model.head_dim, dtype=TRAIN_DTYPES[cfg.train.precision])
     model.set_attention_backend(backend)
+    ops, ops_why = resolve_ops_backend(cfg.model.fused_ops, ctx.device)
+    model.set_ops_backend(ops)
     if ctx.is_main and not quiet:
-        log.info("attention backend: %s (%s)", backend, why)
+        log.info("attention backend: %s (%s); RMSNorm/RoPE/SwiGLU: %s (%s)", backend, why, ops, ops_why)
     return model
 
 

@@ -1,0 +1,81 @@
+"""The block's row-wise ops — RMSNorm, RoPE, SwiGLU — in PyTorch or as fused Triton kernels.
+
+``model.fused_ops`` picks the backend once per run (``resolve_ops_backend``, logged
+at startup); the model's modules call ``rms_norm`` / ``apply_rope`` / ``swiglu``
+here with it. The PyTorch versions are the reference the kernels are tested
+against (``tests/test_kernels_fused.py``). ``torch`` is the default until the
+kernels are measured faster on a GPU (``bench/fused_ops.py``): no session so far
+had one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from megascale.errors import MegascaleError
+from megascale.model.attention import _interpreting
+
+OPS_BACKENDS = ("torch", "triton")
+
+
+def resolve_ops_backend(requested: str, device: torch.device) -> tuple[str, str]:
+    """(backend, reason for the log line); an explicit triton the kernels cannot serve stops with one line."""
+    if requested not in OPS_BACKENDS:
+        raise MegascaleError(f"model.fused_ops='{requested}' is not one of {', '.join(OPS_BACKENDS)}")
+    if requested == "torch":
+        return "torch", "requested"
+    if importlib.util.find_spec("triton") is None:
+        raise MegascaleError("model.fused_ops=triton but Triton is not installed; pip install triton or use model.fused_ops=torch")
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise MegascaleError(f"model.fused_ops=triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU, for tests), "
+                             f"not {device.type}; use model.fused_ops=torch")
+    return "triton", "requested"
+
+
+def _kernel_or_none(module: str, reason: str | None, what: str):
+    """The kernel module, or None (after one warning per reason) when it cannot take these tensors."""
+    if reason is None:
+        return importlib.import_module(f"megascale.kernels.{module}")
+    warnings.warn(f"Triton {what}: {reason}; using PyTorch", stacklevel=3)
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "torch") -> torch.Tensor:
+    """weight · x / rms(x), normalised in fp32 (stable under bf16/fp16, as Llama does) then cast to x's dtype."""
+    if backend == "triton":
+        from megascale.kernels.rmsnorm import unsupported_reason  # noqa: PLC0415 (imports triton)
+
+        kernel = _kernel_or_none("rmsnorm", unsupported_reason(x, weight), "RMSNorm")
+        if kernel is not None:
+            return kernel.rms_norm(x, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """Rotate x (B, nh, T, hd) by position; rotate-half layout (Hugging Face's, so exports need no permutation)."""
+    if backend == "triton":
+        from megascale.kernels.rope import unsupported_reason  # noqa: PLC0415
+
+        kernel = _kernel_or_none("rope", unsupported_reason(x, cos, sin), "RoPE")
+        if kernel is not None:
+            return kernel.apply_rope(x, cos, sin)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """silu(gate) · up, the SwiGLU MLP's gating."""
+    if backend == "triton":
+        from megascale.kernels.swiglu import unsupported_reason  # noqa: PLC0415
+
+        kernel = _kernel_or_none("swiglu", unsupported_reason(gate, up), "SwiGLU")
+        if kernel is not None:
+            return kernel.swiglu(gate, up)
+    return F.silu(gate) * up
