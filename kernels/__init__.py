@@ -23,8 +23,9 @@ themselves; this package imports nothing, so it loads without Triton or a GPU.
   backward: ``apply_rope(x, cos, sin)``, ``apply_rope_reference``,
   ``unsupported_reason(x, cos, sin)``.
 
-The rmsnorm, swiglu and rope references are the model's own code
-(``megascale.model.llama``), whose semantics the kernels reproduce.
+The rmsnorm, swiglu and rope references are the model's own ops
+(``megascale.model.ops``, whose ``model.fused_ops=triton`` switch calls these
+kernels), and the kernels reproduce their semantics.
 
 All run on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before
 they are imported (how the tests run them without a GPU).

@@ -167,6 +167,8 @@ class TrainConfig:
     """LM head and cross-entropy in one op, chunked over tokens, so the full (tokens, vocabulary) logits never sit in memory; false = the plain head then loss."""
     loss_chunk_tokens: int = 0
     """Tokens per chunk of the fused loss; 0 = auto (about 32 M fp32 logits per chunk)."""
+    overlap_comm: bool = True
+    """ZeRO 1-2 with dp > 1 on GPUs: reduce gradient buckets while backward continues (DeepSpeed overlap_comm; ZeRO-3 always overlaps). Not used on CPU."""
     compile: bool = False
     """torch.compile each transformer block (in place: names and checkpoints unchanged). Off by default until measured faster on the device (bench/train_throughput.py --compile); not with ZeRO-3."""
 

@@ -82,3 +82,18 @@ def test_every_field_has_a_docstring():
 
     walk(Config)
     assert any(line.strip().startswith("model.sharing") for line in describe())
+
+
+def test_zero_section_follows_the_layout_and_device():
+    from megascale.train.engine import zero_config
+
+    def zero(dp, device="cuda", *overrides):
+        return zero_config(load_config(ROOT / "configs" / "tiny.yaml", list(overrides)), dp, device)
+
+    assert zero(1) == {"stage": 0}  # fp32 ZeRO-1 on one rank partitions nothing: stage 0
+    assert zero(1, "cuda", "train.precision=bf16") == {"stage": 1}  # bf16 needs its fp32 master copy
+    assert zero(1, "cuda", "parallel.pp=2") == {"stage": 1}  # the pipeline engine keeps its stage
+    assert zero(2) == {"stage": 1, "overlap_comm": True}
+    assert zero(2, "cuda", "train.overlap_comm=false") == {"stage": 1, "overlap_comm": False}
+    assert zero(2, "cpu") == {"stage": 1}  # no streams to overlap on
+    assert zero(2, "cuda", "train.zero_stage=3") == {"stage": 3}  # ZeRO-3 overlaps by default

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import losses, run_pretrain
+from megascale.train.checkpoint import full_weights, read_meta
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,10 @@ def consolidated(out_dir):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_to_fp32_reads_our_checkpoints(single_rank, dp_runs, stage):
-    reference = consolidated(single_rank)
+    # The 1-rank fp32 run trains at ZeRO-0 (stage 1 partitions nothing at dp=1): no ZeRO files to merge there.
+    path = single_rank / "checkpoints" / (single_rank / "checkpoints" / "latest").read_text()
+    assert read_meta(path)["config"]["train"]["zero_stage"] == 1 and not list(path.glob("*optim_states.pt"))
+    reference = full_weights(path, read_meta(path))
     weights = consolidated(dp_runs[stage])
     assert set(weights) == set(reference)
     assert any(k.startswith("blocks.1.") for k in weights) and not any(k.startswith("blocks.2.") for k in weights)

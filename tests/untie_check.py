@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megascale.config import load_config
 from megascale.train.dist import init_distributed
+from megascale.train.engine import effective_zero_stage
 from megascale.train.loop import evaluate, mean_over, setup_run, train_step
 from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes
 from megascale.untie.conditions import Decision
@@ -29,7 +30,7 @@ from megascale.model.sharing import block_sources
 def memory(run) -> dict:
     c = run.cfg
     params = local_param_count(run.engine)
-    f = formula_state_bytes(params, c.train.precision, c.train.zero_stage, run.groups.dims.dp)
+    f = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, run.groups.dims.dp), run.groups.dims.dp)
     m = measured_state_bytes(run.engine)
     return {"params": params, "formula": f.weights + f.optimizer, "measured": m.weights + m.optimizer}
 

@@ -109,8 +109,11 @@ def _chunk_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, 
 
 def _logit_grad(logits: torch.Tensor, lse: torch.Tensor, local_t: torch.Tensor, inside: torch.Tensor,
                 factors: torch.Tensor) -> torch.Tensor:
-    """(softmax − one-hot) · factor, in place over ``logits`` (fp32)."""
+    """(softmax − one-hot) · factor, in place over ``logits`` (fp32).
+
+    The one-hot is a scatter of −1 (0 where the target is another rank's): no
+    boolean indexing, which would read a count back to the host on a GPU.
+    """
     g = logits.sub_(lse.unsqueeze(-1)).exp_()
-    hit = inside.nonzero(as_tuple=True)[0]
-    g[hit, local_t[hit]] -= 1.0
+    g.scatter_add_(-1, local_t.unsqueeze(-1), -inside.to(g.dtype).unsqueeze(-1))
     return g.mul_(factors.unsqueeze(-1))

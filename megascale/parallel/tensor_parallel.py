@@ -163,9 +163,8 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         softmax, local_t, outside, norm_weights = ctx.saved_tensors
-        g = softmax.clone()
-        inside = (~outside).nonzero(as_tuple=True)[0]
-        g[inside, local_t[inside]] -= 1.0
+        # One-hot as a scatter (0 where another rank holds the target): no host read of a count.
+        g = softmax.clone().scatter_add_(-1, local_t.unsqueeze(-1), -(~outside).to(softmax.dtype).unsqueeze(-1))
         if norm_weights is None:
             return g * (grad / softmax.shape[0]), None, None, None, None
         return g * (grad * norm_weights).unsqueeze(-1), None, None, None, None

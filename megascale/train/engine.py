@@ -46,7 +46,35 @@ def batch_layout(cfg: Config, dp_size: int) -> BatchLayout:
     return BatchLayout(micro, global_batch // (micro * dp_size), dp_size)
 
 
-def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
+def effective_zero_stage(cfg: Config, dp: int) -> int:
+    """The ZeRO stage DeepSpeed runs: train.zero_stage, except fp32 stages 1-2 on one rank without pipeline run as 0.
+
+    With dp = 1, ZeRO-1/2 partition nothing, yet DeepSpeed still keeps a flat fp32 clone
+    of every weight, copies the gradients into it and the result back each step: pure
+    overhead (BENCHMARKS.md, "framework overhead"). Stage 0 in fp32 is the torch
+    optimizer on the parameters themselves. bf16/fp16 keep their stage (the fp32
+    master copy is needed there), ZeRO-3 keeps its own checkpoint format, and so does
+    the pipeline engine (its ZeRO-0 gradient clipping differs from the 1-rank run's).
+    At stage 0 the checkpoint holds the full weights in ``mp_rank_00_model_states.pt``:
+    DeepSpeed's ``zero_to_fp32`` has nothing to merge there; ``launch/consolidate.py``
+    reads every stage.
+    """
+    stage, one_replica = cfg.train.zero_stage, dp == 1 and cfg.parallel.pp == 1
+    return 0 if one_replica and stage in (1, 2) and cfg.train.precision == "fp32" else stage
+
+
+def zero_config(cfg: Config, dp: int, device_type: str) -> dict[str, Any]:
+    """DeepSpeed's zero_optimization section: the effective stage, and overlap of the gradient reduction."""
+    stage = effective_zero_stage(cfg, dp)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2) and dp > 1 and device_type == "cuda":
+        # Reduce full gradient buckets on a side stream while backward goes on (DeepSpeed's
+        # default for ZeRO-3 only). CPU devices have no streams to overlap on: left out there.
+        zero["overlap_comm"] = cfg.train.overlap_comm
+    return zero
+
+
+def deepspeed_config(cfg: Config, layout: BatchLayout, device_type: str = "cpu") -> dict[str, Any]:
     """The DeepSpeed config dict for this run."""
     t = cfg.train
     ds: dict[str, Any] = {
@@ -54,7 +82,7 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero_config(cfg, layout.dp_size, device_type),
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # megascale logs its own metrics
@@ -154,9 +182,27 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
         model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, layout),
+        config=deepspeed_config(cfg, layout, device.type),
         mpu=None if pipelined else groups.grid,  # a PipelineModule brings its own grid
     )
     if pipelined:
         install_coalesced_tied_reduction(engine)
+    if effective_zero_stage(cfg, layout.dp_size) == 0 and cfg.train.precision == "fp32":
+        keep_clip_norm(engine)
     return engine
+
+
+def keep_clip_norm(engine) -> None:
+    """fp32 ZeRO-0: DeepSpeed clips the gradients but drops their norm; keep it for ``get_global_grad_norm``.
+
+    The same call DeepSpeed makes (model-parallel aware, no host read), with its result
+    stored where the ZeRO optimizers leave theirs, so the logged grad_norm does not
+    depend on the stage.
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415
+
+    def clip_and_keep() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_keep

@@ -28,7 +28,7 @@ from megascale.model.sharing import SharingPlan, replay_untie_history
 from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
-from megascale.train.engine import BatchLayout, batch_layout, build_engine
+from megascale.train.engine import BatchLayout, batch_layout, build_engine, effective_zero_stage
 from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
 from megascale.train.nonfinite import NanGuard, harmless_backward_loss, zero_lr
@@ -124,10 +124,18 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: Par
         f"{info['params_unique']:,}", f"{info['params_applied']:,}", info["flops_per_token"], info["state_bytes_formula"] / 2**20,
     )
     log.info(
-        "batch: %d sequences × %d tokens per step (micro %d, accumulation %d, dp %d); ZeRO stage %d, %s",
+        "batch: %d sequences × %d tokens per step (micro %d, accumulation %d, dp %d); ZeRO stage %s, %s",
         info["global_batch"], cfg.data.seq_len, cfg.train.micro_batch_size, info["grad_accum"], groups.dims.dp,
-        cfg.train.zero_stage, cfg.train.precision,
+        zero_stage_note(cfg, groups.dims.dp), cfg.train.precision,
     )
+
+
+def zero_stage_note(cfg: Config, dp: int) -> str:
+    """'1', or '0 (train.zero_stage=1 partitions nothing at dp=1 in fp32)' when the stage runs lower."""
+    stage = effective_zero_stage(cfg, dp)
+    if stage == cfg.train.zero_stage:
+        return str(stage)
+    return f"{stage} (train.zero_stage={cfg.train.zero_stage} partitions nothing at dp=1 in fp32; see effective_zero_stage)"
 
 
 # ------------------------------------------------------------------ the run state
@@ -552,7 +560,7 @@ def report_state_memory(run: Run, writer: MetricsWriter) -> None:
     """Per rank: local parameters and the bytes of weights, gradients, optimizer state — formula vs measured."""
     c, dims = run.cfg, run.groups.dims
     params = local_param_count(run.engine)
-    formula = formula_state_bytes(params, c.train.precision, c.train.zero_stage, dims.dp)
+    formula = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, dims.dp), dims.dp)
     measured = measured_state_bytes(run.engine)
     mine = {"rank": run.ctx.rank, "stage": run.groups.stage, "tp_rank": run.groups.tp_rank, "params": params,
             "formula": dataclasses.asdict(formula),
