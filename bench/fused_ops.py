@@ -36,16 +36,16 @@ GPU is present. Its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from _common import environment, time_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ("rmsnorm", "swiglu", "rope")
@@ -86,18 +86,6 @@ def import_kernels():
     return {"rmsnorm": rmsnorm, "swiglu": swiglu, "rope": rope}
 
 
-def time_ms(fn, device: torch.device) -> float:
-    """Mean milliseconds per call: triton's do_bench (CUDA events, L2 flushed) on GPU; one wall-clock call on CPU.
-
-    The CPU path only serves --smoke, where the number means nothing and speed of the run is what counts.
-    """
-    if device.type == "cuda":
-        import triton.testing  # noqa: PLC0415
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 # ---------------------------------------------------------------------------
@@ -211,15 +199,6 @@ def bench_case(case: Case, providers: list[str], modes: list[str], device) -> li
     return [{**base, **row, "bytes": case.bytes_moved[row["mode"]], "triton_max_abs_err": err} for row in rows]
 
 
-def environment(device: torch.device, args) -> dict:
-    import triton  # noqa: PLC0415
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return dict(
-        device=name, date=dt.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv),
-        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, dtype=args.dtype,
-        smoke=args.smoke, interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
-    )
 
 
 def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> None:

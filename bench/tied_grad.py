@@ -25,15 +25,14 @@ is present. Its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from _common import environment, time_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -88,15 +87,6 @@ def shapes_for(case: str, size_bytes: int, elem: int) -> list[tuple[int, ...]]:
     return [(max(1, size_bytes // elem),)]
 
 
-def time_ms(fn, device: torch.device) -> float:
-    """Mean milliseconds per call: triton's do_bench on GPU; one wall-clock call on CPU (--smoke only)."""
-    if device.type == "cuda":
-        import triton.testing  # noqa: PLC0415
-
-        return triton.testing.do_bench(fn, warmup=10, rep=50)
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 def fits(device: torch.device, need: int) -> bool:
@@ -118,27 +108,18 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     contributions = [[torch.randn(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes]
     grads = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
     ms = {
-        "triton": time_ms(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device),
-        "torch": time_ms(lambda: torch_composition(contributions, grads), device),
+        "triton": time_ms(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, warmup=10, rep=50),
+        "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
     }
     del contributions, grads
     src = torch.empty(moved // 2 // elem, device=device, dtype=dtype)
     dst = torch.empty_like(src)
-    ms["copy"] = time_ms(lambda: dst.copy_(src), device)
+    ms["copy"] = time_ms(lambda: dst.copy_(src), device, warmup=10, rep=50)
     gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
     return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"]}
 
 
-def environment(device: torch.device, args) -> dict:
-    import triton  # noqa: PLC0415
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return dict(
-        device=name, date=dt.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv),
-        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, dtype=args.dtype,
-        smoke=args.smoke, interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
-    )
 
 
 def print_table(rows: list[dict]) -> None:

@@ -1,0 +1,41 @@
+"""What the kernel benchmarks share: timing and the run's environment record.
+
+Imported as ``_common`` by the scripts in this folder (``python bench/x.py`` puts
+``bench/`` on ``sys.path``), so it needs nothing beyond torch and, on a GPU, triton.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import sys
+import time
+
+import torch
+
+
+def time_ms(fn, device: torch.device, warmup: int = 25, rep: int = 100) -> float:
+    """Mean milliseconds per call: triton's do_bench (CUDA events, L2 flushed) on GPU; one wall-clock call on CPU.
+
+    The CPU path only serves --smoke, where the number means nothing and speed of the run is what counts.
+    """
+    if device.type == "cuda":
+        import triton.testing  # noqa: PLC0415
+
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def environment(device: torch.device, args) -> dict:
+    """Device, date, command and versions for a benchmark's JSON (``args`` needs dtype and smoke)."""
+    import triton  # noqa: PLC0415
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return dict(
+        device=name, date=dt.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv),
+        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, dtype=args.dtype,
+        smoke=args.smoke, interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
+    )
