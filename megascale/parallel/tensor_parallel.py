@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megascale.model.head_loss import linear_cross_entropy
+from megascale.model.head_loss import linear_cross_entropy, token_weights
 from megascale.model.llama import RMSNorm
 from megascale.model.ops import rms_norm
 from megascale.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
@@ -179,10 +179,7 @@ class VocabParallelCrossEntropy(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy, or Σ w·ce / Σ w with per-token ``weights`` (as the dense CrossEntropy)."""
         flat = logits.reshape(-1, logits.size(-1))  # (B*T, V/tp)
-        norm = None
-        if weights is not None:
-            w = weights.reshape(-1).float()
-            norm = w / w.sum().clamp(min=torch.finfo(torch.float32).tiny)  # the same on every TP rank
+        norm = None if weights is None else token_weights(targets, weights)  # the same on every TP rank
         return _VocabParallelCE.apply(flat, targets.reshape(-1), self.vocab_start, self.group, norm)
 
 
