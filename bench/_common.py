@@ -7,12 +7,26 @@ Imported as ``_common`` by the scripts in this folder (``python bench/x.py`` put
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def checkout_kernels(*names: str) -> list:
+    """``megascale.kernels.<name>`` modules from this checkout, whether or not it is pip-installed.
+
+    The checkout goes first on ``sys.path``, so the kernels measured are the ones
+    beside this script; ``megascale`` binds its top-level ``kernels/`` itself.
+    """
+    sys.path.insert(0, str(ROOT))
+    return [importlib.import_module(f"megascale.kernels.{name}") for name in names]
 
 
 def time_ms(fn, device: torch.device, warmup: int = 25, rep: int = 100) -> float:

@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from _common import environment, time_ms
+from _common import checkout_kernels, environment, time_ms
 
-ROOT = Path(__file__).resolve().parent.parent
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # × the forward's FLOPs
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -59,12 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def import_kernels():
-    """megascale.kernels when installed; the checkout's kernels/ otherwise (e.g. on a bare GPU machine)."""
-    try:
-        from megascale.kernels import attention  # noqa: PLC0415
-    except ModuleNotFoundError:
-        sys.path.insert(0, str(ROOT))
-        from kernels import attention  # noqa: PLC0415
+    (attention,) = checkout_kernels("attention")
     return attention
 
 

@@ -38,16 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from _common import environment, time_ms
+from _common import checkout_kernels, environment, time_ms
 
-ROOT = Path(__file__).resolve().parent.parent
 OPS = ("rmsnorm", "swiglu", "rope")
 MODES = ("fwd", "fwd+bwd")
 PROVIDERS = ("triton", "torch", "compile")
@@ -77,12 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def import_kernels():
-    """megascale.kernels when installed; the checkout's kernels/ otherwise (e.g. on a bare GPU machine)."""
-    try:
-        from megascale.kernels import rmsnorm, rope, swiglu  # noqa: PLC0415
-    except ModuleNotFoundError:
-        sys.path.insert(0, str(ROOT))
-        from kernels import rmsnorm, rope, swiglu  # noqa: PLC0415
+    rmsnorm, rope, swiglu = checkout_kernels("rmsnorm", "rope", "swiglu")
     return {"rmsnorm": rmsnorm, "swiglu": swiglu, "rope": rope}
 
 

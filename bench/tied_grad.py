@@ -27,14 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from _common import environment, time_ms
+from _common import checkout_kernels, environment, time_ms
 
-ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MB = 2**20
 LLAMA_BLOCK = dict(d=2048, ffn=5632, heads=32, kv_heads=8)
@@ -56,12 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def import_kernels():
-    """megascale.kernels when installed; the checkout's kernels/ otherwise (e.g. on a bare GPU machine)."""
-    try:
-        from megascale.kernels import tied_grad  # noqa: PLC0415
-    except ModuleNotFoundError:
-        sys.path.insert(0, str(ROOT))
-        from kernels import tied_grad  # noqa: PLC0415
+    (tied_grad,) = checkout_kernels("tied_grad")
     return tied_grad
 
 

@@ -20,8 +20,10 @@ steps (median over windows), because a shared CPU's speed drifts. Reported: toke
 *applied* parameters plus the attention term, ``Transformer.flops_per_token``),
 MFU against the device's dense bf16 peak (``megascale.hardware``; none on CPU),
 peak memory, and megascale over plain. ``--micro-batch auto`` (GPU) doubles the
-micro-batch from 1 until the plain loop runs out of memory and uses the largest
-that fit. A table on stdout; ``--json`` writes it with device, date and versions.
+micro-batch from 1 until the untied plain loop runs out of memory and uses half the
+largest that fit (headroom for DeepSpeed's buffers), for the tied model too, so
+both do the same work per step. A table on stdout; ``--json`` writes it with device, date and versions, after
+every row (a run cut off by a time limit keeps what it measured).
 
 ``--variants`` runs several megascale trainers, each with its own config overrides
 (semicolon-separated sets, comma-separated overrides within a set), against the
@@ -261,11 +263,12 @@ def main() -> None:
     results: list[Result] = []
     print("config sharing ckpt trainer   micro  step ms    tokens/s   TFLOP/s    MFU  mem GiB  megascale/plain  variant")
     for name in configs:
-        for sharing in args.sharings.split(","):
-            for ckpt in args.ckpt.split(","):
-                args.sharing, args.ckpt_on = sharing, ckpt == "on"
-                auto = args.micro_batch == "auto"
-                args.micro = (largest_micro_batch(name, args, device) if device.type == "cuda" else 8) if auto else int(args.micro_batch)
+        for ckpt in args.ckpt.split(","):
+            args.ckpt_on = ckpt == "on"
+            # One micro-batch for every sharing: tied and untied then do the same work per step.
+            args.sharing, args.micro = "none", micro_batch(name, args, device)
+            for sharing in args.sharings.split(","):
+                args.sharing = sharing
                 groups = make_groups(bench_config(name, args), ctx)
                 if device.type == "cuda":  # one at a time: two large models would not share the memory
                     plain = measure(name, "plain", args, device, ctx, groups)
@@ -276,14 +279,23 @@ def main() -> None:
                 for r in ours:
                     print(row(r, plain), flush=True)
                 results += [plain, *ours]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "command": " ".join(sys.argv),
-            "results": [r.__dict__ for r in results]}, indent=2))
+                if args.json:  # after every row: a run stopped by a time limit keeps what it measured
+                    write_json(args.json, results, device)
 
+
+def micro_batch(name: str, args, device: torch.device) -> int:
+    if args.micro_batch != "auto":
+        return int(args.micro_batch)
+    return largest_micro_batch(name, args, device) if device.type == "cuda" else 8
+
+
+def write_json(path: Path, results: list[Result], device: torch.device) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "command": " ".join(sys.argv),
+        "results": [r.__dict__ for r in results]}, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,183 @@
+"""Every GPU measurement the open issues ask for, as one prepared, time-boxed run.
+
+A session that is lent a GPU gets about 15 minutes of device time in all (the
+machine's start included), one command may run 10, and a machine left idle for
+30 s is given back. This script is that one command: it runs the jobs in order of
+importance (kernel correctness at real shapes, then the attention and training
+figures the targets name, then the rest), each under its own time cap and all
+under ``--budget``, and leaves in ``--out`` each job's JSON (and PNG where
+matplotlib is there), its log, and ``session.json`` (environment; per job: the
+command, exit code, seconds, whether it was cut off). A job cut off loses only
+what it had not yet written; the next job still runs.
+
+    bash bench/gpu_wheels.sh        # here, once: DeepSpeed, pytest, matplotlib... into .whl/
+    # the device call (carry: [".whl"], timeout_s: 600):
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+    export PYTHONPATH=/tmp/site:$PWD && python3 bench/gpu_session.py --budget 540 --out $OUT
+
+    python bench/gpu_session.py --smoke --out runs/gpu_session_smoke   # here: a CPU dry run, tiny shapes
+    python bench/gpu_session.py --part kernels --only tied_grad --out $OUT  # a subset
+
+``--smoke`` runs every job's code path on CPU with tiny shapes (kernels under
+``TRITON_INTERPRET=1``; the kernel tests are only collected, the suite runs them):
+it proves the script and the benchmarks work before device time is spent. Its
+numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("kernels", "train")
+KERNEL_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_tied_grad.py", "tests/test_kernels_fused.py"]
+
+
+@dataclass
+class Job:
+    name: str
+    part: str
+    argv: list[str]  # after the python executable; "{out}" is the output folder
+    smoke_argv: list[str]
+    cap_s: int  # at most this long, whatever the budget left
+
+
+def jobs(png: bool) -> list[Job]:
+    """The measurements, most important first: a run cut short by the budget loses the least."""
+    def plot(name: str) -> list[str]:
+        return ["--png", f"{{out}}/{name}.png"] if png else []
+
+    attention = ["bench/attention.py", "--dtype", "bf16"]
+    train = ["bench/train_throughput.py", "--steps", "20", "--warmup", "5"]
+    train_smoke = ["bench/train_throughput.py", "--cpu", "--steps", "5", "--warmup", "1", "--ckpt", "off"]
+    return [
+        Job("kernel_tests", "kernels",
+            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/kernel_tests.xml", *KERNEL_TESTS],
+            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *KERNEL_TESTS], 200),
+        Job("attention_hd128_causal", "kernels",
+            [*attention, "--head-dims", "128", "--causal", "true", "--json", "{out}/attention_hd128_causal.json",
+             *plot("attention_hd128_causal")],
+            ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd128_causal.json"], 150),
+        Job("train_small", "train", [*train, "--configs", "125m,350m", "--ckpt", "off", "--json", "{out}/train_small.json"],
+            [*train_smoke, "--json", "{out}/train_small.json"], 240),
+        Job("tied_grad", "kernels",
+            ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
+            ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
+        Job("train_1.3b", "train", [*train, "--configs", "1.3b", "--ckpt", "off,on", "--json", "{out}/train_1.3b.json"],
+            [*train_smoke, "--sharings", "none", "--json", "{out}/train_1.3b.json"], 240),
+        Job("fused_ops", "kernels", ["bench/fused_ops.py", "--out", "{out}/fused_ops.json"],
+            ["bench/fused_ops.py", "--smoke", "--out", "{out}/fused_ops.json"], 90),
+        Job("attention_rest", "kernels",
+            [*attention, "--head-dims", "64,128", "--causal", "true,false", "--lengths", "1024,4096,16384",
+             "--json", "{out}/attention_rest.json", *plot("attention_rest")],
+            ["bench/attention.py", "--smoke", "--causal", "false", "--json", "{out}/attention_rest.json"], 150),
+        Job("train_options", "train",
+            [*train, "--configs", "350m", "--ckpt", "off", "--sharings", "none", "--variants",
+             "model.fused_ops=torch;model.fused_ops=triton;train.compile=true", "--json", "{out}/train_options.json"],
+            [*train_smoke, "--sharings", "none", "--variants", "model.fused_ops=torch;model.fused_ops=triton",
+             "--json", "{out}/train_options.json"], 240),
+        Job("fused_loss", "kernels",
+            ["bench/fused_loss.py", "--dtype", "bf16", "--d-model", "2048", "--tokens", "4096,8192,16384",
+             "--json", "{out}/fused_loss.json", *plot("fused_loss")],
+            ["bench/fused_loss.py", "--smoke", "--json", "{out}/fused_loss.json"], 90),
+        Job("train_small_ckpt", "train", [*train, "--configs", "125m,350m", "--ckpt", "on", "--json", "{out}/train_small_ckpt.json"],
+            [*train_smoke, "--sharings", "all", "--json", "{out}/train_small_ckpt.json"], 180),
+    ]
+
+
+@dataclass
+class Outcome:
+    name: str
+    command: str
+    rc: int | None  # None: cut off by its cap or the budget
+    seconds: float
+    log: str
+
+
+def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, str]) -> Outcome:
+    cmd = [sys.executable, *(a.replace("{out}", str(out)) for a in argv)]
+    log = out / f"{job.name}.log"
+    start = time.monotonic()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # the job and anything it started (fused_loss measures in child processes)
+            proc.wait()
+            rc = None
+    return Outcome(job.name, shlex.join(cmd), rc, round(time.monotonic() - start, 1), log.name)
+
+
+def environment() -> dict:
+    """What the figures were measured on: GPU (nvidia-smi), Python and package versions."""
+    env = {"python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for package in ("torch", "triton", "deepspeed"):
+        spec = importlib.util.find_spec(package)
+        env[package] = _version(package) if spec else None
+    try:
+        env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                                            "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        env["nvidia_smi"] = None
+    return env
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=(*PARTS, "all"), default="all")
+    p.add_argument("--out", type=Path, required=True, help="results folder (on the device machine: $OUT)")
+    p.add_argument("--budget", type=float, default=540, help="seconds for the whole part; jobs past it are not started")
+    p.add_argument("--only", default="", help="comma-separated job names (default: every job of the part)")
+    p.add_argument("--smoke", action="store_true", help="CPU dry run of every job with tiny shapes")
+    args = p.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if args.smoke:
+        env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    selected = [j for j in jobs(png=importlib.util.find_spec("matplotlib") is not None)
+                if args.part in ("all", j.part) and (not args.only or j.name in args.only.split(","))]
+    if not selected:
+        raise SystemExit(f"no job matches --part {args.part} --only {args.only!r}; jobs: "
+                         + ", ".join(j.name for j in jobs(False)))
+    deadline = time.monotonic() + args.budget
+    session = {"environment": environment(), "smoke": args.smoke, "budget_s": args.budget, "jobs": []}
+    for job in selected:
+        left = deadline - time.monotonic()
+        if left < 20:
+            session["jobs"].append(asdict(Outcome(job.name, "", None, 0.0, "not started: budget spent")))
+            continue
+        outcome = run_job(job, job.smoke_argv if args.smoke else job.argv, args.out, min(job.cap_s, left), env)
+        session["jobs"].append(asdict(outcome))
+        status = "cut off" if outcome.rc is None else f"rc={outcome.rc}"
+        print(f"{job.name:<24} {status:<8} {outcome.seconds:7.1f} s  {outcome.log}", flush=True)
+        (args.out / "session.json").write_text(json.dumps(session, indent=2))
+    (args.out / "session.json").write_text(json.dumps(session, indent=2))
+    failed = [j["name"] for j in session["jobs"] if j["rc"] != 0]
+    if failed:
+        print("not complete: " + ", ".join(failed) + f" (logs in {args.out})")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

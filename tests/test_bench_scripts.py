@@ -1,0 +1,71 @@
+"""The GPU session script and the benchmarks it drives, dry-run on CPU.
+
+A session lent a GPU has minutes of device time; these tests make sure the
+prepared command (bench/gpu_session.py) and the checkout-only imports it relies
+on work before that time is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_checkout_on_path_binds_kernels_as_megascale_kernels():
+    """As on the GPU machine: the repository on sys.path, no pip install. The model must still find the kernels."""
+    code = f"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path.insert(0, {str(ROOT)!r})
+import megascale.kernels.attention as attention
+from megascale.model.attention import triton_attention_available
+print(attention.__file__)
+print(triton_attention_available())
+"""
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    path, available = proc.stdout.split()
+    assert Path(path) == ROOT / "kernels" / "attention.py"
+    import importlib.util  # noqa: PLC0415
+
+    assert available == str(importlib.util.find_spec("triton") is not None)
+
+
+def test_gpu_session_smoke_runs_its_jobs(tmp_path):
+    out = tmp_path / "session"
+    proc = _run(["bench/gpu_session.py", "--smoke", "--only", "kernel_tests,tied_grad,train_options", "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    session = json.loads((out / "session.json").read_text())
+    assert [j["name"] for j in session["jobs"]] == ["kernel_tests", "tied_grad", "train_options"]
+    assert all(j["rc"] == 0 for j in session["jobs"])
+    assert "collected" in (out / "kernel_tests.log").read_text()
+    assert json.loads((out / "tied_grad.json").read_text())["results"]
+    train = json.loads((out / "train_options.json").read_text())["results"]
+    assert [(r["trainer"], r["variant"]) for r in train] == [
+        ("plain", ""), ("megascale", "model.fused_ops=torch"), ("megascale", "model.fused_ops=triton")]
+    assert all(r["tokens_per_s"] > 0 for r in train)
+
+
+def test_gpu_session_stops_at_its_budget(tmp_path):
+    out = tmp_path / "session"
+    proc = _run(["bench/gpu_session.py", "--smoke", "--part", "train", "--budget", "5", "--out", str(out)])
+    assert proc.returncode == 1
+    assert "not complete: train_small" in proc.stdout
+    jobs = json.loads((out / "session.json").read_text())["jobs"]
+    assert jobs and all(j["rc"] is None and j["log"] == "not started: budget spent" for j in jobs)
+
+
+def test_gpu_session_rejects_an_unknown_job(tmp_path):
+    proc = _run(["bench/gpu_session.py", "--only", "nonesuch", "--out", str(tmp_path)])
+    assert proc.returncode != 0
+    assert "no job matches" in proc.stderr and "kernel_tests" in proc.stderr
