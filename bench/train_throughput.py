@@ -18,8 +18,10 @@ Each runs ``--warmup`` steps, then ``--steps`` timed steps (synchronised at the
 end only); on CPU both stay in memory and are timed in alternating windows of 5
 steps (median over windows), because a shared CPU's speed drifts. Reported: tokens/s, model TFLOP/s per device (FLOPs per token from
 *applied* parameters plus the attention term, ``Transformer.flops_per_token``),
-MFU against the device's dense bf16 peak (``megascale.hardware``; none on CPU),
-peak memory, and megascale over plain. ``--micro-batch auto`` (GPU) doubles the
+MFU against the device's dense bf16 peak (``megascale.hardware``; none on CPU;
+the JSON states it), peak memory, megascale's weights + optimizer state measured
+and by ``megascale.train.memory``'s formula (the tied model's must be lower by
+what sharing saves), and megascale over plain. ``--micro-batch auto`` (GPU) doubles the
 micro-batch from 1 until the untied plain loop runs out of memory and uses half the
 largest that fit (headroom for DeepSpeed's buffers), for the tied model too, so
 both do the same work per step. A table on stdout; ``--json`` writes it with device, date and versions, after
@@ -67,6 +69,8 @@ class Result:
     peak_gib: float | None
     step_ms: float
     variant: str = ""  # megascale config overrides of this trainer ("" = the config's defaults)
+    state_gib: float | None = None  # megascale: weights + optimizer state held between steps, measured (each storage once)
+    state_formula_gib: float | None = None  # megascale: the same by megascale.train.memory's formula
 
 
 def bench_config(name: str, args, variant: str = "") -> Config:
@@ -144,7 +148,24 @@ def megascale_trainer(cfg: Config, device: torch.device, ctx, groups):
         engine.backward(loss)
         engine.step()
 
+    step.engine = engine  # for the state-memory columns, read once the optimizer state exists
     return model, step
+
+
+def state_memory(step, cfg: Config) -> tuple[float | None, float | None]:
+    """(measured, formula) GiB of a megascale trainer's weights + optimizer state; plain: none.
+
+    Gradients are left out: between steps they are freed or zeroed, so what they cost shows in peak memory.
+    """
+    engine = getattr(step, "engine", None)
+    if engine is None:
+        return None, None
+    from megascale.train.engine import effective_zero_stage  # noqa: PLC0415
+    from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes  # noqa: PLC0415
+
+    formula = formula_state_bytes(local_param_count(engine), cfg.train.precision, effective_zero_stage(cfg, 1), 1)
+    measured = measured_state_bytes(engine)
+    return (measured.weights + measured.optimizer) / 2**30, (formula.weights + formula.optimizer) / 2**30
 
 
 def interleaved(steps: list, batches, warmup: int, rounds: int, per_round: int, device: torch.device) -> list[float]:
@@ -172,18 +193,18 @@ def measure_all_cpu(name: str, args, device, ctx, groups) -> list[Result]:
     batches = random_batches(cfg, 4, device)
     rounds = max(1, args.steps // 5)
     secs = interleaved([step for *_, step in trainers], batches, args.warmup, rounds, 5, device)
-    return [result(name, trainer, cfg, model, s, device, args, variant)
-            for (trainer, variant, model, _), s in zip(trainers, secs)]
+    return [result(name, trainer, bench_config(name, args, variant), model, s, device, args, variant, step)
+            for (trainer, variant, model, step), s in zip(trainers, secs)]
 
 
 def result(name: str, trainer: str, cfg: Config, model: Transformer, seconds: float, device, args,
-           variant: str = "") -> Result:
+           variant: str = "", step=None) -> Result:
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len / seconds
     tflops = model.flops_per_token(cfg.data.seq_len) * tokens / 1e12
     peak = peak_tflops(device)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return Result(name, args.sharing, args.ckpt_on, trainer, cfg.train.micro_batch_size, tokens, tflops,
-                  tflops / peak if peak else None, mem, seconds * 1e3, variant)
+                  tflops / peak if peak else None, mem, seconds * 1e3, variant, *state_memory(step, cfg))
 
 
 def measure(name: str, trainer: str, args, device, ctx, groups, variant: str = "") -> Result:
@@ -193,7 +214,7 @@ def measure(name: str, trainer: str, args, device, ctx, groups, variant: str = "
     model, step = plain_trainer(cfg, device) if trainer == "plain" else megascale_trainer(cfg, device, ctx, groups)
     batches = random_batches(cfg, 4, device)
     seconds = timed(step, batches, args.warmup, args.steps, device)
-    out = result(name, trainer, cfg, model, seconds, device, args, variant)
+    out = result(name, trainer, cfg, model, seconds, device, args, variant, step)
     del model, step, batches
     gc.collect()
     if device.type == "cuda":
@@ -234,8 +255,9 @@ def row(r: Result, base: Result | None) -> str:
     mfu = f"{r.mfu:6.1%}" if r.mfu is not None else "   n/a"
     mem = f"{r.peak_gib:7.1f}" if r.peak_gib is not None else "    n/a"
     ratio = f"{r.tokens_per_s / base.tokens_per_s:6.3f}" if base else "      "
+    state = f"{r.state_gib:7.2f} / {r.state_formula_gib:<7.2f}" if r.state_gib is not None else " " * 17
     return (f"{r.config:<6} {r.sharing:<5} {'on' if r.ckpt else 'off':<4} {r.trainer:<9} {r.micro_batch:>5} "
-            f"{r.step_ms:9.1f} {r.tokens_per_s:11,.0f} {r.tflops:8.2f} {mfu} {mem} {ratio}  {r.variant}")
+            f"{r.step_ms:9.1f} {r.tokens_per_s:11,.0f} {r.tflops:8.2f} {mfu} {mem} {state} {ratio}  {r.variant}")
 
 
 def main() -> None:
@@ -261,7 +283,8 @@ def main() -> None:
     device = ctx.device
     configs = (args.configs or ("tiny" if args.cpu else "125m,350m,1.3b")).split(",")
     results: list[Result] = []
-    print("config sharing ckpt trainer   micro  step ms    tokens/s   TFLOP/s    MFU  mem GiB  megascale/plain  variant")
+    print("config sharing ckpt trainer   micro  step ms    tokens/s   TFLOP/s    MFU  mem GiB  state GiB/formula  "
+          "megascale/plain  variant")
     for name in configs:
         for ckpt in args.ckpt.split(","):
             args.ckpt_on = ckpt == "on"
@@ -295,6 +318,7 @@ def write_json(path: Path, results: list[Result], device: torch.device) -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "command": " ".join(sys.argv),
+        "peak_tflops": peak_tflops(device),  # the MFU denominator: dense bf16 peak of this device (none on CPU)
         "results": [r.__dict__ for r in results]}, indent=2))
 
 if __name__ == "__main__":

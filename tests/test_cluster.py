@@ -88,7 +88,9 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_losses(tmp_path
     run_dir = tmp_path / "preempted"
     proc = sbatch(tmp_path, run_dir, data_dir, *steps, start_new_session=True)
     wait_for_step(run_dir, 3, proc)
-    for pid in rank_pids(tmp_path, 4242):  # SLURM signals every task of the step (and the batch shell on SIGTERM)
+    # SIGTERM as SLURM sends it: every task of the step and the batch shell. SIGUSR1 to rank 1 alone:
+    # rank 0 learns of it from the logging step's all-reduce, and both stop at the same step.
+    for pid in rank_pids(tmp_path, 4242) if signum == signal.SIGTERM else rank_pids(tmp_path, 4242)[1:]:
         os.kill(pid, signum)
     if signum == signal.SIGTERM:
         proc.send_signal(signal.SIGTERM)
@@ -98,7 +100,8 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_same_losses(tmp_path
     stopped = max(losses(run_dir))
     assert stopped < 24 and (run_dir / "checkpoints" / f"step_{stopped:08d}").is_dir()
     events = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any(e.get("event") == "preempted" and e["signal"] == signum.name for e in events)
+    seen_by_rank0 = signum.name if signum == signal.SIGTERM else "a stop signal on another rank"
+    assert [e["signal"] for e in events if e.get("event") == "preempted"] == [seen_by_rank0]
 
     rc, out = finish(sbatch(tmp_path, run_dir, data_dir, *steps))  # the requeued job: same id, same run directory
     assert rc == 0, out[-3000:]

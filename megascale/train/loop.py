@@ -235,6 +235,29 @@ def mean_over(value: torch.Tensor, group) -> float:
     return float(value)
 
 
+def read_log_values(run: Run, loss_t: torch.Tensor, stop: StopRequest) -> tuple[float, float | None, bool]:
+    """A logging step's one synchronisation: (loss averaged over data-parallel replicas, gradient norm,
+    whether any rank has received a stop signal), from one all-reduce over the world and one host read.
+
+    TP and PP peers hold the same loss (the pipeline engine broadcasts it), so only the first
+    tensor-parallel rank of the first stage of each replica contributes it; the gradient norm, the
+    same everywhere, comes from global rank 0 alone. Every other entry is an exact zero, so the
+    sums are those of a data-parallel reduction.
+    """
+    groups, device = run.groups, loss_t.device
+    speaks_for_replica = groups.tp_rank == 0 and groups.stage == 0
+    grad_norm = run.engine.get_global_grad_norm()
+    values = torch.zeros(3, device=device)
+    values[0] = loss_t.detach().float().reshape(()) if speaks_for_replica else 0.0
+    values[1] = 1.0 if stop.signal_name else 0.0
+    if grad_norm is not None and run.ctx.rank == 0:
+        values[2] = grad_norm.detach().float().reshape(()) if torch.is_tensor(grad_norm) else float(grad_norm)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    loss, stops, norm = values.tolist()
+    return loss / groups.dims.dp, (norm if grad_norm is not None else None), stops > 0
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean loss over the first ``eval_batches`` validation micro-batches, round-robin over DP ranks.
@@ -425,7 +448,7 @@ def run_loop(run: Run) -> RunSummary:
                 report_state_memory(run, writer)
                 memory_due = False
             logged = progress.step % t.log_every == 0 or progress.step == t.max_steps
-            meter.step(run, loss_t if logged else None, writer, summary)
+            stop_agreed = meter.step(run, loss_t if logged else None, writer, summary, stop)
             decisions = run.controller.decide(progress.step, progress.tokens, run.model.plan)
             if decisions:
                 probe = untie_now(run, probe, decisions, writer)
@@ -436,7 +459,7 @@ def run_loop(run: Run) -> RunSummary:
                 _log_eval(run, writer)
             if t.save_every and progress.step % t.save_every == 0:
                 summary.checkpoint, last_saved = _save(run), progress.step
-            if logged and stop.agreed(ctx.device):  # the ranks synchronise here anyway
+            if stop_agreed:  # decided by the logging step's read, so every rank stops at the same step
                 summary.preempted = stop.signal_name or "a stop signal on another rank"
                 break
     finally:
@@ -460,17 +483,20 @@ class _Meter:
         self.peak, self.bar = peak, bar
         self.start, self.steps = time.perf_counter(), 0
 
-    def step(self, run: Run, loss_t: torch.Tensor | None, writer: MetricsWriter, summary: RunSummary) -> None:
-        """Count a step; on logging steps (``loss_t`` given) read the loss and write a record."""
+    def step(self, run: Run, loss_t: torch.Tensor | None, writer: MetricsWriter, summary: RunSummary,
+             stop: StopRequest) -> bool:
+        """Count a step; on logging steps (``loss_t`` given) read the metrics back, write a record, and
+        return whether any rank was asked to stop (False on other steps, which read nothing)."""
         self.steps += 1
+        stop_agreed = False
         if loss_t is not None:
-            loss = mean_over(loss_t, run.groups.dp_group)
+            loss, grad_norm, stop_agreed = read_log_values(run, loss_t, stop)
             if not math.isfinite(loss) and run.nan.policy == "skip":  # every micro-batch was skipped
                 writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "loss": None})
                 loss_t = None
         if loss_t is not None:
             check_finite(loss, run.progress.step, run.out_dir)
-            writer.log(_step_record(run, loss, self.steps / (time.perf_counter() - self.start), self.peak))
+            writer.log(_step_record(run, loss, grad_norm, self.steps / (time.perf_counter() - self.start), self.peak))
             summary.losses.append(loss)
             run.controller.observe_loss(run.progress.step, loss)
             if self.bar is not None:
@@ -478,6 +504,7 @@ class _Meter:
             self.start, self.steps = time.perf_counter(), 0
         if self.bar is not None:
             self.bar.update(1)
+        return stop_agreed
 
     def close(self) -> None:
         if self.bar is not None:
@@ -587,16 +614,15 @@ def _progress_bar(ctx: DistContext, t, start: int, desc: str):
     return tqdm(total=t.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
 
-def _step_record(run: Run, loss: float, steps_per_s: float, peak: float | None) -> dict[str, Any]:
+def _step_record(run: Run, loss: float, grad_norm: float | None, steps_per_s: float, peak: float | None) -> dict[str, Any]:
     info, engine = run.info, run.engine
     tokens_per_s = steps_per_s * info["tokens_per_step"]
-    grad_norm = engine.get_global_grad_norm()
     record = {
         "step": run.progress.step,
         "tokens": run.progress.tokens,
         "loss": loss,
         "lr": engine.get_lr()[0],
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "grad_norm": grad_norm,
         "tokens_per_s": tokens_per_s,
         "tflops_per_device": info["flops_per_token"] * tokens_per_s / run.ctx.world_size / 1e12,
         **memory_stats(run.ctx.device),

@@ -2,9 +2,10 @@
 
 SLURM sends SIGTERM on preemption and, with ``#SBATCH --signal=USR1@<seconds>``,
 SIGUSR1 that long before the time limit. The handler only records the request;
-the training loop acts on it between steps, when every rank agrees (one
-all-reduce of a flag every ``train.log_every`` steps, where the loop synchronises
-anyway) — ranks receive the signal at slightly different moments, and a rank
+the training loop acts on it between steps, when every rank agrees (the flag
+rides in the one all-reduce of each logging step, every ``train.log_every``
+steps, ``loop.read_log_values``) — ranks receive the signal at slightly
+different moments, and a rank
 that stopped a step earlier than the others would leave them waiting in a
 collective. The run then saves a checkpoint and the launcher exits with
 ``PREEMPTED_EXIT`` (3); ``launch/slurm/*.sbatch`` requeue the job on that code and
@@ -16,8 +17,6 @@ from __future__ import annotations
 import logging
 import signal
 
-import torch
-import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Records a stop signal; ``agreed`` says whether any rank has received one."""
+    """Records a stop signal (``signal_name``); the loop's logging-step read shares it with every rank."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -44,10 +43,3 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
         self.signal_name = signal.Signals(signum).name  # acted on between steps; nothing else is safe here
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank when any rank has received a stop signal (collective over the world)."""
-        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
