@@ -17,6 +17,7 @@ what it had not yet written; the next job still runs.
 
     python bench/gpu_session.py --smoke --out runs/gpu_session_smoke   # here: a CPU dry run, tiny shapes
     python bench/gpu_session.py --part kernels --only tied_grad --out $OUT  # a subset
+    python bench/gpu_report.py <the folder that came back>                  # Markdown for BENCHMARKS.md
 
 ``--smoke`` runs every job's code path on CPU with tiny shapes (kernels under
 ``TRITON_INTERPRET=1``; the kernel tests are only collected, the suite runs them):

@@ -1,4 +1,4 @@
-"""The GPU session script and the benchmarks it drives, dry-run on CPU.
+"""The GPU session script, the benchmarks it drives and its report, dry-run on CPU.
 
 A session lent a GPU has minutes of device time; these tests make sure the
 prepared command (bench/gpu_session.py) and the checkout-only imports it relies
@@ -54,6 +54,17 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert [(r["trainer"], r["variant"]) for r in train] == [
         ("plain", ""), ("megascale", "model.fused_ops=torch"), ("megascale", "model.fused_ops=triton")]
     assert all(r["tokens_per_s"] > 0 for r in train)
+    assert all(r["state_gib"] > 0 and r["state_formula_gib"] > 0 for r in train if r["trainer"] == "megascale")
+
+    report = _run(["bench/gpu_report.py", str(out)])
+    assert report.returncode == 0, report.stderr
+    text = report.stdout
+    assert "smoke run: the numbers mean nothing" in text
+    assert "Kernel tests: " in text and "collected, none run" in text
+    assert "Attention: not run." in text  # not among the jobs asked for
+    assert "| 2 | tensor |" in text  # the tied-gradient table, K = 2
+    assert "| tiny | none | off | megascale | model.fused_ops=triton |" in text
+    assert "target 1.3b MFU ≥ 50%: n/a" in text  # no GPU, no MFU: never a verdict without a figure
 
 
 def test_gpu_session_stops_at_its_budget(tmp_path):

@@ -1,0 +1,216 @@
+"""Turn a bench/gpu_session.py output folder into the Markdown for BENCHMARKS.md, targets checked.
+
+    python bench/gpu_report.py runs/gpu/out              # Markdown on stdout
+    python bench/gpu_report.py runs/gpu/out --md report.md
+
+One section per job that ran: kernel tests (passed / failed / skipped, the
+failures by name), attention (Triton against the best SDPA backend per shape),
+the tied-gradient reduction (against the PyTorch composition and copy
+bandwidth), fused ops, fused loss, and training throughput (MFU, tokens/s,
+megascale/plain, memory). Each target of issues #3 and #9 gets a met / not met
+line computed from the figures; a job that did not run says so. Nothing here is
+estimated: a figure is in the report only if a JSON holds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ATTENTION_FILES = ("attention_hd128_causal.json", "attention_rest.json")
+TRAIN_FILES = ("train_small.json", "train_1.3b.json", "train_small_ckpt.json", "train_options.json")
+
+
+def load(folder: Path, name: str) -> dict | None:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**not met**")
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return out + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def session_section(folder: Path) -> list[str]:
+    session = load(folder, "session.json")
+    if session is None:
+        return [f"No session.json in {folder}: not a bench/gpu_session.py output folder."]
+    env = session["environment"]
+    lines = [f"Device: {env.get('nvidia_smi') or 'no nvidia-smi (CPU)'}; date {env['date']}; Python {env['python']}, "
+             f"torch {env['torch']}, triton {env['triton']}, DeepSpeed {env['deepspeed']}"
+             + (" — **smoke run: the numbers mean nothing**" if session["smoke"] else ""), ""]
+    rows = [[j["name"], "cut off / not started" if j["rc"] is None else j["rc"], j["seconds"], j["log"]] for j in session["jobs"]]
+    return lines + table(["job", "exit", "seconds", "log"], rows)
+
+
+def kernel_tests_section(folder: Path) -> list[str]:
+    log = folder / "kernel_tests.log"
+    if not log.is_file():
+        return ["Kernel tests: not run."]
+    text = log.read_text()
+    counts = {k: len(re.findall(rf" {k}( |$)", text, re.M)) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
+    failed = re.findall(r"^(\S+::\S+) (?:FAILED|ERROR)", text, re.M)
+    summary = re.findall(r"^=+ (.* in [\d.]+s.*) =+$", text, re.M)
+    if not any(counts.values()) and (collected := re.search(r"(\d+) tests? collected", text)):
+        return [f"Kernel tests: {collected.group(1)} collected, none run (a smoke run only collects them)."]
+    lines = [f"Kernel tests at real shapes: {counts['PASSED']} passed, {counts['FAILED']} failed, "
+             f"{counts['SKIPPED']} skipped, {counts['ERROR']} errors" + (f" ({summary[-1]})" if summary else " (cut off)")]
+    return lines + [f"* failed: `{name}`" for name in failed]
+
+
+def attention_section(folder: Path) -> list[str]:
+    rows = [r for name in ATTENTION_FILES if (d := load(folder, name)) for r in d["results"] if r.get("tflops")]
+    if not rows:
+        return ["Attention: not run."]
+    shapes = sorted({(r["D"], r["causal"], r["T"], r["mode"]) for r in rows})
+    out, checks = [], []
+    for D, causal, T, mode in shapes:
+        here = [r for r in rows if (r["D"], r["causal"], r["T"], r["mode"]) == (D, causal, T, mode)]
+        triton = max((r["tflops"] for r in here if r["provider"] == "triton"), default=None)
+        sdpa = max(((r["tflops"], r["provider"]) for r in here if r["provider"].startswith("sdpa")), default=(None, None))
+        ratio = triton / sdpa[0] if triton and sdpa[0] else None
+        out.append([D, "causal" if causal else "full", T, mode, triton, sdpa[0], sdpa[1], ratio])
+        if D == 128 and causal and 4096 <= T <= 16384:
+            checks.append((mode, T, triton, ratio))
+    lines = ["Attention, bf16 (TFLOP/s):", ""] + table(
+        ["head dim", "mask", "T", "pass", "triton", "best SDPA", "backend", "triton/SDPA"], out) + [""]
+    fwd = [c for c in checks if c[0] == "fwd"]
+    both = [c for c in checks if c[0] == "fwd+bwd"]
+    lines.append(f"* target forward ≥ 550 TFLOP/s (hd 128, causal, 4k–16k): "
+                 f"{verdict(all(t and t >= 550 for _, _, t, _ in fwd) if fwd else None)}")
+    lines.append(f"* target forward+backward faster than the best SDPA (same shapes): "
+                 f"{verdict(all(r and r > 1 for *_, r in both) if both else None)}")
+    return lines
+
+
+def tied_grad_section(folder: Path) -> list[str]:
+    data = load(folder, "tied_grad.json")
+    if data is None:
+        return ["Tied-gradient reduction: not run."]
+    rows = [r for r in data["results"] if "triton_gbps" in r]
+    out = [[r["K"], r["case"], r["size_mb"], r["triton_gbps"], r["torch_gbps"], r["copy_gbps"], r["of_copy"], r["vs_torch"]]
+           for r in rows]
+    big = [r for r in rows if r["size_mb"] >= 64]  # small tensors are launch-bound: the targets are about bandwidth
+    lines = ["Tied-gradient reduction (GB/s):", ""] + table(
+        ["K", "case", "MB", "triton", "PyTorch", "copy", "of copy", "vs PyTorch"], out) + [""]
+    lines.append(f"* target ≥ 85% of copy bandwidth (tensors ≥ 64 MB): {verdict(all(r['of_copy'] >= 0.85 for r in big) if big else None)}")
+    lines.append(f"* target ≥ 2× the PyTorch composition (tensors ≥ 64 MB): {verdict(all(r['vs_torch'] >= 2 for r in big) if big else None)}")
+    return lines
+
+
+def fused_ops_section(folder: Path) -> list[str]:
+    data = load(folder, "fused_ops.json")
+    if data is None:
+        return ["Fused RMSNorm / RoPE / SwiGLU: not run."]
+    rows = [r for r in data["results"] if r.get("gbps")]
+    keys = sorted({(r["op"], r["tokens"], r["width"], r["mode"]) for r in rows})
+    out = []
+    for key in keys:
+        by = {r["provider"]: r["gbps"] for r in rows if (r["op"], r["tokens"], r["width"], r["mode"]) == key}
+        best_other = max((v for p, v in by.items() if p != "triton"), default=None)
+        out.append([*key, by.get("triton"), by.get("torch"), by.get("compile"),
+                    by["triton"] / best_other if by.get("triton") and best_other else None])
+    return ["Fused row-wise ops (GB/s):", ""] + table(
+        ["op", "tokens", "width", "pass", "triton", "eager", "compile", "triton/best other"], out)
+
+
+def fused_loss_section(folder: Path) -> list[str]:
+    data = load(folder, "fused_loss.json")
+    if data is None:
+        return ["Fused LM head + loss: not run."]
+    by = {(r["mode"], r["tokens"]): r for r in data["rows"]}
+    out = []
+    for tokens in sorted({t for _, t in by}):
+        plain, fused = by.get(("plain", tokens)), by.get(("fused", tokens))
+        out.append([tokens, plain and plain["peak_bytes"] / 2**20, fused and fused["peak_bytes"] / 2**20,
+                    plain and plain["step_s"] * 1e3, fused and fused["step_s"] * 1e3])
+    return [f"Fused LM head + loss (D {data['d_model']}, V {data['vocab']}, {data['dtype']}):", ""] + table(
+        ["tokens", "plain peak MiB", "fused peak MiB", "plain ms", "fused ms"], out)
+
+
+def train_section(folder: Path) -> list[str]:
+    files = [d for name in TRAIN_FILES if (d := load(folder, name))]
+    results = [(d["device"], r) for d in files for r in d["results"]]
+    if not results:
+        return ["Training throughput: not run."]
+    out, ratios, mfu = [], [], {}
+    plain = None
+    for _, r in results:
+        if r["trainer"] == "plain":
+            plain = r
+            ratio = None
+        else:
+            ratio = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None
+            if not r["variant"]:
+                ratios.append(ratio)
+                mfu.setdefault((r["config"], r["sharing"]), []).append(r["mfu"])
+        out.append([r["config"], r["sharing"], "on" if r["ckpt"] else "off", r["trainer"], r["variant"] or "–",
+                    r["micro_batch"], r["tokens_per_s"], r["tflops"], r["mfu"], r["peak_gib"], r.get("state_gib"), ratio])
+    lines = [f"Training throughput on {files[0]['device']}, megascale and the plain loop in the same run:", ""] + table(
+        ["config", "sharing", "act. ckpt", "trainer", "variant", "micro", "tokens/s", "TFLOP/s", "MFU", "peak GiB",
+         "state GiB", "megascale/plain"], out) + [""]
+    best = {key: max(v for v in values if v is not None) for key, values in mfu.items() if any(v is not None for v in values)}
+    for config, target in (("1.3b", 0.50), ("350m", 0.40)):
+        got = best.get((config, "none"))
+        lines.append(f"* target {config} MFU ≥ {target:.0%}: {verdict(None if got is None else got >= target)}"
+                     + (f" (best {got:.1%})" if got is not None else ""))
+    measured = [r for r in ratios if r is not None]
+    lines.append(f"* target megascale ≥ 1.15× plain: {verdict(min(measured) >= 1.15 if measured else None)}"
+                 + (f" (lowest {min(measured):.3f}×)" if measured else ""))
+    return lines + tied_checks(results)
+
+
+def tied_checks(results: list[tuple[str, dict]]) -> list[str]:
+    """Tied (sharing all) against untied of the same config and checkpointing: same MFU, less state."""
+    ours = {(r["config"], r["ckpt"], r["sharing"]): r for _, r in results if r["trainer"] == "megascale" and not r["variant"]}
+    lines = []
+    for (config, ckpt, sharing), tied in sorted(ours.items()):
+        untied = ours.get((config, ckpt, "none"))
+        if sharing != "all" or untied is None or tied["mfu"] is None or untied["mfu"] is None:
+            continue
+        same = abs(tied["mfu"] / untied["mfu"] - 1) <= 0.05
+        less = tied.get("state_gib") is not None and tied["state_gib"] < untied["state_gib"]
+        lines.append(f"* {config}, act. ckpt {'on' if ckpt else 'off'}: tied MFU {tied['mfu']:.1%} vs untied "
+                     f"{untied['mfu']:.1%} (within 5%: {verdict(same)}); state {tied.get('state_gib', 0):.2f} vs "
+                     f"{untied.get('state_gib', 0):.2f} GiB (lower: {verdict(less)})")
+    return lines
+
+
+def report(folder: Path) -> str:
+    sections = [session_section, kernel_tests_section, attention_section, tied_grad_section, fused_ops_section,
+                fused_loss_section, train_section]
+    return "\n\n".join("\n".join(section(folder)) for section in sections) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, help="the --out folder of bench/gpu_session.py")
+    p.add_argument("--md", type=Path, help="also write the Markdown here")
+    args = p.parse_args()
+    if not (args.folder / "session.json").is_file():
+        raise SystemExit(f"{args.folder} holds no session.json; pass the --out folder of bench/gpu_session.py")
+    text = report(args.folder)
+    print(text, end="")
+    if args.md:
+        args.md.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
