@@ -61,17 +61,22 @@ def session_section(folder: Path) -> list[str]:
 
 
 def kernel_tests_section(folder: Path) -> list[str]:
-    log = folder / "kernel_tests.log"
+    return (_pytest_log(folder / "kernel_tests.log", "Kernel tests at real shapes, first listed tile")
+            + _pytest_log(folder / "kernel_tests_autotuned.log", "Kernel tests, autotuned tiles (bf16, head dim 128)"))
+
+
+def _pytest_log(log: Path, title: str) -> list[str]:
+    """Counts and failures from a ``pytest -v`` log (which survives a run cut off by its cap)."""
     if not log.is_file():
-        return ["Kernel tests: not run."]
+        return [f"{title}: not run."]
     text = log.read_text()
     counts = {k: len(re.findall(rf" {k}( |$)", text, re.M)) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
     failed = re.findall(r"^(\S+::\S+) (?:FAILED|ERROR)", text, re.M)
     summary = re.findall(r"^=+ (.* in [\d.]+s.*) =+$", text, re.M)
-    if not any(counts.values()) and (collected := re.search(r"(\d+) tests? collected", text)):
-        return [f"Kernel tests: {collected.group(1)} collected, none run (a smoke run only collects them)."]
-    lines = [f"Kernel tests at real shapes: {counts['PASSED']} passed, {counts['FAILED']} failed, "
-             f"{counts['SKIPPED']} skipped, {counts['ERROR']} errors" + (f" ({summary[-1]})" if summary else " (cut off)")]
+    if not any(counts.values()) and (collected := re.search(r"(\d+(?:/\d+)?) tests? collected", text)):
+        return [f"{title}: {collected.group(1)} collected, none run (a smoke run only collects them)."]
+    lines = [f"{title}: {counts['PASSED']} passed, {counts['FAILED']} failed, {counts['SKIPPED']} skipped, "
+             f"{counts['ERROR']} errors" + (f" ({summary[-1]})" if summary else " (cut off)")]
     return lines + [f"* failed: `{name}`" for name in failed]
 
 

@@ -32,6 +32,7 @@ was set before this module was imported (the tests do this).
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -72,13 +73,25 @@ def _configs(table: dict) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
+def autotuning() -> bool:
+    """False when ``MEGASCALE_TRITON_AUTOTUNE=0``: each kernel takes the first tile listed for its input
+    width and head dim instead of compiling and timing every candidate.
+
+    Autotuning compiles ~16 kernels per (head dim, dtype, causal) combination, seconds each: fine once
+    per training run, but minutes for a test run over many combinations or a short debugging job.
+    """
+    return os.environ.get("MEGASCALE_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def _pruner(table: dict):
-    """Autotune pruner keeping the configs listed for the call's input width and head dim."""
+    """Autotune pruner keeping the configs listed for the call's input width and head dim (the first
+    of them only when autotuning is off)."""
 
     def prune(configs, named_args, **kwargs):
         want = (named_args["Q"].element_size() * 8, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
         key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
-        return [c for c in configs if want in table.get(key(c), ())] or configs
+        kept = [c for c in configs if want in table.get(key(c), ())] or configs
+        return kept if autotuning() else kept[:1]
 
     return prune
 

@@ -60,7 +60,8 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert report.returncode == 0, report.stderr
     text = report.stdout
     assert "smoke run: the numbers mean nothing" in text
-    assert "Kernel tests: " in text and "collected, none run" in text
+    assert "Kernel tests at real shapes, first listed tile: " in text and "collected, none run" in text
+    assert "Kernel tests, autotuned tiles (bf16, head dim 128): not run." in text
     assert "Attention: not run." in text  # not among the jobs asked for
     assert "| 2 | tensor |" in text  # the tied-gradient table, K = 2
     assert "| tiny | none | off | megascale | model.fused_ops=triton |" in text

@@ -157,6 +157,26 @@ def test_supported_configs():
     assert "head dim 256 spills" in unsupported_config(256, torch.float32, "cuda")
 
 
+@pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 128), (torch.float16, 256), (torch.float32, 64)])
+def test_autotune_candidates_follow_width_head_dim_and_the_switch(monkeypatch, dtype, head_dim):
+    """The pruner keeps the tiles listed for the input width and head dim; MEGASCALE_TRITON_AUTOTUNE=0 the first."""
+    import triton  # noqa: PLC0415
+
+    from megascale.kernels import attention as kernel  # noqa: PLC0415
+
+    for table in (kernel._FWD_TILES, kernel._DKDV_TILES, kernel._DQ_TILES):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+        prune = kernel._pruner(table)
+        args = {"Q": torch.empty(1, 1, 1, head_dim, dtype=dtype)}
+        want = (torch.empty((), dtype=dtype).element_size() * 8, head_dim)
+        monkeypatch.delenv("MEGASCALE_TRITON_AUTOTUNE", raising=False)
+        tuned = prune(configs, args, HEAD_DIM=head_dim)
+        assert tuned and all(want in table[(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)]
+                             for c in tuned)
+        monkeypatch.setenv("MEGASCALE_TRITON_AUTOTUNE", "0")
+        assert prune(configs, args, HEAD_DIM=head_dim) == tuned[:1]
+
+
 # --- the model's backend switch (megascale/model/attention.py) ---------------------------------
 
 
