@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import json
 import os
 import platform
 import sys
@@ -53,3 +54,11 @@ def environment(device: torch.device, args) -> dict:
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, dtype=args.dtype,
         smoke=args.smoke, interpreter=os.environ.get("TRITON_INTERPRET", "0") == "1",
     )
+
+
+def write_results(path: Path | None, env: dict, rows: list[dict]) -> None:
+    """The benchmark's JSON so far; called after every shape, so a run cut off by a time limit keeps what it measured."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, "results": rows}, indent=1))

@@ -22,13 +22,12 @@ where no GPU is present. Its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from _common import checkout_kernels, environment, time_ms
+from _common import checkout_kernels, environment, time_ms, write_results
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # × the forward's FLOPs
@@ -185,19 +184,17 @@ def main(argv=None) -> None:
     kernels = import_kernels()
     providers, modes = args.providers.split(","), args.modes.split(",")
     causals = [c.strip().lower() == "true" for c in args.causal.split(",")]
-    rows = []
+    rows, env = [], environment(device, args)
     for D in map(int, args.head_dims.split(",")):
         H = max(1, args.model_dim // D)
         for causal in causals:
             for T in map(int, args.lengths.split(",")):
                 B = max(1, args.tokens // T)
                 rows += bench_shape(providers, kernels, device, DTYPES[args.dtype], B, H, max(1, H // args.kv_group), T, D, causal, modes)
-    env = environment(device, args)
+                write_results(args.json, env, rows)
     print(f"# {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, providers, modes)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
         print(f"wrote {args.json}")
     if args.png:
         plot(rows, providers, modes, args.png, f"attention TFLOP/s, {env['device']}, {env['dtype']}")

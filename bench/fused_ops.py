@@ -36,7 +36,6 @@ GPU is present. Its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from _common import checkout_kernels, environment, time_ms
+from _common import checkout_kernels, environment, time_ms, write_results
 
 OPS = ("rmsnorm", "swiglu", "rope")
 MODES = ("fwd", "fwd+bwd")
@@ -227,17 +226,15 @@ def main(argv=None) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     kernels = import_kernels()
     providers, modes = args.providers.split(","), args.modes.split(",")
-    rows = []
+    rows, env = [], environment(device, args)
     for build in cases(args, kernels, device, DTYPES[args.dtype]):
         rows += bench_case(build(), providers, modes, device)
+        write_results(args.out, env, rows)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    env = environment(device, args)
     print(f"# {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, providers, modes)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
         print(f"wrote {args.out}")
 
 

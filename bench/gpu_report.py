@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-ATTENTION_FILES = ("attention_hd128_causal.json", "attention_rest.json")
+ATTENTION_FILES = ("attention_hd128_causal.json", "attention_rest.json", "attention_hd64.json")
 TRAIN_FILES = ("train_small.json", "train_1.3b.json", "train_small_ckpt.json", "train_options.json")
 
 

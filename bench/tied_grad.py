@@ -25,13 +25,12 @@ is present. Its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from _common import checkout_kernels, environment, time_ms
+from _common import checkout_kernels, environment, time_ms, write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MB = 2**20
@@ -160,20 +159,18 @@ def main(argv=None) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     tg = import_kernels()
     dtype = DTYPES[args.dtype]
-    rows = []
+    rows, env = [], environment(device, args)
     for K in map(int, args.units.split(",")):
         cases = [("tensor", int(float(mb) * MB)) for mb in args.sizes_mb.split(",")]
         cases += [] if args.no_block else [("llama-block", 0)]
         for case, size in cases:
             rows.append(bench_case(tg, device, dtype, K, case, size))
+            write_results(args.json, env, rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    env = environment(device, args)
     print(f"# {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
         print(f"wrote {args.json}")
     if args.png:
         plot(rows, args.png, f"tied-grad reduction GB/s, {env['device']}, {env['dtype']}")
