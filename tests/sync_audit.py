@@ -8,7 +8,8 @@ queued before it: one per step caps throughput at the host's pace. This script
 builds a run on the given config, trains two warm-up steps, then counts every such
 call made from Python during ``--steps`` calls of ``train_step`` (the hot path:
 logging steps read the loss, every ``train.log_every``), attributing each to the
-first caller outside torch. Reads inside C++ (boolean-mask indexing, ``nonzero``)
+first caller outside torch; then the reads a logging step adds (its one read of
+loss, gradient norm and stop flag). Reads inside C++ (boolean-mask indexing, ``nonzero``)
 are invisible here; on CUDA ``torch.cuda.set_sync_debug_mode`` catches those.
 """
 
@@ -82,7 +83,23 @@ def main(overrides: list[str], steps: int = 3) -> None:
     finally:
         undo()
     per_step = {k: v / steps for k, v in sorted(counts.items())}
-    print("SYNC_AUDIT " + json.dumps({"steps": steps, "reads_per_step": per_step}), flush=True)
+    print("SYNC_AUDIT " + json.dumps({"steps": steps, "reads_per_step": per_step,
+                                      "reads_on_log_step": log_step_reads(run)}), flush=True)
+
+
+def log_step_reads(run) -> dict[str, int]:
+    """The reads a logging step adds to its training step: the loop's read of the logged values."""
+    from megascale.train.loop import read_log_values, train_step  # noqa: PLC0415
+    from megascale.train.preempt import StopRequest  # noqa: PLC0415
+
+    loss = train_step(run)
+    counts: collections.Counter = collections.Counter()
+    undo = counting(counts)
+    try:
+        read_log_values(run, loss, StopRequest())
+    finally:
+        undo()
+    return dict(counts)
 
 
 if __name__ == "__main__":
