@@ -201,13 +201,17 @@ def _flat_copy_kernel(PTRS, FLAT, FLAT_OFFSET, NUMEL, CHUNK_TENSOR, CHUNK_START,
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
-    """auto: Triton on CUDA, or on CPU tensors under TRITON_INTERPRET=1; PyTorch otherwise."""
+    """auto: Triton on CUDA, PyTorch elsewhere; triton: also CPU tensors under TRITON_INTERPRET=1.
+
+    The interpreter runs a kernel through NumPy, orders of magnitude slower than PyTorch:
+    like the attention kernel's, it is only used when asked for by name (the tests do),
+    never picked by ``auto`` because the variable happens to be set in the environment.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
-    runnable = device.type == "cuda" or (INTERPRET and device.type == "cpu")
-    if backend == "triton" and not runnable:
+    if backend == "triton" and not (device.type == "cuda" or (INTERPRET and device.type == "cpu")):
         raise ValueError(f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
-    return backend != "torch" and runnable
+    return backend == "triton" or (backend == "auto" and device.type == "cuda")
 
 
 def _check_same(tensors: list[torch.Tensor], what: str) -> None:
@@ -310,7 +314,7 @@ def tied_grad_reduce(
     dtype, grads share one dtype (each fp32, bf16 or fp16; they may differ, e.g. bf16
     contributions into fp32 grads); statistics are accumulated in fp32.
     Non-contiguous contributions are copied; non-contiguous grads raise ValueError.
-    backend: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else PyTorch), "triton", "torch".
+    backend: "auto" (Triton on CUDA, else PyTorch), "triton" (also CPU under TRITON_INTERPRET=1), "torch".
     """
     _check_reduce_inputs(contributions, grads)
     if _use_triton(backend, grads[0].device):

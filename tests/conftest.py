@@ -42,8 +42,13 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without any launcher variables, one thread per rank."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    """The test process's environment without any launcher variables, one thread per rank.
+
+    TRITON_INTERPRET goes too: the kernel test modules set it in this process when they are
+    collected, and a run that inherited it would be one that nobody asked for (a test that
+    wants the interpreter in a subprocess passes it in ``extra``).
+    """
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "TRITON_INTERPRET")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("PMI_", "OMPI_"))}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
