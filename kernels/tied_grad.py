@@ -214,6 +214,11 @@ def _use_triton(backend: str, device: torch.device) -> bool:
     return backend == "triton" or (backend == "auto" and device.type == "cuda")
 
 
+def chosen_backend(device: torch.device, backend: str = "auto") -> str:
+    """"triton" or "torch": what ``tied_grad_reduce`` and the flatten/unflatten helpers run on ``device``."""
+    return "triton" if _use_triton(backend, torch.device(device)) else "torch"
+
+
 def _check_same(tensors: list[torch.Tensor], what: str) -> None:
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1 or next(iter(dtypes)) not in GRAD_DTYPES:

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 
 from megascale.kernels.tied_grad import (  # noqa: E402
     TiedGradStats,
+    chosen_backend,
     coherence,
     flatten_for_collective,
     tied_grad_reduce,
@@ -160,6 +161,10 @@ def test_backends_agree_and_auto_choice():
                         tied_grad_reduce(contributions, copies, backend="torch"))
     with pytest.raises(ValueError, match="not one of"):
         tied_grad_reduce(contributions, grads, backend="cuda")
+    # auto: Triton on CUDA only; on CPU the interpreter serves only an explicit request.
+    assert chosen_backend(torch.device(DEVICE)) == ("triton" if DEVICE == "cuda" else "torch")
+    assert chosen_backend(torch.device(DEVICE), "triton") == "triton"
+    assert chosen_backend(torch.device(DEVICE), "torch") == "torch"
 
 
 @pytest.mark.parametrize("dtype, flat_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)])

@@ -20,6 +20,7 @@ def test_deepspeed_launcher_reports_and_writes_everything(deepspeed_run):
     out, proc = deepspeed_run
     assert "launcher torch-env, backend gloo, device cpu, world size 2" in proc.stderr
     assert "unique (memory)" in proc.stderr and "applied (compute)" in proc.stderr
+    assert "RMSNorm/RoPE/SwiGLU: torch" in proc.stderr and "tied-gradient reduction: PyTorch (no CUDA device)" in proc.stderr
     for line in ("checkpoint    :", "metrics       :", "loss curve    :", "val loss      :", "sample (greedy):"):
         assert line in proc.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -92,8 +92,16 @@ def build_model(cfg: Config, ctx: DistContext, plan: SharingPlan | None = None, 
     ops, ops_why = resolve_ops_backend(cfg.model.fused_ops, ctx.device)
     model.set_ops_backend(ops)
     if ctx.is_main and not quiet:
-        log.info("attention backend: %s (%s); RMSNorm/RoPE/SwiGLU: %s (%s)", backend, why, ops, ops_why)
+        log.info("attention backend: %s (%s); RMSNorm/RoPE/SwiGLU: %s (%s); tied-gradient reduction: %s",
+                 backend, why, ops, ops_why, tied_grad_backend(ctx.device))
     return model
+
+
+def tied_grad_backend(device: torch.device) -> str:
+    """The log line's words for the tie-group reduction and probe statistics (megascale.kernels.tied_grad)."""
+    from megascale.kernels.tied_grad import chosen_backend  # noqa: PLC0415 (imports triton)
+
+    return "Triton kernel" if chosen_backend(device) == "triton" else "PyTorch (no CUDA device)"
 
 
 def describe_model(model: Transformer, cfg: Config, layout: BatchLayout) -> dict[str, Any]:
