@@ -87,8 +87,6 @@ def provider_fn(name: str, kernels):
     raise SystemExit(f"unknown provider {name}")
 
 
-
-
 def make_case(fn, mode: str, q, k, v, do, causal: bool):
     """The callable to time for a mode; bwd times only the backward of a kept graph."""
     if mode == "fwd":
@@ -127,8 +125,6 @@ def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, mod
     err = float((outputs["triton"] - baseline).abs().max()) if "triton" in outputs and baseline is not None else None
     shape = dict(B=B, H=H, H_kv=H_kv, T=T, D=D, causal=causal)
     return [{**shape, **row, "triton_max_abs_err": err} for row in rows]
-
-
 
 
 def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> None:

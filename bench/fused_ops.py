@@ -78,8 +78,6 @@ def import_kernels():
     return {"rmsnorm": rmsnorm, "swiglu": swiglu, "rope": rope}
 
 
-
-
 # ---------------------------------------------------------------------------
 # Cases: inputs, the three providers' functions, bytes moved
 # ---------------------------------------------------------------------------
@@ -189,8 +187,6 @@ def bench_case(case: Case, providers: list[str], modes: list[str], device) -> li
         err = float((outputs["triton"] - outputs["torch"]).abs().max())
     base = dict(op=case.op, **case.shape)
     return [{**base, **row, "bytes": case.bytes_moved[row["mode"]], "triton_max_abs_err": err} for row in rows]
-
-
 
 
 def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> None:

@@ -180,15 +180,14 @@ def main() -> None:
     for job in selected:
         left = deadline - time.monotonic()
         if left < 20:
-            session["jobs"].append(asdict(Outcome(job.name, "", None, 0.0, "not started: budget spent")))
-            continue
-        outcome = run_job(job, job.smoke_argv if args.smoke else job.argv, args.out, min(job.cap_s, left),
-                          {**env, **job.env})
+            outcome = Outcome(job.name, "", None, 0.0, "not started: budget spent")
+        else:
+            outcome = run_job(job, job.smoke_argv if args.smoke else job.argv, args.out, min(job.cap_s, left),
+                              {**env, **job.env})
+            status = "cut off" if outcome.rc is None else f"rc={outcome.rc}"
+            print(f"{job.name:<24} {status:<8} {outcome.seconds:7.1f} s  {outcome.log}", flush=True)
         session["jobs"].append(asdict(outcome))
-        status = "cut off" if outcome.rc is None else f"rc={outcome.rc}"
-        print(f"{job.name:<24} {status:<8} {outcome.seconds:7.1f} s  {outcome.log}", flush=True)
-        (args.out / "session.json").write_text(json.dumps(session, indent=2))
-    (args.out / "session.json").write_text(json.dumps(session, indent=2))
+        (args.out / "session.json").write_text(json.dumps(session, indent=2))  # after each job: survives a kill
     failed = [j["name"] for j in session["jobs"] if j["rc"] != 0]
     if failed:
         print("not complete: " + ", ".join(failed) + f" (logs in {args.out})")

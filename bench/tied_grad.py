@@ -79,8 +79,6 @@ def shapes_for(case: str, size_bytes: int, elem: int) -> list[tuple[int, ...]]:
     return [(max(1, size_bytes // elem),)]
 
 
-
-
 def fits(device: torch.device, need: int) -> bool:
     if device.type != "cuda":
         return True
@@ -110,8 +108,6 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
     return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"]}
-
-
 
 
 def print_table(rows: list[dict]) -> None:

@@ -189,13 +189,15 @@ def interleaved(steps: list, batches, warmup: int, rounds: int, per_round: int, 
 def measure_all_cpu(name: str, args, device, ctx, groups) -> list[Result]:
     """Plain and every megascale variant on CPU, all in memory, interleaved (see ``interleaved``)."""
     cfg = bench_config(name, args)
-    trainers = [("plain", "", *plain_trainer(cfg, device))]
-    trainers += [("megascale", v, *megascale_trainer(bench_config(name, args, v), device, ctx, groups)) for v in args.variant_list]
+    trainers = [("plain", "", cfg, *plain_trainer(cfg, device))]
+    for v in args.variant_list:
+        variant_cfg = bench_config(name, args, v)
+        trainers.append(("megascale", v, variant_cfg, *megascale_trainer(variant_cfg, device, ctx, groups)))
     batches = random_batches(cfg, 4, device)
     rounds = max(1, args.steps // 5)
     secs = interleaved([step for *_, step in trainers], batches, args.warmup, rounds, 5, device)
-    return [result(name, trainer, bench_config(name, args, variant), model, s, device, args, variant, step)
-            for (trainer, variant, model, step), s in zip(trainers, secs)]
+    return [result(name, trainer, trainer_cfg, model, s, device, args, variant, step)
+            for (trainer, variant, trainer_cfg, model, step), s in zip(trainers, secs)]
 
 
 def result(name: str, trainer: str, cfg: Config, model: Transformer, seconds: float, device, args,

@@ -5,9 +5,8 @@ SIGUSR1 that long before the time limit. The handler only records the request;
 the training loop acts on it between steps, when every rank agrees (the flag
 rides in the one all-reduce of each logging step, every ``train.log_every``
 steps, ``loop.read_log_values``) — ranks receive the signal at slightly
-different moments, and a rank
-that stopped a step earlier than the others would leave them waiting in a
-collective. The run then saves a checkpoint and the launcher exits with
+different moments, and a rank that stopped a step earlier than the others would
+leave them waiting in a collective. The run then saves a checkpoint and the launcher exits with
 ``PREEMPTED_EXIT`` (3); ``launch/slurm/*.sbatch`` requeue the job on that code and
 the requeued job resumes from the checkpoint (``train.resume=auto``).
 """
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import signal
-
 
 log = logging.getLogger(__name__)
 
