@@ -6,11 +6,12 @@ plans; losses, gradient norms and the final (gathered) weights must agree.
 """
 
 import json
+import subprocess
 
 import pytest
 import torch
 
-from conftest import losses, run_pretrain
+from conftest import BIN, ROOT, TINY, clean_env, free_port, losses, run_pretrain
 from megascale.train.checkpoint import full_weights, read_meta
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1)]
@@ -216,3 +217,19 @@ def test_explicit_partition_puts_blocks_where_asked(runs):
     block = sum(p.numel() for p in Block(ModelConfig(vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2)).parameters())
     assert stage0["params"] == 512 * 64 + block
     assert stage1["params"] == 2 * block + 64 + 512 * 64
+
+
+def test_each_rank_builds_only_the_weights_it_holds(tmp_path):
+    """The model is built on the meta device: a tp=2 pp=2 rank gives storage to its shard of its stage only."""
+    out = tmp_path / "startup.json"
+    model = [a for a in TINY if a.startswith("model.")] + ["model.sharing=none", "data.seq_len=32"]
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node=4", f"--master-port={free_port()}", str(ROOT / "bench" / "startup.py"),
+           *model, "parallel.tp=2", "parallel.pp=2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    d, layers = 64, 4
+    replicated_norms = d * (2 * layers + 1)  # every tensor rank keeps the norms whole
+    assert sum(r["params_bytes"] for r in result["ranks"]) == 4 * (result["params_unique"] + replicated_norms)
+    for r in result["ranks"]:
+        assert r["plain_model_bytes"] == r["params_bytes"], r  # nothing of the other stage, nothing unsharded

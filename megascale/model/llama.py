@@ -15,7 +15,6 @@ This module never imports DeepSpeed: parallelism and the engine wrap it from out
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from megascale.config import ModelConfig
+from megascale.model import init
 from megascale.model.attention import attention
 from megascale.model.head_loss import linear_cross_entropy
 from megascale.model.ops import apply_rope, rms_norm, swiglu
@@ -203,7 +203,9 @@ class ParamCounts:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, plan: SharingPlan | None = None):
+    def __init__(self, cfg: ModelConfig, plan: SharingPlan | None = None, seed: int = 0):
+        """Weights drawn from ``seed`` by parameter name (megascale.model.init); built under
+        ``torch.device("meta")`` the parameters get shapes only, and ``materialize`` draws them later."""
         super().__init__()
         self.cfg = cfg
         self.plan = plan or SharingPlan.parse(cfg.sharing, cfg.n_layers)
@@ -223,22 +225,19 @@ class Transformer(nn.Module):
         # An object with an int ``current``, told which layer (unit) runs each block: how the
         # coherence probe (megascale.train.probe) attributes a shared block's gradient to units.
         self.unit_tracker = None
-        self.reset_parameters()
+        init.mark(self, self._init_std)
+        self.reset_parameters(seed)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.cfg.init_std
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            # Residual-output projections are scaled by depth (GPT-2): applied layers count.
-            if getattr(module, "_is_residual_out", False):
-                std = std / math.sqrt(2 * self.cfg.n_layers)
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+    def _init_std(self, name: str, owner: nn.Module) -> float | None:
+        """Normal(0, init_std) for linear and embedding weights, the residual outputs scaled by depth; ones for norms."""
+        if not isinstance(owner, (nn.Linear, nn.Embedding)):
+            return None
+        residual_out = name.endswith(("attn.o_proj.weight", "mlp.down_proj.weight"))
+        return init.residual_std(self.cfg.init_std, self.cfg.n_layers) if residual_out else self.cfg.init_std
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; call under a fixed torch seed for reproducibility."""
-        for block in self.blocks.values():
-            block.attn.o_proj._is_residual_out = True
-            block.mlp.down_proj._is_residual_out = True
-        self.apply(self._init_weights)
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Draw the weights again from ``seed`` (parameters on the meta device are left for ``materialize``)."""
+        init.init_in_place(self, seed)
 
     def set_attention_backend(self, backend: str) -> None:
         for block in self.blocks.values():

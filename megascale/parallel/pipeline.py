@@ -19,8 +19,10 @@ Each block entry's ``forward_fn`` (``BlockUnit``) tells the block which layer ap
 it, for the per-unit gradients of megascale.train.probe; ``StageUnit`` keeps such
 entries in DeepSpeed's per-layer checkpoint files and activation checkpointing.
 
-Weights come from the already-initialised (and, with tp > 1, already sharded)
-plain model, so a pipelined run starts from the 1-rank run's exact weights.
+Weights come from the (with tp > 1, already sharded) plain model: its own when it
+was built with storage; drawn by name for this stage's layers only when it was
+built on the meta device (megascale.model.init). Either way a pipelined run starts
+from the 1-rank run's exact weights.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn as nn
 
 from megascale.errors import MegascaleError
 from megascale.kernels.tied_grad import flatten_for_collective, unflatten_into
+from megascale.model.init import materialize
 from megascale.model.llama import Transformer, rope_tables
 from megascale.parallel.topology import ParallelGroups
 
@@ -224,12 +227,18 @@ def stage_units(module) -> list[int]:
     return [spec.forward_fn.layer for spec in specs if isinstance(getattr(spec, "forward_fn", None), BlockUnit)]
 
 
-def _module_class(bounds: list[int] | None):
-    """A PipelineModule subclass that applies blocks as StageUnits, and takes the stage boundaries as given if any."""
+def _module_class(bounds: list[int] | None, device: torch.device | None = None, seed: int = 0):
+    """A PipelineModule subclass that applies blocks as StageUnits, and takes the stage boundaries as given if any.
+
+    Its ``_build`` gives meta parameters storage on ``device``: after DeepSpeed has chosen
+    this stage's layers, before it moves them to the device and broadcasts tied weights.
+    """
     from deepspeed.pipe import PipelineModule  # noqa: PLC0415
 
     def _build(self):
         PipelineModule._build(self)
+        if device is not None:
+            materialize(self, seed, device)
         self.forward_funcs = [StageUnit(f.func, f.args[0]) if isinstance(getattr(f, "func", None), BlockUnit) else f
                               for f in self.forward_funcs]
 
@@ -249,11 +258,16 @@ def _module_class(bounds: list[int] | None):
 
 
 def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition: str, activation_checkpointing: bool,
-                          sequence_parallel: bool = False, fused_loss: bool = False):
-    """Wrap the plain (possibly tensor-parallel) model into a DeepSpeed PipelineModule for this rank's stage."""
+                          sequence_parallel: bool = False, fused_loss: bool = False,
+                          device: torch.device | None = None, seed: int = 0):
+    """Wrap the plain (possibly tensor-parallel) model into a DeepSpeed PipelineModule for this rank's stage.
+
+    Parameters still on the meta device get storage on ``device`` (drawn from ``seed``) once
+    the stage's layers are chosen, so the other stages' blocks never take memory here.
+    """
     bounds = explicit_boundaries(partition, model.cfg.n_layers, groups.dims.pp)
     loss_fn = HeadLoss() if fused_loss else model.loss_fn
-    module = _module_class(bounds)(
+    module = _module_class(bounds, device, seed)(
         layers=pipeline_layers(model, groups.dims.tp if sequence_parallel else 1, fused_loss),
         topology=groups.topology,
         loss_fn=loss_fn,

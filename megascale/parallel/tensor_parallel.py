@@ -12,8 +12,11 @@
   with no gather whose fused chunked loss (``train.fused_loss``) or the unfused
   ``VocabParallelCrossEntropy`` never holds full-vocabulary logits on one rank.
 
-Each new layer is cut from the already-initialised dense layer, so a tp=N model
-starts from exactly the weights of the 1-rank model (what equivalence tests need).
+Each new layer is cut from the dense layer: from its weights when it has them, so a
+tp=N model starts from exactly the weights of the 1-rank model (what equivalence
+tests need); from its shape on the ``meta`` device, where the shard remembers which
+chunk it is and ``megascale.model.init.materialize`` draws just that chunk of the
+same full tensor.
 Sharded parameters carry ``tensor_model_parallel = True`` so DeepSpeed counts
 them once per shard and replicated ones (norms) once in the gradient norm.
 """
@@ -26,18 +29,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megascale.model.head_loss import linear_cross_entropy, token_weights
+from megascale.model.init import carry_init
 from megascale.model.llama import RMSNorm
 from megascale.model.ops import rms_norm
 from megascale.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 
 
-def _shard(t: torch.Tensor, dim: int, group) -> torch.Tensor:
-    return t.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].detach().clone()
+def _shard(weight: nn.Parameter, dim: int, group) -> nn.Parameter:
+    """This rank's chunk of ``weight`` along ``dim`` as a new parameter, marked tensor-parallel.
 
-
-def _mark_sharded(p: nn.Parameter) -> nn.Parameter:
+    On the meta device it is a shape only; it keeps ``weight``'s init spec and learns
+    which chunk it is, so ``megascale.model.init.materialize`` can draw it later.
+    """
+    count, index = dist.get_world_size(group), dist.get_rank(group)
+    p = nn.Parameter(weight.detach().chunk(count, dim=dim)[index].clone())
     p.tensor_model_parallel = True
-    return p
+    return carry_init(weight, p, dim, index, count)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -49,7 +56,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, dense: nn.Linear, group, sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
-        self.weight = _mark_sharded(nn.Parameter(_shard(dense.weight, 0, group)))  # (out/tp, in)
+        self.weight = _shard(dense.weight, 0, group)  # (out/tp, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
@@ -86,7 +93,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, dense: nn.Linear, group, sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
-        self.weight = _mark_sharded(nn.Parameter(_shard(dense.weight, 1, group)))  # (out, in/tp)
+        self.weight = _shard(dense.weight, 1, group)  # (out, in/tp)
 
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
         y = F.linear(x_local, self.weight)
@@ -99,7 +106,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, dense: nn.Embedding, group, sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
-        self.weight = _mark_sharded(nn.Parameter(_shard(dense.weight, 0, group)))  # (V/tp, D)
+        self.weight = _shard(dense.weight, 0, group)  # (V/tp, D)
         rows = self.weight.shape[0]
         self.start = dist.get_rank(group) * rows
         self.end = self.start + rows

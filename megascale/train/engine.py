@@ -19,6 +19,7 @@ import torch
 
 from megascale.config import Config, OptimConfig
 from megascale.errors import MegascaleError
+from megascale.model.init import materialize
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,12 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, device: torch.device):
     return optimizer, scheduler
 
 
-def parallelize(model: torch.nn.Module, cfg: Config, groups):
+def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.device):
     """Apply tensor parallelism, activation checkpointing and the pipeline split, in that order.
 
     Returns the module DeepSpeed should wrap: the model itself, or this stage's PipelineModule.
+    A model built on the meta device gets storage on ``device`` here, for the parameters
+    this rank holds only (its tensor shard, its pipeline stage): megascale.model.init.
     """
     from megascale.parallel.pipeline import build_pipeline_module  # noqa: PLC0415
     from megascale.parallel.tensor_parallel import apply_tensor_parallel  # noqa: PLC0415
@@ -150,9 +153,10 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups):
             block.compile()  # in place: the block keeps its parameters and their names
     if groups.dims.pp == 1:
         model.activation_checkpointing = p.activation_checkpointing
+        materialize(model, cfg.train.seed, device)
         return model
     return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing, p.sequence_parallel,
-                                 fused_loss=cfg.train.fused_loss)
+                                 fused_loss=cfg.train.fused_loss, device=device, seed=cfg.train.seed)
 
 
 def check_precision(precision: str) -> None:
@@ -175,7 +179,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     check_precision(cfg.train.precision)
     from megascale.parallel.pipeline import install_coalesced_tied_reduction  # noqa: PLC0415
 
-    module = parallelize(model, cfg, groups)
+    module = parallelize(model, cfg, groups, device)
     optimizer, scheduler = build_optimizer(module, cfg, device)
     pipelined = groups.dims.pp > 1
     engine, _, _, _ = deepspeed.initialize(

@@ -22,6 +22,7 @@ from megascale.data import DistributedBatchSampler, Tokenizer, TokenFile, batch_
 from megascale.errors import MegascaleError
 from megascale.model import Transformer
 from megascale.model.attention import resolve_backend
+from megascale.model.init import materialize
 from megascale.model.ops import resolve_ops_backend
 from megascale.model.generate import greedy_generate
 from megascale.model.sharing import SharingPlan, replay_untie_history
@@ -84,9 +85,14 @@ def open_data(cfg: Config, ctx: DistContext) -> Data:
 
 
 def build_model(cfg: Config, ctx: DistContext, plan: SharingPlan | None = None, quiet: bool = False) -> Transformer:
-    """The plain model, seeded; ``plan`` overrides model.sharing (a resumed or untied run's plan)."""
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model, plan)
+    """The plain model on the meta device (shapes only); ``plan`` overrides model.sharing (a resumed or untied run's plan).
+
+    ``build_engine`` gives storage to the parameters this rank holds, drawn from
+    train.seed by name (megascale.model.init): a rank never holds the whole model
+    unless it trains all of it.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg.model, plan, seed=cfg.train.seed)
     backend, why = resolve_backend(cfg.model.attention, ctx.device, head_dim=cfg.model.head_dim, dtype=TRAIN_DTYPES[cfg.train.precision])
     model.set_attention_backend(backend)
     ops, ops_why = resolve_ops_backend(cfg.model.fused_ops, ctx.device)
@@ -370,6 +376,9 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
         groups.dp_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle,
     )
     converted = resume_path is not None and meta["layout"] != layout_of(groups)
+    if converted or (resume_path is None and (stage is not None or cfg.train.init_hf)):
+        # Full weights go into the plain model before it is sharded: it needs storage, all of it, on the host.
+        materialize(model, cfg.train.seed, torch.device("cpu"))
     if converted:
         # Another layout: restore full weights into the plain model, then shard it anew.
         model.load_state_dict(ckpt.full_weights(resume_path, meta))

@@ -23,7 +23,6 @@ import logging
 import re
 from typing import Any
 
-import torch
 
 from megascale.model.sharing import SharingPlan, block_sources, untie_units
 from megascale.untie.conditions import Decision
@@ -55,9 +54,7 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     sources = block_sources(old_plan, new_plan)
     state = read_state(run.engine)
     _release(run)
-    rng = torch.get_rng_state()  # building a model reseeds torch; training continues on the old stream
-    model = build_model(run.cfg, run.ctx, new_plan, quiet=True)
-    torch.set_rng_state(rng)
+    model = build_model(run.cfg, run.ctx, new_plan, quiet=True)  # meta: build_engine draws, write_state overwrites
     info = describe_model(model, run.cfg, run.layout)  # before tensor parallelism shards the plain model
     engine = build_engine(model, run.cfg, run.layout, run.ctx.device, run.groups)
     write_state(engine, state, source_name(sources, run.pipelined))
