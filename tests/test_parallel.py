@@ -233,3 +233,25 @@ def test_each_rank_builds_only_the_weights_it_holds(tmp_path):
     assert sum(r["params_bytes"] for r in result["ranks"]) == 4 * (result["params_unique"] + replicated_norms)
     for r in result["ranks"]:
         assert r["plain_model_bytes"] == r["params_bytes"], r  # nothing of the other stage, nothing unsharded
+
+
+def test_two_nodes_by_hostfile_match_single_rank(runs, data_dir, tmp_path):
+    """``deepspeed --hostfile`` over two nodes, simulated on this machine the way a cluster without ssh
+    between its nodes runs it: one ``deepspeed --no_ssh --node_rank i`` per node, rendezvous at node 0.
+    Data parallelism across the nodes reproduces the 1-rank run."""
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("node-a slots=1\nnode-b slots=1\n")
+    out, port = tmp_path / "run", str(free_port())
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *TINY, f"data.path={data_dir}", f"train.out_dir={out}",
+            "model.sharing=cycle:2", "train.eval_every=5", "train.eval_batches=2"]
+    nodes = [subprocess.Popen([str(BIN / "deepspeed"), "--hostfile", str(hosts), "--no_ssh", f"--node_rank={i}",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", str(ROOT / "launch" / "pretrain.py"), *args],
+                              env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "nnodes=2" in logs[1] and "world size 2" in logs[0]
+    expected, got = losses(runs(1, 1, 1, "cycle:2")), losses(out)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
