@@ -82,3 +82,17 @@ def test_a_meta_parameter_without_a_spec_is_refused():
         layer = nn.Linear(4, 4, bias=False)
     with pytest.raises(ValueError, match="no init spec"):
         materialize(layer, 0, CPU)
+
+
+def test_full_weights_that_do_not_fit_are_one_line():
+    from megascale.errors import MegascaleError  # noqa: PLC0415
+    from megascale.model.init import check_full_weights  # noqa: PLC0415
+
+    weights = Transformer(tiny(), seed=0).state_dict()
+    check_full_weights(meta_model(tiny(), seed=0), weights)  # fits
+    bad = {k: v for k, v in weights.items() if k != "norm.weight"} | {"extra.weight": torch.zeros(1)}
+    bad["embed.weight"] = torch.zeros(97, 32)
+    with pytest.raises(MegascaleError, match=r"missing: norm\.weight; unexpected: extra\.weight; wrong shape: embed\.weight"):
+        check_full_weights(meta_model(tiny(), seed=0), bad)
+    with pytest.raises(ValueError, match="meta device"):
+        check_full_weights(Transformer(tiny(), seed=0), weights)

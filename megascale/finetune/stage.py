@@ -5,8 +5,8 @@ engine, ZeRO, tensor parallelism, checkpoints (exact resume), metrics JSONL and
 TensorBoard are the pretraining ones. The stage plugs in
 
 * ``open_data``: the pretraining tokenizer, examples (JSONL or generated), packed rows;
-* ``init_model``: the pretraining checkpoint's full weights (any tp/pp/dp layout, tied
-  or untied: ``checkpoint.full_weights``) with the vocabulary extended by the separators;
+* ``initial_weights``: the pretraining checkpoint's full weights (any tp/pp/dp layout,
+  tied or untied: ``checkpoint.full_weights``) with the vocabulary extended by the separators;
 * ``batch``: (inputs, targets, weights, doc_ids, positions) for ``engine(*batch)``;
 * ``evaluate``: generation accuracy and trace metrics on the held-out splits;
 * ``meta``: what a fine-tuning checkpoint records beyond a pretraining one.
@@ -150,12 +150,12 @@ class TraceStage:
         source = Path(f.train_file) if f.train_file else Path("generated-arithmetic")
         return Data(tokenizer, train, val, source)
 
-    def init_model(self, model: torch.nn.Module) -> None:
+    def initial_weights(self, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """Pretrained weights (full, from any layout) with the vocabulary grown by the separator rows."""
-        state = fd.extend_vocab(init_weights(self.init_path, self.init_meta), model.cfg.vocab_size)
-        model.load_state_dict(state)
+        state = fd.extend_vocab(init_weights(self.init_path, self.init_meta), model_cfg.vocab_size)
         log.info("initialised from %s (layout %s, sharing plan %s)", self.init_path,
                  self.init_meta.get("layout"), self.init_meta["sharing_plan"])
+        return state
 
     def batch(self, split: fd.PackedRows, indices) -> tuple[torch.Tensor, ...]:
         return split.batch(indices)

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from megascale.errors import MegascaleError
+
 INIT_ATTR = "megascale_init"
 SHARD_ATTR = "megascale_shard"
 
@@ -92,6 +94,22 @@ def carry_init(source: nn.Parameter, shard: nn.Parameter, dim: int, index: int, 
             raise ValueError(f"{spec.name} is sharded already (dim {outer.dim}); it cannot be sharded again")
         setattr(shard, SHARD_ATTR, Shard(dim, index, count))
     return shard
+
+
+def check_full_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse, in one line, full weights that do not fit ``model`` (built on the meta device) by name and shape."""
+    if any(not p.is_meta for p in model.parameters()):
+        raise ValueError("full weights go into a model built on the meta device (megascale.train.loop.build_model)")
+    specs = [getattr(p, INIT_ATTR) for p in model.parameters()]
+    missing = [s.name for s in specs if s.name not in weights]
+    unexpected = sorted(set(weights) - set(model.state_dict()))
+    wrong = [f"{s.name} {tuple(weights[s.name].shape)} for {s.shape}" for s in specs
+             if s.name in weights and tuple(weights[s.name].shape) != s.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{what}: {', '.join(names[:4])}{' …' if len(names) > 4 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+        raise MegascaleError(f"the starting weights do not fit the model ({'; '.join(parts)}); "
+                             f"check the model.* settings against the checkpoint they come from")
 
 
 def init_in_place(module: nn.Module, seed: int) -> None:

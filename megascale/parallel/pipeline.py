@@ -227,7 +227,7 @@ def stage_units(module) -> list[int]:
     return [spec.forward_fn.layer for spec in specs if isinstance(getattr(spec, "forward_fn", None), BlockUnit)]
 
 
-def _module_class(bounds: list[int] | None, device: torch.device | None = None, seed: int = 0):
+def _module_class(bounds: list[int] | None, device: torch.device | None = None, seed: int = 0, source=None):
     """A PipelineModule subclass that applies blocks as StageUnits, and takes the stage boundaries as given if any.
 
     Its ``_build`` gives meta parameters storage on ``device``: after DeepSpeed has chosen
@@ -238,7 +238,7 @@ def _module_class(bounds: list[int] | None, device: torch.device | None = None, 
     def _build(self):
         PipelineModule._build(self)
         if device is not None:
-            materialize(self, seed, device)
+            materialize(self, seed, device, source)
         self.forward_funcs = [StageUnit(f.func, f.args[0]) if isinstance(getattr(f, "func", None), BlockUnit) else f
                               for f in self.forward_funcs]
 
@@ -259,15 +259,16 @@ def _module_class(bounds: list[int] | None, device: torch.device | None = None, 
 
 def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition: str, activation_checkpointing: bool,
                           sequence_parallel: bool = False, fused_loss: bool = False,
-                          device: torch.device | None = None, seed: int = 0):
+                          device: torch.device | None = None, seed: int = 0, source=None):
     """Wrap the plain (possibly tensor-parallel) model into a DeepSpeed PipelineModule for this rank's stage.
 
-    Parameters still on the meta device get storage on ``device`` (drawn from ``seed``) once
-    the stage's layers are chosen, so the other stages' blocks never take memory here.
+    Parameters still on the meta device get storage on ``device`` (drawn from ``seed``, or
+    ``source(spec)`` when given: megascale.model.init.materialize) once the stage's layers
+    are chosen, so the other stages' blocks never take memory here.
     """
     bounds = explicit_boundaries(partition, model.cfg.n_layers, groups.dims.pp)
     loss_fn = HeadLoss() if fused_loss else model.loss_fn
-    module = _module_class(bounds, device, seed)(
+    module = _module_class(bounds, device, seed, source)(
         layers=pipeline_layers(model, groups.dims.tp if sequence_parallel else 1, fused_loss),
         topology=groups.topology,
         loss_fn=loss_fn,

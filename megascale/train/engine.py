@@ -19,7 +19,7 @@ import torch
 
 from megascale.config import Config, OptimConfig
 from megascale.errors import MegascaleError
-from megascale.model.init import materialize
+from megascale.model.init import check_full_weights, materialize
 
 
 @dataclass(frozen=True)
@@ -134,13 +134,19 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, device: torch.device):
     return optimizer, scheduler
 
 
-def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.device):
+def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.device,
+                weights: dict[str, torch.Tensor] | None = None):
     """Apply tensor parallelism, activation checkpointing and the pipeline split, in that order.
 
     Returns the module DeepSpeed should wrap: the model itself, or this stage's PipelineModule.
     A model built on the meta device gets storage on ``device`` here, for the parameters
-    this rank holds only (its tensor shard, its pipeline stage): megascale.model.init.
+    this rank holds only (its tensor shard, its pipeline stage): drawn from train.seed, or
+    cut from ``weights`` (full plain-model weights by name) when given (megascale.model.init).
     """
+    source = None
+    if weights is not None:
+        check_full_weights(model, weights)
+        source = lambda spec: weights[spec.name]  # noqa: E731
     from megascale.parallel.pipeline import build_pipeline_module  # noqa: PLC0415
     from megascale.parallel.tensor_parallel import apply_tensor_parallel  # noqa: PLC0415
 
@@ -153,10 +159,10 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
             block.compile()  # in place: the block keeps its parameters and their names
     if groups.dims.pp == 1:
         model.activation_checkpointing = p.activation_checkpointing
-        materialize(model, cfg.train.seed, device)
+        materialize(model, cfg.train.seed, device, source)
         return model
     return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing, p.sequence_parallel,
-                                 fused_loss=cfg.train.fused_loss, device=device, seed=cfg.train.seed)
+                                 fused_loss=cfg.train.fused_loss, device=device, seed=cfg.train.seed, source=source)
 
 
 def check_precision(precision: str) -> None:
@@ -172,14 +178,18 @@ def check_precision(precision: str) -> None:
         )
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device, groups):
-    """Parallelize ``model`` over ``groups`` and wrap it in a DeepSpeed engine with AdamW and the LR schedule."""
+def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device, groups,
+                 weights: dict[str, torch.Tensor] | None = None):
+    """Parallelize ``model`` over ``groups`` and wrap it in a DeepSpeed engine with AdamW and the LR schedule.
+
+    ``weights``: full plain-model weights by name to start from (a meta-device model only).
+    """
     import deepspeed  # noqa: PLC0415
 
     check_precision(cfg.train.precision)
     from megascale.parallel.pipeline import install_coalesced_tied_reduction  # noqa: PLC0415
 
-    module = parallelize(model, cfg, groups, device)
+    module = parallelize(model, cfg, groups, device, weights)
     optimizer, scheduler = build_optimizer(module, cfg, device)
     pipelined = groups.dims.pp > 1
     engine, _, _, _ = deepspeed.initialize(

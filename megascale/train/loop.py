@@ -22,7 +22,6 @@ from megascale.data import DistributedBatchSampler, Tokenizer, TokenFile, batch_
 from megascale.errors import MegascaleError
 from megascale.model import Transformer
 from megascale.model.attention import resolve_backend
-from megascale.model.init import materialize
 from megascale.model.ops import resolve_ops_backend
 from megascale.model.generate import greedy_generate
 from megascale.model.sharing import SharingPlan, replay_untie_history
@@ -362,7 +361,7 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     """Data, model, layout, engine and (when asked) the resumed state.
 
     ``stage`` (None: pretraining) supplies a later stage's data (``open_data``), its
-    starting weights (``init_model``, on a fresh start) and its batches (``batch``).
+    starting weights (``initial_weights``, on a fresh start) and its batches (``batch``).
     """
     groups = make_groups(cfg, ctx)
     data = open_data(cfg, ctx) if stage is None else stage.open_data(cfg, ctx)
@@ -376,17 +375,16 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
         groups.dp_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle,
     )
     converted = resume_path is not None and meta["layout"] != layout_of(groups)
-    if converted or (resume_path is None and (stage is not None or cfg.train.init_hf)):
-        # Full weights go into the plain model before it is sharded: it needs storage, all of it, on the host.
-        materialize(model, cfg.train.seed, torch.device("cpu"))
+    weights = None  # full plain-model weights to start from, by name; None: drawn from train.seed
     if converted:
-        # Another layout: restore full weights into the plain model, then shard it anew.
-        model.load_state_dict(ckpt.full_weights(resume_path, meta))
+        # Another layout: full weights, then sharded anew like fresh ones.
+        weights = ckpt.full_weights(resume_path, meta)
     elif resume_path is None and stage is not None:
-        stage.init_model(model)  # e.g. the pretraining checkpoint's weights, before any sharding
+        weights = stage.initial_weights(cfg.model)  # e.g. the pretraining checkpoint's weights
     elif resume_path is None and cfg.train.init_hf:
-        load_hf_weights(model, Path(cfg.train.init_hf), ctx)
-    engine = build_engine(model, cfg, layout, ctx.device, groups)
+        weights = hf_weights(Path(cfg.train.init_hf), ctx)
+    engine = build_engine(model, cfg, layout, ctx.device, groups, weights=weights)
+    del weights  # each rank now holds its shard only
     controller = UntieController(cfg, planned_tokens=cfg.train.max_steps * info["tokens_per_step"])
     run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), layout, controller, stage=stage,
               nan=NanGuard(cfg.train.nan_policy, cfg.train.nan_max_events))
@@ -395,13 +393,13 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     return run
 
 
-def load_hf_weights(model: Transformer, directory: Path, ctx: DistContext) -> None:
+def hf_weights(directory: Path, ctx: DistContext) -> dict[str, torch.Tensor]:
     from megascale.export.hf import import_hf  # noqa: PLC0415
 
     _, state = import_hf(directory)
-    model.load_state_dict(state)
     if ctx.is_main:
         log.info("initialised from the Hugging Face model in %s", directory)
+    return state
 
 
 def restore_position(run: Run, meta: dict[str, Any]) -> None:
