@@ -166,7 +166,18 @@ def state_memory(out_dir):
 
 @pytest.mark.parametrize("layout", [(1, 1, 1)] + LAYOUTS, ids=lambda l: "tp{}pp{}dp{}".format(*l))
 def test_state_memory_formula_matches_measurement(runs, layout):
-    reports = state_memory(runs(*layout, "cycle:2"))
+    assert_state_memory_matches(runs(*layout, "cycle:2"), layout)
+
+
+@pytest.mark.parametrize("layout", [(1, 1, 2), (1, 2, 1)], ids=["dp2", "pp2"])
+def test_bf16_zero0_state_memory_matches(runs, layout):
+    """bf16 at ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer (an fp32 copy and moments on every
+    rank) without a pipeline, its BF16_Optimizer (partitioned, fp32 gradient buffer) with one."""
+    assert_state_memory_matches(runs(*layout, "cycle:2", "train.precision=bf16", "train.zero_stage=0"), layout)
+
+
+def assert_state_memory_matches(out_dir, layout):
+    reports = state_memory(out_dir)
     assert len(reports) == layout[0] * layout[1] * layout[2]
     for r in reports:
         for kind in ("weights", "grads", "optimizer"):

@@ -30,7 +30,8 @@ from megascale.model.sharing import block_sources
 def memory(run) -> dict:
     c = run.cfg
     params = local_param_count(run.engine)
-    f = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, run.groups.dims.dp), run.groups.dims.dp)
+    f = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, run.groups.dims.dp), run.groups.dims.dp,
+                            run.pipelined)
     m = measured_state_bytes(run.engine)
     return {"params": params, "formula": f.weights + f.optimizer, "measured": m.weights + m.optimizer}
 

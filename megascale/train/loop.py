@@ -602,7 +602,7 @@ def report_state_memory(run: Run, writer: MetricsWriter) -> None:
     """Per rank: local parameters and the bytes of weights, gradients, optimizer state — formula vs measured."""
     c, dims = run.cfg, run.groups.dims
     params = local_param_count(run.engine)
-    formula = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, dims.dp), dims.dp)
+    formula = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, dims.dp), dims.dp, run.pipelined)
     measured = measured_state_bytes(run.engine)
     mine = {"rank": run.ctx.rank, "stage": run.groups.stage, "tp_rank": run.groups.tp_rank, "params": params,
             "formula": dataclasses.asdict(formula),

@@ -42,10 +42,15 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
 #                             (DeepSpeed keeps one whenever it partitions, even in fp32;
 #                             plain fp32 ZeRO-0 has none), dp' = dp when partitioned, else 1.
 #
-# DeepSpeed partitions optimizer state with ZeRO >= 1, and with bf16 it always does (its
-# BF16 optimizer is ZeRO-1-like). Flat buffers are padded to alignment, so measurement
-# runs a little above the formula for tiny models. Not modelled: bf16 with ZeRO-0, where
-# DeepSpeed's BF16 optimizer adds a full fp32 gradient-accumulation buffer — use ZeRO-1.
+# Which DeepSpeed optimizer holds the state decides what is partitioned (DeepSpeed 0.19,
+# engine._do_optimizer_sanity_check):
+#   ZeRO >= 1                   its ZeRO optimizer: master and moments partitioned over dp.
+#   bf16/fp16 ZeRO-0            FP16_(Unfused)Optimizer: an fp32 copy of every parameter and
+#                               its moments on every rank, dp' = 1.
+#   bf16 ZeRO-0 in a pipeline   BF16_Optimizer: master and moments partitioned over dp, and a
+#                               full fp32 gradient-accumulation buffer (gradients P·4).
+# Flat buffers are padded to alignment, so measurement runs a little above the formula
+# for tiny models.
 
 
 @dataclass(frozen=True)
@@ -59,12 +64,15 @@ class StateBytes:
         return self.weights + self.grads + self.optimizer
 
 
-def formula_state_bytes(local_params: int, precision: str, zero_stage: int, dp: int) -> StateBytes:
+def formula_state_bytes(local_params: int, precision: str, zero_stage: int, dp: int,
+                        pipelined: bool = False) -> StateBytes:
+    """This rank's weights, gradients and optimizer state in bytes (the table above); ``zero_stage`` as run."""
     w = 4 if precision == "fp32" else 2
-    partitioned = zero_stage >= 1 or precision == "bf16"
-    master = 0 if (precision == "fp32" and not partitioned) else 4
+    bf16_optimizer = precision == "bf16" and zero_stage == 0 and pipelined
+    partitioned = zero_stage >= 1 or bf16_optimizer
+    master = 0 if (precision == "fp32" and zero_stage == 0) else 4
     weights = local_params * w / (dp if zero_stage == 3 else 1)
-    grads = local_params * w / (dp if zero_stage >= 1 else 1)
+    grads = local_params * (4 if bf16_optimizer else w) / (dp if zero_stage >= 1 else 1)
     optimizer = local_params * (master + 8) / (dp if partitioned else 1)
     return StateBytes(weights, grads, optimizer)
 
@@ -94,7 +102,9 @@ def _optimizer_tensors(engine) -> list:
     zero = engine.optimizer
     base = getattr(zero, "optimizer", zero)
     tensors = [v for state in base.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+    masters = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+               "fp32_groups", "fp32_groups_flat")  # ZeRO 1-2, ZeRO-3, BF16_Optimizer, FP16_(Unfused)Optimizer
+    for name in masters:
         tensors += _flat(getattr(zero, name, None))
     return tensors
 
