@@ -6,9 +6,11 @@
 Every rank builds the model the way ``launch/pretrain.py`` does (``build_model``,
 then ``build_engine``: tensor parallelism, the pipeline split, DeepSpeed), with no
 data and no step. Each reports the seconds that took, its peak resident memory
-(``ru_maxrss``, the whole process: torch, DeepSpeed and the model) and the bytes
-of the parameters it holds; rank 0 prints a table and writes JSON. What it shows:
-whether a rank pays for the whole model or only for its shard.
+(``ru_maxrss``, the whole process: torch, DeepSpeed and the model) at the end and
+once its parameters exist but before DeepSpeed allocates its own buffers (the
+model's part), and the bytes of the parameters it holds; rank 0 prints a table
+and writes JSON. What it shows: whether a rank pays for the whole model or only
+for its shard.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ def current_rss_gib() -> float:
 
 
 def storage_bytes(module) -> int:
-    """Bytes of ``module``'s parameters that have storage (not on the meta device), each tensor once."""
-    return sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
+    """Bytes of ``module``'s parameters that have storage (not on the meta device), each tensor once.
+
+    A ZeRO-3 parameter's own tensor is empty; its partition (``ds_tensor``) is what the rank holds.
+    """
+    held = [getattr(p, "ds_tensor", p) for p in module.parameters() if not p.is_meta]
+    return sum(t.numel() * t.element_size() for t in held)
 
 
 def measure(config: str | None, overrides: list[str]) -> dict:
@@ -44,7 +50,19 @@ def measure(config: str | None, overrides: list[str]) -> dict:
     from megascale.train.engine import batch_layout, build_engine  # noqa: PLC0415
     from megascale.train.loop import build_model, make_groups  # noqa: PLC0415
 
+    import megascale.train.engine as engine_module  # noqa: PLC0415
+
     ctx = init_distributed()
+    # The model part of the peak: RSS once the rank's parameters exist, before DeepSpeed allocates its own.
+    seen: dict[str, float] = {}
+    plain_parallelize = engine_module.parallelize
+
+    def parallelize(*args, **kwargs):
+        module = plain_parallelize(*args, **kwargs)
+        seen["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return module
+
+    engine_module.parallelize = parallelize
     cfg = load_config(config, overrides)
     groups = make_groups(cfg, ctx)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB → GiB
@@ -60,7 +78,7 @@ def measure(config: str | None, overrides: list[str]) -> dict:
         "rank": ctx.rank, "tp_rank": groups.tp_rank, "pp_stage": groups.stage,
         "model_s": round(built - start, 2), "engine_s": round(done - built, 2),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "rss_at_start_gib": round(rss_before, 3),
+        "rss_at_start_gib": round(rss_before, 3), "peak_rss_before_deepspeed_gib": round(seen["peak"], 3),
         "rss_after_model_gib": round(rss_model, 3), "rss_after_engine_gib": round(current_rss_gib(), 3),
         "params_gib": round(held / 2**30, 3), "params_bytes": held,
         # The plain model's parameters that have storage: the engine's and no more (other stages' stay meta).
@@ -75,11 +93,11 @@ def measure(config: str | None, overrides: list[str]) -> dict:
 def table(result: dict) -> str:
     lines = [f"layout {result['layout']}, {result['params_unique']:,} parameters, {result['precision']}, "
              f"ZeRO {result['zero_stage']}",
-             "| rank | tp | stage | build_model s | build_engine s | parameters held GiB | peak RSS GiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| rank | tp | stage | build_model s | build_engine s | parameters held GiB | peak RSS before DeepSpeed GiB | peak RSS GiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["ranks"]:
         lines.append(f"| {r['rank']} | {r['tp_rank']} | {r['pp_stage']} | {r['model_s']:.2f} | {r['engine_s']:.2f} | "
-                     f"{r['params_gib']:.3f} | {r['peak_rss_gib']:.3f} |")
+                     f"{r['params_gib']:.3f} | {r['peak_rss_before_deepspeed_gib']:.3f} | {r['peak_rss_gib']:.3f} |")
     return "\n".join(lines)
 
 

@@ -122,12 +122,15 @@ def init_in_place(module: nn.Module, seed: int) -> None:
 
 
 def materialize(module: nn.Module, seed: int, device: torch.device,
-                source: Callable[[ParamInit], torch.Tensor] | None = None) -> int:
+                source: Callable[[ParamInit], torch.Tensor] | None = None,
+                then: Callable[[nn.Parameter], None] | None = None) -> int:
     """Give storage on ``device`` to each ``meta`` parameter of ``module``; returns how many were.
 
     The value is ``source(spec)`` when given (full weights by name, e.g. a checkpoint's),
     else the seeded draw. A parameter shared by several submodules stays one parameter;
-    its attributes (the tensor-parallel mark, the init spec) come along.
+    its attributes (the tensor-parallel mark, the init spec) come along. ``then(p)`` runs
+    on each new parameter before the next is drawn: ZeRO-3 partitions it there, so a
+    rank never holds more than one whole tensor.
     """
     made: dict[int, nn.Parameter] = {}
     for sub in module.modules():
@@ -136,6 +139,8 @@ def materialize(module: nn.Module, seed: int, device: torch.device,
                 continue
             if id(p) not in made:
                 made[id(p)] = _materialized(p, seed, device, source)
+                if then is not None:
+                    then(made[id(p)])
             sub._parameters[name] = made[id(p)]
     return len(made)
 

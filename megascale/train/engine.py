@@ -117,7 +117,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     """Decay matrices (linear and embedding weights), not norms: the usual LLM recipe."""
     decay, no_decay = [], []
     for p in model.parameters():  # deduplicated: a tied tensor appears once
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter's own tensor is empty
+        (decay if len(shape) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -135,13 +136,14 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, device: torch.device):
 
 
 def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.device,
-                weights: dict[str, torch.Tensor] | None = None):
+                weights: dict[str, torch.Tensor] | None = None, then=None):
     """Apply tensor parallelism, activation checkpointing and the pipeline split, in that order.
 
     Returns the module DeepSpeed should wrap: the model itself, or this stage's PipelineModule.
     A model built on the meta device gets storage on ``device`` here, for the parameters
     this rank holds only (its tensor shard, its pipeline stage): drawn from train.seed, or
-    cut from ``weights`` (full plain-model weights by name) when given (megascale.model.init).
+    cut from ``weights`` (full plain-model weights by name) when given (megascale.model.init);
+    ``then(p)`` runs on each such parameter as soon as it exists (``zero3_partitioner``).
     """
     source = None
     if weights is not None:
@@ -159,7 +161,7 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
             block.compile()  # in place: the block keeps its parameters and their names
     if groups.dims.pp == 1:
         model.activation_checkpointing = p.activation_checkpointing
-        materialize(model, cfg.train.seed, device, source)
+        materialize(model, cfg.train.seed, device, source, then)
         return model
     return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing, p.sequence_parallel,
                                  fused_loss=cfg.train.fused_loss, device=device, seed=cfg.train.seed, source=source)
@@ -189,14 +191,16 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     check_precision(cfg.train.precision)
     from megascale.parallel.pipeline import install_coalesced_tied_reduction  # noqa: PLC0415
 
-    module = parallelize(model, cfg, groups, device, weights)
+    ds_config = deepspeed_config(cfg, layout, device.type)
+    zero3 = effective_zero_stage(cfg, layout.dp_size) == 3
+    module = parallelize(model, cfg, groups, device, weights, zero3_partitioner(ds_config, groups) if zero3 else None)
     optimizer, scheduler = build_optimizer(module, cfg, device)
     pipelined = groups.dims.pp > 1
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, layout, device.type),
+        config=ds_config,
         mpu=None if pipelined else groups.grid,  # a PipelineModule brings its own grid
     )
     if pipelined:
@@ -204,6 +208,20 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     if effective_zero_stage(cfg, layout.dp_size) == 0 and cfg.train.precision == "fp32":
         keep_clip_norm(engine)
     return engine
+
+
+def zero3_partitioner(ds_config: dict[str, Any], groups):
+    """A function that partitions one parameter over the data-parallel group, as ``deepspeed.zero.Init`` does.
+
+    Given to ``materialize``: each parameter is split right after it is drawn, so a
+    ZeRO-3 rank holds 1/dp of the model plus one whole tensor at most — the point of
+    ZeRO-3 for a model that does not fit one device. DeepSpeed's engine then finds the
+    parameters partitioned already and keeps them as they are.
+    """
+    import deepspeed  # noqa: PLC0415
+
+    init = deepspeed.zero.Init(data_parallel_group=groups.dp_group, config_dict_or_path=ds_config, mpu=groups.grid)
+    return lambda p: init._convert_to_zero_parameters([p])  # Init(module=...) does this for a whole module
 
 
 def keep_clip_norm(engine) -> None:
