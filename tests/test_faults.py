@@ -55,3 +55,23 @@ def test_skip_leaves_the_weights_where_they_were(tmp_path, data_dir, rolled_back
 def test_too_many_events_stop(tmp_path, data_dir):
     proc = run_pretrain(tmp_path, data_dir, *RUN, "train.nan_policy=skip", "train.nan_max_events=0", env=NAN_AT_4, check=False)
     assert proc.returncode == 2 and "train.nan_max_events=0" in proc.stderr
+
+
+def test_a_stale_build_lock_is_named(tmp_path, monkeypatch, caplog):
+    """A run killed while DeepSpeed JIT-builds its CPU op leaves torch's lock file; the next start would wait forever."""
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from megascale.train.dist import stale_build_locks, warn_stale_build_locks  # noqa: PLC0415
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("RANK", raising=False)
+    old, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir(exist_ok=True)
+        lock.touch()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert stale_build_locks() == [old]
+    with caplog.at_level("WARNING"):
+        warn_stale_build_locks()
+    assert f"{old} is 60 min old" in caplog.text and "remove it if no other run is building" in caplog.text

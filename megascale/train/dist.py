@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -75,6 +77,33 @@ def slurm_env(env: dict[str, str]) -> dict[str, str]:
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr, "MASTER_PORT": port}
 
 
+STALE_LOCK_S = 600  # building DeepSpeed's CPU communication op takes seconds; a lock this old is left over
+
+
+def stale_build_locks(max_age_s: float = STALE_LOCK_S, now: float | None = None) -> list[Path]:
+    """Lock files of torch C++ extension builds (DeepSpeed JIT-builds its CPU comm op at start-up) older than ``max_age_s``.
+
+    A process killed while it holds such a lock leaves it behind, and every later start
+    then waits on it forever without a word: the lock is worth a line before that wait.
+    """
+    from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC0415 (private, hence the guard)
+
+    try:
+        root = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).parent
+    except Exception:  # noqa: BLE001 - a torch without it: nothing to check
+        return []
+    now = time.time() if now is None else now
+    return sorted(p for p in root.glob("*/lock") if now - p.stat().st_mtime > max_age_s)
+
+
+def warn_stale_build_locks() -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for lock in stale_build_locks():
+        log.warning("%s is %d min old: a run killed while building a DeepSpeed op left it, and start-up waits on it "
+                    "for ever; remove it if no other run is building", lock, (time.time() - lock.stat().st_mtime) // 60)
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     """Start the default process group for whatever launched us and return our identity.
 
@@ -90,6 +119,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     elif launcher == "slurm":
         os.environ.update(slurm_env(dict(os.environ)))
     port = int(os.environ.get("MASTER_PORT", 29500))
+    warn_stale_build_locks()  # DeepSpeed's CPU backend builds an op here, under such a lock
     deepspeed.init_distributed(
         auto_mpi_discovery=launcher == "mpi",
         distributed_port=port,
