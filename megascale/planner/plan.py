@@ -146,6 +146,7 @@ def state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int) -> fl
     n = max(1, n_gpus)
     w, g, opt = (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)  # opt: (fp32 master +) Adam m, v
     if zero_stage >= 1:
+        opt = 12  # DeepSpeed's ZeRO optimizer keeps an fp32 master partition in fp32 too (train/memory.py)
         opt /= n
     if zero_stage >= 2:
         g /= n
