@@ -198,9 +198,21 @@ def tied_checks(results: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+def startup_section(folder: Path) -> list[str]:
+    data = load(folder, "startup.json")
+    if data is None:
+        return ["Start-up (bench/startup.py): not run."]
+    rows = [[r["rank"], r["model_s"], r["engine_s"], r["params_gib"], r.get("peak_device_gib"),
+             r["peak_rss_before_deepspeed_gib"], r["peak_rss_gib"]] for r in data["ranks"]]
+    return [f"Start-up, layout {data['layout']}, {data['params_unique']:,} parameters, {data['precision']}, "
+            f"ZeRO {data['zero_stage']}:", ""] + table(
+        ["rank", "build_model s", "build_engine s", "parameters GiB", "peak GPU GiB", "peak RSS before DeepSpeed GiB",
+         "peak RSS GiB"], rows)
+
+
 def report(folder: Path) -> str:
     sections = [session_section, kernel_tests_section, attention_section, tied_grad_section, fused_ops_section,
-                fused_loss_section, train_section]
+                fused_loss_section, train_section, startup_section]
     return "\n\n".join("\n".join(section(folder)) for section in sections) + "\n"
 
 

@@ -107,6 +107,9 @@ def jobs(png: bool) -> list[Job]:
             ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "-k", "half and bf16", KERNEL_TESTS[0]], 120),
         Job("train_small_ckpt", "train", [*train, "--configs", "125m,350m", "--ckpt", "on", "--json", "{out}/train_small_ckpt.json"],
             [*train_smoke, "--sharings", "all", "--json", "{out}/train_small_ckpt.json"], 180),
+        # launch/pretrain.py's own build (meta device, parameters drawn on the GPU, DeepSpeed) for 1.3b, one rank.
+        Job("startup", "train", ["bench/startup.py", "--config", "configs/1.3b.yaml", "--json", "{out}/startup.json"],
+            ["bench/startup.py", "--config", "configs/tiny.yaml", "train.precision=fp32", "--json", "{out}/startup.json"], 90),
     ]
 
 

@@ -6,7 +6,8 @@
 Every rank builds the model the way ``launch/pretrain.py`` does (``build_model``,
 then ``build_engine``: tensor parallelism, the pipeline split, DeepSpeed), with no
 data and no step. Each reports the seconds that took, its peak resident memory
-(``ru_maxrss``, the whole process: torch, DeepSpeed and the model) at the end and
+(``ru_maxrss``, the whole process: torch, DeepSpeed and the model; on a GPU also the
+allocator's peak) at the end and
 once its parameters exist but before DeepSpeed allocates its own buffers (the
 model's part), and the bytes of the parameters it holds; rank 0 prints a table
 and writes JSON. What it shows: whether a rank pays for the whole model or only
@@ -81,6 +82,7 @@ def measure(config: str | None, overrides: list[str]) -> dict:
         "rss_at_start_gib": round(rss_before, 3), "peak_rss_before_deepspeed_gib": round(seen["peak"], 3),
         "rss_after_model_gib": round(rss_model, 3), "rss_after_engine_gib": round(current_rss_gib(), 3),
         "params_gib": round(held / 2**30, 3), "params_bytes": held,
+        "peak_device_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if ctx.device.type == "cuda" else None,
         # The plain model's parameters that have storage: the engine's and no more (other stages' stay meta).
         "plain_model_bytes": storage_bytes(model),
     }

@@ -43,10 +43,11 @@ print(triton_attention_available())
 
 def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     out = tmp_path / "session"
-    proc = _run(["bench/gpu_session.py", "--smoke", "--only", "kernel_tests,tied_grad,train_options", "--out", str(out)])
+    proc = _run(["bench/gpu_session.py", "--smoke", "--only", "kernel_tests,tied_grad,train_options,startup",
+                 "--out", str(out)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
-    assert [j["name"] for j in session["jobs"]] == ["kernel_tests", "tied_grad", "train_options"]
+    assert [j["name"] for j in session["jobs"]] == ["kernel_tests", "tied_grad", "train_options", "startup"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     assert json.loads((out / "tied_grad.json").read_text())["results"]
@@ -66,6 +67,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert "| 2 | tensor |" in text  # the tied-gradient table, K = 2
     assert "| tiny | none | off | megascale | model.fused_ops=triton |" in text
     assert "target 1.3b MFU ≥ 50%: n/a" in text  # no GPU, no MFU: never a verdict without a figure
+    assert "Start-up, layout tp=1 pp=1 dp=1, 918,144 parameters, fp32, ZeRO 1:" in text
 
 
 def test_gpu_session_stops_at_its_budget(tmp_path):
