@@ -138,6 +138,20 @@ def test_checkpoint_converts_between_layouts(runs, data_dir, tmp_path):
     assert read_meta(tmp_path / "checkpoints" / "step_00000005")["layout"] == {"tp": 1, "pp": 1, "dp": 1}
 
 
+@pytest.mark.parametrize("target", [["parallel.tp=2"], ["train.zero_stage=3"], ["parallel.pp=2"]], ids=["tp2", "dp2-zero3", "pp2"])
+def test_checkpoint_converts_into_a_sharded_layout(runs, data_dir, tmp_path, target):
+    """Saved by one rank, resumed on two: each rank cuts its shard (tensor, stage or ZeRO-3 partition) from the full weights."""
+    source = runs(1, 1, 1, "cycle:2")
+    ckpt = source / "checkpoints" / "step_00000005"
+    proc = run_pretrain(tmp_path, data_dir, "model.sharing=cycle:2", f"train.resume={ckpt}", *target,
+                        "train.eval_every=5", "train.eval_batches=2", nproc=2)
+    assert "converted from layout" in proc.stderr
+    assert records(tmp_path, "val_loss")[5] == pytest.approx(records(source, "val_loss")[5], rel=1e-5)
+    converted, original = final_weights(tmp_path), final_weights(source)
+    for name, tensor in original.items():
+        torch.testing.assert_close(converted[name], tensor, rtol=0, atol=0, msg=name)
+
+
 def one_error_line(proc):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
