@@ -43,7 +43,17 @@ def storage_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in held)
 
 
-def measure(config: str | None, overrides: list[str]) -> dict:
+def start_weights(checkpoint: Path | None):
+    """Full weights of ``checkpoint`` the way a converted resume reads them (lazily where the code can), or None."""
+    if checkpoint is None:
+        return None
+    from megascale.train import checkpoint as ckpt  # noqa: PLC0415
+
+    read = getattr(ckpt, "lazy_full_weights", ckpt.full_weights)  # the eager one on commits before the lazy reader
+    return read(checkpoint, ckpt.read_meta(checkpoint))
+
+
+def measure(config: str | None, overrides: list[str], checkpoint: Path | None = None) -> dict:
     import torch  # noqa: PLC0415
 
     from megascale.config import load_config  # noqa: PLC0415
@@ -72,7 +82,9 @@ def measure(config: str | None, overrides: list[str]) -> dict:
     built = time.perf_counter()
     unique = model.param_counts().unique  # before tensor parallelism shards the plain model in place
     rss_model = current_rss_gib()
-    engine = build_engine(model, cfg, batch_layout(cfg, groups.dims.dp), ctx.device, groups)
+    weights = start_weights(checkpoint)
+    engine = build_engine(model, cfg, batch_layout(cfg, groups.dims.dp), ctx.device, groups, weights=weights)
+    del weights
     done = time.perf_counter()
     held = storage_bytes(engine.module)
     row = {
@@ -88,7 +100,8 @@ def measure(config: str | None, overrides: list[str]) -> dict:
     }
     rows = [None] * ctx.world_size
     torch.distributed.all_gather_object(rows, row)
-    return {"layout": groups.dims.describe(), "precision": cfg.train.precision, "zero_stage": cfg.train.zero_stage,
+    return {"layout": groups.dims.describe(), "weights": str(checkpoint) if checkpoint else None,
+            "precision": cfg.train.precision, "zero_stage": cfg.train.zero_stage,
             "params_unique": unique, "ranks": rows, "is_main": ctx.is_main}
 
 
@@ -107,9 +120,11 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None, help="a YAML config (default: the built-in defaults)")
     parser.add_argument("--json", type=Path, default=None, help="write the per-rank figures here (rank 0)")
+    parser.add_argument("--weights", type=Path, default=None, metavar="STEP_DIR",
+                        help="start from this checkpoint's full weights, as a resume into another layout does")
     args, overrides = parser.parse_known_args(argv)
     sys.path.insert(0, str(ROOT))
-    result = measure(args.config, overrides)
+    result = measure(args.config, overrides, args.weights)
     if not result.pop("is_main"):
         return
     print(table(result), flush=True)

@@ -97,3 +97,30 @@ def test_missing_data_is_one_line(tmp_path, data_dir):
 ])
 def test_bad_config_is_one_line(tmp_path, data_dir, override, fragment):
     assert fragment in one_error_line(run_pretrain(tmp_path, data_dir, override, check=False))
+
+
+def test_lazy_weights_assemble_each_tensor_when_read(tmp_path):
+    """Tensor-parallel shards from memory-mapped files: merged and cast to fp32 per read, shapes known without a read."""
+    import torch  # noqa: PLC0415
+
+    from megascale.train.checkpoint import LazyWeights, _load, merge_tp_shards  # noqa: PLC0415
+
+    full = {"embed.weight": torch.randn(8, 4), "blocks.0.attn.o_proj.weight": torch.randn(4, 6), "norm.weight": torch.ones(4)}
+    shards = [{"embed.weight": full["embed.weight"].chunk(2)[r].to(torch.bfloat16).clone(),
+               "blocks.0.attn.o_proj.weight": full["blocks.0.attn.o_proj.weight"].chunk(2, dim=1)[r].clone(),
+               "norm.weight": full["norm.weight"].clone()} for r in range(2)]
+    for r, shard in enumerate(shards):
+        torch.save(shard, tmp_path / f"{r}.pt")
+    parts = merge_tp_shards([_load(tmp_path / f"{r}.pt") for r in range(2)])
+    weights = LazyWeights({k: m for k, (m, _) in parts.items()}, {k: s for k, (_, s) in parts.items()},
+                          {"lm_head.weight": "embed.weight"})
+    assert weights.shape("embed.weight") == (8, 4) and weights.shape("blocks.0.attn.o_proj.weight") == (4, 6)
+    assert weights["embed.weight"].dtype == torch.float32
+    torch.testing.assert_close(weights["embed.weight"], full["embed.weight"].to(torch.bfloat16).float())
+    torch.testing.assert_close(weights["blocks.0.attn.o_proj.weight"], full["blocks.0.attn.o_proj.weight"], rtol=0, atol=0)
+    assert weights["embed.weight"] is not weights["embed.weight"]  # assembled per read, never kept
+    assert sorted(weights) == ["blocks.0.attn.o_proj.weight", "embed.weight", "lm_head.weight", "norm.weight"]
+    grown = weights.replaced({"lm_head.weight": torch.zeros(9, 4)})  # the alias's target is replaced with it
+    assert grown.shape("embed.weight") == (9, 4) and grown["embed.weight"].sum() == 0
+    as_dict = weights.to_dict()
+    assert as_dict["lm_head.weight"] is as_dict["embed.weight"] and len(as_dict) == 4

@@ -57,22 +57,23 @@ def extended_vocab_size(base: int) -> int:
     return -(-(base + len(SEPARATORS)) // VOCAB_BLOCK) * VOCAB_BLOCK
 
 
-def extend_vocab(state: dict[str, torch.Tensor], new_size: int) -> dict[str, torch.Tensor]:
+def extend_vocab(state, new_size: int):
     """Grow ``embed.weight`` and ``lm_head.weight`` to ``new_size`` rows, new rows = mean of the old ones.
 
     The mean embedding is a neutral start (the new tokens' inputs look like an average
     token; their logits start at the mean logit rather than a random one). A tied head
     (the same tensor) stays tied.
     """
-    out = dict(state)
     grown: dict[int, torch.Tensor] = {}
+    values = {}
     for key in ("embed.weight", "lm_head.weight"):
         w = state[key]
         if id(w) not in grown:
             extra = w.mean(dim=0, keepdim=True).expand(new_size - w.shape[0], -1)
             grown[id(w)] = torch.cat([w, extra], dim=0)
-        out[key] = grown[id(w)]
-    return out
+        values[key] = grown[id(w)]
+    # Lazy checkpoint weights (train.checkpoint.LazyWeights) stay lazy: only these two are read.
+    return state.replaced(values) if hasattr(state, "replaced") else {**state, **values}
 
 
 @dataclass(frozen=True)

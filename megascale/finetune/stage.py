@@ -63,11 +63,11 @@ def hf_init_meta(directory: Path) -> dict[str, Any]:
             "tokenizer": {"path": str(tokenizer.resolve()), "vocab_size": model.vocab_size}, "layout": "hugging face", "step": 0}
 
 
-def init_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def init_weights(path: Path, meta: dict[str, Any]):
     """Full plain-model weights of the fine-tuning start: a megascale checkpoint of any layout, or a Hugging Face directory."""
     if meta.get("format") == "huggingface":
         return import_hf(path)[1]
-    return ckpt.full_weights(path, meta)
+    return ckpt.lazy_full_weights(path, meta)  # read one tensor at a time by build_engine
 
 
 def finetune_config(cfg: Config) -> tuple[Config, Path, dict[str, Any]]:
@@ -150,7 +150,7 @@ class TraceStage:
         source = Path(f.train_file) if f.train_file else Path("generated-arithmetic")
         return Data(tokenizer, train, val, source)
 
-    def initial_weights(self, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    def initial_weights(self, model_cfg: ModelConfig):
         """Pretrained weights (full, from any layout) with the vocabulary grown by the separator rows."""
         state = fd.extend_vocab(init_weights(self.init_path, self.init_meta), model_cfg.vocab_size)
         log.info("initialised from %s (layout %s, sharing plan %s)", self.init_path,

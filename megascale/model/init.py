@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -96,15 +96,17 @@ def carry_init(source: nn.Parameter, shard: nn.Parameter, dim: int, index: int, 
     return shard
 
 
-def check_full_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def check_full_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
     """Refuse, in one line, full weights that do not fit ``model`` (built on the meta device) by name and shape."""
     if any(not p.is_meta for p in model.parameters()):
         raise ValueError("full weights go into a model built on the meta device (megascale.train.loop.build_model)")
+    def shape(name: str) -> tuple[int, ...]:  # lazy checkpoint weights know it without reading the tensor
+        return weights.shape(name) if hasattr(weights, "shape") else tuple(weights[name].shape)
+
     specs = [getattr(p, INIT_ATTR) for p in model.parameters()]
     missing = [s.name for s in specs if s.name not in weights]
     unexpected = sorted(set(weights) - set(model.state_dict()))
-    wrong = [f"{s.name} {tuple(weights[s.name].shape)} for {s.shape}" for s in specs
-             if s.name in weights and tuple(weights[s.name].shape) != s.shape]
+    wrong = [f"{s.name} {shape(s.name)} for {s.shape}" for s in specs if s.name in weights and shape(s.name) != s.shape]
     if missing or unexpected or wrong:
         parts = [f"{what}: {', '.join(names[:4])}{' …' if len(names) > 4 else ''}"
                  for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -174,31 +175,89 @@ _TP_DIM1 = ("o_proj.weight", "down_proj.weight")
 
 
 def _load(path: Path) -> dict[str, Any]:
+    """A checkpoint file, memory-mapped: a tensor's bytes are read when used, and ranks share the page cache."""
     if not path.is_file():
         raise MegascaleError(f"{path} is missing: the checkpoint is incomplete; resume from another step_* directory")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate tensor-parallel shards of one state dict along the dimension each was split on."""
-    merged = {}
-    for name, first in shards[0].items():
-        if name.endswith(_TP_DIM0) and len(shards) > 1:
-            merged[name] = torch.cat([s[name] for s in shards], dim=0)
-        elif name.endswith(_TP_DIM1) and len(shards) > 1:
-            merged[name] = torch.cat([s[name] for s in shards], dim=1)
-        else:
-            merged[name] = first  # replicated (norms)
-    return merged
+class LazyWeights(Mapping):
+    """Full plain-model tensors by name, each assembled when read and not kept.
+
+    Reading ``weights[name]`` concatenates that tensor's tensor-parallel shards and casts
+    it to fp32 from memory-mapped files; nothing is cached. ``build_engine`` reads one
+    tensor at a time and keeps only this rank's piece, so starting from a checkpoint
+    never holds a second full copy of the model on any rank. ``shape(name)`` needs no
+    read. ``aliases`` (the tied LM head) name the same tensor as their target.
+    """
+
+    def __init__(self, makers: dict[str, Callable[[], torch.Tensor]], shapes: dict[str, tuple[int, ...]],
+                 aliases: dict[str, str] | None = None):
+        self._makers, self._shapes, self._aliases = makers, shapes, dict(aliases or {})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._makers[self._aliases.get(name, name)]()
+
+    def __iter__(self):
+        return iter([*self._makers, *self._aliases])
+
+    def __len__(self) -> int:
+        return len(self._makers) + len(self._aliases)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[self._aliases.get(name, name)]
+
+    def replaced(self, values: dict[str, torch.Tensor]) -> LazyWeights:
+        """These weights with ``values`` in place of some (read eagerly); an alias and its target stay one tensor."""
+        makers, shapes = dict(self._makers), dict(self._shapes)
+        for name, value in values.items():
+            target = self._aliases.get(name, name)
+            makers[target], shapes[target] = (lambda v=value: v), tuple(value.shape)
+        return LazyWeights(makers, shapes, self._aliases)
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, assembled once; an alias is the same tensor object as its target."""
+        out = {name: make() for name, make in self._makers.items()}
+        return out | {alias: out[target] for alias, target in self._aliases.items()}
+
+    @classmethod
+    def of(cls, state: dict[str, torch.Tensor]) -> LazyWeights:
+        return cls({k: (lambda v=v: v.float() if v.is_floating_point() else v) for k, v in state.items()},
+                   {k: tuple(v.shape) for k, v in state.items()})
 
 
-def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, torch.Tensor]:
+def _tp_dim(name: str) -> int | None:
+    return 0 if name.endswith(_TP_DIM0) else 1 if name.endswith(_TP_DIM1) else None
+
+
+def _merged(shards: list[dict[str, torch.Tensor]], name: str) -> tuple[Callable[[], torch.Tensor], tuple[int, ...]]:
+    """How to assemble ``name`` from its tensor-parallel shards (fp32), and its full shape."""
+    dim = _tp_dim(name) if len(shards) > 1 else None
+    parts = [s[name] for s in shards] if dim is not None else [shards[0][name]]  # replicated (norms): rank 0's
+
+    def make() -> torch.Tensor:
+        value = torch.cat(parts, dim=dim) if dim is not None else parts[0]
+        return value.float() if value.is_floating_point() else value
+
+    shape = list(parts[0].shape)
+    if dim is not None:
+        shape[dim] = sum(p.shape[dim] for p in parts)
+    return make, tuple(shape)
+
+
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]]:
+    """Name → (assembler, full shape) over tensor-parallel shards of one state dict, split as each was."""
+    return {name: _merged(shards, name) for name in shards[0]}
+
+
+def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]]:
     if meta["config"]["train"]["zero_stage"] == 3:
         if tp > 1:
             raise MegascaleError(f"{path}: converting a ZeRO-3 checkpoint saved with tp={tp} is not supported; resume it with the same layout")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        return merge_tp_shards([state])
     shards = [_load(path / f"mp_rank_{r:02d}_model_states.pt")["module"] for r in range(tp)]
     return merge_tp_shards(shards)
 
@@ -207,11 +266,11 @@ def _layer_file(path: Path, idx: int, tp_rank: int) -> Path:
     return path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"  # DeepSpeed's PipelineModule naming
 
 
-def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, torch.Tensor]:
-    """Rebuild the plain model's state dict from pipeline layer files (see parallel/pipeline.py's layer list)."""
+def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]]:
+    """The plain model's tensors from pipeline layer files (see parallel/pipeline.py's layer list)."""
     plan = meta["sharing_plan"]
     n = len(plan)
-    state: dict[str, torch.Tensor] = {}
+    state = {}
     for idx in range(n + 3):
         if idx == n + 2 and meta["config"]["model"]["tie_embeddings"]:
             break  # the tied head is the embedding's weight, saved with layer 0
@@ -223,14 +282,21 @@ def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, torc
     return state
 
 
-def full_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The unsharded plain-model state dict of a checkpoint saved under any layout."""
+def lazy_full_weights(path: Path, meta: dict[str, Any]) -> LazyWeights:
+    """The unsharded plain-model tensors of a checkpoint saved under any layout, each assembled when read (fp32)."""
     layout = meta.get("layout", {"tp": 1, "pp": 1})
     tp, pp = layout["tp"], layout["pp"]
-    state = _pipeline_state(path, meta, tp) if pp > 1 else _engine_state(path, meta, tp)
+    parts = _pipeline_state(path, meta, tp) if pp > 1 else _engine_state(path, meta, tp)
+    aliases = {}
     if meta["config"]["model"]["tie_embeddings"]:
-        state["lm_head.weight"] = state["embed.weight"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        parts.pop("lm_head.weight", None)
+        aliases["lm_head.weight"] = "embed.weight"
+    return LazyWeights({k: make for k, (make, _) in parts.items()}, {k: shape for k, (_, shape) in parts.items()}, aliases)
+
+
+def full_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The unsharded plain-model state dict (fp32) of a checkpoint saved under any layout."""
+    return lazy_full_weights(path, meta).to_dict()
 
 
 def restore_schedule(engine, step: int) -> None:

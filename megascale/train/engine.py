@@ -12,6 +12,7 @@ DeepSpeed's own Adam needs a compiled op.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +137,7 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, device: torch.device):
 
 
 def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.device,
-                weights: dict[str, torch.Tensor] | None = None, then=None):
+                weights: Mapping[str, torch.Tensor] | None = None, then=None):
     """Apply tensor parallelism, activation checkpointing and the pipeline split, in that order.
 
     Returns the module DeepSpeed should wrap: the model itself, or this stage's PipelineModule.
@@ -181,7 +182,7 @@ def check_precision(precision: str) -> None:
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, device: torch.device, groups,
-                 weights: dict[str, torch.Tensor] | None = None):
+                 weights: Mapping[str, torch.Tensor] | None = None):
     """Parallelize ``model`` over ``groups`` and wrap it in a DeepSpeed engine with AdamW and the LR schedule.
 
     ``weights``: full plain-model weights by name to start from (a meta-device model only).

@@ -378,7 +378,7 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     weights = None  # full plain-model weights to start from, by name; None: drawn from train.seed
     if converted:
         # Another layout: full weights, then sharded anew like fresh ones.
-        weights = ckpt.full_weights(resume_path, meta)
+        weights = ckpt.lazy_full_weights(resume_path, meta)
     elif resume_path is None and stage is not None:
         weights = stage.initial_weights(cfg.model)  # e.g. the pretraining checkpoint's weights
     elif resume_path is None and cfg.train.init_hf:
