@@ -120,6 +120,13 @@ def test_lazy_weights_assemble_each_tensor_when_read(tmp_path):
     torch.testing.assert_close(weights["blocks.0.attn.o_proj.weight"], full["blocks.0.attn.o_proj.weight"], rtol=0, atol=0)
     assert weights["embed.weight"] is not weights["embed.weight"]  # assembled per read, never kept
     assert sorted(weights) == ["blocks.0.attn.o_proj.weight", "embed.weight", "lm_head.weight", "norm.weight"]
+    assert "lm_head.weight" in weights and "head.weight" not in weights
+
+    def unread():
+        raise AssertionError("read to answer a membership or shape question")
+
+    untouched = LazyWeights({"w": unread}, {"w": (2, 3)})
+    assert "w" in untouched and untouched.shape("w") == (2, 3) and list(untouched) == ["w"]
     grown = weights.replaced({"lm_head.weight": torch.zeros(9, 4)})  # the alias's target is replaced with it
     assert grown.shape("embed.weight") == (9, 4) and grown["embed.weight"].sum() == 0
     as_dict = weights.to_dict()

@@ -204,6 +204,9 @@ class LazyWeights(Mapping):
     def __len__(self) -> int:
         return len(self._makers) + len(self._aliases)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would assemble the tensor to find out
+        return name in self._makers or name in self._aliases
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[self._aliases.get(name, name)]
 
