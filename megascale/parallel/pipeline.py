@@ -27,6 +27,7 @@ from the 1-rank run's exact weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,6 @@ import torch.nn as nn
 
 from megascale.errors import MegascaleError
 from megascale.kernels.tied_grad import flatten_for_collective, unflatten_into
-from megascale.model.init import materialize
 from megascale.model.llama import Transformer, rope_tables
 from megascale.parallel.topology import ParallelGroups
 
@@ -227,18 +227,18 @@ def stage_units(module) -> list[int]:
     return [spec.forward_fn.layer for spec in specs if isinstance(getattr(spec, "forward_fn", None), BlockUnit)]
 
 
-def _module_class(bounds: list[int] | None, device: torch.device | None = None, seed: int = 0, source=None):
+def _module_class(bounds: list[int] | None, give_storage: Callable[[nn.Module], None] | None = None):
     """A PipelineModule subclass that applies blocks as StageUnits, and takes the stage boundaries as given if any.
 
-    Its ``_build`` gives meta parameters storage on ``device``: after DeepSpeed has chosen
-    this stage's layers, before it moves them to the device and broadcasts tied weights.
+    Its ``_build`` calls ``give_storage`` on the stage: after DeepSpeed has chosen this
+    stage's layers, before it moves them to the device and broadcasts tied weights.
     """
     from deepspeed.pipe import PipelineModule  # noqa: PLC0415
 
     def _build(self):
         PipelineModule._build(self)
-        if device is not None:
-            materialize(self, seed, device, source)
+        if give_storage is not None:
+            give_storage(self)
         self.forward_funcs = [StageUnit(f.func, f.args[0]) if isinstance(getattr(f, "func", None), BlockUnit) else f
                               for f in self.forward_funcs]
 
@@ -259,16 +259,16 @@ def _module_class(bounds: list[int] | None, device: torch.device | None = None, 
 
 def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition: str, activation_checkpointing: bool,
                           sequence_parallel: bool = False, fused_loss: bool = False,
-                          device: torch.device | None = None, seed: int = 0, source=None):
+                          give_storage: Callable[[nn.Module], None] | None = None):
     """Wrap the plain (possibly tensor-parallel) model into a DeepSpeed PipelineModule for this rank's stage.
 
-    Parameters still on the meta device get storage on ``device`` (drawn from ``seed``, or
-    ``source(spec)`` when given: megascale.model.init.materialize) once the stage's layers
-    are chosen, so the other stages' blocks never take memory here.
+    ``give_storage(stage_module)`` runs once the stage's layers are chosen (parameters still
+    on the meta device get storage there: megascale.model.init.materialize), so the other
+    stages' blocks never take memory here.
     """
     bounds = explicit_boundaries(partition, model.cfg.n_layers, groups.dims.pp)
     loss_fn = HeadLoss() if fused_loss else model.loss_fn
-    module = _module_class(bounds, device, seed, source)(
+    module = _module_class(bounds, give_storage)(
         layers=pipeline_layers(model, groups.dims.tp if sequence_parallel else 1, fused_loss),
         topology=groups.topology,
         loss_fn=loss_fn,

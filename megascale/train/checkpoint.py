@@ -223,11 +223,6 @@ class LazyWeights(Mapping):
         out = {name: make() for name, make in self._makers.items()}
         return out | {alias: out[target] for alias, target in self._aliases.items()}
 
-    @classmethod
-    def of(cls, state: dict[str, torch.Tensor]) -> LazyWeights:
-        return cls({k: (lambda v=v: v.float() if v.is_floating_point() else v) for k, v in state.items()},
-                   {k: tuple(v.shape) for k, v in state.items()})
-
 
 def _tp_dim(name: str) -> int | None:
     return 0 if name.endswith(_TP_DIM0) else 1 if name.endswith(_TP_DIM1) else None

@@ -150,6 +150,10 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
     if weights is not None:
         check_full_weights(model, weights)
         source = lambda spec: weights[spec.name]  # noqa: E731
+
+    def give_storage(module: torch.nn.Module) -> None:
+        materialize(module, cfg.train.seed, device, source, then)
+
     from megascale.parallel.pipeline import build_pipeline_module  # noqa: PLC0415
     from megascale.parallel.tensor_parallel import apply_tensor_parallel  # noqa: PLC0415
 
@@ -162,10 +166,10 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
             block.compile()  # in place: the block keeps its parameters and their names
     if groups.dims.pp == 1:
         model.activation_checkpointing = p.activation_checkpointing
-        materialize(model, cfg.train.seed, device, source, then)
+        give_storage(model)
         return model
     return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing, p.sequence_parallel,
-                                 fused_loss=cfg.train.fused_loss, device=device, seed=cfg.train.seed, source=source)
+                                 fused_loss=cfg.train.fused_loss, give_storage=give_storage)
 
 
 def check_precision(precision: str) -> None:
