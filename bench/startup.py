@@ -44,11 +44,17 @@ def storage_bytes(module) -> int:
 
 
 def start_weights(checkpoint: Path | None):
-    """Full weights of ``checkpoint`` the way a converted resume reads them (lazily where the code can), or None."""
+    """Full weights of ``checkpoint`` (a step directory, or a Hugging Face directory as ``train.init_hf``
+    takes) the way start-up reads them (lazily where the code can), or None."""
     if checkpoint is None:
         return None
+    from megascale.export import hf  # noqa: PLC0415
     from megascale.train import checkpoint as ckpt  # noqa: PLC0415
 
+    if hf.is_hf_directory(checkpoint):
+        if hasattr(hf, "lazy_hf_weights"):
+            return hf.lazy_hf_weights(checkpoint)[1]
+        return hf.import_hf(checkpoint)[1]  # commits before the lazy reader
     read = getattr(ckpt, "lazy_full_weights", ckpt.full_weights)  # the eager one on commits before the lazy reader
     return read(checkpoint, ckpt.read_meta(checkpoint))
 
@@ -75,6 +81,10 @@ def measure(config: str | None, overrides: list[str], checkpoint: Path | None = 
 
     engine_module.parallelize = parallelize
     cfg = load_config(config, overrides)
+    if checkpoint is not None and (checkpoint / "config.json").is_file():  # Hugging Face: its shape, as pretrain.py takes it
+        from megascale.export.hf import with_hf_model  # noqa: PLC0415
+
+        cfg = with_hf_model(cfg, checkpoint)
     groups = make_groups(cfg, ctx)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB → GiB
     start = time.perf_counter()
@@ -120,8 +130,9 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None, help="a YAML config (default: the built-in defaults)")
     parser.add_argument("--json", type=Path, default=None, help="write the per-rank figures here (rank 0)")
-    parser.add_argument("--weights", type=Path, default=None, metavar="STEP_DIR",
-                        help="start from this checkpoint's full weights, as a resume into another layout does")
+    parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
+                        help="start from these full weights: a checkpoint's step directory (as a resume into another "
+                             "layout does) or a Hugging Face Llama directory (as train.init_hf does)")
     args, overrides = parser.parse_known_args(argv)
     sys.path.insert(0, str(ROOT))
     result = measure(args.config, overrides, args.weights)

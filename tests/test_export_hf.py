@@ -11,6 +11,7 @@ the sharded case here is tp=2 alone: 2 processes instead of 4.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -26,6 +27,8 @@ from conftest import ROOT, clean_env, run_pretrain
 from megascale.config import ModelConfig
 from megascale.errors import MegascaleError
 from megascale.export import export_hf, import_hf, model_config_of
+from megascale.export.hf import Stored, lazy_hf_weights, megascale_weights, open_safetensors
+from megascale.model.init import Shard, chunk_range, cut
 from megascale.model.llama import Transformer
 from megascale.train.checkpoint import full_weights, read_meta, resolve_checkpoint
 
@@ -192,6 +195,43 @@ def test_import_sharded_transformers_save(exports, tmp_path):
         torch.testing.assert_close(state[key], ref_state[key], rtol=0, atol=0)
 
 
+def test_lazy_import_reads_each_tensor_when_asked(exports, tmp_path):
+    """Training's start-up reader: every check from the safetensors headers, one tensor read per index."""
+    src = exports("tied")
+    overrides, ref = import_hf(src)
+    reads: list[str] = []
+
+    def counted(name: str, entry: Stored) -> Stored:
+        return dataclasses.replace(entry, read=lambda: (reads.append(name), entry.read())[1],
+                                   read_range=lambda *where: (reads.append((name, *where)), entry.read_range(*where))[1])
+
+    stored = {k: counted(k, v) for k, v in open_safetensors(src).items()}
+    weights = megascale_weights(stored, overrides, str(src))
+    assert reads == [] and list(weights) == list(ref) and "lm_head.weight" in weights
+    assert weights.shape("lm_head.weight") == tuple(ref["embed.weight"].shape)
+    q = weights["blocks.1.attn.q_proj.weight"]
+    assert reads == ["model.layers.1.self_attn.q_proj.weight"] and q.dtype == torch.float32
+    torch.testing.assert_close(q, ref["blocks.1.attn.q_proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(weights["lm_head.weight"], ref["embed.weight"], rtol=0, atol=0)  # tied: the embedding
+    assert reads[-1] == "model.embed_tokens.weight"
+    for shard in (Shard(0, 1, 2), Shard(1, 3, 4)):  # a tensor-parallel rank reads its range alone
+        reads.clear()
+        torch.testing.assert_close(weights.piece("blocks.2.mlp.down_proj.weight", shard),
+                                   cut(ref["blocks.2.mlp.down_proj.weight"], shard), rtol=0, atol=0)
+        start, end = chunk_range(ref["blocks.2.mlp.down_proj.weight"].shape[shard.dim], shard)
+        assert reads == [("model.layers.2.mlp.down_proj.weight", shard.dim, start, end)]
+    head = weights.piece("lm_head.weight", Shard(0, 0, 2))
+    torch.testing.assert_close(head, ref["embed.weight"].chunk(2)[0], rtol=0, atol=0)
+    assert head.untyped_storage().nbytes() == head.nbytes  # its own copy, not a view into the file
+
+    tensors = safetensors_torch.load_file(str(src / "model.safetensors"))
+    tensors["model.layers.2.mlp.up_proj.weight"] = tensors["model.layers.2.mlp.up_proj.weight"].to(torch.int8)
+    safetensors_torch.save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    with pytest.raises(MegascaleError, match="up_proj.weight is I8, not floating point"):
+        lazy_hf_weights(tmp_path)
+
+
 def test_tokenizer_loads_in_transformers(exports):
     import sentencepiece as spm
 
@@ -306,9 +346,11 @@ def test_import_refuses_bad_directories(exports, tmp_path):
 def test_pretraining_starts_from_a_hugging_face_directory(runs, exports, data_dir, tmp_path):
     from megascale.data import TokenFile, batch_from_indices
 
+    """Under tp=2, so each rank reads its pieces of the safetensors file alone (LazyWeights.piece)."""
     hf = exports("tied")
     out = tmp_path / "from-hf"
-    proc = run_pretrain(out, data_dir, f"train.init_hf={hf}", "train.max_steps=1", "train.eval_every=1", "train.eval_batches=2")
+    proc = run_pretrain(out, data_dir, f"train.init_hf={hf}", "train.max_steps=1", "train.eval_every=1", "train.eval_batches=2",
+                        "parallel.tp=2", "train.zero_stage=1", nproc=2)
     assert "initialised from the Hugging Face model" in proc.stderr
     first_val = next(json.loads(l)["val_loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in l)
     model, _ = megascale_model(runs("tied"))  # the exported checkpoint's own weights

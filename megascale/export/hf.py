@@ -32,7 +32,9 @@ No q/k permutation is applied: megascale's RoPE uses the same rotate-half layout
 plus ``model.safetensors`` or a sharded ``model.safetensors.index.json``) and returns the
 ``ModelConfig`` fields and the plain ``Transformer`` state dict with ``sharing=none``.
 Configurations megascale's model cannot represent (biases, scaled RoPE, another activation,
-a decoupled head_dim, …) are refused in one line.
+a decoupled head_dim, …) are refused in one line. ``lazy_hf_weights(directory)`` makes the
+same checks from the safetensors headers alone and reads each tensor when it is asked for:
+training's start-up uses it, so a rank never holds the whole model it cuts its shard from.
 
 Neither direction imports ``transformers``: both read and write JSON and safetensors only.
 """
@@ -43,6 +45,8 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,7 @@ import torch
 
 from megascale.config import ModelConfig
 from megascale.errors import MegascaleError
+from megascale.model.init import LazyWeights, Shard, chunk_range
 
 EXPORT_FORMAT = "megascale-hf-export"
 EXPORT_VERSION = 1
@@ -301,10 +306,16 @@ def import_hf(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     with tied embeddings ``lm_head.weight`` is ``embed.weight``, the same tensor).
     Raises ``MegascaleError`` (one line, with the fix) for what megascale cannot represent.
     """
+    overrides, weights = lazy_hf_weights(directory)
+    return overrides, weights.to_dict()
+
+
+def lazy_hf_weights(directory: Path) -> tuple[dict[str, Any], LazyWeights]:
+    """``import_hf`` without reading the weights: every check is made from the headers, and each
+    tensor is read (and cast to fp32) when indexed, as training's start-up does one at a time."""
     directory = Path(directory)
     overrides = hf_model_overrides(directory)
-    tensors = read_safetensors(directory)
-    return overrides, megascale_state_dict(tensors, overrides, str(directory))
+    return overrides, megascale_weights(open_safetensors(directory), overrides, str(directory))
 
 
 def is_hf_directory(path: Path) -> bool:
@@ -425,44 +436,107 @@ def _check_rope(hf: dict[str, Any], refuse) -> float:
     return theta
 
 
-def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``model.safetensors`` or of the shards ``model.safetensors.index.json`` lists."""
-    from safetensors import SafetensorError  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
+@dataclass(frozen=True)
+class Stored:
+    """One tensor of a safetensors file, known by its header; ``read()`` loads it from the memory map."""
 
-    def load(path: Path) -> dict[str, torch.Tensor]:
-        if not path.is_file():
-            raise MegascaleError(f"{path} is missing: the model directory is incomplete; download or copy it again")
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise MegascaleError(f"{path} is not a readable safetensors file ({type(err).__name__}); download or copy it again") from None
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' spelling: "BF16", "F32", "I8", …
+    read: Callable[[], torch.Tensor]  # a view of the memory map: copy it before keeping or changing it
+    read_range: Callable[[int, int, int], torch.Tensor]  # (dim, start, end): that range alone, also a view
 
+
+def open_safetensors(directory: Path) -> dict[str, Stored]:
+    """Every tensor of ``model.safetensors`` or of the shards ``model.safetensors.index.json`` lists, unread.
+
+    Only the headers are read here; the files stay memory-mapped until the entries are dropped.
+    """
     single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
     if single.is_file():
-        return load(single)
+        return _open_file(single)
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise MegascaleError(f"{index} is not a safetensors index (no weight_map); download or copy it again") from None
-        tensors: dict[str, torch.Tensor] = {}
-        for name in files:
-            shard = load(directory / name)
-            tensors.update({k: v for k, v in shard.items() if weight_map.get(k) == name})
-        absent = sorted(set(weight_map) - tensors.keys())
-        if absent:
-            raise MegascaleError(f"{index} lists {absent[:3]} but its shards do not hold them; download or copy the model again")
-        return tensors
+        return _open_index(index)
     if any(directory.glob("pytorch_model*.bin")):
         raise MegascaleError(f"{directory} holds PyTorch .bin weights only; re-save it with model.save_pretrained(dir, safe_serialization=True)")
     raise MegascaleError(f"{directory} has neither {WEIGHTS_NAME} nor {INDEX_NAME}; pass a Hugging Face model directory with safetensors weights")
 
 
-def megascale_state_dict(tensors: dict[str, torch.Tensor], overrides: dict[str, Any], where: str = "model") -> dict[str, torch.Tensor]:
-    """Hugging Face Llama tensors -> the plain ``Transformer`` state dict with one block per layer (sharing none), fp32."""
+def _open_file(path: Path) -> dict[str, Stored]:
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    if not path.is_file():
+        raise MegascaleError(f"{path} is missing: the model directory is incomplete; download or copy it again")
+    try:
+        handle = safe_open(str(path), framework="pt")  # checks the header against the file's size
+        entries = {}
+        for name in handle.keys():
+            piece = handle.get_slice(name)
+            entries[name] = Stored(tuple(piece.get_shape()), piece.get_dtype(), lambda n=name: handle.get_tensor(n),
+                                   lambda dim, start, end, n=name: handle.get_slice(n)[(slice(None),) * dim + (slice(start, end),)])
+        return entries
+    except (SafetensorError, OSError, ValueError) as err:
+        raise MegascaleError(f"{path} is not a readable safetensors file ({type(err).__name__}); download or copy it again") from None
+
+
+def _open_index(index: Path) -> dict[str, Stored]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise MegascaleError(f"{index} is not a safetensors index (no weight_map); download or copy it again") from None
+    entries: dict[str, Stored] = {}
+    for name in files:
+        shard = _open_file(index.parent / name)
+        entries.update({k: v for k, v in shard.items() if weight_map.get(k) == name})
+    absent = sorted(set(weight_map) - entries.keys())
+    if absent:
+        raise MegascaleError(f"{index} lists {absent[:3]} but its shards do not hold them; download or copy the model again")
+    return entries
+
+
+def megascale_weights(stored: dict[str, Stored], overrides: dict[str, Any], where: str = "model") -> LazyWeights:
+    """Hugging Face Llama tensors -> the plain ``Transformer`` weights with one block per layer (sharing none).
+
+    Names, shapes and dtypes are checked from the headers; each tensor is read and cast to
+    fp32 only when the returned ``LazyWeights`` is indexed.
+    """
     cfg = ModelConfig(**overrides)
+    wanted = _wanted(cfg)
+    missing = [k for k in wanted if k not in stored]
+    if missing:
+        raise MegascaleError(f"{where}: weights {missing[:3]} ({len(missing)} missing) are not in the safetensors files; "
+                             "the directory is incomplete or its config.json describes another model")
+    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    extra = sorted(k for k in stored.keys() - wanted.keys() if k not in ignorable and not k.endswith(_IGNORED_SUFFIXES))
+    if extra:
+        raise MegascaleError(f"{where}: tensors {extra[:3]} ({len(extra)} in all) have no place in megascale's Llama; "
+                             "the model is not a plain Llama (biases? extra modules?)")
+    makers, shapes, pieces = {}, {}, {}
+    for theirs, (ours, shape) in wanted.items():
+        entry = stored[theirs]
+        if entry.shape != shape:
+            raise MegascaleError(f"{where}: {theirs} has shape {entry.shape}, config.json implies {shape}; the weights do not match the config")
+        if not entry.dtype.startswith(("F", "BF")):
+            raise MegascaleError(f"{where}: {theirs} is {entry.dtype}, not floating point (quantized?); dequantize the model first")
+        makers[ours], shapes[ours], pieces[ours] = (lambda e=entry: _owned(e.read())), shape, (lambda shard, e=entry: _piece(e, shard))
+    aliases = {"lm_head.weight": "embed.weight"} if cfg.tie_embeddings else {}
+    order = [k for k in _order(cfg) if k not in aliases]
+    return LazyWeights({k: makers[k] for k in order}, {k: shapes[k] for k in order}, aliases, {k: pieces[k] for k in order})
+
+
+def _owned(view: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy: safetensors hands out views of its memory map, which a parameter must not keep."""
+    return view.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+def _piece(entry: Stored, shard: Shard) -> torch.Tensor:
+    """One tensor-parallel rank's piece, read alone: 1/tp of the bytes."""
+    start, end = chunk_range(entry.shape[shard.dim], shard)
+    return _owned(entry.read_range(shard.dim, start, end))
+
+
+def _wanted(cfg: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Hugging Face name -> (megascale name, shape) of every tensor a Llama with ``cfg`` holds."""
     d, f, v, hd = cfg.d_model, cfg.hidden_dim, cfg.vocab_size, cfg.head_dim
     shapes = {
         "input_norm.weight": (d,), "post_attn_norm.weight": (d,),
@@ -470,34 +544,13 @@ def megascale_state_dict(tensors: dict[str, torch.Tensor], overrides: dict[str, 
         "attn.v_proj.weight": (cfg.kv_heads * hd, d), "attn.o_proj.weight": (d, cfg.n_heads * hd),
         "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
     }
-    wanted: dict[str, tuple[str, tuple[int, ...]]] = {  # HF name -> (our name, shape)
-        "model.embed_tokens.weight": ("embed.weight", (v, d)),
-        "model.norm.weight": ("norm.weight", (d,)),
-    }
+    wanted = {"model.embed_tokens.weight": ("embed.weight", (v, d)), "model.norm.weight": ("norm.weight", (d,))}
     if not cfg.tie_embeddings:
         wanted["lm_head.weight"] = ("lm_head.weight", (v, d))
     for layer in range(cfg.n_layers):
         for ours, theirs in BLOCK_NAMES.items():
             wanted[f"model.layers.{layer}.{theirs}"] = (f"blocks.{layer}.{ours}", shapes[ours])
-    missing = [k for k in wanted if k not in tensors]
-    if missing:
-        raise MegascaleError(f"{where}: weights {missing[:3]} ({len(missing)} missing) are not in the safetensors files; "
-                             "the directory is incomplete or its config.json describes another model")
-    ignorable = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    extra = sorted(k for k in tensors.keys() - wanted.keys() if k not in ignorable and not k.endswith(_IGNORED_SUFFIXES))
-    if extra:
-        raise MegascaleError(f"{where}: tensors {extra[:3]} ({len(extra)} in all) have no place in megascale's Llama; "
-                             "the model is not a plain Llama (biases? extra modules?)")
-    state: dict[str, torch.Tensor] = {}
-    for theirs, (ours, shape) in wanted.items():
-        t = tensors[theirs]
-        if tuple(t.shape) != shape:
-            raise MegascaleError(f"{where}: {theirs} has shape {tuple(t.shape)}, config.json implies {shape}; the weights do not match the config")
-        if not t.is_floating_point():
-            raise MegascaleError(f"{where}: {theirs} is {t.dtype}, not floating point (quantized?); dequantize the model first")
-        state[ours] = t.to(torch.float32).contiguous()
-    state["lm_head.weight"] = state["embed.weight"] if cfg.tie_embeddings else state["lm_head.weight"]
-    return {k: state[k] for k in _order(cfg)}
+    return wanted
 
 
 def _order(cfg: ModelConfig) -> list[str]:

@@ -25,7 +25,7 @@ import torch
 from megascale.config import Config, ModelConfig, validate
 from megascale.data import Tokenizer
 from megascale.errors import MegascaleError
-from megascale.export.hf import hf_model_overrides, import_hf, is_hf_directory
+from megascale.export.hf import hf_model_overrides, is_hf_directory, lazy_hf_weights
 from megascale.finetune import data as fd
 from megascale.finetune.arithmetic import Example, arithmetic_splits
 from megascale.finetune.evaluate import evaluate_splits
@@ -66,8 +66,8 @@ def hf_init_meta(directory: Path) -> dict[str, Any]:
 def init_weights(path: Path, meta: dict[str, Any]):
     """Full plain-model weights of the fine-tuning start: a megascale checkpoint of any layout, or a Hugging Face directory."""
     if meta.get("format") == "huggingface":
-        return import_hf(path)[1]
-    return ckpt.lazy_full_weights(path, meta)  # read one tensor at a time by build_engine
+        return lazy_hf_weights(path)[1]
+    return ckpt.lazy_full_weights(path, meta)  # both read one tensor at a time by build_engine
 
 
 def finetune_config(cfg: Config) -> tuple[Config, Path, dict[str, Any]]:

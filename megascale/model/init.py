@@ -62,16 +62,32 @@ def draw_full(spec: ParamInit, seed: int, device: torch.device, dtype: torch.dty
     return torch.empty(spec.shape, dtype=dtype, device=device).normal_(0.0, spec.std, generator=gen)
 
 
+def chunk_range(size: int, shard: Shard) -> tuple[int, int]:
+    """Where ``shard`` lies along its dimension of length ``size``: ``torch.chunk``'s split, as [start, end)."""
+    step = -(-size // shard.count)
+    start = min(shard.index * step, size)
+    return start, min(start + step, size)
+
+
+def cut(full: torch.Tensor, shard: Shard | None) -> torch.Tensor:
+    """``shard``'s piece of ``full`` (``full`` itself when None), as a tensor of its own."""
+    if shard is None:
+        return full
+    start, end = chunk_range(full.shape[shard.dim], shard)
+    # A copy, not a view: a view would keep the whole tensor's storage alive.
+    return full.narrow(shard.dim, start, end - start).clone(memory_format=torch.contiguous_format)
+
+
 def local_value(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """``full`` cut down to ``p``'s shard (or all of it when ``p`` is not sharded)."""
-    shard: Shard | None = getattr(p, SHARD_ATTR, None)
-    if shard is not None:
-        # A copy, not a view: a view would keep the whole tensor's storage alive.
-        full = full.chunk(shard.count, dim=shard.dim)[shard.index].clone(memory_format=torch.contiguous_format)
-    if full.shape != p.shape:
-        raise ValueError(f"{getattr(p, INIT_ATTR).name}: a value of shape {tuple(full.shape)} for a parameter of "
+    return _checked(p, cut(full, getattr(p, SHARD_ATTR, None)))
+
+
+def _checked(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    if value.shape != p.shape:
+        raise ValueError(f"{getattr(p, INIT_ATTR).name}: a value of shape {tuple(value.shape)} for a parameter of "
                          f"shape {tuple(p.shape)}")
-    return full
+    return value
 
 
 def mark(module: nn.Module, std_of: Callable[[str, nn.Module], float | None]) -> None:
@@ -94,6 +110,61 @@ def carry_init(source: nn.Parameter, shard: nn.Parameter, dim: int, index: int, 
             raise ValueError(f"{spec.name} is sharded already (dim {outer.dim}); it cannot be sharded again")
         setattr(shard, SHARD_ATTR, Shard(dim, index, count))
     return shard
+
+
+class LazyWeights(Mapping):
+    """Full plain-model tensors by name, each assembled when read and not kept.
+
+    Reading ``weights[name]`` calls that name's maker: for a megascale checkpoint it
+    concatenates the tensor's tensor-parallel shards, for a Hugging Face directory it
+    reads one safetensors entry; both from memory-mapped files, cast to fp32, nothing
+    cached. ``build_engine`` reads one tensor at a time and keeps only this rank's
+    piece, so starting from saved weights never holds a second full copy of the model
+    on any rank. ``shape(name)`` needs no read. ``aliases`` (the tied LM head) name the
+    same tensor as their target.
+    """
+
+    def __init__(self, makers: dict[str, Callable[[], torch.Tensor]], shapes: dict[str, tuple[int, ...]],
+                 aliases: dict[str, str] | None = None, pieces: dict[str, Callable[[Shard], torch.Tensor]] | None = None):
+        self._makers, self._shapes, self._aliases = makers, shapes, dict(aliases or {})
+        self._pieces = dict(pieces or {})  # name -> reads one tensor-parallel piece alone
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._makers[self._aliases.get(name, name)]()
+
+    def piece(self, name: str, shard: Shard | None) -> torch.Tensor:
+        """``shard``'s piece of ``name`` (fp32): read alone where the source can (a safetensors slice, the
+        checkpoint shards it overlaps), so a tensor-parallel rank reads 1/tp of the bytes; else cut from the whole."""
+        target = self._aliases.get(name, name)
+        if shard is not None and target in self._pieces:
+            return self._pieces[target](shard)
+        return cut(self[target], shard)
+
+    def __iter__(self):
+        return iter([*self._makers, *self._aliases])
+
+    def __len__(self) -> int:
+        return len(self._makers) + len(self._aliases)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would assemble the tensor to find out
+        return name in self._makers or name in self._aliases
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[self._aliases.get(name, name)]
+
+    def replaced(self, values: dict[str, torch.Tensor]) -> LazyWeights:
+        """These weights with ``values`` in place of some (read eagerly); an alias and its target stay one tensor."""
+        makers, shapes, pieces = dict(self._makers), dict(self._shapes), dict(self._pieces)
+        for name, value in values.items():
+            target = self._aliases.get(name, name)
+            makers[target], shapes[target] = (lambda v=value: v), tuple(value.shape)
+            pieces.pop(target, None)
+        return LazyWeights(makers, shapes, self._aliases, pieces)
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, assembled once; an alias is the same tensor object as its target."""
+        out = {name: make() for name, make in self._makers.items()}
+        return out | {alias: out[target] for alias, target in self._aliases.items()}
 
 
 def check_full_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
@@ -124,12 +195,12 @@ def init_in_place(module: nn.Module, seed: int) -> None:
 
 
 def materialize(module: nn.Module, seed: int, device: torch.device,
-                source: Callable[[ParamInit], torch.Tensor] | None = None,
+                weights: Mapping[str, torch.Tensor] | None = None,
                 then: Callable[[nn.Parameter], None] | None = None) -> int:
     """Give storage on ``device`` to each ``meta`` parameter of ``module``; returns how many were.
 
-    The value is ``source(spec)`` when given (full weights by name, e.g. a checkpoint's),
-    else the seeded draw. A parameter shared by several submodules stays one parameter;
+    The value is cut from ``weights`` when given (full plain-model weights by name, e.g. a
+    checkpoint's; ``LazyWeights`` reads only the piece a shard needs), else the seeded draw. A parameter shared by several submodules stays one parameter;
     its attributes (the tensor-parallel mark, the init spec) come along. ``then(p)`` runs
     on each new parameter before the next is drawn: ZeRO-3 partitions it there, so a
     rank never holds more than one whole tensor.
@@ -140,7 +211,7 @@ def materialize(module: nn.Module, seed: int, device: torch.device,
             if p is None or not p.is_meta:
                 continue
             if id(p) not in made:
-                made[id(p)] = _materialized(p, seed, device, source)
+                made[id(p)] = _materialized(p, seed, device, weights)
                 if then is not None:
                     then(made[id(p)])
             sub._parameters[name] = made[id(p)]
@@ -148,16 +219,23 @@ def materialize(module: nn.Module, seed: int, device: torch.device,
 
 
 def _materialized(p: nn.Parameter, seed: int, device: torch.device,
-                  source: Callable[[ParamInit], torch.Tensor] | None) -> nn.Parameter:
+                  weights: Mapping[str, torch.Tensor] | None) -> nn.Parameter:
     spec: ParamInit | None = getattr(p, INIT_ATTR, None)
     if spec is None:
         raise ValueError(f"a parameter of shape {tuple(p.shape)} on the meta device has no init spec "
                          f"(build it through megascale.model.Transformer)")
     with torch.no_grad():
-        full = source(spec).to(device, p.dtype) if source is not None else draw_full(spec, seed, device, p.dtype)
-        new = nn.Parameter(local_value(p, full), requires_grad=p.requires_grad)
+        if weights is not None:  # cut on the host before the copy: the device sees this rank's piece only
+            value = _checked(p, _piece(weights, spec.name, getattr(p, SHARD_ATTR, None)).to(device, p.dtype))
+        else:  # drawn whole, then cut: every layout starts from the 1-rank model's values
+            value = local_value(p, draw_full(spec, seed, device, p.dtype))
+        new = nn.Parameter(value, requires_grad=p.requires_grad)
     new.__dict__.update(p.__dict__)
     return new
+
+
+def _piece(weights: Mapping[str, torch.Tensor], name: str, shard: Shard | None) -> torch.Tensor:
+    return weights.piece(name, shard) if isinstance(weights, LazyWeights) else cut(weights[name], shard)
 
 
 def residual_std(std: float, n_layers: int) -> float:

@@ -20,13 +20,14 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from megascale.errors import MegascaleError
+from megascale.model.init import LazyWeights, Shard, chunk_range, cut
 
 log = logging.getLogger(__name__)
 
@@ -181,74 +182,55 @@ def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
-class LazyWeights(Mapping):
-    """Full plain-model tensors by name, each assembled when read and not kept.
-
-    Reading ``weights[name]`` concatenates that tensor's tensor-parallel shards and casts
-    it to fp32 from memory-mapped files; nothing is cached. ``build_engine`` reads one
-    tensor at a time and keeps only this rank's piece, so starting from a checkpoint
-    never holds a second full copy of the model on any rank. ``shape(name)`` needs no
-    read. ``aliases`` (the tied LM head) name the same tensor as their target.
-    """
-
-    def __init__(self, makers: dict[str, Callable[[], torch.Tensor]], shapes: dict[str, tuple[int, ...]],
-                 aliases: dict[str, str] | None = None):
-        self._makers, self._shapes, self._aliases = makers, shapes, dict(aliases or {})
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._makers[self._aliases.get(name, name)]()
-
-    def __iter__(self):
-        return iter([*self._makers, *self._aliases])
-
-    def __len__(self) -> int:
-        return len(self._makers) + len(self._aliases)
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would assemble the tensor to find out
-        return name in self._makers or name in self._aliases
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[self._aliases.get(name, name)]
-
-    def replaced(self, values: dict[str, torch.Tensor]) -> LazyWeights:
-        """These weights with ``values`` in place of some (read eagerly); an alias and its target stay one tensor."""
-        makers, shapes = dict(self._makers), dict(self._shapes)
-        for name, value in values.items():
-            target = self._aliases.get(name, name)
-            makers[target], shapes[target] = (lambda v=value: v), tuple(value.shape)
-        return LazyWeights(makers, shapes, self._aliases)
-
-    def to_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor, assembled once; an alias is the same tensor object as its target."""
-        out = {name: make() for name, make in self._makers.items()}
-        return out | {alias: out[target] for alias, target in self._aliases.items()}
-
-
 def _tp_dim(name: str) -> int | None:
     return 0 if name.endswith(_TP_DIM0) else 1 if name.endswith(_TP_DIM1) else None
 
 
-def _merged(shards: list[dict[str, torch.Tensor]], name: str) -> tuple[Callable[[], torch.Tensor], tuple[int, ...]]:
-    """How to assemble ``name`` from its tensor-parallel shards (fp32), and its full shape."""
+class Assembly(NamedTuple):
+    """How to read one plain-model tensor saved as tensor-parallel shards (all fp32 when floating)."""
+
+    make: Callable[[], torch.Tensor]  # the whole tensor
+    shape: tuple[int, ...]  # its full shape, known without a read
+    piece: Callable[[Shard], torch.Tensor]  # one new shard's piece, from the saved shards it overlaps
+
+
+def _merged(shards: list[dict[str, torch.Tensor]], name: str) -> Assembly:
     dim = _tp_dim(name) if len(shards) > 1 else None
     parts = [s[name] for s in shards] if dim is not None else [shards[0][name]]  # replicated (norms): rank 0's
 
     def make() -> torch.Tensor:
-        value = torch.cat(parts, dim=dim) if dim is not None else parts[0]
-        return value.float() if value.is_floating_point() else value
+        return _fp32(torch.cat(parts, dim=dim) if dim is not None else parts[0].clone())  # never the memory map itself
+
+    def piece(shard: Shard) -> torch.Tensor:
+        if dim is not None and dim != shard.dim:
+            return cut(make(), shard)
+        start, end = chunk_range(shape[shard.dim], shard)
+        chunks, offset = [], 0
+        for part in parts:  # saved along shard.dim (or one replicated whole)
+            size = part.shape[shard.dim]
+            lo, hi = max(start, offset), min(end, offset + size)
+            if lo < hi:
+                chunks.append(part.narrow(shard.dim, lo - offset, hi - lo))
+            offset += size
+        chunks = chunks or [parts[0].narrow(shard.dim, 0, 0)]  # an empty chunk, as torch.chunk's past the end
+        return _fp32(torch.cat(chunks, dim=shard.dim))  # a copy: nothing keeps the memory map alive
 
     shape = list(parts[0].shape)
     if dim is not None:
         shape[dim] = sum(p.shape[dim] for p in parts)
-    return make, tuple(shape)
+    return Assembly(make, tuple(shape), piece)
 
 
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]]:
-    """Name → (assembler, full shape) over tensor-parallel shards of one state dict, split as each was."""
+def _fp32(value: torch.Tensor) -> torch.Tensor:
+    return value.float() if value.is_floating_point() else value
+
+
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, Assembly]:
+    """Name → how to assemble it, over tensor-parallel shards of one state dict, split as each was."""
     return {name: _merged(shards, name) for name in shards[0]}
 
 
-def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]]:
+def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Assembly]:
     if meta["config"]["train"]["zero_stage"] == 3:
         if tp > 1:
             raise MegascaleError(f"{path}: converting a ZeRO-3 checkpoint saved with tp={tp} is not supported; resume it with the same layout")
@@ -264,7 +246,7 @@ def _layer_file(path: Path, idx: int, tp_rank: int) -> Path:
     return path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"  # DeepSpeed's PipelineModule naming
 
 
-def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, tuple[Callable[[], torch.Tensor], tuple[int, ...]]]:
+def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Assembly]:
     """The plain model's tensors from pipeline layer files (see parallel/pipeline.py's layer list)."""
     plan = meta["sharing_plan"]
     n = len(plan)
@@ -289,7 +271,12 @@ def lazy_full_weights(path: Path, meta: dict[str, Any]) -> LazyWeights:
     if meta["config"]["model"]["tie_embeddings"]:
         parts.pop("lm_head.weight", None)
         aliases["lm_head.weight"] = "embed.weight"
-    return LazyWeights({k: make for k, (make, _) in parts.items()}, {k: shape for k, (_, shape) in parts.items()}, aliases)
+    return lazy_weights(parts, aliases)
+
+
+def lazy_weights(parts: dict[str, Assembly], aliases: dict[str, str] | None = None) -> LazyWeights:
+    return LazyWeights({k: a.make for k, a in parts.items()}, {k: a.shape for k, a in parts.items()}, aliases,
+                       {k: a.piece for k, a in parts.items()})
 
 
 def full_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:

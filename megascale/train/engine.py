@@ -146,13 +146,11 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
     cut from ``weights`` (full plain-model weights by name) when given (megascale.model.init);
     ``then(p)`` runs on each such parameter as soon as it exists (``zero3_partitioner``).
     """
-    source = None
     if weights is not None:
         check_full_weights(model, weights)
-        source = lambda spec: weights[spec.name]  # noqa: E731
 
     def give_storage(module: torch.nn.Module) -> None:
-        materialize(module, cfg.train.seed, device, source, then)
+        materialize(module, cfg.train.seed, device, weights, then)
 
     from megascale.parallel.pipeline import build_pipeline_module  # noqa: PLC0415
     from megascale.parallel.tensor_parallel import apply_tensor_parallel  # noqa: PLC0415

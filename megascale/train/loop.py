@@ -24,6 +24,7 @@ from megascale.model import Transformer
 from megascale.model.attention import resolve_backend
 from megascale.model.ops import resolve_ops_backend
 from megascale.model.generate import greedy_generate
+from megascale.model.init import LazyWeights
 from megascale.model.sharing import SharingPlan, replay_untie_history
 from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups
 from megascale.train import checkpoint as ckpt
@@ -393,10 +394,11 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     return run
 
 
-def hf_weights(directory: Path, ctx: DistContext) -> dict[str, torch.Tensor]:
-    from megascale.export.hf import import_hf  # noqa: PLC0415
+def hf_weights(directory: Path, ctx: DistContext) -> LazyWeights:
+    """The Hugging Face model's weights, checked, each read when build_engine asks for it."""
+    from megascale.export.hf import lazy_hf_weights  # noqa: PLC0415
 
-    _, state = import_hf(directory)
+    _, state = lazy_hf_weights(directory)
     if ctx.is_main:
         log.info("initialised from the Hugging Face model in %s", directory)
     return state
