@@ -164,7 +164,8 @@ def state_memory(step, cfg: Config) -> tuple[float | None, float | None]:
     from megascale.train.engine import effective_zero_stage  # noqa: PLC0415
     from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes  # noqa: PLC0415
 
-    formula = formula_state_bytes(local_param_count(engine), cfg.train.precision, effective_zero_stage(cfg, 1), 1)
+    formula = formula_state_bytes(local_param_count(engine), cfg.train.precision, effective_zero_stage(cfg, 1), 1,
+                                  offload=cfg.train.offload_optimizer != "none")
     measured = measured_state_bytes(engine)
     return (measured.weights + measured.optimizer) / 2**30, (formula.weights + formula.optimizer) / 2**30
 

@@ -135,6 +135,8 @@ class TrainConfig:
     """fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3."""
+    offload_optimizer: str = "none"
+    """none | cpu: keep the fp32 master weights and Adam moments in host memory and step them there with DeepSpeed's CPU Adam (ZeRO-Offload), so the accelerator holds only the working weights and gradients. Needs train.zero_stage 1-3."""
     eval_every: int = 100
     """Validation every this many steps (and at the start and the end); 0 disables."""
     eval_batches: int = 16
@@ -426,6 +428,9 @@ def validate(cfg: Config) -> None:
     _check(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
     _check(t.precision in ("fp32", "bf16", "fp16"), f"train.precision='{t.precision}' is not one of fp32, bf16, fp16")
     _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    _check(t.offload_optimizer in ("none", "cpu"), f"train.offload_optimizer='{t.offload_optimizer}' is not one of none, cpu")
+    _check(t.offload_optimizer == "none" or t.zero_stage >= 1,
+           "train.offload_optimizer=cpu needs ZeRO: DeepSpeed offloads the optimizer's partition; set train.zero_stage 1, 2 or 3")
     _check(t.max_steps > 0 and t.micro_batch_size > 0, "train.max_steps and train.micro_batch_size must be positive")
     _check(not (t.compile and t.zero_stage == 3),
            "train.compile=true cannot be combined with train.zero_stage=3 (ZeRO-3 gathers parameters in hooks inside every block, "

@@ -54,6 +54,8 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("train.compile=true train.zero_stage=3", "cannot be combined with train.zero_stage=3"),
         ("train.loss_chunk_tokens=-1", "must be >= 0"),
         ("model.fused_ops=cuda", "is not one of torch, triton"),
+        ("train.offload_optimizer=nvme", "is not one of none, cpu"),
+        ("train.offload_optimizer=cpu train.zero_stage=0", "needs ZeRO"),
     ],
 )
 def test_bad_input_is_one_line(override, fragment):
@@ -97,3 +99,7 @@ def test_zero_section_follows_the_layout_and_device():
     assert zero(2, "cuda", "train.overlap_comm=false") == {"stage": 1, "overlap_comm": False}
     assert zero(2, "cpu") == {"stage": 1}  # no streams to overlap on
     assert zero(2, "cuda", "train.zero_stage=3") == {"stage": 3}  # ZeRO-3 overlaps by default
+    # Offload is a ZeRO feature: fp32 at dp=1 keeps its stage; host buffers are pinned where there is a device.
+    assert zero(1, "cuda", "train.offload_optimizer=cpu") == {"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
+    assert zero(2, "cpu", "train.offload_optimizer=cpu", "train.zero_stage=3") == {
+        "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}

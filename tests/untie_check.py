@@ -31,7 +31,7 @@ def memory(run) -> dict:
     c = run.cfg
     params = local_param_count(run.engine)
     f = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, run.groups.dims.dp), run.groups.dims.dp,
-                            run.pipelined)
+                            run.pipelined, offload=c.train.offload_optimizer != "none")
     m = measured_state_bytes(run.engine)
     return {"params": params, "formula": f.weights + f.optimizer, "measured": m.weights + m.optimizer}
 

@@ -6,7 +6,9 @@ accumulation can never disagree between the two.
 
 The optimizer is ``torch.optim.AdamW`` handed to DeepSpeed as a client
 optimizer: it runs on CPU and CUDA alike (``fused=True`` on CUDA), where
-DeepSpeed's own Adam needs a compiled op.
+DeepSpeed's own Adam needs a compiled op. With ``train.offload_optimizer=cpu``
+it is DeepSpeed's ``DeepSpeedCPUAdam`` (JIT-built on first use), the optimizer
+DeepSpeed's ZeRO-Offload steps on the host.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def effective_zero_stage(cfg: Config, dp: int) -> int:
     reads every stage.
     """
     stage, one_replica = cfg.train.zero_stage, dp == 1 and cfg.parallel.pp == 1
-    return 0 if one_replica and stage in (1, 2) and cfg.train.precision == "fp32" else stage
+    kept = cfg.train.precision != "fp32" or cfg.train.offload_optimizer != "none"  # offload is a ZeRO feature
+    return 0 if one_replica and stage in (1, 2) and not kept else stage
 
 
 def zero_config(cfg: Config, dp: int, device_type: str) -> dict[str, Any]:
@@ -73,6 +76,9 @@ def zero_config(cfg: Config, dp: int, device_type: str) -> dict[str, Any]:
         # Reduce full gradient buckets on a side stream while backward goes on (DeepSpeed's
         # default for ZeRO-3 only). CPU devices have no streams to overlap on: left out there.
         zero["overlap_comm"] = cfg.train.overlap_comm
+    if cfg.train.offload_optimizer == "cpu":
+        # Pinned host buffers make the gradient copies out and the weight copies back asynchronous.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     return zero
 
 
@@ -124,14 +130,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_optimizer(module: torch.nn.Module, cfg: Config, device: torch.device):
+    """AdamW over the decay / no-decay groups: torch's, or DeepSpeed's CPU Adam when the optimizer is offloaded."""
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(module, o.weight_decay),
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        fused=device.type == "cuda",
-    )
+    groups = param_groups(module, o.weight_decay)
+    if cfg.train.offload_optimizer == "cpu":
+        # The step runs on the host over DeepSpeed's fp32 partitions: its vectorized, multi-threaded
+        # op is the one DeepSpeed expects there (a torch optimizer on the host would be far slower).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: PLC0415 (JIT-builds its op on first use)
+
+        optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o, cfg.train.max_steps))
     return optimizer, scheduler
 

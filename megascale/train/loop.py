@@ -147,6 +147,8 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: Par
 def zero_stage_note(cfg: Config, dp: int) -> str:
     """'1', or '0 (train.zero_stage=1 partitions nothing at dp=1 in fp32)' when the stage runs lower."""
     stage = effective_zero_stage(cfg, dp)
+    if cfg.train.offload_optimizer != "none":
+        return f"{stage}, optimizer offloaded to the host (DeepSpeed CPU Adam)"
     if stage == cfg.train.zero_stage:
         return str(stage)
     return f"{stage} (train.zero_stage={cfg.train.zero_stage} partitions nothing at dp=1 in fp32; see effective_zero_stage)"
@@ -604,7 +606,8 @@ def report_state_memory(run: Run, writer: MetricsWriter) -> None:
     """Per rank: local parameters and the bytes of weights, gradients, optimizer state — formula vs measured."""
     c, dims = run.cfg, run.groups.dims
     params = local_param_count(run.engine)
-    formula = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, dims.dp), dims.dp, run.pipelined)
+    formula = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, dims.dp), dims.dp, run.pipelined,
+                                  offload=c.train.offload_optimizer != "none")
     measured = measured_state_bytes(run.engine)
     mine = {"rank": run.ctx.rank, "stage": run.groups.stage, "tp_rank": run.groups.tp_rank, "params": params,
             "formula": dataclasses.asdict(formula),

@@ -51,6 +51,12 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
 #                               full fp32 gradient-accumulation buffer (gradients P·4).
 # Flat buffers are padded to alignment, so measurement runs a little above the formula
 # for tiny models.
+#
+# With the optimizer offloaded (train.offload_optimizer=cpu, ZeRO >= 1) the master copy,
+# the moments and the master's gradient partition live in host memory (DeepSpeed's
+# ZeRO-Offload): optimizer P·(12 + w)/dp — the extra w a staging buffer the updated
+# weights are copied back through — and gradients P·4/dp, fp32 whatever the training
+# precision, both on the host. The device keeps the weights and transient buckets.
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,13 @@ class StateBytes:
 
 
 def formula_state_bytes(local_params: int, precision: str, zero_stage: int, dp: int,
-                        pipelined: bool = False) -> StateBytes:
+                        pipelined: bool = False, offload: bool = False) -> StateBytes:
     """This rank's weights, gradients and optimizer state in bytes (the table above); ``zero_stage`` as run."""
     w = 4 if precision == "fp32" else 2
+    if offload:  # ZeRO-Offload: gradients and optimizer on the host, partitioned
+        if zero_stage == 3:  # its gradient partitions and the master's fp32 gradient; no staging buffer
+            return StateBytes(local_params * w / dp, local_params * (w + 4) / dp, local_params * 12 / dp)
+        return StateBytes(local_params * w, local_params * 4 / dp, local_params * (12 + w) / dp)
     bf16_optimizer = precision == "bf16" and zero_stage == 0 and pipelined
     partitioned = zero_stage >= 1 or bf16_optimizer
     master = 0 if (precision == "fp32" and zero_stage == 0) else 4
@@ -104,9 +114,16 @@ def _optimizer_tensors(engine) -> list:
     tensors = [v for state in base.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     masters = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
                "fp32_groups", "fp32_groups_flat")  # ZeRO 1-2, ZeRO-3, BF16_Optimizer, FP16_(Unfused)Optimizer
-    for name in masters:
+    for name in (*masters, "param_buffer_of_bit16_for_cpu_offload_groups"):  # the last: ZeRO-Offload's staging
         tensors += _flat(getattr(zero, name, None))
     return tensors
+
+
+def _master_grads(engine) -> list:
+    """Gradients DeepSpeed keeps on its fp32 master partitions (ZeRO-Offload accumulates there, on the host)."""
+    zero = engine.optimizer
+    masters = _flat(getattr(zero, "single_partition_of_fp32_groups", None)) + _flat(getattr(zero, "fp32_partitioned_groups_flat", None))
+    return [m.grad for m in masters if isinstance(m, torch.Tensor)]
 
 
 def _grad_tensors(engine) -> list:
@@ -116,7 +133,7 @@ def _grad_tensors(engine) -> list:
         value = getattr(zero, name, None)
         tensors += _flat(value.values() if isinstance(value, dict) else value)
     tensors += _flat(getattr(zero, "fp32_groups_gradient_flat_partition", None))
-    return tensors
+    return tensors + _master_grads(engine)
 
 
 def measured_state_bytes(engine) -> StateBytes:
