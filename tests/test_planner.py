@@ -174,6 +174,25 @@ def test_gpu_budget_plan_spends_the_budget_and_takes_the_time():
     assert six_nd.recipe.tokens > r.tokens  # the exact count includes attention
 
 
+def test_optimizer_is_offloaded_only_when_it_does_not_fit_on_the_gpus(tmp_path):
+    from megascale.planner.plan import offloaded_state_bytes  # noqa: PLC0415
+    from megascale.train.memory import formula_state_bytes  # noqa: PLC0415
+
+    fits = make_plan(make_budget(gpu=lookup_gpu("A10G"), n_gpus=1, hours=30 * 24), PUBLISHED["epoch"])  # ~1B
+    assert fits.recipe.offload_optimizer == "none" and fits.memory.host == 0
+    big = make_plan(make_budget(gpu=lookup_gpu("A10G"), n_gpus=1, hours=365 * 24), PUBLISHED["epoch"])  # ~3.5B
+    r, mem = big.recipe, big.memory
+    assert r.offload_optimizer == "cpu" and r.zero_stage == 2  # 16 bytes/parameter exceed 24 GB; 2 bytes do not
+    assert mem.state + mem.activations <= 0.9 * 24 * 2**30 < 16 * big.counts.unique
+    assert any("offloaded (train.offload_optimizer=cpu)" in note for note in big.notes)
+    cfg = load_config(write_config(big, tmp_path / "big.yaml"))
+    assert cfg.train.offload_optimizer == "cpu" and cfg.train.zero_stage == 2
+    # The planner's split is the trainer's formula: the device keeps the weights, the host the rest.
+    for stage, dp in ((2, 1), (2, 4), (3, 4)):
+        f = formula_state_bytes(1000, "bf16", stage, dp, offload=True)
+        assert offloaded_state_bytes(1000, "bf16", stage, dp) == pytest.approx((f.weights, f.grads + f.optimizer))
+
+
 def test_emitted_config_loads_validates_and_matches_the_plan(tmp_path):
     plan = make_plan(make_budget(flops=3e19), PUBLISHED["chinchilla-2"], vocab_size=32000, seq_len=1024, sharing="cycle:2")
     cfg = load_config(write_config(plan, tmp_path / "run.yaml"))

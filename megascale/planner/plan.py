@@ -132,9 +132,10 @@ def global_batch_sequences(flops: float, seq_len: int, multiple: int) -> int:
 class Memory:
     """Per-GPU memory estimate in bytes."""
 
-    state: float  # weights + grads + optimizer state after ZeRO sharding
+    state: float  # weights + grads + optimizer state after ZeRO sharding, on the device
     activations: float  # for one micro-batch
     capacity: float  # the device's memory (0: unknown)
+    host: float = 0.0  # optimizer state and fp32 gradients offloaded to host memory (train.offload_optimizer=cpu)
 
     @property
     def total(self) -> float:
@@ -155,6 +156,13 @@ def state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int) -> fl
     return unique * (w + g + opt)
 
 
+def offloaded_state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int) -> tuple[float, float]:
+    """(device, host) bytes per GPU with the optimizer offloaded (train/memory.py): the device keeps the
+    weights (ZeRO-3: its partition); the host the fp32 master, moments and gradients, and a staging copy."""
+    n, w = max(1, n_gpus), 2 if precision in ("bf16", "fp16") else 4
+    return unique * w / (n if zero_stage >= 3 else 1), unique * (16 + w) / n
+
+
 def activation_bytes(shape: Shape, micro_batch: int, precision: str) -> float:
     width = 1 if precision in ("bf16", "fp16") else 2
     per_token = shape.n_layers * 34 * shape.d_model * width + 2 * width * shape.d_model  # blocks; the loss's dx
@@ -162,27 +170,48 @@ def activation_bytes(shape: Shape, micro_batch: int, precision: str) -> float:
     return per_token * shape.seq_len * micro_batch + loss
 
 
+@dataclass(frozen=True)
+class MemoryLayout:
+    """How the run fits a GPU: ZeRO stage, micro-batch, whether the optimizer is offloaded, the estimate."""
+
+    zero_stage: int
+    micro_batch: int
+    memory: Memory
+    offload: bool = False
+    notes: tuple[str, ...] = ()
+
+
 def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU | None, n_gpus: int,
-                         global_batch: int) -> tuple[int, int, Memory, list[str]]:
-    """(ZeRO stage, micro-batch, memory, notes): the lowest stage and largest power-of-two micro-batch that fit."""
+                         global_batch: int) -> MemoryLayout:
+    """The lowest ZeRO stage and largest power-of-two micro-batch that fit; the optimizer offloaded to the
+    host (ZeRO-2, then ZeRO-3) only when no stage fits with it on the device, since the host step is slower."""
     per_gpu_batch = max(1, global_batch // max(1, n_gpus))
     if gpu is None or not gpu.memory_gib:  # no hardware, or an unlisted GPU (--peak-tflops): memory unknown
         micro = min(per_gpu_batch, 16)
-        return 1, micro, Memory(state_bytes(counts.unique, precision, 1, n_gpus), activation_bytes(shape, micro, precision), 0.0), []
+        return MemoryLayout(1, micro, Memory(state_bytes(counts.unique, precision, 1, n_gpus), activation_bytes(shape, micro, precision), 0.0))
     capacity = gpu.memory_gib * 2**30
     usable = 0.9 * capacity  # allocator fragmentation, CUDA context, communication buffers
-    for stage in (1, 2, 3):
-        state = state_bytes(counts.unique, precision, stage, n_gpus)
+    candidates = [(stage, False, state_bytes(counts.unique, precision, stage, n_gpus), 0.0) for stage in (1, 2, 3)]
+    candidates += [(stage, True, *offloaded_state_bytes(counts.unique, precision, stage, n_gpus)) for stage in (2, 3)]
+    for stage, offload, state, host in candidates:
         micro = 2 ** int(math.log2(min(64, per_gpu_batch)))
         while micro >= 1:
             act = activation_bytes(shape, micro, precision)
             if state + act <= usable:
-                return stage, micro, Memory(state, act, capacity), []
+                notes = (_offload_note(host),) if offload else ()
+                return MemoryLayout(stage, micro, Memory(state, act, capacity, host), offload, notes)
             micro //= 2
     state = state_bytes(counts.unique, precision, 3, n_gpus)
-    note = (f"does not fit: {state / 2**30:.0f} GiB of weights+grads+Adam per GPU even with ZeRO-3 plus activations for one "
-            f"sequence exceed {gpu.memory_gib:g} GiB; use more GPUs, tensor/pipeline parallelism or activation checkpointing")
-    return 3, 1, Memory(state, activation_bytes(shape, 1, precision), capacity), [note]
+    note = (f"does not fit: {state / 2**30:.0f} GiB of weights+grads+Adam per GPU even with ZeRO-3 (and its weights alone "
+            f"even with the optimizer offloaded) plus activations for one sequence exceed {gpu.memory_gib:g} GiB; "
+            f"use more GPUs, tensor/pipeline parallelism or activation checkpointing")
+    return MemoryLayout(3, 1, Memory(state, activation_bytes(shape, 1, precision), capacity), False, (note,))
+
+
+def _offload_note(host: float) -> str:
+    return (f"the optimizer state does not fit on the GPUs, so it is offloaded (train.offload_optimizer=cpu): "
+            f"each GPU's process needs ≈ {host / 2**30:.1f} GiB of host memory (times the GPUs per node), and the "
+            f"Adam step runs on the CPU, which slows each step; more GPUs would keep it on the device")
 
 
 @dataclass(frozen=True)
@@ -199,6 +228,7 @@ class Recipe:
     zero_stage: int
     tokens: int  # steps × global_batch × seq_len
     flops: float  # the trainer's FLOPs for those tokens (under the chosen FLOPs model)
+    offload_optimizer: str = "none"  # train.offload_optimizer
 
     @property
     def tokens_per_step(self) -> int:
@@ -267,17 +297,17 @@ def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: S
     per_token = counts.flops_per_token if flops_model == "exact" else 6.0 * counts.applied
     n_gpus = max(1, budget.n_gpus)
     gb = global_batch or global_batch_sequences(budget.flops, shape.seq_len, n_gpus)
-    zero, micro, memory, notes = choose_memory_layout(shape, counts, precision, budget.gpu, n_gpus, gb)
-    if micro_batch:
-        micro = micro_batch
+    layout = choose_memory_layout(shape, counts, precision, budget.gpu, n_gpus, gb)
+    micro = micro_batch or layout.micro_batch
     gb = max(gb, micro * n_gpus)
     gb -= gb % (micro * n_gpus)
     steps = max(1, math.ceil(budget.flops / per_token / (gb * shape.seq_len)))
     tokens = steps * gb * shape.seq_len
-    recipe = Recipe(shape.seq_len, gb, micro, steps, warmup_steps(steps), deepseek_lr(budget.flops), precision, zero,
-                    tokens, per_token * tokens)
+    recipe = Recipe(shape.seq_len, gb, micro, steps, warmup_steps(steps), deepseek_lr(budget.flops), precision,
+                    layout.zero_stage, tokens, per_token * tokens, "cpu" if layout.offload else "none")
     loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
-    plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, memory, loss, data, out_dir, notes)
+    plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, layout.memory, loss, data, out_dir,
+                list(layout.notes))
     plan.notes += _notes(plan)
     plan.comparison = compare_mappings(budget.flops, exclude=mapping.name)
     return plan
@@ -335,7 +365,7 @@ def plan_config(plan: Plan) -> dict[str, Any]:
                   "weight_decay": 0.1, "grad_clip": 1.0},
         "train": {
             "max_steps": r.steps, "micro_batch_size": r.micro_batch, "global_batch_size": r.global_batch,
-            "precision": r.precision, "zero_stage": r.zero_stage,
+            "precision": r.precision, "zero_stage": r.zero_stage, "offload_optimizer": r.offload_optimizer,
             "eval_every": max(1, r.steps // 20), "eval_batches": 16, "log_every": max(1, min(10, r.steps // 100)),
             "save_every": max(1, r.steps // 10) if r.steps >= 1000 else 0, "out_dir": plan.out_dir,
         },
@@ -391,7 +421,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "tokens_per_param": r.tokens / c.applied,
         "training": asdict(r) | {"tokens_per_step": r.tokens_per_step, "schedule": "cosine", "min_lr_ratio": 0.1},
         "memory_per_gpu_gib": {"state": plan.memory.state / 2**30, "activations": plan.memory.activations / 2**30,
-                               "capacity": plan.memory.capacity / 2**30 or None},
+                               "capacity": plan.memory.capacity / 2**30 or None, "host": plan.memory.host / 2**30},
         "predicted_loss": plan.predicted_loss,
         "wall_seconds": plan.wall_seconds,
         "config": plan_config(plan),
@@ -443,13 +473,15 @@ def render_plan(plan: Plan) -> str:
                    f"{sci(r.flops)} FLOPs"),
         ("training", f"{r.steps:,} steps × {r.global_batch} sequences × {r.seq_len} tokens ({human(r.tokens_per_step)} tokens/step) · "
                      f"lr {r.lr:.2g}, warm-up {r.warmup}, cosine to 10%"),
-        ("layout", f"{r.precision} · ZeRO-{r.zero_stage} · micro-batch {r.micro_batch}"
+        ("layout", f"{r.precision} · ZeRO-{r.zero_stage}{' + optimizer offloaded to the host' if r.offload_optimizer != 'none' else ''}"
+                   f" · micro-batch {r.micro_batch}"
                    + (f" per GPU × {b.n_gpus} GPUs × accumulation {r.global_batch // (r.micro_batch * b.n_gpus)}" if b.n_gpus else "")),
     ]
     mem = plan.memory
     if mem.capacity:
-        rows.append(("memory/GPU", f"≈ {gib(mem.state)} weights+grads+Adam + {gib(mem.activations)} activations "
-                                   f"of {mem.capacity / 2**30:.0f} GiB"))
+        held = "weights" if mem.host else "weights+grads+Adam"
+        rows.append(("memory/GPU", f"≈ {gib(mem.state)} {held} + {gib(mem.activations)} activations "
+                                   f"of {mem.capacity / 2**30:.0f} GiB" + (f"; host ≈ {gib(mem.host)} grads+Adam" if mem.host else "")))
     else:
         rows.append(("memory", f"≈ {gib(mem.state)} weights+grads+Adam per replica before ZeRO sharding, "
                                f"{gib(mem.activations)} activations per micro-batch"))
