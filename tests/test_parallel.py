@@ -190,6 +190,17 @@ def test_bf16_zero0_state_memory_matches(runs, layout):
     assert_state_memory_matches(runs(*layout, "cycle:2", "train.precision=bf16", "train.zero_stage=0"), layout)
 
 
+def test_bf16_zero3_trains_in_bf16(runs):
+    """ZeRO-3 partitions each parameter as it is drawn, so DeepSpeed never casts it: megascale casts it
+    to the training dtype first. Same bf16 weights and batch, so ZeRO-1's first loss to the bit; weights
+    at 2 bytes per parameter over dp (an fp32 partition measured twice the formula before the fix)."""
+    zero3 = runs(1, 1, 2, "cycle:2", "train.precision=bf16", "train.zero_stage=3")
+    zero1 = runs(1, 1, 2, "cycle:2", "train.precision=bf16", "train.zero_stage=1")
+    assert losses(zero3)[1] == losses(zero1)[1]
+    assert losses(zero3)[5] == pytest.approx(losses(zero1)[5], rel=1e-3)
+    assert_state_memory_matches(zero3, (1, 1, 2))
+
+
 def assert_state_memory_matches(out_dir, layout):
     reports = state_memory(out_dir)
     assert len(reports) == layout[0] * layout[1] * layout[2]

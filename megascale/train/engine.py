@@ -233,7 +233,16 @@ def zero3_partitioner(ds_config: dict[str, Any], groups):
     import deepspeed  # noqa: PLC0415
 
     init = deepspeed.zero.Init(data_parallel_group=groups.dp_group, config_dict_or_path=ds_config, mpu=groups.grid)
-    return lambda p: init._convert_to_zero_parameters([p])  # Init(module=...) does this for a whole module
+
+    def partition(p: torch.nn.Parameter) -> None:
+        # Inside `with zero.Init()` tensors are created in the training dtype; here they were drawn
+        # in fp32, and DeepSpeed's engine never casts parameters that are partitioned already: without
+        # this cast a bf16 ZeRO-3 run would hold, gather and compute with fp32 weights.
+        if p.is_floating_point():
+            p.data = p.data.to(init.dtype)
+        init._convert_to_zero_parameters([p])  # Init(module=...) does this for a whole module
+
+    return partition
 
 
 def keep_clip_norm(engine) -> None:
