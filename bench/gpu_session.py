@@ -41,7 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("kernels", "train")
-KERNEL_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_tied_grad.py", "tests/test_kernels_fused.py"]
+# test_init.py: its CUDA-only case (weights drawn on the host match the CPU model) rides along, ~2 s.
+KERNEL_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_tied_grad.py", "tests/test_kernels_fused.py",
+                "tests/test_init.py"]
 
 
 @dataclass

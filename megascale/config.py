@@ -125,6 +125,8 @@ class TrainConfig:
 
     seed: int = 0
     """Seed for weights and data order."""
+    init_device: str = "auto"
+    """Where the initial weights are drawn: auto (the training device: fast, but CPU and CUDA generators differ, so the values depend on the kind of device) | cpu (the host's generator on every kind of device, like Megatron's --use-cpu-initialization: a GPU run starts from the weights a CPU run does; slower for large models)."""
     max_steps: int = 1000
     """Optimizer steps to train for."""
     micro_batch_size: int = 8
@@ -137,6 +139,8 @@ class TrainConfig:
     """DeepSpeed ZeRO stage 0-3."""
     offload_optimizer: str = "none"
     """none | cpu: keep the fp32 master weights and Adam moments in host memory and step them there with DeepSpeed's CPU Adam (ZeRO-Offload), so the accelerator holds only the working weights and gradients. Needs train.zero_stage 1-3."""
+    offload_params: str = "none"
+    """none | cpu: with ZeRO-3, keep each rank's partition of the weights in host memory too (ZeRO-Infinity): the accelerator holds only the layers being computed, gathered on the fly. Slower; for a model whose weights do not fit. Needs train.zero_stage=3."""
     eval_every: int = 100
     """Validation every this many steps (and at the start and the end); 0 disables."""
     eval_batches: int = 16
@@ -431,6 +435,10 @@ def validate(cfg: Config) -> None:
     _check(t.offload_optimizer in ("none", "cpu"), f"train.offload_optimizer='{t.offload_optimizer}' is not one of none, cpu")
     _check(t.offload_optimizer == "none" or t.zero_stage >= 1,
            "train.offload_optimizer=cpu needs ZeRO: DeepSpeed offloads the optimizer's partition; set train.zero_stage 1, 2 or 3")
+    _check(t.init_device in ("auto", "cpu"), f"train.init_device='{t.init_device}' is not one of auto, cpu")
+    _check(t.offload_params in ("none", "cpu"), f"train.offload_params='{t.offload_params}' is not one of none, cpu")
+    _check(t.offload_params == "none" or t.zero_stage == 3,
+           "train.offload_params=cpu needs train.zero_stage=3 (only ZeRO-3 partitions the weights); set train.zero_stage=3")
     _check(t.max_steps > 0 and t.micro_batch_size > 0, "train.max_steps and train.micro_batch_size must be positive")
     _check(not (t.compile and t.zero_stage == 3),
            "train.compile=true cannot be combined with train.zero_stage=3 (ZeRO-3 gathers parameters in hooks inside every block, "

@@ -56,6 +56,9 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("model.fused_ops=cuda", "is not one of torch, triton"),
         ("train.offload_optimizer=nvme", "is not one of none, cpu"),
         ("train.offload_optimizer=cpu train.zero_stage=0", "needs ZeRO"),
+        ("train.offload_params=cpu train.zero_stage=2", "needs train.zero_stage=3"),
+        ("train.offload_params=gpu", "is not one of none, cpu"),
+        ("train.init_device=gpu", "is not one of auto, cpu"),
     ],
 )
 def test_bad_input_is_one_line(override, fragment):
@@ -103,3 +106,5 @@ def test_zero_section_follows_the_layout_and_device():
     assert zero(1, "cuda", "train.offload_optimizer=cpu") == {"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": True}}
     assert zero(2, "cpu", "train.offload_optimizer=cpu", "train.zero_stage=3") == {
         "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert zero(2, "cuda", "train.offload_params=cpu", "train.zero_stage=3") == {
+        "stage": 3, "offload_param": {"device": "cpu", "pin_memory": True}}

@@ -96,3 +96,27 @@ def test_full_weights_that_do_not_fit_are_one_line():
         check_full_weights(meta_model(tiny(), seed=0), bad)
     with pytest.raises(ValueError, match="meta device"):
         check_full_weights(Transformer(tiny(), seed=0), weights)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second kind of device")
+def test_drawn_on_the_cpu_a_cuda_model_starts_from_the_cpu_values():
+    """train.init_device=cpu: the CUDA generator's values differ; drawn on the host, they are the CPU model's."""
+    cuda = torch.device("cuda")
+    on_host, on_device = meta_model(tiny(), seed=4), meta_model(tiny(), seed=4)
+    materialize(on_host, 4, cuda, draw_on=CPU)
+    materialize(on_device, 4, cuda)
+    eager = Transformer(tiny(), seed=4)
+    for name, value in eager.state_dict().items():
+        torch.testing.assert_close(on_host.state_dict()[name].cpu(), value, rtol=0, atol=0, msg=name)
+    assert on_host.embed.weight.device.type == "cuda"
+    assert not torch.equal(on_device.embed.weight.cpu(), eager.embed.weight)
+
+
+def test_a_shard_drawn_elsewhere_is_cut_before_it_moves():
+    """draw_on: the full tensor is drawn there and only this rank's chunk is copied to the device."""
+    eager, late = Transformer(tiny(), seed=3), meta_model(tiny(), seed=3)
+    dense = late.blocks["0"].mlp.up_proj.weight
+    holder = nn.Module()
+    holder.weight = carry_init(dense, nn.Parameter(dense.chunk(2)[1].clone()), 0, 1, 2)
+    materialize(holder, 3, CPU, draw_on=CPU)
+    torch.testing.assert_close(holder.weight, eager.blocks["0"].mlp.up_proj.weight.chunk(2)[1], rtol=0, atol=0)

@@ -191,6 +191,14 @@ def test_optimizer_is_offloaded_only_when_it_does_not_fit_on_the_gpus(tmp_path):
     for stage, dp in ((2, 1), (2, 4), (3, 4)):
         f = formula_state_bytes(1000, "bf16", stage, dp, offload=True)
         assert offloaded_state_bytes(1000, "bf16", stage, dp) == pytest.approx((f.weights, f.grads + f.optimizer))
+        if stage == 3:  # the weight partition to the host as well
+            assert offloaded_state_bytes(1000, "bf16", 3, dp, params=True)[1] == pytest.approx(f.total)
+    # ~11B on one 24 GB GPU: even ZeRO-3's weights do not fit beside the activations; they are offloaded too.
+    huge = make_plan(make_budget(gpu=lookup_gpu("A10G"), n_gpus=1, hours=3650 * 24), PUBLISHED["epoch"])
+    assert (huge.recipe.zero_stage, huge.recipe.offload_optimizer, huge.recipe.offload_params) == (3, "cpu", "cpu")
+    cfg = load_config(write_config(huge, tmp_path / "huge.yaml"))
+    assert cfg.train.offload_params == "cpu" and any("train.offload_params=cpu" in note for note in huge.notes)
+    assert fits.recipe.offload_params == big.recipe.offload_params == "none"
 
 
 def test_emitted_config_loads_validates_and_matches_the_plan(tmp_path):

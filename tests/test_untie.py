@@ -156,6 +156,8 @@ LAYOUTS = [
     pytest.param(1, ["train.zero_stage=1", "train.precision=bf16"], id="zero1-bf16"),
     pytest.param(2, ["train.zero_stage=2"], id="dp2-zero2"),
     pytest.param(2, ["train.zero_stage=3"], id="dp2-zero3"),
+    # bf16 ZeRO-3: the rebuilt engine's new parameters are cast before they are partitioned, as the first ones were.
+    pytest.param(2, ["train.zero_stage=3", "train.precision=bf16"], id="dp2-zero3-bf16"),
     # ZeRO-Offload: master weights and moments read from and written to the host partitions.
     pytest.param(2, ["train.zero_stage=2", "train.precision=bf16", "train.offload_optimizer=cpu"], id="dp2-zero2-bf16-offload"),
     # bf16: fp32 ZeRO-1 at dp=1 runs as stage 0 (the first case); bf16 keeps DeepSpeed's partitioned state.

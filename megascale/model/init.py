@@ -12,7 +12,7 @@ starts from the same weights as the 1-rank model (what the equivalence tests nee
 Parameters carry two attributes: ``megascale_init`` (``ParamInit``, set when the
 model is built) and, on a tensor-parallel shard, ``megascale_shard`` (``Shard``).
 The values depend on the device that draws them (CPU and CUDA generators differ):
-a run is reproducible on one kind of device.
+a run is reproducible on one kind of device, or on any with ``train.init_device=cpu``.
 """
 
 from __future__ import annotations
@@ -196,14 +196,16 @@ def init_in_place(module: nn.Module, seed: int) -> None:
 
 def materialize(module: nn.Module, seed: int, device: torch.device,
                 weights: Mapping[str, torch.Tensor] | None = None,
-                then: Callable[[nn.Parameter], None] | None = None) -> int:
+                then: Callable[[nn.Parameter], None] | None = None, draw_on: torch.device | None = None) -> int:
     """Give storage on ``device`` to each ``meta`` parameter of ``module``; returns how many were.
 
     The value is cut from ``weights`` when given (full plain-model weights by name, e.g. a
-    checkpoint's; ``LazyWeights`` reads only the piece a shard needs), else the seeded draw. A parameter shared by several submodules stays one parameter;
-    its attributes (the tensor-parallel mark, the init spec) come along. ``then(p)`` runs
-    on each new parameter before the next is drawn: ZeRO-3 partitions it there, so a
-    rank never holds more than one whole tensor.
+    checkpoint's; ``LazyWeights`` reads only the piece a shard needs), else the seeded draw,
+    made on ``draw_on`` (default ``device``: the CPU gives the same values on every kind of
+    device). A parameter shared by several submodules stays one parameter; its attributes
+    (the tensor-parallel mark, the init spec) come along. ``then(p)`` runs on each new
+    parameter before the next is drawn: ZeRO-3 partitions it there, so a rank never holds
+    more than one whole tensor.
     """
     made: dict[int, nn.Parameter] = {}
     for sub in module.modules():
@@ -211,7 +213,7 @@ def materialize(module: nn.Module, seed: int, device: torch.device,
             if p is None or not p.is_meta:
                 continue
             if id(p) not in made:
-                made[id(p)] = _materialized(p, seed, device, weights)
+                made[id(p)] = _materialized(p, seed, device, weights, draw_on or device)
                 if then is not None:
                     then(made[id(p)])
             sub._parameters[name] = made[id(p)]
@@ -219,7 +221,7 @@ def materialize(module: nn.Module, seed: int, device: torch.device,
 
 
 def _materialized(p: nn.Parameter, seed: int, device: torch.device,
-                  weights: Mapping[str, torch.Tensor] | None) -> nn.Parameter:
+                  weights: Mapping[str, torch.Tensor] | None, draw_on: torch.device) -> nn.Parameter:
     spec: ParamInit | None = getattr(p, INIT_ATTR, None)
     if spec is None:
         raise ValueError(f"a parameter of shape {tuple(p.shape)} on the meta device has no init spec "
@@ -228,7 +230,7 @@ def _materialized(p: nn.Parameter, seed: int, device: torch.device,
         if weights is not None:  # cut on the host before the copy: the device sees this rank's piece only
             value = _checked(p, _piece(weights, spec.name, getattr(p, SHARD_ATTR, None)).to(device, p.dtype))
         else:  # drawn whole, then cut: every layout starts from the 1-rank model's values
-            value = local_value(p, draw_full(spec, seed, device, p.dtype))
+            value = local_value(p, draw_full(spec, seed, draw_on, p.dtype)).to(device)  # cut before the copy
         new = nn.Parameter(value, requires_grad=p.requires_grad)
     new.__dict__.update(p.__dict__)
     return new

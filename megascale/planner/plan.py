@@ -156,10 +156,19 @@ def state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int) -> fl
     return unique * (w + g + opt)
 
 
-def offloaded_state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int) -> tuple[float, float]:
+# DeepSpeed's default stage3_max_live_parameters: the most weights ZeRO-3 keeps gathered at once.
+MAX_LIVE_PARAMETERS = 10**9
+
+
+def offloaded_state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int,
+                          params: bool = False) -> tuple[float, float]:
     """(device, host) bytes per GPU with the optimizer offloaded (train/memory.py): the device keeps the
-    weights (ZeRO-3: its partition); the host the fp32 master, moments and gradients, and a staging copy."""
+    weights (ZeRO-3: its partition); the host the fp32 master, moments and gradients, and a staging copy.
+    With ``params`` (ZeRO-3) the weight partition goes to the host too, and the device holds at most
+    the weights DeepSpeed keeps gathered for compute."""
     n, w = max(1, n_gpus), 2 if precision in ("bf16", "fp16") else 4
+    if params:
+        return w * min(unique, MAX_LIVE_PARAMETERS), unique * (16 + 2 * w) / n
     return unique * w / (n if zero_stage >= 3 else 1), unique * (16 + w) / n
 
 
@@ -177,41 +186,48 @@ class MemoryLayout:
     zero_stage: int
     micro_batch: int
     memory: Memory
-    offload: bool = False
+    offload: bool = False  # the optimizer
+    offload_params: bool = False  # the weights too (ZeRO-3)
     notes: tuple[str, ...] = ()
 
 
 def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU | None, n_gpus: int,
                          global_batch: int) -> MemoryLayout:
     """The lowest ZeRO stage and largest power-of-two micro-batch that fit; the optimizer offloaded to the
-    host (ZeRO-2, then ZeRO-3) only when no stage fits with it on the device, since the host step is slower."""
+    host (ZeRO-2, then ZeRO-3) only when no stage fits with it on the device, since the host step is slower,
+    and the weights as well (ZeRO-3) only when even that does not fit."""
     per_gpu_batch = max(1, global_batch // max(1, n_gpus))
     if gpu is None or not gpu.memory_gib:  # no hardware, or an unlisted GPU (--peak-tflops): memory unknown
         micro = min(per_gpu_batch, 16)
         return MemoryLayout(1, micro, Memory(state_bytes(counts.unique, precision, 1, n_gpus), activation_bytes(shape, micro, precision), 0.0))
     capacity = gpu.memory_gib * 2**30
     usable = 0.9 * capacity  # allocator fragmentation, CUDA context, communication buffers
-    candidates = [(stage, False, state_bytes(counts.unique, precision, stage, n_gpus), 0.0) for stage in (1, 2, 3)]
-    candidates += [(stage, True, *offloaded_state_bytes(counts.unique, precision, stage, n_gpus)) for stage in (2, 3)]
-    for stage, offload, state, host in candidates:
+    unique = counts.unique
+    candidates = [(stage, False, False, state_bytes(unique, precision, stage, n_gpus), 0.0) for stage in (1, 2, 3)]
+    candidates += [(stage, True, False, *offloaded_state_bytes(unique, precision, stage, n_gpus)) for stage in (2, 3)]
+    candidates.append((3, True, True, *offloaded_state_bytes(unique, precision, 3, n_gpus, params=True)))
+    for stage, offload, offload_params, state, host in candidates:
         micro = 2 ** int(math.log2(min(64, per_gpu_batch)))
         while micro >= 1:
             act = activation_bytes(shape, micro, precision)
             if state + act <= usable:
-                notes = (_offload_note(host),) if offload else ()
-                return MemoryLayout(stage, micro, Memory(state, act, capacity, host), offload, notes)
+                notes = (_offload_note(host, offload_params),) if offload else ()
+                return MemoryLayout(stage, micro, Memory(state, act, capacity, host), offload, offload_params, notes)
             micro //= 2
-    state = state_bytes(counts.unique, precision, 3, n_gpus)
-    note = (f"does not fit: {state / 2**30:.0f} GiB of weights+grads+Adam per GPU even with ZeRO-3 (and its weights alone "
-            f"even with the optimizer offloaded) plus activations for one sequence exceed {gpu.memory_gib:g} GiB; "
-            f"use more GPUs, tensor/pipeline parallelism or activation checkpointing")
-    return MemoryLayout(3, 1, Memory(state, activation_bytes(shape, 1, precision), capacity), False, (note,))
+    state = state_bytes(unique, precision, 3, n_gpus)
+    note = (f"does not fit: {state / 2**30:.0f} GiB of weights+grads+Adam per GPU even with ZeRO-3 (and the weights "
+            f"gathered for compute even with everything offloaded) plus activations for one sequence exceed "
+            f"{gpu.memory_gib:g} GiB; use more GPUs, tensor/pipeline parallelism or activation checkpointing")
+    return MemoryLayout(3, 1, Memory(state, activation_bytes(shape, 1, precision), capacity), notes=(note,))
 
 
-def _offload_note(host: float) -> str:
-    return (f"the optimizer state does not fit on the GPUs, so it is offloaded (train.offload_optimizer=cpu): "
-            f"each GPU's process needs ≈ {host / 2**30:.1f} GiB of host memory (times the GPUs per node), and the "
-            f"Adam step runs on the CPU, which slows each step; more GPUs would keep it on the device")
+def _offload_note(host: float, params: bool) -> str:
+    what = ("the optimizer state and the weights do not fit on the GPUs, so both are offloaded "
+            "(train.offload_optimizer=cpu, train.offload_params=cpu)" if params else
+            "the optimizer state does not fit on the GPUs, so it is offloaded (train.offload_optimizer=cpu)")
+    return (f"{what}: each GPU's process needs ≈ {host / 2**30:.1f} GiB of host memory (times the GPUs per node), and the "
+            f"Adam step runs on the CPU{', the weights cross to the GPU every step' if params else ''}, which slows each "
+            f"step; more GPUs would keep it on the device")
 
 
 @dataclass(frozen=True)
@@ -229,6 +245,7 @@ class Recipe:
     tokens: int  # steps × global_batch × seq_len
     flops: float  # the trainer's FLOPs for those tokens (under the chosen FLOPs model)
     offload_optimizer: str = "none"  # train.offload_optimizer
+    offload_params: str = "none"  # train.offload_params
 
     @property
     def tokens_per_step(self) -> int:
@@ -304,7 +321,8 @@ def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: S
     steps = max(1, math.ceil(budget.flops / per_token / (gb * shape.seq_len)))
     tokens = steps * gb * shape.seq_len
     recipe = Recipe(shape.seq_len, gb, micro, steps, warmup_steps(steps), deepseek_lr(budget.flops), precision,
-                    layout.zero_stage, tokens, per_token * tokens, "cpu" if layout.offload else "none")
+                    layout.zero_stage, tokens, per_token * tokens, "cpu" if layout.offload else "none",
+                    "cpu" if layout.offload_params else "none")
     loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
     plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, layout.memory, loss, data, out_dir,
                 list(layout.notes))
@@ -322,6 +340,12 @@ def data_section(data_path: str | None, vocab_size: int, seq_len: int) -> dict[s
 
 def _vocab_tag(vocab: int) -> str:
     return f"{vocab // 1000}k" if vocab % 1000 == 0 else str(vocab)
+
+
+def _offload_words(r: Recipe) -> str:
+    if r.offload_params != "none":
+        return " + optimizer and weights offloaded to the host"
+    return " + optimizer offloaded to the host" if r.offload_optimizer != "none" else ""
 
 
 def _notes(plan: Plan) -> list[str]:
@@ -366,6 +390,7 @@ def plan_config(plan: Plan) -> dict[str, Any]:
         "train": {
             "max_steps": r.steps, "micro_batch_size": r.micro_batch, "global_batch_size": r.global_batch,
             "precision": r.precision, "zero_stage": r.zero_stage, "offload_optimizer": r.offload_optimizer,
+            "offload_params": r.offload_params,
             "eval_every": max(1, r.steps // 20), "eval_batches": 16, "log_every": max(1, min(10, r.steps // 100)),
             "save_every": max(1, r.steps // 10) if r.steps >= 1000 else 0, "out_dir": plan.out_dir,
         },
@@ -473,15 +498,15 @@ def render_plan(plan: Plan) -> str:
                    f"{sci(r.flops)} FLOPs"),
         ("training", f"{r.steps:,} steps × {r.global_batch} sequences × {r.seq_len} tokens ({human(r.tokens_per_step)} tokens/step) · "
                      f"lr {r.lr:.2g}, warm-up {r.warmup}, cosine to 10%"),
-        ("layout", f"{r.precision} · ZeRO-{r.zero_stage}{' + optimizer offloaded to the host' if r.offload_optimizer != 'none' else ''}"
+        ("layout", f"{r.precision} · ZeRO-{r.zero_stage}{_offload_words(r)}"
                    f" · micro-batch {r.micro_batch}"
                    + (f" per GPU × {b.n_gpus} GPUs × accumulation {r.global_batch // (r.micro_batch * b.n_gpus)}" if b.n_gpus else "")),
     ]
     mem = plan.memory
     if mem.capacity:
-        held = "weights" if mem.host else "weights+grads+Adam"
+        held = ("gathered weights" if r.offload_params != "none" else "weights") if mem.host else "weights+grads+Adam"
         rows.append(("memory/GPU", f"≈ {gib(mem.state)} {held} + {gib(mem.activations)} activations "
-                                   f"of {mem.capacity / 2**30:.0f} GiB" + (f"; host ≈ {gib(mem.host)} grads+Adam" if mem.host else "")))
+                                   f"of {mem.capacity / 2**30:.0f} GiB" + (f"; host ≈ {gib(mem.host)} {'weights+' if r.offload_params != 'none' else ''}grads+Adam" if mem.host else "")))
     else:
         rows.append(("memory", f"≈ {gib(mem.state)} weights+grads+Adam per replica before ZeRO sharding, "
                                f"{gib(mem.activations)} activations per micro-batch"))

@@ -79,6 +79,8 @@ def zero_config(cfg: Config, dp: int, device_type: str) -> dict[str, Any]:
     if cfg.train.offload_optimizer == "cpu":
         # Pinned host buffers make the gradient copies out and the weight copies back asynchronous.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if cfg.train.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     return zero
 
 
@@ -158,8 +160,10 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
     if weights is not None:
         check_full_weights(model, weights)
 
+    draw_on = torch.device("cpu") if cfg.train.init_device == "cpu" else device
+
     def give_storage(module: torch.nn.Module) -> None:
-        materialize(module, cfg.train.seed, device, weights, then)
+        materialize(module, cfg.train.seed, device, weights, then, draw_on)
 
     from megascale.parallel.pipeline import build_pipeline_module  # noqa: PLC0415
     from megascale.parallel.tensor_parallel import apply_tensor_parallel  # noqa: PLC0415

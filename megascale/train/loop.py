@@ -147,8 +147,11 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: Par
 def zero_stage_note(cfg: Config, dp: int) -> str:
     """'1', or '0 (train.zero_stage=1 partitions nothing at dp=1 in fp32)' when the stage runs lower."""
     stage = effective_zero_stage(cfg, dp)
-    if cfg.train.offload_optimizer != "none":
-        return f"{stage}, optimizer offloaded to the host (DeepSpeed CPU Adam)"
+    offloaded = [what for what, how in (("optimizer", cfg.train.offload_optimizer), ("weights", cfg.train.offload_params))
+                 if how != "none"]
+    if offloaded:
+        adam = " (DeepSpeed CPU Adam)" if cfg.train.offload_optimizer != "none" else ""
+        return f"{stage}, {' and '.join(offloaded)} offloaded to the host{adam}"
     if stage == cfg.train.zero_stage:
         return str(stage)
     return f"{stage} (train.zero_stage={cfg.train.zero_stage} partitions nothing at dp=1 in fp32; see effective_zero_stage)"

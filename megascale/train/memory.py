@@ -57,6 +57,9 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
 # ZeRO-Offload): optimizer P·(12 + w)/dp — the extra w a staging buffer the updated
 # weights are copied back through — and gradients P·4/dp, fp32 whatever the training
 # precision, both on the host. The device keeps the weights and transient buckets.
+# With the weights offloaded too (train.offload_params=cpu, ZeRO-3 only) the weight
+# partition P·w/dp moves to the host as well: the bytes are the same, the device holds
+# only the layers gathered for compute.
 
 
 @dataclass(frozen=True)
