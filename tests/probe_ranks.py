@@ -5,7 +5,8 @@ Run as a script, one rank or several under torchrun (gloo):
 Rank 0 prints JSON {"record": ProbeResult.to_record(), "sums": per-group raw sums,
 "checkpointed" / "saved": which of the stage's pipeline layers run under activation
 checkpointing / are written to DeepSpeed's per-layer checkpoint files}.
-Every rank sees the same batches (the layouts tested have dp = 1).
+The global batch is the same under every layout; each data-parallel replica takes its
+share of its micro-batches (tensor and pipeline ranks of a replica see the same ones).
 """
 
 import json
@@ -35,7 +36,8 @@ def main(overrides: list[str]) -> None:
     engine = build_engine(model, cfg, layout, ctx.device, groups)
     probe = CoherenceProbe(engine.module, model.plan, groups, cfg.parallel.sequence_parallel)
     gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 128, (2, 17), generator=gen) for _ in range(layout.grad_accum)]
+    batches = [torch.randint(0, 128, (2, 17), generator=gen) for _ in range(layout.grad_accum * groups.dims.dp)]
+    batches = batches[groups.dp_rank * layout.grad_accum:(groups.dp_rank + 1) * layout.grad_accum]  # this replica's share
     batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in batches]
     probe.arm()
     if groups.dims.pp > 1:

@@ -243,6 +243,19 @@ def test_tensor_and_sequence_parallel_probe_matches_single_rank(single_rank):
     assert_same_probe(got, single_rank)
 
 
+@pytest.mark.parametrize("overrides", [["train.zero_stage=1"], ["train.zero_stage=2", "train.precision=bf16"]],
+                         ids=["zero1", "zero2-bf16"])
+def test_data_parallel_probe_matches_single_rank(single_rank, overrides):
+    """dp=2: each replica backpropagates half of the global batch; the unit gradients are averaged over
+    the replicas before the statistics, so they are the 1-rank run's on the whole batch."""
+    got = probe_step(2, *overrides)
+    if "train.precision=bf16" in overrides:  # bf16 weights and activations against the fp32 run: within 5e-4
+        for key, value in single_rank["record"].items():  # (1e-4 measured; pooling per-replica statistics: 2e-3)
+            assert got["record"][key] == pytest.approx(value, abs=5e-4), key
+    else:
+        assert_same_probe(got, single_rank)
+
+
 def test_pipeline_probe_matches_single_rank(single_rank):
     """pp=2 with blocks 1,3: group 0 (layers 0, 2) spans both stages, group 1 (layers 1, 3) lives on stage 1."""
     got = probe_step(2, "parallel.pp=2", "parallel.partition=1,3", "parallel.activation_checkpointing=true")

@@ -45,12 +45,15 @@ input and the row layers' output gradient are T/tp sequence slices and are
 all-gathered over the tensor group in the hook. Under pipeline parallelism a
 stage holds some of a group's units: the partial Σg is all-reduced over the
 group's tie process group (DeepSpeed's ``tied_comms``) before the dots are taken.
-Finally per-layer ‖g_i‖², ⟨g_i, Σg⟩ and per-group ‖Σg‖² are summed over all ranks:
-over tensor ranks that is exact (disjoint shards), over data-parallel ranks it
-pools each rank's own statistics, an estimate of those of the data-parallel mean
-gradient from per-rank micro-batches. Per-rank gradients are noisier than their
-mean, and noise enters ‖Σg‖² and Σ‖g_i‖² alike, so ρ is comparable between steps
-of one layout, not between layouts with different data-parallel degrees.
+Under data parallelism each replica's unit gradients come from its own
+micro-batches; they are averaged over the data-parallel group first (one
+coalesced all-reduce on probe steps only), which gives exactly the unit
+gradients of the global batch, so ρ is the 1-rank run's on the same batch (the
+statistics are not linear in the gradients: pooling per-replica statistics
+instead would measure noisier, smaller-batch gradients). Finally per-layer
+‖g_i‖², ⟨g_i, Σg⟩ and per-group ‖Σg‖² are summed over all ranks: exact over
+tensor ranks (disjoint shards) and pipeline stages (disjoint units); the
+data-parallel replicas hold equal copies, so the sum is divided by their number.
 """
 
 from __future__ import annotations
@@ -308,6 +311,9 @@ class CoherenceProbe:
         if self._grads is None:
             raise RuntimeError("finish() without arm(): this was not a probe step")
         device = self._device()
+        dp = self.groups.dims.dp if self.groups is not None else 1
+        if dp > 1:
+            self._average_over_data_parallel(dp)
         n_layers, n_groups = self.plan.n_layers, self.plan.n_groups
         sums = torch.zeros(2 * n_layers + n_groups, device=device, dtype=torch.float64)  # [‖g_i‖² | ⟨g_i,Σg⟩ | ‖Σg‖²]
         for g, units in sorted(self._units.items()):  # one order on every stage: the tie all-reduces must pair up
@@ -319,11 +325,22 @@ class CoherenceProbe:
         self._grads = None
         if self.groups is not None and dist.get_world_size() > 1:
             dist.all_reduce(sums)  # every rank: tensor shards, pipeline stages, data-parallel replicas
+            sums /= dp  # the replicas' statistics are equal after the averaging: count them once
         sq, dots, sum_sq = sums[:n_layers].cpu(), sums[n_layers:2 * n_layers].cpu(), sums[2 * n_layers:].cpu()
         return ProbeResult({
             g: GroupCoherence.from_sums(self.plan.units_of(g), sq[self.plan.units_of(g)], dots[self.plan.units_of(g)], sum_sq[g])
             for g in self.tied_groups
         })
+
+    def _average_over_data_parallel(self, dp: int) -> None:
+        """Each unit gradient buffer becomes its mean over the data-parallel group: the global batch's."""
+        keys = sorted(self._grads)  # the same units ran on every replica: the buffers pair up in this order
+        if not keys:
+            return
+        buffers = [self._grads[k] for k in keys]
+        flat = flatten_for_collective(buffers, scale=1.0 / dp, dtype=torch.float32)
+        dist.all_reduce(flat, group=self.groups.dp_group)
+        unflatten_into(flat, buffers)
 
     def _group_stats(self, group: int, units: list[int]) -> TiedGradStats:
         """This rank's ‖g_i‖², ⟨g_i, Σg⟩ for its units, and its share of ‖Σg‖², over the group's matrices."""
