@@ -74,18 +74,24 @@ def summary_lines(summary) -> list[str]:
 
 
 def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
-    """Call ``main``; a MegascaleError becomes one line on stderr (rank 0 only) and exit status 2."""
+    """Call ``main``; a MegascaleError becomes one line on stderr (rank 0 only) and exit status 2.
+
+    The process group is torn down on every way out: left to the interpreter's exit, gloo's
+    threads were sometimes destroyed while still joinable ("terminate called without an active
+    exception", exit status 250 after a run that had finished and saved).
+    """
     try:
         return main(argv)
     except MegascaleError as err:
         if launch_rank() == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
-        _leave_process_group()
         return 2
+    finally:
+        _leave_process_group()
 
 
 def _leave_process_group() -> None:
-    """Tear the process group down so an erroring rank exits now instead of lingering in gloo's shutdown."""
+    """Tear the process group down, so a rank exits now instead of lingering in (or crashing in) gloo's shutdown."""
     import torch.distributed as dist  # noqa: PLC0415
 
     if dist.is_available() and dist.is_initialized():
