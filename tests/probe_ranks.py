@@ -56,3 +56,6 @@ def main(overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    # Leave the process group before the interpreter exits: gloo's threads torn down at exit have
+    # aborted a finished run now and then ('terminate called without an active exception').
+    torch.distributed.destroy_process_group()

@@ -87,3 +87,6 @@ def main(units: str, overrides: list[str]) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(sys.argv[1], sys.argv[2:])
+    # Leave the process group before the interpreter exits: gloo's threads torn down at exit have
+    # aborted a finished run now and then ('terminate called without an active exception').
+    torch.distributed.destroy_process_group()
