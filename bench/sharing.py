@@ -105,9 +105,7 @@ def variants(b: Budget, args: argparse.Namespace) -> list[Variant]:
                f"untie.plateau_smoothing={args.plateau_smoothing}", f"untie.min_step={args.min_step}")
     coherence = (f"untie.probe_every={args.probe_every}", f"untie.coherence_threshold={args.coherence_threshold}",
                  f"untie.coherence_probes={args.coherence_probes}", f"untie.min_step={args.min_step}")
-    return [
-        Variant("untied", ("model.sharing=none",), "untied from the start"),
-        Variant("tied", tied, "tied throughout"),
+    unties = [
         Variant("step", (*tied, f"untie.when=step:{step}"), f"step:{step}"),
         Variant("tokens", (*tied, "untie.when=tokens:0.5"), "tokens:0.5"),
         Variant("plateau", (*tied, "untie.when=plateau", *plateau),
@@ -115,6 +113,12 @@ def variants(b: Budget, args: argparse.Namespace) -> list[Variant]:
         Variant("coherence", (*tied, "untie.when=coherence", *coherence),
                 f"coherence (rho < {args.coherence_threshold:g} x{args.coherence_probes}, probe every {args.probe_every})"),
     ]
+    # Each untie under every --moments policy; "copy" (the default) keeps the plain names.
+    with_moments = [Variant(v.name if how == "copy" else f"{v.name}+{how}", (*v.overrides, f"untie.moments={how}"),
+                            v.note if how == "copy" else f"{v.note}, moments {how}")
+                    for v in unties for how in args.moments]
+    return [Variant("untied", ("model.sharing=none",), "untied from the start"), Variant("tied", tied, "tied throughout"),
+            *with_moments]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,7 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--md", type=Path, default=ROOT / "runs" / "bench" / "sharing.md")
     p.add_argument("--png", type=Path, default=ROOT / "runs" / "bench" / "sharing.png")
     p.add_argument("--config", default="configs/tiny.yaml")
-    p.add_argument("--variants", default="untied,tied,step,tokens,plateau,coherence", help="comma-separated subset")
+    p.add_argument("--variants", default="untied,tied,step,tokens,plateau,coherence", help="comma-separated subset; "
+                   "an untie under another --moments policy is named <variant>+<policy>, e.g. coherence+scale")
+    p.add_argument("--moments", default="copy", help="comma-separated untie.moments policies each untie runs "
+                   "under (copy, scale); the variants of a policy other than copy run without being listed in --variants")
     p.add_argument("--steps", type=int, help="override the budget's optimizer steps (eval every steps/10; "
                    "the condition settings below stay as calibrated for 300)")
     p.add_argument("--reuse", action="store_true", help="analyse runs already finished in --out instead of training them")
@@ -162,6 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("extra", nargs="*", help="more overrides for every run, e.g. optim.lr=2e-3")
     args = p.parse_args(argv)
     args.out = args.out.resolve()  # the runs' cwd is the repository root
+    args.moments = [m.strip() for m in args.moments.split(",") if m.strip()]
     args.budget = SMOKE if args.smoke else FULL
     if args.steps:
         args.budget = dataclasses.replace(args.budget, steps=args.steps, eval_every=max(1, args.steps // 10))
@@ -557,6 +565,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     env = environment(args)
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    wanted += [f"{v}+{how}" for v in wanted for how in args.moments if how != "copy"]
     start = time.perf_counter()
     results = [analyse(load_or_run(v, args), args.budget) for v in variants(args.budget, args) if v.name in wanted]
     env["script_wall_s"] = time.perf_counter() - start

@@ -151,3 +151,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    from megascale.train.dist import exit_process  # noqa: PLC0415
+
+    exit_process(0)

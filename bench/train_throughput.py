@@ -161,11 +161,10 @@ def state_memory(step, cfg: Config) -> tuple[float | None, float | None]:
     engine = getattr(step, "engine", None)
     if engine is None:
         return None, None
-    from megascale.train.engine import effective_zero_stage  # noqa: PLC0415
-    from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes  # noqa: PLC0415
+    from megascale.train.engine import state_formula  # noqa: PLC0415
+    from megascale.train.memory import local_param_count, measured_state_bytes  # noqa: PLC0415
 
-    formula = formula_state_bytes(local_param_count(engine), cfg.train.precision, effective_zero_stage(cfg, 1), 1,
-                                  offload=cfg.train.offload_optimizer != "none")
+    formula = state_formula(cfg, local_param_count(engine), 1)
     measured = measured_state_bytes(engine)
     return (measured.weights + measured.optimizer) / 2**30, (formula.weights + formula.optimizer) / 2**30
 
@@ -329,3 +328,6 @@ def write_json(path: Path, results: list[Result], device: torch.device) -> None:
 
 if __name__ == "__main__":
     main()
+    from megascale.train.dist import exit_process  # noqa: PLC0415
+
+    exit_process(0)

@@ -78,7 +78,8 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
 
     The process group is torn down on every way out: left to the interpreter's exit, gloo's
     threads were sometimes destroyed while still joinable ("terminate called without an active
-    exception", exit status 250 after a run that had finished and saved).
+    exception", exit status 250 after a run that had finished and saved). ``exit_with`` then
+    ends the process without the interpreter's teardown, where that crash still happened.
     """
     try:
         return main(argv)
@@ -87,12 +88,13 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:
-        _leave_process_group()
+        from megascale.train.dist import leave_process_group  # noqa: PLC0415 (imports torch)
+
+        leave_process_group()
 
 
-def _leave_process_group() -> None:
-    """Tear the process group down, so a rank exits now instead of lingering in (or crashing in) gloo's shutdown."""
-    import torch.distributed as dist  # noqa: PLC0415
+def exit_with(code: int) -> None:
+    """End the entry point with ``code`` (what ``run`` returned), skipping the interpreter's teardown."""
+    from megascale.train.dist import exit_process  # noqa: PLC0415 (imports torch)
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    exit_process(code)

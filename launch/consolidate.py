@@ -40,4 +40,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     common.setup_logging()
-    sys.exit(common.run(main, sys.argv[1:]))
+    common.exit_with(common.run(main, sys.argv[1:]))

@@ -66,4 +66,4 @@ def report(summary) -> None:
 
 if __name__ == "__main__":
     common.setup_logging()
-    sys.exit(common.run(main, sys.argv[1:]))
+    common.exit_with(common.run(main, sys.argv[1:]))

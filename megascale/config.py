@@ -178,6 +178,11 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each transformer block (in place: names and checkpoints unchanged). Off by default until measured faster on the device (bench/train_throughput.py --compile); not with ZeRO-3."""
 
+    @property
+    def optimizer_on_host(self) -> bool:
+        """The fp32 master and Adam moments live, and are stepped, on the host (ZeRO-Offload)."""
+        return self.offload_optimizer != "none"
+
 
 @dataclass
 class ParallelConfig:
@@ -227,6 +232,8 @@ class UntieConfig:
     """coherence: consecutive probes below the threshold needed to fire."""
     min_step: int = 0
     """No untie before this step (plateau and coherence are noisy during warm-up)."""
+    moments: str = "copy"
+    """Adam moments of an untied block: copy (each copy starts with the shared block's, built from the sum of all K units' gradients) | scale (first moment x k/K, second x (k/K)^2 for a block now applied by k of the K units: the moments of its share of the sum when the units agree, so its first updates are not shrunk by up to K/k)."""
 
 
 @dataclass
@@ -471,6 +478,7 @@ def _check_untie(cfg: Config) -> None:
     from megascale.untie.conditions import parse_rules  # noqa: PLC0415
 
     parse_rules(cfg)  # raises on a bad condition, group or unit selection
+    _check(cfg.untie.moments in ("copy", "scale"), f"untie.moments='{cfg.untie.moments}' is not one of copy, scale")
 
 
 def _check_finetune(f: FinetuneConfig) -> None:

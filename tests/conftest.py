@@ -88,7 +88,21 @@ def run_pretrain(out_dir: Path, data: Path, *overrides: str, nproc: int = 1, lau
     return proc
 
 
+def metrics(out_dir: Path) -> list[dict]:
+    """Every record of the run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(out_dir: Path, name: str) -> list[dict]:
+    """The run's records of one event kind ("untie", "probe", "state_memory", ...)."""
+    return [r for r in metrics(out_dir) if r.get("event") == name]
+
+
+def state_memory(out_dir: Path) -> list[dict]:
+    """Per rank, the first state-memory report: formula and measured bytes."""
+    return events(out_dir, "state_memory")[0]["ranks"]
+
+
 def losses(out_dir: Path) -> dict[int, float]:
     """step → training loss from the run's metrics.jsonl."""
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+    return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r}

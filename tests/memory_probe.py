@@ -13,7 +13,7 @@ import torch
 
 from megascale.config import load_config
 from megascale.model import Transformer
-from megascale.train.dist import init_distributed
+from megascale.train.dist import exit_process, init_distributed
 from megascale.train.engine import batch_layout, build_engine
 from megascale.train.loop import make_groups
 from megascale.train.memory import live_tensor_bytes
@@ -41,3 +41,4 @@ def main(sharing: str, zero_stage: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]))
+    exit_process(0)

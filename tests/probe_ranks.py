@@ -16,7 +16,7 @@ import torch
 
 from megascale.config import load_config
 from megascale.model import Transformer
-from megascale.train.dist import init_distributed
+from megascale.train.dist import exit_process, init_distributed
 from megascale.train.engine import batch_layout, build_engine
 from megascale.train.loop import make_groups
 from megascale.train.probe import CoherenceProbe
@@ -56,6 +56,4 @@ def main(overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    # Leave the process group before the interpreter exits: gloo's threads torn down at exit have
-    # aborted a finished run now and then ('terminate called without an active exception').
-    torch.distributed.destroy_process_group()
+    exit_process(0)

@@ -105,3 +105,6 @@ def log_step_reads(run) -> dict[str, int]:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main(sys.argv[1:])
+    from megascale.train.dist import exit_process  # noqa: PLC0415
+
+    exit_process(0)

@@ -103,7 +103,8 @@ def test_lazy_weights_assemble_each_tensor_when_read(tmp_path):
     """Tensor-parallel shards from memory-mapped files: merged and cast to fp32 per read, shapes known without a read."""
     import torch  # noqa: PLC0415
 
-    from megascale.train.checkpoint import LazyWeights, _load, lazy_weights, merge_tp_shards  # noqa: PLC0415
+    from megascale.model.init import LazyWeights, Source  # noqa: PLC0415
+    from megascale.train.checkpoint import _load, merge_tp_shards  # noqa: PLC0415
 
     full = {"embed.weight": torch.randn(8, 4), "blocks.0.attn.o_proj.weight": torch.randn(4, 6), "norm.weight": torch.ones(4)}
     shards = [{"embed.weight": full["embed.weight"].chunk(2)[r].to(torch.bfloat16).clone(),
@@ -111,7 +112,7 @@ def test_lazy_weights_assemble_each_tensor_when_read(tmp_path):
                "norm.weight": full["norm.weight"].clone()} for r in range(2)]
     for r, shard in enumerate(shards):
         torch.save(shard, tmp_path / f"{r}.pt")
-    weights = lazy_weights(merge_tp_shards([_load(tmp_path / f"{r}.pt") for r in range(2)]), {"lm_head.weight": "embed.weight"})
+    weights = LazyWeights(merge_tp_shards([_load(tmp_path / f"{r}.pt") for r in range(2)]), {"lm_head.weight": "embed.weight"})
     assert weights.shape("embed.weight") == (8, 4) and weights.shape("blocks.0.attn.o_proj.weight") == (4, 6)
     assert weights["embed.weight"].dtype == torch.float32
     torch.testing.assert_close(weights["embed.weight"], full["embed.weight"].to(torch.bfloat16).float())
@@ -123,7 +124,7 @@ def test_lazy_weights_assemble_each_tensor_when_read(tmp_path):
     def unread():
         raise AssertionError("read to answer a membership or shape question")
 
-    untouched = LazyWeights({"w": unread}, {"w": (2, 3)})
+    untouched = LazyWeights({"w": Source(unread, (2, 3))})
     assert "w" in untouched and untouched.shape("w") == (2, 3) and list(untouched) == ["w"]
     grown = weights.replaced({"lm_head.weight": torch.zeros(9, 4)})  # the alias's target is replaced with it
     assert grown.shape("embed.weight") == (9, 4) and grown["embed.weight"].sum() == 0
@@ -138,14 +139,15 @@ def test_lazy_weights_read_a_new_shard_from_the_saved_shards_it_overlaps(count):
     import torch  # noqa: PLC0415
 
     from megascale.model.init import Shard, cut  # noqa: PLC0415
-    from megascale.train.checkpoint import lazy_weights, merge_tp_shards  # noqa: PLC0415
+    from megascale.model.init import LazyWeights  # noqa: PLC0415
+    from megascale.train.checkpoint import merge_tp_shards  # noqa: PLC0415
 
     full = {"blocks.0.attn.q_proj.weight": torch.randn(8, 6), "blocks.0.attn.o_proj.weight": torch.randn(6, 8),
             "norm.weight": torch.randn(8)}
     saved = [{"blocks.0.attn.q_proj.weight": full["blocks.0.attn.q_proj.weight"].chunk(2)[r].to(torch.bfloat16),
               "blocks.0.attn.o_proj.weight": full["blocks.0.attn.o_proj.weight"].chunk(2, dim=1)[r].clone(),
               "norm.weight": full["norm.weight"].clone()} for r in range(2)]
-    whole = lazy_weights(merge_tp_shards(saved))
+    whole = LazyWeights(merge_tp_shards(saved))
     for name, dim in (("blocks.0.attn.q_proj.weight", 0), ("blocks.0.attn.o_proj.weight", 1), ("norm.weight", 0)):
         for index in range(count):
             shard = Shard(dim, index, count)
@@ -154,5 +156,5 @@ def test_lazy_weights_read_a_new_shard_from_the_saved_shards_it_overlaps(count):
             torch.testing.assert_close(piece, cut(whole[name], shard), rtol=0, atol=0)
             if count > 1 and name != "norm.weight":
                 unread = [{k: v.to("meta") if r != index * 2 // count else v for k, v in s.items()} for r, s in enumerate(saved)]
-                torch.testing.assert_close(lazy_weights(merge_tp_shards(unread)).piece(name, shard), piece, rtol=0, atol=0)
+                torch.testing.assert_close(LazyWeights(merge_tp_shards(unread)).piece(name, shard), piece, rtol=0, atol=0)
     assert torch.equal(whole.piece("norm.weight", None), full["norm.weight"])

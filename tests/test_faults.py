@@ -6,14 +6,10 @@ import json
 
 import pytest
 
-from conftest import losses, run_pretrain
+from conftest import events, losses, metrics, run_pretrain
 
 NAN_AT_4 = {"MEGASCALE_FAULT_NAN_AT_STEP": "4"}
 RUN = ["train.max_steps=7", "train.save_every=2"]
-
-
-def events(out, name):
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("event") == name]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +30,7 @@ def test_stop_is_one_line_and_keeps_the_checkpoints(tmp_path, data_dir):
 def test_rollback_reloads_the_checkpoint_and_skips_the_batch(rolled_back):
     (event,) = events(rolled_back, "nan_rollback")
     assert event["step"] == 4 and event["to_step"] == 2
-    records = [r for r in map(json.loads, (rolled_back / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    records = [r for r in metrics(rolled_back) if "loss" in r]
     first3, replayed3 = [r["loss"] for r in records if r["step"] == 3]
     assert replayed3 == first3  # steps after the checkpoint replay exactly
     assert sorted(losses(rolled_back)) == list(range(1, 8))

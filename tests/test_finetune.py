@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from conftest import BIN, ROOT, clean_env, free_port, losses, run_pretrain
-from megascale.config import Config, ModelConfig, load_config
+from megascale.config import ModelConfig
 from megascale.errors import MegascaleError
 from megascale.finetune import data as fd
 from megascale.finetune.arithmetic import Example, add_example, arithmetic_splits, mul_example, sub_example

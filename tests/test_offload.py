@@ -9,7 +9,7 @@ is one of test_untie.py's layouts.
 
 import pytest
 
-from conftest import losses, run_pretrain
+from conftest import losses, state_memory, run_pretrain
 
 LAYOUT = ["train.zero_stage=2", "train.precision=bf16", "train.max_steps=6", "train.save_every=3", "train.keep_checkpoints=3"]
 
@@ -30,13 +30,6 @@ def runs(tmp_path_factory, data_dir):
         out[name] = tmp_path_factory.mktemp(name)
         out[name + "_log"] = run_pretrain(out[name], data_dir, *LAYOUT, *extra, nproc=2).stderr
     return out
-
-
-def state_memory(out_dir):
-    import json  # noqa: PLC0415
-
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return next(r for r in map(json.loads, lines) if r.get("event") == "state_memory")["ranks"]
 
 
 def test_offloaded_optimizer_trains_like_the_device_one(runs):

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TINY, clean_env, free_port, losses, run_pretrain
+from conftest import BIN, ROOT, TINY, clean_env, free_port, losses, metrics, state_memory, run_pretrain
 from megascale.train.checkpoint import full_weights, read_meta
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1)]
@@ -19,8 +19,7 @@ SHARINGS = ["none", "all", "cycle:2"]
 
 
 def records(out_dir, key):
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+    return {r["step"]: r[key] for r in metrics(out_dir) if key in r}
 
 
 def final_weights(out_dir):
@@ -171,11 +170,6 @@ def test_bad_layout_is_one_line(data_dir, tmp_path, overrides, nproc, fragment):
     # The deepspeed launcher (the documented command) passes the exit status through; torchrun wraps it.
     proc = run_pretrain(tmp_path, data_dir, *overrides, nproc=nproc, launcher="deepspeed", check=False)
     assert fragment in one_error_line(proc)
-
-
-def state_memory(out_dir):
-    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
-    return next(r for r in map(json.loads, lines) if r.get("event") == "state_memory")["ranks"]
 
 
 @pytest.mark.parametrize("layout", [(1, 1, 1)] + LAYOUTS, ids=lambda l: "tp{}pp{}dp{}".format(*l))

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
 
-from conftest import BIN, ROOT, TINY, clean_env, free_port, losses, run_pretrain
+from conftest import BIN, ROOT, TINY, clean_env, events, free_port, losses, run_pretrain
 from megascale.config import load_config
 from megascale.errors import MegascaleError
-from megascale.model.sharing import SharingPlan, block_sources, replay_untie_history, untie_units
+from megascale.model.sharing import SharingPlan, block_sources, replay_untie_history, unit_shares, untie_units
 from megascale.train.checkpoint import full_weights
 from megascale.train.checkpoint import read_meta as checkpoint_meta
 from megascale.untie.conditions import UntieController
@@ -41,6 +42,14 @@ def test_untie_of_a_lone_unit_changes_nothing_and_history_replays():
     assert untie_units(plan, [3]).to_list() == [0, 0, 1, 2]
     history = [{"units": [1]}, {"units": [2]}]
     assert replay_untie_history(SharingPlan.parse("all", 4), history).to_list() == [0, 1, 2, 0]
+
+
+def test_unit_shares_are_each_new_block_s_fraction_of_its_source_s_units():
+    plan = SharingPlan.parse("cycle:2", 6)  # [0,1,0,1,0,1]: blocks of 3 units each
+    assert unit_shares(plan, untie_units(plan, [2])) == {0: 2 / 3, 1: 1.0, 2: 1 / 3}
+    everything = SharingPlan.parse("all", 4)
+    assert unit_shares(everything, untie_units(everything, [0])) == {0: 1 / 4, 1: 3 / 4}
+    assert unit_shares(plan, plan) == {0: 1.0, 1: 1.0}
 
 
 def test_block_sources_refuses_a_merge():
@@ -171,6 +180,7 @@ def test_untie_keeps_output_and_copies_the_state(data_dir, tmp_path, nproc, over
     assert r["plan_after"] == [0, 1, 2, 1]
     assert r["val_after"] == pytest.approx(r["val_before"], rel=1e-6, abs=1e-6)  # same output
     assert r["state_max_diff"] == 0.0  # fp32 weights and both Adam moments copied exactly
+    assert all(ratio == [1.0, 1.0] for ratio in r["moment_ratios"].values())
     assert r["step_after"] == r["step_before"] == 2 and r["adam_state_step"] == 2
     assert r["lr_after"] == r["lr_before"] and r["global_steps"] == 2
     for rank in r["memory_by_rank"]:
@@ -178,6 +188,27 @@ def test_untie_keeps_output_and_copies_the_state(data_dir, tmp_path, nproc, over
             m = rank[when]
             assert m["measured"] == pytest.approx(m["formula"], rel=0.03)
     assert all(l == l for l in r["losses"]) and r["losses"][2] < r["losses"][1] * 1.02  # no spike
+
+
+@pytest.mark.parametrize("nproc, overrides", [
+    pytest.param(1, ["train.zero_stage=0"], id="zero0"),
+    pytest.param(2, ["train.zero_stage=2", "train.precision=bf16"], id="dp2-zero2-bf16"),
+    pytest.param(2, ["train.zero_stage=1", "parallel.pp=2"], id="pp2"),  # blocks named tied_modules.block<g>
+])
+def test_untie_scales_the_moments_to_each_copy_s_share(data_dir, tmp_path, nproc, overrides):
+    """untie.moments=scale: blocks 0 and 2 (one of the two units each) get exp_avg x 1/2 and exp_avg_sq x 1/4;
+    block 1, still applied by both its units, and the embeddings keep theirs. Weights and output unchanged."""
+    r = untie_check(data_dir, tmp_path, "0,2", "untie.moments=scale", *overrides, nproc=nproc)
+    assert r["plan_after"] == [0, 1, 2, 1]
+    assert r["val_after"] == pytest.approx(r["val_before"], rel=1e-6, abs=1e-6)
+    ratios = r["moment_ratios"]
+    block = {name: re.match(r"^(?:blocks\.|tied_modules\.block)(\d+)\.", name) for name in ratios}
+    seen = {m.group(1) for m in block.values() if m}  # rank 0's: under pp=2 its stage holds layers 0 and 1
+    assert seen == ({"0", "1"} if "parallel.pp=2" in overrides else {"0", "1", "2"})
+    for name, (first, second) in ratios.items():
+        expected = 0.5 if block[name] and block[name].group(1) in ("0", "2") else 1.0
+        assert first == pytest.approx(expected, rel=1e-6) and second == pytest.approx(expected**2, rel=1e-6), name
+    assert all(l == l for l in r["losses"])
 
 
 def test_untie_grows_memory_by_the_formula(data_dir, tmp_path):
@@ -209,10 +240,9 @@ def test_untie_in_a_run_matches_the_tied_run_until_it_acts(data_dir, tmp_path, u
     # The untie happens after step 3's update; step 4 still runs on equal weights.
     assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
     assert a[5] != b[5] and max(b[5], b[6]) < b[4] * 1.02
-    records = [json.loads(l) for l in (untied_run / "metrics.jsonl").read_text().splitlines()]
-    (event,) = [r for r in records if r.get("event") == "untie"]
+    (event,) = events(untied_run, "untie")
     assert event["step"] == 3 and event["plan_after"] == [0, 1, 2, 3] and event["reasons"]["0"] == "step 3 >= 3"
-    assert len([r for r in records if r.get("event") == "state_memory"]) == 2  # before and after
+    assert len(events(untied_run, "state_memory")) == 2  # before and after
     assert (untied_run / "loss.png").stat().st_size > 0
 
 
@@ -251,10 +281,6 @@ def test_full_weights_read_checkpoints_on_both_sides_of_the_untie(untied_run, st
 # ------------------------------------------------------------------ coherence inside a run
 
 
-def probe_records(out):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"event": "probe"' in l]
-
-
 def test_coherence_condition_in_a_run(data_dir, tmp_path):
     """rho <= 1 always: a threshold above 1 must fire after coherence_probes probes.
 
@@ -265,12 +291,11 @@ def test_coherence_condition_in_a_run(data_dir, tmp_path):
     run_pretrain(tmp_path, data_dir, "model.sharing=all", "untie.when=coherence", "untie.probe_every=2",
                  "untie.coherence_probes=2", f"untie.coherence_threshold={threshold}", "untie.units=lowest:1",
                  "train.max_steps=6")
-    probes = probe_records(tmp_path)
+    probes = events(tmp_path, "probe")
     rhos = [v for p in probes for k, v in p.items() if k.startswith("coherence/")]  # one tied group per probe
     assert [p["step"] for p in probes][:2] == [2, 4] and len(rhos) == len(probes) and all(0 < r <= 1 for r in rhos)
     assert all(set(p) >= {f"alignment/g0/u{u}" for u in range(4)} for p in probes[:2])
-    unties = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"event": "untie"' in l]
-    (event,) = unties
+    (event,) = events(tmp_path, "untie")
     assert event["step"] == 4 and len(event["units"]) == 1
     least = min(range(4), key=lambda u: probes[1][f"alignment/g0/u{u}"])
     assert event["units"] == [least] and "least aligned" in event["reasons"]["0"]

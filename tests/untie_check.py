@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from megascale.config import load_config
-from megascale.train.dist import init_distributed
-from megascale.train.engine import effective_zero_stage
+from megascale.train.dist import exit_process, init_distributed
+from megascale.train.engine import state_formula
 from megascale.train.loop import evaluate, mean_over, setup_run, train_step
-from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes
+from megascale.train.memory import local_param_count, measured_state_bytes
 from megascale.untie.conditions import Decision
 from megascale.untie.transfer import base_optimizer, read_state
 from megascale.untie.untie import source_name, untie_run
@@ -30,8 +30,7 @@ from megascale.model.sharing import block_sources
 def memory(run) -> dict:
     c = run.cfg
     params = local_param_count(run.engine)
-    f = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, run.groups.dims.dp), run.groups.dims.dp,
-                            run.pipelined, offload=c.train.offload_optimizer != "none")
+    f = state_formula(c, params, run.groups.dims.dp, run.pipelined)
     m = measured_state_bytes(run.engine)
     return {"params": params, "formula": f.weights + f.optimizer, "measured": m.weights + m.optimizer}
 
@@ -56,6 +55,18 @@ def max_diff(before, after, sources, pipelined) -> float:
     return worst
 
 
+def moment_ratios(before, after, sources, pipelined) -> dict[str, list[float]]:
+    """Per parameter of the new engine: sum|exp_avg| and sum exp_avg_sq over those of its source (copy: 1, 1)."""
+    source = source_name(sources, pipelined)
+    out = {}
+    for name, new in after.params.items():
+        old = before.params[source(name)]
+        if old.moments["exp_avg_sq"].sum() > 0:
+            out[name] = [(new.moments["exp_avg"].abs().sum() / old.moments["exp_avg"].abs().sum()).item(),
+                         (new.moments["exp_avg_sq"].sum() / old.moments["exp_avg_sq"].sum()).item()]
+    return out
+
+
 def main(units: str, overrides: list[str]) -> None:
     ctx = init_distributed()
     cfg = load_config("configs/tiny.yaml", overrides)
@@ -71,6 +82,7 @@ def main(units: str, overrides: list[str]) -> None:
         val_after=evaluate(run), memory_after=memory(run), lr_after=run.engine.get_lr()[0],
         step_before=float(before.step), step_after=float(after.step),
         state_max_diff=max_diff(before, after, sources, run.pipelined),
+        moment_ratios=moment_ratios(before, after, sources, run.pipelined),
         new_names=sorted(set(after.params) - set(before.params)),
         plan_after=event["plan_after"], global_steps=run.engine.global_steps,
         adam_state_step=float(next(iter(base_optimizer(run.engine).state.values()))["step"]),
@@ -87,6 +99,4 @@ def main(units: str, overrides: list[str]) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(sys.argv[1], sys.argv[2:])
-    # Leave the process group before the interpreter exits: gloo's threads torn down at exit have
-    # aborted a finished run now and then ('terminate called without an active exception').
-    torch.distributed.destroy_process_group()
+    exit_process(0)

@@ -54,7 +54,7 @@ import torch
 
 from megascale.config import ModelConfig
 from megascale.errors import MegascaleError
-from megascale.model.init import LazyWeights, Shard, chunk_range
+from megascale.model.init import LazyWeights, Shard, Source, chunk_range
 
 EXPORT_FORMAT = "megascale-hf-export"
 EXPORT_VERSION = 1
@@ -511,17 +511,16 @@ def megascale_weights(stored: dict[str, Stored], overrides: dict[str, Any], wher
     if extra:
         raise MegascaleError(f"{where}: tensors {extra[:3]} ({len(extra)} in all) have no place in megascale's Llama; "
                              "the model is not a plain Llama (biases? extra modules?)")
-    makers, shapes, pieces = {}, {}, {}
+    sources = {}
     for theirs, (ours, shape) in wanted.items():
         entry = stored[theirs]
         if entry.shape != shape:
             raise MegascaleError(f"{where}: {theirs} has shape {entry.shape}, config.json implies {shape}; the weights do not match the config")
         if not entry.dtype.startswith(("F", "BF")):
             raise MegascaleError(f"{where}: {theirs} is {entry.dtype}, not floating point (quantized?); dequantize the model first")
-        makers[ours], shapes[ours], pieces[ours] = (lambda e=entry: _owned(e.read())), shape, (lambda shard, e=entry: _piece(e, shard))
+        sources[ours] = Source(lambda e=entry: _owned(e.read()), shape, lambda shard, e=entry: _piece(e, shard))
     aliases = {"lm_head.weight": "embed.weight"} if cfg.tie_embeddings else {}
-    order = [k for k in _order(cfg) if k not in aliases]
-    return LazyWeights({k: makers[k] for k in order}, {k: shapes[k] for k in order}, aliases, {k: pieces[k] for k in order})
+    return LazyWeights({k: sources[k] for k in _order(cfg) if k not in aliases}, aliases)
 
 
 def _owned(view: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -112,6 +113,14 @@ def carry_init(source: nn.Parameter, shard: nn.Parameter, dim: int, index: int, 
     return shard
 
 
+class Source(NamedTuple):
+    """How to read one full plain-model tensor (fp32 when floating) without holding it."""
+
+    make: Callable[[], torch.Tensor]  # the whole tensor
+    shape: tuple[int, ...]  # its full shape, known without a read
+    piece: Callable[[Shard], torch.Tensor] | None = None  # one tensor-parallel shard's range, read alone
+
+
 class LazyWeights(Mapping):
     """Full plain-model tensors by name, each assembled when read and not kept.
 
@@ -124,46 +133,42 @@ class LazyWeights(Mapping):
     same tensor as their target.
     """
 
-    def __init__(self, makers: dict[str, Callable[[], torch.Tensor]], shapes: dict[str, tuple[int, ...]],
-                 aliases: dict[str, str] | None = None, pieces: dict[str, Callable[[Shard], torch.Tensor]] | None = None):
-        self._makers, self._shapes, self._aliases = makers, shapes, dict(aliases or {})
-        self._pieces = dict(pieces or {})  # name -> reads one tensor-parallel piece alone
+    def __init__(self, sources: dict[str, Source], aliases: dict[str, str] | None = None):
+        self._sources, self._aliases = dict(sources), dict(aliases or {})
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._makers[self._aliases.get(name, name)]()
+        return self._sources[self._aliases.get(name, name)].make()
 
     def piece(self, name: str, shard: Shard | None) -> torch.Tensor:
         """``shard``'s piece of ``name`` (fp32): read alone where the source can (a safetensors slice, the
         checkpoint shards it overlaps), so a tensor-parallel rank reads 1/tp of the bytes; else cut from the whole."""
-        target = self._aliases.get(name, name)
-        if shard is not None and target in self._pieces:
-            return self._pieces[target](shard)
-        return cut(self[target], shard)
+        source = self._sources[self._aliases.get(name, name)]
+        if shard is not None and source.piece is not None:
+            return source.piece(shard)
+        return cut(source.make(), shard)
 
     def __iter__(self):
-        return iter([*self._makers, *self._aliases])
+        return iter([*self._sources, *self._aliases])
 
     def __len__(self) -> int:
-        return len(self._makers) + len(self._aliases)
+        return len(self._sources) + len(self._aliases)
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would assemble the tensor to find out
-        return name in self._makers or name in self._aliases
+        return name in self._sources or name in self._aliases
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[self._aliases.get(name, name)]
+        return self._sources[self._aliases.get(name, name)].shape
 
     def replaced(self, values: dict[str, torch.Tensor]) -> LazyWeights:
         """These weights with ``values`` in place of some (read eagerly); an alias and its target stay one tensor."""
-        makers, shapes, pieces = dict(self._makers), dict(self._shapes), dict(self._pieces)
+        sources = dict(self._sources)
         for name, value in values.items():
-            target = self._aliases.get(name, name)
-            makers[target], shapes[target] = (lambda v=value: v), tuple(value.shape)
-            pieces.pop(target, None)
-        return LazyWeights(makers, shapes, self._aliases, pieces)
+            sources[self._aliases.get(name, name)] = Source(lambda v=value: v, tuple(value.shape))
+        return LazyWeights(sources, self._aliases)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor, assembled once; an alias is the same tensor object as its target."""
-        out = {name: make() for name, make in self._makers.items()}
+        out = {name: source.make() for name, source in self._sources.items()}
         return out | {alias: out[target] for alias, target in self._aliases.items()}
 
 

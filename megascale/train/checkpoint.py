@@ -20,14 +20,13 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from megascale.errors import MegascaleError
-from megascale.model.init import LazyWeights, Shard, chunk_range, cut
+from megascale.model.init import LazyWeights, Shard, Source, chunk_range, cut
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +185,7 @@ def _tp_dim(name: str) -> int | None:
     return 0 if name.endswith(_TP_DIM0) else 1 if name.endswith(_TP_DIM1) else None
 
 
-class Assembly(NamedTuple):
-    """How to read one plain-model tensor saved as tensor-parallel shards (all fp32 when floating)."""
-
-    make: Callable[[], torch.Tensor]  # the whole tensor
-    shape: tuple[int, ...]  # its full shape, known without a read
-    piece: Callable[[Shard], torch.Tensor]  # one new shard's piece, from the saved shards it overlaps
-
-
-def _merged(shards: list[dict[str, torch.Tensor]], name: str) -> Assembly:
+def _merged(shards: list[dict[str, torch.Tensor]], name: str) -> Source:
     dim = _tp_dim(name) if len(shards) > 1 else None
     parts = [s[name] for s in shards] if dim is not None else [shards[0][name]]  # replicated (norms): rank 0's
 
@@ -218,19 +209,19 @@ def _merged(shards: list[dict[str, torch.Tensor]], name: str) -> Assembly:
     shape = list(parts[0].shape)
     if dim is not None:
         shape[dim] = sum(p.shape[dim] for p in parts)
-    return Assembly(make, tuple(shape), piece)
+    return Source(make, tuple(shape), piece)
 
 
 def _fp32(value: torch.Tensor) -> torch.Tensor:
     return value.float() if value.is_floating_point() else value
 
 
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, Assembly]:
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, Source]:
     """Name → how to assemble it, over tensor-parallel shards of one state dict, split as each was."""
     return {name: _merged(shards, name) for name in shards[0]}
 
 
-def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Assembly]:
+def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source]:
     if meta["config"]["train"]["zero_stage"] == 3:
         if tp > 1:
             raise MegascaleError(f"{path}: converting a ZeRO-3 checkpoint saved with tp={tp} is not supported; resume it with the same layout")
@@ -246,7 +237,7 @@ def _layer_file(path: Path, idx: int, tp_rank: int) -> Path:
     return path / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"  # DeepSpeed's PipelineModule naming
 
 
-def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Assembly]:
+def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source]:
     """The plain model's tensors from pipeline layer files (see parallel/pipeline.py's layer list)."""
     plan = meta["sharing_plan"]
     n = len(plan)
@@ -271,12 +262,7 @@ def lazy_full_weights(path: Path, meta: dict[str, Any]) -> LazyWeights:
     if meta["config"]["model"]["tie_embeddings"]:
         parts.pop("lm_head.weight", None)
         aliases["lm_head.weight"] = "embed.weight"
-    return lazy_weights(parts, aliases)
-
-
-def lazy_weights(parts: dict[str, Assembly], aliases: dict[str, str] | None = None) -> LazyWeights:
-    return LazyWeights({k: a.make for k, a in parts.items()}, {k: a.shape for k, a in parts.items()}, aliases,
-                       {k: a.piece for k, a in parts.items()})
+    return LazyWeights(parts, aliases)
 
 
 def full_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -136,3 +138,27 @@ def init_distributed(timeout_s: float = 1800.0) -> DistContext:
         device = torch.device("cpu")
     backend = torch.distributed.get_backend()
     return DistContext(rank, world, local_rank, device, backend, launcher)
+
+
+def leave_process_group() -> None:
+    """Tear the process group down (every group), if there is one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a rank that has finished: leave the process group, flush, exit without interpreter teardown.
+
+    A finished rank now and then aborted in the interpreter's teardown ('terminate called
+    without an active exception', SIGABRT, after the run had saved and printed everything):
+    C++ threads of the collectives' backends destroyed while still joinable, or touching
+    Python objects once the interpreter is half gone (pytorch/pytorch#179291). Destroying the
+    process group first made it rarer, not impossible. Nothing of ours needs that teardown (the
+    metrics writer is closed and checkpoints are on disk), so the process skips it: a SLURM job
+    or a test then sees the run's own exit status, never a crash after success.
+    """
+    leave_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -23,6 +23,7 @@ import torch
 from megascale.config import Config, OptimConfig
 from megascale.errors import MegascaleError
 from megascale.model.init import check_full_weights, materialize
+from megascale.train.memory import StateBytes, formula_state_bytes
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,14 @@ def effective_zero_stage(cfg: Config, dp: int) -> int:
     reads every stage.
     """
     stage, one_replica = cfg.train.zero_stage, dp == 1 and cfg.parallel.pp == 1
-    kept = cfg.train.precision != "fp32" or cfg.train.offload_optimizer != "none"  # offload is a ZeRO feature
+    kept = cfg.train.precision != "fp32" or cfg.train.optimizer_on_host  # offload is a ZeRO feature
     return 0 if one_replica and stage in (1, 2) and not kept else stage
+
+
+def state_formula(cfg: Config, local_params: int, dp: int, pipelined: bool = False) -> StateBytes:
+    """The bytes of weights, gradients and optimizer state a rank should hold for this run's layout."""
+    return formula_state_bytes(local_params, cfg.train.precision, effective_zero_stage(cfg, dp), dp, pipelined,
+                               offload=cfg.train.optimizer_on_host)
 
 
 def zero_config(cfg: Config, dp: int, device_type: str) -> dict[str, Any]:
@@ -76,7 +83,7 @@ def zero_config(cfg: Config, dp: int, device_type: str) -> dict[str, Any]:
         # Reduce full gradient buckets on a side stream while backward goes on (DeepSpeed's
         # default for ZeRO-3 only). CPU devices have no streams to overlap on: left out there.
         zero["overlap_comm"] = cfg.train.overlap_comm
-    if cfg.train.offload_optimizer == "cpu":
+    if cfg.train.optimizer_on_host:
         # Pinned host buffers make the gradient copies out and the weight copies back asynchronous.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     if cfg.train.offload_params == "cpu":
@@ -135,7 +142,7 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, device: torch.device):
     """AdamW over the decay / no-decay groups: torch's, or DeepSpeed's CPU Adam when the optimizer is offloaded."""
     o = cfg.optim
     groups = param_groups(module, o.weight_decay)
-    if cfg.train.offload_optimizer == "cpu":
+    if cfg.train.optimizer_on_host:
         # The step runs on the host over DeepSpeed's fp32 partitions: its vectorized, multi-threaded
         # op is the one DeepSpeed expects there (a torch optimizer on the host would be far slower).
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # noqa: PLC0415 (JIT-builds its op on first use)

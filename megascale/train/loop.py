@@ -29,8 +29,8 @@ from megascale.model.sharing import SharingPlan, replay_untie_history
 from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
-from megascale.train.engine import BatchLayout, batch_layout, build_engine, effective_zero_stage
-from megascale.train.memory import formula_state_bytes, local_param_count, measured_state_bytes
+from megascale.train.engine import BatchLayout, batch_layout, build_engine, effective_zero_stage, state_formula
+from megascale.train.memory import local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
 from megascale.train.nonfinite import NanGuard, harmless_backward_loss, zero_lr
 from megascale.train.preempt import PREEMPTED_EXIT, StopRequest
@@ -150,7 +150,7 @@ def zero_stage_note(cfg: Config, dp: int) -> str:
     offloaded = [what for what, how in (("optimizer", cfg.train.offload_optimizer), ("weights", cfg.train.offload_params))
                  if how != "none"]
     if offloaded:
-        adam = " (DeepSpeed CPU Adam)" if cfg.train.offload_optimizer != "none" else ""
+        adam = " (DeepSpeed CPU Adam)" if cfg.train.optimizer_on_host else ""
         return f"{stage}, {' and '.join(offloaded)} offloaded to the host{adam}"
     if stage == cfg.train.zero_stage:
         return str(stage)
@@ -609,8 +609,7 @@ def report_state_memory(run: Run, writer: MetricsWriter) -> None:
     """Per rank: local parameters and the bytes of weights, gradients, optimizer state — formula vs measured."""
     c, dims = run.cfg, run.groups.dims
     params = local_param_count(run.engine)
-    formula = formula_state_bytes(params, c.train.precision, effective_zero_stage(c, dims.dp), dims.dp, run.pipelined,
-                                  offload=c.train.offload_optimizer != "none")
+    formula = state_formula(c, params, dims.dp, run.pipelined)
     measured = measured_state_bytes(run.engine)
     mine = {"rank": run.ctx.rank, "stage": run.groups.stage, "tp_rank": run.groups.tp_rank, "params": params,
             "formula": dataclasses.asdict(formula),

@@ -127,23 +127,35 @@ def _set_weight(p: torch.nn.Parameter, value: torch.Tensor) -> None:
         p.data.copy_(value.to(p.device, p.dtype))
 
 
-def write_state(engine, state: EngineState, source: Callable[[str], str]) -> None:
-    """Write ``state`` into a freshly built ``engine``; parameter ``name`` takes ``state.params[source(name)]``."""
+def _scaled(moments: dict[str, torch.Tensor], s: float) -> dict[str, torch.Tensor]:
+    if s == 1.0:
+        return moments
+    return {"exp_avg": moments["exp_avg"] * s, "exp_avg_sq": moments["exp_avg_sq"] * (s * s)}
+
+
+def write_state(engine, state: EngineState, source: Callable[[str], str],
+                scale: Callable[[str], float] | None = None) -> None:
+    """Write ``state`` into a freshly built ``engine``; parameter ``name`` takes ``state.params[source(name)]``.
+
+    ``scale(name)`` = s, if given, multiplies the first moment by s and the second by s²
+    (the moments of a gradient s times the one they were built from).
+    """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # noqa: PLC0415
 
     _create_optimizer_state(engine, state.step)
     opt = base_optimizer(engine)
     for name, p in engine.module.named_parameters():
         src = state.params[source(name)]
+        moments = _scaled(src.moments, scale(name) if scale is not None else 1.0)
         _set_weight(p, src.weight)
         if _partitioned(p):
             device = p.device if p.device.type != "meta" else torch.device("cpu")
             safe_set_full_fp32_param(p, src.weight.to(device))
             for k in MOMENTS:
-                safe_set_full_optimizer_state(p, src.moments[k].to(device), k)
+                safe_set_full_optimizer_state(p, moments[k].to(device), k)
         else:
             for k in MOMENTS:
-                opt.state[p][k].copy_(src.moments[k].to(p.device))
+                opt.state[p][k].copy_(moments[k].to(p.device))
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if state.loss_scale is not None and scaler is not None:
         scaler.cur_scale = state.loss_scale

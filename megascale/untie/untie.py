@@ -12,7 +12,8 @@ on every rank with the same decisions:
 4. the state is written into it, each new block from the block it was tied to,
    and the optimizer step, LR schedule and DeepSpeed counters continue.
 
-Each freed block starts equal to the shared one with equal moments, so the
+Each freed block starts equal to the shared one, with its moments (copied, or
+scaled to its share of the units with ``untie.moments=scale``), so the
 output right after the untie equals the output right before (tested).
 """
 
@@ -21,25 +22,51 @@ from __future__ import annotations
 import gc
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 
-from megascale.model.sharing import SharingPlan, block_sources, untie_units
+from megascale.model.sharing import SharingPlan, block_sources, unit_shares, untie_units
 from megascale.untie.conditions import Decision
 from megascale.untie.transfer import read_state, write_state
 
 log = logging.getLogger(__name__)
 
 
+def _block_name(pipelined: bool) -> re.Pattern:
+    # The plain model names blocks "blocks.<g>."; DeepSpeed's PipelineModule "tied_modules.block<g>.".
+    return re.compile(r"^(tied_modules\.block)(\d+)(\.)" if pipelined else r"^(blocks\.)(\d+)(\.)")
+
+
 def source_name(sources: dict[int, int], pipelined: bool):
     """Map a parameter name of the new engine to the old engine's name it is copied from."""
-    # The plain model names blocks "blocks.<g>."; DeepSpeed's PipelineModule "tied_modules.block<g>.".
-    pattern = re.compile(r"^(tied_modules\.block)(\d+)(\.)" if pipelined else r"^(blocks\.)(\d+)(\.)")
+    pattern = _block_name(pipelined)
 
     def source(name: str) -> str:
         return pattern.sub(lambda m: f"{m.group(1)}{sources[int(m.group(2))]}{m.group(3)}", name)
 
     return source
+
+
+def moment_scale(old: SharingPlan, new: SharingPlan, pipelined: bool, how: str) -> Callable[[str], float] | None:
+    """``untie.moments=scale``: a parameter name of the new engine -> k/K of its block (1 outside blocks).
+
+    A tied block's Adam moments were built from the sum of its K units' gradients. A copy
+    applied by k of them gets about k/K of that gradient when the units agree; with the
+    moments copied as they are, Adam's slowly decaying second moment then shrinks the copy's
+    updates by up to K/k for ~1/(1 - beta2) steps. Scaled, they are the moments of the copy's
+    share; when the units disagree (orthogonal gradients, each ~sqrt(k/K) of the sum) the
+    second moment then starts low by up to K/k instead.
+    """
+    if how == "copy":
+        return None
+    shares, pattern = unit_shares(old, new), _block_name(pipelined)
+
+    def scale(name: str) -> float:
+        m = pattern.match(name)
+        return shares[int(m.group(2))] if m else 1.0
+
+    return scale
 
 
 def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
@@ -57,7 +84,8 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     model = build_model(run.cfg, run.ctx, new_plan, quiet=True)  # meta: build_engine draws, write_state overwrites
     info = describe_model(model, run.cfg, run.layout)  # before tensor parallelism shards the plain model
     engine = build_engine(model, run.cfg, run.layout, run.ctx.device, run.groups)
-    write_state(engine, state, source_name(sources, run.pipelined))
+    write_state(engine, state, source_name(sources, run.pipelined),
+                moment_scale(old_plan, new_plan, run.pipelined, run.cfg.untie.moments))
     restore_schedule(engine, run.progress.step)
     engine.global_samples = run.progress.step * run.layout.global_batch
     before = run.info
