@@ -472,12 +472,15 @@ def plot(results: list[dict[str, Any]], target: float | None, path: Path, title:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.6), sharey=True)
     ok = [r for r in results if "error" not in r]
+    # One colour per untie condition; its runs under another moments policy ("coherence+scale") dashed.
+    bases = list(dict.fromkeys(r["name"].split("+")[0] for r in ok))
     for ax, key, label in ((axes[0], "flops", "training FLOPs"), (axes[1], "wall_s", "training wall time (s)")):
-        for i, r in enumerate(ok):
-            color = f"C{i}"
-            ax.plot([p[key] for p in r["train"]], [p["loss_smoothed"] for p in r["train"]], color=color, alpha=0.35, lw=1)
-            ax.plot([p[key] for p in r["val"]], [p["loss"] for p in r["val"]], color=color, marker="o", ms=3, lw=1.5,
-                    label=r["note"] if r["note"].startswith(r["name"]) else f"{r['name']} ({r['note']})")
+        for r in ok:
+            color, style = f"C{bases.index(r['name'].split('+')[0])}", "--" if "+" in r["name"] else "-"
+            ax.plot([p[key] for p in r["train"]], [p["loss_smoothed"] for p in r["train"]], color=color, ls=style,
+                    alpha=0.35, lw=1)
+            ax.plot([p[key] for p in r["val"]], [p["loss"] for p in r["val"]], color=color, ls=style, marker="o", ms=3,
+                    lw=1.5, label=r["note"] if r["note"].startswith(r["name"]) else f"{r['name']} ({r['note']})")
             for u in r["unties"]:
                 ax.axvline(u[key], color=color, ls=":", lw=1)
                 ax.plot([u[key]], [_loss_at(r["val"], u[key], key)], marker="*", ms=13, color=color, mec="black", mew=0.5)
@@ -488,9 +491,10 @@ def plot(results: list[dict[str, Any]], target: float | None, path: Path, title:
     axes[0].set_ylabel("loss (markers: validation; faint: smoothed training; ★: untie)")
     axes[0].set_ylim(*_y_range(ok, target))
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    rows = 4 if len(labels) > 8 else 2
+    fig.legend(handles, labels, loc="lower center", ncol=-(-len(labels) // rows), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.05 * rows, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
 

@@ -48,6 +48,9 @@ def plan_parser() -> argparse.ArgumentParser:
     b.add_argument("--days", type=float, help="wall-clock days")
     b.add_argument("--mfu", type=float, default=0.4, help="expected model FLOPs utilisation in (0, 1] (default %(default)s)")
     b.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU, overriding the table (or for an unlisted GPU)")
+    b.add_argument("--host-adam-rate", type=float, metavar="PARAMS_PER_S",
+                   help="parameters per second one GPU's process steps on the host (python bench/cpu_adam.py on a "
+                        "training node): prices the optimizer step of a plan that offloads it into the wall time")
     m = p.add_argument_group("allocation")
     m.add_argument("--mapping", default="epoch", help="chinchilla-1 | chinchilla-2 | chinchilla-3 | chinchilla-3-tex | epoch | kaplan | deepseek, or a mapping.json from `fit` (default %(default)s)")
     m.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a mapping parameter, e.g. --set alpha=0.35 (repeatable)")
@@ -146,7 +149,7 @@ def _budget(args):
         gpu = GPU(gpu.name if gpu else "custom", args.peak_tflops, gpu.memory_gib if gpu else 0.0)
     if gpu is None and (args.gpus or hours is not None):
         raise MegascaleError("a GPU-time budget needs the GPU model: --gpu H100 (or --peak-tflops for an unlisted one)")
-    return make_budget(args.flops, gpu, args.gpus, hours, args.mfu)
+    return make_budget(args.flops, gpu, args.gpus, hours, args.mfu, args.host_adam_rate)
 
 
 # ------------------------------------------------------------------ fit

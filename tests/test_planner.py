@@ -19,7 +19,7 @@ from megascale.hardware import lookup_gpu
 from megascale.model import Transformer
 from megascale.planner.fit import RunPoint, fit_runs, read_run
 from megascale.planner.mappings import PUBLISHED, get_mapping, load_mapping, save_mapping
-from megascale.planner.plan import make_budget, make_plan, write_config
+from megascale.planner.plan import make_budget, make_plan, plan_to_dict, render_plan, write_config
 from megascale.planner.shapes import Shape, count, solve_shape
 from megascale.planner.sweep import PRESETS, plan_sweep, write_sweep
 
@@ -328,3 +328,22 @@ def test_an_emitted_sweep_config_trains_and_reads_back_as_a_fit_point(tmp_path, 
     c = count(run.plan.shape)
     assert point.params == c.applied and point.flops == pytest.approx(c.flops_per_token * point.tokens)
     assert point.tokens == 2 * 8 * run.plan.shape.seq_len and point.loss_source == "val"
+
+
+def test_offloaded_plan_prices_the_host_adam_step_into_the_wall_time():
+    """The GPU waits for the host's Adam step over its 1/n partition: steps x unique/n / rate on top of the GPUs' time."""
+    gpu, year = lookup_gpu("A10G"), 365 * 24
+    unpriced = make_plan(make_budget(gpu=gpu, n_gpus=2, hours=year), PUBLISHED["epoch"])
+    assert unpriced.recipe.offload_optimizer == "cpu" and unpriced.host_step_seconds is None
+    assert unpriced.wall_seconds == unpriced.device_seconds == pytest.approx(year * 3600, rel=0.01)
+    assert "unpriced" in render_plan(unpriced) and "--host-adam-rate" in render_plan(unpriced)
+    priced = make_plan(make_budget(gpu=gpu, n_gpus=2, hours=year, host_adam_rate=2e8), PUBLISHED["epoch"])
+    per_step = priced.counts.unique / 2 / 2e8
+    assert priced.host_step_seconds == pytest.approx(per_step)
+    assert priced.wall_seconds == pytest.approx(priced.device_seconds + per_step * priced.recipe.steps)
+    assert priced.wall_seconds > priced.device_seconds and "of host Adam steps" in render_plan(priced)
+    assert plan_to_dict(priced)["host_step_seconds"] == pytest.approx(per_step)
+    on_device = make_plan(make_budget(gpu=gpu, n_gpus=2, hours=30 * 24, host_adam_rate=2e8), PUBLISHED["epoch"])
+    assert on_device.recipe.offload_optimizer == "none" and on_device.wall_seconds == on_device.device_seconds
+    with pytest.raises(MegascaleError, match="bench/cpu_adam.py"):
+        make_budget(gpu=gpu, n_gpus=1, hours=1, host_adam_rate=0)

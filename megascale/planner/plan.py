@@ -29,7 +29,7 @@ Recipe rules (each stated where it is applied):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ class Budget:
     n_gpus: int = 0
     hours: float | None = None
     mfu: float = 0.4
+    host_adam_rate: float | None = None  # parameters/s one GPU's process steps on the host (bench/cpu_adam.py)
 
     @property
     def cluster_flops_per_s(self) -> float | None:
@@ -83,8 +84,20 @@ class Budget:
 
 
 def make_budget(flops: float | None = None, gpu: GPU | None = None, n_gpus: int | None = None,
-                hours: float | None = None, mfu: float = 0.4) -> Budget:
-    """Validate and build a budget: either ``flops``, or ``n_gpus`` × ``hours`` on ``gpu`` at ``mfu``."""
+                hours: float | None = None, mfu: float = 0.4, host_adam_rate: float | None = None) -> Budget:
+    """Validate and build a budget: either ``flops``, or ``n_gpus`` × ``hours`` on ``gpu`` at ``mfu``.
+
+    ``host_adam_rate`` (parameters per second one GPU's process steps with DeepSpeed's CPU Adam)
+    prices the host step of a plan that offloads its optimizer; the FLOPs budget stays the GPUs'.
+    """
+    if host_adam_rate is not None and not (host_adam_rate > 0 and math.isfinite(host_adam_rate)):
+        raise MegascaleError(f"host Adam rate {host_adam_rate:g} must be a positive number of parameters per second "
+                             "(measure it on a training node: python bench/cpu_adam.py)")
+    budget = _budget(flops, gpu, n_gpus, hours, mfu)
+    return replace(budget, host_adam_rate=host_adam_rate)
+
+
+def _budget(flops: float | None, gpu: GPU | None, n_gpus: int | None, hours: float | None, mfu: float) -> Budget:
     if not (0.0 < mfu <= 1.0) or not math.isfinite(mfu):
         raise MegascaleError(f"MFU {mfu:g} must be in (0, 1]; typical bf16 LLM training reaches 0.3-0.5 (e.g. --mfu 0.4)")
     if n_gpus is not None and n_gpus <= 0:
@@ -277,8 +290,26 @@ class Plan:
         return self.counts.value(self.allocation.target_kind) / self.allocation.target - 1.0
 
     @property
-    def wall_seconds(self) -> float | None:
+    def device_seconds(self) -> float | None:
+        """The GPUs' time for the planned FLOPs at the budget's MFU (None without GPUs)."""
         return self.budget.seconds_for(self.recipe.flops if self.flops_model == "exact" else self.counts.flops_per_token * self.recipe.tokens)
+
+    @property
+    def host_step_seconds(self) -> float | None:
+        """One offloaded optimizer step on the host, when the plan offloads and the host's rate is known.
+
+        Each GPU's process steps its 1/n partition of the unique parameters with DeepSpeed's CPU
+        Adam between backward and the next forward, so the GPU waits for it: the time adds up.
+        """
+        if self.recipe.offload_optimizer == "none" or not self.budget.host_adam_rate:
+            return None
+        return self.counts.unique / max(1, self.budget.n_gpus) / self.budget.host_adam_rate
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """The GPUs' time, plus the host's Adam steps when the plan offloads and their rate is known."""
+        device, host = self.device_seconds, self.host_step_seconds
+        return device + host * self.recipe.steps if device is not None and host is not None else device
 
 
 def make_plan(
@@ -433,7 +464,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     b, a, c, r = plan.budget, plan.allocation, plan.counts, plan.recipe
     return {
         "budget": {"flops": b.flops, "gpu": b.gpu.name if b.gpu else None, "peak_tflops": b.gpu.peak_tflops if b.gpu else None,
-                   "n_gpus": b.n_gpus or None, "hours": b.hours, "mfu": b.mfu},
+                   "n_gpus": b.n_gpus or None, "hours": b.hours, "mfu": b.mfu, "host_adam_rate": b.host_adam_rate},
         "mapping": plan.mapping.to_dict() | {"formula": plan.mapping.formula()},
         "allocation": {"params": a.params, "tokens": a.tokens, "tokens_per_param": a.tokens_per_param, "loss": a.loss,
                        "target": a.target, "target_kind": a.target_kind, "flops_convention": "C = 6ND"},
@@ -449,6 +480,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                                "capacity": plan.memory.capacity / 2**30 or None, "host": plan.memory.host / 2**30},
         "predicted_loss": plan.predicted_loss,
         "wall_seconds": plan.wall_seconds,
+        "device_seconds": plan.device_seconds,
+        "host_step_seconds": plan.host_step_seconds,
         "config": plan_config(plan),
         "notes": plan.notes,
         "other_mappings": plan.comparison,
@@ -512,13 +545,26 @@ def render_plan(plan: Plan) -> str:
                                f"{gib(mem.activations)} activations per micro-batch"))
     if plan.predicted_loss is not None:
         rows.append(("predicted loss", f"{plan.predicted_loss:.3f} nats/token (mapping's L(N, D) at the planned N and D)"))
-    wall = plan.wall_seconds
-    rows.append(("wall time", duration(wall) + f" at MFU {b.mfu:g}" if wall is not None else "n/a: give --gpus and --gpu for a time estimate"))
+    rows.append(("wall time", _wall_words(plan)))
     width = max(len(k) for k, _ in rows)
     out = ["megascale compute plan"] + [f"  {k:<{width}}  {v}" for k, v in rows]
     out += [f"  {'note':<{width}}  {n}" for n in plan.notes]
     out += ["", f"other mappings at {sci(b.flops)} FLOPs (C = 6ND):", render_comparison(plan.comparison)]
     return "\n".join(out)
+
+
+def _wall_words(plan: Plan) -> str:
+    device, host, mfu = plan.device_seconds, plan.host_step_seconds, plan.budget.mfu
+    if device is None:
+        return "n/a: give --gpus and --gpu for a time estimate"
+    if host is not None:
+        return (f"{duration(plan.wall_seconds)}: {duration(device)} on the GPUs at MFU {mfu:g} + "
+                f"{duration(host * plan.recipe.steps)} of host Adam steps ({host:.2f} s per step at "
+                f"{plan.budget.host_adam_rate:.3g} parameters/s)")
+    if plan.recipe.offload_optimizer != "none":
+        return (f"{duration(device)} at MFU {mfu:g}, plus the host Adam steps, unpriced: measure the host's rate "
+                f"with bench/cpu_adam.py and pass --host-adam-rate")
+    return f"{duration(device)} at MFU {mfu:g}"
 
 
 def render_comparison(rows: list[dict[str, Any]]) -> str:
