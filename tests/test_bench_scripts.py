@@ -83,3 +83,15 @@ def test_gpu_session_rejects_an_unknown_job(tmp_path):
     proc = _run(["bench/gpu_session.py", "--only", "nonesuch", "--out", str(tmp_path)])
     assert proc.returncode != 0
     assert "no job matches" in proc.stderr and "kernel_tests" in proc.stderr
+
+
+def test_cpu_adam_bench_steps_each_optimizer_at_each_thread_count(tmp_path):
+    """What --host-adam-rate is read from: every optimizer stepped, in its own process per thread count."""
+    out = tmp_path / "cpu_adam.json"
+    proc = _run(["bench/cpu_adam.py", "--params", "1e5", "--threads", "1,2", "--reps", "1", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["optimizer"], r["threads"]) for r in rows if "error" not in r) == sorted(
+        (name, t) for name in ("deepspeed_cpu_adam", "torch_adamw_foreach", "torch_adamw_fused") for t in (1, 2))
+    assert all(r["params"] == 100_000 and r["params_per_s"] > 0 for r in rows)
+    assert "deepspeed_cpu_adam" in proc.stdout
