@@ -12,13 +12,13 @@ REPORT = ROOT / "launch" / "report.py"
 
 
 def test_report_page_shows_config_plots_unties_throughput_memory(tmp_path, data_dir):
-    run_pretrain(tmp_path, data_dir, "train.max_steps=4", "untie.when=step:2", "train.eval_every=2", "train.eval_batches=2")
+    run_pretrain(tmp_path, data_dir, "train.max_steps=4", "untie.when=step:2", "untie.moments=scale", "train.eval_every=2", "train.eval_batches=2")
     proc = subprocess.run([sys.executable, str(REPORT), str(tmp_path)], capture_output=True, text=True, env=clean_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     page = (tmp_path / "report.md").read_text()
     for section in ("## Untie and fault events", "## Throughput", "## Per-rank state memory", "## Config (newest checkpoint)"):
         assert section in page
-    assert "| 2 | [0, 1] | [0, 1, 2, 3] | step 2 >= 2; step 2 >= 2 |" in page
+    assert "| 2 | [0, 1] | [0, 1, 2, 3] | step 2 >= 2; step 2 >= 2 |" in page and "| scale |" in page
     assert "![loss](loss.png)" in page and (tmp_path / "loss.png").stat().st_size > 0
     assert '"sharing": "cycle:2"' in page and "validation loss |" in page
 

@@ -77,8 +77,9 @@ def _events(records: list[dict[str, Any]]) -> list[str]:
     lines = []
     if unties:
         rows = [[r["step"], r["groups"], r["units"], "; ".join(r["reasons"].values()),
-                 f"{r['params_unique_before']:,} → {r['params_unique_after']:,}"] for r in unties]
-        lines += _table(["step", "groups", "units", "why", "unique parameters"], rows)
+                 f"{r['params_unique_before']:,} → {r['params_unique_after']:,}", r.get("moments", "copy")]
+                for r in unties]  # runs from before untie.moments existed copied them
+        lines += _table(["step", "groups", "units", "why", "unique parameters", "Adam moments"], rows)
     else:
         lines.append("No untie.")
     other = [r for r in records if r.get("event") in ("preempted", "nan_skip", "nan_rollback")]

@@ -94,15 +94,16 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     event = {
         "step": run.progress.step, "tokens": run.progress.tokens, "event": "untie",
         "groups": [d.group for d in decisions], "units": units,
-        "reasons": {str(d.group): d.reason for d in decisions},
+        "reasons": {str(d.group): d.reason for d in decisions}, "moments": run.cfg.untie.moments,
         "plan_before": old_plan.to_list(), "plan_after": new_plan.to_list(),
         "params_unique_before": before["params_unique"], "params_unique_after": run.info["params_unique"],
     }
     if run.ctx.is_main:
         for d in decisions:
             log.info("step %d: untied group %d units %s (%s)", run.progress.step, d.group, d.units, d.reason)
-        log.info("sharing plan now %s: %s -> %s unique parameters", new_plan.describe(),
-                 f"{before['params_unique']:,}", f"{run.info['params_unique']:,}")
+        log.info("sharing plan now %s: %s -> %s unique parameters, Adam moments %s", new_plan.describe(),
+                 f"{before['params_unique']:,}", f"{run.info['params_unique']:,}",
+                 "scaled to each block's share of its units" if run.cfg.untie.moments == "scale" else "copied")
     return event
 
 
