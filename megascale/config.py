@@ -183,6 +183,11 @@ class TrainConfig:
         """The fp32 master and Adam moments live, and are stepped, on the host (ZeRO-Offload)."""
         return self.offload_optimizer != "none"
 
+    @property
+    def weights_on_host(self) -> bool:
+        """Each rank's ZeRO-3 weight partition lives on the host, gathered to the device for compute."""
+        return self.offload_params != "none"
+
 
 @dataclass
 class ParallelConfig:

@@ -44,11 +44,15 @@ def steps(run, n: int) -> list[float]:
     return out
 
 
-def max_diff(before, after, sources, pipelined) -> float:
+def pairs(before, after, sources, pipelined):
+    """(name, new state, the old state it was written from) for every parameter of the new engine."""
     source = source_name(sources, pipelined)
+    return [(name, new, before.params[source(name)]) for name, new in after.params.items()]
+
+
+def max_diff(before, after, sources, pipelined) -> float:
     worst = 0.0
-    for name, new in after.params.items():
-        old = before.params[source(name)]
+    for _, new, old in pairs(before, after, sources, pipelined):
         worst = max(worst, (new.weight - old.weight).abs().max().item())
         for k in new.moments:
             worst = max(worst, (new.moments[k] - old.moments[k]).abs().max().item())
@@ -57,10 +61,8 @@ def max_diff(before, after, sources, pipelined) -> float:
 
 def moment_ratios(before, after, sources, pipelined) -> dict[str, list[float]]:
     """Per parameter of the new engine: sum|exp_avg| and sum exp_avg_sq over those of its source (copy: 1, 1)."""
-    source = source_name(sources, pipelined)
     out = {}
-    for name, new in after.params.items():
-        old = before.params[source(name)]
+    for name, new, old in pairs(before, after, sources, pipelined):
         if old.moments["exp_avg_sq"].sum() > 0:
             out[name] = [(new.moments["exp_avg"].abs().sum() / old.moments["exp_avg"].abs().sum()).item(),
                          (new.moments["exp_avg_sq"].sum() / old.moments["exp_avg_sq"].sum()).item()]

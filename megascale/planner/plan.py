@@ -29,7 +29,7 @@ Recipe rules (each stated where it is applied):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +93,6 @@ def make_budget(flops: float | None = None, gpu: GPU | None = None, n_gpus: int 
     if host_adam_rate is not None and not (host_adam_rate > 0 and math.isfinite(host_adam_rate)):
         raise MegascaleError(f"host Adam rate {host_adam_rate:g} must be a positive number of parameters per second "
                              "(measure it on a training node: python bench/cpu_adam.py)")
-    budget = _budget(flops, gpu, n_gpus, hours, mfu)
-    return replace(budget, host_adam_rate=host_adam_rate)
-
-
-def _budget(flops: float | None, gpu: GPU | None, n_gpus: int | None, hours: float | None, mfu: float) -> Budget:
     if not (0.0 < mfu <= 1.0) or not math.isfinite(mfu):
         raise MegascaleError(f"MFU {mfu:g} must be in (0, 1]; typical bf16 LLM training reaches 0.3-0.5 (e.g. --mfu 0.4)")
     if n_gpus is not None and n_gpus <= 0:
@@ -109,11 +104,11 @@ def _budget(flops: float | None, gpu: GPU | None, n_gpus: int | None, hours: flo
             raise MegascaleError(f"budget of {flops:g} FLOPs must be positive (e.g. --flops 1e21)")
         if hours is not None:
             raise MegascaleError("give the budget either as --flops or as --gpus × --hours/--days, not both")
-        return Budget(flops, gpu, n_gpus or (1 if gpu else 0), None, mfu)
+        return Budget(flops, gpu, n_gpus or (1 if gpu else 0), None, mfu, host_adam_rate)
     if hours is None or gpu is None:
         raise MegascaleError("no budget: give --flops C, or --gpus N --gpu NAME --hours H (or --days D) [--mfu 0.4]")
     n = n_gpus or 1
-    return Budget(n * gpu.peak_flops * mfu * hours * SECONDS_PER_HOUR, gpu, n, hours, mfu)
+    return Budget(n * gpu.peak_flops * mfu * hours * SECONDS_PER_HOUR, gpu, n, hours, mfu, host_adam_rate)
 
 
 # ------------------------------------------------------------------ recipe
@@ -261,6 +256,14 @@ class Recipe:
     offload_params: str = "none"  # train.offload_params
 
     @property
+    def optimizer_on_host(self) -> bool:
+        return self.offload_optimizer != "none"
+
+    @property
+    def weights_on_host(self) -> bool:
+        return self.offload_params != "none"
+
+    @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len
 
@@ -301,7 +304,7 @@ class Plan:
         Each GPU's process steps its 1/n partition of the unique parameters with DeepSpeed's CPU
         Adam between backward and the next forward, so the GPU waits for it: the time adds up.
         """
-        if self.recipe.offload_optimizer == "none" or not self.budget.host_adam_rate:
+        if not self.recipe.optimizer_on_host or not self.budget.host_adam_rate:
             return None
         return self.counts.unique / max(1, self.budget.n_gpus) / self.budget.host_adam_rate
 
@@ -374,9 +377,9 @@ def _vocab_tag(vocab: int) -> str:
 
 
 def _offload_words(r: Recipe) -> str:
-    if r.offload_params != "none":
+    if r.weights_on_host:
         return " + optimizer and weights offloaded to the host"
-    return " + optimizer offloaded to the host" if r.offload_optimizer != "none" else ""
+    return " + optimizer offloaded to the host" if r.optimizer_on_host else ""
 
 
 def _notes(plan: Plan) -> list[str]:
@@ -537,9 +540,10 @@ def render_plan(plan: Plan) -> str:
     ]
     mem = plan.memory
     if mem.capacity:
-        held = ("gathered weights" if r.offload_params != "none" else "weights") if mem.host else "weights+grads+Adam"
+        held = ("gathered weights" if r.weights_on_host else "weights") if mem.host else "weights+grads+Adam"
+        on_host = f"; host ≈ {gib(mem.host)} {'weights+' if r.weights_on_host else ''}grads+Adam" if mem.host else ""
         rows.append(("memory/GPU", f"≈ {gib(mem.state)} {held} + {gib(mem.activations)} activations "
-                                   f"of {mem.capacity / 2**30:.0f} GiB" + (f"; host ≈ {gib(mem.host)} {'weights+' if r.offload_params != 'none' else ''}grads+Adam" if mem.host else "")))
+                                   f"of {mem.capacity / 2**30:.0f} GiB{on_host}"))
     else:
         rows.append(("memory", f"≈ {gib(mem.state)} weights+grads+Adam per replica before ZeRO sharding, "
                                f"{gib(mem.activations)} activations per micro-batch"))
@@ -561,7 +565,7 @@ def _wall_words(plan: Plan) -> str:
         return (f"{duration(plan.wall_seconds)}: {duration(device)} on the GPUs at MFU {mfu:g} + "
                 f"{duration(host * plan.recipe.steps)} of host Adam steps ({host:.2f} s per step at "
                 f"{plan.budget.host_adam_rate:.3g} parameters/s)")
-    if plan.recipe.offload_optimizer != "none":
+    if plan.recipe.optimizer_on_host:
         return (f"{duration(device)} at MFU {mfu:g}, plus the host Adam steps, unpriced: measure the host's rate "
                 f"with bench/cpu_adam.py and pass --host-adam-rate")
     return f"{duration(device)} at MFU {mfu:g}"

@@ -86,7 +86,7 @@ def zero_config(cfg: Config, dp: int, device_type: str) -> dict[str, Any]:
     if cfg.train.optimizer_on_host:
         # Pinned host buffers make the gradient copies out and the weight copies back asynchronous.
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
-    if cfg.train.offload_params == "cpu":
+    if cfg.train.weights_on_host:
         zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     return zero
 

@@ -147,10 +147,10 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: Par
 def zero_stage_note(cfg: Config, dp: int) -> str:
     """'1', or '0 (train.zero_stage=1 partitions nothing at dp=1 in fp32)' when the stage runs lower."""
     stage = effective_zero_stage(cfg, dp)
-    offloaded = [what for what, how in (("optimizer", cfg.train.offload_optimizer), ("weights", cfg.train.offload_params))
-                 if how != "none"]
+    t = cfg.train
+    offloaded = [what for what, on_host in (("optimizer", t.optimizer_on_host), ("weights", t.weights_on_host)) if on_host]
     if offloaded:
-        adam = " (DeepSpeed CPU Adam)" if cfg.train.optimizer_on_host else ""
+        adam = " (DeepSpeed CPU Adam)" if t.optimizer_on_host else ""
         return f"{stage}, {' and '.join(offloaded)} offloaded to the host{adam}"
     if stage == cfg.train.zero_stage:
         return str(stage)
