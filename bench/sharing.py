@@ -113,8 +113,15 @@ def variants(b: Budget, args: argparse.Namespace) -> list[Variant]:
         Variant("coherence", (*tied, "untie.when=coherence", *coherence),
                 f"coherence (rho < {args.coherence_threshold:g} x{args.coherence_probes}, probe every {args.probe_every})"),
     ]
-    # Each untie under every --moments policy; "copy" (the default) keeps the plain names.
-    with_moments = [Variant(v.name if how == "copy" else f"{v.name}+{how}", (*v.overrides, f"untie.moments={how}"),
+    # Each untie under every --moments policy; "copy" (the default) keeps the plain names. "probe" reads the
+    # coherence probe's statistics: the conditions that do not probe already get the coherence run's probes.
+    probes = (f"untie.probe_every={args.probe_every}", f"untie.coherence_probes={args.coherence_probes}")
+
+    def policy(v: Variant, how: str) -> tuple[str, ...]:
+        extra = probes if how == "probe" and not any(o.startswith("untie.probe_every=") for o in v.overrides) else ()
+        return (*v.overrides, *extra, f"untie.moments={how}")
+
+    with_moments = [Variant(v.name if how == "copy" else f"{v.name}+{how}", policy(v, how),
                             v.note if how == "copy" else f"{v.note}, moments {how}")
                     for v in unties for how in args.moments]
     return [Variant("untied", ("model.sharing=none",), "untied from the start"), Variant("tied", tied, "tied throughout"),
@@ -132,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", default="untied,tied,step,tokens,plateau,coherence", help="comma-separated subset; "
                    "an untie under another --moments policy is named <variant>+<policy>, e.g. coherence+scale")
     p.add_argument("--moments", default="copy", help="comma-separated untie.moments policies each untie runs "
-                   "under (copy, scale); the variants of a policy other than copy run without being listed in --variants")
+                   "under (copy, scale, probe); the variants of a policy other than copy run without being listed in --variants")
     p.add_argument("--steps", type=int, help="override the budget's optimizer steps (eval every steps/10; "
                    "the condition settings below stay as calibrated for 300)")
     p.add_argument("--reuse", action="store_true", help="analyse runs already finished in --out instead of training them")

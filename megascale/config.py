@@ -238,7 +238,7 @@ class UntieConfig:
     min_step: int = 0
     """No untie before this step (plateau and coherence are noisy during warm-up)."""
     moments: str = "copy"
-    """Adam moments of an untied block: copy (each copy starts with the shared block's, built from the sum of all K units' gradients) | scale (first moment x k/K, second x (k/K)^2 for a block now applied by k of the K units: the moments of its share of the sum when the units agree, so its first updates are not shrunk by up to K/k)."""
+    """Adam moments of an untied block: copy (each copy starts with the shared block's, built from the sum of all K units' gradients) | scale (first moment x k/K, second x (k/K)^2 for a block now applied by k of the K units: the moments of its share of the sum when the units agree, so its first updates are not shrunk by up to K/k) | probe (the factors from the coherence probe's per-unit statistics over its last coherence_probes probes, for units that disagree too; needs untie.probe_every > 0). See megascale/untie/moments.py."""
 
 
 @dataclass
@@ -483,7 +483,9 @@ def _check_untie(cfg: Config) -> None:
     from megascale.untie.conditions import parse_rules  # noqa: PLC0415
 
     parse_rules(cfg)  # raises on a bad condition, group or unit selection
-    _check(cfg.untie.moments in ("copy", "scale"), f"untie.moments='{cfg.untie.moments}' is not one of copy, scale")
+    from megascale.untie.moments import POLICIES  # noqa: PLC0415
+
+    _check(cfg.untie.moments in POLICIES, f"untie.moments='{cfg.untie.moments}' is not one of {', '.join(POLICIES)}")
 
 
 def _check_finetune(f: FinetuneConfig) -> None:

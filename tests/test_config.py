@@ -59,7 +59,7 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("train.offload_params=cpu train.zero_stage=2", "needs train.zero_stage=3"),
         ("train.offload_params=gpu", "is not one of none, cpu"),
         ("train.init_device=gpu", "is not one of auto, cpu"),
-        ("untie.moments=reset", "is not one of copy, scale"),
+        ("untie.moments=reset", "is not one of copy, scale, probe"),
     ],
 )
 def test_bad_input_is_one_line(override, fragment):

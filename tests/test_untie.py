@@ -7,14 +7,16 @@ import re
 import subprocess
 
 import pytest
+import torch
 
 from conftest import BIN, ROOT, TINY, clean_env, events, free_port, losses, run_pretrain
 from megascale.config import load_config
 from megascale.errors import MegascaleError
-from megascale.model.sharing import SharingPlan, block_sources, replay_untie_history, unit_shares, untie_units
+from megascale.model.sharing import SharingPlan, block_sources, replay_untie_history, untie_units
 from megascale.train.checkpoint import full_weights
 from megascale.train.checkpoint import read_meta as checkpoint_meta
 from megascale.untie.conditions import UntieController
+from megascale.untie.moments import UnitStats, block_factors, mean_unit_stats, probe_factors
 
 # ------------------------------------------------------------------ plans
 
@@ -44,12 +46,76 @@ def test_untie_of_a_lone_unit_changes_nothing_and_history_replays():
     assert replay_untie_history(SharingPlan.parse("all", 4), history).to_list() == [0, 1, 2, 0]
 
 
-def test_unit_shares_are_each_new_block_s_fraction_of_its_source_s_units():
+def test_scale_gives_each_new_block_its_fraction_of_its_source_s_units():
     plan = SharingPlan.parse("cycle:2", 6)  # [0,1,0,1,0,1]: blocks of 3 units each
-    assert unit_shares(plan, untie_units(plan, [2])) == {0: 2 / 3, 1: 1.0, 2: 1 / 3}
+    assert block_factors(plan, untie_units(plan, [2]), "scale") == {
+        0: (2 / 3, 4 / 9, "units"), 2: (1 / 3, 1 / 9, "units")}  # block 1 keeps all its units: (1, 1), left out
     everything = SharingPlan.parse("all", 4)
-    assert unit_shares(everything, untie_units(everything, [0])) == {0: 1 / 4, 1: 3 / 4}
-    assert unit_shares(plan, plan) == {0: 1.0, 1: 1.0}
+    assert block_factors(everything, untie_units(everything, [0]), "scale") == {0: (1 / 4, 1 / 16, "units"),
+                                                                                  1: (3 / 4, 9 / 16, "units")}
+    assert block_factors(plan, untie_units(plan, [2]), "copy") == {} and block_factors(plan, plan, "scale") == {}
+
+
+def unit_stats_of(grads: dict[int, torch.Tensor]) -> UnitStats:
+    """Exact pull and energy of per-unit gradient vectors (what the probe measures on one step)."""
+    total = sum(grads.values())
+    s = float(total @ total)
+    return UnitStats(tuple(grads), {u: float(g @ total) / s for u, g in grads.items()},
+                     {u: float(g @ g) / s for u, g in grads.items()}, 1)
+
+
+def true_factors(grads, subset) -> tuple[float, float]:
+    total, part = sum(grads.values()), sum(grads[u] for u in subset)
+    return float(part @ total) / float(total @ total), float(part @ part) / float(total @ total)
+
+
+def test_probe_factors_are_exact_for_one_unit_and_for_the_group_it_leaves():
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(256, generator=gen)
+    grads = {u: w * common + torch.randn(256, generator=gen) for u, w in zip(range(4), (1.0, 0.5, -0.2, 2.0))}
+    stats = unit_stats_of(grads)
+    assert sum(stats.pull.values()) == pytest.approx(1.0)
+    for subset in ([0], [2], [1, 2, 3], [0, 1, 3]):
+        assert probe_factors(stats, subset) == pytest.approx(true_factors(grads, subset), rel=1e-5)
+    a, b = probe_factors(stats, [0, 1])  # two of four: the cross term <g0, g1> is estimated along the sum
+    assert b >= a * a and a == pytest.approx(true_factors(grads, [0, 1])[0], rel=1e-5)
+    with pytest.raises(ValueError, match="not all in the probed group"):
+        probe_factors(stats, [7])
+
+
+def test_probe_factors_of_agreeing_units_are_the_unit_shares():
+    grads = {u: torch.ones(8) for u in range(4)}
+    a, b = probe_factors(unit_stats_of(grads), [1])
+    assert (a, b) == pytest.approx((1 / 4, 1 / 16))
+
+
+def test_probe_statistics_average_the_recent_probes_of_the_current_units():
+    old = {"units": [0, 1, 2], "pull": {"0": 0.2, "1": 0.3, "2": 0.5}, "energy": {"0": 1, "1": 1, "2": 1}}
+    probes = [old,
+              {"units": [0, 2], "pull": {"0": 0.4, "2": 0.6}, "energy": {"0": 0.5, "2": 0.7}},
+              {"units": [0, 2], "pull": {"0": float("nan"), "2": 0.1}, "energy": {"0": 1.0, "2": 1.0}},  # overflowed
+              {"units": [0, 2], "pull": {"0": 0.2, "2": 0.8}, "energy": {"0": 0.3, "2": 0.9}}]
+    stats = mean_unit_stats(probes)
+    assert stats.units == (0, 2) and stats.probes == 2
+    assert stats.pull == pytest.approx({0: 0.3, 2: 0.7}) and stats.energy == pytest.approx({0: 0.4, 2: 0.8})
+    assert mean_unit_stats([]) is None and mean_unit_stats(probes[2:3]) is None
+
+
+def test_probe_policy_uses_the_controller_s_probes_and_falls_back_without_them():
+    cycle = ("model.sharing=cycle:2", "untie.when=step:5", "untie.probe_every=1", "untie.moments=probe")
+    c = controller(*cycle, "untie.coherence_probes=2")
+    plan = SharingPlan.parse("cycle:2", 4)  # [0,1,0,1]
+    shares = {"pull": {0: 0.9, 2: 0.1}, "energy": {0: 0.85, 2: 0.05}}
+    for _ in range(3):  # three probes, two kept
+        c.observe_probe(plan, {0: {"rho": 0.9, "alignment": {0: 1.0, 2: 0.4}, **shares}})
+    assert len(c.state.unit_probes["0"]) == 2
+    restored = controller(*cycle, "untie.coherence_probes=2")
+    restored.load_state_dict(json.loads(json.dumps(c.state_dict())))  # as a checkpoint holds it
+    stats = restored.unit_stats(plan)
+    assert stats[0].pull == pytest.approx({0: 0.9, 2: 0.1}) and stats[1] is None
+    factors = block_factors(plan, untie_units(plan, [0, 1, 2, 3]), "probe", stats)
+    assert factors[0][:2] == pytest.approx((0.9, 0.85)) and factors[2][:2] == pytest.approx((0.1, 0.05))
+    assert factors[0][2] == "probe (2)" and factors[1] == (0.5, 0.25, "units (no probe yet)")
 
 
 def test_block_sources_refuses_a_merge():
@@ -81,9 +147,11 @@ def test_bad_untie_settings_fail_in_one_line(bad, match):
         load_config(None, ["model.n_layers=4", "model.sharing=all", "untie.when=step:3", bad])
 
 
-def test_coherence_needs_probes():
+@pytest.mark.parametrize("needs", ["untie.when=coherence", "untie.moments=probe"])
+def test_what_reads_probes_needs_probes(needs):
     with pytest.raises(MegascaleError, match="probe_every"):
-        load_config(None, ["model.n_layers=4", "model.sharing=all", "untie.when=coherence"])
+        load_config(None, ["model.n_layers=4", "model.sharing=all", "untie.when=step:3", needs])
+    load_config(None, ["model.n_layers=4", "model.sharing=all", "untie.moments=probe"])  # no untie rule: nothing to read
 
 
 def test_step_and_token_conditions_fire_once():
@@ -171,6 +239,8 @@ LAYOUTS = [
     pytest.param(2, ["train.zero_stage=2", "train.precision=bf16", "train.offload_optimizer=cpu"], id="dp2-zero2-bf16-offload"),
     # bf16: fp32 ZeRO-1 at dp=1 runs as stage 0 (the first case); bf16 keeps DeepSpeed's partitioned state.
     pytest.param(4, ["train.zero_stage=1", "train.precision=bf16", "parallel.tp=2", "parallel.pp=2"], id="tp2-pp2-zero1-bf16"),
+    # Pipeline stages with two data-parallel replicas each: the untie state is sliced over each stage's replicas.
+    pytest.param(4, ["train.zero_stage=1", "parallel.pp=2"], id="pp2-dp2-zero1"),
 ]
 
 
@@ -187,6 +257,13 @@ def test_untie_keeps_output_and_copies_the_state(data_dir, tmp_path, nproc, over
         for when in ("before", "after"):
             m = rank[when]
             assert m["measured"] == pytest.approx(m["formula"], rel=0.03)
+    # The state carried across the untie: each data-parallel rank holds a 1/dp slice of its tp/pp part.
+    dp = nproc // (2 if "parallel.tp=2" in overrides else 1) // (2 if "parallel.pp=2" in overrides else 1)
+    held = [rank["state"] for rank in r["memory_by_rank"]]
+    for s in held:
+        assert abs(s["held"] - s["full"] / dp) <= s["tensors"]  # ceil's rounding: at most one element per tensor
+    if dp == nproc:  # the slices of the data-parallel ranks tile the whole state
+        assert sum(s["held"] for s in held) == held[0]["full"]
     assert all(l == l for l in r["losses"]) and r["losses"][2] < r["losses"][1] * 1.02  # no spike
 
 
@@ -209,6 +286,26 @@ def test_untie_scales_the_moments_to_each_copy_s_share(data_dir, tmp_path, nproc
         expected = 0.5 if block[name] and block[name].group(1) in ("0", "2") else 1.0
         assert first == pytest.approx(expected, rel=1e-6) and second == pytest.approx(expected**2, rel=1e-6), name
     assert all(l == l for l in r["losses"])
+
+
+def test_probe_moments_come_from_the_last_probe_before_the_untie(data_dir, tmp_path):
+    """untie.moments=probe with one probe kept: each freed unit's factors are its pull and energy on step 3,
+    which the probe record's coherence and alignment pin down: sum a = 1, sum b = 1/(K rho), a = cos sqrt(b)."""
+    run_pretrain(tmp_path, data_dir, "untie.when=step:3", "untie.probe_every=1", "untie.coherence_probes=1",
+                 "untie.moments=probe", "train.max_steps=4")
+    (event,) = events(tmp_path, "untie")
+    probe = next(r for r in events(tmp_path, "probe") if r["step"] == 3)
+    factors = {int(g): f for g, f in event["moment_factors"].items()}
+    assert event["moments"] == "probe" and event["plan_after"] == [0, 1, 2, 3] and sorted(factors) == [0, 1, 2, 3]
+    for group, units in ((0, (0, 2)), (1, (1, 3))):  # cycle:2; the new blocks are numbered by layer
+        a = [factors[u][0] for u in units]
+        b = [factors[u][1] for u in units]
+        assert all(factors[u][2] == "probe (1)" for u in units)
+        assert sum(a) == pytest.approx(1.0, rel=1e-4)
+        assert sum(b) == pytest.approx(1 / (2 * probe[f"coherence/g{group}"]), rel=1e-4)
+        for u, ai, bi in zip(units, a, b):
+            assert ai == pytest.approx(probe[f"alignment/g{group}/u{u}"] * bi**0.5, rel=1e-4, abs=1e-6)
+    assert all(l == l for l in losses(tmp_path).values())
 
 
 def test_untie_grows_memory_by_the_formula(data_dir, tmp_path):

@@ -5,7 +5,8 @@
 Trains two steps of the tiny model, unties UNITS (comma-separated layers) as one
 decision, and prints on rank 0 one JSON line: validation loss before and after,
 the largest difference between every new parameter's fp32 weight and Adam moments
-and those of the parameter it was copied from, the optimizer step and LR before
+and those of the parameter it was copied from (this rank's data-parallel slices),
+the elements of untie state each rank held, the optimizer step and LR before
 and after, per-rank state bytes (formula and measured) before and after, and the
 losses of two more steps.
 """
@@ -76,9 +77,9 @@ def main(units: str, overrides: list[str]) -> None:
     losses = steps(run, 2)
     old_plan = run.model.plan
     report = {"val_before": evaluate(run), "memory_before": memory(run), "lr_before": run.engine.get_lr()[0]}
-    before = read_state(run.engine)
+    before = read_state(run.engine, run.groups.dp_group)  # as untie_run reads it: this rank's slices
     event = untie_run(run, [Decision(0, [int(u) for u in units.split(",")], "test")])
-    after = read_state(run.engine)
+    after = read_state(run.engine, run.groups.dp_group)
     sources = block_sources(old_plan, run.model.plan)
     report.update(
         val_after=evaluate(run), memory_after=memory(run), lr_after=run.engine.get_lr()[0],
@@ -91,7 +92,9 @@ def main(units: str, overrides: list[str]) -> None:
     )
     report["losses"] = losses + steps(run, 2)
     memories = [None] * ctx.world_size
-    dist.all_gather_object(memories, {"before": report["memory_before"], "after": report["memory_after"]})
+    held = {"held": before.held_elements(), "full": 3 * sum(s.shape.numel() for s in before.params.values()),
+            "tensors": 3 * len(before.params)}
+    dist.all_gather_object(memories, {"before": report["memory_before"], "after": report["memory_after"], "state": held})
     report["memory_by_rank"] = memories
     if ctx.is_main:
         print("UNTIE_REPORT " + json.dumps(report), flush=True)

@@ -137,16 +137,6 @@ def block_sources(old: SharingPlan, new: SharingPlan) -> dict[int, int]:
     return sources
 
 
-def unit_shares(old: SharingPlan, new: SharingPlan) -> dict[int, float]:
-    """For each group of ``new``, the fraction of its source group's units (in ``old``) that apply it.
-
-    A tied block's gradient is the sum of its units' contributions, so a new block applied by
-    k of its source's K units gets k of the K terms: about k/K of the old gradient when the
-    units agree (``untie.moments=scale``).
-    """
-    return {g: len(new.units_of(g)) / len(old.units_of(src)) for g, src in block_sources(old, new).items()}
-
-
 def replay_untie_history(plan: SharingPlan, history: list[dict]) -> SharingPlan:
     """The plan after the untie events recorded in a checkpoint's ``untie_history``, in order."""
     for event in history:

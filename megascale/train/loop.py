@@ -589,7 +589,8 @@ def make_probe(run: Run):
 def log_probe(run: Run, probe, writer: MetricsWriter) -> None:
     """Reduce this step's captured per-unit gradients; feed the controller; write coherence per group."""
     result = probe.finish()
-    run.controller.observe_probe(run.model.plan, {g: {"rho": c.rho, "alignment": c.alignment} for g, c in result.groups.items()})
+    run.controller.observe_probe(run.model.plan, {g: {"rho": c.rho, "alignment": c.alignment, **c.unit_shares()}
+                                                  for g, c in result.groups.items()})
     writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "event": "probe", **result.to_record()})
 
 

@@ -119,6 +119,12 @@ class GroupCoherence:
             sq_norms=dict(zip(units, sq_norms.tolist())), dots=dict(zip(units, dots.tolist())), sum_sq=float(sum_sq),
         )
 
+    def unit_shares(self) -> dict[str, dict[int, float]]:
+        """Per unit, normalised by ‖Σg‖²: pull ⟨g_i, Σg⟩/‖Σg‖² (they sum to 1) and energy ‖g_i‖²/‖Σg‖²
+        (what ``untie.moments=probe`` reads; nan when Σg is zero or not finite)."""
+        s = self.sum_sq if self.sum_sq > 0 else math.nan
+        return {"pull": {u: d / s for u, d in self.dots.items()}, "energy": {u: q / s for u, q in self.sq_norms.items()}}
+
 
 @dataclass(frozen=True)
 class ProbeResult:

@@ -72,13 +72,20 @@ def _memory(records: list[dict[str, Any]]) -> list[str]:
     return _table(["step", "rank", "local params", "weights+optimizer MiB (formula)", "(measured)"], rows)
 
 
+def _moments(event: dict[str, Any]) -> str:
+    """The policy, and each scaled block's (exp_avg, exp_avg_sq) factors; runs from before untie.moments copied."""
+    factors = event.get("moment_factors", {})
+    scaled = ", ".join(f"block {g} ×{a:.3g}/×{b:.3g}" for g, (a, b, _) in factors.items())
+    return f"{event.get('moments', 'copy')}: {scaled}" if scaled else event.get("moments", "copy")
+
+
 def _events(records: list[dict[str, Any]]) -> list[str]:
     unties = [r for r in records if r.get("event") == "untie"]
     lines = []
     if unties:
         rows = [[r["step"], r["groups"], r["units"], "; ".join(r["reasons"].values()),
-                 f"{r['params_unique_before']:,} → {r['params_unique_after']:,}", r.get("moments", "copy")]
-                for r in unties]  # runs from before untie.moments existed copied them
+                 f"{r['params_unique_before']:,} → {r['params_unique_after']:,}", _moments(r)]
+                for r in unties]
         lines += _table(["step", "groups", "units", "why", "unique parameters", "Adam moments"], rows)
     else:
         lines.append("No untie.")

@@ -16,6 +16,7 @@ from typing import Any
 
 from megascale.errors import MegascaleError
 from megascale.model.sharing import SharingPlan
+from megascale.untie.moments import UnitStats, mean_unit_stats
 
 KINDS = ("step", "tokens", "plateau", "coherence")
 
@@ -110,8 +111,10 @@ def parse_rules(cfg) -> tuple[list[Rule], UnitSelection]:
     rules = [r for r in rules if r.conditions and len(plan.units_of(r.group)) > 1]
     units = parse_units(u.units)
     kinds = {c.kind for r in rules for c in r.conditions}
-    if ("coherence" in kinds or units.lowest) and u.probe_every <= 0:
-        raise MegascaleError("untie: coherence and units=lowest:k read gradient probes; set untie.probe_every > 0 (e.g. 10)")
+    reads_probes = "coherence" in kinds or units.lowest or (rules and u.moments == "probe")
+    if reads_probes and u.probe_every <= 0:
+        raise MegascaleError("untie: coherence, units=lowest:k and moments=probe read gradient probes; "
+                             "set untie.probe_every > 0 (e.g. 10)")
     if u.plateau_window < 1 or not 0 <= u.plateau_smoothing < 1 or u.coherence_probes < 1:
         raise MegascaleError("untie: plateau_window and coherence_probes must be >= 1 and plateau_smoothing in [0, 1)")
     return rules, units
@@ -126,6 +129,8 @@ class ControllerState:
     low_probes: dict[str, int] = field(default_factory=dict)  # group → consecutive probes below threshold
     alignment: dict[str, dict[str, float]] = field(default_factory=dict)  # group → {unit: cosine}, last probe
     fired: list[list[Any]] = field(default_factory=list)  # [group, condition kind]
+    # group → its last coherence_probes probes' per-unit pull and energy (untie.moments=probe)
+    unit_probes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class UntieController:
@@ -167,6 +172,20 @@ class UntieController:
             low = stats["rho"] < self.cfg.coherence_threshold
             self.state.low_probes[g] = self.state.low_probes.get(g, 0) + 1 if low else 0
             self.state.alignment[g] = {str(u): float(c) for u, c in stats["alignment"].items()}
+            if "pull" in stats:
+                recent = self.state.unit_probes.setdefault(g, [])
+                recent.append({"units": list(units), **{k: {str(u): float(v) for u, v in stats[k].items()}
+                                                       for k in ("pull", "energy")}})
+                del recent[:-self.cfg.coherence_probes]
+
+    def unit_stats(self, plan: SharingPlan) -> dict[int, UnitStats | None]:
+        """Per group of ``plan`` (≥ 2 units): the mean of its recent probes' per-unit statistics."""
+        out = {}
+        for group in range(plan.n_groups):
+            units = plan.units_of(group)
+            if len(units) > 1:
+                out[group] = mean_unit_stats(self.state.unit_probes.get(str(self.base.group_of[units[0]]), []))
+        return out
 
     # -------------------------------------------------------- decisions
 
@@ -231,7 +250,8 @@ class UntieController:
 
     def state_dict(self) -> dict[str, Any]:
         s = self.state
-        return {"ema": s.ema, "history": s.history, "low_probes": s.low_probes, "alignment": s.alignment, "fired": s.fired}
+        return {"ema": s.ema, "history": s.history, "low_probes": s.low_probes, "alignment": s.alignment, "fired": s.fired,
+                "unit_probes": s.unit_probes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = ControllerState(**state)

@@ -16,9 +16,16 @@ state to exist, and torch creates it lazily at the first step, so the new
 engine's state is created here first (zeros, the old step count) and linked to
 DeepSpeed's per-parameter fragments the way its own first step would.
 
-Reading is collective over each parameter's data-parallel group (all ranks walk
-the parameters in the same order); copies are kept on the CPU so an untie needs
-no extra accelerator memory beyond one parameter at a time.
+Reading and writing are collective over the data-parallel group (its ranks hold the
+same parameters and walk them in the same order). Between the two, the state
+lives on the CPU and each data-parallel rank keeps only its 1/dp slice of every
+flattened tensor, so the host memory an untie needs scales with ZeRO's
+partitioning: 12 bytes per parameter of this rank's tensor/pipeline slice, over
+dp, rather than the whole 12 bytes per parameter on every rank (a 7B model at
+tp = pp = 1 would otherwise need 84 GB of host memory per rank, eight times that
+per node). Writing gathers one parameter's three slices at a time (one
+all-gather), so the accelerator holds at most one full parameter's state
+beyond the engine.
 """
 
 from __future__ import annotations
@@ -27,14 +34,51 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's state, besides "step"
 
 
 @dataclass
 class ParamState:
-    weight: torch.Tensor  # fp32 master value, full over data-parallel ranks, on CPU
-    moments: dict[str, torch.Tensor]
+    weight: torch.Tensor  # fp32 master value on CPU: this rank's slice of the flattened full tensor
+    moments: dict[str, torch.Tensor]  # the same slice of each Adam moment
+    shape: torch.Size  # the full tensor's (over data-parallel ranks)
+
+
+@dataclass(frozen=True)
+class Slicing:
+    """Which slice of each flattened full tensor this data-parallel rank keeps."""
+
+    group: object = None  # the data-parallel process group; None: one rank keeps everything
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def over(cls, group) -> "Slicing":
+        if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return cls()
+        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+
+    def chunk(self, numel: int) -> int:
+        return -(-numel // self.size)  # ceil: the last ranks' slices may be shorter, or empty
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        flat, c = full.detach().reshape(-1), self.chunk(full.numel())
+        return flat[self.rank * c:(self.rank + 1) * c].float().cpu().clone()
+
+    def gather(self, pieces: list[torch.Tensor], shape: torch.Size, device: torch.device) -> list[torch.Tensor]:
+        """The full tensors from every rank's slices of them, in one all-gather."""
+        if self.size == 1:
+            return [p.reshape(shape) for p in pieces]
+        numel, c = shape.numel(), self.chunk(shape.numel())
+        mine = torch.zeros(len(pieces), c, device=device)
+        for row, piece in zip(mine, pieces):
+            row[:piece.numel()] = piece.to(device)
+        parts = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(parts, mine, group=self.group)
+        full = torch.cat(parts, dim=1)  # (tensors, size × chunk)
+        return [row[:numel].reshape(shape) for row in full]
 
 
 @dataclass
@@ -42,6 +86,11 @@ class EngineState:
     params: dict[str, ParamState]
     step: torch.Tensor  # AdamW's step count (bias correction); the same for every parameter
     loss_scale: float | None = None  # fp16 dynamic loss scale
+    slicing: Slicing = Slicing()
+
+    def held_elements(self) -> int:
+        """Elements this rank holds (weights and both moments): its host memory / 4 bytes."""
+        return sum(s.weight.numel() + sum(m.numel() for m in s.moments.values()) for s in self.params.values())
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
@@ -78,12 +127,14 @@ def _link_optimizer_state(engine) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def read_state(engine) -> EngineState:
-    """Every parameter's fp32 weight and Adam moments, by name (collective over data-parallel ranks)."""
+def read_state(engine, dp_group=None) -> EngineState:
+    """Every parameter's fp32 weight and Adam moments, by name; this rank's slice of each when ``dp_group``
+    (the engine's data-parallel group) has several ranks. Collective over the data-parallel ranks."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: PLC0415
 
     opt = base_optimizer(engine)
     _link_optimizer_state(engine)
+    slicing = Slicing.over(dp_group)
     params = {}
     for name, p in engine.module.named_parameters():
         if _partitioned(p):
@@ -91,10 +142,9 @@ def read_state(engine) -> EngineState:
             moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
         else:
             weight, moments = p.detach(), {k: opt.state[p][k] for k in MOMENTS}
-        params[name] = ParamState(weight.detach().float().cpu().clone(),
-                                  {k: v.detach().float().cpu().clone() for k, v in moments.items()})
+        params[name] = ParamState(slicing.take(weight), {k: slicing.take(v) for k, v in moments.items()}, weight.shape)
     scaler = getattr(engine.optimizer, "loss_scaler", None)
-    return EngineState(params, _state_step(opt), getattr(scaler, "cur_scale", None))
+    return EngineState(params, _state_step(opt), getattr(scaler, "cur_scale", None), slicing)
 
 
 def _hp_flat_tensors(engine) -> list[torch.Tensor]:
@@ -127,30 +177,38 @@ def _set_weight(p: torch.nn.Parameter, value: torch.Tensor) -> None:
         p.data.copy_(value.to(p.device, p.dtype))
 
 
-def _scaled(moments: dict[str, torch.Tensor], s: float) -> dict[str, torch.Tensor]:
-    if s == 1.0:
-        return moments
-    return {"exp_avg": moments["exp_avg"] * s, "exp_avg_sq": moments["exp_avg_sq"] * (s * s)}
+def _full_state(state: EngineState, src: ParamState, factors: tuple[float, float],
+                device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The full weight and moments (the moments times ``factors``) from every data-parallel rank's slices."""
+    weight, *moments = state.slicing.gather([src.weight, *(src.moments[k] for k in MOMENTS)], src.shape, device)
+    return weight, {k: m * f if f != 1.0 else m for k, m, f in zip(MOMENTS, moments, factors)}
+
+
+def _collective_device(engine, slicing: Slicing) -> torch.device:
+    """Where the slices meet: NCCL gathers on the accelerator, gloo on the CPU."""
+    if slicing.size > 1 and dist.get_backend(slicing.group) == "nccl":
+        return engine.device
+    return torch.device("cpu")
 
 
 def write_state(engine, state: EngineState, source: Callable[[str], str],
-                scale: Callable[[str], float] | None = None) -> None:
+                scale: Callable[[str], tuple[float, float]] | None = None) -> None:
     """Write ``state`` into a freshly built ``engine``; parameter ``name`` takes ``state.params[source(name)]``.
 
-    ``scale(name)`` = s, if given, multiplies the first moment by s and the second by s²
-    (the moments of a gradient s times the one they were built from).
+    ``scale(name)`` = (a, b), if given, multiplies the first moment by a and the second by b
+    (``megascale.untie.moments``).
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # noqa: PLC0415
 
     _create_optimizer_state(engine, state.step)
     opt = base_optimizer(engine)
+    meet = _collective_device(engine, state.slicing)
     for name, p in engine.module.named_parameters():
-        src = state.params[source(name)]
-        moments = _scaled(src.moments, scale(name) if scale is not None else 1.0)
-        _set_weight(p, src.weight)
+        weight, moments = _full_state(state, state.params[source(name)], scale(name) if scale else (1.0, 1.0), meet)
+        _set_weight(p, weight)
         if _partitioned(p):
             device = p.device if p.device.type != "meta" else torch.device("cpu")
-            safe_set_full_fp32_param(p, src.weight.to(device))
+            safe_set_full_fp32_param(p, weight.to(device))
             for k in MOMENTS:
                 safe_set_full_optimizer_state(p, moments[k].to(device), k)
         else:

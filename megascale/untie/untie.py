@@ -12,9 +12,10 @@ on every rank with the same decisions:
 4. the state is written into it, each new block from the block it was tied to,
    and the optimizer step, LR schedule and DeepSpeed counters continue.
 
-Each freed block starts equal to the shared one, with its moments (copied, or
-scaled to its share of the units with ``untie.moments=scale``), so the
-output right after the untie equals the output right before (tested).
+Each freed block starts equal to the shared one, with its moments copied or
+scaled to its share of the units' gradient (``untie.moments``, see
+``megascale.untie.moments``), so the output right after the untie equals the
+output right before (tested).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-from megascale.model.sharing import SharingPlan, block_sources, unit_shares, untie_units
+from megascale.model.sharing import SharingPlan, block_sources, untie_units
 from megascale.untie.conditions import Decision
+from megascale.untie.moments import block_factors
 from megascale.untie.transfer import read_state, write_state
 
 log = logging.getLogger(__name__)
@@ -48,23 +50,16 @@ def source_name(sources: dict[int, int], pipelined: bool):
     return source
 
 
-def moment_scale(old: SharingPlan, new: SharingPlan, pipelined: bool, how: str) -> Callable[[str], float] | None:
-    """``untie.moments=scale``: a parameter name of the new engine -> k/K of its block (1 outside blocks).
-
-    A tied block's Adam moments were built from the sum of its K units' gradients. A copy
-    applied by k of them gets about k/K of that gradient when the units agree; with the
-    moments copied as they are, Adam's slowly decaying second moment then shrinks the copy's
-    updates by up to K/k for ~1/(1 - beta2) steps. Scaled, they are the moments of the copy's
-    share; when the units disagree (orthogonal gradients, each ~sqrt(k/K) of the sum) the
-    second moment then starts low by up to K/k instead.
-    """
-    if how == "copy":
+def moment_scale(factors: dict[int, tuple[float, float, str]], pipelined: bool) -> Callable[[str], tuple[float, float]] | None:
+    """A parameter name of the new engine -> the (exp_avg, exp_avg_sq) factors of its block (1, 1 outside blocks)."""
+    if not factors:
         return None
-    shares, pattern = unit_shares(old, new), _block_name(pipelined)
+    pattern = _block_name(pipelined)
 
-    def scale(name: str) -> float:
+    def scale(name: str) -> tuple[float, float]:
         m = pattern.match(name)
-        return shares[int(m.group(2))] if m else 1.0
+        a, b, _ = factors.get(int(m.group(2)), (1.0, 1.0, "")) if m else (1.0, 1.0, "")
+        return a, b
 
     return scale
 
@@ -79,13 +74,13 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     units = sorted({u for d in decisions for u in d.units})
     new_plan = untie_units(old_plan, units)
     sources = block_sources(old_plan, new_plan)
-    state = read_state(run.engine)
+    factors = block_factors(old_plan, new_plan, run.cfg.untie.moments, run.controller.unit_stats(old_plan))
+    state = read_state(run.engine, run.groups.dp_group)  # this rank's 1/dp slice, on the host
     _release(run)
     model = build_model(run.cfg, run.ctx, new_plan, quiet=True)  # meta: build_engine draws, write_state overwrites
     info = describe_model(model, run.cfg, run.layout)  # before tensor parallelism shards the plain model
     engine = build_engine(model, run.cfg, run.layout, run.ctx.device, run.groups)
-    write_state(engine, state, source_name(sources, run.pipelined),
-                moment_scale(old_plan, new_plan, run.pipelined, run.cfg.untie.moments))
+    write_state(engine, state, source_name(sources, run.pipelined), moment_scale(factors, run.pipelined))
     restore_schedule(engine, run.progress.step)
     engine.global_samples = run.progress.step * run.layout.global_batch
     before = run.info
@@ -95,6 +90,7 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
         "step": run.progress.step, "tokens": run.progress.tokens, "event": "untie",
         "groups": [d.group for d in decisions], "units": units,
         "reasons": {str(d.group): d.reason for d in decisions}, "moments": run.cfg.untie.moments,
+        "moment_factors": {str(g): [a, b, why] for g, (a, b, why) in sorted(factors.items())},
         "plan_before": old_plan.to_list(), "plan_after": new_plan.to_list(),
         "params_unique_before": before["params_unique"], "params_unique_after": run.info["params_unique"],
     }
@@ -102,9 +98,14 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
         for d in decisions:
             log.info("step %d: untied group %d units %s (%s)", run.progress.step, d.group, d.units, d.reason)
         log.info("sharing plan now %s: %s -> %s unique parameters, Adam moments %s", new_plan.describe(),
-                 f"{before['params_unique']:,}", f"{run.info['params_unique']:,}",
-                 "scaled to each block's share of its units" if run.cfg.untie.moments == "scale" else "copied")
+                 f"{before['params_unique']:,}", f"{run.info['params_unique']:,}", _factor_words(factors))
     return event
+
+
+def _factor_words(factors: dict[int, tuple[float, float, str]]) -> str:
+    if not factors:
+        return "copied"
+    return "scaled: " + ", ".join(f"block {g} x{a:.3g} / x{b:.3g} ({why})" for g, (a, b, why) in sorted(factors.items()))
 
 
 def _release(run) -> None:
