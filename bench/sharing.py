@@ -3,6 +3,8 @@
     python bench/sharing.py                   # the full experiment: 6 runs, ~11 minutes on a 2-core CPU
     python bench/sharing.py --smoke           # ~40 s (2 min when DeepSpeed rebuilds its ops): every code path
     python bench/sharing.py --reuse           # re-analyse finished runs in --out without training again
+    python bench/sharing.py --moments copy,scale,probe --seeds 0,1,2 --variants step,tokens,plateau,coherence
+                                              # the untie-moments comparison of BENCHMARKS.md (36 runs)
 
 The claim under test (Yang et al. 2021, "Speeding up Deep Learning Training by
 Sharing Weights and Then Unsharing"): BERT trained with all layers sharing one
@@ -173,6 +175,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coherence-threshold", type=float, default=0.45)
     p.add_argument("--coherence-probes", type=int, default=3)
     p.add_argument("--min-step", type=int, default=40, help="plateau and coherence: no untie before this step (warm-up 20)")
+    p.add_argument("--seeds", default="", help="comma-separated train.seed values: the whole experiment once per "
+                   "seed, each into --out/--json/--md/--png suffixed _seed<s>, then a table of every untie's final "
+                   "validation loss per seed and --moments policy (--md suffixed _moments)")
     p.add_argument("extra", nargs="*", help="more overrides for every run, e.g. optim.lr=2e-3")
     args = p.parse_args(argv)
     args.out = args.out.resolve()  # the runs' cwd is the repository root
@@ -572,8 +577,8 @@ def write_outputs(args: argparse.Namespace, env: dict[str, Any], results: list[d
     print(f"wrote {args.md}, {args.json}, {args.png}")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def experiment(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every wanted variant trained (or reused) and analysed; the table, JSON and PNG written."""
     env = environment(args)
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     wanted += [f"{v}+{how}" for v in wanted for how in args.moments if how != "copy"]
@@ -583,7 +588,58 @@ def main(argv=None) -> int:
     env["runs_wall_s"] = sum(r["process_wall_s"] for r in results)  # the training processes, start-up included
     env["runs_started"] = min((r["started"] for r in results if r.get("started")), default=env["date"])
     write_outputs(args, env, results, to_target(results))
-    return 1 if any("error" in r for r in results) else 0
+    return results
+
+
+def with_seed(args: argparse.Namespace, seed: int) -> argparse.Namespace:
+    """``args`` for one seed of --seeds: its own run directories and outputs."""
+    def suffixed(path: Path) -> Path:
+        return path.with_name(f"{path.stem}_seed{seed}{path.suffix}")
+
+    return argparse.Namespace(**{**vars(args), "extra": [*args.extra, f"train.seed={seed}"], "out": suffixed(args.out),
+                                 "json": suffixed(args.json), "md": suffixed(args.md), "png": suffixed(args.png)})
+
+
+def moments_table(by_seed: dict[int, list[dict[str, Any]]], policies: list[str]) -> str:
+    """Final validation loss of every untie per seed and moments policy, the lowest of each in bold, and
+    how each policy compares with copying."""
+    loss = {(r["name"].partition("+")[0], seed, r["name"].partition("+")[2] or "copy"): r.get("final_val_loss")
+            for seed, results in by_seed.items() for r in results}
+    conditions = list(dict.fromkeys(c for c, _, _ in loss if c not in ("untied", "tied")))
+    head = ["condition", *(f"seed {s} {how}" for s in by_seed for how in policies)]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for c in conditions:
+        cells = []
+        for s in by_seed:
+            row = {how: loss.get((c, s, how)) for how in policies}
+            best = min((v for v in row.values() if v is not None), default=None)
+            cells += ["–" if v is None else (f"**{v:.4f}**" if v == best and len(policies) > 1 else f"{v:.4f}")
+                      for v in row.values()]
+        lines.append(f"| `{c}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    for how in (p for p in policies if p != "copy" and "copy" in policies):
+        d = [loss[(c, s, how)] - loss[(c, s, "copy")] for c in conditions for s in by_seed
+             if loss.get((c, s, how)) is not None and loss.get((c, s, "copy")) is not None]
+        if d:
+            lower, higher = sum(x < -5e-4 for x in d), sum(x > 5e-4 for x in d)
+            lines.append(f"- {how} against copy: lower in {lower} of {len(d)}, higher in {higher}, equal (within "
+                         f"0.0005) in {len(d) - lower - higher}; mean difference {statistics.mean(d):+.3f} nats, "
+                         f"largest {max(d):+.4f} (negative: lower than copy).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        results = experiment(args)
+        return 1 if any("error" in r for r in results) else 0
+    by_seed = {seed: experiment(with_seed(args, seed)) for seed in seeds}
+    table = moments_table(by_seed, args.moments)
+    md = args.md.with_name(f"{args.md.stem}_moments{args.md.suffix}")
+    md.write_text(f"Final validation loss per seed and untie.moments policy ({', '.join(args.moments)}):\n\n{table}\n")
+    print(f"\n{table}\nwrote {md}")
+    return 1 if any("error" in r for results in by_seed.values() for r in results) else 0
 
 
 if __name__ == "__main__":

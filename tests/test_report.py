@@ -19,7 +19,7 @@ def test_report_page_shows_config_plots_unties_throughput_memory(tmp_path, data_
     for section in ("## Untie and fault events", "## Throughput", "## Per-rank state memory", "## Config (newest checkpoint)"):
         assert section in page
     assert "| 2 | [0, 1] | [0, 1, 2, 3] | step 2 >= 2; step 2 >= 2 |" in page
-    assert "| scale: block 0 ×0.5/×0.25, block 1 ×0.5/×0.25, block 2 ×0.5/×0.25, block 3 ×0.5/×0.25 |" in page
+    assert "| scale: block 0 ×0.5/×0.25, block 1 ×0.5/×0.25, block 2 ×0.5/×0.25, block 3 ×0.5/×0.25 | " in page
     assert "![loss](loss.png)" in page and (tmp_path / "loss.png").stat().st_size > 0
     assert '"sharing": "cycle:2"' in page and "validation loss |" in page
 

@@ -84,9 +84,9 @@ def _events(records: list[dict[str, Any]]) -> list[str]:
     lines = []
     if unties:
         rows = [[r["step"], r["groups"], r["units"], "; ".join(r["reasons"].values()),
-                 f"{r['params_unique_before']:,} → {r['params_unique_after']:,}", _moments(r)]
-                for r in unties]
-        lines += _table(["step", "groups", "units", "why", "unique parameters", "Adam moments"], rows)
+                 f"{r['params_unique_before']:,} → {r['params_unique_after']:,}", _moments(r),
+                 f"{r['seconds']:.1f}" if "seconds" in r else "–"] for r in unties]
+        lines += _table(["step", "groups", "units", "why", "unique parameters", "Adam moments", "pause s"], rows)
     else:
         lines.append("No untie.")
     other = [r for r in records if r.get("event") in ("preempted", "nan_skip", "nan_rollback")]

@@ -21,9 +21,9 @@ same parameters and walk them in the same order). Between the two, the state
 lives on the CPU and each data-parallel rank keeps only its 1/dp slice of every
 flattened tensor, so the host memory an untie needs scales with ZeRO's
 partitioning: 12 bytes per parameter of this rank's tensor/pipeline slice, over
-dp, rather than the whole 12 bytes per parameter on every rank (a 7B model at
-tp = pp = 1 would otherwise need 84 GB of host memory per rank, eight times that
-per node). Writing gathers one parameter's three slices at a time (one
+dp, rather than the whole 12 bytes per parameter on every rank (a tied model
+with 7B unique parameters at tp = pp = 1 would otherwise need 84 GB of host
+memory per rank, eight times that on an 8-GPU node). Writing gathers one parameter's three slices at a time (one
 all-gather), so the accelerator holds at most one full parameter's state
 beyond the engine.
 """

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,7 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     from megascale.train.engine import build_engine  # noqa: PLC0415
     from megascale.train.loop import build_model, describe_model  # noqa: PLC0415
 
+    start = time.perf_counter()
     old_plan: SharingPlan = run.model.plan
     units = sorted({u for d in decisions for u in d.units})
     new_plan = untie_units(old_plan, units)
@@ -86,6 +88,7 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     before = run.info
     run.model, run.engine, run.info = model, engine, info
     run.grad_bytes = None  # measured again on the next step
+    seconds = time.perf_counter() - start  # training pauses this long (this rank; the ranks finish together)
     event = {
         "step": run.progress.step, "tokens": run.progress.tokens, "event": "untie",
         "groups": [d.group for d in decisions], "units": units,
@@ -93,12 +96,14 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
         "moment_factors": {str(g): [a, b, why] for g, (a, b, why) in sorted(factors.items())},
         "plan_before": old_plan.to_list(), "plan_after": new_plan.to_list(),
         "params_unique_before": before["params_unique"], "params_unique_after": run.info["params_unique"],
+        "seconds": round(seconds, 3),
     }
     if run.ctx.is_main:
         for d in decisions:
             log.info("step %d: untied group %d units %s (%s)", run.progress.step, d.group, d.units, d.reason)
-        log.info("sharing plan now %s: %s -> %s unique parameters, Adam moments %s", new_plan.describe(),
-                 f"{before['params_unique']:,}", f"{run.info['params_unique']:,}", _factor_words(factors))
+        log.info("sharing plan now %s: %s -> %s unique parameters, Adam moments %s; the untie took %.1f s",
+                 new_plan.describe(), f"{before['params_unique']:,}", f"{run.info['params_unique']:,}",
+                 _factor_words(factors), seconds)
     return event
 
 
