@@ -95,3 +95,22 @@ def test_cpu_adam_bench_steps_each_optimizer_at_each_thread_count(tmp_path):
         (name, t) for name in ("deepspeed_cpu_adam", "torch_adamw_foreach", "torch_adamw_fused") for t in (1, 2))
     assert all(r["params"] == 100_000 and r["params_per_s"] > 0 for r in rows)
     assert "deepspeed_cpu_adam" in proc.stdout
+
+
+def test_sharing_bench_tabulates_each_policy_against_copy(monkeypatch):
+    """bench/sharing.py --seeds: the final-loss table per seed and policy, and each policy's count against copy."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("sharing_bench", ROOT / "bench" / "sharing.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+
+    def runs(copy: float, scale: float) -> list[dict]:
+        return [{"name": "untied", "final_val_loss": 4.0}, {"name": "step", "final_val_loss": copy},
+                {"name": "step+scale", "final_val_loss": scale}]
+
+    table = bench.moments_table({0: runs(5.0, 4.9), 1: runs(5.0, 5.1), 2: runs(5.0, 5.0001)}, ["copy", "scale"])
+    assert "| `step` | 5.0000 | **4.9000** | **5.0000** | 5.1000 | **5.0000** | 5.0001 |" in table
+    assert "untied" not in table
+    assert "scale against copy: lower in 1 of 3, higher in 1, equal (within 0.0005) in 1; mean difference +0.000" in table
