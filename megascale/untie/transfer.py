@@ -186,7 +186,7 @@ def _full_state(state: EngineState, src: ParamState, factors: tuple[float, float
 
 def _collective_device(engine, slicing: Slicing) -> torch.device:
     """Where the slices meet: NCCL gathers on the accelerator, gloo on the CPU."""
-    if slicing.size > 1 and dist.get_backend(slicing.group) == "nccl":
+    if slicing.size > 1 and "nccl" in str(dist.get_backend(slicing.group)):  # "nccl" or e.g. "cuda:nccl,cpu:gloo"
         return engine.device
     return torch.device("cpu")
 
