@@ -7,7 +7,7 @@ One section per job that ran: kernel tests (passed / failed / skipped, the
 failures by name), attention (Triton against the best SDPA backend per shape),
 the tied-gradient reduction (against the PyTorch composition and copy
 bandwidth), fused ops, fused loss, and training throughput (MFU, tokens/s,
-megascale/plain, memory). Each target of issues #3 and #9 gets a met / not met
+megascale/plain, memory), start-up, and an untie during a real run (its pause). Each target of issues #3 and #9 gets a met / not met
 line computed from the figures; a job that did not run says so. Nothing here is
 estimated: a figure is in the report only if a JSON holds it.
 """
@@ -210,9 +210,38 @@ def startup_section(folder: Path) -> list[str]:
          "peak RSS GiB"], rows)
 
 
+def untie_section(folder: Path) -> list[str]:
+    """The untie job: a real run (launch/pretrain.py) tied until step 3, then untied with probe-scaled moments."""
+    path = folder / "untie" / "metrics.jsonl"
+    if not path.is_file():
+        return ["Untie during training: not run."]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    unties = [r for r in records if r.get("event") == "untie"]
+    losses = {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
+    vals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    start = next((r for r in records if r.get("event") == "start"), {})
+    if not unties:
+        return [f"Untie during training: **no untie event** (steps logged: {sorted(losses)})."]
+    lines = [f"Untie during training (launch/pretrain.py, {start.get('device', '?')}, "
+             f"{start.get('params_applied', 0):,} applied parameters):", ""]
+    rows = []
+    for u in unties:
+        factors = [f[:2] for f in u.get("moment_factors", {}).values()]
+        first = [a for a, _ in factors]
+        rows.append([u["step"], f"{u['params_unique_before']:,} → {u['params_unique_after']:,}", u.get("seconds"),
+                     u.get("moments"), f"{min(first):.3f}–{max(first):.3f}" if first else "–"])
+    lines += table(["step", "unique parameters", "pause s", "moments", "exp_avg factors"], rows)
+    after = [v for s, v in losses.items() if s > unties[-1]["step"]]
+    finite = bool(after) and all(v == v and abs(v) != float("inf") for v in after)
+    lines += ["", f"Losses {', '.join(f'{s}: {v:.4f}' for s, v in sorted(losses.items()))}; validation "
+              f"{', '.join(f'{s}: {v:.4f}' for s, v in vals)}. Training went on after the untie with finite losses: "
+              f"{verdict(finite)}."]
+    return lines
+
+
 def report(folder: Path) -> str:
     sections = [session_section, kernel_tests_section, attention_section, tied_grad_section, fused_ops_section,
-                fused_loss_section, train_section, startup_section]
+                fused_loss_section, train_section, startup_section, untie_section]
     return "\n\n".join("\n".join(section(folder)) for section in sections) + "\n"
 
 

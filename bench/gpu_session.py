@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ class Job:
     smoke_argv: list[str]
     cap_s: int  # at most this long, whatever the budget left
     env: dict[str, str] = field(default_factory=dict)  # on top of the session's environment
+    discard: tuple[str, ...] = ()  # folders under the output folder removed after the job (too big to send back)
 
 
 def jobs(png: bool) -> list[Job]:
@@ -64,6 +66,13 @@ def jobs(png: bool) -> list[Job]:
     attention = ["bench/attention.py", "--dtype", "bf16"]
     train = ["bench/train_throughput.py", "--steps", "20", "--warmup", "5"]
     train_smoke = ["bench/train_throughput.py", "--cpu", "--steps", "5", "--warmup", "1", "--ckpt", "off"]
+    # A real run through launch/pretrain.py that unties at step 3 (every layer shares one block until then),
+    # its moments scaled from the probe: the untie path on CUDA, and how long it pauses training.
+    untie = ["model.vocab_size=512", "data.corpus=stdlib", "data.path={out}/untie_data",
+             "data.stdlib_max_bytes=600000", "model.sharing=all", "train.max_steps=6", "train.eval_every=3",
+             "train.eval_batches=2", "train.sample_tokens=0", "train.progress=false", "train.log_every=1",
+             "untie.when=step:3", "untie.probe_every=1", "untie.coherence_probes=2", "untie.moments=probe",
+             "metrics.tensorboard=false", "train.out_dir={out}/untie"]
     return [
         # Every parity test at real shapes, each kernel at its first listed tile: autotuning every
         # (head dim, dtype, causal) combination would compile ~300 kernels, most of the budget.
@@ -80,6 +89,9 @@ def jobs(png: bool) -> list[Job]:
         Job("tied_grad", "kernels",
             ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
             ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
+        Job("untie", "train", ["launch/pretrain.py", "--config", "configs/125m.yaml", *untie, "data.seq_len=256",
+                               "model.max_seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8"],
+            ["launch/pretrain.py", "--config", "configs/tiny.yaml", *untie], 75, discard=("untie_data", "untie/checkpoints")),
         Job("train_1.3b", "train", [*train, "--configs", "1.3b", "--ckpt", "off,on", "--json", "{out}/train_1.3b.json"],
             [*train_smoke, "--sharings", "none", "--json", "{out}/train_1.3b.json"], 240),
         # One shape per op: torch.compile, the third provider, compiles every shape and pass anew.
@@ -136,6 +148,8 @@ def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, s
             os.killpg(proc.pid, 9)  # the job and anything it started (fused_loss measures in child processes)
             proc.wait()
             rc = None
+    for folder in job.discard:
+        shutil.rmtree(out / folder, ignore_errors=True)
     return Outcome(job.name, shlex.join(cmd), rc, round(time.monotonic() - start, 1), log.name)
 
 

@@ -43,11 +43,11 @@ print(triton_attention_available())
 
 def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     out = tmp_path / "session"
-    proc = _run(["bench/gpu_session.py", "--smoke", "--only", "kernel_tests,tied_grad,train_options,startup",
+    proc = _run(["bench/gpu_session.py", "--smoke", "--only", "kernel_tests,tied_grad,train_options,startup,untie",
                  "--out", str(out)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
-    assert [j["name"] for j in session["jobs"]] == ["kernel_tests", "tied_grad", "train_options", "startup"]
+    assert [j["name"] for j in session["jobs"]] == ["kernel_tests", "tied_grad", "untie", "train_options", "startup"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     assert json.loads((out / "tied_grad.json").read_text())["results"]
@@ -56,6 +56,8 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
         ("plain", ""), ("megascale", "model.fused_ops=torch"), ("megascale", "model.fused_ops=triton")]
     assert all(r["tokens_per_s"] > 0 for r in train)
     assert all(r["state_gib"] > 0 and r["state_formula_gib"] > 0 for r in train if r["trainer"] == "megascale")
+    assert (out / "untie" / "metrics.jsonl").is_file()  # its corpus and checkpoint are not sent back
+    assert not (out / "untie_data").exists() and not (out / "untie" / "checkpoints").exists()
 
     report = _run(["bench/gpu_report.py", str(out)])
     assert report.returncode == 0, report.stderr
@@ -68,6 +70,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert "| tiny | none | off | megascale | model.fused_ops=triton |" in text
     assert "target 1.3b MFU ≥ 50%: n/a" in text  # no GPU, no MFU: never a verdict without a figure
     assert "Start-up, layout tp=1 pp=1 dp=1, 918,144 parameters, fp32, ZeRO 1:" in text
+    assert "| 3 | 328,064 → 918,656 |" in text and "Training went on after the untie with finite losses: met." in text
 
 
 def test_gpu_session_stops_at_its_budget(tmp_path):
