@@ -363,6 +363,19 @@ def test_resume_across_the_untie(data_dir, tmp_path, untied_run, step):
     assert ("untied group 0" in proc.stderr) == (step < 3)  # repeated at step 3 only when resumed before it
 
 
+def test_resume_before_a_probe_scaled_untie_scales_it_the_same(data_dir, tmp_path):
+    """The probes a moments=probe untie reads are in the checkpoint: resumed between them, the untie at
+    step 3 gets the same factors (from steps 2 and 3) and training the same losses."""
+    probed = [*UNTIE_AT_3, "untie.probe_every=1", "untie.coherence_probes=2", "untie.moments=probe"]
+    run_pretrain(tmp_path / "full", data_dir, *probed)
+    ckpt = tmp_path / "full" / "checkpoints" / f"step_{2:08d}"
+    run_pretrain(tmp_path / "resumed", data_dir, *probed, f"train.resume={ckpt}")
+    (full,), (resumed,) = events(tmp_path / "full", "untie"), events(tmp_path / "resumed", "untie")
+    assert resumed["moment_factors"] == full["moment_factors"]
+    assert all(f[2] == "probe (2)" for f in full["moment_factors"].values())
+    assert losses(tmp_path / "resumed") == {s: v for s, v in losses(tmp_path / "full").items() if s > 2}
+
+
 @pytest.mark.parametrize("step", [2, 4])
 def test_full_weights_read_checkpoints_on_both_sides_of_the_untie(untied_run, step):
     """The consolidation reader (launch/consolidate.py, the HF export) on either side of the untie.
