@@ -23,9 +23,9 @@ flattened tensor, so the host memory an untie needs scales with ZeRO's
 partitioning: 12 bytes per parameter of this rank's tensor/pipeline slice, over
 dp, rather than the whole 12 bytes per parameter on every rank (a tied model
 with 7B unique parameters at tp = pp = 1 would otherwise need 84 GB of host
-memory per rank, eight times that on an 8-GPU node). Writing gathers one parameter's three slices at a time (one
-all-gather), so the accelerator holds at most one full parameter's state
-beyond the engine.
+memory per rank, eight times that on an 8-GPU node). Writing gathers one
+tensor at a time (an all-gather per weight and moment), so the accelerator
+holds at most one full tensor beyond the engine.
 """
 
 from __future__ import annotations
@@ -67,18 +67,16 @@ class Slicing:
         flat, c = full.detach().reshape(-1), self.chunk(full.numel())
         return flat[self.rank * c:(self.rank + 1) * c].float().cpu().clone()
 
-    def gather(self, pieces: list[torch.Tensor], shape: torch.Size, device: torch.device) -> list[torch.Tensor]:
-        """The full tensors from every rank's slices of them, in one all-gather."""
+    def gather(self, piece: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """The full tensor from every rank's slice of it (one all-gather straight into it, no copy after)."""
         if self.size == 1:
-            return [p.reshape(shape) for p in pieces]
+            return piece.reshape(shape)
         numel, c = shape.numel(), self.chunk(shape.numel())
-        mine = torch.zeros(len(pieces), c, device=device)
-        for row, piece in zip(mine, pieces):
-            row[:piece.numel()] = piece.to(device)
-        parts = [torch.empty_like(mine) for _ in range(self.size)]
-        dist.all_gather(parts, mine, group=self.group)
-        full = torch.cat(parts, dim=1)  # (tensors, size × chunk)
-        return [row[:numel].reshape(shape) for row in full]
+        mine = torch.zeros(c, device=device)
+        mine[:piece.numel()] = piece.to(device)
+        full = torch.empty(self.size, c, device=device)  # rank r's slice lands in row r: the flat tensor, padded
+        dist.all_gather(list(full.unbind(0)), mine, group=self.group)
+        return full.reshape(-1)[:numel].view(shape)
 
 
 @dataclass
@@ -177,11 +175,11 @@ def _set_weight(p: torch.nn.Parameter, value: torch.Tensor) -> None:
         p.data.copy_(value.to(p.device, p.dtype))
 
 
-def _full_state(state: EngineState, src: ParamState, factors: tuple[float, float],
-                device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The full weight and moments (the moments times ``factors``) from every data-parallel rank's slices."""
-    weight, *moments = state.slicing.gather([src.weight, *(src.moments[k] for k in MOMENTS)], src.shape, device)
-    return weight, {k: m * f if f != 1.0 else m for k, m, f in zip(MOMENTS, moments, factors)}
+def _full_moments(state: EngineState, src: ParamState, factors: tuple[float, float], device: torch.device):
+    """(name, full moment times its factor), one moment at a time: one full tensor in memory beyond the engine."""
+    for k, f in zip(MOMENTS, factors):
+        full = state.slicing.gather(src.moments[k], src.shape, device)
+        yield k, full * f if f != 1.0 else full
 
 
 def _collective_device(engine, slicing: Slicing) -> torch.device:
@@ -204,16 +202,19 @@ def write_state(engine, state: EngineState, source: Callable[[str], str],
     opt = base_optimizer(engine)
     meet = _collective_device(engine, state.slicing)
     for name, p in engine.module.named_parameters():
-        weight, moments = _full_state(state, state.params[source(name)], scale(name) if scale else (1.0, 1.0), meet)
+        src = state.params[source(name)]
+        weight = state.slicing.gather(src.weight, src.shape, meet)
         _set_weight(p, weight)
-        if _partitioned(p):
-            device = p.device if p.device.type != "meta" else torch.device("cpu")
+        partitioned = _partitioned(p)
+        device = p.device if p.device.type != "meta" else torch.device("cpu")
+        if partitioned:
             safe_set_full_fp32_param(p, weight.to(device))
-            for k in MOMENTS:
-                safe_set_full_optimizer_state(p, moments[k].to(device), k)
-        else:
-            for k in MOMENTS:
-                opt.state[p][k].copy_(moments[k].to(p.device))
+        del weight
+        for k, moment in _full_moments(state, src, scale(name) if scale else (1.0, 1.0), meet):
+            if partitioned:
+                safe_set_full_optimizer_state(p, moment.to(device), k)
+            else:
+                opt.state[p][k].copy_(moment.to(p.device))
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if state.loss_scale is not None and scaler is not None:
         scaler.cur_scale = state.loss_scale
