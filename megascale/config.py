@@ -119,8 +119,25 @@ class OptimConfig:
     """Global gradient-norm clipping threshold; 0 disables clipping."""
 
 
+class HostOffload:
+    """What ``offload_optimizer`` and ``offload_params`` say, for the trainer's config and the planner's recipe."""
+
+    offload_optimizer: str
+    offload_params: str
+
+    @property
+    def optimizer_on_host(self) -> bool:
+        """The fp32 master and Adam moments live, and are stepped, on the host (ZeRO-Offload)."""
+        return self.offload_optimizer != "none"
+
+    @property
+    def weights_on_host(self) -> bool:
+        """Each rank's ZeRO-3 weight partition lives on the host, gathered to the device for compute."""
+        return self.offload_params != "none"
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(HostOffload):
     """The training run: batch, precision, ZeRO, logging and checkpoints."""
 
     seed: int = 0
@@ -177,16 +194,6 @@ class TrainConfig:
     """ZeRO 1-2 with dp > 1 on GPUs: reduce gradient buckets while backward continues (DeepSpeed overlap_comm; ZeRO-3 always overlaps). Not used on CPU."""
     compile: bool = False
     """torch.compile each transformer block (in place: names and checkpoints unchanged). Off by default until measured faster on the device (bench/train_throughput.py --compile); not with ZeRO-3."""
-
-    @property
-    def optimizer_on_host(self) -> bool:
-        """The fp32 master and Adam moments live, and are stepped, on the host (ZeRO-Offload)."""
-        return self.offload_optimizer != "none"
-
-    @property
-    def weights_on_host(self) -> bool:
-        """Each rank's ZeRO-3 weight partition lives on the host, gathered to the device for compute."""
-        return self.offload_params != "none"
 
 
 @dataclass

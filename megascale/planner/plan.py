@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from megascale.config import HostOffload
 from megascale.errors import MegascaleError
 from megascale.hardware import GPU
 from megascale.model.head_loss import CHUNK_ELEMENTS
@@ -239,7 +240,7 @@ def _offload_note(host: float, params: bool) -> str:
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(HostOffload):
     """How the run is trained."""
 
     seq_len: int
@@ -254,14 +255,6 @@ class Recipe:
     flops: float  # the trainer's FLOPs for those tokens (under the chosen FLOPs model)
     offload_optimizer: str = "none"  # train.offload_optimizer
     offload_params: str = "none"  # train.offload_params
-
-    @property
-    def optimizer_on_host(self) -> bool:
-        return self.offload_optimizer != "none"
-
-    @property
-    def weights_on_host(self) -> bool:
-        return self.offload_params != "none"
 
     @property
     def tokens_per_step(self) -> int:

@@ -48,7 +48,8 @@ class UnitStats:
 
 
 def mean_unit_stats(probes: Sequence[dict]) -> UnitStats | None:
-    """``probes``: records {"units": [...], "pull": {u: p}, "energy": {u: e}} of one group (keys may be str).
+    """``probes``: records {"units": [...], "pull": {"u": p}, "energy": {"u": e}} of one group (the controller's
+    state: unit keys are strings, as JSON keeps them in checkpoints).
 
     Only the probes of the group's latest unit set count; None without any finite one.
     """
@@ -60,13 +61,9 @@ def mean_unit_stats(probes: Sequence[dict]) -> UnitStats | None:
         return None
 
     def mean(key: str) -> dict[int, float]:
-        return {u: sum(float(_get(p[key], u)) for p in usable) / len(usable) for u in units}
+        return {u: sum(p[key][str(u)] for p in usable) / len(usable) for u in units}
 
     return UnitStats(units, mean("pull"), mean("energy"), len(usable))
-
-
-def _get(values: dict, unit: int) -> float:
-    return values[unit] if unit in values else values[str(unit)]  # JSON (checkpoints) keys are strings
 
 
 def _finite(probe: dict) -> bool:
