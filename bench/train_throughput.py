@@ -294,7 +294,8 @@ def main() -> None:
         for ckpt in args.ckpt.split(","):
             args.ckpt_on = ckpt == "on"
             # One micro-batch for every sharing: tied and untied then do the same work per step.
-            args.sharing, args.micro = "none", micro_batch(name, args, device)
+            args.sharing = "none"  # before micro_batch: on CUDA it builds the config to probe sizes
+            args.micro = micro_batch(name, args, device)
             for sharing in args.sharings.split(","):
                 args.sharing = sharing
                 groups = make_groups(bench_config(name, args), ctx)
