@@ -17,8 +17,31 @@ import torch.nn.functional as F
 
 from megascale.errors import MegascaleError
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cudnn")
 SDPA = "torch scaled_dot_product_attention"
+
+
+def _cudnn_first():
+    """SDPA's backends with cuDNN's first, then PyTorch's own order (flash, efficient, math).
+
+    PyTorch's default priority puts cuDNN last, behind flash; on an H200 cuDNN's
+    attention ran 1.1–1.5x the Triton kernel and 1.5–1.9x the flash backend
+    (BENCHMARKS.md, "Fused attention"). Inputs cuDNN refuses fall through to the next.
+    """
+    from torch.nn.attention import SDPBackend  # noqa: PLC0415
+
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _cudnn_refusal(device: torch.device) -> str | None:
+    """Why SDPA's cuDNN backend cannot be asked for on this device, or None."""
+    if device.type != "cuda":
+        return "no CUDA device"
+    if not torch.backends.cudnn.is_available():
+        return "PyTorch was built without cuDNN"
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        return "cuDNN attention is disabled (torch.backends.cuda.enable_cudnn_sdp(False))"
+    return None
 
 
 def _interpreting() -> bool:
@@ -59,12 +82,19 @@ def resolve_backend(
     auto: the Triton kernel on CUDA when it supports the model's head dim and dtype
     (when given: shapes are fixed per model, so this is decided once), else PyTorch
     SDPA with the reason. triton: the kernel, also on CPU under TRITON_INTERPRET=1;
-    an explicit request the kernel cannot serve stops with one line.
+    an explicit request the kernel cannot serve stops with one line. cudnn: SDPA
+    with cuDNN's backend first (CUDA only).
     """
     if requested not in BACKENDS:
         raise MegascaleError(f"model.attention='{requested}' is not one of {', '.join(BACKENDS)}")
     if requested == "torch":
         return "torch", "requested"
+    if requested == "cudnn":
+        refusal = _cudnn_refusal(device)
+        if refusal is not None:
+            raise MegascaleError(f"model.attention=cudnn needs SDPA's cuDNN backend: {refusal}; "
+                                 "use model.attention=auto or torch")
+        return "cudnn", "requested"
     # The interpreter is far too slow to be picked automatically; only an explicit request gets it.
     refusal = _kernel_refusal(device, head_dim, dtype, interpreter_ok=requested == "triton")
     if requested == "triton":
@@ -109,5 +139,10 @@ def attention(
         # resolve_backend already refused what it could see (head dim, dtype, device);
         # anything else falls back here, warned once per distinct reason.
         warnings.warn(f"Triton attention: {reason}; using {SDPA}", stacklevel=2)
+    if backend == "cudnn":
+        from torch.nn.attention import sdpa_kernel  # noqa: PLC0415
+
+        with sdpa_kernel(_cudnn_first(), set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=gqa)
     # enable_gqa lets SDPA broadcast KV heads without materialising repeated K/V.
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=gqa)
