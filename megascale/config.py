@@ -192,6 +192,8 @@ class TrainConfig(HostOffload):
     """Tokens per chunk of the fused loss; 0 = auto (about 32 M fp32 logits per chunk)."""
     overlap_comm: bool = True
     """ZeRO 1-2 with dp > 1 on GPUs: reduce gradient buckets while backward continues (DeepSpeed overlap_comm; ZeRO-3 always overlaps). Not used on CPU."""
+    check_grad_overflow: bool = True
+    """bf16: DeepSpeed reads every gradient for inf/NaN before each step and skips the step if it finds one (two reductions per tensor and a host sync per step); false leaves a non-finite gradient to train.nan_policy, which sees it in the loss of a later step. fp16 always checks (its loss scaling needs it)."""
     compile: bool = False
     """torch.compile each transformer block (in place: names and checkpoints unchanged). Off by default until measured faster on the device (bench/train_throughput.py --compile); not with ZeRO-3."""
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY, clean_env
+from conftest import ROOT, TINY, clean_env, losses, run_pretrain
 
 
 @pytest.mark.parametrize("overrides", [
@@ -35,3 +35,32 @@ def test_training_steps_read_nothing_back_from_megascale(data_dir, tmp_path, ove
     # A logging step adds exactly one read: loss, gradient norm and stop flag come back together.
     (site, n), = audit["reads_on_log_step"].items()
     assert n == 1 and site.startswith("tolist: megascale/train/loop.py:") and site.endswith(" read_log_values"), site
+
+
+def _deepspeed_reads(data_dir, tmp_path, overrides) -> dict[str, float]:
+    args = [*TINY, f"data.path={data_dir}", f"train.out_dir={tmp_path}", "train.progress=false", *overrides]
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sync_audit.py"), *args], capture_output=True,
+                          text=True, env=clean_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    audit = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("SYNC_AUDIT ")).removeprefix("SYNC_AUDIT "))
+    return {site: n for site, n in audit["reads_per_step"].items() if "deepspeed/" in site}
+
+
+def test_check_grad_overflow_false_drops_deepspeeds_overflow_read(data_dir, tmp_path):
+    """bf16: DeepSpeed's per-step inf/NaN scan of the gradients ends in a host read; the knob removes it."""
+    bf16 = ["train.precision=bf16", "train.zero_stage=1"]
+    checked = _deepspeed_reads(data_dir, tmp_path / "on", bf16)
+    unchecked = _deepspeed_reads(data_dir, tmp_path / "off", [*bf16, "train.check_grad_overflow=false"])
+    overflow = [site for site in checked if site.endswith(" has_overflow")]
+    assert len(overflow) == 1, checked
+    assert not any(site.endswith(" has_overflow") for site in unchecked), unchecked
+    assert sum(unchecked.values()) < sum(checked.values())
+
+
+def test_check_grad_overflow_false_trains_the_same(data_dir, tmp_path):
+    """With finite gradients the scan only decides to step, so both runs take the same steps to the bit."""
+    bf16 = ["train.precision=bf16", "train.zero_stage=1", "train.max_steps=4", "train.eval_every=0"]
+    run_pretrain(tmp_path / "on", data_dir, *bf16)
+    run_pretrain(tmp_path / "off", data_dir, *bf16, "train.check_grad_overflow=false")
+    on, off = losses(tmp_path / "on"), losses(tmp_path / "off")
+    assert len(on) >= 2 and on == off

@@ -100,7 +100,7 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, device_type: str = "cpu")
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero_config(cfg, layout.dp_size, device_type),
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": t.check_grad_overflow},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # megascale logs its own metrics
         "wall_clock_breakdown": False,
