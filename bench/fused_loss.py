@@ -8,7 +8,14 @@ size D, vocabulary V), in a fresh process so each peak is its own:
 
 * ``plain``: ``lm_head(x)`` then ``F.cross_entropy`` on the (N, V) logits, as the
   model does with ``train.fused_loss=false``;
-* ``fused``: ``megascale.model.head_loss.linear_cross_entropy`` (the default).
+* ``fused``: ``megascale.model.head_loss.linear_cross_entropy`` (the default), its
+  row-wise steps in PyTorch;
+* ``fused-triton``: the same with ``backend="triton"`` (``model.fused_ops=triton``):
+  those steps as two kernels over the logits in their own dtype (CUDA only).
+
+``--chunk-tokens 0,4096,...`` measures each fused mode at each chunk size (0 = the
+automatic size the trainer uses): fewer chunks mean fewer passes over the fp32
+head gradient, more memory per chunk.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on CPU
 the process's peak resident set (ru_maxrss) above the resident set once the
@@ -33,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MODES = ("plain", "fused")
+MODES = ("plain", "fused", "fused-triton")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +53,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--one", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)  # a child measurement
+    p.add_argument("--modes", default="", help=f"comma-separated among {', '.join(MODES)} (default: fused-triton "
+                   "only with CUDA)")
+    p.add_argument("--chunk-tokens", default="0", help="tokens per chunk of the fused modes, comma-separated; 0 = auto")
+    p.add_argument("--one", nargs=3, metavar=("MODE", "TOKENS", "CHUNK"), help=argparse.SUPPRESS)  # a child
     args = p.parse_args(argv)
+    args.mode_list = [m for m in (args.modes.split(",") if args.modes else MODES)
+                      if args.modes or m != "fused-triton" or torch.cuda.is_available()]
+    unknown = set(args.mode_list) - set(MODES)
+    if unknown:
+        p.error(f"--modes: {', '.join(sorted(unknown))} not among {', '.join(MODES)}")
     if args.smoke:
         args.tokens, args.d_model, args.vocab, args.repeats = "128,256", 64, 1000, 1
     return args
@@ -57,7 +72,7 @@ def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure(mode: str, n: int, args) -> dict:
+def measure(mode: str, n: int, chunk: int, args) -> dict:
     """One child: build the inputs, run warm-up + repeats of forward/backward, report peak and median time."""
     from megascale.model.head_loss import linear_cross_entropy  # noqa: PLC0415
 
@@ -69,7 +84,10 @@ def measure(mode: str, n: int, args) -> dict:
     t = torch.randint(0, args.vocab, (n,), generator=gen, device=device)
 
     def step():
-        loss = linear_cross_entropy(x, w, t) if mode == "fused" else F.cross_entropy(F.linear(x, w).float(), t)
+        if mode == "plain":
+            loss = F.cross_entropy(F.linear(x, w).float(), t)
+        else:
+            loss = linear_cross_entropy(x, w, t, chunk_tokens=chunk, backend="triton" if mode == "fused-triton" else "torch")
         loss.backward()
         x.grad = w.grad = None
 
@@ -87,12 +105,13 @@ def measure(mode: str, n: int, args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_peak_bytes()
-    return {"mode": mode, "tokens": n, "peak_bytes": peak - base, "step_s": statistics.median(times[1:])}
+    return {"mode": mode, "tokens": n, "chunk_tokens": chunk, "peak_bytes": peak - base,
+            "step_s": statistics.median(times[1:])}
 
 
-def run_child(mode: str, n: int, args) -> dict:
-    cmd = [sys.executable, __file__, "--one", mode, str(n), "--d-model", str(args.d_model), "--vocab", str(args.vocab),
-           "--dtype", args.dtype, "--repeats", str(args.repeats)]
+def run_child(mode: str, n: int, chunk: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--one", mode, str(n), str(chunk), "--d-model", str(args.d_model),
+           "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -104,10 +123,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     fig, (mem, tim) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in MODES:
-        pts = [r for r in rows if r["mode"] == mode]
-        mem.plot([r["tokens"] for r in pts], [r["peak_bytes"] / 2**20 for r in pts], marker="o", label=mode)
-        tim.plot([r["tokens"] for r in pts], [r["step_s"] * 1e3 for r in pts], marker="o", label=mode)
+    for key in dict.fromkeys(label(r) for r in rows):
+        pts = [r for r in rows if label(r) == key]
+        mem.plot([r["tokens"] for r in pts], [r["peak_bytes"] / 2**20 for r in pts], marker="o", label=key)
+        tim.plot([r["tokens"] for r in pts], [r["step_s"] * 1e3 for r in pts], marker="o", label=key)
     mem.set(xlabel="tokens per micro-batch", ylabel="peak memory above inputs (MiB)", title="memory")
     tim.set(xlabel="tokens per micro-batch", ylabel="forward + backward (ms)", title="time")
     for ax in (mem, tim):
@@ -120,18 +139,24 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def label(row: dict) -> str:
+    """'plain', or the fused mode with its chunk size ('fused', 'fused-triton/8192')."""
+    return row["mode"] if row["mode"] == "plain" or not row["chunk_tokens"] else f"{row['mode']}/{row['chunk_tokens']}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args)))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]), args)))
         return 0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
-    rows = [run_child(mode, int(n), args) for n in args.tokens.split(",") for mode in MODES]
+    chunks = [int(c) for c in args.chunk_tokens.split(",")]
+    rows = [run_child(mode, int(n), chunk, args) for n in args.tokens.split(",") for mode in args.mode_list
+            for chunk in ([0] if mode == "plain" else chunks)]
     print(f"LM head + cross-entropy, D={args.d_model}, V={args.vocab}, {args.dtype}, {device}")
-    print(f"{'tokens':>7} {'plain MiB':>10} {'fused MiB':>10} {'plain ms':>9} {'fused ms':>9}")
-    for n in args.tokens.split(","):
-        p, f = (next(r for r in rows if r["mode"] == m and r["tokens"] == int(n)) for m in MODES)
-        print(f"{n:>7} {p['peak_bytes'] / 2**20:10.0f} {f['peak_bytes'] / 2**20:10.0f} {p['step_s'] * 1e3:9.1f} {f['step_s'] * 1e3:9.1f}")
+    print(f"{'tokens':>7} {'mode':>20} {'peak MiB':>9} {'ms':>8}")
+    for r in rows:
+        print(f"{r['tokens']:>7} {label(r):>20} {r['peak_bytes'] / 2**20:9.0f} {r['step_s'] * 1e3:8.1f}")
     result = {"device": device, "date": dt.date.today().isoformat(), "d_model": args.d_model, "vocab": args.vocab,
               "dtype": args.dtype, "rows": rows}
     if args.json:

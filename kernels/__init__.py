@@ -23,6 +23,12 @@ themselves; this package imports nothing, so it loads without Triton or a GPU.
   backward: ``apply_rope(x, cos, sin)``, ``apply_rope_reference``,
   ``unsupported_reason(x, cos, sin)``.
 
+* ``megascale.kernels.cross_entropy`` — the fused loss's row-wise steps over a
+  chunk of logits, in place: ``row_stats(logits, targets, vocab_start)`` →
+  (log-sum-exp, target logit), ``softmax_grad_(logits, targets, lse, factors,
+  vocab_start)``, their ``*_reference``s, ``unsupported_reason``. Called by
+  ``megascale.model.head_loss`` with ``model.fused_ops=triton``.
+
 The rmsnorm, swiglu and rope references are the model's own ops
 (``megascale.model.ops``, whose ``model.fused_ops=triton`` switch calls these
 kernels), and the kernels reproduce their semantics.
@@ -31,4 +37,4 @@ All run on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1`` is set before
 they are imported (how the tests run them without a GPU).
 """
 
-KERNELS = ("attention", "tied_grad", "rmsnorm", "swiglu", "rope")
+KERNELS = ("attention", "tied_grad", "rmsnorm", "swiglu", "rope", "cross_entropy")

@@ -59,7 +59,7 @@ class ModelConfig:
     attention: str = "auto"
     """Attention backend: auto (Triton on CUDA when available, else torch) | torch (SDPA, PyTorch's backend order) | triton | cudnn (SDPA, cuDNN's backend first; CUDA)."""
     fused_ops: str = "torch"
-    """RMSNorm, RoPE and SwiGLU: torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). torch until the kernels are measured faster on a GPU."""
+    """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). torch until the kernels are measured faster in a training step on a GPU."""
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2*n_layers)."""
 

@@ -278,18 +278,25 @@ def test_cpu_tensors_need_the_interpreter(module, monkeypatch):
 # ---------------------------------------------------------------- in the model (model.fused_ops)
 
 
-def test_model_with_fused_ops_matches_torch_ops():
-    """A tiny Transformer with set_ops_backend('triton') against 'torch': loss and every parameter's gradient."""
+@pytest.mark.parametrize("fused_loss", [False, True], ids=["plain-loss", "fused-loss"])
+def test_model_with_fused_ops_matches_torch_ops(fused_loss):
+    """A tiny Transformer with set_ops_backend('triton') against 'torch': loss and every parameter's gradient.
+
+    With the fused loss, 'triton' also runs its row-wise steps as kernels (megascale.kernels.cross_entropy).
+    """
     from megascale.config import ModelConfig
     from megascale.model.llama import Transformer
 
     cfg = ModelConfig(vocab_size=64, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, sharing="all")
     torch.manual_seed(0)
     model = Transformer(cfg).to(DEVICE)
+    model.fused_loss = fused_loss
+    model.lm_head.chunk_tokens = 12  # three chunks of the 32 tokens
     tokens, targets = (torch.randint(0, 64, (2, 16), device=DEVICE) for _ in range(2))
     results = []
     for backend in ("torch", "triton"):
         model.set_ops_backend(backend)
+        assert model.lm_head.ops == backend
         model.zero_grad()
         loss = model(tokens, targets)
         loss.backward()

@@ -179,12 +179,13 @@ class LMHead(nn.Linear):
     def __init__(self, d_model: int, vocab_size: int):
         super().__init__(d_model, vocab_size, bias=False)
         self.chunk_tokens = 0  # train.loss_chunk_tokens; 0 = auto
+        self.ops = "torch"  # model.fused_ops: "triton" runs the fused loss's row-wise steps as kernels
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
-        return linear_cross_entropy(x, self.weight, targets, weights, chunk_tokens=self.chunk_tokens)
+        return linear_cross_entropy(x, self.weight, targets, weights, chunk_tokens=self.chunk_tokens, backend=self.ops)
 
 
 def weighted_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -244,9 +245,9 @@ class Transformer(nn.Module):
             block.attn.backend = backend
 
     def set_ops_backend(self, backend: str) -> None:
-        """RMSNorm, RoPE and SwiGLU in PyTorch ("torch") or as fused Triton kernels ("triton")."""
+        """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps in PyTorch ("torch") or as Triton kernels ("triton")."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, MLP)):
+            if isinstance(module, (RMSNorm, Attention, MLP, LMHead)):
                 module.ops = backend
 
     def forward(

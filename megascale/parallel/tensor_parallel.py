@@ -74,6 +74,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
         super().__init__(dense, group, sequence_parallel)
         self.vocab_start = dist.get_rank(group) * self.weight.shape[0]
         self.chunk_tokens = getattr(dense, "chunk_tokens", 0)
+        self.ops = getattr(dense, "ops", "torch")
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,7 +82,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
             return super().forward(x)
         x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
         return linear_cross_entropy(x, self.weight, targets, weights, chunk_tokens=self.chunk_tokens,
-                                    vocab_start=self.vocab_start, group=self.group)
+                                    vocab_start=self.vocab_start, group=self.group, backend=self.ops)
 
 
 class RowParallelLinear(nn.Module):
