@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tarfile
+import tempfile
 from pathlib import Path
 
 ATTENTION_FILES = ("attention_hd128_causal.json", "attention_rest.json", "attention_hd64.json")
-TRAIN_FILES = ("train_small.json", "train_1.3b.json", "train_small_ckpt.json", "train_options.json")
+TRAIN_FILES = ("train_small.json", "train_1.3b.json", "train_small_ckpt.json", "train_1.3b_ckpt.json",
+               "train_options.json", "train_options_1.3b.json")
 
 
 def load(folder: Path, name: str) -> dict | None:
@@ -61,7 +64,8 @@ def session_section(folder: Path) -> list[str]:
 
 
 def kernel_tests_section(folder: Path) -> list[str]:
-    return (_pytest_log(folder / "kernel_tests.log", "Kernel tests at real shapes, first listed tile")
+    return (_pytest_log(folder / "new_tests.log", "New tests at real shapes (cuDNN attention, the loss's row kernels)")
+            + _pytest_log(folder / "kernel_tests.log", "Kernel tests at real shapes, first listed tile")
             + _pytest_log(folder / "kernel_tests_autotuned.log", "Kernel tests, autotuned tiles (bf16, head dim 128)"))
 
 
@@ -140,14 +144,17 @@ def fused_loss_section(folder: Path) -> list[str]:
     data = load(folder, "fused_loss.json")
     if data is None:
         return ["Fused LM head + loss: not run."]
-    by = {(r["mode"], r["tokens"]): r for r in data["rows"]}
+    plain = {r["tokens"]: r["step_s"] for r in data["rows"] if r["mode"] == "plain"}
     out = []
-    for tokens in sorted({t for _, t in by}):
-        plain, fused = by.get(("plain", tokens)), by.get(("fused", tokens))
-        out.append([tokens, plain and plain["peak_bytes"] / 2**20, fused and fused["peak_bytes"] / 2**20,
-                    plain and plain["step_s"] * 1e3, fused and fused["step_s"] * 1e3])
+    for r in sorted(data["rows"], key=lambda r: (r["tokens"], MODE_ORDER.get(r["mode"], 9), r.get("chunk_tokens", 0))):
+        base = plain.get(r["tokens"])
+        out.append([r["tokens"], r["mode"], r.get("chunk_tokens", 0) or "auto", r["peak_bytes"] / 2**20,
+                    r["step_s"] * 1e3, base and base / r["step_s"]])
     return [f"Fused LM head + loss (D {data['d_model']}, V {data['vocab']}, {data['dtype']}):", ""] + table(
-        ["tokens", "plain peak MiB", "fused peak MiB", "plain ms", "fused ms"], out)
+        ["tokens", "mode", "chunk", "peak MiB", "ms", "speed vs plain"], out)
+
+
+MODE_ORDER = {"plain": 0, "fused": 1, "fused-triton": 2}
 
 
 def train_section(folder: Path) -> list[str]:
@@ -247,12 +254,22 @@ def report(folder: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", type=Path, help="the --out folder of bench/gpu_session.py")
+    p.add_argument("folder", type=Path, help="the --out folder of bench/gpu_session.py, or its --pack archive (.tgz)")
     p.add_argument("--md", type=Path, help="also write the Markdown here")
     args = p.parse_args()
-    if not (args.folder / "session.json").is_file():
-        raise SystemExit(f"{args.folder} holds no session.json; pass the --out folder of bench/gpu_session.py")
-    text = report(args.folder)
+    with tempfile.TemporaryDirectory() as unpacked:
+        folder = args.folder
+        if folder.is_file():
+            try:
+                with tarfile.open(folder) as tar:
+                    tar.extractall(unpacked, filter="data")
+            except tarfile.TarError as err:
+                raise SystemExit(f"{folder} is not a folder nor a readable .tgz ({err}); pass what gpu_session.py wrote")
+            folder = Path(unpacked)
+        if not (folder / "session.json").is_file():
+            raise SystemExit(f"{args.folder} holds no session.json; pass the --out folder of bench/gpu_session.py "
+                             "or its --pack archive")
+        text = report(folder)
     print(text, end="")
     if args.md:
         args.md.write_text(text)

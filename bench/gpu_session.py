@@ -3,21 +3,25 @@
 A session that is lent a GPU gets about 15 minutes of device time in all (the
 machine's start included), one command may run 10, and a machine left idle for
 30 s is given back. This script is that one command: it runs the jobs in order of
-importance (kernel correctness at real shapes, then the attention and training
-figures the targets name, then the rest), each under its own time cap and all
-under ``--budget``, and leaves in ``--out`` each job's JSON (and PNG where
-matplotlib is there), its log, and ``session.json`` (environment; per job: the
-command, exit code, seconds, whether it was cut off). A job cut off loses only
-what it had not yet written; the next job still runs.
+importance (first what no GPU session has measured yet: the code added since the
+H200 session of 2026-11-26 and the trainer options; then everything that session
+measured, for another device), each under its own time cap and all under
+``--budget``, and leaves in ``--out`` each job's JSON (and PNG where matplotlib
+is there), its log, and ``session.json`` (environment; per job: the command, exit
+code, seconds, whether it was cut off). A job cut off loses only what it had not
+yet written; the next job still runs. The device call returns at most 8 files,
+so ``--out`` lies outside ``$OUT`` and ``--pack`` writes all of it as one
+archive there, after every job.
 
     bash bench/gpu_wheels.sh        # here, once: DeepSpeed, pytest, matplotlib... into .whl/
-    # the device call (carry: [".whl"], timeout_s: 600):
+    # the device call (carry: [".whl"], timeout_s: 600; the inner timeout leaves time to pack):
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
-    export PYTHONPATH=/tmp/site:$PWD && python3 bench/gpu_session.py --budget 540 --out $OUT
+    export PYTHONPATH=/tmp/site:$PWD && timeout 560 python3 bench/gpu_session.py --budget 540 \
+        --out /tmp/res --pack $OUT/results.tgz
 
     python bench/gpu_session.py --smoke --out runs/gpu_session_smoke   # here: a CPU dry run, tiny shapes
-    python bench/gpu_session.py --part kernels --only tied_grad --out $OUT  # a subset
-    python bench/gpu_report.py <the folder that came back>                  # Markdown for BENCHMARKS.md
+    python bench/gpu_session.py --part kernels --only tied_grad --out /tmp/res --pack $OUT/r.tgz  # a subset
+    python bench/gpu_report.py <files_at>/results.tgz                   # Markdown for BENCHMARKS.md
 
 ``--smoke`` runs every job's code path on CPU with tiny shapes (kernels under
 ``TRITON_INTERPRET=1``; the kernel tests are only collected, the suite runs them):
@@ -36,6 +40,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +49,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("kernels", "train")
 # test_init.py: its CUDA-only case (weights drawn on the host match the CPU model) rides along, ~2 s.
 KERNEL_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_tied_grad.py", "tests/test_kernels_fused.py",
-                "tests/test_init.py"]
+                "tests/test_init.py", "tests/test_kernels_cross_entropy.py", "tests/test_attention_backends.py"]
+NEW_TESTS = ["tests/test_attention_backends.py", "tests/test_kernels_cross_entropy.py"]
+# Every option that the H200 figures say may help, together: one figure for "all of it".
+BEST_GUESS = "model.attention=cudnn,train.check_grad_overflow=false,model.fused_ops=triton,train.loss_chunk_tokens=8192"
 
 
 @dataclass
@@ -73,7 +81,33 @@ def jobs(png: bool) -> list[Job]:
              "train.eval_batches=2", "train.sample_tokens=0", "train.progress=false", "train.log_every=1",
              "untie.when=step:3", "untie.probe_every=1", "untie.coherence_probes=2", "untie.moments=probe",
              "metrics.tensorboard=false", "train.out_dir={out}/untie"]
+    # The trainer options, each against the defaults in one run (megascale's before/after figures):
+    # what the 2026-11-26 H200 session could not measure, and the cheapest way to measure it.
+    options = ";".join(["", "model.attention=cudnn", "train.check_grad_overflow=false", "model.fused_ops=triton",
+                        "train.loss_chunk_tokens=8192", "train.compile=true", BEST_GUESS])
     return [
+        # The code added since the H200 session, at real shapes: cuDNN attention, the loss's row kernels.
+        Job("new_tests", "kernels",
+            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/new_tests.xml", *NEW_TESTS],
+            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *NEW_TESTS], 120),
+        Job("train_options", "train",
+            [*train, "--configs", "350m", "--micro-batch", "16", "--ckpt", "off", "--sharings", "none", "--variants",
+             options, "--json", "{out}/train_options.json"],
+            [*train_smoke, "--sharings", "none", "--variants", "model.fused_ops=torch;model.fused_ops=triton",
+             "--json", "{out}/train_options.json"], 240),
+        Job("fused_loss", "kernels",
+            ["bench/fused_loss.py", "--dtype", "bf16", "--d-model", "2048", "--tokens", "8192,16384",
+             "--chunk-tokens", "0,4096,16384", "--json", "{out}/fused_loss.json", *plot("fused_loss")],
+            ["bench/fused_loss.py", "--smoke", "--json", "{out}/fused_loss.json"], 120),
+        Job("train_options_1.3b", "train",
+            [*train, "--configs", "1.3b", "--micro-batch", "8", "--ckpt", "off", "--sharings", "none", "--variants",
+             f";{BEST_GUESS};{BEST_GUESS},train.compile=true", "--json", "{out}/train_options_1.3b.json"],
+            [*train_smoke, "--sharings", "none", "--json", "{out}/train_options_1.3b.json"], 240),
+        Job("train_small_ckpt", "train", [*train, "--configs", "125m,350m", "--ckpt", "on", "--json", "{out}/train_small_ckpt.json"],
+            [*train_smoke, "--sharings", "all", "--json", "{out}/train_small_ckpt.json"], 180),
+        Job("train_1.3b_ckpt", "train", [*train, "--configs", "1.3b", "--ckpt", "on", "--json", "{out}/train_1.3b_ckpt.json"],
+            [*train_smoke, "--sharings", "none", "--json", "{out}/train_1.3b_ckpt.json"], 200),
+        # Measured on the H200 on 2026-11-26 (BENCHMARKS.md); again on any other device.
         # Every parity test at real shapes, each kernel at its first listed tile: autotuning every
         # (head dim, dtype, causal) combination would compile ~300 kernels, most of the budget.
         Job("kernel_tests", "kernels",
@@ -92,7 +126,7 @@ def jobs(png: bool) -> list[Job]:
         Job("untie", "train", ["launch/pretrain.py", "--config", "configs/125m.yaml", *untie, "data.seq_len=256",
                                "model.max_seq_len=256", "train.micro_batch_size=8", "train.global_batch_size=8"],
             ["launch/pretrain.py", "--config", "configs/tiny.yaml", *untie], 75, discard=("untie_data", "untie/checkpoints")),
-        Job("train_1.3b", "train", [*train, "--configs", "1.3b", "--ckpt", "off,on", "--json", "{out}/train_1.3b.json"],
+        Job("train_1.3b", "train", [*train, "--configs", "1.3b", "--ckpt", "off", "--json", "{out}/train_1.3b.json"],
             [*train_smoke, "--sharings", "none", "--json", "{out}/train_1.3b.json"], 240),
         # One shape per op: torch.compile, the third provider, compiles every shape and pass anew.
         Job("fused_ops", "kernels", ["bench/fused_ops.py", "--tokens", "16384", "--hidden", "4096", "--ffn", "11008",
@@ -106,21 +140,10 @@ def jobs(png: bool) -> list[Job]:
             [*attention, "--head-dims", "64", "--causal", "true,false", "--lengths", "1024,4096,16384",
              "--json", "{out}/attention_hd64.json", *plot("attention_hd64")],
             ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd64.json"], 90),
-        Job("train_options", "train",
-            [*train, "--configs", "350m", "--ckpt", "off", "--sharings", "none", "--variants",
-             "model.fused_ops=torch;model.fused_ops=triton;train.compile=true", "--json", "{out}/train_options.json"],
-            [*train_smoke, "--sharings", "none", "--variants", "model.fused_ops=torch;model.fused_ops=triton",
-             "--json", "{out}/train_options.json"], 240),
-        Job("fused_loss", "kernels",
-            ["bench/fused_loss.py", "--dtype", "bf16", "--d-model", "2048", "--tokens", "4096,8192,16384",
-             "--json", "{out}/fused_loss.json", *plot("fused_loss")],
-            ["bench/fused_loss.py", "--smoke", "--json", "{out}/fused_loss.json"], 90),
         # The tiles the autotuner picks for the model's own case (bf16, head dim 128), against the reference.
         Job("kernel_tests_autotuned", "kernels",
             ["-m", "pytest", "-v", "-p", "no:cacheprovider", "-k", "half and D128 and bf16", KERNEL_TESTS[0]],
             ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "-k", "half and bf16", KERNEL_TESTS[0]], 120),
-        Job("train_small_ckpt", "train", [*train, "--configs", "125m,350m", "--ckpt", "on", "--json", "{out}/train_small_ckpt.json"],
-            [*train_smoke, "--sharings", "all", "--json", "{out}/train_small_ckpt.json"], 180),
         # launch/pretrain.py's own build (meta device, parameters drawn on the GPU, DeepSpeed) for 1.3b, one rank.
         Job("startup", "train", ["bench/startup.py", "--config", "configs/1.3b.yaml", "--json", "{out}/startup.json"],
             ["bench/startup.py", "--config", "configs/tiny.yaml", "train.precision=fp32", "--json", "{out}/startup.json"], 90),
@@ -153,6 +176,15 @@ def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, s
     return Outcome(job.name, shlex.join(cmd), rc, round(time.monotonic() - start, 1), log.name)
 
 
+def pack(folder: Path, archive: Path) -> None:
+    """folder → archive (.tgz), replaced whole: a kill mid-write leaves the previous archive."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        tar.add(folder, arcname=".")
+    os.replace(partial, archive)
+
+
 def environment() -> dict:
     """What the figures were measured on: GPU (nvidia-smi), Python and package versions."""
     env = {"python": platform.python_version(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -183,6 +215,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=540, help="seconds for the whole part; jobs past it are not started")
     p.add_argument("--only", default="", help="comma-separated job names (default: every job of the part)")
     p.add_argument("--smoke", action="store_true", help="CPU dry run of every job with tiny shapes")
+    p.add_argument("--pack", type=Path, help="after every job, also write the whole --out folder as this .tgz "
+                   "(the device call returns at most 8 files: give --out a folder outside $OUT and --pack $OUT/...)")
     args = p.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +241,8 @@ def main() -> None:
             print(f"{job.name:<24} {status:<8} {outcome.seconds:7.1f} s  {outcome.log}", flush=True)
         session["jobs"].append(asdict(outcome))
         (args.out / "session.json").write_text(json.dumps(session, indent=2))  # after each job: survives a kill
+        if args.pack:
+            pack(args.out, args.pack)
     failed = [j["name"] for j in session["jobs"] if j["rc"] != 0]
     if failed:
         print("not complete: " + ", ".join(failed) + f" (logs in {args.out})")

@@ -43,11 +43,14 @@ print(triton_attention_available())
 
 def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     out = tmp_path / "session"
-    proc = _run(["bench/gpu_session.py", "--smoke", "--only", "kernel_tests,tied_grad,train_options,startup,untie",
-                 "--out", str(out)])
+    archive = tmp_path / "device_out" / "results.tgz"
+    proc = _run(["bench/gpu_session.py", "--smoke", "--only",
+                 "kernel_tests,tied_grad,train_options,startup,untie,new_tests,fused_loss", "--out", str(out),
+                 "--pack", str(archive)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
-    assert [j["name"] for j in session["jobs"]] == ["kernel_tests", "tied_grad", "untie", "train_options", "startup"]
+    assert [j["name"] for j in session["jobs"]] == [
+        "new_tests", "train_options", "fused_loss", "kernel_tests", "tied_grad", "untie", "startup"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     assert json.loads((out / "tied_grad.json").read_text())["results"]
@@ -59,11 +62,16 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert (out / "untie" / "metrics.jsonl").is_file()  # its corpus and checkpoint are not sent back
     assert not (out / "untie_data").exists() and not (out / "untie" / "checkpoints").exists()
 
-    report = _run(["bench/gpu_report.py", str(out)])
+    # The device call returns at most 8 files: the archive holds the whole folder, and the report reads it.
+    assert [p.name for p in archive.parent.iterdir()] == ["results.tgz"]
+    report = _run(["bench/gpu_report.py", str(archive)])
     assert report.returncode == 0, report.stderr
+    assert report.stdout == _run(["bench/gpu_report.py", str(out)]).stdout
     text = report.stdout
     assert "smoke run: the numbers mean nothing" in text
     assert "Kernel tests at real shapes, first listed tile: " in text and "collected, none run" in text
+    assert "New tests at real shapes (cuDNN attention, the loss's row kernels): " in text
+    assert "| 128 | plain | auto |" in text and "| 128 | fused | auto |" in text  # the fused-loss table
     assert "Kernel tests, autotuned tiles (bf16, head dim 128): not run." in text
     assert "Attention: not run." in text  # not among the jobs asked for
     assert "| 2 | tensor |" in text  # the tied-gradient table, K = 2
@@ -77,7 +85,7 @@ def test_gpu_session_stops_at_its_budget(tmp_path):
     out = tmp_path / "session"
     proc = _run(["bench/gpu_session.py", "--smoke", "--part", "train", "--budget", "5", "--out", str(out)])
     assert proc.returncode == 1
-    assert "not complete: train_small" in proc.stdout
+    assert "not complete: train_options" in proc.stdout
     jobs = json.loads((out / "session.json").read_text())["jobs"]
     assert jobs and all(j["rc"] is None and j["log"] == "not started: budget spent" for j in jobs)
 
