@@ -39,9 +39,19 @@ torch afterwards, rather than atomics: the result is deterministic.
 
 The reduction kernel is not autotuned: it accumulates into ``.grad`` in place,
 so benchmarking configs would add the sum several times. The tile is sized
-instead so that K_PAD × BLOCK = 4096 fp32 values live in registers per program of
-8 warps: 128-bit loads, and under 100 registers per thread on sm_90 (ptxas -v), so
-two or three programs share an SM and keep enough loads in flight.
+instead so that K_PAD × BLOCK = 4096 fp32 values live in registers per program:
+128-bit loads.
+
+Warps (``warps=``): "fixed" launches 8 per program, what the H200 measured
+(BENCHMARKS.md): 77% of the copy bandwidth at K = 2, 9-22% from K = 4. Compiled
+for sm_90a (``bench/kernel_layout.py``), the (K_PAD, BLOCK) tile then puts
+warps along the unit axis whenever BLOCK < 8 warps × 32 lanes × 8 bf16 per load
+= 2048, i.e. from K = 4 on (warpsPerCTA [2, 4] at K = 4, [8, 1] at K = 16), so
+every tile's sum over units crosses warps through shared memory. "fitted" gives
+a program BLOCK / (32 × elements per 128-bit load) warps, which keeps each
+element column's K values inside one thread (warpsPerCTA [1, 4] at K = 4), at
+96 / 159 / 240 registers per thread for K = 4 / 8 / 16 in bf16 without spills
+(ptxas -v; K = 32 spills). Not measured on a GPU yet, so not the default.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TILE_VALUES = 4096  # K_PAD × BLOCK values per program tile on a GPU (see the module docstring)
 _MAX_TILES_PER_CHUNK = 64  # caps a program at 64 tiles; longer tensors get more programs
+WARPS = ("fixed", "fitted")
 
 
 @dataclass(frozen=True)
@@ -272,22 +283,34 @@ def _aligned(tensors: list[torch.Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _chunk_size(total: int, block: int, device: torch.device) -> int:
-    """Elements per program: enough programs for ~8 per SM, at most _MAX_TILES_PER_CHUNK tiles each."""
+def _num_warps(block: int, element_size: int, warps: str) -> int:
+    """Warps per program: 8 ("fixed"), or as many as one row of 128-bit loads spans ("fitted"; see the docstring)."""
+    if warps not in WARPS:
+        raise ValueError(f"warps '{warps}' is not one of {', '.join(WARPS)}")
+    if warps == "fixed":
+        return 8
+    per_load = 16 // element_size
+    return max(1, min(8, block // (32 * per_load)))
+
+
+def _chunk_size(total: int, block: int, device: torch.device, num_warps: int = 8) -> int:
+    """Elements per program: enough programs for ~64 warps per SM, at most _MAX_TILES_PER_CHUNK tiles each."""
     if INTERPRET:
         return 2 * block  # tiny tiles and chunks so small test tensors cross chunk and tile edges
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = math.ceil(total / (8 * sms * block))
+    programs_per_sm = 64 // num_warps
+    tiles = math.ceil(total / (programs_per_sm * sms * block))
     return block * max(1, min(_MAX_TILES_PER_CHUNK, tiles))
 
 
-def _reduce_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor]) -> TiedGradStats:
+def _reduce_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], warps: str) -> TiedGradStats:
     n_units, device = len(contributions[0]), grads[0].device
     # Non-contiguous contributions are copied to dense ones (the flat index needs it).
     contributions = [[g if g.is_contiguous() else g.contiguous() for g in units] for units in contributions]
     k_pad = triton.next_power_of_2(n_units)
     block = 16 if INTERPRET else max(256, _TILE_VALUES // k_pad)
-    chunk_size = _chunk_size(sum(g.numel() for g in grads), block, device)
+    num_warps = 1 if INTERPRET else _num_warps(block, contributions[0][0].element_size(), warps)
+    chunk_size = _chunk_size(sum(g.numel() for g in grads), block, device, num_warps)
     chunk_tensor, chunk_start = _chunk_table([g.numel() for g in grads], chunk_size)
     contrib_ptrs = torch.tensor(  # (T, K_PAD); padded units point nowhere and are masked off
         [[g.data_ptr() for g in units] + [0] * (k_pad - n_units) for units in contributions], dtype=torch.int64
@@ -302,14 +325,14 @@ def _reduce_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Te
         _reduce_kernel[(n_chunks,)](
             *tables, partials, n_units, chunk_size,
             C_TYPE=_TL_DTYPE[contributions[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype],
-            K_PAD=k_pad, BLOCK=block, ALIGNED=aligned, num_warps=8 if not INTERPRET else 1,
+            K_PAD=k_pad, BLOCK=block, ALIGNED=aligned, num_warps=num_warps,
         )
     stats = partials.sum(0)  # (3, K_PAD)
     return TiedGradStats(sq_norms=stats[0, :n_units], dots=stats[1, :n_units], sum_sq=stats[2, 0])
 
 
 def tied_grad_reduce(
-    contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], backend: str = "auto"
+    contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], backend: str = "auto", warps: str = "fixed"
 ) -> TiedGradStats:
     """Add Σ_k contributions[i][k] into grads[i] in place and return the group's statistics.
 
@@ -320,10 +343,12 @@ def tied_grad_reduce(
     contributions into fp32 grads); statistics are accumulated in fp32.
     Non-contiguous contributions are copied; non-contiguous grads raise ValueError.
     backend: "auto" (Triton on CUDA, else PyTorch), "triton" (also CPU under TRITON_INTERPRET=1), "torch".
+    warps: the Triton launch's warps per program, "fixed" or "fitted" (module docstring).
     """
     _check_reduce_inputs(contributions, grads)
     if _use_triton(backend, grads[0].device):
-        return _reduce_triton(contributions, grads)
+        _num_warps(1, 2, warps)  # an unknown policy fails here, also under the interpreter
+        return _reduce_triton(contributions, grads, warps)
     return tied_grad_reduce_reference(contributions, grads)
 
 

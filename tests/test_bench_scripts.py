@@ -50,7 +50,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
     assert [j["name"] for j in session["jobs"]] == [
-        "new_tests", "train_options", "fused_loss", "kernel_tests", "tied_grad", "untie", "startup"]
+        "new_tests", "train_options", "fused_loss", "tied_grad", "kernel_tests", "untie", "startup"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     assert json.loads((out / "tied_grad.json").read_text())["results"]
@@ -70,7 +70,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     text = report.stdout
     assert "smoke run: the numbers mean nothing" in text
     assert "Kernel tests at real shapes, first listed tile: " in text and "collected, none run" in text
-    assert "New tests at real shapes (cuDNN attention, the loss's row kernels): " in text
+    assert "New tests at real shapes (cuDNN attention, the loss's row kernels, fitted warps): " in text
     assert "| 128 | plain | auto |" in text and "| 128 | fused | auto |" in text  # the fused-loss table
     assert "Kernel tests, autotuned tiles (bf16, head dim 128): not run." in text
     assert "Attention: not run." in text  # not among the jobs asked for
@@ -125,3 +125,12 @@ def test_sharing_bench_tabulates_each_policy_against_copy(monkeypatch):
     assert "| `step` | 5.0000 | **4.9000** | **5.0000** | 5.1000 | **5.0000** | 5.0001 |" in table
     assert "untied" not in table
     assert "scale against copy: lower in 1 of 3, higher in 1, equal (within 0.0005) in 1; mean difference +0.000" in table
+
+
+def test_kernel_layout_shows_where_the_warps_go():
+    """Compiled for sm_90a without a GPU: 8 warps split the K = 4 tile's unit axis; fitted warps do not."""
+    proc = _run(["bench/kernel_layout.py", "--units", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[1]: line for line in proc.stdout.splitlines() if line.split()[:1] == ["4"]}
+    assert "[2, 4]" in rows["fixed"] and " 8 " in rows["fixed"]
+    assert "[1, 4]" in rows["fitted"] and "0 bytes spilled" in rows["fitted"]

@@ -83,6 +83,32 @@ def test_reduce_matches_reference(n_units, c_dtype, g_dtype):
         torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("n_units", [1, 4, 12])
+@pytest.mark.parametrize("c_dtype, g_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
+                         ids=["bf16-into-fp32", "fp32"])
+def test_fitted_warps_give_the_same_reduction(n_units, c_dtype, g_dtype):
+    """warps="fitted" compiles another launch of the same kernel (on CUDA); it must reduce the same."""
+    contributions, grads = _group(n_units, SHAPES, c_dtype, g_dtype, seed=5)
+    ref_grads = [g.clone() for g in grads]
+    _assert_stats_close(tied_grad_reduce(contributions, grads, backend="triton", warps="fitted"),
+                        tied_grad_reduce_reference(contributions, ref_grads))
+    atol, rtol = GRAD_TOL[g_dtype]
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def test_warps_per_program():
+    from megascale.kernels.tied_grad import _num_warps
+
+    # bf16 (8 per 128-bit load): one row of the tile spans BLOCK / 256 warps, at most 8.
+    assert [_num_warps(block, 2, "fitted") for block in (4096, 2048, 1024, 512, 256)] == [8, 8, 4, 2, 1]
+    assert _num_warps(1024, 4, "fitted") == 8  # fp32: 4 per load
+    assert _num_warps(256, 2, "fixed") == 8
+    contributions, grads = _group(2, [(8,)], torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="warps 'many' is not one of fixed, fitted"):
+        tied_grad_reduce(contributions, grads, backend="triton", warps="many")
+
+
 def test_stats_are_of_this_steps_contributions_only():
     """A non-zero prior .grad is added to, but does not enter the statistics; the sum is exact."""
     contributions, grads = _group(3, [(50,), (9, 3)], torch.float32, torch.float32, seed=2)
