@@ -21,10 +21,11 @@ steps (median over windows), because a shared CPU's speed drifts. Reported: toke
 MFU against the device's dense bf16 peak (``megascale.hardware``; none on CPU;
 the JSON states it), peak memory, megascale's weights + optimizer state measured
 and by ``megascale.train.memory``'s formula (the tied model's must be lower by
-what sharing saves), and megascale over plain. ``--micro-batch auto`` (GPU) doubles the
-micro-batch from 1 until the untied plain loop runs out of memory and uses half the
-largest that fit (headroom for DeepSpeed's buffers), for the tied model too, so
-both do the same work per step. A table on stdout; ``--json`` writes it with device, date and versions, after
+what sharing saves), and megascale over plain. ``--micro-batch auto`` doubles the
+micro-batch from 1 until the untied plain loop runs out of memory or passes
+``--max-micro`` (256 on GPU; 16 on CPU, where memory never runs out first) and uses
+half the largest that fit (headroom for DeepSpeed's buffers), for the tied model
+too, so both do the same work per step. A table on stdout; ``--json`` writes it with device, date and versions, after
 every row (a run cut off by a time limit keeps what it measured).
 
 ``--variants`` runs several megascale trainers, each with its own config overrides
@@ -231,17 +232,19 @@ def peak_tflops(device: torch.device) -> float | None:
     return device_peak_tflops(device, 0.0)
 
 
-def largest_micro_batch(name: str, args, device) -> int:
-    """Double the micro-batch until the plain loop runs out of memory; half the largest that fit.
+def largest_micro_batch(name: str, args, device, cap: int) -> int:
+    """Double the micro-batch until the plain loop runs out of memory or passes ``cap``; half the largest that fit.
 
     One model and optimizer serve every size (building a 1.3b model per size would cost more
-    than the measurement); the halving leaves headroom for DeepSpeed's own buffers.
+    than the measurement); the halving leaves headroom for DeepSpeed's own buffers. On CPU
+    nothing runs out of memory first: the search ends at the cap (the same code path, so the
+    CPU smoke run exercises what a GPU run does).
     """
     args.micro = 1
     cfg = bench_config(name, args)
     model, step = plain_trainer(cfg, device)
     best, micro = 0, 1
-    while micro <= 256:
+    while micro <= cap:
         try:
             step(random_batches(cfg, 1, device, micro)[0])
             sync(device)
@@ -250,7 +253,8 @@ def largest_micro_batch(name: str, args, device) -> int:
         best, micro = micro, micro * 2
     del model, step
     gc.collect()
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if not best:
         raise SystemExit(f"{name}: micro-batch 1 does not fit on {torch.cuda.get_device_name(device)}")
     return max(1, best // 2)
@@ -271,7 +275,10 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="run on CPU (fp32, tiny config): framework overhead per step")
     p.add_argument("--sharings", default="none,all")
     p.add_argument("--ckpt", default="off,on", help="activation checkpointing settings to run: off,on")
-    p.add_argument("--micro-batch", default="auto", help="sequences per step, or auto (GPU: largest that fits)")
+    p.add_argument("--micro-batch", default="auto", help="sequences per step, or auto: half the largest that fits, "
+                   "up to --max-micro")
+    p.add_argument("--max-micro", type=int, default=0, help="auto's largest try (default 256 on GPU; 16 on CPU, "
+                   "where nothing runs out of memory first: micro-batch 8)")
     p.add_argument("--seq", type=int, default=0, help="sequence length (default 2048 on GPU, 128 on CPU)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -315,7 +322,7 @@ def main() -> None:
 def micro_batch(name: str, args, device: torch.device) -> int:
     if args.micro_batch != "auto":
         return int(args.micro_batch)
-    return largest_micro_batch(name, args, device) if device.type == "cuda" else 8
+    return largest_micro_batch(name, args, device, args.max_micro or (256 if device.type == "cuda" else 16))
 
 
 def write_json(path: Path, results: list[Result], device: torch.device) -> None:
