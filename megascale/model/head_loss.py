@@ -96,7 +96,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if want_dx:
                     dx[s:s + chunk] = g @ weight
                 if want_dw:
-                    dw += (g.t() @ xc).float()
+                    dw.add_(g.t() @ xc)  # widened inside the add: no fp32 copy of the (V, D) product
         ctx.dtypes = (x.dtype, weight.dtype)
         ctx.grads = (dx, dw if dw is None or x.dtype == torch.float16 else dw.to(weight.dtype))
         return loss
