@@ -134,3 +134,20 @@ def test_kernel_layout_shows_where_the_warps_go():
     rows = {line.split()[1]: line for line in proc.stdout.splitlines() if line.split()[:1] == ["4"]}
     assert "[2, 4]" in rows["fixed"] and " 8 " in rows["fixed"]
     assert "[1, 4]" in rows["fitted"] and "0 bytes spilled" in rows["fitted"]
+
+
+def test_plot_train_draws_bars_and_refuses_mixed_devices(tmp_path):
+    row = dict(config="tiny", sharing="none", ckpt=False, trainer="plain", variant="", mfu=None, tokens_per_s=1000.0,
+               peak_gib=None)
+    files = []
+    for i, device in enumerate(("cpu", "cpu", "NVIDIA H200")):
+        path = tmp_path / f"t{i}.json"
+        rows = [row, {**row, "trainer": "megascale", "tokens_per_s": 900.0 + i}]
+        path.write_text(json.dumps({"device": device, "date": "2026-11-26T00:00:00", "results": rows}))
+        files.append(str(path))
+    png = tmp_path / "train.png"
+    proc = _run(["bench/plot_train.py", *files[:2], "--png", str(png)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mixed = _run(["bench/plot_train.py", *files, "--png", str(tmp_path / "mixed.png")])
+    assert mixed.returncode != 0 and "different devices" in mixed.stderr
