@@ -71,3 +71,13 @@ def test_a_stale_build_lock_is_named(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         warn_stale_build_locks()
     assert f"{old} is 60 min old" in caplog.text and "remove it if no other run is building" in caplog.text
+
+
+def test_weights_made_non_finite_are_never_saved(tmp_path, data_dir):
+    """fp32 applies a non-finite gradient; with the loss read only every 3 steps, the save at step 4 must refuse."""
+    proc = run_pretrain(tmp_path, data_dir, *RUN, "train.log_every=3", env=NAN_AT_4, check=False)
+    assert proc.returncode == 2
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert "gradient norm nan at step 4" in line and "no checkpoint is written" in line, line
+    assert (tmp_path / "checkpoints" / "step_00000002").is_dir()
+    assert not (tmp_path / "checkpoints" / "step_00000004").exists()

@@ -305,6 +305,38 @@ def evaluate(run: Run) -> float:
     return mean_over(loss, run.groups.dp_group)
 
 
+def check_update_finite(run: Run) -> None:
+    """Refuse to checkpoint weights that the last step may have made non-finite.
+
+    fp16, and bf16 with train.check_grad_overflow (the default), skip a step whose
+    gradients are not finite: their weights stay good. fp32, and bf16 without the
+    check, apply it, and the clipped update of a non-finite gradient norm is NaN:
+    without this, a save between two logging steps (train.nan_policy=stop reads the
+    loss only there) would write those weights over the last good checkpoint. One
+    all-reduce and one host read per save.
+    """
+    t = run.cfg.train
+    if t.precision == "fp16" or (t.precision == "bf16" and t.check_grad_overflow):
+        return
+    grad_norm = run.engine.get_global_grad_norm()
+    if grad_norm is None:  # no clipping, no norm: nothing to read it from
+        return
+    value = torch.zeros(1, device=run.ctx.device)
+    if run.ctx.rank == 0:  # the same everywhere; rank 0 speaks for all, as in read_log_values
+        value[0] = grad_norm.detach().float().reshape(()) if torch.is_tensor(grad_norm) else float(grad_norm)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    norm = value.item()
+    if not math.isfinite(norm):
+        hint = ("leave train.check_grad_overflow=true (such steps are then skipped), "
+                if t.precision == "bf16" else "")
+        raise MegascaleError(
+            f"gradient norm {norm} at step {run.progress.step}: that step's update left the weights non-finite, so no "
+            f"checkpoint is written (the last good one stays in {run.out_dir / 'checkpoints'}); resume from it "
+            f"(train.resume=auto) and lower optim.lr, {hint}or use train.nan_policy=rollback"
+        )
+
+
 def check_finite(loss: float, step: int, out_dir: Path) -> None:
     if not math.isfinite(loss):
         raise MegascaleError(
@@ -665,6 +697,7 @@ def _log_eval(run: Run, writer: MetricsWriter) -> float:
 
 
 def _save(run: Run) -> Path:
+    check_update_finite(run)
     path = ckpt.save_checkpoint(run.engine, run.out_dir / "checkpoints", run.progress.step, checkpoint_meta(run),
                                 run.ctx.is_main, run.cfg.train.keep_checkpoints)
     if run.ctx.is_main:
