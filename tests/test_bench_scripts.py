@@ -151,3 +151,11 @@ def test_plot_train_draws_bars_and_refuses_mixed_devices(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mixed = _run(["bench/plot_train.py", *files, "--png", str(tmp_path / "mixed.png")])
     assert mixed.returncode != 0 and "different devices" in mixed.stderr
+
+
+def test_step_ops_counts_fewer_calls_without_the_overflow_scan():
+    proc = _run(["bench/step_ops.py", "--config", "tiny", "--variants", ";train.check_grad_overflow=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = {line.split()[0]: int(line.split()[2].replace(",", "")) for line in proc.stdout.splitlines()
+              if line.startswith(("defaults ", "train.check_grad_overflow=false "))}
+    assert counts["train.check_grad_overflow=false"] < counts["defaults"], counts
