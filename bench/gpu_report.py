@@ -167,21 +167,26 @@ def train_section(folder: Path) -> list[str]:
     if not results:
         return ["Training throughput: not run."]
     out, ratios, mfu = [], [], {}
-    plain = None
+    plain = defaults = None
     for _, r in results:
+        vs_defaults = None
         if r["trainer"] == "plain":
-            plain = r
+            plain, defaults = r, None  # each plain row opens a group: the megascale rows after it share its run
             ratio = None
         else:
             ratio = r["tokens_per_s"] / plain["tokens_per_s"] if plain else None
             if not r["variant"]:
+                defaults = r
                 ratios.append(ratio)
                 mfu.setdefault((r["config"], r["sharing"]), []).append(r["mfu"])
+            elif defaults is not None:  # an option's before/after: against the defaults of the same run
+                vs_defaults = r["tokens_per_s"] / defaults["tokens_per_s"]
         out.append([r["config"], r["sharing"], "on" if r["ckpt"] else "off", r["trainer"], r["variant"] or "–",
-                    r["micro_batch"], r["tokens_per_s"], r["tflops"], r["mfu"], r["peak_gib"], r.get("state_gib"), ratio])
+                    r["micro_batch"], r["tokens_per_s"], r["tflops"], r["mfu"], r["peak_gib"], r.get("state_gib"), ratio,
+                    vs_defaults])
     lines = [f"Training throughput on {files[0]['device']}, megascale and the plain loop in the same run:", ""] + table(
         ["config", "sharing", "act. ckpt", "trainer", "variant", "micro", "tokens/s", "TFLOP/s", "MFU", "peak GiB",
-         "state GiB", "megascale/plain"], out) + [""]
+         "state GiB", "megascale/plain", "vs defaults"], out) + [""]
     best = {key: max(v for v in values if v is not None) for key, values in mfu.items() if any(v is not None for v in values)}
     for config, target in (("1.3b", 0.50), ("350m", 0.40)):
         got = best.get((config, "none"))
