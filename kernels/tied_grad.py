@@ -283,10 +283,14 @@ def _aligned(tensors: list[torch.Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _num_warps(block: int, element_size: int, warps: str) -> int:
-    """Warps per program: 8 ("fixed"), or as many as one row of 128-bit loads spans ("fitted"; see the docstring)."""
+def _check_warps(warps: str) -> None:
     if warps not in WARPS:
         raise ValueError(f"warps '{warps}' is not one of {', '.join(WARPS)}")
+
+
+def _num_warps(block: int, element_size: int, warps: str) -> int:
+    """Warps per program: 8 ("fixed"), or as many as one row of 128-bit loads spans ("fitted"; see the docstring)."""
+    _check_warps(warps)
     if warps == "fixed":
         return 8
     per_load = 16 // element_size
@@ -347,7 +351,7 @@ def tied_grad_reduce(
     """
     _check_reduce_inputs(contributions, grads)
     if _use_triton(backend, grads[0].device):
-        _num_warps(1, 2, warps)  # an unknown policy fails here, also under the interpreter
+        _check_warps(warps)  # here too: under the interpreter _num_warps is not consulted
         return _reduce_triton(contributions, grads, warps)
     return tied_grad_reduce_reference(contributions, grads)
 

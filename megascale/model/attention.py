@@ -14,6 +14,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megascale.errors import MegascaleError
 
@@ -21,16 +22,11 @@ BACKENDS = ("auto", "torch", "triton", "cudnn")
 SDPA = "torch scaled_dot_product_attention"
 
 
-def _cudnn_first():
-    """SDPA's backends with cuDNN's first, then PyTorch's own order (flash, efficient, math).
-
-    PyTorch's default priority puts cuDNN last, behind flash; on an H200 cuDNN's
-    attention ran 1.1–1.5x the Triton kernel and 1.5–1.9x the flash backend
-    (BENCHMARKS.md, "Fused attention"). Inputs cuDNN refuses fall through to the next.
-    """
-    from torch.nn.attention import SDPBackend  # noqa: PLC0415
-
-    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# SDPA's backends with cuDNN's first, then PyTorch's own order (flash, efficient, math).
+# PyTorch's default priority puts cuDNN last, behind flash; on an H200 cuDNN's attention
+# ran 1.1–1.5x the Triton kernel and 1.5–1.9x the flash backend (BENCHMARKS.md, "Fused
+# attention"). Inputs cuDNN refuses fall through to the next.
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _cudnn_refusal(device: torch.device) -> str | None:
@@ -140,9 +136,7 @@ def attention(
         # anything else falls back here, warned once per distinct reason.
         warnings.warn(f"Triton attention: {reason}; using {SDPA}", stacklevel=2)
     if backend == "cudnn":
-        from torch.nn.attention import sdpa_kernel  # noqa: PLC0415
-
-        with sdpa_kernel(_cudnn_first(), set_priority=True):
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=gqa)
     # enable_gqa lets SDPA broadcast KV heads without materialising repeated K/V.
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale, enable_gqa=gqa)

@@ -270,7 +270,7 @@ def read_log_values(run: Run, loss_t: torch.Tensor, stop: StopRequest) -> tuple[
     values[0] = loss_t.detach().float().reshape(()) if speaks_for_replica else 0.0
     values[1] = 1.0 if stop.signal_name else 0.0
     if grad_norm is not None and run.ctx.rank == 0:
-        values[2] = grad_norm.detach().float().reshape(()) if torch.is_tensor(grad_norm) else float(grad_norm)
+        values[2] = _norm_value(grad_norm)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values)
     loss, stops, norm = values.tolist()
@@ -305,6 +305,11 @@ def evaluate(run: Run) -> float:
     return mean_over(loss, run.groups.dp_group)
 
 
+def _norm_value(grad_norm):
+    """DeepSpeed's global gradient norm (a tensor or a float, by stage) as a value to write into a tensor."""
+    return grad_norm.detach().float().reshape(()) if torch.is_tensor(grad_norm) else float(grad_norm)
+
+
 def check_update_finite(run: Run) -> None:
     """Refuse to checkpoint weights that the last step may have made non-finite.
 
@@ -323,7 +328,7 @@ def check_update_finite(run: Run) -> None:
         return
     value = torch.zeros(1, device=run.ctx.device)
     if run.ctx.rank == 0:  # the same everywhere; rank 0 speaks for all, as in read_log_values
-        value[0] = grad_norm.detach().float().reshape(()) if torch.is_tensor(grad_norm) else float(grad_norm)
+        value[0] = _norm_value(grad_norm)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value)
     norm = value.item()
