@@ -255,9 +255,25 @@ def untie_section(folder: Path) -> list[str]:
     return lines
 
 
+def step_profile_section(folder: Path) -> list[str]:
+    data = load(folder, "step_profile.json")
+    if data is None:
+        return ["Step profile: not run."]
+    rows = data["trainers"]
+    labels = [r["label"] for r in rows]
+    head = (f"Step profile, {data['config']}, micro-batch {data['micro_batch']}, activation checkpointing "
+            f"{data['ckpt']} (`bench/step_profile.py`; phases run synchronised, one profiled step each):")
+    phases = [[r["label"], phase, p["wall_ms"], p["device_ms"], p["launches"]]
+              for r in rows for phase, p in r["phases"].items()]
+    cats = sorted({c for r in rows for p in r["phases"].values() for c in p["categories"]})
+    by_cat = [[c, *(sum(p["categories"].get(c, 0.0) for p in r["phases"].values()) for r in rows)] for c in cats]
+    return ([head, ""] + table(["trainer", "phase", "wall ms", "device ms", "launches"], phases) + ["", "Device ms by "
+            "kernel category, all phases:", ""] + table(["category", *labels], by_cat))
+
+
 def report(folder: Path) -> str:
-    sections = [session_section, kernel_tests_section, attention_section, tied_grad_section, fused_ops_section,
-                fused_loss_section, train_section, startup_section, untie_section]
+    sections = [session_section, kernel_tests_section, step_profile_section, attention_section, tied_grad_section,
+                fused_ops_section, fused_loss_section, train_section, startup_section, untie_section]
     return "\n\n".join("\n".join(section(folder)) for section in sections) + "\n"
 
 

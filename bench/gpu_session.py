@@ -4,7 +4,7 @@ A session that is lent a GPU gets about 15 minutes of device time in all (the
 machine's start included), one command may run 10, and a machine left idle for
 30 s is given back. This script is that one command: it runs the jobs in order of
 importance (first what no GPU session has measured yet: the code added since the
-H200 session of 2026-11-26 and the trainer options; then everything that session
+H200 session of 2026-11-26, a profile of one 1.3b step and the trainer options; then everything that session
 measured, for another device), each under its own time cap and all under
 ``--budget``, and leaves in ``--out`` each job's JSON (and PNG where matplotlib
 is there), its log, and ``session.json`` (environment; per job: the command, exit
@@ -94,6 +94,12 @@ def jobs(png: bool) -> list[Job]:
         Job("new_tests", "kernels",
             ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/new_tests.xml", *NEW_TESTS],
             ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *NEW_TESTS], 120),
+        # Where the step's time goes, per phase and kernel category, megascale against the plain loop at 1.3b:
+        # what to make faster, before measuring the options that might.
+        Job("step_profile", "train",
+            ["bench/step_profile.py", "--config", "1.3b", "--micro-batch", "8", "--variants", f";{BEST_GUESS}",
+             "--json", "{out}/step_profile.json"],
+            ["bench/step_profile.py", "--cpu", "--warmup", "1", "--reps", "1", "--json", "{out}/step_profile.json"], 150),
         Job("train_options", "train",
             [*train, "--configs", "350m", "--micro-batch", "16", "--ckpt", "off", "--sharings", "none", "--variants",
              options, "--json", "{out}/train_options.json"],

@@ -127,15 +127,16 @@ def plain_trainer(cfg: Config, device: torch.device):
                             weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
-    def step(batch):
+    def forward(batch):
         with autocast:
-            loss = model(*batch)
-        loss.backward()
+            return model(*batch)
+
+    def update():
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return model, step
+    return model, _composed(forward, lambda loss: loss.backward(), update)
 
 
 def megascale_trainer(cfg: Config, device: torch.device, ctx, groups):
@@ -145,13 +146,20 @@ def megascale_trainer(cfg: Config, device: torch.device, ctx, groups):
     model = make_model(cfg, device, backend)
     engine = build_engine(model, cfg, batch_layout(cfg, 1), device, groups)
 
-    def step(batch):  # train_step's sequence for one micro-batch per step
-        loss = engine(*batch)
-        engine.backward(loss)
-        engine.step()
-
+    # train_step's sequence for one micro-batch per step
+    step = _composed(lambda batch: engine(*batch), engine.backward, engine.step)
     step.engine = engine  # for the state-memory columns, read once the optimizer state exists
     return model, step
+
+
+def _composed(forward, backward, update):
+    """One training step from its phases; ``step.phases`` keeps them for bench/step_profile.py to time apart."""
+    def step(batch):
+        backward(forward(batch))
+        update()
+
+    step.phases = {"forward": forward, "backward": backward, "update": update}
+    return step
 
 
 def state_memory(step, cfg: Config) -> tuple[float | None, float | None]:

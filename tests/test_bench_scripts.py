@@ -86,8 +86,8 @@ def test_gpu_session_stops_at_its_budget(tmp_path):
     out = tmp_path / "session"
     proc = _run(["bench/gpu_session.py", "--smoke", "--part", "train", "--budget", "5", "--out", str(out)])
     assert proc.returncode == 1
-    assert "not complete: train_options" in proc.stdout
-    assert "to rerun them: python3 bench/gpu_session.py --only train_options," in proc.stdout
+    assert "not complete: step_profile, train_options" in proc.stdout
+    assert "to rerun them: python3 bench/gpu_session.py --only step_profile,train_options," in proc.stdout
     jobs = json.loads((out / "session.json").read_text())["jobs"]
     assert jobs and all(j["rc"] is None and j["log"] == "not started: budget spent" for j in jobs)
 
@@ -161,3 +161,35 @@ def test_step_ops_counts_fewer_calls_without_the_overflow_scan():
     counts = {line.split()[0]: int(line.split()[2].replace(",", "")) for line in proc.stdout.splitlines()
               if line.startswith(("defaults ", "train.check_grad_overflow=false "))}
     assert counts["train.check_grad_overflow=false"] < counts["defaults"], counts
+
+
+def test_step_profile_splits_each_trainer_into_phases_and_categories(tmp_path):
+    out = tmp_path / "profile.json"
+    proc = _run(["bench/step_profile.py", "--cpu", "--warmup", "1", "--reps", "1", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["trainers"]
+    assert [r["trainer"] for r in rows] == ["plain", "megascale"]
+    for r in rows:
+        assert list(r["phases"]) == ["forward", "backward", "update"]
+        for phase in r["phases"].values():
+            assert phase["launches"] > 0 and phase["wall_ms"] > 0
+            assert abs(sum(phase["categories"].values()) - phase["device_ms"]) < 1e-6 * max(1.0, phase["device_ms"])
+        # the forward and backward matmuls are where a tiny model's time goes; the update has none
+        assert r["phases"]["forward"]["categories"]["matmul"] > 0
+        assert "matmul" not in r["phases"]["update"]["categories"]
+    assert "device ms by category" in proc.stdout
+
+
+def test_step_profile_sorts_kernel_names_into_categories():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from step_profile import category  # noqa: PLC0415
+
+    assert category("_rms_fwd_kernel") == "norm/rope/swiglu"  # before attention's "_fwd_kernel"
+    assert category("_fwd_kernel") == "attention"
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "attention"
+    assert category("fmha_cutlassB_bf16_aligned_64x64_k128_sm80") == "attention"
+    assert category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1") == "matmul"
+    assert category("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert category("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>") == "copy/cast"
+    assert category("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>") == "other elementwise"
+    assert category("_row_stats_kernel") == "loss"
