@@ -51,7 +51,7 @@ PARTS = ("kernels", "train")
 KERNEL_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_tied_grad.py", "tests/test_kernels_fused.py",
                 "tests/test_init.py", "tests/test_kernels_cross_entropy.py", "tests/test_attention_backends.py"]
 NEW_TESTS = ["tests/test_attention_backends.py", "tests/test_kernels_cross_entropy.py",
-             "tests/test_kernels_tied_grad.py::test_fitted_warps_give_the_same_reduction"]
+             "tests/test_kernels_tied_grad.py::test_other_layouts_give_the_same_reduction"]
 # Every option that the H200 figures say may help, together: one figure for "all of it".
 BEST_GUESS = "model.attention=cudnn,train.check_grad_overflow=false,model.fused_ops=triton,train.loss_chunk_tokens=8192"
 
@@ -90,7 +90,7 @@ def jobs(png: bool) -> list[Job]:
                         "train.loss_chunk_tokens=8192", BEST_GUESS, "train.compile=true"])
     return [
         # The code added since the H200 session, at real shapes: cuDNN attention, the loss's row kernels,
-        # the reduction with fitted warps.
+        # the reduction's other layouts (fitted warps, columns).
         Job("new_tests", "kernels",
             ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/new_tests.xml", *NEW_TESTS],
             ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *NEW_TESTS], 120),
@@ -109,7 +109,7 @@ def jobs(png: bool) -> list[Job]:
             ["bench/fused_loss.py", "--dtype", "bf16", "--d-model", "2048", "--tokens", "8192,16384",
              "--chunk-tokens", "0,4096,16384", "--json", "{out}/fused_loss.json", *plot("fused_loss")],
             ["bench/fused_loss.py", "--smoke", "--json", "{out}/fused_loss.json"], 120),
-        Job("tied_grad", "kernels",  # the default warps against "fitted"
+        Job("tied_grad", "kernels",  # the default layout against "fitted" and "columns"
             ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
             ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
         Job("train_options_1.3b", "train",

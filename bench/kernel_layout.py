@@ -1,14 +1,16 @@
 """How the tied-gradient reduction kernel compiles for a Hopper GPU, on a machine without one.
 
-    python bench/kernel_layout.py                                   # bf16, K = 2..32, both warp policies
-    python bench/kernel_layout.py --units 4 --dtype fp32 --warps fitted
+    python bench/kernel_layout.py                                   # bf16, K = 2..32, every layout
+    python bench/kernel_layout.py --units 4,24 --dtype fp32 --layouts columns
 
-Triton compiles for a named target without a device: this prints, per (K, warp
-policy), the tile (K_PAD, BLOCK), the warps per program, the layout Triton gave
-the 2-D tile of contributions (``warpsPerCTA [a, b]``: a > 1 means the sum over
-units crosses warps, through shared memory, on every tile), and ``ptxas -v``'s
-registers and spill bytes for sm_90a. It reads no timing: what it shows is what
-the compiler decided, the first thing to look at before a GPU session measures.
+Triton compiles for a named target without a device: this prints, per (K,
+layout), the tile, the warps per program, the layout Triton gave the tile of
+contributions (``warpsPerCTA [a, b, ...]``: a > 1 means the sum over units
+crosses warps), what the main loop does besides loading (``bar.sync`` and
+``shfl`` in it: exchanges between threads on every tile; vector width of its
+loads), and ``ptxas -v``'s registers and spill bytes for sm_90a. It reads no
+timing: what it shows is what the compiler decided, the first thing to look at
+before a GPU session measures.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import checkout_kernels  # noqa: E402
 
 DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
-SIGNATURE = {"CONTRIB_PTRS": "*i64", "GRAD_PTRS": "*i64", "NUMEL": "*i64", "CHUNK_TENSOR": "*i64", "CHUNK_START": "*i64",
-             "PARTIALS": "*fp32", "n_units": "i32", "chunk_size": "i32", "C_TYPE": "constexpr", "G_TYPE": "constexpr",
-             "K_PAD": "constexpr", "BLOCK": "constexpr", "ALIGNED": "constexpr"}
+TABLES = {"CONTRIB_PTRS": "*i64", "GRAD_PTRS": "*i64", "NUMEL": "*i64", "FIRST_CHUNK": "*i64", "PARTIALS": "*fp32",
+          "n_tensors": "i32", "n_units": "i32", "chunk_size": "i32", "C_TYPE": "constexpr", "G_TYPE": "constexpr",
+          "K_PAD": "constexpr", "T_PAD": "constexpr", "ALIGNED": "constexpr"}
+T_PAD = 16  # a Llama block's nine tensors
 
 
 def ptxas() -> str:
@@ -43,16 +46,39 @@ def ptxas() -> str:
     return str(next(p for p in (folder / "ptxas-blackwell", folder / "ptxas") if p.exists()))
 
 
-def compile_reduce(tg, k_pad: int, block: int, num_warps: int, dtype: str, arch: int):
-    consts = {"C_TYPE": DTYPES[dtype][0], "G_TYPE": tl.float32, "K_PAD": k_pad, "BLOCK": block, "ALIGNED": True}
-    src = ASTSource(fn=tg._reduce_kernel, signature=SIGNATURE, constexprs=consts)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+def compile_reduce(tg, k: int, layout: str, c_dtype: str, g_dtype: str, arch: int):
+    """(kernel, tile description, warps) of ``tied_grad_reduce``'s launch for K units, as the host code sizes it."""
+    k_pad = triton.next_power_of_2(k)
+    c_size, g_size = DTYPES[c_dtype][1], DTYPES[g_dtype][1]
+    consts = {"C_TYPE": DTYPES[c_dtype][0], "G_TYPE": DTYPES[g_dtype][0], "K_PAD": k_pad, "T_PAD": T_PAD, "ALIGNED": True}
+    if layout == "columns":
+        vec = tg._column_vec(k_pad, c_size, g_size)
+        warps, fn, extra = tg._COLUMN_WARPS, tg._columns_kernel, {"COLS": 32 * tg._COLUMN_WARPS, "VEC": vec}
+        tile = f"{k_pad} x {32 * warps} x {vec}"
+    else:
+        block = max(256, tg._TILE_VALUES // k_pad)
+        warps, fn, extra = tg._num_warps(block, c_size, layout), tg._reduce_kernel, {"BLOCK": block}
+        tile = f"{k_pad} x {block}"
+    src = ASTSource(fn=fn, signature={**TABLES, **{name: "constexpr" for name in extra}}, constexprs={**consts, **extra})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}), tile, warps
 
 
-def tile_layout(ttgir: str, k_pad: int) -> str:
-    """warpsPerCTA of the 2-D blocked layouts (the tile of contributions), as '[a, b]'."""
-    found = re.findall(r"#ttg\.blocked<\{[^}]*warpsPerCTA = (\[\d+, \d+\])[^}]*\}>", ttgir)
+def tile_layout(ttgir: str) -> str:
+    """warpsPerCTA of the blocked layouts with two or three dimensions (the tile of contributions)."""
+    found = re.findall(r"#ttg\.blocked<\{[^}]*warpsPerCTA = (\[\d+, \d+(?:, \d+)?\])[^}]*\}>", ttgir)
     return " ".join(dict.fromkeys(found)) or "?"
+
+
+def main_loop(ptx: str) -> str:
+    """Exchanges between threads and the widest global load inside the kernel's first loop (the unmasked tiles)."""
+    head = ptx.find("Inner Loop Header")
+    if head < 0:
+        return "no loop"
+    body = ptx[head:ptx.find("._crit_edge", head)]
+    # Scalar 64-bit loads are the address table's; the data loads are the rest.
+    loads = re.findall(r"ld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)", body)
+    widths = [int(v or 1) * int(b) for v, b in loads if v or b != "64"]
+    return f"loop: {body.count('bar.sync')} bar.sync, {body.count('shfl.sync')} shfl, data loads {max(widths, default=0)} bit"
 
 
 def registers(ptx: str, arch: int) -> str:
@@ -70,22 +96,22 @@ def registers(ptx: str, arch: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--units", default="2,4,8,16,32", help="values of K")
+    p.add_argument("--units", default="2,4,8,16,24,32", help="values of K")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the contributions' dtype")
-    p.add_argument("--warps", default="fixed,fitted", help="warp policies of tied_grad_reduce")
+    p.add_argument("--grad-dtype", choices=sorted(DTYPES), default=None, help="the .grad buffers' (default: --dtype)")
+    p.add_argument("--layouts", default=",".join(("fixed", "fitted", "columns")), help="layouts of tied_grad_reduce")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
     args = p.parse_args(argv)
     (tg,) = checkout_kernels("tied_grad")
-    print(f"tied-gradient reduction, {args.dtype} contributions, sm_{args.arch}a, Triton {triton.__version__}")
-    print(f"{'K':>3} {'warps':>7} {'K_PAD x BLOCK':>14} {'num_warps':>9}  {'tile warpsPerCTA':<18} ptxas")
+    g_dtype = args.grad_dtype or args.dtype
+    print(f"tied-gradient reduction, {args.dtype} contributions into {g_dtype} grads, sm_{args.arch}a, "
+          f"Triton {triton.__version__}")
+    print(f"{'K':>3} {'layout':>7} {'tile':>14} {'warps':>5}  {'tile warpsPerCTA':<22} {'main loop':<46} ptxas")
     for k in (int(u) for u in args.units.split(",")):
-        k_pad = triton.next_power_of_2(k)
-        block = max(256, tg._TILE_VALUES // k_pad)
-        for policy in args.warps.split(","):
-            warps = tg._num_warps(block, DTYPES[args.dtype][1], policy)
-            kernel = compile_reduce(tg, k_pad, block, warps, args.dtype, args.arch)
-            print(f"{k:>3} {policy:>7} {f'{k_pad} x {block}':>14} {warps:>9}  {tile_layout(kernel.asm['ttgir'], k_pad):<18} "
-                  f"{registers(kernel.asm['ptx'], args.arch)}", flush=True)
+        for layout in args.layouts.split(","):
+            kernel, tile, warps = compile_reduce(tg, k, layout, args.dtype, g_dtype, args.arch)
+            print(f"{k:>3} {layout:>7} {tile:>14} {warps:>5}  {tile_layout(kernel.asm['ttgir']):<22} "
+                  f"{main_loop(kernel.asm['ptx']):<46} {registers(kernel.asm['ptx'], args.arch)}", flush=True)
     return 0
 
 

@@ -7,10 +7,12 @@ For K units and a shared tensor of N elements the reduction must read K
 contributions and the existing .grad and write the .grad: (K + 2)·N elements,
 the bytes counted for every provider. Providers, side by side in one run:
 
-* ``triton``: megascale.kernels.tied_grad.tied_grad_reduce, one launch (8 warps per
-  program, the default);
-* ``fitted``: the same kernel with ``warps="fitted"`` (as many warps as one row of
+* ``triton``: megascale.kernels.tied_grad.tied_grad_reduce, one launch (the tile
+  kernel, 8 warps per program: the default layout, "fixed");
+* ``fitted``: the same kernel with ``layout="fitted"`` (as many warps as one row of
   128-bit loads spans: the sum over units stays inside each thread);
+* ``columns``: ``layout="columns"``, the kernel whose threads each own a few adjacent
+  elements of every unit: no exchange between threads until a program's end;
 * ``torch``: the plain PyTorch composition — stack, sum into .grad, norms, dots;
 * ``copy``: ``dst.copy_(src)`` moving the same number of bytes, the speed of
   light for a memory-bound pass on this device.
@@ -46,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--png", type=Path, help="plot GB/s against tensor size here")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run through every code path")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="contributions' and grads' dtype")
-    p.add_argument("--units", default="2,4,8,12", help="values of K")
+    p.add_argument("--units", default="2,4,8,12,24", help="values of K (24: 1.3b with sharing all)")
     p.add_argument("--sizes-mb", default="1,4,16,64,256,1024", help="one shared tensor's size in MB")
     p.add_argument("--no-block", action="store_true", help="skip the llama-block case")
     args = p.parse_args(argv)
@@ -102,8 +104,8 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     grads = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
     ms = {
         "triton": time_ms(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, warmup=10, rep=50),
-        "fitted": time_ms(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton", warps="fitted"), device,
-                          warmup=10, rep=50),
+        **{layout: time_ms(lambda lay=layout: tg.tied_grad_reduce(contributions, grads, backend="triton", layout=lay),
+                           device, warmup=10, rep=50) for layout in ("fitted", "columns")},
         "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
     }
     del contributions, grads
@@ -113,19 +115,20 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
     return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"],
-            "fitted_of_copy": gbps["fitted_gbps"] / gbps["copy_gbps"]}
+            "fitted_of_copy": gbps["fitted_gbps"] / gbps["copy_gbps"],
+            "columns_of_copy": gbps["columns_gbps"] / gbps["copy_gbps"]}
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fitted GB/s':>12} {'torch GB/s':>11} {'copy GB/s':>10} "
-          f"{'of copy':>8} {'vs torch':>9} {'fitted of copy':>15}")
+    print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fitted GB/s':>12} {'columns GB/s':>13} "
+          f"{'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} {'fitted of copy':>15} {'columns of copy':>16}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {'skipped: ' + r['skipped']:>12}")
             continue
         print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {r['triton_gbps']:>12.4g} {r['fitted_gbps']:>12.4g} "
-              f"{r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} {r['of_copy']:>8.1%} {r['vs_torch']:>8.2f}x "
-              f"{r['fitted_of_copy']:>15.1%}")
+              f"{r['columns_gbps']:>13.4g} {r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} {r['of_copy']:>8.1%} "
+              f"{r['vs_torch']:>8.2f}x {r['fitted_of_copy']:>15.1%} {r['columns_of_copy']:>16.1%}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -139,7 +142,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for K, ax in zip(units, axes[0]):
         pts = sorted((r for r in rows if r["K"] == K and r["case"] == "tensor" and "skipped" not in r),
                      key=lambda r: r["size_mb"])
-        for key in ("triton", "fitted", "torch", "copy"):
+        for key in ("triton", "fitted", "columns", "torch", "copy"):
             if pts:
                 ax.plot([r["size_mb"] for r in pts], [r[f"{key}_gbps"] for r in pts], marker="o", label=key)
         ax.set_xscale("log", base=2)

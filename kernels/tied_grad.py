@@ -21,16 +21,20 @@ pipeline stages are summed with one collective per group, then copied back.
 Design: one multi-tensor launch over pointer tables
 ---------------------------------------------------
 The kernel takes a table of raw addresses (int64 ``data_ptr()`` of every
-contribution and every ``.grad``) and a chunk table (tensor index, start element);
-one program reduces one chunk of one tensor, holding the K units' tiles side by
+contribution and every ``.grad``) and each tensor's first chunk; one program
+finds its tensor in that short table and reduces one chunk of it, holding the K units' tiles side by
 side in registers, so each element of each g_k is read once and each ``.grad``
 element is read and written once: (K + 2)·N element transfers, the minimum.
 
 The alternative, copying the contributions into a [K, N] workspace so that a
 plain strided kernel can read them, costs an extra K·N read and K·N write —
 roughly doubling the memory traffic of an operation that is bound by it. The
-tables cost a few bytes per tensor and per chunk, built on the host and moved to
-the device in one copy. Raw addresses also work under ``TRITON_INTERPRET=1`` for
+tables cost a few bytes per tensor, built on the host as one list and moved to
+the device in one asynchronous copy from pinned memory: a call's host work is a
+few list operations, and nothing in it waits for the GPU. (The earlier per-chunk
+tables, built with torch ops and moved by a synchronous copy: a straight line
+through the H200's K = 2 times at 64 MB and 1 GB puts about 0.33 ms on every
+call, where a copy of the same 256 MB takes 0.07 ms.) Raw addresses also work under ``TRITON_INTERPRET=1`` for
 CPU tensors: the interpreter dereferences host addresses directly (it only
 copies *device* storages to the host), so the tested code is the GPU code.
 
@@ -42,16 +46,29 @@ so benchmarking configs would add the sum several times. The tile is sized
 instead so that K_PAD × BLOCK = 4096 fp32 values live in registers per program:
 128-bit loads.
 
-Warps (``warps=``): "fixed" launches 8 per program, what the H200 measured
-(BENCHMARKS.md): 77% of the copy bandwidth at K = 2, 9-22% from K = 4. Compiled
-for sm_90a (``bench/kernel_layout.py``), the (K_PAD, BLOCK) tile then puts
-warps along the unit axis whenever BLOCK < 8 warps × 32 lanes × 8 bf16 per load
-= 2048, i.e. from K = 4 on (warpsPerCTA [2, 4] at K = 4, [8, 1] at K = 16), so
-every tile's sum over units crosses warps through shared memory. "fitted" gives
-a program BLOCK / (32 × elements per 128-bit load) warps, which keeps each
-element column's K values inside one thread (warpsPerCTA [1, 4] at K = 4), at
-96 / 159 / 240 registers per thread for K = 4 / 8 / 16 in bf16 without spills
-(ptxas -v; K = 32 spills). Not measured on a GPU yet, so not the default.
+Layouts (``layout=``). "fixed", the default, is the tile kernel above with 8
+warps per program, what the H200 measured (BENCHMARKS.md): 77% of the copy
+bandwidth at K = 2 on 1 GB, 9-22% from K = 4. Compiled for sm_90a
+(``bench/kernel_layout.py``), its (K_PAD, BLOCK) tile puts warps along the unit
+axis whenever BLOCK < 8 warps × 32 lanes × 8 bf16 per load = 2048, i.e. from
+K = 4 on, and its main loop exchanges values between threads on every tile
+(10-16 ``bar.sync`` and 36-64 ``shfl`` per iteration): the sum over units, and
+the per-tile sums over elements of ‖g_k‖² and ⟨g_k, Σg⟩. "fitted" gives the same
+kernel BLOCK / (32 × elements per 128-bit load) warps, which keeps the unit axis
+inside each thread but still reduces over elements on every tile (56-160
+shuffles per iteration at K = 4-16; 238 registers at K = 16, spills from K = 24).
+
+"columns" is a second kernel built not to exchange anything: each thread owns
+VEC adjacent elements of every unit, a (K_PAD, COLS, VEC) tile with all 4 warps
+along the elements, and keeps per-unit partial sums of its own elements; threads
+combine them once, at the chunk's end. Its main loop compiles to no ``bar.sync``
+and no ``shfl`` for K up to 32. VEC is one 128-bit access of the wider of the two
+dtypes (then the ``.grad`` tile shares the contributions' layout; a wider VEC
+costs a shared-memory exchange per tile), capped at 64 / K_PAD so that the tile
+stays in registers: 56-166 registers, no spill, for K = 2-32 (K = 24 is 1.3b with
+``sharing=all``). From K = 64, VEC 1 changes the layout and spills: correct,
+not fast. Neither "fitted" nor "columns" has been timed on a GPU yet, so neither
+is the default.
 """
 
 from __future__ import annotations
@@ -69,7 +86,9 @@ GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TILE_VALUES = 4096  # K_PAD × BLOCK values per program tile on a GPU (see the module docstring)
 _MAX_TILES_PER_CHUNK = 64  # caps a program at 64 tiles; longer tensors get more programs
-WARPS = ("fixed", "fitted")
+LAYOUTS = ("fixed", "fitted", "columns")
+_COLUMN_WARPS = 4  # "columns": warps per program, all along the elements (COLS = 32 × 4 threads)
+_COLUMN_VALUES = 64  # "columns": K_PAD × VEC contribution values per thread (fp32 registers for the tile)
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,18 @@ def unit_alignment(stats: TiedGradStats) -> torch.Tensor:
 
 
 @triton.jit
+def _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK: tl.constexpr, T_PAD: tl.constexpr):
+    """(tensor, first element) of this program's chunk. FIRST_CHUNK[i] is tensor i's first chunk, non-decreasing
+    (an empty tensor has no chunk): the chunk's tensor is the last whose first chunk is not after it."""
+    chunk = tl.program_id(0)
+    tensors = tl.arange(0, T_PAD)
+    firsts = tl.load(FIRST_CHUNK + tensors, mask=tensors < n_tensors, other=0)
+    t = tl.sum(((tensors < n_tensors) & (firsts <= chunk)).to(tl.int32), axis=0) - 1
+    start = (chunk - tl.load(FIRST_CHUNK + t)) * chunk_size
+    return t, tl.multiple_of(start, BLOCK)  # chunk sizes are whole tiles
+
+
+@triton.jit
 def _reduce_tile(contrib, grad, off, end, unit_ok, sq, dot, ss, MASK: tl.constexpr, BLOCK: tl.constexpr):
     """One (K_PAD, BLOCK) tile: Σ_k g_k into grad, and the running ‖g_k‖², ⟨g_k, Σg⟩, ‖Σg‖² (per lane)."""
     offs = off + tl.arange(0, BLOCK)
@@ -138,13 +169,12 @@ def _reduce_tile(contrib, grad, off, end, unit_ok, sq, dot, ss, MASK: tl.constex
 
 
 @triton.jit
-def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, CHUNK_TENSOR, CHUNK_START, PARTIALS, n_units, chunk_size,
-                   C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                   ALIGNED: tl.constexpr):
+def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_tensors, n_units, chunk_size,
+                   C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
+                   BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """One program = one chunk of one tensor; writes its partial statistics to PARTIALS[chunk] (3, K_PAD)."""
     chunk = tl.program_id(0)
-    t = tl.load(CHUNK_TENSOR + chunk)
-    start = tl.multiple_of(tl.load(CHUNK_START + chunk), BLOCK)  # chunk starts are whole tiles
+    t, start = _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK, T_PAD)
     end = tl.minimum(start + chunk_size, tl.load(NUMEL + t))
     units = tl.arange(0, K_PAD)
     unit_ok = units < n_units
@@ -170,6 +200,70 @@ def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, CHUNK_TENSOR, CHUNK_START, PA
 
 
 @triton.jit
+def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE: tl.constexpr, K_PAD: tl.constexpr,
+                  COLS: tl.constexpr, VEC: tl.constexpr, MASK: tl.constexpr, ALIGNED: tl.constexpr):
+    """One tile of COLS·VEC elements: each thread owns VEC adjacent elements of every unit.
+
+    Σ_k g_k and the per-unit partial ‖g_k‖², ⟨g_k, Σg⟩ are sums inside one thread
+    (over units, then over its VEC elements): nothing crosses threads until the
+    chunk's end. The unit addresses are re-read per tile (cached, one per warp)
+    rather than held: K 64-bit addresses would cost 2K registers for the whole loop.
+    """
+    offs = off + tl.arange(0, COLS)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # (COLS, VEC)
+    units = tl.arange(0, K_PAD)
+    ptr = tl.load(CONTRIB_PTRS + t * K_PAD + units).to(tl.pointer_type(C_TYPE))  # padded units: 0, masked off
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    ptrs = ptr[:, None, None] + offs[None, :, :]  # (K_PAD, COLS, VEC)
+    ok = (units < n_units)[:, None, None]
+    if MASK:
+        g = tl.load(ptrs, mask=ok & (offs < end)[None, :, :], other=0.0).to(tl.float32)
+        acc = tl.load(grad + offs, mask=offs < end, other=0.0).to(tl.float32)
+    else:  # only the unit axis masked: every thread's VEC elements stay one vector load
+        g = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+        acc = tl.load(grad + offs).to(tl.float32)
+    total = tl.sum(g, axis=0)  # (COLS, VEC)
+    sq += tl.sum(g * g, axis=2)  # (K_PAD, COLS)
+    dot += tl.sum(g * total[None, :, :], axis=2)
+    ss += total * total
+    new = (acc + total).to(grad.dtype.element_ty)
+    if MASK:
+        tl.store(grad + offs, new, mask=offs < end)
+    else:
+        tl.store(grad + offs, new)
+    return sq, dot, ss
+
+
+@triton.jit
+def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_tensors, n_units, chunk_size,
+                    C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
+                    COLS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    """``_reduce_kernel``'s contract (same tables, same PARTIALS), with the units inside each thread."""
+    BLOCK: tl.constexpr = COLS * VEC
+    chunk = tl.program_id(0)
+    t, start = _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK, T_PAD)
+    end = tl.minimum(start + chunk_size, tl.load(NUMEL + t))
+    grad = tl.load(GRAD_PTRS + t).to(tl.pointer_type(G_TYPE))
+    if ALIGNED:
+        grad = tl.multiple_of(grad, 16)
+    sq = tl.zeros([K_PAD, COLS], dtype=tl.float32)  # per thread: its partial ‖g_k‖² of every unit
+    dot = tl.zeros([K_PAD, COLS], dtype=tl.float32)
+    ss = tl.zeros([COLS, VEC], dtype=tl.float32)
+    full_end = start + ((end - start) // BLOCK) * BLOCK
+    for off in range(start, full_end, BLOCK):
+        sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, tl.multiple_of(off, BLOCK), end, n_units, sq, dot, ss,
+                                    C_TYPE, K_PAD, COLS, VEC, False, ALIGNED)
+    if full_end < end:
+        sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, full_end, end, n_units, sq, dot, ss,
+                                    C_TYPE, K_PAD, COLS, VEC, True, ALIGNED)
+    out = PARTIALS + chunk.to(tl.int64) * 3 * K_PAD
+    units = tl.arange(0, K_PAD)
+    tl.store(out + units, tl.sum(sq, axis=1))
+    tl.store(out + K_PAD + units, tl.sum(dot, axis=1))
+    tl.store(out + 2 * K_PAD + units, tl.where(units == 0, tl.sum(tl.sum(ss, axis=1), axis=0), 0.0))
+
+
+@triton.jit
 def _copy_tile(src, dst, off, end, scale, MASK: tl.constexpr, BLOCK: tl.constexpr):
     offs = off + tl.arange(0, BLOCK)
     if MASK:
@@ -191,12 +285,10 @@ def _copy_range(src, dst, start, end, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _flat_copy_kernel(PTRS, FLAT, FLAT_OFFSET, NUMEL, CHUNK_TENSOR, CHUNK_START, chunk_size, scale,
-                      T_TYPE: tl.constexpr, TO_FLAT: tl.constexpr, BLOCK: tl.constexpr):
+def _flat_copy_kernel(PTRS, FLAT, FLAT_OFFSET, NUMEL, FIRST_CHUNK, n_tensors, chunk_size, scale,
+                      T_TYPE: tl.constexpr, TO_FLAT: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr):
     """Copy (and scale) one chunk of one tensor into its segment of FLAT, or back when not TO_FLAT."""
-    chunk = tl.program_id(0)
-    t = tl.load(CHUNK_TENSOR + chunk)
-    start = tl.multiple_of(tl.load(CHUNK_START + chunk), BLOCK)
+    t, start = _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK, T_PAD)
     end = tl.minimum(start + chunk_size, tl.load(NUMEL + t))
     tensor = tl.load(PTRS + t).to(tl.pointer_type(T_TYPE))
     segment = FLAT + tl.load(FLAT_OFFSET + t)  # this tensor's slice of the flat buffer
@@ -264,37 +356,59 @@ def _check_reduce_inputs(contributions: list[list[torch.Tensor]], grads: list[to
     return n_units
 
 
-def _chunk_table(numels: list[int], chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tensor index, start element) of every chunk: tensor i gets ceil(numel_i / chunk_size) chunks."""
-    counts = torch.tensor([math.ceil(n / chunk_size) for n in numels], dtype=torch.int64)  # (T,)
-    tensor_of_chunk = torch.repeat_interleave(torch.arange(len(numels)), counts)  # (C,)
-    first_chunk = torch.cumsum(counts, 0) - counts  # (T,) index of each tensor's first chunk
-    start = (torch.arange(len(tensor_of_chunk)) - first_chunk[tensor_of_chunk]) * chunk_size  # (C,)
-    return tensor_of_chunk, start
+def _first_chunks(numels: list[int], chunk_size: int) -> tuple[list[int], int]:
+    """Each tensor's first chunk (tensor i gets ceil(numel_i / chunk_size) chunks), and the number of chunks."""
+    firsts, n = [], 0
+    for numel in numels:
+        firsts.append(n)
+        n += -(-numel // chunk_size)
+    return firsts, n
 
 
-def _to_device(tables: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Move several int64 host tables to the device in one copy; returns views of the device buffer."""
-    packed = torch.cat([t.reshape(-1) for t in tables]).to(device)  # (Σ sizes,)
-    return list(torch.split(packed, [t.numel() for t in tables]))
+def _to_device(tables: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Several small int64 host tables on the device, as views of one buffer moved in one copy.
+
+    On CUDA the copy is from pinned memory and asynchronous: from pageable memory it
+    would first wait for every kernel queued before it, so the host's work for this
+    call could never overlap the GPU's for the previous one. The pinned block is
+    reused only once the copy is done (PyTorch's caching host allocator records it).
+    """
+    flat = [v for table in tables for v in table]
+    if device.type == "cuda":
+        packed = torch.tensor(flat, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+    else:
+        packed = torch.tensor(flat, dtype=torch.int64, device=device)
+    return list(torch.split(packed, [len(t) for t in tables]))
 
 
 def _aligned(tensors: list[torch.Tensor]) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _check_warps(warps: str) -> None:
-    if warps not in WARPS:
-        raise ValueError(f"warps '{warps}' is not one of {', '.join(WARPS)}")
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout '{layout}' is not one of {', '.join(LAYOUTS)}")
 
 
-def _num_warps(block: int, element_size: int, warps: str) -> int:
-    """Warps per program: 8 ("fixed"), or as many as one row of 128-bit loads spans ("fitted"; see the docstring)."""
-    _check_warps(warps)
-    if warps == "fixed":
+def _num_warps(block: int, element_size: int, layout: str) -> int:
+    """The tile kernel's warps per program: 8 ("fixed"), or as many as one row of 128-bit loads spans ("fitted")."""
+    _check_layout(layout)
+    if layout == "fixed":
         return 8
     per_load = 16 // element_size
     return max(1, min(8, block // (32 * per_load)))
+
+
+def _column_vec(k_pad: int, c_size: int, g_size: int) -> int:
+    """"columns": elements per thread per unit, a power of two.
+
+    At most one 128-bit access of the wider dtype: the .grad tile then gets the
+    contributions' layout (with 8 bf16 per thread against 4 fp32, Triton exchanges
+    the .grad tile through shared memory on every tile). At most _COLUMN_VALUES / K_PAD:
+    the K_PAD × VEC tile stays in registers (sm_90a, bench/kernel_layout.py: no spill
+    up to K = 32, at VEC 2; from K = 64, VEC 1 changes the layout and spills).
+    """
+    return max(1, min(16 // max(c_size, g_size), _COLUMN_VALUES // k_pad))
 
 
 def _chunk_size(total: int, block: int, device: torch.device, num_warps: int = 8) -> int:
@@ -307,36 +421,41 @@ def _chunk_size(total: int, block: int, device: torch.device, num_warps: int = 8
     return block * max(1, min(_MAX_TILES_PER_CHUNK, tiles))
 
 
-def _reduce_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], warps: str) -> TiedGradStats:
+def _reduce_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], layout: str) -> TiedGradStats:
     n_units, device = len(contributions[0]), grads[0].device
     # Non-contiguous contributions are copied to dense ones (the flat index needs it).
     contributions = [[g if g.is_contiguous() else g.contiguous() for g in units] for units in contributions]
     k_pad = triton.next_power_of_2(n_units)
-    block = 16 if INTERPRET else max(256, _TILE_VALUES // k_pad)
-    num_warps = 1 if INTERPRET else _num_warps(block, contributions[0][0].element_size(), warps)
+    c_size = contributions[0][0].element_size()
+    if layout == "columns":
+        vec = _column_vec(k_pad, c_size, grads[0].element_size())
+        num_warps = 1 if INTERPRET else _COLUMN_WARPS
+        cols = 4 if INTERPRET else 32 * num_warps
+        block, consts, kernel = cols * vec, {"COLS": cols, "VEC": vec}, _columns_kernel
+    else:
+        block = 16 if INTERPRET else max(256, _TILE_VALUES // k_pad)
+        num_warps = 1 if INTERPRET else _num_warps(block, c_size, layout)
+        consts, kernel = {"BLOCK": block}, _reduce_kernel
     chunk_size = _chunk_size(sum(g.numel() for g in grads), block, device, num_warps)
-    chunk_tensor, chunk_start = _chunk_table([g.numel() for g in grads], chunk_size)
-    contrib_ptrs = torch.tensor(  # (T, K_PAD); padded units point nowhere and are masked off
-        [[g.data_ptr() for g in units] + [0] * (k_pad - n_units) for units in contributions], dtype=torch.int64
-    )
-    grad_ptrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)  # (T,)
-    numel = torch.tensor([g.numel() for g in grads], dtype=torch.int64)  # (T,)
-    tables = _to_device([contrib_ptrs, grad_ptrs, numel, chunk_tensor, chunk_start], device)
-    n_chunks = len(chunk_tensor)
+    numels = [g.numel() for g in grads]
+    firsts, n_chunks = _first_chunks(numels, chunk_size)
+    contrib_ptrs = [  # (T × K_PAD) row-major; padded units point nowhere and are masked off
+        p for units in contributions for p in [g.data_ptr() for g in units] + [0] * (k_pad - n_units)]
+    tables = _to_device([contrib_ptrs, [g.data_ptr() for g in grads], numels, firsts], device)
     partials = torch.zeros((max(n_chunks, 1), 3, k_pad), device=device, dtype=torch.float32)
     aligned = _aligned([g for units in contributions for g in units] + grads)
     if n_chunks:
-        _reduce_kernel[(n_chunks,)](
-            *tables, partials, n_units, chunk_size,
+        kernel[(n_chunks,)](
+            *tables, partials, len(grads), n_units, chunk_size,
             C_TYPE=_TL_DTYPE[contributions[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype],
-            K_PAD=k_pad, BLOCK=block, ALIGNED=aligned, num_warps=num_warps,
+            K_PAD=k_pad, T_PAD=triton.next_power_of_2(len(grads)), ALIGNED=aligned, num_warps=num_warps, **consts,
         )
     stats = partials.sum(0)  # (3, K_PAD)
     return TiedGradStats(sq_norms=stats[0, :n_units], dots=stats[1, :n_units], sum_sq=stats[2, 0])
 
 
 def tied_grad_reduce(
-    contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], backend: str = "auto", warps: str = "fixed"
+    contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], backend: str = "auto", layout: str = "fixed"
 ) -> TiedGradStats:
     """Add Σ_k contributions[i][k] into grads[i] in place and return the group's statistics.
 
@@ -347,12 +466,12 @@ def tied_grad_reduce(
     contributions into fp32 grads); statistics are accumulated in fp32.
     Non-contiguous contributions are copied; non-contiguous grads raise ValueError.
     backend: "auto" (Triton on CUDA, else PyTorch), "triton" (also CPU under TRITON_INTERPRET=1), "torch".
-    warps: the Triton launch's warps per program, "fixed" or "fitted" (module docstring).
+    layout: the Triton kernel and its warps, "fixed", "fitted" or "columns" (module docstring).
     """
     _check_reduce_inputs(contributions, grads)
     if _use_triton(backend, grads[0].device):
-        _check_warps(warps)  # here too: under the interpreter _num_warps is not consulted
-        return _reduce_triton(contributions, grads, warps)
+        _check_layout(layout)  # here too: under the interpreter _num_warps is not consulted
+        return _reduce_triton(contributions, grads, layout)
     return tied_grad_reduce_reference(contributions, grads)
 
 
@@ -383,14 +502,14 @@ def _flat_copy_triton(tensors: list[torch.Tensor], flat: torch.Tensor, scale: fl
     block = 16 if INTERPRET else 2048
     numels = [t.numel() for t in tensors]
     chunk_size = _chunk_size(sum(numels), block, device)
-    chunk_tensor, chunk_start = _chunk_table(numels, chunk_size)
-    offsets = torch.tensor([0] + numels[:-1], dtype=torch.int64).cumsum(0)  # (T,) segment starts in flat
-    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)  # (T,)
-    tables = _to_device([ptrs, offsets, torch.tensor(numels, dtype=torch.int64), chunk_tensor, chunk_start], device)
-    if len(chunk_tensor):
-        _flat_copy_kernel[(len(chunk_tensor),)](
-            tables[0], flat, *tables[1:], chunk_size, float(scale),
-            T_TYPE=_TL_DTYPE[tensors[0].dtype], TO_FLAT=to_flat, BLOCK=block, num_warps=8 if not INTERPRET else 1,
+    firsts, n_chunks = _first_chunks(numels, chunk_size)
+    offsets = [sum(numels[:i]) for i in range(len(numels))]  # segment starts in flat
+    tables = _to_device([[t.data_ptr() for t in tensors], offsets, numels, firsts], device)
+    if n_chunks:
+        _flat_copy_kernel[(n_chunks,)](
+            tables[0], flat, *tables[1:], len(tensors), chunk_size, float(scale),
+            T_TYPE=_TL_DTYPE[tensors[0].dtype], TO_FLAT=to_flat, T_PAD=triton.next_power_of_2(len(tensors)),
+            BLOCK=block, num_warps=8 if not INTERPRET else 1,
         )
 
 

@@ -70,7 +70,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     text = report.stdout
     assert "smoke run: the numbers mean nothing" in text
     assert "Kernel tests at real shapes, first listed tile: " in text and "collected, none run" in text
-    assert "New tests at real shapes (cuDNN attention, the loss's row kernels, fitted warps): " in text
+    assert "New tests at real shapes (cuDNN attention, the loss's row kernels, the reduction's layouts): " in text
     assert "| 128 | plain | auto |" in text and "| 128 | fused | auto |" in text  # the fused-loss table
     assert "Kernel tests, autotuned tiles (bf16, head dim 128): not run." in text
     assert "Attention: not run." in text  # not among the jobs asked for
@@ -130,12 +130,15 @@ def test_sharing_bench_tabulates_each_policy_against_copy(monkeypatch):
 
 
 def test_kernel_layout_shows_where_the_warps_go():
-    """Compiled for sm_90a without a GPU: 8 warps split the K = 4 tile's unit axis; fitted warps do not."""
-    proc = _run(["bench/kernel_layout.py", "--units", "4"])
+    """Compiled for sm_90a without a GPU: 8 warps split the K = 4 tile's unit axis; fitted warps do not; the
+    columns kernel's loop exchanges nothing between threads and keeps K = 24 (1.3b, sharing all) in registers."""
+    proc = _run(["bench/kernel_layout.py", "--units", "4,24"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split()[1]: line for line in proc.stdout.splitlines() if line.split()[:1] == ["4"]}
-    assert "[2, 4]" in rows["fixed"] and " 8 " in rows["fixed"]
-    assert "[1, 4]" in rows["fitted"] and "0 bytes spilled" in rows["fitted"]
+    rows = {tuple(line.split()[:2]): line for line in proc.stdout.splitlines() if line.split()[:1] in (["4"], ["24"])}
+    assert "[2, 4]" in rows["4", "fixed"] and " 8 " in rows["4", "fixed"]
+    assert "[1, 4]" in rows["4", "fitted"] and "0 bytes spilled" in rows["4", "fitted"]
+    for k in ("4", "24"):
+        assert "loop: 0 bar.sync, 0 shfl" in rows[k, "columns"] and " 0 bytes spilled" in rows[k, "columns"]
 
 
 def test_plot_train_draws_bars_and_refuses_mixed_devices(tmp_path):

@@ -83,30 +83,52 @@ def test_reduce_matches_reference(n_units, c_dtype, g_dtype):
         torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("n_units", [1, 4, 12])
-@pytest.mark.parametrize("c_dtype, g_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
-                         ids=["bf16-into-fp32", "fp32"])
-def test_fitted_warps_give_the_same_reduction(n_units, c_dtype, g_dtype):
-    """warps="fitted" compiles another launch of the same kernel (on CUDA); it must reduce the same."""
+@pytest.mark.parametrize("layout", ["fitted", "columns"])
+@pytest.mark.parametrize("n_units", [1, 4, 12, 24])
+@pytest.mark.parametrize("c_dtype, g_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16)], ids=["bf16-into-fp32", "fp32", "bf16"])
+def test_other_layouts_give_the_same_reduction(layout, n_units, c_dtype, g_dtype):
+    """layout="fitted" launches the tile kernel with other warps; "columns" is another kernel. Both must reduce the same."""
     contributions, grads = _group(n_units, SHAPES, c_dtype, g_dtype, seed=5)
     ref_grads = [g.clone() for g in grads]
-    _assert_stats_close(tied_grad_reduce(contributions, grads, backend="triton", warps="fitted"),
+    _assert_stats_close(tied_grad_reduce(contributions, grads, backend="triton", layout=layout),
                         tied_grad_reduce_reference(contributions, ref_grads))
     atol, rtol = GRAD_TOL[g_dtype]
     for got, ref in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
 
 
-def test_warps_per_program():
-    from megascale.kernels.tied_grad import _num_warps
+def test_warps_per_program_and_elements_per_thread():
+    from megascale.kernels.tied_grad import _column_vec, _num_warps
 
     # bf16 (8 per 128-bit load): one row of the tile spans BLOCK / 256 warps, at most 8.
     assert [_num_warps(block, 2, "fitted") for block in (4096, 2048, 1024, 512, 256)] == [8, 8, 4, 2, 1]
     assert _num_warps(1024, 4, "fitted") == 8  # fp32: 4 per load
     assert _num_warps(256, 2, "fixed") == 8
+    # columns: one 128-bit access of the wider dtype, and at most 64 values of the tile per thread
+    assert [_column_vec(k_pad, 2, 2) for k_pad in (1, 2, 4, 8, 16, 32, 64, 128)] == [8, 8, 8, 8, 4, 2, 1, 1]
+    assert [_column_vec(k_pad, 2, 4) for k_pad in (1, 8, 16, 32)] == [4, 4, 4, 2]  # bf16 into fp32 grads
     contributions, grads = _group(2, [(8,)], torch.float32, torch.float32)
-    with pytest.raises(ValueError, match="warps 'many' is not one of fixed, fitted"):
-        tied_grad_reduce(contributions, grads, backend="triton", warps="many")
+    with pytest.raises(ValueError, match="layout 'many' is not one of fixed, fitted, columns"):
+        tied_grad_reduce(contributions, grads, backend="triton", layout="many")
+
+
+@pytest.mark.parametrize("layout", ["fixed", "columns"])
+def test_empty_tensors_in_the_group_are_skipped(layout):
+    """Zero-element tensors get no chunk; each program still finds its own tensor among the rest."""
+    shapes = [(0,), (7,), (0,), (100,), (0,)]
+    contributions, grads = _group(3, shapes, torch.float32, torch.float32, seed=3)
+    ref_grads = [g.clone() for g in grads]
+    _assert_stats_close(tied_grad_reduce(contributions, grads, backend="triton", layout=layout),
+                        tied_grad_reduce_reference(contributions, ref_grads))
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref)
+    flat = flatten_for_collective(grads, scale=2.0, backend="triton")
+    torch.testing.assert_close(flat, 2 * torch.cat([g.reshape(-1) for g in grads]))
+    back = [torch.empty_like(g) for g in grads]
+    unflatten_into(flat, back, backend="triton")
+    for b, g in zip(back, grads):
+        torch.testing.assert_close(b, 2 * g)
 
 
 def test_stats_are_of_this_steps_contributions_only():
