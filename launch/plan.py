@@ -35,7 +35,8 @@ def _shape_args(p: argparse.ArgumentParser, seq_len: int | None = 2048) -> None:
     g.add_argument("--sharing", default="none", help="tied blocks: none | all | cycle:k | sequence:k (compute follows applied, memory unique parameters)")
     g.add_argument("--tie-embeddings", action="store_true", help="share the input embedding with the LM head")
     g.add_argument("--data", default=None, metavar="DIR", help="prepared data directory (launch/prepare_data.py); default: the embedded stdlib corpus")
-    g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32"), help="training precision (default bf16; fp32 for the CPU demo)")
+    g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "bf16-autocast"),
+                   help="training precision (default bf16; fp32 for the CPU demo; bf16-autocast: fp32 state, bf16 compute)")
 
 
 def plan_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,10 @@ import yaml
 from megascale.errors import MegascaleError
 
 
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-autocast")
+FP32_STATE = ("fp32", "bf16-autocast")  # precisions whose weights, gradients and optimizer state are fp32
+
+
 @dataclass
 class ModelConfig:
     """Shape of the Llama-style decoder and how its blocks are tied."""
@@ -151,7 +155,7 @@ class TrainConfig(HostOffload):
     global_batch_size: int = 0
     """Sequences per optimizer step over all ranks; 0 means micro_batch_size * data-parallel size. Gradient accumulation = global / (micro * dp)."""
     precision: str = "fp32"
-    """fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)."""
+    """fp32 | bf16 | fp16 | bf16-autocast. bf16/fp16: weights and gradients in that dtype, an fp32 master copy in the optimizer (fp16 with dynamic loss scaling). bf16-autocast: weights, gradients and optimizer in fp32, matmuls and attention in bf16 under torch.autocast (DeepSpeed's torch_autocast), as a plain PyTorch AMP loop trains; on one rank it steps torch's fused AdamW directly instead of DeepSpeed's bf16 optimizer."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage 0-3."""
     offload_optimizer: str = "none"
@@ -452,7 +456,7 @@ def validate(cfg: Config) -> None:
     _check(o.schedule in ("cosine", "linear", "constant"), f"optim.schedule='{o.schedule}' is not one of cosine, linear, constant")
     _check(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
     _check(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
-    _check(t.precision in ("fp32", "bf16", "fp16"), f"train.precision='{t.precision}' is not one of fp32, bf16, fp16")
+    _check(t.precision in PRECISIONS, f"train.precision='{t.precision}' is not one of {', '.join(PRECISIONS)}")
     _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _check(t.offload_optimizer in ("none", "cpu"), f"train.offload_optimizer='{t.offload_optimizer}' is not one of none, cpu")
     _check(t.offload_optimizer == "none" or t.zero_stage >= 1,

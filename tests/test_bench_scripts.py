@@ -56,7 +56,8 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert json.loads((out / "tied_grad.json").read_text())["results"]
     train = json.loads((out / "train_options.json").read_text())["results"]
     assert [(r["trainer"], r["variant"]) for r in train] == [
-        ("plain", ""), ("megascale", ""), ("megascale", "model.fused_ops=triton")]
+        ("plain", ""), ("megascale", ""), ("megascale", "model.fused_ops=triton"),
+        ("megascale", "train.precision=bf16-autocast")]
     assert all(r["tokens_per_s"] > 0 for r in train)
     assert all(r["state_gib"] > 0 and r["state_formula_gib"] > 0 for r in train if r["trainer"] == "megascale")
     assert (out / "untie" / "metrics.jsonl").is_file()  # its corpus and checkpoint are not sent back

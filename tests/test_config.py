@@ -98,6 +98,7 @@ def test_zero_section_follows_the_layout_and_device():
 
     assert zero(1) == {"stage": 0}  # fp32 ZeRO-1 on one rank partitions nothing: stage 0
     assert zero(1, "cuda", "train.precision=bf16") == {"stage": 1}  # bf16 needs its fp32 master copy
+    assert zero(1, "cuda", "train.precision=bf16-autocast") == {"stage": 0}  # fp32 weights: as fp32
     assert zero(1, "cuda", "parallel.pp=2") == {"stage": 1}  # the pipeline engine keeps its stage
     assert zero(2) == {"stage": 1, "overlap_comm": True}
     assert zero(2, "cuda", "train.overlap_comm=false") == {"stage": 1, "overlap_comm": False}
@@ -109,3 +110,19 @@ def test_zero_section_follows_the_layout_and_device():
         "stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     assert zero(2, "cuda", "train.offload_params=cpu", "train.zero_stage=3") == {
         "stage": 3, "offload_param": {"device": "cpu", "pin_memory": True}}
+
+
+def test_autocast_precision_keeps_fp32_state_and_computes_in_bf16():
+    from megascale.train.engine import batch_layout, deepspeed_config
+    from megascale.train.memory import formula_state_bytes
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["train.precision=bf16-autocast"])
+    ds = deepspeed_config(cfg, batch_layout(cfg, 1), "cpu")
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # the weights stay fp32
+    plain = deepspeed_config(load_config(ROOT / "configs" / "tiny.yaml", ["train.precision=bf16"]), batch_layout(cfg, 1), "cpu")
+    assert not plain["torch_autocast"]["enabled"] and plain["bf16"]["enabled"]
+    for stage, dp in ((0, 1), (1, 2), (3, 4)):
+        assert formula_state_bytes(1000, "bf16-autocast", stage, dp) == formula_state_bytes(1000, "fp32", stage, dp)
+    with pytest.raises(MegascaleError, match="train.precision=.bf16-amp. is not one of fp32, bf16, fp16, bf16-autocast"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["train.precision=bf16-amp"])

@@ -182,7 +182,7 @@ def offloaded_state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: 
 
 
 def activation_bytes(shape: Shape, micro_batch: int, precision: str) -> float:
-    width = 1 if precision in ("bf16", "fp16") else 2
+    width = 1 if precision in ("bf16", "fp16", "bf16-autocast") else 2  # autocast keeps bf16 activations
     per_token = shape.n_layers * 34 * shape.d_model * width + 2 * width * shape.d_model  # blocks; the loss's dx
     loss = 4 * shape.vocab_size * shape.d_model + 3 * 4 * CHUNK_ELEMENTS  # head gradient (fp32); a chunk's logits, softmax
     return per_token * shape.seq_len * micro_batch + loss

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megascale.config import Config, OptimConfig
+from megascale.config import FP32_STATE, Config, OptimConfig
 from megascale.errors import MegascaleError
 from megascale.model.init import check_full_weights, materialize
 from megascale.train.memory import StateBytes, formula_state_bytes
@@ -65,7 +65,7 @@ def effective_zero_stage(cfg: Config, dp: int) -> int:
     reads every stage.
     """
     stage, one_replica = cfg.train.zero_stage, dp == 1 and cfg.parallel.pp == 1
-    kept = cfg.train.precision != "fp32" or cfg.train.optimizer_on_host  # offload is a ZeRO feature
+    kept = cfg.train.precision not in FP32_STATE or cfg.train.optimizer_on_host  # offload is a ZeRO feature
     return 0 if one_replica and stage in (1, 2) and not kept else stage
 
 
@@ -102,6 +102,8 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, device_type: str = "cpu")
         "zero_optimization": zero_config(cfg, layout.dp_size, device_type),
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": t.check_grad_overflow},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # fp32 weights, bf16 compute: DeepSpeed's forward runs under torch.autocast.
+        "torch_autocast": {"enabled": t.precision == "bf16-autocast", "dtype": "bfloat16"},
         "steps_per_print": 10**9,  # megascale logs its own metrics
         "wall_clock_breakdown": False,
         # ZeRO partitions hold a client optimizer (torch AdamW), which DeepSpeed flags as untested.
@@ -195,7 +197,8 @@ def check_precision(precision: str) -> None:
     from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
 
     accel = get_accelerator()
-    supported = {"fp16": accel.is_fp16_supported, "bf16": accel.is_bf16_supported}.get(precision)
+    supported = {"fp16": accel.is_fp16_supported, "bf16": accel.is_bf16_supported,
+                 "bf16-autocast": accel.is_bf16_supported}.get(precision)
     if supported is not None and not supported():
         raise MegascaleError(
             f"train.precision={precision} is not supported on this device ({accel.device_name()}); "
@@ -228,7 +231,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     )
     if pipelined:
         install_coalesced_tied_reduction(engine)
-    if effective_zero_stage(cfg, layout.dp_size) == 0 and cfg.train.precision == "fp32":
+    if effective_zero_stage(cfg, layout.dp_size) == 0 and cfg.train.precision in FP32_STATE:
         keep_clip_norm(engine)
     return engine
 

@@ -39,7 +39,8 @@ from megascale.untie.conditions import UntieController
 log = logging.getLogger(__name__)
 
 
-TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                "bf16-autocast": torch.bfloat16}  # the dtype attention computes in
 
 
 @dataclass
@@ -154,7 +155,7 @@ def zero_stage_note(cfg: Config, dp: int) -> str:
         return f"{stage}, {' and '.join(offloaded)} offloaded to the host{adam}"
     if stage == cfg.train.zero_stage:
         return str(stage)
-    return f"{stage} (train.zero_stage={cfg.train.zero_stage} partitions nothing at dp=1 in fp32; see effective_zero_stage)"
+    return f"{stage} (train.zero_stage={cfg.train.zero_stage} partitions nothing at dp=1 with fp32 weights; see effective_zero_stage)"
 
 
 # ------------------------------------------------------------------ the run state

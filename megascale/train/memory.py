@@ -76,6 +76,8 @@ class StateBytes:
 def formula_state_bytes(local_params: int, precision: str, zero_stage: int, dp: int,
                         pipelined: bool = False, offload: bool = False) -> StateBytes:
     """This rank's weights, gradients and optimizer state in bytes (the table above); ``zero_stage`` as run."""
+    if precision == "bf16-autocast":  # autocast casts in the forward only: everything held is fp32
+        precision = "fp32"
     w = 4 if precision == "fp32" else 2
     if offload:  # ZeRO-Offload: gradients and optimizer on the host, partitioned
         if zero_stage == 3:  # its gradient partitions and the master's fp32 gradient; no staging buffer
