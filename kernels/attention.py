@@ -97,8 +97,10 @@ def _pruner(table: dict):
 
 
 # Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, head dims), chosen by compiling
-# every kernel for sm_90 and reading ptxas -v: kept where shared memory fits an H100
-# (227 KiB) and registers spill at most ~128 bytes; 256-wide heads need small tiles.
+# every kernel for sm_90 and reading ptxas -v (bench/attention_layout.py, with a real call's
+# alignment hints, without which nothing is vectorised or pipelined): kept where shared
+# memory fits an H100 (227 KiB) and registers spill at most ~128 bytes; 256-wide heads
+# need small tiles.
 # The forward and dQ keep a (BLOCK_M, D) query tile resident, dK/dV two (BLOCK_N, D) tiles
 # plus their fp32 accumulators, hence its smaller blocks. fp32 inputs (3xTF32 products,
 # see _dot_flags) take twice the registers and shared memory: small tiles only, and

@@ -197,3 +197,14 @@ def test_step_profile_sorts_kernel_names_into_categories():
     assert category("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>") == "copy/cast"
     assert category("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>") == "other elementwise"
     assert category("_row_stats_kernel") == "loss"
+
+
+def test_attention_layout_compiles_every_forward_tile_pipelined_on_tensor_cores():
+    """Compiled for sm_90a with a real call's alignment: every candidate tile of the forward uses wgmma,
+    pipelines its K/V loads and fits an H100's shared memory (without the hints none of that would show)."""
+    proc = _run(["bench/attention_layout.py", "--kernels", "fwd", "--head-dims", "128"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("fwd ")]
+    assert len(rows) == 8, proc.stdout
+    for line in rows:
+        assert "wgmma yes  pipelined yes" in line and "(fits)" in line, line

@@ -1,0 +1,100 @@
+"""How the attention kernels' candidate tiles compile for a Hopper GPU, on a machine without one.
+
+    python bench/attention_layout.py                        # bf16, head dims 64 and 128, every candidate tile
+    python bench/attention_layout.py --kernels fwd --head-dims 128
+
+For each kernel (forward, dK/dV, dQ) and each tile the autotuner may try
+(``_FWD_TILES``, ``_DKDV_TILES``, ``_DQ_TILES`` in ``kernels/attention.py``), this
+compiles for sm_90a with the specialisation Triton's JIT gives a real call:
+pointers and strides 16-byte aligned, the element strides equal to 1, the
+sequence length a multiple of 16. Without those hints the loads are neither
+vectorised nor pipelined, and the shared memory and registers read off the
+compiler describe a kernel that never runs. Printed per tile: Hopper tensor-core
+instructions (``wgmma``) in the PTX, whether the K/V loads are pipelined
+(``cp.async``), ``ptxas -v``'s registers and spill bytes, and the shared memory
+against an H100's 227 KiB per block. It reads no timing: it says which tiles can
+run and how, before a GPU session spends time autotuning them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, not interpret
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import checkout_kernels  # noqa: E402
+from kernel_layout import registers  # noqa: E402
+
+H100_SMEM = 227 * 1024  # bytes of shared memory one block may use on sm_90
+KERNELS = {"fwd": ("_fwd_kernel", "_FWD_TILES"), "dkdv": ("_bwd_dkdv_kernel", "_DKDV_TILES"),
+           "dq": ("_bwd_dq_kernel", "_DQ_TILES")}
+FP32_POINTERS = ("LSE", "DELTA")
+NO_HINT = ("group", "n_kv_heads", "qk_scale", "sm_scale")  # values a real call does not make multiples of 16
+
+
+def signature(fn) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, divisibility attrs) of a realistic bf16 call, from the argument names."""
+    sig, consts, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.startswith("stride_") and name.endswith("d"):  # the head-dim stride of a contiguous tensor
+            sig[name], consts[name] = "constexpr", 1
+        elif name.isupper():
+            sig[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
+        else:
+            sig[name] = "fp32" if name.endswith("scale") else "i32"
+        if sig[name] != "constexpr" and name not in NO_HINT:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
+
+
+def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arch: int):
+    fn = getattr(att, KERNELS[kernel][0]).fn
+    block_m, block_n, warps, stages = tile
+    sig, consts, attrs = signature(fn)
+    consts.update(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, **att._dot_flags(torch.bfloat16))
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def describe(compiled, arch: int) -> str:
+    ptx, smem = compiled.asm["ptx"], compiled.metadata.shared
+    fits = "fits" if smem <= H100_SMEM else "TOO BIG for an H100"
+    return (f"wgmma {'yes' if 'wgmma.mma_async' in ptx else 'NO ':<3}  pipelined {'yes' if 'cp.async' in ptx else 'NO ':<3}  "
+            f"{registers(ptx, arch):<34} smem {smem / 1024:6.1f} KiB ({fits})")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernels", default="fwd,dkdv,dq", help=f"any of {', '.join(KERNELS)}")
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument("--causal", choices=("true", "false"), default="true")
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
+    args = p.parse_args(argv)
+    (att,) = checkout_kernels("attention")
+    print(f"attention kernels, bf16, causal={args.causal}, sm_{args.arch}a, Triton {triton.__version__}")
+    print(f"{'kernel':<6} {'D':>4} {'BLOCK_M x N':>11} {'warps':>5} {'stages':>6}  compiled")
+    for kernel in args.kernels.split(","):
+        table = getattr(att, KERNELS[kernel][1])
+        for head_dim in (int(d) for d in args.head_dims.split(",")):
+            for tile, cases in table.items():
+                if (16, head_dim) not in cases:  # a candidate for this head dim in half precision
+                    continue
+                compiled = compile_tile(att, kernel, tile, head_dim, args.causal == "true", args.arch)
+                print(f"{kernel:<6} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {tile[2]:>5} {tile[3]:>6}  "
+                      f"{describe(compiled, args.arch)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
