@@ -3,7 +3,8 @@
     python bench/attention.py --json runs/bench/attention.json --png runs/bench/attention.png
     python bench/attention.py --smoke        # CPU, seconds: the code paths, not the speed
 
-Providers: ``triton`` (megascale.kernels.attention) and SDPA restricted to each of
+Providers: ``triton`` (megascale.kernels.attention), ``triton-tma`` (the same with the
+forward reading and writing through TMA descriptors, ``tma=True``; Hopper) and SDPA restricted to each of
 its backends in turn — ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient`` — so the
 comparison is with the best PyTorch has on the device. A backend that refuses a
 shape is recorded as unavailable with its error, not dropped silently.
@@ -47,11 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=16384, help="B·T per shape (B = tokens / T, at least 1)")
     p.add_argument("--model-dim", type=int, default=2048, help="H = model_dim / head_dim query heads")
     p.add_argument("--kv-group", type=int, default=1, help="query heads per KV head (1: MHA)")
-    p.add_argument("--providers", default="triton,sdpa-flash,sdpa-cudnn,sdpa-efficient")
+    p.add_argument("--providers", default="triton,triton-tma,sdpa-flash,sdpa-cudnn,sdpa-efficient")
     args = p.parse_args(argv)
     if args.smoke:
         args.head_dims, args.lengths, args.tokens, args.model_dim = "32", "16,33", 33, 64
-        args.dtype, args.providers = "fp32", "triton,reference,sdpa-math"
+        args.dtype, args.providers = "fp32", "triton,triton-tma,reference,sdpa-math"
     return args
 
 
@@ -80,6 +81,8 @@ def sdpa(backend_name: str):
 def provider_fn(name: str, kernels):
     if name == "triton":
         return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal)
+    if name == "triton-tma":
+        return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal, tma=True)
     if name == "reference":
         return lambda q, k, v, causal: kernels.attention_reference(q, k, v, causal=causal)
     if name.startswith("sdpa-"):
@@ -121,7 +124,7 @@ def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, mod
             ms = time_ms(make_case(fn, mode, q, k, v, do, causal), device)
             tflops = forward_flops(B, H, T, D, causal) * FLOP_FACTOR[mode] / (ms * 1e-3) / 1e12
             rows.append(dict(provider=name, mode=mode, ms=ms, tflops=tflops, error=None))
-    baseline = next((o for n, o in outputs.items() if n != "triton"), None)
+    baseline = next((o for n, o in outputs.items() if not n.startswith("triton")), None)
     err = float((outputs["triton"] - baseline).abs().max()) if "triton" in outputs and baseline is not None else None
     shape = dict(B=B, H=H, H_kv=H_kv, T=T, D=D, causal=causal)
     return [{**shape, **row, "triton_max_abs_err": err} for row in rows]
@@ -136,7 +139,7 @@ def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> Non
     for D, causal, T, B, mode in keys:
         got = {r["provider"]: r["tflops"] for r in rows if (r["D"], r["causal"], r["T"], r["B"], r["mode"]) == (D, causal, T, B, mode)}
         cells = " ".join(f"{got[p]:15.4g}" if got.get(p) is not None else f"{'n/a':>15}" for p in providers)
-        others = [t for p, t in got.items() if p != "triton" and t is not None]
+        others = [t for p, t in got.items() if not p.startswith("triton") and t is not None]
         ratio = f"{got['triton'] / max(others):12.2f}" if got.get("triton") and others else f"{'':>12}"
         print(f"{D:>4} {str(causal):>6} {T:>6} {B:>4} {mode:>8} {cells}{ratio}")
     for r in rows:

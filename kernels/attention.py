@@ -27,10 +27,18 @@ masks (``MASK`` constexpr), the others run unmasked.
 
 ``flash_attention`` runs on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1``
 was set before this module was imported (the tests do this).
+
+``tma=True`` runs the forward as ``_fwd_tma_kernel``: the same online softmax
+(``_softmax_step``), with Q, K, V and O moved by Hopper's tensor-memory
+accelerator through 4-D descriptors of the same strided tensors (Triton >= 3.4,
+16-byte aligned starts and strides; ``tma_unsupported_reason``). Compiled for
+sm_90a it needs 20-25% fewer registers than the pointer forward
+(bench/attention_layout.py); it has not been timed on a GPU, so it is not the default.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import NamedTuple
@@ -62,15 +70,18 @@ def _table(half: list[tuple], fp32: list[tuple]) -> dict[tuple, set[tuple[int, i
     return table
 
 
-def _configs(table: dict) -> list[triton.Config]:
+def _configs(table: dict, pre_hook=None) -> list[triton.Config]:
     """The table's tiles as Configs; one tiny config under the interpreter.
 
     Autotuning under the interpreter would run every config through NumPy: slow and
     pointless, so it gets a single 16 × 16 tile (the smallest tl.dot accepts).
+    ``pre_hook`` runs before each launch with the config's arguments (the TMA forward
+    sizes its descriptors' blocks there).
     """
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1, pre_hook=pre_hook)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+            for m, n, w, s in table]
 
 
 def autotuning() -> bool:
@@ -88,7 +99,8 @@ def _pruner(table: dict):
     of them only when autotuning is off)."""
 
     def prune(configs, named_args, **kwargs):
-        want = (named_args["Q"].element_size() * 8, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
+        q = named_args["Q"] if "Q" in named_args else named_args["desc_q"].base  # a tensor or a TMA descriptor
+        want = (q.element_size() * 8, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
         key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
         kept = [c for c in configs if want in table.get(key(c), ())] or configs
         return kept if autotuning() else kept[:1]
@@ -190,6 +202,28 @@ def _visible(m, n, seq_len, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(acc, l_i, m_i, q, k, v, offs_m, offs_n, seq_len, qk_scale,
+                  CAUSAL: tl.constexpr, MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block (k, v: (BLOCK_N, D)) into the online softmax: acc (BLOCK_M, D), row sum l_i, row max m_i."""
+    qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float32), PRECISION, UPCAST)
+    qk = qk * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+    if MASK:
+        # Row validity is left out: padded query rows are never stored, and keeping
+        # column 0 for them avoids an all -inf row (NaN from -inf - -inf).
+        keep = offs_n[None, :] < seq_len
+        if CAUSAL:
+            keep = keep & (offs_m[:, None] >= offs_n[None, :])
+        qk = tl.where(keep, qk, float("-inf"))
+    # The first block visited always holds key 0, visible to every row, so m_ij is finite.
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)  # rescales what was accumulated under the old maximum
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                offs_m, lo, hi, seq_len, qk_scale,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -199,23 +233,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, offs_d, stride_kt, stride_kd, seq_len, MASK)  # (BLOCK_N, D)
-        qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
-        qk = qk * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
-        if MASK:
-            # Row validity is left out: padded query rows are never stored, and keeping
-            # column 0 for them avoids an all -inf row (NaN from -inf - -inf).
-            keep = offs_n[None, :] < seq_len
-            if CAUSAL:
-                keep = keep & (offs_m[:, None] >= offs_n[None, :])
-            qk = tl.where(keep, qk, float("-inf"))
-        # The first block visited always holds key 0, visible to every row, so m_ij is finite.
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)  # rescales what was accumulated under the old maximum
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, offs_n, offs_d, stride_vt, stride_vd, seq_len, MASK)  # (BLOCK_N, D)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
-        m_i = m_ij
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, offs_m, offs_n, seq_len, qk_scale,
+                                      CAUSAL, MASK, PRECISION, UPCAST)
     return acc, l_i, m_i
 
 
@@ -261,6 +281,63 @@ def _fwd_kernel(Q, K, V, O, LSE,
     tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
     # log2-sum-exp2 of the scaled scores: the backward rebuilds p = exp2(s - lse) from it.
     tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+def _tma_blocks(nargs) -> None:
+    """Autotuner pre-hook: the TMA descriptors move (1, 1, BLOCK, D) boxes of the config being run."""
+    d = nargs["HEAD_DIM"]
+    for name, block in (("desc_q", "BLOCK_M"), ("desc_o", "BLOCK_M"), ("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N")):
+        nargs[name].block_shape = [1, 1, nargs[block], d]
+
+
+@triton.jit
+def _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, offs_m, lo, hi, seq_len, qk_scale,
+                   CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``_fwd_inner`` with K/V blocks brought by the tensor-memory accelerator: rows past the end arrive as 0."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = desc_k.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, offs_m, offs_n, seq_len, qk_scale,
+                                      CAUSAL, MASK, PRECISION, UPCAST)
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs(_FWD_TILES, pre_hook=_tma_blocks), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
+@triton.jit
+def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, seq_bucket, qk_scale,
+                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_fwd_kernel`` reading Q, K, V and writing O through 4-D TMA descriptors (B, heads, T, D).
+
+    The copies are issued by the TMA unit from a descriptor instead of by every
+    thread from a tensor of addresses; bounds are the descriptor's, so the tail
+    block needs no load mask and its store clips itself.
+    """
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads  # int32: descriptor coordinates
+    h = pid_bh % n_heads
+    kv_h = h // group
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+
+    q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    full_end, hi = _kv_stages(start_m, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, offs_m, 0, full_end, seq_len, qk_scale,
+                                   CAUSAL, False, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
+    acc, l_i, m_i = _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, offs_m, full_end, hi, seq_len, qk_scale,
+                                   CAUSAL, True, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
+
+    o = (acc / l_i[:, None]).to(desc_o.dtype)
+    desc_o.store([b, h, start_m, 0], o.reshape(1, 1, BLOCK_M, HEAD_DIM))
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < seq_len)
 
 
 @triton.jit
@@ -491,15 +568,32 @@ def _launch(kernel, grid, args: tuple, kwargs: dict, tile: tuple[int, int] | Non
         kernel.fn[grid](*args, **kwargs, BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=4 if not INTERPRET else 1)
 
 
-def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
+             tma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape
     o = torch.empty_like(q)  # (B, H, T, D), q's memory layout
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)  # log2 domain
-    args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            H, H // k.shape[1], T, _seq_bucket(T), scale * LOG2E)
-    _launch(_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), args,
-            dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype)), tiles and tiles.fwd)
+    scalars = (H, H // k.shape[1], T, _seq_bucket(T), scale * LOG2E)
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    consts = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
+    if tma:
+        descs = _descriptors((q, k, v, o), tiles and tiles.fwd, D)
+        _launch(_fwd_tma_kernel, grid, (*descs, lse, *scalars), consts, tiles and tiles.fwd)
+        return o, lse
+    args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), *scalars)
+    _launch(_fwd_kernel, grid, args, consts, tiles and tiles.fwd)
     return o, lse
+
+
+def _descriptors(tensors, tile: tuple[int, int] | None, head_dim: int) -> list:
+    """4-D TMA descriptors of q, k, v, o; their blocks are set per config by ``_tma_blocks`` (or here, for a fixed tile)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415 (Triton >= 3.4)
+
+    descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, head_dim]) for x in tensors]
+    if tile is not None:
+        _tma_blocks({"desc_q": descs[0], "desc_k": descs[1], "desc_v": descs[2], "desc_o": descs[3],
+                     "BLOCK_M": tile[0], "BLOCK_N": tile[1], "HEAD_DIM": head_dim})
+    return descs
 
 
 def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None):
@@ -529,8 +623,8 @@ class FlashAttention(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, O and the log-sum-exp; the backward recomputes the scores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, tiles: Tiles | None = None):
-        o, lse = _forward(q, k, v, causal, softmax_scale, tiles)
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, tiles: Tiles | None = None, tma: bool = False):
+        o, lse = _forward(q, k, v, causal, softmax_scale, tiles, tma)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.softmax_scale, ctx.tiles = causal, softmax_scale, tiles
         return o
@@ -539,7 +633,7 @@ class FlashAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.tiles)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -586,20 +680,35 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
     return unsupported_config(D, q.dtype, q.device)
 
 
+def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the TMA forward cannot take these tensors (on top of ``unsupported_reason``), or None when it can."""
+    if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
+        return f"Triton {triton.__version__} has no tensor descriptors (3.4 and newer have)"
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return "the tensor-memory accelerator needs compute capability 9.0 or newer (Hopper)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * x.element_size() % 16 for st in x.stride()[:-1]):
+            return f"{name}: TMA needs a contiguous last dimension, a 16-byte aligned start and 16-byte multiple strides"
+    return None
+
+
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, softmax_scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, softmax_scale: float | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Flash attention, differentiable in q, k, v.
 
     q: (B, H, T, D); k, v: (B, H_kv, T, D) with H % H_kv == 0. Returns (B, H, T, D)
     in q's dtype. softmax_scale defaults to 1/sqrt(D). Raises ValueError with the
     reason from ``unsupported_reason`` for inputs the kernel does not handle.
+    tma: run the forward through TMA descriptors (``_fwd_tma_kernel``; Hopper, Triton >= 3.4);
+    the backward is the same either way. Not yet timed on a GPU, hence off by default.
     """
-    reason = unsupported_reason(q, k, v)
+    reason = unsupported_reason(q, k, v) or (tma_unsupported_reason(q, k, v) if tma else None)
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return FlashAttention.apply(q, k, v, bool(causal), scale)
+    return FlashAttention.apply(q, k, v, bool(causal), scale, None, bool(tma))
 
 
 def attention_reference(
