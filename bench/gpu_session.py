@@ -91,9 +91,9 @@ def jobs(png: bool) -> list[Job]:
     # what the 2026-11-26 H200 session could not measure, and the cheapest way to measure it.
     # Compile last: its first steps compile, the longest variant, and a cut-off job keeps the rows before it.
     # (ZeRO-0 in bf16 is not among them: bench/step_ops.py counts 38% more calls per step than ZeRO-1.)
-    options = ";".join(["", "model.attention=cudnn", "train.check_grad_overflow=false", "model.fused_ops=triton",
-                        "train.loss_chunk_tokens=8192", AUTOCAST, BEST_GUESS, f"{BEST_GUESS},{AUTOCAST}",
-                        "train.compile=true"])
+    options = ";".join(["", "model.attention=cudnn", "model.attention=triton-tma", "train.check_grad_overflow=false",
+                        "model.fused_ops=triton", "train.loss_chunk_tokens=8192", AUTOCAST, BEST_GUESS,
+                        f"{BEST_GUESS},{AUTOCAST}", "train.compile=true"])
     return [
         # The code added since the H200 session, at real shapes: cuDNN attention, the loss's row kernels,
         # the reduction's other layouts (fitted warps, columns).
@@ -111,7 +111,7 @@ def jobs(png: bool) -> list[Job]:
             [*train, "--configs", "350m", "--micro-batch", "16", "--ckpt", "off", "--sharings", "none", "--variants",
              options, "--json", "{out}/train_options.json"],
             [*train_smoke, "--sharings", "none", "--variants", f";model.fused_ops=triton;{AUTOCAST}",
-             "--json", "{out}/train_options.json"], 240),
+             "--json", "{out}/train_options.json"], 270),
         Job("fused_loss", "kernels",
             ["bench/fused_loss.py", "--dtype", "bf16", "--d-model", "2048", "--tokens", "8192,16384",
              "--chunk-tokens", "0,4096,16384", "--json", "{out}/fused_loss.json", *plot("fused_loss")],

@@ -61,7 +61,7 @@ class ModelConfig:
     sharing: str = "none"
     """Block sharing plan: none | all | cycle:k | sequence:k | explicit group list "0,1,0,1"."""
     attention: str = "auto"
-    """Attention backend: auto (Triton on CUDA when available, else torch) | torch (SDPA, PyTorch's backend order) | triton | cudnn (SDPA, cuDNN's backend first; CUDA)."""
+    """Attention backend: auto (Triton on CUDA when available, else torch) | torch (SDPA, PyTorch's backend order) | triton | triton-tma (the Triton kernel with its forward through TMA descriptors; Hopper, Triton >= 3.4) | cudnn (SDPA, cuDNN's backend first; CUDA)."""
     fused_ops: str = "torch"
     """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). torch until the kernels are measured faster in a training step on a GPU."""
     init_std: float = 0.02
@@ -447,8 +447,8 @@ def validate(cfg: Config) -> None:
     _check(m.n_kv_heads >= 0 and m.n_heads % m.kv_heads == 0, f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; use a divisor of n_heads (or 0 for n_heads)")
     _check(m.head_dim % 2 == 0, f"head dim d_model/n_heads={m.head_dim} must be even for RoPE; change model.n_heads")
     _check(m.vocab_size > 0, "model.vocab_size must be positive")
-    _check(m.attention in ("auto", "torch", "triton", "cudnn"),
-           f"model.attention='{m.attention}' is not one of auto, torch, triton, cudnn")
+    _check(m.attention in ("auto", "torch", "triton", "triton-tma", "cudnn"),
+           f"model.attention='{m.attention}' is not one of auto, torch, triton, triton-tma, cudnn")
     _check(m.fused_ops in ("torch", "triton"), f"model.fused_ops='{m.fused_ops}' is not one of torch, triton")
     _check_sharing(m)
     _check(d.corpus in ("stdlib", "prepared"), f"data.corpus='{d.corpus}' is not one of stdlib, prepared")

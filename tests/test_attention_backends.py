@@ -26,7 +26,7 @@ def test_cudnn_refused_without_cuda_in_one_line():
 
 def test_config_accepts_cudnn_and_names_it_when_refusing_others():
     assert load_config("configs/tiny.yaml", ["model.attention=cudnn"]).model.attention == "cudnn"
-    with pytest.raises(MegascaleError, match="auto, torch, triton, cudnn"):
+    with pytest.raises(MegascaleError, match="auto, torch, triton, triton-tma, cudnn"):
         load_config("configs/tiny.yaml", ["model.attention=flash"])
 
 

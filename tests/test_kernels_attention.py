@@ -215,6 +215,8 @@ def test_backend_resolution_uses_kernel_support():
 
     device = torch.device(DEVICE)
     assert resolve_backend("triton", device, head_dim=64) == ("triton", "requested")
+    if tma_unsupported_reason(*(torch.zeros(1, 1, 16, 64, device=DEVICE) for _ in range(3))) is None:
+        assert resolve_backend("triton-tma", device, head_dim=64) == ("triton-tma", "requested")
     backend, why = resolve_backend("auto", device, head_dim=64, dtype=torch.bfloat16)
     if CUDA:
         assert backend == "triton"
@@ -226,7 +228,8 @@ def test_backend_resolution_uses_kernel_support():
         resolve_backend("triton", device, head_dim=96)
 
 
-def test_model_with_triton_backend_matches_torch_backend():
+@pytest.mark.parametrize("kernel", ["triton", "triton-tma"])
+def test_model_with_triton_backend_matches_torch_backend(kernel):
     """A tied GQA model (head dim 32) gives the same loss and gradients with either backend."""
     from megascale.config import ModelConfig
     from megascale.model import Transformer
@@ -236,7 +239,7 @@ def test_model_with_triton_backend_matches_torch_backend():
     model = Transformer(cfg).to(DEVICE)
     tokens = torch.randint(0, 61, (1, 19), device=DEVICE)
     results = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", kernel):
         model.zero_grad()
         model.set_attention_backend(backend)
         loss = model(tokens, tokens)

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megascale.errors import MegascaleError
 
-BACKENDS = ("auto", "torch", "triton", "cudnn")
+BACKENDS = ("auto", "torch", "triton", "triton-tma", "cudnn")
 SDPA = "torch scaled_dot_product_attention"
 
 
@@ -70,6 +70,15 @@ def _kernel_refusal(
     return unsupported_config(head_dim, dtype or torch.float32, device)
 
 
+def _tma_refusal(device: torch.device) -> str | None:
+    """Why the TMA forward cannot run on this device, or None (tensor alignment is checked per call)."""
+    if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
+        return "this Triton has no tensor descriptors (3.4 and newer have)"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return "the tensor-memory accelerator needs compute capability 9.0 or newer (Hopper)"
+    return None
+
+
 def resolve_backend(
     requested: str, device: torch.device, head_dim: int | None = None, dtype: torch.dtype | None = None
 ) -> tuple[str, str]:
@@ -78,8 +87,9 @@ def resolve_backend(
     auto: the Triton kernel on CUDA when it supports the model's head dim and dtype
     (when given: shapes are fixed per model, so this is decided once), else PyTorch
     SDPA with the reason. triton: the kernel, also on CPU under TRITON_INTERPRET=1;
-    an explicit request the kernel cannot serve stops with one line. cudnn: SDPA
-    with cuDNN's backend first (CUDA only).
+    an explicit request the kernel cannot serve stops with one line. triton-tma: the
+    same with its forward through TMA descriptors. cudnn: SDPA with cuDNN's backend
+    first (CUDA only).
     """
     if requested not in BACKENDS:
         raise MegascaleError(f"model.attention='{requested}' is not one of {', '.join(BACKENDS)}")
@@ -92,15 +102,18 @@ def resolve_backend(
                                  "use model.attention=auto or torch")
         return "cudnn", "requested"
     # The interpreter is far too slow to be picked automatically; only an explicit request gets it.
-    refusal = _kernel_refusal(device, head_dim, dtype, interpreter_ok=requested == "triton")
-    if requested == "triton":
+    explicit = requested in ("triton", "triton-tma")
+    refusal = _kernel_refusal(device, head_dim, dtype, interpreter_ok=explicit)
+    if requested == "triton-tma" and refusal is None:
+        refusal = _tma_refusal(device)
+    if explicit:
         if refusal is not None:
             hint = " (or TRITON_INTERPRET=1 on CPU, for tests)" if refusal == "no CUDA device" else ""
             raise MegascaleError(
-                f"model.attention=triton but the Triton kernel cannot run here: {refusal}{hint}; "
+                f"model.attention={requested} but the Triton kernel cannot run here: {refusal}{hint}; "
                 "use model.attention=auto or torch"
             )
-        return "triton", "requested"
+        return requested, "requested"
     if refusal is None:
         return "triton", "auto: CUDA device and Triton kernel available"
     return "torch", f"auto: {refusal}, using {SDPA}"
@@ -126,12 +139,18 @@ def attention(
     gqa = q.shape[1] != k.shape[1]
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=gqa)
-    if backend == "triton":
-        from megascale.kernels.attention import flash_attention, unsupported_reason  # noqa: PLC0415 (optional kernel)
+    if backend in ("triton", "triton-tma"):
+        from megascale.kernels.attention import (  # noqa: PLC0415 (optional kernel)
+            flash_attention,
+            tma_unsupported_reason,
+            unsupported_reason,
+        )
 
         reason = unsupported_reason(q, k, v)
         if reason is None:
-            return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+            # A view TMA cannot describe (alignment) runs the pointer kernel: same math, no warning needed.
+            tma = backend == "triton-tma" and tma_unsupported_reason(q, k, v) is None
+            return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale, tma=tma)
         # resolve_backend already refused what it could see (head dim, dtype, device);
         # anything else falls back here, warned once per distinct reason.
         warnings.warn(f"Triton attention: {reason}; using {SDPA}", stacklevel=2)
