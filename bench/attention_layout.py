@@ -35,21 +35,30 @@ from _common import checkout_kernels  # noqa: E402
 from kernel_layout import registers  # noqa: E402
 
 H100_SMEM = 227 * 1024  # bytes of shared memory one block may use on sm_90
-KERNELS = {"fwd": ("_fwd_kernel", "_FWD_TILES"), "fwd-tma": ("_fwd_tma_kernel", "_FWD_TILES"),
-           "dkdv": ("_bwd_dkdv_kernel", "_DKDV_TILES"), "dq": ("_bwd_dq_kernel", "_DQ_TILES")}
-TMA_BLOCK = {"desc_q": "BLOCK_M", "desc_o": "BLOCK_M", "desc_k": "BLOCK_N", "desc_v": "BLOCK_N"}
+# name: (kernel, its tiles, the arguments that are TMA descriptors → the block giving their box rows)
+KERNELS = {
+    "fwd": ("_fwd_kernel", "_FWD_TILES", {}),
+    "fwd-tma": ("_fwd_tma_kernel", "_FWD_TILES",
+                {"desc_q": "BLOCK_M", "desc_o": "BLOCK_M", "desc_k": "BLOCK_N", "desc_v": "BLOCK_N"}),
+    "dkdv": ("_bwd_dkdv_kernel", "_DKDV_TILES", {}),
+    "dkdv-tma": ("_bwd_dkdv_kernel", "_DKDV_TILES",
+                 {"Q": "BLOCK_M", "DO": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "DK": "BLOCK_N", "DV": "BLOCK_N"}),
+    "dq": ("_bwd_dq_kernel", "_DQ_TILES", {}),
+    "dq-tma": ("_bwd_dq_kernel", "_DQ_TILES",
+               {"Q": "BLOCK_M", "DO": "BLOCK_M", "DQ": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"}),
+}
 FP32_POINTERS = ("LSE", "DELTA")
 NO_HINT = ("group", "n_kv_heads", "qk_scale", "sm_scale")  # values a real call does not make multiples of 16
 
 
-def signature(fn, tile: tuple, head_dim: int) -> tuple[dict, dict, dict]:
+def signature(fn, tile: tuple, head_dim: int, boxes: dict) -> tuple[dict, dict, dict]:
     """(signature, constexprs, divisibility attrs) of a realistic bf16 call, from the argument names."""
     sig, consts, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
             sig[name] = "constexpr"
-        elif name in TMA_BLOCK:  # a descriptor moving (1, 1, BLOCK, D) boxes: what _tma_blocks sets
-            block = tile[0] if TMA_BLOCK[name] == "BLOCK_M" else tile[1]
+        elif name in boxes:  # a descriptor moving (1, 1, BLOCK, D) boxes: what the pre-hooks set
+            block = tile[0] if boxes[name] == "BLOCK_M" else tile[1]
             sig[name] = f"tensordesc<bf16[1, 1, {block}, {head_dim}]>"
             continue
         elif name.startswith("stride_") and name.endswith("d"):  # the head-dim stride of a contiguous tensor
@@ -64,9 +73,12 @@ def signature(fn, tile: tuple, head_dim: int) -> tuple[dict, dict, dict]:
 
 
 def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arch: int):
-    fn = getattr(att, KERNELS[kernel][0]).fn
+    name, _, boxes = KERNELS[kernel]
+    fn = getattr(att, name).fn
     block_m, block_n, warps, stages = tile
-    sig, consts, attrs = signature(fn, tile, head_dim)
+    sig, consts, attrs = signature(fn, tile, head_dim, boxes)
+    if "TMA" in fn.arg_names:  # the backward kernels: one kernel, descriptors or pointers
+        consts["TMA"] = bool(boxes)
     consts.update(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, **att._dot_flags(torch.bfloat16))
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -83,14 +95,14 @@ def describe(compiled, arch: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernels", default="fwd,fwd-tma,dkdv,dq", help=f"any of {', '.join(KERNELS)}")
+    p.add_argument("--kernels", default=",".join(KERNELS), help=f"any of {', '.join(KERNELS)}")
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--causal", choices=("true", "false"), default="true")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
     args = p.parse_args(argv)
     (att,) = checkout_kernels("attention")
     print(f"attention kernels, bf16, causal={args.causal}, sm_{args.arch}a, Triton {triton.__version__}")
-    print(f"{'kernel':<7} {'D':>4} {'BLOCK_M x N':>11} {'warps':>5} {'stages':>6}  compiled")
+    print(f"{'kernel':<8} {'D':>4} {'BLOCK_M x N':>11} {'warps':>5} {'stages':>6}  compiled")
     for kernel in args.kernels.split(","):
         table = getattr(att, KERNELS[kernel][1])
         for head_dim in (int(d) for d in args.head_dims.split(",")):
@@ -98,7 +110,7 @@ def main(argv=None) -> int:
                 if (16, head_dim) not in cases:  # a candidate for this head dim in half precision
                     continue
                 compiled = compile_tile(att, kernel, tile, head_dim, args.causal == "true", args.arch)
-                print(f"{kernel:<7} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {tile[2]:>5} {tile[3]:>6}  "
+                print(f"{kernel:<8} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {tile[2]:>5} {tile[3]:>6}  "
                       f"{describe(compiled, args.arch)}", flush=True)
     return 0
 

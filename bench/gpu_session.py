@@ -52,7 +52,7 @@ KERNEL_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_tied_grad
                 "tests/test_init.py", "tests/test_kernels_cross_entropy.py", "tests/test_attention_backends.py"]
 NEW_TESTS = ["tests/test_attention_backends.py", "tests/test_kernels_cross_entropy.py",
              "tests/test_kernels_tied_grad.py::test_other_layouts_give_the_same_reduction",
-             "tests/test_kernels_attention.py::test_tma_forward_matches_reference",
+             "tests/test_kernels_attention.py::test_tma_matches_reference",
              "tests/test_kernels_attention.py::test_tma_takes_the_models_strided_views_and_refuses_misaligned_ones"]
 # Every option that the H200 figures say may help, together: one figure for "all of it".
 BEST_GUESS = "model.attention=cudnn,train.check_grad_overflow=false,model.fused_ops=triton,train.loss_chunk_tokens=8192"

@@ -28,12 +28,14 @@ masks (``MASK`` constexpr), the others run unmasked.
 ``flash_attention`` runs on CUDA, or on CPU tensors when ``TRITON_INTERPRET=1``
 was set before this module was imported (the tests do this).
 
-``tma=True`` runs the forward as ``_fwd_tma_kernel``: the same online softmax
-(``_softmax_step``), with Q, K, V and O moved by Hopper's tensor-memory
-accelerator through 4-D descriptors of the same strided tensors (Triton >= 3.4,
-16-byte aligned starts and strides; ``tma_unsupported_reason``). Compiled for
-sm_90a it needs 20-25% fewer registers than the pointer forward
-(bench/attention_layout.py); it has not been timed on a GPU, so it is not the default.
+``tma=True`` moves every (rows, D) tile with Hopper's tensor-memory accelerator,
+through 4-D descriptors of the same strided tensors (Triton >= 3.4, 16-byte
+aligned starts and strides; ``tma_unsupported_reason``): the forward as
+``_fwd_tma_kernel`` (the same online softmax, ``_softmax_step``), the backward
+as the same two kernels with ``TMA=True``. Rows past the end arrive as zeros and
+stores clip themselves. Compiled for sm_90a it needs fewer registers than the
+pointer kernels (bench/attention_layout.py; e.g. dQ 128 × 64: 158 against 246)
+and spills less in dK/dV; it has not been timed on a GPU, so it is not the default.
 """
 
 from __future__ import annotations
@@ -99,13 +101,27 @@ def _pruner(table: dict):
     of them only when autotuning is off)."""
 
     def prune(configs, named_args, **kwargs):
-        q = named_args["Q"] if "Q" in named_args else named_args["desc_q"].base  # a tensor or a TMA descriptor
+        q = named_args["Q"] if "Q" in named_args else named_args["desc_q"]
+        q = getattr(q, "base", q)  # a tensor, or a TMA descriptor of one
         want = (q.element_size() * 8, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM")))
         key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)  # noqa: E731
         kept = [c for c in configs if want in table.get(key(c), ())] or configs
         return kept if autotuning() else kept[:1]
 
     return prune
+
+
+def _tma_boxes(**blocks: tuple[str, ...]):
+    """Autotuner pre-hook for the backward kernels: where an argument is a TMA descriptor (``tma=True``), it
+    moves (1, 1, BLOCK, D) boxes of the config being run; ``blocks`` maps BLOCK_M / BLOCK_N to argument names."""
+
+    def hook(nargs) -> None:
+        for block, names in blocks.items():
+            for name in names:
+                if hasattr(nargs[name], "block_shape"):
+                    nargs[name].block_shape = [1, 1, nargs[block], nargs["HEAD_DIM"]]
+
+    return hook
 
 
 # Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages, head dims), chosen by compiling
@@ -190,6 +206,18 @@ def _load_rows(base, offs_t, offs_d, stride_t, stride_d, seq_len, MASK: tl.const
     if MASK:
         return tl.load(ptrs, mask=offs_t[:, None] < seq_len, other=0.0)
     return tl.load(ptrs)
+
+
+@triton.jit
+def _rows(src, b, h, start, offs_t, offs_d, stride_t, stride_d, seq_len,
+          MASK: tl.constexpr, TMA: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A (ROWS, D) tile at rows start.. of head (b, h): from a TMA descriptor (rows past the end arrive as 0)
+    or, without TMA, from ``src`` = that head's base pointer (``_load_rows``)."""
+    if TMA:  # an if/else, not an early return: the compiler would still build the pointer branch
+        tile = src.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
+    else:
+        tile = _load_rows(src, offs_t, offs_d, stride_t, stride_d, seq_len, MASK)
+    return tile
 
 
 @triton.jit
@@ -359,11 +387,11 @@ def _bwd_delta_kernel(O, DO, DELTA,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base,
                 stride_qt, stride_qd, stride_dt, stride_dd,
                 offs_n, lo, hi, seq_len, qk_scale,
                 CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [lo, hi) of one query head.
 
     Works on transposed tiles (keys × queries) so that dV = Pᵀ dO and dK = dSᵀ Q
@@ -372,8 +400,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_base, offs_m, offs_d, stride_qt, stride_qd, seq_len, MASK)  # (BLOCK_M, D)
-        do = _load_rows(do_base, offs_m, offs_d, stride_dt, stride_dd, seq_len, MASK)  # (BLOCK_M, D)
+        q = _rows(q_src, b, h, start_m, offs_m, offs_d, stride_qt, stride_qd, seq_len, MASK, TMA, BLOCK_M, HEAD_DIM)
+        do = _rows(do_src, b, h, start_m, offs_m, offs_d, stride_dt, stride_dd, seq_len, MASK, TMA, BLOCK_M, HEAD_DIM)
         if MASK:
             lse = tl.load(lse_base + offs_m, mask=offs_m < seq_len, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=offs_m < seq_len, other=0.0)
@@ -392,7 +420,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV_TILES), key=_TUNE_KEY,
+@triton.autotune(configs=_configs(_DKDV_TILES, pre_hook=_tma_boxes(BLOCK_M=("Q", "DO"), BLOCK_N=("K", "V", "DK", "DV"))),
+                 key=[*_TUNE_KEY, "TMA"],  # TMA: only when passed (the TMA variant)
                  prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES)})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
@@ -404,8 +433,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      stride_dvb, stride_dvh, stride_dvt, stride_dvd,
                      n_heads, n_kv_heads, group, seq_len, seq_bucket, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV of one key block of one KV head.
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+    """dK, dV of one key block of one KV head (TMA: Q, K, V, dO, dK, dV are 4-D descriptors).
 
     Grouped-query attention: the program loops over the `group` query heads that
     read this KV head and sums their contributions in registers. The alternative,
@@ -415,13 +444,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     (B · H_kv · T/BLOCK_N programs), which is ample at training shapes.
     """
     pid_bkv = tl.program_id(1)
-    b = (pid_bkv // n_kv_heads).to(tl.int64)
-    kv_h = (pid_bkv % n_kv_heads).to(tl.int64)
+    b32, kv_h32 = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads  # int32: descriptor coordinates
+    b, kv_h = b32.to(tl.int64), kv_h32.to(tl.int64)
     start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = _load_rows(K + b * stride_kb + kv_h * stride_kh, offs_n, offs_d, stride_kt, stride_kd, seq_len, True)
-    v = _load_rows(V + b * stride_vb + kv_h * stride_vh, offs_n, offs_d, stride_vt, stride_vd, seq_len, True)
+    if TMA:
+        k_src, v_src = K, V
+    else:
+        k_src, v_src = K + b * stride_kb + kv_h * stride_kh, V + b * stride_vb + kv_h * stride_vh
+    k = _rows(k_src, b32, kv_h32, start_n, offs_n, offs_d, stride_kt, stride_kd, seq_len, True, TMA, BLOCK_N, HEAD_DIM)
+    v = _rows(v_src, b32, kv_h32, start_n, offs_n, offs_d, stride_vt, stride_vd, seq_len, True, TMA, BLOCK_N, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
@@ -436,41 +469,49 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     full_end = (seq_len // BLOCK_M) * BLOCK_M
     tail = tl.maximum(diag_end, full_end)
     for g in range(group):
-        h = kv_h * group + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_db + h * stride_dh
+        h32 = kv_h32 * group + g
+        h = h32.to(tl.int64)
+        if TMA:
+            q_src, do_src = Q, DO
+        else:
+            q_src, do_src = Q + b * stride_qb + h * stride_qh, DO + b * stride_db + h * stride_dh
         row0 = (b * n_heads + h) * seq_len  # LSE and Δ are (B, H, T) contiguous
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, b32, h32, LSE + row0, DELTA + row0,
                              stride_qt, stride_qd, stride_dt, stride_dd,
                              offs_n, lo, tl.minimum(diag_end, seq_len), seq_len, qk_scale,
-                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0,
+                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST, TMA)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, b32, h32, LSE + row0, DELTA + row0,
                              stride_qt, stride_qd, stride_dt, stride_dd,
                              offs_n, diag_end, full_end, seq_len, qk_scale,
-                             CAUSAL, False, BLOCK_M, HEAD_DIM, PRECISION, UPCAST)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row0, DELTA + row0,
+                             CAUSAL, False, BLOCK_M, HEAD_DIM, PRECISION, UPCAST, TMA)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, b32, h32, LSE + row0, DELTA + row0,
                              stride_qt, stride_qd, stride_dt, stride_dd,
                              offs_n, tail, seq_len, seq_len, qk_scale,
-                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST)
+                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST, TMA)
 
-    row_ok = (offs_n < seq_len)[:, None]
-    dk_ptrs = DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=row_ok)  # s = scale · q·k
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok)
+    dk = dk * sm_scale  # s = scale · q·k
+    if TMA:  # the store clips the rows past the end
+        DK.store([b32, kv_h32, start_n, 0], dk.to(DK.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
+        DV.store([b32, kv_h32, start_n, 0], dv.to(DV.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
+    else:
+        row_ok = (offs_n < seq_len)[:, None]
+        dk_ptrs = DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+        dv_ptrs = DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=row_ok)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+def _dq_inner(dq, q, do, lse, delta, k_src, v_src, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
               offs_m, lo, hi, seq_len, qk_scale,
               CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dQ (BLOCK_M, D) of one query block over key blocks [lo, hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, offs_n, offs_d, stride_kt, stride_kd, seq_len, MASK)  # (BLOCK_N, D)
-        v = _load_rows(v_base, offs_n, offs_d, stride_vt, stride_vd, seq_len, MASK)  # (BLOCK_N, D)
+        k = _rows(k_src, b, kv_h, start_n, offs_n, offs_d, stride_kt, stride_kd, seq_len, MASK, TMA, BLOCK_N, HEAD_DIM)
+        v = _rows(v_src, b, kv_h, start_n, offs_n, offs_d, stride_vt, stride_vd, seq_len, MASK, TMA, BLOCK_N, HEAD_DIM)
         zeros = tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32)
         s = _mma(q, tl.trans(k), zeros, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
@@ -482,7 +523,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, strid
     return dq
 
 
-@triton.autotune(configs=_configs(_DQ_TILES), key=_TUNE_KEY,
+@triton.autotune(configs=_configs(_DQ_TILES, pre_hook=_tma_boxes(BLOCK_M=("Q", "DO", "DQ"), BLOCK_N=("K", "V"))),
+                 key=[*_TUNE_KEY, "TMA"],  # TMA: only when passed (the TMA variant)
                  prune_configs_by={"early_config_prune": _pruner(_DQ_TILES)})
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
@@ -493,34 +535,41 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                    n_heads, group, seq_len, seq_bucket, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
-    kv_h = h // group
+    b32, h32 = pid_bh // n_heads, pid_bh % n_heads  # int32: descriptor coordinates
+    kv_h32 = h32 // group
+    b, h, kv_h = b32.to(tl.int64), h32.to(tl.int64), kv_h32.to(tl.int64)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
 
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qt, stride_qd, seq_len, True)
-    do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dt, stride_dd, seq_len, True)
+    if TMA:
+        q_src, do_src, k_src, v_src = Q, DO, K, V
+    else:
+        q_src, do_src = Q + b * stride_qb + h * stride_qh, DO + b * stride_db + h * stride_dh
+        k_src, v_src = K + b * stride_kb + kv_h * stride_kh, V + b * stride_vb + kv_h * stride_vh
+    q = _rows(q_src, b32, h32, start_m, offs_m, offs_d, stride_qt, stride_qd, seq_len, True, TMA, BLOCK_M, HEAD_DIM)
+    do = _rows(do_src, b32, h32, start_m, offs_m, offs_d, stride_dt, stride_dd, seq_len, True, TMA, BLOCK_M, HEAD_DIM)
     row0 = pid_bh.to(tl.int64) * seq_len
     lse = tl.load(LSE + row0 + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + row0 + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + kv_h * stride_kh
-    v_base = V + b * stride_vb + kv_h * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     full_end, hi = _kv_stages(start_m, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   offs_m, 0, full_end, seq_len, qk_scale, CAUSAL, False, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   offs_m, full_end, hi, seq_len, qk_scale, CAUSAL, True, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
+    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, b32, kv_h32, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_m, 0, full_end, seq_len, qk_scale, CAUSAL, False, BLOCK_N, HEAD_DIM, PRECISION, UPCAST, TMA)
+    dq = _dq_inner(dq, q, do, lse, delta, k_src, v_src, b32, kv_h32, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_m, full_end, hi, seq_len, qk_scale, CAUSAL, True, BLOCK_N, HEAD_DIM, PRECISION, UPCAST, TMA)
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    dq = dq * sm_scale
+    if TMA:  # the store clips the rows past the end
+        DQ.store([b32, h32, start_m, 0], dq.to(DQ.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ---------------------------------------------------------------------------
@@ -596,27 +645,55 @@ def _descriptors(tensors, tile: tuple[int, int] | None, head_dim: int) -> list:
     return descs
 
 
-def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None):
+def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None, tma: bool = False):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
+    if tma and _tma_refusal(do) is not None:  # e.g. the expanded gradient of a sum: stride 0
+        do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)  # (B, H, T) fp32
     block = 16 if INTERPRET else 128
     _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block
     )
-    common = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
-    dkdv_args = (q, k, v, do, dk, dv, lse, delta,
+    common = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype), **({"TMA": True} if tma else {}))
+    # With TMA the tensors travel as descriptors (their boxes set per config by the pre-hooks, or
+    # here for a fixed tile); the strides still go along, unused, so both variants share one kernel.
+    plain = dict(q=q, k=k, v=v, do=do, dq=dq, dk=dk, dv=dv)
+    src, dq_src = _backward_sources(q, k, v, do, dq, dk, dv, tiles, D) if tma else (plain, plain)
+    dkdv_args = (src["q"], src["k"], src["v"], src["do"], src["dk"], src["dv"], lse, delta,
                  *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                  H, H_kv, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
     _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv), dkdv_args, common,
             tiles and tiles.dkdv)
-    dq_args = (q, k, v, do, dq, lse, delta,
+    dq_args = (dq_src["q"], dq_src["k"], dq_src["v"], dq_src["do"], dq_src["dq"], lse, delta,
                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
                H, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
     _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), dq_args, common,
             tiles and tiles.dq)
     return dq, dk, dv
+
+
+def _backward_sources(q, k, v, do, dq, dk, dv, tiles: Tiles | None, head_dim: int) -> tuple[dict, dict]:
+    """TMA descriptors for the dK/dV and the dQ launches, one set each (their boxes differ per tile)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415 (Triton >= 3.4)
+
+    def descs(tile: tuple[int, int] | None, rows_m: dict, rows_n: dict) -> dict:
+        out = {}
+        for rows, tensors in ((0, rows_m), (1, rows_n)):
+            for name, x in tensors.items():  # a fixed tile's box now; the autotuner's pre-hook otherwise
+                box = [1, 1, tile[rows] if tile else 16, head_dim]
+                out[name] = TensorDescriptor(x, list(x.shape), list(x.stride()), box)
+        return out
+
+    return (descs(tiles and tiles.dkdv, dict(q=q, do=do), dict(k=k, v=v, dk=dk, dv=dv)),
+            descs(tiles and tiles.dq, dict(q=q, do=do, dq=dq), dict(k=k, v=v)))
+
+
+def _tma_refusal(x: torch.Tensor) -> str | None:
+    if x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * x.element_size() % 16 for st in x.stride()[:-1]):
+        return "TMA needs a contiguous last dimension, a 16-byte aligned start and 16-byte multiple strides"
+    return None
 
 
 class FlashAttention(torch.autograd.Function):
@@ -626,13 +703,13 @@ class FlashAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, causal: bool, softmax_scale: float, tiles: Tiles | None = None, tma: bool = False):
         o, lse = _forward(q, k, v, causal, softmax_scale, tiles, tma)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.softmax_scale, ctx.tiles = causal, softmax_scale, tiles
+        ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma = causal, softmax_scale, tiles, tma
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.tiles)
+        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma)
         return dq, dk, dv, None, None, None, None
 
 
@@ -686,10 +763,7 @@ def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         return f"Triton {triton.__version__} has no tensor descriptors (3.4 and newer have)"
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
         return "the tensor-memory accelerator needs compute capability 9.0 or newer (Hopper)"
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * x.element_size() % 16 for st in x.stride()[:-1]):
-            return f"{name}: TMA needs a contiguous last dimension, a 16-byte aligned start and 16-byte multiple strides"
-    return None
+    return next((f"{name}: {why}" for name, x in (("q", q), ("k", k), ("v", v)) if (why := _tma_refusal(x))), None)
 
 
 def flash_attention(
@@ -701,8 +775,8 @@ def flash_attention(
     q: (B, H, T, D); k, v: (B, H_kv, T, D) with H % H_kv == 0. Returns (B, H, T, D)
     in q's dtype. softmax_scale defaults to 1/sqrt(D). Raises ValueError with the
     reason from ``unsupported_reason`` for inputs the kernel does not handle.
-    tma: run the forward through TMA descriptors (``_fwd_tma_kernel``; Hopper, Triton >= 3.4);
-    the backward is the same either way. Not yet timed on a GPU, hence off by default.
+    tma: move the tiles through TMA descriptors, forward and backward (Hopper, Triton >= 3.4).
+    Not yet timed on a GPU, hence off by default.
     """
     reason = unsupported_reason(q, k, v) or (tma_unsupported_reason(q, k, v) if tma else None)
     if reason is not None:

@@ -111,8 +111,9 @@ def _tma_or_skip(q, k, v):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-kv{}-T{}-D{}".format(*s))
-def test_tma_forward_matches_reference(shape, dtype, causal):
-    """The forward through TMA descriptors: tails (T = 1, 17, 100) come as zeros from the descriptor's bounds."""
+def test_tma_matches_reference(shape, dtype, causal):
+    """Forward and backward through TMA descriptors: tails (T = 1, 17, 100) come as zeros from the descriptors'
+    bounds, and the stores clip them."""
     q, k, v, do = _inputs(*shape, dtype, seed=7)
     _tma_or_skip(q, k, v)
     _check(q, k, v, do, causal=causal, tma=True)
@@ -124,6 +125,11 @@ def test_tma_takes_the_models_strided_views_and_refuses_misaligned_ones():
     _tma_or_skip(q, k, v)
     do = torch.randn_like(q)
     _check(q, k, v, do, causal=True, tma=True)  # (B, T, H, D) projections seen as (B, H, T, D)
+    # The gradient of a sum arrives expanded (stride 0), which TMA cannot describe: copied dense first.
+    got = torch.autograd.grad(flash_attention(q, k, v, tma=True).sum(), (q, k, v))
+    want = torch.autograd.grad(attention_reference(q, k, v).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     odd = torch.randn(B * H * T * D + 1, device=DEVICE)[1:].view(B, H, T, D)  # starts 4 bytes past an aligned one
     assert "16-byte aligned start" in tma_unsupported_reason(odd, k, v)
     with pytest.raises(ValueError, match="q: TMA needs"):
