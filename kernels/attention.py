@@ -363,7 +363,7 @@ def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len
     acc, l_i, m_i = _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, offs_m, full_end, hi, seq_len, qk_scale,
                                    CAUSAL, True, BLOCK_N, HEAD_DIM, PRECISION, UPCAST)
 
-    o = (acc / l_i[:, None]).to(desc_o.dtype)
+    o = (acc / l_i[:, None]).to(q.dtype)  # o has q's dtype
     desc_o.store([b, h, start_m, 0], o.reshape(1, 1, BLOCK_M, HEAD_DIM))
     tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < seq_len)
 
@@ -491,8 +491,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
 
     dk = dk * sm_scale  # s = scale · q·k
     if TMA:  # the store clips the rows past the end
-        DK.store([b32, kv_h32, start_n, 0], dk.to(DK.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
-        DV.store([b32, kv_h32, start_n, 0], dv.to(DV.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
+        DK.store([b32, kv_h32, start_n, 0], dk.to(k.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
+        DV.store([b32, kv_h32, start_n, 0], dv.to(v.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
     else:
         row_ok = (offs_n < seq_len)[:, None]
         dk_ptrs = DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
@@ -566,7 +566,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 
     dq = dq * sm_scale
     if TMA:  # the store clips the rows past the end
-        DQ.store([b32, h32, start_m, 0], dq.to(DQ.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+        DQ.store([b32, h32, start_m, 0], dq.to(q.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
     else:
         dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
