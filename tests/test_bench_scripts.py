@@ -208,3 +208,14 @@ def test_attention_layout_compiles_every_forward_tile_pipelined_on_tensor_cores(
     assert len(rows) == 8, proc.stdout
     for line in rows:
         assert "wgmma yes  pipelined yes" in line and "(fits)" in line, line
+
+
+def test_attention_tma_kernels_compile_for_hopper():
+    """The interpreter never lowers a kernel: the TMA variants' every tile must also compile for sm_90a, with
+    tensor-memory copies and tensor-core products (an early return in a constexpr branch, for one, only fails here)."""
+    proc = _run(["bench/attention_layout.py", "--kernels", "fwd-tma,dkdv-tma,dq-tma", "--head-dims", "128"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.split()[:1] in (["fwd-tma"], ["dkdv-tma"], ["dq-tma"])]
+    assert len(rows) == 8 + 4 + 5, proc.stdout
+    for line in rows:
+        assert "wgmma yes" in line and "TMA yes" in line and "(fits)" in line, line
