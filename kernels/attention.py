@@ -52,6 +52,7 @@ import triton.language as tl
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x · log2(e))
+_UNSET_BOX = 8  # rows of a TMA descriptor's box until a config's pre-hook sets it (no tile is 8 rows)
 
 # Read once, as triton.jit did when it decorated the kernels below: in interpreter
 # mode they run on CPU tensors through NumPy.
@@ -638,7 +639,8 @@ def _descriptors(tensors, tile: tuple[int, int] | None, head_dim: int) -> list:
     """4-D TMA descriptors of q, k, v, o; their blocks are set per config by ``_tma_blocks`` (or here, for a fixed tile)."""
     from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415 (Triton >= 3.4)
 
-    descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, head_dim]) for x in tensors]
+    # A placeholder box no config uses: without the pre-hook the kernel would not compile, rather than run wrong.
+    descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, _UNSET_BOX, head_dim]) for x in tensors]
     if tile is not None:
         _tma_blocks({"desc_q": descs[0], "desc_k": descs[1], "desc_v": descs[2], "desc_o": descs[3],
                      "BLOCK_M": tile[0], "BLOCK_N": tile[1], "HEAD_DIM": head_dim})
@@ -682,7 +684,7 @@ def _backward_sources(q, k, v, do, dq, dk, dv, tiles: Tiles | None, head_dim: in
         out = {}
         for rows, tensors in ((0, rows_m), (1, rows_n)):
             for name, x in tensors.items():  # a fixed tile's box now; the autotuner's pre-hook otherwise
-                box = [1, 1, tile[rows] if tile else 16, head_dim]
+                box = [1, 1, tile[rows] if tile else _UNSET_BOX, head_dim]
                 out[name] = TensorDescriptor(x, list(x.shape), list(x.stride()), box)
         return out
 
