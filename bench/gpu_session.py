@@ -106,8 +106,7 @@ def jobs(png: bool) -> list[Job]:
         # what to make faster, before measuring the options that might.
         Job("step_profile", "train",
             ["bench/step_profile.py", "--config", "1.3b", "--micro-batch", "8", "--variants",
-             f";{BEST_GUESS};{AUTOCAST}",
-             "--json", "{out}/step_profile.json"],
+             f";{BEST_GUESS};{AUTOCAST}", "--json", "{out}/step_profile.json", *plot("step_profile")],
             ["bench/step_profile.py", "--cpu", "--warmup", "1", "--reps", "1", "--json", "{out}/step_profile.json"], 150),
         Job("train_options", "train",
             [*train, "--configs", "350m", "--micro-batch", "16", "--ckpt", "off", "--sharings", "none", "--variants",

@@ -157,6 +157,38 @@ def report(rows: list[dict], top: int) -> None:
             print(f"  {ms:9.3f} {n:6} {phase:<9} {name[:110]}")
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Left: each trainer's kernel time, stacked by category. Right: each phase's wall time, per trainer."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    labels = [r["label"] for r in rows]
+    cats = sorted({c for r in rows for p in r["phases"].values() for c in p["categories"]})
+    fig, (kinds, phases) = plt.subplots(1, 2, figsize=(14, 1.6 + 0.6 * len(rows)), gridspec_kw={"width_ratios": [3, 2]})
+    left = [0.0] * len(rows)
+    for cat in cats:
+        ms = [sum(p["categories"].get(cat, 0.0) for p in r["phases"].values()) for r in rows]
+        kinds.barh(labels, ms, left=left, label=cat)
+        left = [a + b for a, b in zip(left, ms)]
+    kinds.set_xlabel("kernel ms per step (CPU: ATen op ms)")
+    kinds.invert_yaxis()
+    kinds.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    height = 0.8 / len(PHASES)
+    for i, phase in enumerate(PHASES):
+        phases.barh([j + i * height for j in range(len(rows))], [r["phases"][phase]["wall_ms"] for r in rows],
+                    height=height, label=phase)
+    phases.set_yticks([j + height for j in range(len(rows))], [""] * len(rows))  # the left panel names them
+    phases.invert_yaxis()
+    phases.set_xlabel("wall ms (synchronised)")
+    phases.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="configs/<name>.yaml (default 1.3b; --cpu: tiny)")
@@ -170,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed steps per trainer (wall ms: their median)")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--json", type=Path)
+    p.add_argument("--png", type=Path, help="kernel time by category and wall time by phase, per trainer")
     args = p.parse_args(argv)
     if args.cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -199,6 +232,10 @@ def main(argv=None) -> int:
     print(f"{name}, seq {batches[0][0].shape[1]}, micro-batch {args.micro}, sharing {args.sharing}, "
           f"activation checkpointing {args.ckpt}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     report(rows, args.top)
+    if args.png:
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        plot(rows, args.png, f"one training step, {name}, micro-batch {args.micro}, {device_name}")
+        print(f"wrote {args.png}")
     return 0
 
 

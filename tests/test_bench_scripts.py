@@ -169,8 +169,10 @@ def test_step_ops_counts_fewer_calls_without_the_overflow_scan():
 
 def test_step_profile_splits_each_trainer_into_phases_and_categories(tmp_path):
     out = tmp_path / "profile.json"
-    proc = _run(["bench/step_profile.py", "--cpu", "--warmup", "1", "--reps", "1", "--json", str(out)])
+    png = tmp_path / "profile.png"
+    proc = _run(["bench/step_profile.py", "--cpu", "--warmup", "1", "--reps", "1", "--json", str(out), "--png", str(png)])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(out.read_text())["trainers"]
     assert [r["trainer"] for r in rows] == ["plain", "megascale"]
     for r in rows:
