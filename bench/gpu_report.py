@@ -65,6 +65,7 @@ def session_section(folder: Path) -> list[str]:
 
 def kernel_tests_section(folder: Path) -> list[str]:
     return (_pytest_log(folder / "new_tests.log", "New tests at real shapes (cuDNN attention, the loss's row kernels, the reduction's layouts)")
+            + _pytest_log(folder / "tma_tests.log", "Attention through TMA at real shapes, bf16, first listed tile")
             + _pytest_log(folder / "kernel_tests.log", "Kernel tests at real shapes, first listed tile")
             + _pytest_log(folder / "kernel_tests_autotuned.log", "Kernel tests, autotuned tiles (bf16, head dim 128)"))
 

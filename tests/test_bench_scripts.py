@@ -45,12 +45,12 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     out = tmp_path / "session"
     archive = tmp_path / "device_out" / "results.tgz"
     proc = _run(["bench/gpu_session.py", "--smoke", "--only",
-                 "kernel_tests,tied_grad,train_options,startup,untie,new_tests,fused_loss", "--out", str(out),
+                 "kernel_tests,tied_grad,train_options,startup,untie,new_tests,fused_loss,tma_tests", "--out", str(out),
                  "--pack", str(archive)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
     assert [j["name"] for j in session["jobs"]] == [
-        "new_tests", "train_options", "fused_loss", "tied_grad", "kernel_tests", "untie", "startup"]
+        "new_tests", "train_options", "tma_tests", "fused_loss", "tied_grad", "kernel_tests", "untie", "startup"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     assert json.loads((out / "tied_grad.json").read_text())["results"]
@@ -72,6 +72,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert "smoke run: the numbers mean nothing" in text
     assert "Kernel tests at real shapes, first listed tile: " in text and "collected, none run" in text
     assert "New tests at real shapes (cuDNN attention, the loss's row kernels, the reduction's layouts): " in text
+    assert "Attention through TMA at real shapes, bf16, first listed tile: 13/68 collected, none run" in text
     assert "| 128 | plain | auto |" in text and "| 128 | fused | auto |" in text  # the fused-loss table
     assert "Kernel tests, autotuned tiles (bf16, head dim 128): not run." in text
     assert "Attention: not run." in text  # not among the jobs asked for
