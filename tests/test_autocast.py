@@ -64,7 +64,8 @@ def test_autocast_computes_in_bf16_over_fp32_weights_with_the_torch_optimizer():
     assert _probe("train.precision=fp32")["outputs"] == ["torch.float32"]
 
 
-@pytest.mark.parametrize("parallel", [["train.zero_stage=1"], ["parallel.pp=2"]], ids=["dp2-zero1", "pp2"])
+@pytest.mark.parametrize("parallel", [["train.zero_stage=1"], ["parallel.pp=2"], ["parallel.tp=2"]],
+                         ids=["dp2-zero1", "pp2", "tp2"])
 def test_autocast_trains_across_ranks_like_fp32(tmp_path, data_dir, parallel):
     """Two ranks in bf16-autocast: losses within bf16 rounding of the same run in fp32, weights saved in fp32."""
     runs = {}
