@@ -59,16 +59,18 @@ inside each thread but still reduces over elements on every tile (56-160
 shuffles per iteration at K = 4-16; 238 registers at K = 16, spills from K = 24).
 
 "columns" is a second kernel built not to exchange anything: each thread owns
-VEC adjacent elements of every unit, a (K_PAD, COLS, VEC) tile with all 4 warps
-along the elements, and keeps per-unit partial sums of its own elements; threads
-combine them once, at the chunk's end. Its main loop compiles to no ``bar.sync``
-and no ``shfl`` for K up to 32. VEC is one 128-bit access of the wider of the two
-dtypes (then the ``.grad`` tile shares the contributions' layout; a wider VEC
-costs a shared-memory exchange per tile), capped at 64 / K_PAD so that the tile
-stays in registers: 56-166 registers, no spill, for K = 2-32 (K = 24 is 1.3b with
-``sharing=all``). From K = 64, VEC 1 changes the layout and spills: correct,
-not fast. Neither "fitted" nor "columns" has been timed on a GPU yet, so neither
-is the default.
+VEC adjacent elements of every unit (a (K_PAD, COLS·VEC) tile whose contiguity
+is capped at VEC with ``tl.max_contiguous``, so all 4 warps lie along the
+elements whatever the Triton version), keeps per-unit partial sums of its own
+elements, and threads combine them once, at the chunk's end. Its main loop
+compiles to no ``bar.sync`` and no ``shfl`` for K up to 32, with Triton 3.9
+and with 3.6 (the GPU machine's). VEC is one 128-bit access of the wider of
+the two dtypes (the ``.grad`` tile then has the contributions' layout), capped
+at 64 / K_PAD so that the tile stays in registers: 53-168 registers, no spill,
+for K = 2-32 (K = 24 is 1.3b with ``sharing=all``). An earlier 3-D
+(K_PAD, COLS, VEC) form of it compiled as intended with 3.9 only: 3.6 put
+threads along the unit axis. From K = 64 it spills: correct, not fast. Neither
+"fitted" nor "columns" has been timed on a GPU yet, so neither is the default.
 """
 
 from __future__ import annotations
@@ -209,22 +211,25 @@ def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE:
     chunk's end. The unit addresses are re-read per tile (cached, one per warp)
     rather than held: K 64-bit addresses would cost 2K registers for the whole loop.
     """
-    offs = off + tl.arange(0, COLS)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # (COLS, VEC)
+    # (BLOCK,) contiguous, so threads lie along it whatever the Triton version; contiguity capped at VEC so
+    # that each thread's vector is VEC elements (all COLS × 32 threads along the elements, units in-thread).
+    offs = tl.max_contiguous(off + tl.arange(0, COLS * VEC), VEC)
     units = tl.arange(0, K_PAD)
     ptr = tl.load(CONTRIB_PTRS + t * K_PAD + units).to(tl.pointer_type(C_TYPE))  # padded units: 0, masked off
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
-    ptrs = ptr[:, None, None] + offs[None, :, :]  # (K_PAD, COLS, VEC)
-    ok = (units < n_units)[:, None, None]
+    ptrs = ptr[:, None] + offs[None, :]  # (K_PAD, BLOCK)
+    ok = (units < n_units)[:, None]
     if MASK:
-        g = tl.load(ptrs, mask=ok & (offs < end)[None, :, :], other=0.0).to(tl.float32)
+        g = tl.load(ptrs, mask=ok & (offs < end)[None, :], other=0.0).to(tl.float32)
         acc = tl.load(grad + offs, mask=offs < end, other=0.0).to(tl.float32)
     else:  # only the unit axis masked: every thread's VEC elements stay one vector load
         g = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
         acc = tl.load(grad + offs).to(tl.float32)
-    total = tl.sum(g, axis=0)  # (COLS, VEC)
-    sq += tl.sum(g * g, axis=2)  # (K_PAD, COLS)
-    dot += tl.sum(g * total[None, :, :], axis=2)
+    total = tl.sum(g, axis=0)  # (BLOCK,)
+    # Each thread's VEC adjacent elements, summed where they are: (K_PAD, COLS) partials per unit.
+    sq += tl.sum(tl.reshape(g * g, [K_PAD, COLS, VEC]), axis=2)
+    dot += tl.sum(tl.reshape(g * total[None, :], [K_PAD, COLS, VEC]), axis=2)
     ss += total * total
     new = (acc + total).to(grad.dtype.element_ty)
     if MASK:
@@ -248,7 +253,7 @@ def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_ten
         grad = tl.multiple_of(grad, 16)
     sq = tl.zeros([K_PAD, COLS], dtype=tl.float32)  # per thread: its partial ‖g_k‖² of every unit
     dot = tl.zeros([K_PAD, COLS], dtype=tl.float32)
-    ss = tl.zeros([COLS, VEC], dtype=tl.float32)
+    ss = tl.zeros([COLS * VEC], dtype=tl.float32)
     full_end = start + ((end - start) // BLOCK) * BLOCK
     for off in range(start, full_end, BLOCK):
         sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, tl.multiple_of(off, BLOCK), end, n_units, sq, dot, ss,
@@ -260,7 +265,7 @@ def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_ten
     units = tl.arange(0, K_PAD)
     tl.store(out + units, tl.sum(sq, axis=1))
     tl.store(out + K_PAD + units, tl.sum(dot, axis=1))
-    tl.store(out + 2 * K_PAD + units, tl.where(units == 0, tl.sum(tl.sum(ss, axis=1), axis=0), 0.0))
+    tl.store(out + 2 * K_PAD + units, tl.where(units == 0, tl.sum(ss, axis=0), 0.0))
 
 
 @triton.jit
