@@ -146,27 +146,48 @@ def _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK: tl.constexpr, T_PAD: tl
 
 
 @triton.jit
+def _load_f32(ptrs, in_range, MASK: tl.constexpr):
+    """A tile read as fp32; with MASK only where in_range (0 elsewhere): the tail tile of a chunk."""
+    if MASK:
+        x = tl.load(ptrs, mask=in_range, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _load_units(ptrs, unit_ok, in_range, MASK: tl.constexpr):
+    """The (K_PAD, BLOCK) contributions as fp32, padded units 0. Without MASK only the unit axis is masked,
+    which keeps each row's loads contiguous, hence vectorised."""
+    if MASK:
+        g = tl.load(ptrs, mask=unit_ok[:, None] & in_range[None, :], other=0.0)
+    else:
+        g = tl.load(ptrs, mask=unit_ok[:, None], other=0.0)
+    return g.to(tl.float32)
+
+
+@triton.jit
+def _store_cast(ptrs, x, in_range, MASK: tl.constexpr):
+    """x rounded once to the buffer's dtype and stored; with MASK only where in_range."""
+    x = x.to(ptrs.dtype.element_ty)
+    if MASK:
+        tl.store(ptrs, x, mask=in_range)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
 def _reduce_tile(contrib, grad, off, end, unit_ok, sq, dot, ss, MASK: tl.constexpr, BLOCK: tl.constexpr):
     """One (K_PAD, BLOCK) tile: Σ_k g_k into grad, and the running ‖g_k‖², ⟨g_k, Σg⟩, ‖Σg‖² (per lane)."""
     offs = off + tl.arange(0, BLOCK)
-    ptrs = contrib[:, None] + offs[None, :]  # (K_PAD, BLOCK) addresses
-    if MASK:
-        in_range = offs < end
-        g = tl.load(ptrs, mask=unit_ok[:, None] & in_range[None, :], other=0.0).to(tl.float32)
-        acc = tl.load(grad + offs, mask=in_range, other=0.0).to(tl.float32)
-    else:
-        # Masking only the unit axis keeps each row's loads contiguous, hence vectorised.
-        g = tl.load(ptrs, mask=unit_ok[:, None], other=0.0).to(tl.float32)
-        acc = tl.load(grad + offs).to(tl.float32)
+    in_range = offs < end
+    g = _load_units(contrib[:, None] + offs[None, :], unit_ok, in_range, MASK)  # (K_PAD, BLOCK)
+    acc = _load_f32(grad + offs, in_range, MASK)
     total = tl.sum(g, axis=0)  # (BLOCK,) Σ_k g_k
     sq += tl.sum(g * g, axis=1)
     dot += tl.sum(g * total[None, :], axis=1)
     ss += total * total
-    new = (acc + total).to(grad.dtype.element_ty)  # one rounding to the .grad dtype
-    if MASK:
-        tl.store(grad + offs, new, mask=in_range)
-    else:
-        tl.store(grad + offs, new)
+    _store_cast(grad + offs, acc + total, in_range, MASK)  # one rounding to the .grad dtype
     return sq, dot, ss
 
 
@@ -218,24 +239,15 @@ def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE:
     ptr = tl.load(CONTRIB_PTRS + t * K_PAD + units).to(tl.pointer_type(C_TYPE))  # padded units: 0, masked off
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
-    ptrs = ptr[:, None] + offs[None, :]  # (K_PAD, BLOCK)
-    ok = (units < n_units)[:, None]
-    if MASK:
-        g = tl.load(ptrs, mask=ok & (offs < end)[None, :], other=0.0).to(tl.float32)
-        acc = tl.load(grad + offs, mask=offs < end, other=0.0).to(tl.float32)
-    else:  # only the unit axis masked: every thread's VEC elements stay one vector load
-        g = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        acc = tl.load(grad + offs).to(tl.float32)
+    in_range = offs < end
+    g = _load_units(ptr[:, None] + offs[None, :], units < n_units, in_range, MASK)  # (K_PAD, BLOCK)
+    acc = _load_f32(grad + offs, in_range, MASK)
     total = tl.sum(g, axis=0)  # (BLOCK,)
     # Each thread's VEC adjacent elements, summed where they are: (K_PAD, COLS) partials per unit.
     sq += tl.sum(tl.reshape(g * g, [K_PAD, COLS, VEC]), axis=2)
     dot += tl.sum(tl.reshape(g * total[None, :], [K_PAD, COLS, VEC]), axis=2)
     ss += total * total
-    new = (acc + total).to(grad.dtype.element_ty)
-    if MASK:
-        tl.store(grad + offs, new, mask=offs < end)
-    else:
-        tl.store(grad + offs, new)
+    _store_cast(grad + offs, acc + total, in_range, MASK)
     return sq, dot, ss
 
 
@@ -271,12 +283,7 @@ def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_ten
 @triton.jit
 def _copy_tile(src, dst, off, end, scale, MASK: tl.constexpr, BLOCK: tl.constexpr):
     offs = off + tl.arange(0, BLOCK)
-    if MASK:
-        x = tl.load(src + offs, mask=offs < end, other=0.0).to(tl.float32)
-        tl.store(dst + offs, (x * scale).to(dst.dtype.element_ty), mask=offs < end)
-    else:
-        x = tl.load(src + offs).to(tl.float32)
-        tl.store(dst + offs, (x * scale).to(dst.dtype.element_ty))
+    _store_cast(dst + offs, _load_f32(src + offs, offs < end, MASK) * scale, offs < end, MASK)
 
 
 @triton.jit
