@@ -113,8 +113,8 @@ def _pruner(table: dict):
 
 
 def _tma_boxes(**blocks: tuple[str, ...]):
-    """Autotuner pre-hook for the backward kernels: where an argument is a TMA descriptor (``tma=True``), it
-    moves (1, 1, BLOCK, D) boxes of the config being run; ``blocks`` maps BLOCK_M / BLOCK_N to argument names."""
+    """Autotuner pre-hook: where an argument is a TMA descriptor (``tma=True``), it moves (1, 1, BLOCK, D)
+    boxes of the config being run; ``blocks`` maps BLOCK_M / BLOCK_N to argument names."""
 
     def hook(nargs) -> None:
         for block, names in blocks.items():
@@ -312,13 +312,6 @@ def _fwd_kernel(Q, K, V, O, LSE,
     tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
-def _tma_blocks(nargs) -> None:
-    """Autotuner pre-hook: the TMA descriptors move (1, 1, BLOCK, D) boxes of the config being run."""
-    d = nargs["HEAD_DIM"]
-    for name, block in (("desc_q", "BLOCK_M"), ("desc_o", "BLOCK_M"), ("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N")):
-        nargs[name].block_shape = [1, 1, nargs[block], d]
-
-
 @triton.jit
 def _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, offs_m, lo, hi, seq_len, qk_scale,
                    CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -333,7 +326,9 @@ def _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, offs_m, lo, hi, se
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD_TILES, pre_hook=_tma_blocks), key=_TUNE_KEY,
+@triton.autotune(configs=_configs(_FWD_TILES, pre_hook=_tma_boxes(BLOCK_M=("desc_q", "desc_o"),
+                                                                   BLOCK_N=("desc_k", "desc_v"))),
+                 key=_TUNE_KEY,
                  prune_configs_by={"early_config_prune": _pruner(_FWD_TILES)})
 @triton.jit
 def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, seq_bucket, qk_scale,
@@ -627,24 +622,12 @@ def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     consts = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
     if tma:
-        descs = _descriptors((q, k, v, o), tiles and tiles.fwd, D)
-        _launch(_fwd_tma_kernel, grid, (*descs, lse, *scalars), consts, tiles and tiles.fwd)
+        d = _descriptors(tiles and tiles.fwd, dict(q=q, o=o), dict(k=k, v=v), D)
+        _launch(_fwd_tma_kernel, grid, (d["q"], d["k"], d["v"], d["o"], lse, *scalars), consts, tiles and tiles.fwd)
         return o, lse
     args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), *scalars)
     _launch(_fwd_kernel, grid, args, consts, tiles and tiles.fwd)
     return o, lse
-
-
-def _descriptors(tensors, tile: tuple[int, int] | None, head_dim: int) -> list:
-    """4-D TMA descriptors of q, k, v, o; their blocks are set per config by ``_tma_blocks`` (or here, for a fixed tile)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415 (Triton >= 3.4)
-
-    # A placeholder box no config uses: without the pre-hook the kernel would not compile, rather than run wrong.
-    descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, _UNSET_BOX, head_dim]) for x in tensors]
-    if tile is not None:
-        _tma_blocks({"desc_q": descs[0], "desc_k": descs[1], "desc_v": descs[2], "desc_o": descs[3],
-                     "BLOCK_M": tile[0], "BLOCK_N": tile[1], "HEAD_DIM": head_dim})
-    return descs
 
 
 def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None, tma: bool = False):
@@ -662,7 +645,10 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
     # With TMA the tensors travel as descriptors (their boxes set per config by the pre-hooks, or
     # here for a fixed tile); the strides still go along, unused, so both variants share one kernel.
     plain = dict(q=q, k=k, v=v, do=do, dq=dq, dk=dk, dv=dv)
-    src, dq_src = _backward_sources(q, k, v, do, dq, dk, dv, tiles, D) if tma else (plain, plain)
+    src, dq_src = plain, plain
+    if tma:  # one set per launch: the two kernels' boxes differ
+        src = _descriptors(tiles and tiles.dkdv, dict(q=q, do=do), dict(k=k, v=v, dk=dk, dv=dv), D)
+        dq_src = _descriptors(tiles and tiles.dq, dict(q=q, do=do, dq=dq), dict(k=k, v=v), D)
     dkdv_args = (src["q"], src["k"], src["v"], src["do"], src["dk"], src["dv"], lse, delta,
                  *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                  H, H_kv, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
@@ -676,20 +662,20 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
     return dq, dk, dv
 
 
-def _backward_sources(q, k, v, do, dq, dk, dv, tiles: Tiles | None, head_dim: int) -> tuple[dict, dict]:
-    """TMA descriptors for the dK/dV and the dQ launches, one set each (their boxes differ per tile)."""
+def _descriptors(tile: tuple[int, int] | None, rows_m: dict, rows_n: dict, head_dim: int) -> dict:
+    """4-D TMA descriptors of one launch's tensors: rows_m's move BLOCK_M rows, rows_n's BLOCK_N.
+
+    The boxes are a fixed tile's, or a placeholder no config uses until the autotuner's pre-hook
+    (``_tma_boxes``) sets them: without the hook the kernel would not compile, rather than run wrong.
+    """
     from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: PLC0415 (Triton >= 3.4)
 
-    def descs(tile: tuple[int, int] | None, rows_m: dict, rows_n: dict) -> dict:
-        out = {}
-        for rows, tensors in ((0, rows_m), (1, rows_n)):
-            for name, x in tensors.items():  # a fixed tile's box now; the autotuner's pre-hook otherwise
-                box = [1, 1, tile[rows] if tile else _UNSET_BOX, head_dim]
-                out[name] = TensorDescriptor(x, list(x.shape), list(x.stride()), box)
-        return out
-
-    return (descs(tiles and tiles.dkdv, dict(q=q, do=do), dict(k=k, v=v, dk=dk, dv=dv)),
-            descs(tiles and tiles.dq, dict(q=q, do=do, dq=dq), dict(k=k, v=v)))
+    out = {}
+    for rows, tensors in ((0, rows_m), (1, rows_n)):
+        for name, x in tensors.items():
+            box = [1, 1, tile[rows] if tile else _UNSET_BOX, head_dim]
+            out[name] = TensorDescriptor(x, list(x.shape), list(x.stride()), box)
+    return out
 
 
 def _tma_refusal(x: torch.Tensor) -> str | None:
@@ -759,13 +745,20 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
     return unsupported_config(D, q.dtype, q.device)
 
 
-def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the TMA forward cannot take these tensors (on top of ``unsupported_reason``), or None when it can."""
+def tma_unsupported_device(device: torch.device | str) -> str | None:
+    """Why TMA cannot run on this device with this Triton, or None (the model asks this once, at start-up)."""
+    device = torch.device(device)
     if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
         return f"Triton {triton.__version__} has no tensor descriptors (3.4 and newer have)"
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         return "the tensor-memory accelerator needs compute capability 9.0 or newer (Hopper)"
-    return next((f"{name}: {why}" for name, x in (("q", q), ("k", k), ("v", v)) if (why := _tma_refusal(x))), None)
+    return None
+
+
+def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the TMA kernels cannot take these tensors (on top of ``unsupported_reason``), or None when they can."""
+    return tma_unsupported_device(q.device) or next(
+        (f"{name}: {why}" for name, x in (("q", q), ("k", k), ("v", v)) if (why := _tma_refusal(x))), None)
 
 
 def flash_attention(

@@ -70,15 +70,6 @@ def _kernel_refusal(
     return unsupported_config(head_dim, dtype or torch.float32, device)
 
 
-def _tma_refusal(device: torch.device) -> str | None:
-    """Why the TMA forward cannot run on this device, or None (tensor alignment is checked per call)."""
-    if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
-        return "this Triton has no tensor descriptors (3.4 and newer have)"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
-        return "the tensor-memory accelerator needs compute capability 9.0 or newer (Hopper)"
-    return None
-
-
 def resolve_backend(
     requested: str, device: torch.device, head_dim: int | None = None, dtype: torch.dtype | None = None
 ) -> tuple[str, str]:
@@ -104,8 +95,10 @@ def resolve_backend(
     # The interpreter is far too slow to be picked automatically; only an explicit request gets it.
     explicit = requested in ("triton", "triton-tma")
     refusal = _kernel_refusal(device, head_dim, dtype, interpreter_ok=explicit)
-    if requested == "triton-tma" and refusal is None:
-        refusal = _tma_refusal(device)
+    if requested == "triton-tma" and refusal is None:  # the kernel is there: ask it about TMA on this device
+        from megascale.kernels.attention import tma_unsupported_device  # noqa: PLC0415 (imports triton)
+
+        refusal = tma_unsupported_device(device)  # tensor alignment is checked per call
     if explicit:
         if refusal is not None:
             hint = " (or TRITON_INTERPRET=1 on CPU, for tests)" if refusal == "no CUDA device" else ""
