@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megascale.config import FP32_STATE
+
 
 def live_tensor_bytes(device_type: str = "cpu") -> int:
     """Total bytes of the distinct storages of all live tensors on ``device_type``."""
@@ -76,7 +78,7 @@ class StateBytes:
 def formula_state_bytes(local_params: int, precision: str, zero_stage: int, dp: int,
                         pipelined: bool = False, offload: bool = False) -> StateBytes:
     """This rank's weights, gradients and optimizer state in bytes (the table above); ``zero_stage`` as run."""
-    if precision == "bf16-autocast":  # autocast casts in the forward only: everything held is fp32
+    if precision in FP32_STATE:  # bf16-autocast casts in the forward only: everything held is fp32
         precision = "fp32"
     w = 4 if precision == "fp32" else 2
     if offload:  # ZeRO-Offload: gradients and optimizer on the host, partitioned
