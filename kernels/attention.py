@@ -40,6 +40,7 @@ and spills less in dK/dV; it has not been timed on a GPU, so it is not the defau
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -747,7 +748,12 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
 
 def tma_unsupported_device(device: torch.device | str) -> str | None:
     """Why TMA cannot run on this device with this Triton, or None (the model asks this once, at start-up)."""
-    device = torch.device(device)
+    return _tma_device_refusal(torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device_refusal(device: torch.device) -> str | None:
+    # Cached: tma_unsupported_reason runs on every attention call of a triton-tma model.
     if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
         return f"Triton {triton.__version__} has no tensor descriptors (3.4 and newer have)"
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
