@@ -11,7 +11,8 @@ sequence length a multiple of 16. Without those hints the loads are neither
 vectorised nor pipelined, and the shared memory and registers read off the
 compiler describe a kernel that never runs. Printed per tile: Hopper tensor-core
 instructions (``wgmma``) in the PTX, whether the K/V loads are pipelined
-(``cp.async``), ``ptxas -v``'s registers and spill bytes, and the shared memory
+(``cp.async``), fp64 arithmetic (``--float-args fp64``: the scales typed as
+torch.compile's Inductor types them), ``ptxas -v``'s registers and spill bytes, and the shared memory
 against an H100's 227 KiB per block. It reads no timing: it says which tiles can
 run and how, before a GPU session spends time autotuning them.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -48,11 +50,16 @@ KERNELS = {
                {"Q": "BLOCK_M", "DO": "BLOCK_M", "DQ": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"}),
 }
 FP32_POINTERS = ("LSE", "DELTA")
+FP64_MATH = re.compile(r"^\s*(?:add|sub|mul|fma|div|rcp|sqrt|rsqrt|max|min|ex2|lg2|neg|abs|setp)[.\w]*\.f64\b", re.M)
 NO_HINT = ("group", "n_kv_heads", "qk_scale", "sm_scale")  # values a real call does not make multiples of 16
 
 
-def signature(fn, tile: tuple, head_dim: int, boxes: dict) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, divisibility attrs) of a realistic bf16 call, from the argument names."""
+def signature(fn, tile: tuple, head_dim: int, boxes: dict, float_args: str = "fp32") -> tuple[dict, dict, dict]:
+    """(signature, constexprs, divisibility attrs) of a realistic bf16 call, from the argument names.
+
+    float_args: the type of the scale arguments; Triton's JIT types a Python float fp32, torch.compile's
+    Inductor (which compiles a kernel called inside a compiled region itself) fp64.
+    """
     sig, consts, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
         if param.is_constexpr:
@@ -66,17 +73,17 @@ def signature(fn, tile: tuple, head_dim: int, boxes: dict) -> tuple[dict, dict, 
         elif name.isupper():
             sig[name] = "*fp32" if name in FP32_POINTERS else "*bf16"
         else:
-            sig[name] = "fp32" if name.endswith("scale") else "i32"
+            sig[name] = float_args if name.endswith("scale") else "i32"
         if sig[name] != "constexpr" and name not in NO_HINT:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, consts, attrs
 
 
-def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arch: int):
+def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arch: int, float_args: str = "fp32"):
     name, _, boxes = KERNELS[kernel]
     fn = getattr(att, name).fn
     block_m, block_n, warps, stages = tile
-    sig, consts, attrs = signature(fn, tile, head_dim, boxes)
+    sig, consts, attrs = signature(fn, tile, head_dim, boxes, float_args)
     if "TMA" in fn.arg_names:  # the backward kernels: one kernel, descriptors or pointers
         consts["TMA"] = bool(boxes)
     consts.update(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, **att._dot_flags(torch.bfloat16))
@@ -84,12 +91,17 @@ def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arc
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def fp64_math(ptx: str) -> int:
+    """PTX arithmetic in fp64 (conversions aside): a kernel meant for fp32 that does any runs at fp64 rate."""
+    return len(FP64_MATH.findall(ptx))
+
+
 def describe(compiled, arch: int) -> str:
     ptx, smem = compiled.asm["ptx"], compiled.metadata.shared
     fits = "fits" if smem <= H100_SMEM else "TOO BIG for an H100"
     # cp.async: loads copied to shared memory asynchronously by the threads; cp.async.bulk.tensor: by the TMA unit.
     return (f"wgmma {'yes' if 'wgmma.mma_async' in ptx else 'NO ':<3}  pipelined {'yes' if 'cp.async' in ptx else 'NO ':<3}  "
-            f"TMA {'yes' if 'cp.async.bulk.tensor' in ptx else 'no ':<3}  "
+            f"TMA {'yes' if 'cp.async.bulk.tensor' in ptx else 'no ':<3}  f64 {fp64_math(ptx)}  "
             f"{registers(ptx, arch):<34} smem {smem / 1024:6.1f} KiB ({fits})")
 
 
@@ -99,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--causal", choices=("true", "false"), default="true")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
+    p.add_argument("--float-args", choices=("fp32", "fp64"), default="fp32",
+                   help="type of the scale arguments: fp32 as Triton's JIT passes a Python float, "
+                        "fp64 as torch.compile's Inductor does (train.compile=true)")
     args = p.parse_args(argv)
     (att,) = checkout_kernels("attention")
     print(f"attention kernels, bf16, causal={args.causal}, sm_{args.arch}a, Triton {triton.__version__}")
@@ -109,7 +124,7 @@ def main(argv=None) -> int:
             for tile, cases in table.items():
                 if (16, head_dim) not in cases:  # a candidate for this head dim in half precision
                     continue
-                compiled = compile_tile(att, kernel, tile, head_dim, args.causal == "true", args.arch)
+                compiled = compile_tile(att, kernel, tile, head_dim, args.causal == "true", args.arch, args.float_args)
                 print(f"{kernel:<8} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {tile[2]:>5} {tile[3]:>6}  "
                       f"{describe(compiled, args.arch)}", flush=True)
     return 0

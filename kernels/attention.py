@@ -280,6 +280,9 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 n_heads, group, seq_len, seq_bucket, qk_scale,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # torch.compile's Inductor types a Python float argument as fp64 (the JIT: fp32); fp64 scores would not
+    # match the fp32 accumulator of tl.dot and fail to compile, so the scales are cast here.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     # Causal query blocks near the end do the most work: launch them first so the
     # light ones fill the tail of the grid.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
@@ -341,6 +344,7 @@ def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len
     thread from a tensor of addresses; bounds are the descriptor's, so the tail
     block needs no load mask and its store clips itself.
     """
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads  # int32: descriptor coordinates
@@ -440,6 +444,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     backward deterministic and writes dK/dV once. Its cost is less parallelism
     (B · H_kv · T/BLOCK_N programs), which is ample at training shapes.
     """
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
     pid_bkv = tl.program_id(1)
     b32, kv_h32 = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads  # int32: descriptor coordinates
     b, kv_h = b32.to(tl.int64), kv_h32.to(tl.int64)
@@ -533,6 +538,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    n_heads, group, seq_len, seq_bucket, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
     b32, h32 = pid_bh // n_heads, pid_bh % n_heads  # int32: descriptor coordinates

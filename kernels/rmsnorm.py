@@ -89,6 +89,7 @@ def _normed(X, x, rstd):
 @triton.jit
 def _rms_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, n_cols, eps,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # torch.compile's Inductor passes a Python float as fp64: keep the math fp32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     if ONE_BLOCK:  # the whole row in registers: one read of x
         cols = tl.arange(0, BLOCK_N)
