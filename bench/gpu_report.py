@@ -64,7 +64,7 @@ def session_section(folder: Path) -> list[str]:
 
 
 def kernel_tests_section(folder: Path) -> list[str]:
-    return (_pytest_log(folder / "new_tests.log", "New tests at real shapes (cuDNN attention, the loss's row kernels, the reduction's layouts)")
+    return (_pytest_log(folder / "new_tests.log", "New tests at real shapes (cuDNN attention as auto's choice, the reduction's layouts)")
             + _pytest_log(folder / "tma_tests.log", "Attention through TMA at real shapes, bf16, first listed tile")
             + _pytest_log(folder / "kernel_tests.log", "Kernel tests at real shapes, first listed tile")
             + _pytest_log(folder / "kernel_tests_autotuned.log", "Kernel tests, autotuned tiles (bf16, head dim 128)"))
@@ -117,15 +117,16 @@ def tied_grad_section(folder: Path) -> list[str]:
     if data is None:
         return ["Tied-gradient reduction: not run."]
     rows = [r for r in data["results"] if "triton_gbps" in r]
-    out = [[r["K"], r["case"], r["size_mb"], r["triton_gbps"], r.get("fitted_gbps"), r.get("columns_gbps"), r["torch_gbps"],
-            r["copy_gbps"], r["of_copy"], r.get("fitted_of_copy"), r.get("columns_of_copy"), r["vs_torch"]] for r in rows]
+    out = [[r["K"], r["case"], r["size_mb"], r["triton_gbps"], r.get("fixed_gbps"), r.get("fitted_gbps"),
+            r.get("columns_gbps"), r["torch_gbps"], r["copy_gbps"], r["of_copy"], r.get("fixed_of_copy"),
+            r.get("fitted_of_copy"), r.get("columns_of_copy"), r["vs_torch"]] for r in rows]
     big = [r for r in rows if r["size_mb"] >= 64]  # small tensors are launch-bound: the targets are about bandwidth
     lines = ["Tied-gradient reduction (GB/s):", ""] + table(
-        ["K", "case", "MB", "triton", "fitted", "columns", "PyTorch", "copy", "of copy", "fitted of copy",
-         "columns of copy", "vs PyTorch"], out) + [""]
+        ["K", "case", "MB", "triton", "fixed", "fitted", "columns", "PyTorch", "copy", "of copy", "fixed of copy",
+         "fitted of copy", "columns of copy", "vs PyTorch"], out) + [""]
     lines.append(f"* target ≥ 85% of copy bandwidth (tensors ≥ 64 MB): {verdict(all(r['of_copy'] >= 0.85 for r in big) if big else None)}")
     lines.append(f"* target ≥ 2× the PyTorch composition (tensors ≥ 64 MB): {verdict(all(r['vs_torch'] >= 2 for r in big) if big else None)}")
-    for layout in ("fitted", "columns"):
+    for layout in ("fixed", "fitted", "columns"):
         measured = [r for r in big if f"{layout}_of_copy" in r]
         if measured:
             lines.append(f"* layout `{layout}`, ≥ 85% of copy bandwidth (tensors ≥ 64 MB): "
@@ -201,6 +202,8 @@ def train_section(folder: Path) -> list[str]:
     measured = [r for r in ratios if r is not None]
     lines.append(f"* target megascale ≥ 1.15× plain: {verdict(min(measured) >= 1.15 if measured else None)}"
                  + (f" (lowest {min(measured):.3f}×)" if measured else ""))
+    lines += [f"* variant failed: {f['config']}, sharing {f['sharing']}, act. ckpt {'on' if f['ckpt'] else 'off'}, "
+              f"`{f['variant'] or 'defaults'}`: {f['error']}" for d in files for f in d.get("failed", [])]
     return lines + tied_checks(results)
 
 

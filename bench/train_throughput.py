@@ -195,18 +195,27 @@ def interleaved(steps: list, batches, warmup: int, rounds: int, per_round: int, 
     return [statistics.median(s) for s in samples]
 
 
-def measure_all_cpu(name: str, args, device, ctx, groups) -> list[Result]:
-    """Plain and every megascale variant on CPU, all in memory, interleaved (see ``interleaved``)."""
+def measure_all_cpu(name: str, args, device, ctx, groups) -> tuple[list[Result], list[Failure]]:
+    """Plain and every megascale variant on CPU, all in memory, interleaved (see ``interleaved``).
+
+    A variant that cannot be built or cannot take a first step is reported as a failure; the rest are timed.
+    """
     cfg = bench_config(name, args)
-    trainers = [("plain", "", cfg, *plain_trainer(cfg, device))]
-    for v in args.variant_list:
-        variant_cfg = bench_config(name, args, v)
-        trainers.append(("megascale", v, variant_cfg, *megascale_trainer(variant_cfg, device, ctx, groups)))
     batches = random_batches(cfg, 4, device)
+    trainers, failures = [("plain", "", cfg, *plain_trainer(cfg, device))], []
+    for v in args.variant_list:
+        try:
+            variant_cfg = bench_config(name, args, v)
+            model, step = megascale_trainer(variant_cfg, device, ctx, groups)
+            step(batches[0])  # one more warm-up step: a variant that cannot train fails here, not mid-timing
+        except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
+            failures.append(Failure(name, args.sharing, args.ckpt_on, v, one_line(exc)))
+            continue
+        trainers.append(("megascale", v, variant_cfg, model, step))
     rounds = max(1, args.steps // 5)
     secs = interleaved([step for *_, step in trainers], batches, args.warmup, rounds, 5, device)
     return [result(name, trainer, trainer_cfg, model, s, device, args, variant, step)
-            for (trainer, variant, trainer_cfg, model, step), s in zip(trainers, secs)]
+            for (trainer, variant, trainer_cfg, model, step), s in zip(trainers, secs)], failures
 
 
 def result(name: str, trainer: str, cfg: Config, model: Transformer, seconds: float, device, args,
@@ -303,6 +312,7 @@ def main() -> None:
     device = ctx.device
     configs = (args.configs or ("tiny" if args.cpu else "125m,350m,1.3b")).split(",")
     results: list[Result] = []
+    failed: list[Failure] = []
     print("config sharing ckpt trainer   micro  step ms    tokens/s   TFLOP/s    MFU  mem GiB  state GiB/formula  "
           "megascale/plain  variant")
     for name in configs:
@@ -316,15 +326,57 @@ def main() -> None:
                 groups = make_groups(bench_config(name, args), ctx)
                 if device.type == "cuda":  # one at a time: two large models would not share the memory
                     plain = measure(name, "plain", args, device, ctx, groups)
-                    ours = [measure(name, "megascale", args, device, ctx, groups, v) for v in args.variant_list]
+                    keep(plain, None, results, failed, args, device)
+                    for v in args.variant_list:
+                        try:
+                            keep(measure(name, "megascale", args, device, ctx, groups, v), plain, results, failed,
+                                 args, device)
+                        except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
+                            fail(Failure(name, args.sharing, args.ckpt_on, v, one_line(exc)), results, failed, args,
+                                 device)
                 else:
-                    plain, *ours = measure_all_cpu(name, args, device, ctx, groups)
-                print(row(plain, None))
-                for r in ours:
-                    print(row(r, plain), flush=True)
-                results += [plain, *ours]
-                if args.json:  # after every row: a run stopped by a time limit keeps what it measured
-                    write_json(args.json, results, device)
+                    (plain, *ours), failures = measure_all_cpu(name, args, device, ctx, groups)
+                    for r in [plain, *ours]:
+                        keep(r, None if r is plain else plain, results, failed, args, device)
+                    for f in failures:
+                        fail(f, results, failed, args, device)
+    if failed:
+        raise SystemExit(f"{len(failed)} variant(s) failed: {'; '.join(f.variant or 'defaults' for f in failed)}")
+
+
+@dataclass
+class Failure:
+    """A megascale variant that raised: reported and recorded, and the run goes on with the next."""
+    config: str
+    sharing: str
+    ckpt: bool
+    variant: str
+    error: str
+
+
+def one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def keep(r: Result, plain: Result | None, results: list, failed: list, args, device) -> None:
+    """Print a row and, with --json, rewrite the file: a run stopped by a time limit keeps what it measured."""
+    print(row(r, plain), flush=True)
+    results.append(r)
+    if args.json:
+        write_json(args.json, results, device, failed)
+
+
+def fail(f: Failure, results: list, failed: list, args, device) -> None:
+    print(f"{f.config:<6} {f.sharing:<5} {'on' if f.ckpt else 'off':<4} megascale FAILED  {f.variant}: {f.error}",
+          flush=True)
+    failed.append(f)
+    gc.collect()  # what the failed trainer held, before the next one is built
+    if device.type == "cuda":
+        torch._dynamo.reset()  # a failed compile leaves its graphs cached
+        torch.cuda.empty_cache()
+    if args.json:
+        write_json(args.json, results, device, failed)
 
 
 def micro_batch(name: str, args, device: torch.device) -> int:
@@ -333,14 +385,15 @@ def micro_batch(name: str, args, device: torch.device) -> int:
     return largest_micro_batch(name, args, device, args.max_micro or (256 if device.type == "cuda" else 16))
 
 
-def write_json(path: Path, results: list[Result], device: torch.device) -> None:
+def write_json(path: Path, results: list[Result], device: torch.device, failed: list | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "command": " ".join(sys.argv),
         "peak_tflops": peak_tflops(device),  # the MFU denominator: dense bf16 peak of this device (none on CPU)
-        "results": [r.__dict__ for r in results]}, indent=2))
+        "results": [r.__dict__ for r in results],
+        "failed": [f.__dict__ for f in failed or []]}, indent=2))
 
 if __name__ == "__main__":
     main()
