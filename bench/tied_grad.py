@@ -7,8 +7,10 @@ For K units and a shared tensor of N elements the reduction must read K
 contributions and the existing .grad and write the .grad: (K + 2)·N elements,
 the bytes counted for every provider. Providers, side by side in one run:
 
-* ``triton``: megascale.kernels.tied_grad.tied_grad_reduce, one launch (the tile
-  kernel, 8 warps per program: the default layout, "fixed");
+* ``triton``: megascale.kernels.tied_grad.tied_grad_reduce, one launch, the default
+  layout ("auto": "columns" up to K = 32, "fixed" beyond);
+* ``fixed``: ``layout="fixed"``, the tile kernel with 8 warps per program (the
+  default until the H200 measured it, 2026-11-26);
 * ``fitted``: the same kernel with ``layout="fitted"`` (as many warps as one row of
   128-bit loads spans: the sum over units stays inside each thread);
 * ``columns``: ``layout="columns"``, the kernel whose threads each own a few adjacent
@@ -38,6 +40,7 @@ import torch
 from _common import checkout_kernels, environment, time_ms, write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUTS = ("fixed", "fitted", "columns")  # timed beside the default, each by name
 MB = 2**20
 LLAMA_BLOCK = dict(d=2048, ffn=5632, heads=32, kv_heads=8)
 
@@ -105,7 +108,7 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     ms = {
         "triton": time_ms(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, warmup=10, rep=50),
         **{layout: time_ms(lambda lay=layout: tg.tied_grad_reduce(contributions, grads, backend="triton", layout=lay),
-                           device, warmup=10, rep=50) for layout in ("fitted", "columns")},
+                           device, warmup=10, rep=50) for layout in LAYOUTS},
         "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
     }
     del contributions, grads
@@ -115,20 +118,21 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
     return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"],
-            "fitted_of_copy": gbps["fitted_gbps"] / gbps["copy_gbps"],
-            "columns_of_copy": gbps["columns_gbps"] / gbps["copy_gbps"]}
+            **{f"{layout}_of_copy": gbps[f"{layout}_gbps"] / gbps["copy_gbps"] for layout in LAYOUTS}}
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fitted GB/s':>12} {'columns GB/s':>13} "
-          f"{'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} {'fitted of copy':>15} {'columns of copy':>16}")
+    print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fixed GB/s':>11} {'fitted GB/s':>12} "
+          f"{'columns GB/s':>13} {'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} "
+          f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {'skipped: ' + r['skipped']:>12}")
             continue
-        print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {r['triton_gbps']:>12.4g} {r['fitted_gbps']:>12.4g} "
-              f"{r['columns_gbps']:>13.4g} {r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} {r['of_copy']:>8.1%} "
-              f"{r['vs_torch']:>8.2f}x {r['fitted_of_copy']:>15.1%} {r['columns_of_copy']:>16.1%}")
+        print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {r['triton_gbps']:>12.4g} {r['fixed_gbps']:>11.4g} "
+              f"{r['fitted_gbps']:>12.4g} {r['columns_gbps']:>13.4g} {r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} "
+              f"{r['of_copy']:>8.1%} {r['vs_torch']:>8.2f}x {r['fixed_of_copy']:>14.1%} {r['fitted_of_copy']:>15.1%} "
+              f"{r['columns_of_copy']:>16.1%}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -142,7 +146,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for K, ax in zip(units, axes[0]):
         pts = sorted((r for r in rows if r["K"] == K and r["case"] == "tensor" and "skipped" not in r),
                      key=lambda r: r["size_mb"])
-        for key in ("triton", "fitted", "columns", "torch", "copy"):
+        for key in ("triton", *LAYOUTS, "torch", "copy"):
             if pts:
                 ax.plot([r["size_mb"] for r in pts], [r[f"{key}_gbps"] for r in pts], marker="o", label=key)
         ax.set_xscale("log", base=2)

@@ -46,17 +46,16 @@ so benchmarking configs would add the sum several times. The tile is sized
 instead so that K_PAD × BLOCK = 4096 fp32 values live in registers per program:
 128-bit loads.
 
-Layouts (``layout=``). "fixed", the default, is the tile kernel above with 8
-warps per program, what the H200 measured (BENCHMARKS.md): 77% of the copy
-bandwidth at K = 2 on 1 GB, 9-22% from K = 4. Compiled for sm_90a
-(``bench/kernel_layout.py``), its (K_PAD, BLOCK) tile puts warps along the unit
-axis whenever BLOCK < 8 warps × 32 lanes × 8 bf16 per load = 2048, i.e. from
-K = 4 on, and its main loop exchanges values between threads on every tile
-(10-16 ``bar.sync`` and 36-64 ``shfl`` per iteration): the sum over units, and
-the per-tile sums over elements of ‖g_k‖² and ⟨g_k, Σg⟩. "fitted" gives the same
-kernel BLOCK / (32 × elements per 128-bit load) warps, which keeps the unit axis
-inside each thread but still reduces over elements on every tile (56-160
-shuffles per iteration at K = 4-16; 238 registers at K = 16, spills from K = 24).
+Layouts (``layout=``). "fixed" is the tile kernel above with 8 warps per
+program. Compiled for sm_90a (``bench/kernel_layout.py``), its (K_PAD, BLOCK)
+tile puts warps along the unit axis whenever BLOCK < 8 warps × 32 lanes × 8 bf16
+per load = 2048, i.e. from K = 4 on, and its main loop exchanges values between
+threads on every tile (10-16 ``bar.sync`` and 36-64 ``shfl`` per iteration): the
+sum over units, and the per-tile sums over elements of ‖g_k‖² and ⟨g_k, Σg⟩.
+"fitted" gives the same kernel BLOCK / (32 × elements per 128-bit load) warps,
+which keeps the unit axis inside each thread but still reduces over elements on
+every tile (56-160 shuffles per iteration at K = 4-16; 238 registers at K = 16,
+spills from K = 24).
 
 "columns" is a second kernel built not to exchange anything: each thread owns
 VEC adjacent elements of every unit (a (K_PAD, COLS·VEC) tile whose contiguity
@@ -69,8 +68,16 @@ the two dtypes (the ``.grad`` tile then has the contributions' layout), capped
 at 64 / K_PAD so that the tile stays in registers: 53-168 registers, no spill,
 for K = 2-32 (K = 24 is 1.3b with ``sharing=all``). An earlier 3-D
 (K_PAD, COLS, VEC) form of it compiled as intended with 3.9 only: 3.6 put
-threads along the unit axis. From K = 64 it spills: correct, not fast. Neither
-"fitted" nor "columns" has been timed on a GPU yet, so neither is the default.
+threads along the unit axis. From K = 64 it spills: correct, not fast.
+
+"auto", the default, is "columns" up to K = 32 and "fixed" beyond. Measured on
+an H200 (BENCHMARKS.md, 2026-11-26, bf16; tensors of 64 MB-1 GB and a Llama
+block of 86 MB), as fractions of the copy bandwidth: "fixed" 8-23% from K = 4;
+"columns" 71-100% at K = 4-12 on single tensors and 52-86% on the block, 33-34%
+and 62% at K = 24. "fitted" is ahead of "columns" in some cases (64 MB at K = 2
+and 8, the block at K = 8, single tensors at K = 24: 41% against 34%) and far
+behind on the block at K = 24 (25%); at K = 2 "fixed" is ahead on 64 MB and the
+block (66-68% against 56-60%) and behind from 256 MB.
 """
 
 from __future__ import annotations
@@ -88,7 +95,8 @@ GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TILE_VALUES = 4096  # K_PAD × BLOCK values per program tile on a GPU (see the module docstring)
 _MAX_TILES_PER_CHUNK = 64  # caps a program at 64 tiles; longer tensors get more programs
-LAYOUTS = ("fixed", "fitted", "columns")
+LAYOUTS = ("auto", "fixed", "fitted", "columns")
+_COLUMNS_UP_TO = 32  # "auto": the largest K given "columns" (beyond, its tile spills; module docstring)
 _COLUMN_WARPS = 4  # "columns": warps per program, all along the elements (COLS = 32 × 4 threads)
 _COLUMN_VALUES = 64  # "columns": K_PAD × VEC contribution values per thread (fp32 registers for the tile)
 
@@ -402,6 +410,13 @@ def _check_layout(layout: str) -> None:
         raise ValueError(f"layout '{layout}' is not one of {', '.join(LAYOUTS)}")
 
 
+def _resolve_layout(layout: str, n_units: int) -> str:
+    """"auto" → the layout the H200 measured fastest for K units (module docstring); any other as given."""
+    if layout != "auto":
+        return layout
+    return "columns" if n_units <= _COLUMNS_UP_TO else "fixed"
+
+
 def _num_warps(block: int, element_size: int, layout: str) -> int:
     """The tile kernel's warps per program: 8 ("fixed"), or as many as one row of 128-bit loads spans ("fitted")."""
     _check_layout(layout)
@@ -467,7 +482,7 @@ def _reduce_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Te
 
 
 def tied_grad_reduce(
-    contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], backend: str = "auto", layout: str = "fixed"
+    contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], backend: str = "auto", layout: str = "auto"
 ) -> TiedGradStats:
     """Add Σ_k contributions[i][k] into grads[i] in place and return the group's statistics.
 
@@ -478,12 +493,13 @@ def tied_grad_reduce(
     contributions into fp32 grads); statistics are accumulated in fp32.
     Non-contiguous contributions are copied; non-contiguous grads raise ValueError.
     backend: "auto" (Triton on CUDA, else PyTorch), "triton" (also CPU under TRITON_INTERPRET=1), "torch".
-    layout: the Triton kernel and its warps, "fixed", "fitted" or "columns" (module docstring).
+    layout: the Triton kernel and its warps: "auto" (the measured fastest for K), "fixed", "fitted" or "columns"
+    (module docstring).
     """
     _check_reduce_inputs(contributions, grads)
     if _use_triton(backend, grads[0].device):
         _check_layout(layout)  # here too: under the interpreter _num_warps is not consulted
-        return _reduce_triton(contributions, grads, layout)
+        return _reduce_triton(contributions, grads, _resolve_layout(layout, len(contributions[0])))
     return tied_grad_reduce_reference(contributions, grads)
 
 

@@ -34,6 +34,16 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 # (atol, rtol) for the updated .grad buffers, by their dtype. bf16: one ulp (2^-7 relative) plus slack.
 GRAD_TOL = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (1e-2, 1.6e-2)}
+
+
+def _grad_tol(g_dtype: torch.dtype, n_units: int) -> tuple[float, float]:
+    """(atol, rtol) for the summed gradient. In fp32 the kernel and torch's sum add the K units in different
+    orders, and the rounding that leaves grows with K: the H200 saw 3.6e-6 at K=24 (the entries ~1), so the
+    fp32 bound grows with K past 4 units."""
+    atol, rtol = GRAD_TOL[g_dtype]
+    if g_dtype == torch.float32:
+        return atol * max(1.0, n_units / 4), rtol * max(1.0, n_units / 4)
+    return atol, rtol
 STATS_RTOL = 1e-5  # fp32 statistics, summed in a different order than the reference
 
 # Uneven sizes: 1 element, under a tile, across tiles and chunks, 2-D; CUDA adds real ones.
@@ -78,22 +88,23 @@ def test_reduce_matches_reference(n_units, c_dtype, g_dtype):
     want = tied_grad_reduce_reference(contributions, ref_grads)
     _assert_stats_close(stats, want)
     assert [g.data_ptr() for g in grads] == buffers  # accumulated in place
-    atol, rtol = GRAD_TOL[g_dtype]
+    atol, rtol = _grad_tol(g_dtype, n_units)
     for got, ref in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("layout", ["fitted", "columns"])
+@pytest.mark.parametrize("layout", ["fixed", "fitted", "columns"])
 @pytest.mark.parametrize("n_units", [1, 4, 12, 24])
 @pytest.mark.parametrize("c_dtype, g_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
                                               (torch.bfloat16, torch.bfloat16)], ids=["bf16-into-fp32", "fp32", "bf16"])
 def test_other_layouts_give_the_same_reduction(layout, n_units, c_dtype, g_dtype):
-    """layout="fitted" launches the tile kernel with other warps; "columns" is another kernel. Both must reduce the same."""
+    """The default ("auto") is "columns" up to K = 32; "fixed" and "fitted" launch the tile kernel with 8 warps and
+    with fitted ones. Every layout must reduce the same."""
     contributions, grads = _group(n_units, SHAPES, c_dtype, g_dtype, seed=5)
     ref_grads = [g.clone() for g in grads]
     _assert_stats_close(tied_grad_reduce(contributions, grads, backend="triton", layout=layout),
                         tied_grad_reduce_reference(contributions, ref_grads))
-    atol, rtol = GRAD_TOL[g_dtype]
+    atol, rtol = _grad_tol(g_dtype, n_units)
     for got, ref in zip(grads, ref_grads):
         torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
 
@@ -105,12 +116,21 @@ def test_warps_per_program_and_elements_per_thread():
     assert [_num_warps(block, 2, "fitted") for block in (4096, 2048, 1024, 512, 256)] == [8, 8, 4, 2, 1]
     assert _num_warps(1024, 4, "fitted") == 8  # fp32: 4 per load
     assert _num_warps(256, 2, "fixed") == 8
+
     # columns: one 128-bit access of the wider dtype, and at most 64 values of the tile per thread
     assert [_column_vec(k_pad, 2, 2) for k_pad in (1, 2, 4, 8, 16, 32, 64, 128)] == [8, 8, 8, 8, 4, 2, 1, 1]
     assert [_column_vec(k_pad, 2, 4) for k_pad in (1, 8, 16, 32)] == [4, 4, 4, 2]  # bf16 into fp32 grads
     contributions, grads = _group(2, [(8,)], torch.float32, torch.float32)
-    with pytest.raises(ValueError, match="layout 'many' is not one of fixed, fitted, columns"):
+    with pytest.raises(ValueError, match="layout 'many' is not one of auto, fixed, fitted, columns"):
         tied_grad_reduce(contributions, grads, backend="triton", layout="many")
+
+
+def test_auto_layout_is_columns_up_to_32_units():
+    """What the H200 measured fastest (kernels/tied_grad.py docstring); beyond 32 units "columns" spills."""
+    from megascale.kernels.tied_grad import _resolve_layout
+
+    assert [_resolve_layout("auto", k) for k in (1, 2, 4, 12, 24, 32, 33, 64)] == ["columns"] * 6 + ["fixed"] * 2
+    assert _resolve_layout("fitted", 4) == "fitted"
 
 
 @pytest.mark.parametrize("layout", ["fixed", "columns"])
