@@ -49,7 +49,7 @@ def _deepspeed_reads(data_dir, tmp_path, overrides) -> dict[str, float]:
 def test_check_grad_overflow_false_drops_deepspeeds_overflow_read(data_dir, tmp_path):
     """bf16: DeepSpeed's per-step inf/NaN scan of the gradients ends in a host read; the knob removes it."""
     bf16 = ["train.precision=bf16", "train.zero_stage=1"]
-    checked = _deepspeed_reads(data_dir, tmp_path / "on", bf16)
+    checked = _deepspeed_reads(data_dir, tmp_path / "on", [*bf16, "train.check_grad_overflow=true"])
     unchecked = _deepspeed_reads(data_dir, tmp_path / "off", [*bf16, "train.check_grad_overflow=false"])
     overflow = [site for site in checked if site.endswith(" has_overflow")]
     assert len(overflow) == 1, checked
@@ -60,7 +60,7 @@ def test_check_grad_overflow_false_drops_deepspeeds_overflow_read(data_dir, tmp_
 def test_check_grad_overflow_false_trains_the_same(data_dir, tmp_path):
     """With finite gradients the scan only decides to step, so both runs take the same steps to the bit."""
     bf16 = ["train.precision=bf16", "train.zero_stage=1", "train.max_steps=4", "train.eval_every=0"]
-    run_pretrain(tmp_path / "on", data_dir, *bf16)
+    run_pretrain(tmp_path / "on", data_dir, *bf16, "train.check_grad_overflow=true")
     run_pretrain(tmp_path / "off", data_dir, *bf16, "train.check_grad_overflow=false")
     on, off = losses(tmp_path / "on"), losses(tmp_path / "off")
     assert len(on) >= 2 and on == off

@@ -224,7 +224,9 @@ def test_backend_resolution_uses_kernel_support():
     if tma_unsupported_reason(*(torch.zeros(1, 1, 16, 64, device=DEVICE) for _ in range(3))) is None:
         assert resolve_backend("triton-tma", device, head_dim=64) == ("triton-tma", "requested")
     backend, why = resolve_backend("auto", device, head_dim=64, dtype=torch.bfloat16)
-    if CUDA:
+    if CUDA and torch.cuda.get_device_capability() >= (9, 0) and torch.backends.cudnn.is_available():
+        assert backend == "cudnn" and "Hopper" in why  # measured fastest there (BENCHMARKS.md)
+    elif CUDA:
         assert backend == "triton"
         backend, why = resolve_backend("auto", device, head_dim=96)
         assert backend == "torch" and "head dim 96 not in" in why

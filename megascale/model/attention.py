@@ -75,9 +75,11 @@ def resolve_backend(
 ) -> tuple[str, str]:
     """Pick the attention backend for ``device``; returns (backend, reason), the reason being the log line's.
 
-    auto: the Triton kernel on CUDA when it supports the model's head dim and dtype
-    (when given: shapes are fixed per model, so this is decided once), else PyTorch
-    SDPA with the reason. triton: the kernel, also on CPU under TRITON_INTERPRET=1;
+    auto: on a Hopper or newer GPU with SDPA's cuDNN backend, cudnn (the H200 measured
+    it fastest: 1.6x the Triton kernel's attention time in a 1.3b step, and ahead of it
+    at every benchmarked shape; BENCHMARKS.md); on other GPUs the Triton kernel when it
+    supports the model's head dim and dtype (when given: shapes are fixed per model, so
+    this is decided once); else PyTorch SDPA with the reason. triton: the kernel, also on CPU under TRITON_INTERPRET=1;
     an explicit request the kernel cannot serve stops with one line. triton-tma: the
     same with its forward through TMA descriptors. cudnn: SDPA with cuDNN's backend
     first (CUDA only).
@@ -92,6 +94,8 @@ def resolve_backend(
             raise MegascaleError(f"model.attention=cudnn needs SDPA's cuDNN backend: {refusal}; "
                                  "use model.attention=auto or torch")
         return "cudnn", "requested"
+    if requested == "auto" and _cudnn_refusal(device) is None and torch.cuda.get_device_capability(device) >= (9, 0):
+        return "cudnn", "auto: Hopper GPU with cuDNN attention, measured fastest (BENCHMARKS.md)"
     # The interpreter is far too slow to be picked automatically; only an explicit request gets it.
     explicit = requested in ("triton", "triton-tma")
     refusal = _kernel_refusal(device, head_dim, dtype, interpreter_ok=explicit)

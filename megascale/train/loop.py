@@ -314,9 +314,9 @@ def _norm_value(grad_norm):
 def check_update_finite(run: Run) -> None:
     """Refuse to checkpoint weights that the last step may have made non-finite.
 
-    fp16, and bf16 with train.check_grad_overflow (the default), skip a step whose
+    fp16, and bf16 with train.check_grad_overflow=true, skip a step whose
     gradients are not finite: their weights stay good. fp32, and bf16 without the
-    check, apply it, and the clipped update of a non-finite gradient norm is NaN:
+    check (the default), apply it, and the clipped update of a non-finite gradient norm is NaN:
     without this, a save between two logging steps (train.nan_policy=stop reads the
     loss only there) would write those weights over the last good checkpoint. One
     all-reduce and one host read per save.
