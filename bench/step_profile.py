@@ -33,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -164,9 +165,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    labels = [r["label"] for r in rows]
+    # A variant's overrides wrapped at their commas: one long label would squeeze both panels.
+    labels = [textwrap.fill(r["label"].replace(",", ", "), 40) for r in rows]
     cats = sorted({c for r in rows for p in r["phases"].values() for c in p["categories"]})
-    fig, (kinds, phases) = plt.subplots(1, 2, figsize=(14, 1.6 + 0.6 * len(rows)), gridspec_kw={"width_ratios": [3, 2]})
+    lines = sum(label.count("\n") + 1 for label in labels)
+    fig, (kinds, phases) = plt.subplots(1, 2, figsize=(14, 1.6 + 0.35 * lines + 0.3 * len(rows)),
+                                        gridspec_kw={"width_ratios": [3, 2]})
     left = [0.0] * len(rows)
     for cat in cats:
         ms = [sum(p["categories"].get(cat, 0.0) for p in r["phases"].values()) for r in rows]
