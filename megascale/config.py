@@ -63,7 +63,7 @@ class ModelConfig:
     attention: str = "auto"
     """Attention backend: auto (cudnn on Hopper and newer GPUs, measured fastest there; the Triton kernel on other GPUs; else torch) | torch (SDPA, PyTorch's backend order) | triton | triton-tma (the Triton kernel with its forward through TMA descriptors; Hopper, Triton >= 3.4) | cudnn (SDPA, cuDNN's backend first; CUDA)."""
     fused_ops: str = "torch"
-    """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). torch until the kernels are measured faster in a training step on a GPU."""
+    """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). torch by default (runs anywhere); configs/1.3b.yaml sets triton, whose loss row kernels an H200 measured faster."""
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2*n_layers)."""
 
@@ -199,7 +199,7 @@ class TrainConfig(HostOffload):
     check_grad_overflow: bool = False
     """bf16: true = DeepSpeed reads every gradient for inf/NaN before each step and skips the step if it finds one (two reductions per tensor and a host sync per step); false (the default: on an H200 it cut a 1.3b step's update from 91 to 39 ms, BENCHMARKS.md) leaves a non-finite gradient to train.nan_policy, which sees it in the loss of a later step, and no checkpoint is written after it. fp16 always checks (its loss scaling needs it)."""
     compile: bool = False
-    """torch.compile each transformer block (in place: names and checkpoints unchanged). Off by default until measured faster on the device (bench/train_throughput.py --compile); not with ZeRO-3."""
+    """torch.compile each transformer block (in place: names and checkpoints unchanged). Off by default (it needs a compiler and compiles for tens of seconds); configs/1.3b.yaml turns it on, where an H200 measured it faster (BENCHMARKS.md); not with ZeRO-3."""
 
 
 @dataclass
