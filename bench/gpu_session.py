@@ -58,7 +58,7 @@ NEW_TESTS = ["tests/test_attention_backends.py", "tests/test_kernels_tied_grad.p
 TMA_TESTS = ["-k", "tma and (bf16 or strided)", "tests/test_kernels_attention.py"]
 # The speed options configs/1.3b.yaml turns on (the second H200 session measured them there, 2026-11-26):
 # for the smaller configs, one figure for "all of it".
-FAST = "model.fused_ops=triton,train.loss_chunk_tokens=8192,train.compile=true"
+FAST = "train.loss_chunk_tokens=8192,train.compile=true"
 # The defaults before that session: the Triton attention, the bf16 overflow scan, 1024-token loss chunks.
 OLD_DEFAULTS = ("model.attention=triton,train.check_grad_overflow=true,model.fused_ops=torch,train.loss_chunk_tokens=1024,"
                 "train.compile=false")
@@ -110,11 +110,12 @@ def jobs(png: bool) -> list[Job]:
         Job("train_options", "train",
             [*train, "--configs", "350m", "--micro-batch", "16", "--ckpt", "off", "--sharings", "none", "--variants",
              options, "--json", "{out}/train_options.json"],
-            [*train_smoke, "--sharings", "none", "--variants", f";model.fused_ops=triton;{AUTOCAST}",
+            [*train_smoke, "--sharings", "none", "--variants", f";train.loss_chunk_tokens=64;{AUTOCAST}",
              "--json", "{out}/train_options.json"], 270),
         Job("train_options_1.3b", "train",
             [*train, "--configs", "1.3b", "--micro-batch", "8", "--ckpt", "off", "--sharings", "none", "--variants",
-             f";{OLD_DEFAULTS};train.compile=false;model.attention=triton;train.loss_chunk_tokens=16384;{AUTOCAST}",
+             f";model.fused_ops=triton;{OLD_DEFAULTS};train.compile=false;model.attention=triton;"
+             f"train.loss_chunk_tokens=16384;{AUTOCAST}",
              "--json", "{out}/train_options_1.3b.json"],
             [*train_smoke, "--sharings", "none", "--json", "{out}/train_options_1.3b.json"], 240),
         # Where the step's time goes, per phase and kernel category, megascale against the plain loop at 1.3b:

@@ -63,7 +63,7 @@ class ModelConfig:
     attention: str = "auto"
     """Attention backend: auto (cudnn on Hopper and newer GPUs, measured fastest there; the Triton kernel on other GPUs; else torch) | torch (SDPA, PyTorch's backend order) | triton | triton-tma (the Triton kernel with its forward through TMA descriptors; Hopper, Triton >= 3.4) | cudnn (SDPA, cuDNN's backend first; CUDA)."""
     fused_ops: str = "torch"
-    """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). torch by default (runs anywhere); configs/1.3b.yaml sets triton, whose loss row kernels an H200 measured faster."""
+    """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). torch until the kernels are measured faster in a training step on a GPU (their loss row kernels were, alone: BENCHMARKS.md)."""
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2*n_layers)."""
 

@@ -56,7 +56,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert json.loads((out / "tied_grad.json").read_text())["results"]
     train = json.loads((out / "train_options.json").read_text())["results"]
     assert [(r["trainer"], r["variant"]) for r in train] == [
-        ("plain", ""), ("megascale", ""), ("megascale", "model.fused_ops=triton"),
+        ("plain", ""), ("megascale", ""), ("megascale", "train.loss_chunk_tokens=64"),
         ("megascale", "train.precision=bf16-autocast")]
     assert all(r["tokens_per_s"] > 0 for r in train)
     assert all(r["state_gib"] > 0 and r["state_formula_gib"] > 0 for r in train if r["trainer"] == "megascale")
@@ -77,7 +77,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert "Kernel tests, autotuned tiles (bf16, head dim 128): not run." in text
     assert "Attention: not run." in text  # not among the jobs asked for
     assert "| 2 | tensor |" in text  # the tied-gradient table, K = 2
-    (option,) = [l for l in text.splitlines() if l.startswith("| tiny | none | off | megascale | model.fused_ops=triton |")]
+    (option,) = [l for l in text.splitlines() if l.startswith("| tiny | none | off | megascale | train.loss_chunk_tokens=64 |")]
     assert option.split("|")[-2].strip() not in ("–", "")  # its before/after: against the defaults' row of the run
     assert "target 1.3b MFU ≥ 50%: n/a" in text  # no GPU, no MFU: never a verdict without a figure
     assert "Start-up, layout tp=1 pp=1 dp=1, 918,144 parameters, fp32, ZeRO 1:" in text
@@ -272,3 +272,27 @@ def test_train_throughput_reports_a_failing_variant_and_keeps_the_others(tmp_pat
                          f"print('\\n'.join(gpu_report.train_section(gpu_report.Path({str(tmp_path)!r}))))"])
     assert report.returncode == 0, report.stderr[-2000:]
     assert "variant failed: tiny, sharing none, act. ckpt off, `model.attention=bogus`" in report.stdout
+
+
+def test_throughput_trainer_applies_the_fused_ops_setting():
+    """The bench's megascale trainer must set up the model as launch/pretrain.py does: the second H200 session's
+    model.fused_ops=triton variant measured the torch ops, because the bench never applied the setting."""
+    code = f"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["DS_ACCELERATOR"] = "cpu"
+sys.path.insert(0, {str(ROOT / "bench")!r})
+import argparse, torch
+import train_throughput as tt
+from megascale.train.dist import init_distributed
+from megascale.train.loop import make_groups
+args = argparse.Namespace(cpu=True, seq=0, micro=2, sharing="none", ckpt_on=False, steps=1, warmup=0)
+ctx = init_distributed()
+for ops in ("torch", "triton"):
+    cfg = tt.bench_config("tiny", args, f"model.fused_ops={{ops}}")
+    model, step = tt.megascale_trainer(cfg, ctx.device, ctx, make_groups(cfg, ctx))
+    print(ops, sorted({{m.ops for m in model.modules() if hasattr(m, "ops")}}))
+"""
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch ['torch']" in proc.stdout and "triton ['triton']" in proc.stdout, proc.stdout
