@@ -43,7 +43,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -315,8 +315,7 @@ def main() -> None:
     ctx = init_distributed()
     device = ctx.device
     configs = (args.configs or ("tiny" if args.cpu else "125m,350m,1.3b")).split(",")
-    results: list[Result] = []
-    failed: list[Failure] = []
+    record = Record(args.json, device)
     print("config sharing ckpt trainer   micro  step ms    tokens/s   TFLOP/s    MFU  mem GiB  state GiB/formula  "
           "megascale/plain  variant")
     for name in configs:
@@ -330,22 +329,21 @@ def main() -> None:
                 groups = make_groups(bench_config(name, args), ctx)
                 if device.type == "cuda":  # one at a time: two large models would not share the memory
                     plain = measure(name, "plain", args, device, ctx, groups)
-                    keep(plain, None, results, failed, args, device)
+                    record.keep(plain, None)
                     for v in args.variant_list:
                         try:
-                            keep(measure(name, "megascale", args, device, ctx, groups, v), plain, results, failed,
-                                 args, device)
+                            record.keep(measure(name, "megascale", args, device, ctx, groups, v), plain)
                         except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
-                            fail(Failure(name, args.sharing, args.ckpt_on, v, one_line(exc)), results, failed, args,
-                                 device)
+                            record.fail(Failure(name, args.sharing, args.ckpt_on, v, one_line(exc)))
                 else:
                     (plain, *ours), failures = measure_all_cpu(name, args, device, ctx, groups)
                     for r in [plain, *ours]:
-                        keep(r, None if r is plain else plain, results, failed, args, device)
+                        record.keep(r, None if r is plain else plain)
                     for f in failures:
-                        fail(f, results, failed, args, device)
-    if failed:
-        raise SystemExit(f"{len(failed)} variant(s) failed: {'; '.join(f.variant or 'defaults' for f in failed)}")
+                        record.fail(f)
+    if record.failed:
+        raise SystemExit(f"{len(record.failed)} variant(s) failed: "
+                         f"{'; '.join(f.variant or 'defaults' for f in record.failed)}")
 
 
 @dataclass
@@ -363,24 +361,33 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def keep(r: Result, plain: Result | None, results: list, failed: list, args, device) -> None:
-    """Print a row and, with --json, rewrite the file: a run stopped by a time limit keeps what it measured."""
-    print(row(r, plain), flush=True)
-    results.append(r)
-    if args.json:
-        write_json(args.json, results, device, failed)
+@dataclass
+class Record:
+    """What the run measured and what failed, printed as it comes and, with --json, rewritten after each:
+    a run stopped by a time limit keeps what it measured."""
+    json_path: Path | None
+    device: torch.device
+    results: list[Result] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
 
+    def keep(self, r: Result, plain: Result | None) -> None:
+        print(row(r, plain), flush=True)
+        self.results.append(r)
+        self._write()
 
-def fail(f: Failure, results: list, failed: list, args, device) -> None:
-    print(f"{f.config:<6} {f.sharing:<5} {'on' if f.ckpt else 'off':<4} megascale FAILED  {f.variant}: {f.error}",
-          flush=True)
-    failed.append(f)
-    gc.collect()  # what the failed trainer held, before the next one is built
-    if device.type == "cuda":
-        torch._dynamo.reset()  # a failed compile leaves its graphs cached
-        torch.cuda.empty_cache()
-    if args.json:
-        write_json(args.json, results, device, failed)
+    def fail(self, f: Failure) -> None:
+        print(f"{f.config:<6} {f.sharing:<5} {'on' if f.ckpt else 'off':<4} megascale FAILED  {f.variant}: {f.error}",
+              flush=True)
+        self.failed.append(f)
+        gc.collect()  # what the failed trainer held, before the next one is built
+        if self.device.type == "cuda":
+            torch._dynamo.reset()  # a failed compile leaves its graphs cached
+            torch.cuda.empty_cache()
+        self._write()
+
+    def _write(self) -> None:
+        if self.json_path:
+            write_json(self.json_path, self.results, self.device, self.failed)
 
 
 def micro_batch(name: str, args, device: torch.device) -> int:
