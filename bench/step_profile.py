@@ -227,6 +227,7 @@ def main(argv=None) -> int:
         model, step = build(trainer, cfg, device, ctx, groups)
         phases = profile_trainer(step.phases, batches, device, args.warmup, args.reps)
         rows.append({"trainer": trainer, "variant": variant, "label": f"{trainer} {variant}".strip(), "phases": phases})
+        tt.release(step)
         del model, step
         gc.collect()
         if device.type == "cuda":

@@ -19,6 +19,11 @@ the bytes counted for every provider. Providers, side by side in one run:
 * ``copy``: ``dst.copy_(src)`` moving the same number of bytes, the speed of
   light for a memory-bound pass on this device.
 
+``host us``: the host's time to issue one default (``triton``) call, the GPU idle
+(synchronised before each call, median of 50). Each timed call starts after
+do_bench's L2 flush, which hides about that long of the host's work; beyond it,
+the host's time counts in the call's, which is what a small tensor measures.
+
 Sizes are those of one shared tensor in the gradients' dtype (1 MB … 1 GB);
 ``llama-block`` is one 1B-class block's nine tensors (d 2048, FFN 5632, 32/8
 heads) in one call, the kernel's real use. Shapes that do not fit in memory are
@@ -33,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -111,20 +118,34 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
                            device, warmup=10, rep=50) for layout in LAYOUTS},
         "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
     }
+    host = host_us(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device,
+                   reps=50 if device.type == "cuda" else 1)
     del contributions, grads
     src = torch.empty(moved // 2 // elem, device=device, dtype=dtype)
     dst = torch.empty_like(src)
     ms["copy"] = time_ms(lambda: dst.copy_(src), device, warmup=10, rep=50)
     gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
-    return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps,
+    return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps, "host_us": host,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"],
             **{f"{layout}_of_copy": gbps[f"{layout}_gbps"] / gbps["copy_gbps"] for layout in LAYOUTS}}
+
+
+def host_us(fn, device: torch.device, reps: int = 50) -> float:
+    """Median microseconds the host spends in one call, the GPU's queue empty (see the module docstring)."""
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
 
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fixed GB/s':>11} {'fitted GB/s':>12} "
           f"{'columns GB/s':>13} {'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} "
-          f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16}")
+          f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16} {'host us':>8}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {'skipped: ' + r['skipped']:>12}")
@@ -132,7 +153,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {r['triton_gbps']:>12.4g} {r['fixed_gbps']:>11.4g} "
               f"{r['fitted_gbps']:>12.4g} {r['columns_gbps']:>13.4g} {r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} "
               f"{r['of_copy']:>8.1%} {r['vs_torch']:>8.2f}x {r['fixed_of_copy']:>14.1%} {r['fitted_of_copy']:>15.1%} "
-              f"{r['columns_of_copy']:>16.1%}")
+              f"{r['columns_of_copy']:>16.1%} {r['host_us']:>8.1f}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

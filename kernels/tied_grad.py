@@ -469,7 +469,9 @@ def _reduce_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Te
     contrib_ptrs = [  # (T × K_PAD) row-major; padded units point nowhere and are masked off
         p for units in contributions for p in [g.data_ptr() for g in units] + [0] * (k_pad - n_units)]
     tables = _to_device([contrib_ptrs, [g.data_ptr() for g in grads], numels, firsts], device)
-    partials = torch.zeros((max(n_chunks, 1), 3, k_pad), device=device, dtype=torch.float32)
+    # Every program writes its whole (3, K_PAD) row, so no fill is needed (one launch fewer), unless none runs.
+    partials = (torch.empty if n_chunks else torch.zeros)((max(n_chunks, 1), 3, k_pad), device=device,
+                                                          dtype=torch.float32)
     aligned = _aligned([g for units in contributions for g in units] + grads)
     if n_chunks:
         kernel[(n_chunks,)](

@@ -45,15 +45,20 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     out = tmp_path / "session"
     archive = tmp_path / "device_out" / "results.tgz"
     proc = _run(["bench/gpu_session.py", "--smoke", "--only",
-                 "kernel_tests,tied_grad,train_options,startup,untie,new_tests,fused_loss,tma_tests", "--out", str(out),
+                 "kernel_tests,tied_grad,train_options,startup,untie,new_tests,fused_loss,tma_tests,train_350m,cast_tests",
+                 "--out", str(out),
                  "--pack", str(archive)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
     assert [j["name"] for j in session["jobs"]] == [
-        "new_tests", "train_options", "tma_tests", "tied_grad", "fused_loss", "kernel_tests", "untie", "startup"]
+        "train_350m", "tied_grad", "cast_tests", "new_tests", "train_options", "tma_tests", "fused_loss", "kernel_tests",
+        "untie", "startup"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     assert json.loads((out / "tied_grad.json").read_text())["results"]
+    tied_and_untied = json.loads((out / "train_350m.json").read_text())["results"]
+    assert {(r["sharing"], r["variant"]) for r in tied_and_untied if r["trainer"] == "megascale"} == {
+        ("none", ""), ("none", "train.loss_chunk_tokens=32"), ("all", ""), ("all", "train.loss_chunk_tokens=32")}
     train = json.loads((out / "train_options.json").read_text())["results"]
     assert [(r["trainer"], r["variant"]) for r in train] == [
         ("plain", ""), ("megascale", ""), ("megascale", "train.loss_chunk_tokens=64"),
@@ -73,6 +78,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert "Kernel tests at real shapes, first listed tile: " in text and "collected, none run" in text
     assert "New tests at real shapes (cuDNN attention as auto's choice, the reduction's layouts): " in text
     assert "Attention through TMA at real shapes, bf16, first listed tile: 13/68 collected, none run" in text
+    assert "Kernels with fp32-cast float arguments at real shapes, bf16: 26/127 collected, none run" in text
     assert "| 128 | plain | auto |" in text and "| 128 | fused | auto |" in text  # the fused-loss table
     assert "Kernel tests, autotuned tiles (bf16, head dim 128): not run." in text
     assert "Attention: not run." in text  # not among the jobs asked for
@@ -88,8 +94,8 @@ def test_gpu_session_stops_at_its_budget(tmp_path):
     out = tmp_path / "session"
     proc = _run(["bench/gpu_session.py", "--smoke", "--part", "train", "--budget", "5", "--out", str(out)])
     assert proc.returncode == 1
-    assert "not complete: train_options, train_options_1.3b, step_profile" in proc.stdout
-    assert "to rerun them: python3 bench/gpu_session.py --only train_options,train_options_1.3b,step_profile," in proc.stdout
+    assert "not complete: train_350m, train_1.3b_now, train_ckpt_now" in proc.stdout
+    assert "to rerun them: python3 bench/gpu_session.py --only train_350m,train_1.3b_now,train_ckpt_now," in proc.stdout
     jobs = json.loads((out / "session.json").read_text())["jobs"]
     assert jobs and all(j["rc"] is None and j["log"] == "not started: budget spent" for j in jobs)
 
@@ -296,3 +302,71 @@ for ops in ("torch", "triton"):
     proc = _run(["-c", code])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch ['torch']" in proc.stdout and "triton ['triton']" in proc.stdout, proc.stdout
+
+
+def test_measure_frees_the_deepspeed_engine():
+    """bf16 ZeRO-1: the optimizer's gradient hooks keep an engine alive after its last reference is dropped.
+    measure() must destroy it, or the next variant's peak memory includes this one's state."""
+    code = f"""
+import argparse, gc, os, sys, weakref
+os.environ["DS_ACCELERATOR"] = "cpu"
+sys.path.insert(0, {str(ROOT / "bench")!r})
+import train_throughput as tt
+from megascale.train.dist import init_distributed
+from megascale.train.loop import make_groups
+
+ctx = init_distributed()
+args = argparse.Namespace(sharing="none", micro=2, ckpt_on=False, cpu=False, seq=32, warmup=1, steps=1)
+refs = []
+build = tt.megascale_trainer
+def recording(*a):
+    model, step = build(*a)
+    refs.append(weakref.ref(step.engine))
+    return model, step
+tt.megascale_trainer = recording
+groups = make_groups(tt.bench_config("tiny", args), ctx)
+r = tt.measure("tiny", "megascale", args, ctx.device, ctx, groups, "data.seq_len=32,model.max_seq_len=32")
+gc.collect()
+print(r.tokens_per_s > 0, refs[0]() is None)
+"""
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["True", "True"]
+
+
+def test_micro_batch_per_config(monkeypatch):
+    """--micro-batch 350m=16,1.3b=8: each config its own size; a config not named is sized by auto."""
+    import argparse  # noqa: PLC0415
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import train_throughput as tt  # noqa: PLC0415
+
+    monkeypatch.setattr(tt, "largest_micro_batch", lambda name, args, device, cap: 99)
+    cpu = __import__("torch").device("cpu")
+    for chosen, name, expected in [("350m=16,1.3b=8", "350m", 16), ("350m=16,1.3b=8", "1.3b", 8),
+                                   ("350m=16,1.3b=8", "125m", 99), ("4", "125m", 4), ("auto", "125m", 99)]:
+        args = argparse.Namespace(micro_batch=chosen, max_micro=0)
+        assert tt.micro_batch(name, args, cpu) == expected, (chosen, name)
+
+
+def test_gpu_report_judges_each_config_by_its_fastest_variant(tmp_path, monkeypatch):
+    """The targets are read off the fastest megascale row of a config (a variant is a setting users can choose);
+    tied rows are compared with the untied row of the same variant."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_report  # noqa: PLC0415
+
+    def row(trainer, sharing, variant, mfu, state=None):
+        return dict(config="350m", sharing=sharing, ckpt=False, trainer=trainer, variant=variant, micro_batch=16,
+                    tokens_per_s=mfu * 1e6, tflops=mfu * 989, mfu=mfu, peak_gib=40.0, state_gib=state)
+
+    results = [row("plain", "none", "", 0.30), row("megascale", "none", "", 0.28, 4.8),
+               row("megascale", "none", "FAST", 0.42, 4.8),
+               row("plain", "all", "", 0.30), row("megascale", "all", "", 0.31, 1.0),
+               row("megascale", "all", "FAST", 0.43, 1.0)]
+    (tmp_path / "train_350m.json").write_text(json.dumps({"device": "NVIDIA H100", "results": results}))
+    text = "\n".join(gpu_report.train_section(tmp_path))
+    assert "* target 350m MFU ≥ 40%: met (best 42.0%, `FAST`)" in text
+    assert "* target 1.3b MFU ≥ 50%: n/a" in text
+    assert "* target megascale ≥ 1.15× plain, each config's fastest variant: met (lowest 1.400×: 350m, sharing none" in text
+    assert "* 350m, act. ckpt off, `FAST`: tied MFU 43.0% vs untied 42.0% (within 5%: met); state 1.00 vs 4.80 GiB" in text
+    assert "* 350m, act. ckpt off, `defaults`: tied MFU 31.0% vs untied 28.0% (within 5%: **not met**)" in text
