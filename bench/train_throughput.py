@@ -147,7 +147,7 @@ def megascale_trainer(cfg: Config, device: torch.device, ctx, groups):
     model = make_model(cfg, device, backend)
     # As launch/pretrain.py's build_model does: until 2026-11-26 this was missing, and a model.fused_ops=triton
     # variant (the second H200 session's) measured the torch ops.
-    model.set_ops_backend(resolve_ops_backend(cfg.model.fused_ops, device)[0])
+    model.set_ops_backend(resolve_ops_backend(cfg.model.fused_ops, device, cfg.train.compile)[0])
     engine = build_engine(model, cfg, batch_layout(cfg, 1), device, groups)
 
     # train_step's sequence for one micro-batch per step

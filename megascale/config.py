@@ -62,8 +62,8 @@ class ModelConfig:
     """Block sharing plan: none | all | cycle:k | sequence:k | explicit group list "0,1,0,1"."""
     attention: str = "auto"
     """Attention backend: auto (cudnn on Hopper and newer GPUs, measured fastest there; the Triton kernel on other GPUs; else torch) | torch (SDPA, PyTorch's backend order) | triton | triton-tma (the Triton kernel with its forward through TMA descriptors; Hopper, Triton >= 3.4) | cudnn (SDPA, cuDNN's backend first; CUDA)."""
-    fused_ops: str = "torch"
-    """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). torch until the kernels are measured faster in a training step on a GPU (their loss row kernels were, alone: BENCHMARKS.md)."""
+    fused_ops: str = "auto"
+    """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: auto (the Triton kernels on CUDA unless train.compile, which fuses the PyTorch ops itself; PyTorch elsewhere) | torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). auto because an H100 trained 350m 1.82x faster with the kernels, eager (BENCHMARKS.md)."""
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2*n_layers)."""
 
@@ -449,7 +449,7 @@ def validate(cfg: Config) -> None:
     _check(m.vocab_size > 0, "model.vocab_size must be positive")
     _check(m.attention in ("auto", "torch", "triton", "triton-tma", "cudnn"),
            f"model.attention='{m.attention}' is not one of auto, torch, triton, triton-tma, cudnn")
-    _check(m.fused_ops in ("torch", "triton"), f"model.fused_ops='{m.fused_ops}' is not one of torch, triton")
+    _check(m.fused_ops in ("auto", "torch", "triton"), f"model.fused_ops='{m.fused_ops}' is not one of auto, torch, triton")
     _check_sharing(m)
     _check(d.corpus in ("stdlib", "prepared"), f"data.corpus='{d.corpus}' is not one of stdlib, prepared")
     _check(0 < d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise model.max_seq_len")

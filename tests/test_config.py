@@ -53,7 +53,7 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("parallel.pp=2 parallel.partition=balanced", "is not parameters, uniform, blocks"),
         ("train.compile=true train.zero_stage=3", "cannot be combined with train.zero_stage=3"),
         ("train.loss_chunk_tokens=-1", "must be >= 0"),
-        ("model.fused_ops=cuda", "is not one of torch, triton"),
+        ("model.fused_ops=cuda", "is not one of auto, torch, triton"),
         ("train.offload_optimizer=nvme", "is not one of none, cpu"),
         ("train.offload_optimizer=cpu train.zero_stage=0", "needs ZeRO"),
         ("train.offload_params=cpu train.zero_stage=2", "needs train.zero_stage=3"),

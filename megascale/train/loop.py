@@ -96,7 +96,7 @@ def build_model(cfg: Config, ctx: DistContext, plan: SharingPlan | None = None, 
         model = Transformer(cfg.model, plan, seed=cfg.train.seed)
     backend, why = resolve_backend(cfg.model.attention, ctx.device, head_dim=cfg.model.head_dim, dtype=TRAIN_DTYPES[cfg.train.precision])
     model.set_attention_backend(backend)
-    ops, ops_why = resolve_ops_backend(cfg.model.fused_ops, ctx.device)
+    ops, ops_why = resolve_ops_backend(cfg.model.fused_ops, ctx.device, compiled=cfg.train.compile)
     model.set_ops_backend(ops)
     if ctx.is_main and not quiet:
         log.info("attention backend: %s (%s); RMSNorm/RoPE/SwiGLU: %s (%s); tied-gradient reduction: %s",
