@@ -15,6 +15,9 @@ the bytes counted for every provider. Providers, side by side in one run:
   128-bit loads spans: the sum over units stays inside each thread);
 * ``columns``: ``layout="columns"``, the kernel whose threads each own a few adjacent
   elements of every unit: no exchange between threads until a program's end;
+* ``prepared``: the default's launch built once (``plan_tied_grad_reduce``) and only
+  run in the timed call: the kernel and the statistics' sum without the host's checks
+  and table copy, i.e. the kernel's own bandwidth;
 * ``torch``: the plain PyTorch composition — stack, sum into .grad, norms, dots;
 * ``copy``: ``dst.copy_(src)`` moving the same number of bytes, the speed of
   light for a memory-bound pass on this device.
@@ -116,6 +119,7 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
         "triton": time_ms(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, warmup=10, rep=50),
         **{layout: time_ms(lambda lay=layout: tg.tied_grad_reduce(contributions, grads, backend="triton", layout=lay),
                            device, warmup=10, rep=50) for layout in LAYOUTS},
+        "prepared": time_ms(tg.plan_tied_grad_reduce(contributions, grads).run, device, warmup=10, rep=50),
         "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
     }
     host = host_us(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device,
@@ -127,6 +131,7 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
     return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps, "host_us": host,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"],
+            "prepared_of_copy": gbps["prepared_gbps"] / gbps["copy_gbps"],
             **{f"{layout}_of_copy": gbps[f"{layout}_gbps"] / gbps["copy_gbps"] for layout in LAYOUTS}}
 
 
@@ -145,7 +150,7 @@ def host_us(fn, device: torch.device, reps: int = 50) -> float:
 def print_table(rows: list[dict]) -> None:
     print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fixed GB/s':>11} {'fitted GB/s':>12} "
           f"{'columns GB/s':>13} {'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} "
-          f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16} {'host us':>8}")
+          f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16} {'prepared of copy':>17} {'host us':>8}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {'skipped: ' + r['skipped']:>12}")
@@ -153,7 +158,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {r['triton_gbps']:>12.4g} {r['fixed_gbps']:>11.4g} "
               f"{r['fitted_gbps']:>12.4g} {r['columns_gbps']:>13.4g} {r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} "
               f"{r['of_copy']:>8.1%} {r['vs_torch']:>8.2f}x {r['fixed_of_copy']:>14.1%} {r['fitted_of_copy']:>15.1%} "
-              f"{r['columns_of_copy']:>16.1%} {r['host_us']:>8.1f}")
+              f"{r['columns_of_copy']:>16.1%} {r['prepared_of_copy']:>17.1%} {r['host_us']:>8.1f}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -167,7 +172,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for K, ax in zip(units, axes[0]):
         pts = sorted((r for r in rows if r["K"] == K and r["case"] == "tensor" and "skipped" not in r),
                      key=lambda r: r["size_mb"])
-        for key in ("triton", *LAYOUTS, "torch", "copy"):
+        for key in ("triton", *LAYOUTS, "prepared", "torch", "copy"):
             if pts:
                 ax.plot([r["size_mb"] for r in pts], [r[f"{key}_gbps"] for r in pts], marker="o", label=key)
         ax.set_xscale("log", base=2)

@@ -18,6 +18,12 @@ It also provides ``flatten_for_collective`` / ``unflatten_into``: a tie group's
 gradients packed (and scaled) into one flat buffer so that replicas on several
 pipeline stages are summed with one collective per group, then copied back.
 
+``plan_tied_grad_reduce`` does a call's host work once (checks, the address tables'
+copy to the device, the partials buffer) and returns a ``TiedGradPlan`` whose
+``run()`` is one launch and one sum: for buffers reduced many times, and for the
+benchmark, which tells the kernel's bandwidth from the host's time per call with it
+(an H100 spent 100-500 us of host time per call, BENCHMARKS.md).
+
 Design: one multi-tensor launch over pointer tables
 ---------------------------------------------------
 The kernel takes a table of raw addresses (int64 ``data_ptr()`` of every
@@ -448,7 +454,35 @@ def _chunk_size(total: int, block: int, device: torch.device, num_warps: int = 8
     return block * max(1, min(_MAX_TILES_PER_CHUNK, tiles))
 
 
-def _reduce_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], layout: str) -> TiedGradStats:
+@dataclass
+class TiedGradPlan:
+    """One reduction's launch, prepared once: its device tables, partials buffer and kernel arguments.
+
+    ``run()`` adds Σ_k contributions into the grads again and returns the statistics,
+    doing only the launch and the partials' sum: no checks, no host-to-device copy.
+    Build it with ``plan_tied_grad_reduce`` for a set of buffers reduced many times
+    (and for the benchmark, which times ``run()`` to separate the kernel's bandwidth
+    from the host's work per call). It keeps the tensors alive: the tables hold their
+    addresses, so the buffers must not be replaced (in-place updates are fine).
+    """
+
+    kernel: object
+    grid: tuple[int]
+    args: tuple
+    meta: dict
+    partials: torch.Tensor
+    n_units: int
+    tensors: tuple  # the contributions and grads whose addresses the tables hold
+
+    def run(self) -> TiedGradStats:
+        if self.grid[0]:
+            self.kernel[self.grid](*self.args, self.partials, *self.meta["scalars"], **self.meta["constexprs"])
+        stats = self.partials.sum(0)  # (3, K_PAD)
+        n = self.n_units
+        return TiedGradStats(sq_norms=stats[0, :n], dots=stats[1, :n], sum_sq=stats[2, 0])
+
+
+def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], layout: str) -> TiedGradPlan:
     n_units, device = len(contributions[0]), grads[0].device
     # Non-contiguous contributions are copied to dense ones (the flat index needs it).
     contributions = [[g if g.is_contiguous() else g.contiguous() for g in units] for units in contributions]
@@ -472,15 +506,26 @@ def _reduce_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Te
     # Every program writes its whole (3, K_PAD) row, so no fill is needed (one launch fewer), unless none runs.
     partials = (torch.empty if n_chunks else torch.zeros)((max(n_chunks, 1), 3, k_pad), device=device,
                                                           dtype=torch.float32)
-    aligned = _aligned([g for units in contributions for g in units] + grads)
-    if n_chunks:
-        kernel[(n_chunks,)](
-            *tables, partials, len(grads), n_units, chunk_size,
-            C_TYPE=_TL_DTYPE[contributions[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype],
-            K_PAD=k_pad, T_PAD=triton.next_power_of_2(len(grads)), ALIGNED=aligned, num_warps=num_warps, **consts,
-        )
-    stats = partials.sum(0)  # (3, K_PAD)
-    return TiedGradStats(sq_norms=stats[0, :n_units], dots=stats[1, :n_units], sum_sq=stats[2, 0])
+    constexprs = dict(C_TYPE=_TL_DTYPE[contributions[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype], K_PAD=k_pad,
+                      T_PAD=triton.next_power_of_2(len(grads)),
+                      ALIGNED=_aligned([g for units in contributions for g in units] + grads),
+                      num_warps=num_warps, **consts)
+    return TiedGradPlan(kernel, (n_chunks,), tuple(tables), {"scalars": (len(grads), n_units, chunk_size),
+                                                            "constexprs": constexprs},
+                        partials, n_units, (contributions, grads))
+
+
+def plan_tied_grad_reduce(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor],
+                          layout: str = "auto") -> TiedGradPlan:
+    """``tied_grad_reduce``'s Triton launch for these buffers, checked and prepared once (``TiedGradPlan``).
+
+    Needs CUDA tensors (or CPU ones under TRITON_INTERPRET=1). Each ``plan.run()`` equals one
+    ``tied_grad_reduce(contributions, grads, backend="triton", layout=layout)`` on the buffers' current values.
+    """
+    _check_reduce_inputs(contributions, grads)
+    _use_triton("triton", grads[0].device)  # raises where the kernel cannot run
+    _check_layout(layout)
+    return _plan_triton(contributions, grads, _resolve_layout(layout, len(contributions[0])))
 
 
 def tied_grad_reduce(
@@ -501,7 +546,7 @@ def tied_grad_reduce(
     _check_reduce_inputs(contributions, grads)
     if _use_triton(backend, grads[0].device):
         _check_layout(layout)  # here too: under the interpreter _num_warps is not consulted
-        return _reduce_triton(contributions, grads, _resolve_layout(layout, len(contributions[0])))
+        return _plan_triton(contributions, grads, _resolve_layout(layout, len(contributions[0]))).run()
     return tied_grad_reduce_reference(contributions, grads)
 
 

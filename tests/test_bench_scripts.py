@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,11 +52,12 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
     assert [j["name"] for j in session["jobs"]] == [
-        "train_350m", "tied_grad", "cast_tests", "new_tests", "train_options", "tma_tests", "fused_loss", "kernel_tests",
+        "tied_grad", "train_350m", "cast_tests", "new_tests", "train_options", "tma_tests", "fused_loss", "kernel_tests",
         "untie", "startup"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
-    assert json.loads((out / "tied_grad.json").read_text())["results"]
+    tied = json.loads((out / "tied_grad.json").read_text())["results"]
+    assert tied and all(r["prepared_gbps"] > 0 and r["host_us"] > 0 for r in tied)
     tied_and_untied = json.loads((out / "train_350m.json").read_text())["results"]
     assert {(r["sharing"], r["variant"]) for r in tied_and_untied if r["trainer"] == "megascale"} == {
         ("none", ""), ("none", "train.loss_chunk_tokens=32"), ("all", ""), ("all", "train.loss_chunk_tokens=32")}
@@ -78,7 +80,8 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert "Kernel tests at real shapes, first listed tile: " in text and "collected, none run" in text
     assert "New tests at real shapes (cuDNN attention as auto's choice, the reduction's layouts): " in text
     assert "Attention through TMA at real shapes, bf16, first listed tile: 13/68 collected, none run" in text
-    assert "Kernels with fp32-cast float arguments at real shapes, bf16: 26/127 collected, none run" in text
+    # of every test in the two files (the denominator grows with them), the cast tests' 26
+    assert re.search(r"Kernels with fp32-cast float arguments at real shapes, bf16: 26/\d+ collected, none run", text)
     assert "| 128 | plain | auto |" in text and "| 128 | fused | auto |" in text  # the fused-loss table
     assert "Kernel tests, autotuned tiles (bf16, head dim 128): not run." in text
     assert "Attention: not run." in text  # not among the jobs asked for
@@ -94,8 +97,8 @@ def test_gpu_session_stops_at_its_budget(tmp_path):
     out = tmp_path / "session"
     proc = _run(["bench/gpu_session.py", "--smoke", "--part", "train", "--budget", "5", "--out", str(out)])
     assert proc.returncode == 1
-    assert "not complete: train_350m, train_1.3b_now, train_ckpt_now" in proc.stdout
-    assert "to rerun them: python3 bench/gpu_session.py --only train_350m,train_1.3b_now,train_ckpt_now," in proc.stdout
+    assert "not complete: train_options_1.3b, train_small_auto, step_profile" in proc.stdout
+    assert "to rerun them: python3 bench/gpu_session.py --only train_options_1.3b,train_small_auto,step_profile," in proc.stdout
     jobs = json.loads((out / "session.json").read_text())["jobs"]
     assert jobs and all(j["rc"] is None and j["log"] == "not started: budget spent" for j in jobs)
 

@@ -23,6 +23,7 @@ from megascale.kernels.tied_grad import (  # noqa: E402
     chosen_backend,
     coherence,
     flatten_for_collective,
+    plan_tied_grad_reduce,
     tied_grad_reduce,
     tied_grad_reduce_reference,
     unflatten_into,
@@ -164,6 +165,31 @@ def test_stats_are_of_this_steps_contributions_only():
     torch.testing.assert_close(stats.sq_norms, torch.stack([f @ f for f in flat]), rtol=STATS_RTOL, atol=0)
     torch.testing.assert_close(stats.dots, torch.stack([f @ total for f in flat]), rtol=STATS_RTOL, atol=0)
     torch.testing.assert_close(stats.sum_sq, total @ total, rtol=STATS_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["auto", "fixed"])
+def test_a_plan_reduces_like_a_call_each_time_it_runs(layout):
+    """plan_tied_grad_reduce checks and prepares once; every run() adds the buffers' current contributions
+    again and returns their statistics, as tied_grad_reduce would."""
+    contributions, grads = _group(3, [(50,), (9, 3), (0,)], torch.float32, torch.float32, seed=5)
+    expected = [g.clone() for g in grads]
+    plan = plan_tied_grad_reduce(contributions, grads, layout=layout)
+    for step in range(2):
+        for units in contributions:  # new values in the same buffers, as a training step writes them
+            for u in units:
+                u.mul_(-0.5 if step else 1.0)
+        want = tied_grad_reduce_reference(contributions, expected)
+        _assert_stats_close(plan.run(), want)
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e)
+
+
+def test_a_plan_refuses_what_a_call_refuses():
+    contributions, grads = _group(2, [(8,)], torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="layout 'wide' is not one of"):
+        plan_tied_grad_reduce(contributions, grads, layout="wide")
+    with pytest.raises(ValueError, match="units, expected"):
+        plan_tied_grad_reduce([contributions[0], contributions[0][:1]], grads * 2)
 
 
 def test_coherence_extremes():
