@@ -55,7 +55,7 @@ import torch  # noqa: E402
 from megascale.config import Config, load_config  # noqa: E402
 from megascale.model import Transformer  # noqa: E402
 from megascale.model.attention import resolve_backend  # noqa: E402
-from megascale.model.ops import resolve_ops_backend  # noqa: E402
+from megascale.model.ops import resolve_loss_ops_backend, resolve_ops_backend  # noqa: E402
 
 
 @dataclass
@@ -147,7 +147,8 @@ def megascale_trainer(cfg: Config, device: torch.device, ctx, groups):
     model = make_model(cfg, device, backend)
     # As launch/pretrain.py's build_model does: until 2026-11-26 this was missing, and a model.fused_ops=triton
     # variant (the second H200 session's) measured the torch ops.
-    model.set_ops_backend(resolve_ops_backend(cfg.model.fused_ops, device, cfg.train.compile)[0])
+    model.set_ops_backend(resolve_ops_backend(cfg.model.fused_ops, device, cfg.train.compile)[0],
+                          resolve_loss_ops_backend(cfg.model.fused_ops, device))
     engine = build_engine(model, cfg, batch_layout(cfg, 1), device, groups)
 
     # train_step's sequence for one micro-batch per step

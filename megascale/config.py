@@ -63,7 +63,7 @@ class ModelConfig:
     attention: str = "auto"
     """Attention backend: auto (cudnn on Hopper and newer GPUs, measured fastest there; the Triton kernel on other GPUs; else torch) | torch (SDPA, PyTorch's backend order) | triton | triton-tma (the Triton kernel with its forward through TMA descriptors; Hopper, Triton >= 3.4) | cudnn (SDPA, cuDNN's backend first; CUDA)."""
     fused_ops: str = "auto"
-    """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: auto (the Triton kernels on CUDA unless train.compile, which fuses the PyTorch ops itself; PyTorch elsewhere) | torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). auto because an H100 trained 350m 1.82x faster with the kernels, eager (BENCHMARKS.md)."""
+    """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps: auto (the Triton kernels on CUDA, except in compiled blocks, where Inductor fuses the PyTorch ops itself; PyTorch elsewhere) | torch | triton (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1). auto because an H100 trained 350m 1.82x faster with the kernels, eager (BENCHMARKS.md)."""
     init_std: float = 0.02
     """Std of the normal initialisation; residual output projections are scaled by 1/sqrt(2*n_layers)."""
 

@@ -333,3 +333,24 @@ def test_auto_ops_take_the_kernels_on_cuda_only_for_eager_blocks(monkeypatch):
     assert resolve_ops_backend("auto", torch.device("cpu"))[0] == "torch"
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "triton" else object())
     assert resolve_ops_backend("auto", cuda) == ("torch", "auto: Triton is not installed")
+
+
+def test_the_loss_rows_keep_the_kernels_under_compile():
+    """train.compile compiles the blocks only: auto gives the blocks PyTorch ops there, and the (eager) fused
+    loss its row kernels; the model takes the two choices apart."""
+    from megascale.config import ModelConfig
+    from megascale.model import Transformer
+    from megascale.model.llama import LMHead
+    from megascale.model.ops import resolve_loss_ops_backend
+
+    cuda = torch.device("cuda")
+    assert resolve_loss_ops_backend("auto", cuda) == "triton"
+    assert resolve_loss_ops_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_loss_ops_backend("torch", cuda) == "torch"
+    model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=16))
+    model.set_ops_backend("torch", "triton")
+    ops = {type(m).__name__: m.ops for m in model.modules() if hasattr(m, "ops")}
+    assert ops.pop("LMHead") == "triton" and set(ops.values()) == {"torch"}, ops
+    model.set_ops_backend("triton")
+    assert {m.ops for m in model.modules() if hasattr(m, "ops")} == {"triton"}
+    assert isinstance(model.lm_head, LMHead)

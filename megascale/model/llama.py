@@ -244,10 +244,13 @@ class Transformer(nn.Module):
         for block in self.blocks.values():
             block.attn.backend = backend
 
-    def set_ops_backend(self, backend: str) -> None:
-        """RMSNorm, RoPE, SwiGLU and the fused loss's row-wise steps in PyTorch ("torch") or as Triton kernels ("triton")."""
+    def set_ops_backend(self, backend: str, loss_backend: str | None = None) -> None:
+        """RMSNorm, RoPE, SwiGLU in PyTorch ("torch") or as Triton kernels ("triton"), and the fused loss's
+        row-wise steps by ``loss_backend`` (default: the same)."""
         for module in self.modules():
-            if isinstance(module, (RMSNorm, Attention, MLP, LMHead)):
+            if isinstance(module, LMHead):
+                module.ops = loss_backend or backend
+            elif isinstance(module, (RMSNorm, Attention, MLP)):
                 module.ops = backend
 
     def forward(

@@ -7,7 +7,9 @@ against (``tests/test_kernels_fused.py``). ``auto``, the default, takes the kern
 on CUDA when the blocks run eagerly: an H100 trained 350m 1.82x faster with them
 than with the PyTorch ops (BENCHMARKS.md, 2026-11-26), whose eager forms are chains
 of elementwise kernels over fp32 copies. Under ``train.compile`` it keeps the PyTorch
-ops, which Inductor fuses itself (the combination the 1.3b figures measured).
+ops in the blocks, which Inductor fuses itself (the combination the 1.3b figures
+measured), and the kernels in the fused loss, which is not compiled
+(``resolve_loss_ops_backend``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def resolve_ops_backend(requested: str, device: torch.device, compiled: bool = F
         raise MegascaleError(f"model.fused_ops=triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU, for tests), "
                              f"not {device.type}; use model.fused_ops=torch")
     return "triton", "requested"
+
+
+def resolve_loss_ops_backend(requested: str, device: torch.device) -> str:
+    """The fused loss's row-wise steps: as ``resolve_ops_backend`` says for eager blocks, compiled or not.
+
+    train.compile compiles the blocks only, so the loss's PyTorch row ops run eagerly under it too; an H200
+    ran the fused head and loss 1.8x faster with the row kernels (bench/fused_loss.py, BENCHMARKS.md).
+    """
+    return resolve_ops_backend(requested, device, compiled=False)[0]
 
 
 def _kernel_or_none(module: str, reason: str | None, what: str):
