@@ -28,6 +28,12 @@ half the largest that fit (headroom for DeepSpeed's buffers), for the tied model
 too, so both do the same work per step. A table on stdout; ``--json`` writes it with device, date and versions, after
 every row (a run cut off by a time limit keeps what it measured).
 
+``--accum N`` gives both trainers N micro-batches per optimizer step (gradient
+accumulation, as the configs train: their global batches are tens of micro-batches),
+so the update is paid once per N forward/backward passes; a "step" in the table is
+still one micro-batch, and the timed steps and warm-up are rounded up to whole
+optimizer steps. The default, 1, steps the optimizer after every micro-batch.
+
 ``--variants`` runs several megascale trainers, each with its own config overrides
 (semicolon-separated sets, comma-separated overrides within a set), against the
 same plain loop in the same run: an optimisation's before/after figure.
@@ -69,15 +75,18 @@ class Result:
     tflops: float
     mfu: float | None
     peak_gib: float | None
-    step_ms: float
+    step_ms: float  # per micro-batch
     variant: str = ""  # megascale config overrides of this trainer ("" = the config's defaults)
     state_gib: float | None = None  # megascale: weights + optimizer state held between steps, measured (each storage once)
     state_formula_gib: float | None = None  # megascale: the same by megascale.train.memory's formula
+    accum: int = 1  # micro-batches per optimizer step
 
 
 def bench_config(name: str, args, variant: str = "") -> Config:
+    accum = getattr(args, "accum", 1)  # one process: the global batch is micro-batch x accumulation steps
     overrides = [f"model.sharing={args.sharing}", "train.zero_stage=1", f"train.micro_batch_size={args.micro}",
-                 "train.global_batch_size=0", f"parallel.activation_checkpointing={str(args.ckpt_on).lower()}"]
+                 f"train.global_batch_size={args.micro * accum if accum > 1 else 0}",
+                 f"parallel.activation_checkpointing={str(args.ckpt_on).lower()}"]
     if args.cpu:
         overrides += ["train.precision=fp32", f"data.seq_len={args.seq or 128}"]
     else:
@@ -132,12 +141,26 @@ def plain_trainer(cfg: Config, device: torch.device):
         with autocast:
             return model(*batch)
 
-    def update():
+    accum = accumulation_steps(cfg)
+    calls = [0]
+
+    def backward(loss):
+        (loss / accum if accum > 1 else loss).backward()
+
+    def update():  # called after every micro-batch, as DeepSpeed's engine.step(): steps at the boundary only
+        calls[0] += 1
+        if calls[0] % accum:
+            return
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return model, _composed(forward, lambda loss: loss.backward(), update)
+    return model, _composed(forward, backward, update)
+
+
+def accumulation_steps(cfg: Config) -> int:
+    """Micro-batches per optimizer step of a one-process run (global batch / micro-batch; 0 means one)."""
+    return max(1, cfg.train.global_batch_size // cfg.train.micro_batch_size)
 
 
 def megascale_trainer(cfg: Config, device: torch.device, ctx, groups):
@@ -212,13 +235,15 @@ def measure_all_cpu(name: str, args, device, ctx, groups) -> tuple[list[Result],
         try:
             variant_cfg = bench_config(name, args, v)
             model, step = megascale_trainer(variant_cfg, device, ctx, groups)
-            step(batches[0])  # one more warm-up step: a variant that cannot train fails here, not mid-timing
+            for _ in range(accumulation_steps(variant_cfg)):  # one more warm-up optimizer step: a variant that
+                step(batches[0])  # cannot train fails here, not mid-timing
         except Exception as exc:  # noqa: BLE001 - one variant's failure must not lose the others
             failures.append(Failure(name, args.sharing, args.ckpt_on, v, one_line(exc)))
             continue
         trainers.append(("megascale", v, variant_cfg, model, step))
-    rounds = max(1, args.steps // 5)
-    secs = interleaved([step for *_, step in trainers], batches, args.warmup, rounds, 5, device)
+    per_round = -(-5 // accumulation_steps(cfg)) * accumulation_steps(cfg)  # whole optimizer steps per window
+    rounds = max(1, args.steps // per_round)
+    secs = interleaved([step for *_, step in trainers], batches, args.warmup, rounds, per_round, device)
     return [result(name, trainer, trainer_cfg, model, s, device, args, variant, step)
             for (trainer, variant, trainer_cfg, model, step), s in zip(trainers, secs)], failures
 
@@ -230,7 +255,8 @@ def result(name: str, trainer: str, cfg: Config, model: Transformer, seconds: fl
     peak = peak_tflops(device)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return Result(name, args.sharing, args.ckpt_on, trainer, cfg.train.micro_batch_size, tokens, tflops,
-                  tflops / peak if peak else None, mem, seconds * 1e3, variant, *state_memory(step, cfg))
+                  tflops / peak if peak else None, mem, seconds * 1e3, variant, *state_memory(step, cfg),
+                  accumulation_steps(cfg))
 
 
 def measure(name: str, trainer: str, args, device, ctx, groups, variant: str = "") -> Result:
@@ -301,7 +327,8 @@ def row(r: Result, base: Result | None) -> str:
     mem = f"{r.peak_gib:7.1f}" if r.peak_gib is not None else "    n/a"
     ratio = f"{r.tokens_per_s / base.tokens_per_s:6.3f}" if base else "      "
     state = f"{r.state_gib:7.2f} / {r.state_formula_gib:<7.2f}" if r.state_gib is not None else " " * 17
-    return (f"{r.config:<6} {r.sharing:<5} {'on' if r.ckpt else 'off':<4} {r.trainer:<9} {r.micro_batch:>5} "
+    micro = f"{r.micro_batch}x{r.accum}" if r.accum > 1 else str(r.micro_batch)
+    return (f"{r.config:<6} {r.sharing:<5} {'on' if r.ckpt else 'off':<4} {r.trainer:<9} {micro:>5} "
             f"{r.step_ms:9.1f} {r.tokens_per_s:11,.0f} {r.tflops:8.2f} {mfu} {mem} {state} {ratio}  {r.variant}")
 
 
@@ -318,10 +345,15 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=0, help="sequence length (default 2048 on GPU, 128 on CPU)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation), "
+                   "both trainers; steps and warm-up are rounded up to whole optimizer steps")
     p.add_argument("--variants", default="", help='megascale override sets, e.g. "train.compile=false;train.compile=true"')
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     args.variant_list = args.variants.split(";") if args.variants else [""]
+    if args.accum < 1:
+        raise SystemExit(f"--accum {args.accum}: give 1 or more micro-batches per optimizer step")
+    args.steps, args.warmup = (-(-n // args.accum) * args.accum for n in (args.steps, args.warmup))
     if args.cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     from megascale.train.dist import init_distributed  # noqa: PLC0415

@@ -97,8 +97,8 @@ def test_gpu_session_stops_at_its_budget(tmp_path):
     out = tmp_path / "session"
     proc = _run(["bench/gpu_session.py", "--smoke", "--part", "train", "--budget", "5", "--out", str(out)])
     assert proc.returncode == 1
-    assert "not complete: train_options_1.3b, train_small_auto, step_profile" in proc.stdout
-    assert "to rerun them: python3 bench/gpu_session.py --only train_options_1.3b,train_small_auto,step_profile," in proc.stdout
+    assert "not complete: train_options_1.3b, train_accum, train_small_auto, step_profile" in proc.stdout
+    assert "to rerun them: python3 bench/gpu_session.py --only train_options_1.3b,train_accum,train_small_auto," in proc.stdout
     jobs = json.loads((out / "session.json").read_text())["jobs"]
     assert jobs and all(j["rc"] is None and j["log"] == "not started: budget spent" for j in jobs)
 
@@ -373,3 +373,44 @@ def test_gpu_report_judges_each_config_by_its_fastest_variant(tmp_path, monkeypa
     assert "* target megascale ≥ 1.15× plain, each config's fastest variant: met (lowest 1.400×: 350m, sharing none" in text
     assert "* 350m, act. ckpt off, `FAST`: tied MFU 43.0% vs untied 42.0% (within 5%: met); state 1.00 vs 4.80 GiB" in text
     assert "* 350m, act. ckpt off, `defaults`: tied MFU 31.0% vs untied 28.0% (within 5%: **not met**)" in text
+
+    # Rows with gradient accumulation say so, in the table and in the verdict they decide.
+    accum = [row("plain", "none", "", 0.30), {**row("megascale", "none", "", 0.45, 4.8), "accum": 8}]
+    (tmp_path / "train_350m.json").write_text(json.dumps({"device": "NVIDIA H100", "results": accum}))
+    text = "\n".join(gpu_report.train_section(tmp_path))
+    assert "| 350m | none | off | megascale | – | 16×8 |" in text
+    assert "* target 350m MFU ≥ 40%: met (best 45.0%, `defaults`, 8 micro-batches per optimizer step)" in text
+
+
+def test_accumulation_steps_the_optimizer_once_per_window_in_both_trainers():
+    """--accum 2: each trainer's step() is one micro-batch, and the optimizer moves on every second one only
+    (DeepSpeed's boundary for megascale, the plain loop's own counter)."""
+    code = f"""
+import argparse, os, sys
+os.environ["DS_ACCELERATOR"] = "cpu"
+sys.path.insert(0, {str(ROOT / "bench")!r})
+import torch
+import train_throughput as tt
+from megascale.train.dist import init_distributed
+from megascale.train.loop import make_groups
+
+ctx = init_distributed()
+args = argparse.Namespace(cpu=True, seq=0, micro=2, sharing="none", ckpt_on=False, accum=2)
+cfg = tt.bench_config("tiny", args)
+print("accum", tt.accumulation_steps(cfg))
+batch = tt.random_batches(cfg, 1, ctx.device)[0]
+for trainer in ("plain", "megascale"):
+    model, step = (tt.plain_trainer(cfg, ctx.device) if trainer == "plain"
+                   else tt.megascale_trainer(cfg, ctx.device, ctx, make_groups(cfg, ctx)))
+    weight = next(model.parameters())
+    before = weight.detach().clone()
+    step(batch)
+    moved_after_one = not torch.equal(weight.detach(), before)
+    step(batch)
+    print(trainer, moved_after_one, not torch.equal(weight.detach(), before))
+"""
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "accum 2" in lines
+    assert "plain False True" in lines and "megascale False True" in lines, proc.stdout
