@@ -192,6 +192,22 @@ def test_a_plan_refuses_what_a_call_refuses():
         plan_tied_grad_reduce([contributions[0], contributions[0][:1]], grads * 2)
 
 
+def test_a_repeated_call_reuses_its_device_tables():
+    """The address tables are a pure function of the addresses and sizes: a second call on the same buffers
+    copies nothing to the device (a cache hit), and reduces the same."""
+    from megascale.kernels.tied_grad import _device_tables
+
+    contributions, grads = _group(2, [(40,), (3, 7)], torch.float32, torch.float32, seed=9)
+    expected = [g.clone() for g in grads]
+    for _ in range(2):
+        hits = _device_tables.cache_info().hits
+        want = tied_grad_reduce_reference(contributions, expected)
+        _assert_stats_close(tied_grad_reduce(contributions, grads, backend="triton"), want)
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e)
+    assert _device_tables.cache_info().hits == hits + 1
+
+
 def test_coherence_extremes():
     g = torch.randn(40, device=DEVICE)
     same = tied_grad_reduce([[g.clone() for _ in range(4)]], [torch.zeros(40, device=DEVICE)], backend="triton")
