@@ -112,11 +112,6 @@ def jobs(png: bool) -> list[Job]:
         # compile, and the earlier eager PyTorch ops; 125m/350m with the new default (auto: the fused ops, eager);
         # #3's reduction with its launch prepared once (the kernel's own bandwidth) beside the host's time per call;
         # where a 1.3b step goes with each.
-        Job("train_options_1.3b", "train",
-            [*train, "--configs", "1.3b", "--micro-batch", "8", "--ckpt", "off", "--sharings", "none", "--variants",
-             f";model.fused_ops=torch;model.fused_ops=triton;train.compile=false;{AUTOCAST};"
-             "train.compile=false,model.fused_ops=torch", "--json", "{out}/train_options_1.3b.json"],
-            [*train_smoke, "--sharings", "none", "--json", "{out}/train_options_1.3b.json"], 270),
         # As the configs train: their global batches are many micro-batches, so the optimizer step (DeepSpeed's
         # bf16 ZeRO-1 update, 51 of a 1.3b step's 318 ms on the H100) is paid once per 8 of them, in both trainers.
         Job("train_accum", "train",
@@ -124,13 +119,18 @@ def jobs(png: bool) -> list[Job]:
              "--micro-batch", "350m=16,1.3b=8", "--ckpt", "off", "--sharings", "none",
              "--json", "{out}/train_accum.json"],
             [*train_smoke, "--sharings", "none", "--accum", "2", "--json", "{out}/train_accum.json"], 180),
+        Job("tied_grad", "kernels",  # the default layout against "fitted" and "columns"
+            ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
+            ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
+        Job("train_options_1.3b", "train",
+            [*train, "--configs", "1.3b", "--micro-batch", "8", "--ckpt", "off", "--sharings", "none", "--variants",
+             f";model.fused_ops=torch;model.fused_ops=triton;train.compile=false;{AUTOCAST};"
+             "train.compile=false,model.fused_ops=torch", "--json", "{out}/train_options_1.3b.json"],
+            [*train_smoke, "--sharings", "none", "--json", "{out}/train_options_1.3b.json"], 270),
         Job("train_small_auto", "train",
             [*train, "--configs", "125m,350m", "--micro-batch", "125m=32,350m=16", "--ckpt", "off",
              "--sharings", "none,all", "--json", "{out}/train_small_auto.json"],
             [*train_smoke, "--json", "{out}/train_small_auto.json"], 150),
-        Job("tied_grad", "kernels",  # the default layout against "fitted" and "columns"
-            ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
-            ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
         Job("step_profile", "train",
             ["bench/step_profile.py", "--config", "1.3b", "--micro-batch", "8", "--variants",
              ";model.fused_ops=triton;train.compile=false", "--json", "{out}/step_profile.json", *plot("step_profile")],

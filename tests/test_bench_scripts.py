@@ -97,8 +97,8 @@ def test_gpu_session_stops_at_its_budget(tmp_path):
     out = tmp_path / "session"
     proc = _run(["bench/gpu_session.py", "--smoke", "--part", "train", "--budget", "5", "--out", str(out)])
     assert proc.returncode == 1
-    assert "not complete: train_options_1.3b, train_accum, train_small_auto, step_profile" in proc.stdout
-    assert "to rerun them: python3 bench/gpu_session.py --only train_options_1.3b,train_accum,train_small_auto," in proc.stdout
+    assert "not complete: train_accum, train_options_1.3b, train_small_auto, step_profile" in proc.stdout
+    assert "to rerun them: python3 bench/gpu_session.py --only train_accum,train_options_1.3b,train_small_auto," in proc.stdout
     jobs = json.loads((out / "session.json").read_text())["jobs"]
     assert jobs and all(j["rc"] is None and j["log"] == "not started: budget spent" for j in jobs)
 
