@@ -121,19 +121,21 @@ def tied_grad_section(folder: Path) -> list[str]:
     rows = [r for r in data["results"] if "triton_gbps" in r]
     out = [[r["K"], r["case"], r["size_mb"], r["triton_gbps"], r.get("fixed_gbps"), r.get("fitted_gbps"),
             r.get("columns_gbps"), r["torch_gbps"], r["copy_gbps"], r["of_copy"], r.get("fixed_of_copy"),
-            r.get("fitted_of_copy"), r.get("columns_of_copy"), r.get("prepared_of_copy"), r["vs_torch"],
+            r.get("fitted_of_copy"), r.get("columns_of_copy"), r.get("wide_of_copy"), r.get("prepared_of_copy"),
+            r["vs_torch"],
             r.get("host_us")] for r in rows]
     big = [r for r in rows if r["size_mb"] >= 64]  # small tensors are launch-bound: the targets are about bandwidth
     lines = ["Tied-gradient reduction (GB/s):", ""] + table(
         ["K", "case", "MB", "triton", "fixed", "fitted", "columns", "PyTorch", "copy", "of copy", "fixed of copy",
-         "fitted of copy", "columns of copy", "prepared of copy", "vs PyTorch", "host µs/call"], out) + [""]
+         "fitted of copy", "columns of copy", "wide of copy", "prepared of copy", "vs PyTorch", "host µs/call"],
+        out) + [""]
     lines.append(f"* target ≥ 85% of copy bandwidth (tensors ≥ 64 MB): {verdict(all(r['of_copy'] >= 0.85 for r in big) if big else None)}")
     lines.append(f"* target ≥ 2× the PyTorch composition (tensors ≥ 64 MB): {verdict(all(r['vs_torch'] >= 2 for r in big) if big else None)}")
     prepared = [r for r in big if "prepared_of_copy" in r]
     if prepared:  # the kernel's own bandwidth: the launch prepared once, outside the timed call
         lines.append(f"* prepared launch (the kernel without the host's per-call work), ≥ 85% of copy bandwidth "
                      f"(tensors ≥ 64 MB): {verdict(all(r['prepared_of_copy'] >= 0.85 for r in prepared))}")
-    for layout in ("fixed", "fitted", "columns"):
+    for layout in ("fixed", "fitted", "columns", "wide"):
         measured = [r for r in big if f"{layout}_of_copy" in r]
         if measured:
             lines.append(f"* layout `{layout}`, ≥ 85% of copy bandwidth (tensors ≥ 64 MB): "

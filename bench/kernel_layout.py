@@ -51,8 +51,8 @@ def compile_reduce(tg, k: int, layout: str, c_dtype: str, g_dtype: str, arch: in
     k_pad = triton.next_power_of_2(k)
     c_size, g_size = DTYPES[c_dtype][1], DTYPES[g_dtype][1]
     consts = {"C_TYPE": DTYPES[c_dtype][0], "G_TYPE": DTYPES[g_dtype][0], "K_PAD": k_pad, "T_PAD": T_PAD, "ALIGNED": True}
-    if layout == "columns":
-        vec = tg._column_vec(k_pad, c_size, g_size)
+    if layout in ("columns", "wide"):
+        vec = tg._column_vec(k_pad, c_size, g_size, tg._WIDE_VALUES if layout == "wide" else tg._COLUMN_VALUES)
         warps, fn, extra = tg._COLUMN_WARPS, tg._columns_kernel, {"COLS": 32 * tg._COLUMN_WARPS, "VEC": vec}
         tile = f"{k_pad} x {32 * warps} x {vec}"
     else:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--units", default="2,4,8,16,24,32", help="values of K")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the contributions' dtype")
     p.add_argument("--grad-dtype", choices=sorted(DTYPES), default=None, help="the .grad buffers' (default: --dtype)")
-    p.add_argument("--layouts", default=",".join(("fixed", "fitted", "columns")), help="layouts of tied_grad_reduce")
+    p.add_argument("--layouts", default=",".join(("fixed", "fitted", "columns", "wide")), help="layouts of tied_grad_reduce")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200)")
     args = p.parse_args(argv)
     (tg,) = checkout_kernels("tied_grad")

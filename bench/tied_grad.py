@@ -15,6 +15,8 @@ the bytes counted for every provider. Providers, side by side in one run:
   128-bit loads spans: the sum over units stays inside each thread);
 * ``columns``: ``layout="columns"``, the kernel whose threads each own a few adjacent
   elements of every unit: no exchange between threads until a program's end;
+* ``wide``: ``layout="wide"``, the same kernel with twice the registers for its tile
+  (wider loads from K = 17);
 * ``prepared``: the default's launch built once (``plan_tied_grad_reduce``) and only
   run in the timed call: the kernel and the statistics' sum without the host's checks
   and table copy, i.e. the kernel's own bandwidth;
@@ -50,7 +52,7 @@ import torch
 from _common import checkout_kernels, environment, time_ms, write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LAYOUTS = ("fixed", "fitted", "columns")  # timed beside the default, each by name
+LAYOUTS = ("fixed", "fitted", "columns", "wide")  # timed beside the default, each by name
 MB = 2**20
 LLAMA_BLOCK = dict(d=2048, ffn=5632, heads=32, kv_heads=8)
 
@@ -150,7 +152,8 @@ def host_us(fn, device: torch.device, reps: int = 50) -> float:
 def print_table(rows: list[dict]) -> None:
     print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fixed GB/s':>11} {'fitted GB/s':>12} "
           f"{'columns GB/s':>13} {'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} "
-          f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16} {'prepared of copy':>17} {'host us':>8}")
+          f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16} {'wide of copy':>13} "
+          f"{'prepared of copy':>17} {'host us':>8}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {'skipped: ' + r['skipped']:>12}")
@@ -158,7 +161,8 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {r['triton_gbps']:>12.4g} {r['fixed_gbps']:>11.4g} "
               f"{r['fitted_gbps']:>12.4g} {r['columns_gbps']:>13.4g} {r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} "
               f"{r['of_copy']:>8.1%} {r['vs_torch']:>8.2f}x {r['fixed_of_copy']:>14.1%} {r['fitted_of_copy']:>15.1%} "
-              f"{r['columns_of_copy']:>16.1%} {r['prepared_of_copy']:>17.1%} {r['host_us']:>8.1f}")
+              f"{r['columns_of_copy']:>16.1%} {r['wide_of_copy']:>13.1%} {r['prepared_of_copy']:>17.1%} "
+              f"{r['host_us']:>8.1f}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

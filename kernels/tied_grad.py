@@ -76,6 +76,13 @@ for K = 2-32 (K = 24 is 1.3b with ``sharing=all``). An earlier 3-D
 (K_PAD, COLS, VEC) form of it compiled as intended with 3.9 only: 3.6 put
 threads along the unit axis. From K = 64 it spills: correct, not fast.
 
+"wide" is the "columns" kernel with twice the register budget for its tile (K_PAD
+× VEC up to 128): at K = 17-32 each thread loads 4 adjacent bf16 of every unit (64-bit
+accesses) instead of 2, and the H100's figures for K = 24 (45% of the copy bandwidth
+with "columns", 32-bit loads) point at the narrow loads. sm_90a: 228 registers at
+K = 24, no spill (220 at K = 12, 128-bit loads). Not measured on a GPU yet, so no
+default picks it.
+
 "auto", the default, is "columns" up to K = 32 and "fixed" beyond. Measured on
 an H200 (BENCHMARKS.md, 2026-11-26, bf16; tensors of 64 MB-1 GB and a Llama
 block of 86 MB), as fractions of the copy bandwidth: "fixed" 8-23% from K = 4;
@@ -102,10 +109,11 @@ GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TILE_VALUES = 4096  # K_PAD × BLOCK values per program tile on a GPU (see the module docstring)
 _MAX_TILES_PER_CHUNK = 64  # caps a program at 64 tiles; longer tensors get more programs
-LAYOUTS = ("auto", "fixed", "fitted", "columns")
+LAYOUTS = ("auto", "fixed", "fitted", "columns", "wide")
 _COLUMNS_UP_TO = 32  # "auto": the largest K given "columns" (beyond, its tile spills; module docstring)
 _COLUMN_WARPS = 4  # "columns": warps per program, all along the elements (COLS = 32 × 4 threads)
 _COLUMN_VALUES = 64  # "columns": K_PAD × VEC contribution values per thread (fp32 registers for the tile)
+_WIDE_VALUES = 128  # "wide": the same kernel with twice that budget (module docstring)
 
 
 @dataclass(frozen=True)
@@ -444,8 +452,8 @@ def _num_warps(block: int, element_size: int, layout: str) -> int:
     return max(1, min(8, block // (32 * per_load)))
 
 
-def _column_vec(k_pad: int, c_size: int, g_size: int) -> int:
-    """"columns": elements per thread per unit, a power of two.
+def _column_vec(k_pad: int, c_size: int, g_size: int, values: int = _COLUMN_VALUES) -> int:
+    """"columns" ("wide": values=_WIDE_VALUES): elements per thread per unit, a power of two.
 
     At most one 128-bit access of the wider dtype: the .grad tile then gets the
     contributions' layout (with 8 bf16 per thread against 4 fp32, Triton exchanges
@@ -453,7 +461,7 @@ def _column_vec(k_pad: int, c_size: int, g_size: int) -> int:
     the K_PAD × VEC tile stays in registers (sm_90a, bench/kernel_layout.py: no spill
     up to K = 32, at VEC 2; from K = 64, VEC 1 changes the layout and spills).
     """
-    return max(1, min(16 // max(c_size, g_size), _COLUMN_VALUES // k_pad))
+    return max(1, min(16 // max(c_size, g_size), values // k_pad))
 
 
 def _chunk_size(total: int, block: int, device: torch.device, num_warps: int = 8) -> int:
@@ -500,8 +508,8 @@ def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tens
     contributions = [[g if g.is_contiguous() else g.contiguous() for g in units] for units in contributions]
     k_pad = triton.next_power_of_2(n_units)
     c_size = contributions[0][0].element_size()
-    if layout == "columns":
-        vec = _column_vec(k_pad, c_size, grads[0].element_size())
+    if layout in ("columns", "wide"):
+        vec = _column_vec(k_pad, c_size, grads[0].element_size(), _WIDE_VALUES if layout == "wide" else _COLUMN_VALUES)
         num_warps = 1 if INTERPRET else _COLUMN_WARPS
         cols = 4 if INTERPRET else 32 * num_warps
         block, consts, kernel = cols * vec, {"COLS": cols, "VEC": vec}, _columns_kernel
@@ -552,7 +560,7 @@ def tied_grad_reduce(
     contributions into fp32 grads); statistics are accumulated in fp32.
     Non-contiguous contributions are copied; non-contiguous grads raise ValueError.
     backend: "auto" (Triton on CUDA, else PyTorch), "triton" (also CPU under TRITON_INTERPRET=1), "torch".
-    layout: the Triton kernel and its warps: "auto" (the measured fastest for K), "fixed", "fitted" or "columns"
+    layout: the Triton kernel and its warps: "auto" (the measured fastest for K), "fixed", "fitted", "columns" or "wide"
     (module docstring).
     """
     _check_reduce_inputs(contributions, grads)

@@ -94,7 +94,7 @@ def test_reduce_matches_reference(n_units, c_dtype, g_dtype):
         torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("layout", ["fixed", "fitted", "columns"])
+@pytest.mark.parametrize("layout", ["fixed", "fitted", "columns", "wide"])
 @pytest.mark.parametrize("n_units", [1, 4, 12, 24])
 @pytest.mark.parametrize("c_dtype, g_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
                                               (torch.bfloat16, torch.bfloat16)], ids=["bf16-into-fp32", "fp32", "bf16"])
@@ -121,6 +121,8 @@ def test_warps_per_program_and_elements_per_thread():
     # columns: one 128-bit access of the wider dtype, and at most 64 values of the tile per thread
     assert [_column_vec(k_pad, 2, 2) for k_pad in (1, 2, 4, 8, 16, 32, 64, 128)] == [8, 8, 8, 8, 4, 2, 1, 1]
     assert [_column_vec(k_pad, 2, 4) for k_pad in (1, 8, 16, 32)] == [4, 4, 4, 2]  # bf16 into fp32 grads
+    # wide: twice the values, so 64-bit loads of bf16 at K = 17-32
+    assert [_column_vec(k_pad, 2, 2, 128) for k_pad in (8, 16, 32, 64, 128)] == [8, 8, 4, 2, 1]
     contributions, grads = _group(2, [(8,)], torch.float32, torch.float32)
     with pytest.raises(ValueError, match="layout 'many' is not one of auto, fixed, fitted, columns"):
         tied_grad_reduce(contributions, grads, backend="triton", layout="many")
@@ -134,7 +136,7 @@ def test_auto_layout_is_columns_up_to_32_units():
     assert _resolve_layout("fitted", 4) == "fitted"
 
 
-@pytest.mark.parametrize("layout", ["fixed", "columns"])
+@pytest.mark.parametrize("layout", ["fixed", "columns", "wide"])
 def test_empty_tensors_in_the_group_are_skipped(layout):
     """Zero-element tensors get no chunk; each program still finds its own tensor among the rest."""
     shapes = [(0,), (7,), (0,), (100,), (0,)]
@@ -186,8 +188,8 @@ def test_a_plan_reduces_like_a_call_each_time_it_runs(layout):
 
 def test_a_plan_refuses_what_a_call_refuses():
     contributions, grads = _group(2, [(8,)], torch.float32, torch.float32)
-    with pytest.raises(ValueError, match="layout 'wide' is not one of"):
-        plan_tied_grad_reduce(contributions, grads, layout="wide")
+    with pytest.raises(ValueError, match="layout 'broad' is not one of"):
+        plan_tied_grad_reduce(contributions, grads, layout="broad")
     with pytest.raises(ValueError, match="units, expected"):
         plan_tied_grad_reduce([contributions[0], contributions[0][:1]], grads * 2)
 
