@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from megascale.errors import MegascaleError  # noqa: E402
+
+# How long a rank other than 0 waits, after an error, for rank 0 to have said it (see report_error).
+PEER_GRACE_S = 5.0
 
 
 def launch_world_size() -> int | None:
@@ -74,7 +78,7 @@ def summary_lines(summary) -> list[str]:
 
 
 def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
-    """Call ``main``; a MegascaleError becomes one line on stderr (rank 0 only) and exit status 2.
+    """Call ``main``; a MegascaleError becomes one line on stderr (``report_error``) and exit status 2.
 
     The process group is torn down on every way out: left to the interpreter's exit, gloo's
     threads were sometimes destroyed while still joinable ("terminate called without an active
@@ -84,13 +88,28 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
     try:
         return main(argv)
     except MegascaleError as err:
-        if launch_rank() == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        report_error(err, launch_rank())
         return 2
     finally:
         from megascale.train.dist import leave_process_group  # noqa: PLC0415 (imports torch)
 
         leave_process_group()
+
+
+def report_error(err: MegascaleError, rank: int) -> None:
+    """Rank 0 says what is wrong, at once; any other rank first gives it PEER_GRACE_S to do so.
+
+    Every rank usually meets the same error (a bad config, a missing file). Launchers stop all
+    ranks as soon as one exits with an error: had rank 1 exited first, rank 0 could be killed
+    before its line was out, and the run would end saying nothing. Waiting, a rank is normally
+    stopped with the others once rank 0 has exited; if it is still running after the grace, the
+    error was its own, and it says so with its rank.
+    """
+    if rank == 0:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return
+    time.sleep(PEER_GRACE_S)
+    print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
 
 
 def exit_with(code: int) -> None:

@@ -62,3 +62,23 @@ def test_fp16_on_cpu_is_one_line(tmp_path, data_dir):
     assert [l for l in proc.stderr.splitlines() if l.startswith("error: ")] == [
         "error: train.precision=fp16 is not supported on this device (cpu); use train.precision=bf16 or fp32 (fp16 needs a GPU)"
     ]
+
+
+def test_an_error_is_said_by_rank_0_and_other_ranks_wait_for_it(monkeypatch, capsys):
+    """A rank other than 0 must not exit before rank 0 has printed the error (the launcher would kill rank 0 and
+    the run would end without a word); still running after the grace, it says the error itself, with its rank."""
+    import launch.common as common
+    from megascale.errors import MegascaleError
+
+    def failing(argv):
+        raise MegascaleError("model.vocab_size=511 is odd")
+
+    slept = []
+    monkeypatch.setattr(common.time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", "0")
+    assert common.run(failing, []) == 2
+    assert capsys.readouterr().err == "error: model.vocab_size=511 is odd\n" and slept == []
+    monkeypatch.setenv("RANK", "1")
+    assert common.run(failing, []) == 2
+    assert slept == [common.PEER_GRACE_S]
+    assert capsys.readouterr().err == "error (rank 1): model.vocab_size=511 is odd\n"
