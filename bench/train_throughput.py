@@ -61,7 +61,7 @@ import torch  # noqa: E402
 from megascale.config import Config, load_config  # noqa: E402
 from megascale.model import Transformer  # noqa: E402
 from megascale.model.attention import resolve_backend  # noqa: E402
-from megascale.model.ops import resolve_loss_ops_backend, resolve_ops_backend  # noqa: E402
+from megascale.model.ops import apply_ops_backend  # noqa: E402
 
 
 @dataclass
@@ -170,8 +170,7 @@ def megascale_trainer(cfg: Config, device: torch.device, ctx, groups):
     model = make_model(cfg, device, backend)
     # As launch/pretrain.py's build_model does: until 2026-11-26 this was missing, and a model.fused_ops=triton
     # variant (the second H200 session's) measured the torch ops.
-    model.set_ops_backend(resolve_ops_backend(cfg.model.fused_ops, device, cfg.train.compile)[0],
-                          resolve_loss_ops_backend(cfg.model.fused_ops, device))
+    apply_ops_backend(model, cfg.model.fused_ops, device, cfg.train.compile)
     engine = build_engine(model, cfg, batch_layout(cfg, 1), device, groups)
 
     # train_step's sequence for one micro-batch per step
@@ -241,7 +240,8 @@ def measure_all_cpu(name: str, args, device, ctx, groups) -> tuple[list[Result],
             failures.append(Failure(name, args.sharing, args.ckpt_on, v, one_line(exc)))
             continue
         trainers.append(("megascale", v, variant_cfg, model, step))
-    per_round = -(-5 // accumulation_steps(cfg)) * accumulation_steps(cfg)  # whole optimizer steps per window
+    accum = accumulation_steps(cfg)
+    per_round = -(-5 // accum) * accum  # whole optimizer steps per window
     rounds = max(1, args.steps // per_round)
     secs = interleaved([step for *_, step in trainers], batches, args.warmup, rounds, per_round, device)
     return [result(name, trainer, trainer_cfg, model, s, device, args, variant, step)

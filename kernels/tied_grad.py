@@ -487,18 +487,18 @@ class TiedGradPlan:
     """
 
     kernel: object
-    grid: tuple[int]
-    args: tuple
-    meta: dict
+    n_chunks: int  # programs in the launch
+    tables: tuple[torch.Tensor, ...]
     partials: torch.Tensor
-    n_units: int
+    scalars: tuple[int, int, int]  # n_tensors, n_units, chunk_size
+    constexprs: dict
     tensors: tuple  # the contributions and grads whose addresses the tables hold
 
     def run(self) -> TiedGradStats:
-        if self.grid[0]:
-            self.kernel[self.grid](*self.args, self.partials, *self.meta["scalars"], **self.meta["constexprs"])
+        if self.n_chunks:
+            self.kernel[(self.n_chunks,)](*self.tables, self.partials, *self.scalars, **self.constexprs)
         stats = self.partials.sum(0)  # (3, K_PAD)
-        n = self.n_units
+        n = self.scalars[1]
         return TiedGradStats(sq_norms=stats[0, :n], dots=stats[1, :n], sum_sq=stats[2, 0])
 
 
@@ -530,9 +530,8 @@ def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tens
                       T_PAD=triton.next_power_of_2(len(grads)),
                       ALIGNED=_aligned([g for units in contributions for g in units] + grads),
                       num_warps=num_warps, **consts)
-    return TiedGradPlan(kernel, (n_chunks,), tuple(tables), {"scalars": (len(grads), n_units, chunk_size),
-                                                            "constexprs": constexprs},
-                        partials, n_units, (contributions, grads))
+    return TiedGradPlan(kernel, n_chunks, tuple(tables), partials, (len(grads), n_units, chunk_size), constexprs,
+                        (contributions, grads))
 
 
 def plan_tied_grad_reduce(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor],

@@ -60,6 +60,15 @@ def resolve_loss_ops_backend(requested: str, device: torch.device) -> str:
     return resolve_ops_backend(requested, device, compiled=False)[0]
 
 
+def apply_ops_backend(model, requested: str, device: torch.device, compiled: bool) -> tuple[str, str, str]:
+    """Resolve model.fused_ops for the blocks and the loss and set them on ``model`` (a Transformer);
+    returns (blocks' backend, why, loss's backend) for the start-up log line."""
+    ops, why = resolve_ops_backend(requested, device, compiled)
+    loss_ops = resolve_loss_ops_backend(requested, device)
+    model.set_ops_backend(ops, loss_ops)
+    return ops, why, loss_ops
+
+
 def _kernel_or_none(module: str, reason: str | None, what: str):
     """The kernel module, or None (after one warning per reason) when it cannot take these tensors."""
     if reason is None:

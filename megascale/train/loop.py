@@ -22,7 +22,7 @@ from megascale.data import DistributedBatchSampler, Tokenizer, TokenFile, batch_
 from megascale.errors import MegascaleError
 from megascale.model import Transformer
 from megascale.model.attention import resolve_backend
-from megascale.model.ops import resolve_loss_ops_backend, resolve_ops_backend
+from megascale.model.ops import apply_ops_backend
 from megascale.model.generate import greedy_generate
 from megascale.model.init import LazyWeights
 from megascale.model.sharing import SharingPlan, replay_untie_history
@@ -96,9 +96,7 @@ def build_model(cfg: Config, ctx: DistContext, plan: SharingPlan | None = None, 
         model = Transformer(cfg.model, plan, seed=cfg.train.seed)
     backend, why = resolve_backend(cfg.model.attention, ctx.device, head_dim=cfg.model.head_dim, dtype=TRAIN_DTYPES[cfg.train.precision])
     model.set_attention_backend(backend)
-    ops, ops_why = resolve_ops_backend(cfg.model.fused_ops, ctx.device, compiled=cfg.train.compile)
-    loss_ops = resolve_loss_ops_backend(cfg.model.fused_ops, ctx.device)
-    model.set_ops_backend(ops, loss_ops)
+    ops, ops_why, loss_ops = apply_ops_backend(model, cfg.model.fused_ops, ctx.device, cfg.train.compile)
     if ctx.is_main and not quiet:
         log.info("attention backend: %s (%s); RMSNorm/RoPE/SwiGLU: %s (%s); loss rows: %s; tied-gradient reduction: %s",
                  backend, why, ops, ops_why, loss_ops, tied_grad_backend(ctx.device))
