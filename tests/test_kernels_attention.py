@@ -141,6 +141,13 @@ def test_explicit_softmax_scale():
     _check(*_inputs(1, 2, 1, 24, 32, torch.float32), causal=True, scale=0.3)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf"), float("nan")])
+def test_non_positive_softmax_scale_is_refused(scale):
+    q, k, v = _inputs(1, 2, 1, 8, 32, torch.float32)[:3]
+    with pytest.raises(ValueError, match="softmax_scale must be a positive finite number"):
+        flash_attention(q, k, v, softmax_scale=scale)
+
+
 def test_strided_inputs_and_broadcast_upstream_gradient():
     """The model's layout: q, k, v are transposed views of (B, T, H, D); o.sum() gives a stride-0 dO."""
     B, T, H, H_kv, D = 2, 23, 4, 2, 32
