@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 ATTENTION_FILES = ("attention_hd128_causal.json", "attention_rest.json", "attention_hd64.json")
-TRAIN_FILES = ("train_options_1.3b.json", "train_accum.json", "train_small_auto.json", "train_350m.json",
+TRAIN_FILES = ("train_accum_tied.json", "train_options_1.3b.json", "train_accum.json", "train_small_auto.json", "train_350m.json",
                "train_1.3b_now.json", "train_125m_now.json", "train_ckpt_now.json", "train_small.json", "train_1.3b.json", "train_small_ckpt.json", "train_1.3b_ckpt.json",
                "train_options.json")
 
@@ -236,11 +236,14 @@ def tied_checks(results: list[tuple[str, dict]]) -> list[str]:
         untied = ours.get((config, ckpt, variant, accum, "none"))
         if sharing != "all" or untied is None or tied["mfu"] is None or untied["mfu"] is None:
             continue
-        same = abs(tied["mfu"] / untied["mfu"] - 1) <= 0.05
+        # Tying must cost no MFU: the same applied parameters, the same FLOPs counted. It may gain some, because
+        # the optimizer step updates K times fewer parameters; that gain is named, not held against it.
+        ratio = tied["mfu"] / untied["mfu"]
+        faster = f"; tied {ratio - 1:.0%} faster: its optimizer step updates fewer parameters" if ratio > 1.05 else ""
         less = tied.get("state_gib") is not None and tied["state_gib"] < untied["state_gib"]
         lines.append(f"* {config}, act. ckpt {'on' if ckpt else 'off'}, `{variant or 'defaults'}`{_accum_words(tied)}: tied MFU "
-                     f"{tied['mfu']:.1%} vs untied {untied['mfu']:.1%} (within 5%: {verdict(same)}); state "
-                     f"{tied.get('state_gib', 0):.2f} vs {untied.get('state_gib', 0):.2f} GiB (lower: {verdict(less)})")
+                     f"{tied['mfu']:.1%} vs untied {untied['mfu']:.1%} (not 5% below it: {verdict(ratio >= 0.95)}{faster}); "
+                     f"state {tied.get('state_gib', 0):.2f} vs {untied.get('state_gib', 0):.2f} GiB (lower: {verdict(less)})")
     return lines
 
 

@@ -3,10 +3,11 @@
 A session that is lent a GPU gets about 15 minutes of device time in all (the
 machine's start included), one command may run 10, and a machine left idle for
 30 s is given back. This script is that one command: it runs the jobs in order of
-importance (first what no GPU session has measured yet: what the H100 session of
-2026-11-26 left open — the 1.3b options that might close its MFU gap, the new
-fused-ops default at 125m/350m, the reduction's prepared launch, a 1.3b step's
-profile; then everything the earlier sessions measured, for another device),
+importance (first the attention benchmark and the tied 1.3b with gradient
+accumulation, what the H100 session of 2026-11-27 measured last; then what it
+measured before: 350m/1.3b with accumulation, the reduction's layouts, 1.3b's
+options, 125m/350m with the fused-ops default, a 1.3b step's profile; then
+everything the earlier sessions measured, for another device),
 each under its own time cap and all under
 ``--budget``, and leaves in ``--out`` each job's JSON (and PNG where matplotlib
 is there), its log, and ``session.json`` (environment; per job: the command, exit
@@ -106,16 +107,29 @@ def jobs(png: bool) -> list[Job]:
                         "train.loss_chunk_tokens=16384", AUTOCAST, "model.attention=triton-tma", "train.compile=true",
                         FAST, f"{FAST},model.attention=triton"])
     return [
-        # What the H100 session of 2026-11-26 left open. #9's 1.3b target (46.7% MFU there, >= 50% wanted): the
-        # config's defaults since (compile, the loss's row kernels) against what it measured (fused_ops=torch), the
-        # fused Triton ops under compile and eager (model.fused_ops=auto's choice without compile), autocast under
-        # compile, and the earlier eager PyTorch ops; 125m/350m with the new default (auto: the fused ops, eager);
-        # #3's reduction with its launch prepared once (the kernel's own bandwidth) beside the host's time per call;
-        # where a 1.3b step goes with each.
+        # The last call of the H100 session of 2026-11-27: #3's forward with the scale folded into exp2's FMA (one
+        # instruction fewer per score; no measurable change); #9's tied 1.3b with accumulation (its MFU must not fall
+        # below the untied one's), and fp32 weights under autocast there (1.03x the defaults at one micro-batch per
+        # step; 0.94-0.96x with 8).
+        Job("attention_hd128_causal", "kernels",
+            [*attention, "--head-dims", "128", "--causal", "true", "--json", "{out}/attention_hd128_causal.json",
+             *plot("attention_hd128_causal")],
+            ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd128_causal.json"], 150),
+        Job("train_accum_tied", "train",
+            ["bench/train_throughput.py", "--steps", "8", "--warmup", "3", "--accum", "8", "--configs", "1.3b",
+             "--micro-batch", "8", "--ckpt", "off", "--sharings", "none,all", "--variants", f";{AUTOCAST}",
+             "--json", "{out}/train_accum_tied.json"],
+            [*train_smoke, "--accum", "2", "--variants", f";{AUTOCAST}", "--json", "{out}/train_accum_tied.json"], 200),
+        # Measured on the H100 on 2026-11-27 (what the session before it left open). #9's 1.3b target (46.7% MFU
+        # there, >= 50% wanted): the config's defaults since (compile, the loss's row kernels) against what it
+        # measured (fused_ops=torch), the fused Triton ops under compile and eager (model.fused_ops=auto's choice
+        # without compile), autocast under compile, and the earlier eager PyTorch ops; 125m/350m with the new
+        # default (auto: the fused ops, eager); #3's reduction with its launch prepared once (the kernel's own
+        # bandwidth) beside the host's time per call; where a 1.3b step goes with each.
         # As the configs train: their global batches are many micro-batches, so the optimizer step (DeepSpeed's
         # bf16 ZeRO-1 update, 51 of a 1.3b step's 318 ms on the H100) is paid once per 8 of them, in both trainers.
         Job("train_accum", "train",
-            ["bench/train_throughput.py", "--steps", "16", "--warmup", "8", "--accum", "8", "--configs", "350m,1.3b",
+            ["bench/train_throughput.py", "--steps", "8", "--warmup", "3", "--accum", "8", "--configs", "350m,1.3b",
              "--micro-batch", "350m=16,1.3b=8", "--ckpt", "off", "--sharings", "none",
              "--json", "{out}/train_accum.json"],
             [*train_smoke, "--sharings", "none", "--accum", "2", "--json", "{out}/train_accum.json"], 180),
@@ -153,10 +167,6 @@ def jobs(png: bool) -> list[Job]:
             [*train, "--configs", "125m", "--micro-batch", "32", "--ckpt", "off", "--sharings", "none,all",
              "--variants", f";{FAST}", "--json", "{out}/train_125m_now.json"],
             [*train_smoke, "--json", "{out}/train_125m_now.json"], 120),
-        Job("attention_hd128_causal", "kernels",
-            [*attention, "--head-dims", "128", "--causal", "true", "--json", "{out}/attention_hd128_causal.json",
-             *plot("attention_hd128_causal")],
-            ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd128_causal.json"], 150),
         # The kernels' float arguments cast to fp32 in the kernel (since the second H200 session): the attention
         # and fused-op parity tests at real shapes, bf16, first listed tile.
         Job("cast_tests", "kernels",
@@ -164,7 +174,7 @@ def jobs(png: bool) -> list[Job]:
             ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *CAST_TESTS], 90,
             env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         # The code changed since the second H200 session, at real shapes: cuDNN attention as auto's choice,
-        # the reduction's layouts (auto = columns).
+        # the reduction's layouts (auto = columns to K = 16, wide to 32).
         Job("new_tests", "kernels",
             ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/new_tests.xml", *NEW_TESTS],
             ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *NEW_TESTS], 120),

@@ -18,7 +18,8 @@ from pathlib import Path
 
 def label(r: dict) -> str:
     ckpt = ", ckpt" if r["ckpt"] else ""
-    return f"{r['config']} {r['sharing']}{ckpt}"
+    accum = f", {r['micro_batch']}x{r['accum']}" if r.get("accum", 1) > 1 else ""  # micro-batches per optimizer step
+    return f"{r['config']} {r['sharing']}{ckpt}{accum}"
 
 
 def trainer(r: dict) -> str:

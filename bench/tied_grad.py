@@ -8,7 +8,7 @@ contributions and the existing .grad and write the .grad: (K + 2)·N elements,
 the bytes counted for every provider. Providers, side by side in one run:
 
 * ``triton``: megascale.kernels.tied_grad.tied_grad_reduce, one launch, the default
-  layout ("auto": "columns" up to K = 32, "fixed" beyond);
+  layout ("auto": "columns" up to K = 16, "wide" to 32, "fixed" beyond);
 * ``fixed``: ``layout="fixed"``, the tile kernel with 8 warps per program (the
   default until the H200 measured it, 2026-11-26);
 * ``fitted``: the same kernel with ``layout="fitted"`` (as many warps as one row of

@@ -80,10 +80,14 @@ threads along the unit axis. From K = 64 it spills: correct, not fast.
 × VEC up to 128): at K = 17-32 each thread loads 4 adjacent bf16 of every unit (64-bit
 accesses) instead of 2, and the H100's figures for K = 24 (45% of the copy bandwidth
 with "columns", 32-bit loads) point at the narrow loads. sm_90a: 228 registers at
-K = 24, no spill (220 at K = 12, 128-bit loads). Not measured on a GPU yet, so no
-default picks it.
+K = 24, no spill (220 at K = 12, 128-bit loads). Measured on an H100 (BENCHMARKS.md,
+2026-11-27, bf16) at K = 24: 87% / 89% of the copy bandwidth at 64 / 256 MB and 88%
+on the Llama block, where "columns" gave 45% / 46% / 77%; at K = 12, where it loads
+128 bits against "columns"' 64, it is behind (79-86% against 87-95%), and up to
+K = 8 the two are the same kernel (VEC 8 either way).
 
-"auto", the default, is "columns" up to K = 32 and "fixed" beyond. Measured on
+"auto", the default, is "columns" up to K = 16, "wide" at K = 17-32 and "fixed"
+beyond. Measured on
 an H200 (BENCHMARKS.md, 2026-11-26, bf16; tensors of 64 MB-1 GB and a Llama
 block of 86 MB), as fractions of the copy bandwidth: "fixed" 8-23% from K = 4;
 "columns" 71-100% at K = 4-12 on single tensors and 52-86% on the block, 33-34%
@@ -110,7 +114,8 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 _TILE_VALUES = 4096  # K_PAD × BLOCK values per program tile on a GPU (see the module docstring)
 _MAX_TILES_PER_CHUNK = 64  # caps a program at 64 tiles; longer tensors get more programs
 LAYOUTS = ("auto", "fixed", "fitted", "columns", "wide")
-_COLUMNS_UP_TO = 32  # "auto": the largest K given "columns" (beyond, its tile spills; module docstring)
+_COLUMNS_UP_TO = 16  # "auto": the largest K given "columns" (module docstring)
+_WIDE_UP_TO = 32  # "auto": the largest K given "wide" (beyond, its tile spills); "fixed" after it
 _COLUMN_WARPS = 4  # "columns": warps per program, all along the elements (COLS = 32 × 4 threads)
 _COLUMN_VALUES = 64  # "columns": K_PAD × VEC contribution values per thread (fp32 registers for the tile)
 _WIDE_VALUES = 128  # "wide": the same kernel with twice that budget (module docstring)
@@ -440,7 +445,9 @@ def _resolve_layout(layout: str, n_units: int) -> str:
     """"auto" → the layout the H200 measured fastest for K units (module docstring); any other as given."""
     if layout != "auto":
         return layout
-    return "columns" if n_units <= _COLUMNS_UP_TO else "fixed"
+    if n_units <= _COLUMNS_UP_TO:
+        return "columns"
+    return "wide" if n_units <= _WIDE_UP_TO else "fixed"
 
 
 def _num_warps(block: int, element_size: int, layout: str) -> int:

@@ -79,7 +79,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert "smoke run: the numbers mean nothing" in text
     assert "Kernel tests at real shapes, first listed tile: " in text and "collected, none run" in text
     assert "New tests at real shapes (cuDNN attention as auto's choice, the reduction's layouts): " in text
-    assert "Attention through TMA at real shapes, bf16, first listed tile: 13/68 collected, none run" in text
+    assert re.search(r"Attention through TMA at real shapes, bf16, first listed tile: 13/\d+ collected, none run", text)
     # of every test in the two files (the denominator grows with them), the cast tests' 26
     assert re.search(r"Kernels with fp32-cast float arguments at real shapes, bf16: 26/\d+ collected, none run", text)
     assert "| 128 | plain | auto |" in text and "| 128 | fused | auto |" in text  # the fused-loss table
@@ -97,8 +97,9 @@ def test_gpu_session_stops_at_its_budget(tmp_path):
     out = tmp_path / "session"
     proc = _run(["bench/gpu_session.py", "--smoke", "--part", "train", "--budget", "5", "--out", str(out)])
     assert proc.returncode == 1
-    assert "not complete: train_accum, train_options_1.3b, train_small_auto, step_profile" in proc.stdout
-    assert "to rerun them: python3 bench/gpu_session.py --only train_accum,train_options_1.3b,train_small_auto," in proc.stdout
+    assert "not complete: train_accum_tied, train_accum, train_options_1.3b, train_small_auto, step_profile" in proc.stdout
+    assert ("to rerun them: python3 bench/gpu_session.py --only train_accum_tied,train_accum,train_options_1.3b,"
+            "train_small_auto,") in proc.stdout
     jobs = json.loads((out / "session.json").read_text())["jobs"]
     assert jobs and all(j["rc"] is None and j["log"] == "not started: budget spent" for j in jobs)
 
@@ -365,14 +366,17 @@ def test_gpu_report_judges_each_config_by_its_fastest_variant(tmp_path, monkeypa
     results = [row("plain", "none", "", 0.30), row("megascale", "none", "", 0.28, 4.8),
                row("megascale", "none", "FAST", 0.42, 4.8),
                row("plain", "all", "", 0.30), row("megascale", "all", "", 0.31, 1.0),
-               row("megascale", "all", "FAST", 0.43, 1.0)]
+               row("megascale", "all", "FAST", 0.43, 1.0), row("megascale", "none", "SLOW", 0.30, 4.8),
+               row("megascale", "all", "SLOW", 0.28, 1.0)]
     (tmp_path / "train_350m.json").write_text(json.dumps({"device": "NVIDIA H100", "results": results}))
     text = "\n".join(gpu_report.train_section(tmp_path))
     assert "* target 350m MFU ≥ 40%: met (best 42.0%, `FAST`)" in text
     assert "* target 1.3b MFU ≥ 50%: n/a" in text
     assert "* target megascale ≥ 1.15× plain, each config's fastest variant: met (lowest 1.400×: 350m, sharing none" in text
-    assert "* 350m, act. ckpt off, `FAST`: tied MFU 43.0% vs untied 42.0% (within 5%: met); state 1.00 vs 4.80 GiB" in text
-    assert "* 350m, act. ckpt off, `defaults`: tied MFU 31.0% vs untied 28.0% (within 5%: **not met**)" in text
+    assert "* 350m, act. ckpt off, `FAST`: tied MFU 43.0% vs untied 42.0% (not 5% below it: met); state 1.00 vs 4.80 GiB" in text
+    assert ("* 350m, act. ckpt off, `defaults`: tied MFU 31.0% vs untied 28.0% (not 5% below it: met; tied 11% faster: "
+            "its optimizer step updates fewer parameters)") in text
+    assert "* 350m, act. ckpt off, `SLOW`: tied MFU 28.0% vs untied 30.0% (not 5% below it: **not met**)" in text
 
     # Rows with gradient accumulation say so, in the table and in the verdict they decide.
     accum = [row("plain", "none", "", 0.30), {**row("megascale", "none", "", 0.45, 4.8), "accum": 8}]

@@ -99,7 +99,7 @@ def test_reduce_matches_reference(n_units, c_dtype, g_dtype):
 @pytest.mark.parametrize("c_dtype, g_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
                                               (torch.bfloat16, torch.bfloat16)], ids=["bf16-into-fp32", "fp32", "bf16"])
 def test_other_layouts_give_the_same_reduction(layout, n_units, c_dtype, g_dtype):
-    """The default ("auto") is "columns" up to K = 32; "fixed" and "fitted" launch the tile kernel with 8 warps and
+    """The default ("auto") is "columns" up to K = 16, "wide" to 32; "fixed" and "fitted" launch the tile kernel with 8 warps and
     with fitted ones. Every layout must reduce the same."""
     contributions, grads = _group(n_units, SHAPES, c_dtype, g_dtype, seed=5)
     ref_grads = [g.clone() for g in grads]
@@ -128,11 +128,13 @@ def test_warps_per_program_and_elements_per_thread():
         tied_grad_reduce(contributions, grads, backend="triton", layout="many")
 
 
-def test_auto_layout_is_columns_up_to_32_units():
-    """What the H200 measured fastest (kernels/tied_grad.py docstring); beyond 32 units "columns" spills."""
+def test_auto_layout_is_columns_then_wide_up_to_32_units():
+    """What the H200 and the H100 measured fastest (kernels/tied_grad.py docstring); beyond 32 units the
+    column kernels spill."""
     from megascale.kernels.tied_grad import _resolve_layout
 
-    assert [_resolve_layout("auto", k) for k in (1, 2, 4, 12, 24, 32, 33, 64)] == ["columns"] * 6 + ["fixed"] * 2
+    assert [_resolve_layout("auto", k) for k in (1, 2, 4, 12, 16, 17, 24, 32, 33, 64)] == (
+        ["columns"] * 5 + ["wide"] * 3 + ["fixed"] * 2)
     assert _resolve_layout("fitted", 4) == "fitted"
 
 
