@@ -2,6 +2,7 @@
 
     python bench/tied_grad.py --json runs/bench/tied_grad.json --png runs/bench/tied_grad.png
     python bench/tied_grad.py --smoke        # CPU, seconds: the code paths, not the speed
+    python bench/tied_grad.py --host --dtype bf16   # CPU or GPU: a call's checks and tables alone, per K
 
 For K units and a shared tensor of N elements the reduction must read K
 contributions and the existing .grad and write the .grad: (K + 2)·N elements,
@@ -25,7 +26,9 @@ the bytes counted for every provider. Providers, side by side in one run:
   light for a memory-bound pass on this device.
 
 ``host us``: the host's time to issue one default (``triton``) call, the GPU idle
-(synchronised before each call, median of 50). Each timed call starts after
+(synchronised before each call, median of 50); ``plan us`` and ``run us`` split
+it: the checks and launch tables (``plan_tied_grad_reduce``), then the launch
+and the statistics' sum (``plan.run()``). Each timed call starts after
 do_bench's L2 flush, which hides about that long of the host's work; beyond it,
 the host's time counts in the call's, which is what a small tensor measures.
 
@@ -66,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--units", default="2,4,8,12,24", help="values of K (24: 1.3b with sharing all)")
     p.add_argument("--sizes-mb", default="1,4,16,64,256,1024", help="one shared tensor's size in MB")
     p.add_argument("--no-block", action="store_true", help="skip the llama-block case")
+    p.add_argument("--host", action="store_true",
+                   help="only the host's checks and tables for the llama block (plan_tied_grad_reduce, no launch), "
+                        "per K; runs on CPU too")
     args = p.parse_args(argv)
     if args.smoke:
         args.units, args.sizes_mb, args.no_block = "2,3", "0.001,0.004", True
@@ -124,14 +130,17 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
         "prepared": time_ms(tg.plan_tied_grad_reduce(contributions, grads).run, device, warmup=10, rep=50),
         "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
     }
-    host = host_us(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device,
-                   reps=50 if device.type == "cuda" else 1)
+    reps = 50 if device.type == "cuda" else 1
+    host = host_us(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, reps=reps)
+    # The call's two halves: checks and tables (plan_tied_grad_reduce), then the launch and the statistics' sum.
+    plan_us = host_us(lambda: tg.plan_tied_grad_reduce(contributions, grads), device, reps=reps)
+    run_us = host_us(tg.plan_tied_grad_reduce(contributions, grads).run, device, reps=reps)
     del contributions, grads
     src = torch.empty(moved // 2 // elem, device=device, dtype=dtype)
     dst = torch.empty_like(src)
     ms["copy"] = time_ms(lambda: dst.copy_(src), device, warmup=10, rep=50)
     gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
-    return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps, "host_us": host,
+    return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps, "host_us": host, "plan_us": plan_us, "run_us": run_us,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"],
             "prepared_of_copy": gbps["prepared_gbps"] / gbps["copy_gbps"],
             **{f"{layout}_of_copy": gbps[f"{layout}_gbps"] / gbps["copy_gbps"] for layout in LAYOUTS}}
@@ -149,11 +158,31 @@ def host_us(fn, device: torch.device, reps: int = 50) -> float:
     return statistics.median(times) * 1e6
 
 
+def host_rows(tg, device: torch.device, dtype: torch.dtype, units: list[int], reps: int = 7,
+              calls: int = 400) -> list[dict]:
+    """Microseconds ``plan_tied_grad_reduce`` takes for the llama block's nine tensors (checks and launch tables,
+    the part of a call that grows with the number of tensors): per K, the median of ``reps`` means of ``calls``."""
+    rows = []
+    for K in units:
+        shapes = shapes_for("llama-block", 0, 0)
+        contributions = [[torch.empty(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes]
+        grads = [torch.empty(s, device=device, dtype=dtype) for s in shapes]
+        tg.plan_tied_grad_reduce(contributions, grads)  # the address tables' cache, as in a repeated call
+        means = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            for _ in range(calls):
+                tg.plan_tied_grad_reduce(contributions, grads)
+            means.append((time.perf_counter() - start) / calls * 1e6)
+        rows.append(dict(K=K, case="llama-block", tensors=len(shapes) * (K + 1), plan_us=statistics.median(means)))
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fixed GB/s':>11} {'fitted GB/s':>12} "
           f"{'columns GB/s':>13} {'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} "
           f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16} {'wide of copy':>13} "
-          f"{'prepared of copy':>17} {'host us':>8}")
+          f"{'prepared of copy':>17} {'host us':>8} {'plan us':>8} {'run us':>7}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {'skipped: ' + r['skipped']:>12}")
@@ -162,7 +191,7 @@ def print_table(rows: list[dict]) -> None:
               f"{r['fitted_gbps']:>12.4g} {r['columns_gbps']:>13.4g} {r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} "
               f"{r['of_copy']:>8.1%} {r['vs_torch']:>8.2f}x {r['fixed_of_copy']:>14.1%} {r['fitted_of_copy']:>15.1%} "
               f"{r['columns_of_copy']:>16.1%} {r['wide_of_copy']:>13.1%} {r['prepared_of_copy']:>17.1%} "
-              f"{r['host_us']:>8.1f}")
+              f"{r['host_us']:>8.1f} {r['plan_us']:>8.1f} {r['run_us']:>7.1f}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -194,13 +223,19 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke:
+    if device.type == "cpu" and not (args.smoke or args.host):
         raise SystemExit("no CUDA device: the benchmark needs a GPU (use --smoke to check the script on CPU)")
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     tg = import_kernels()
     dtype = DTYPES[args.dtype]
     rows, env = [], environment(device, args)
+    if args.host:
+        rows = host_rows(tg, device, dtype, [int(k) for k in args.units.split(",")], *((1, 2) if args.smoke else ()))
+        write_results(args.json, env, rows)
+        for r in rows:
+            print(f"K={r['K']:>3}  {r['tensors']:>4} tensors  plan_tied_grad_reduce {r['plan_us']:8.1f} us")
+        return
     for K in map(int, args.units.split(",")):
         cases = [("tensor", int(float(mb) * MB)) for mb in args.sizes_mb.split(",")]
         cases += [] if args.no_block else [("llama-block", 0)]

@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -381,9 +382,10 @@ def _check_reduce_inputs(contributions: list[list[torch.Tensor]], grads: list[to
             raise ValueError(
                 f"contributions[{i}] has {len(units)} units, expected {n_units} (K >= 1, the same for every tensor)"
             )
+        shape = grad.shape
         for k, g in enumerate(units):
-            if g.shape != grad.shape:
-                raise ValueError(f"contributions[{i}][{k}] has shape {tuple(g.shape)}, grads[{i}] {tuple(grad.shape)}")
+            if g.shape != shape:
+                raise ValueError(f"contributions[{i}][{k}] has shape {tuple(g.shape)}, grads[{i}] {tuple(shape)}")
         if not grad.is_contiguous():
             raise ValueError(
                 f"grads[{i}] is not contiguous: the sum is accumulated in place through a flat index; "
@@ -430,10 +432,6 @@ def _device_tables(flat: tuple[int, ...], lengths: tuple[int, ...], device: torc
     else:
         packed = torch.tensor(flat, dtype=torch.int64, device=device)
     return tuple(torch.split(packed, list(lengths)))
-
-
-def _aligned(tensors: list[torch.Tensor]) -> bool:
-    return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def _check_layout(layout: str) -> None:
@@ -511,10 +509,23 @@ class TiedGradPlan:
 
 def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], layout: str) -> TiedGradPlan:
     n_units, device = len(contributions[0]), grads[0].device
-    # Non-contiguous contributions are copied to dense ones (the flat index needs it).
-    contributions = [[g if g.is_contiguous() else g.contiguous() for g in units] for units in contributions]
     k_pad = triton.next_power_of_2(n_units)
-    c_size = contributions[0][0].element_size()
+    # One pass over the tensors: non-contiguous contributions copied to dense ones (the flat index needs it),
+    # the (T × K_PAD) row-major address table (padded units point nowhere and are masked off), and the OR of
+    # every address, 16-byte aligned when all of them are.
+    padding = [0] * (k_pad - n_units)
+    dense, contrib_ptrs, grad_ptrs, numels, any_bits = [], [], [], [], 0
+    for units, grad in zip(contributions, grads):
+        units = [g if g.is_contiguous() else g.contiguous() for g in units]
+        ptrs = [g.data_ptr() for g in units]
+        dense.append(units)
+        contrib_ptrs += ptrs + padding
+        grad_ptrs.append(grad.data_ptr())
+        numels.append(grad.numel())
+        for p in ptrs:
+            any_bits |= p
+    any_bits |= functools.reduce(operator.or_, grad_ptrs)
+    c_size = dense[0][0].element_size()
     if layout in ("columns", "wide"):
         vec = _column_vec(k_pad, c_size, grads[0].element_size(), _WIDE_VALUES if layout == "wide" else _COLUMN_VALUES)
         num_warps = 1 if INTERPRET else _COLUMN_WARPS
@@ -524,21 +535,17 @@ def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tens
         block = 16 if INTERPRET else max(256, _TILE_VALUES // k_pad)
         num_warps = 1 if INTERPRET else _num_warps(block, c_size, layout)
         consts, kernel = {"BLOCK": block}, _reduce_kernel
-    chunk_size = _chunk_size(sum(g.numel() for g in grads), block, device, num_warps)
-    numels = [g.numel() for g in grads]
+    chunk_size = _chunk_size(sum(numels), block, device, num_warps)
     firsts, n_chunks = _first_chunks(numels, chunk_size)
-    contrib_ptrs = [  # (T × K_PAD) row-major; padded units point nowhere and are masked off
-        p for units in contributions for p in [g.data_ptr() for g in units] + [0] * (k_pad - n_units)]
-    tables = _to_device([contrib_ptrs, [g.data_ptr() for g in grads], numels, firsts], device)
+    tables = _to_device([contrib_ptrs, grad_ptrs, numels, firsts], device)
     # Every program writes its whole (3, K_PAD) row, so no fill is needed (one launch fewer), unless none runs.
     partials = (torch.empty if n_chunks else torch.zeros)((max(n_chunks, 1), 3, k_pad), device=device,
                                                           dtype=torch.float32)
-    constexprs = dict(C_TYPE=_TL_DTYPE[contributions[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype], K_PAD=k_pad,
-                      T_PAD=triton.next_power_of_2(len(grads)),
-                      ALIGNED=_aligned([g for units in contributions for g in units] + grads),
+    constexprs = dict(C_TYPE=_TL_DTYPE[dense[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype], K_PAD=k_pad,
+                      T_PAD=triton.next_power_of_2(len(grads)), ALIGNED=any_bits % 16 == 0,
                       num_warps=num_warps, **consts)
     return TiedGradPlan(kernel, n_chunks, tuple(tables), partials, (len(grads), n_units, chunk_size), constexprs,
-                        (contributions, grads))
+                        (dense, grads))
 
 
 def plan_tied_grad_reduce(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor],

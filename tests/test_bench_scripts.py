@@ -57,7 +57,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     tied = json.loads((out / "tied_grad.json").read_text())["results"]
-    assert tied and all(r["prepared_gbps"] > 0 and r["host_us"] > 0 for r in tied)
+    assert tied and all(r["prepared_gbps"] > 0 and min(r["host_us"], r["plan_us"], r["run_us"]) > 0 for r in tied)
     tied_and_untied = json.loads((out / "train_350m.json").read_text())["results"]
     assert {(r["sharing"], r["variant"]) for r in tied_and_untied if r["trainer"] == "megascale"} == {
         ("none", ""), ("none", "train.loss_chunk_tokens=32"), ("all", ""), ("all", "train.loss_chunk_tokens=32")}
@@ -418,3 +418,13 @@ for trainer in ("plain", "megascale"):
     lines = proc.stdout.splitlines()
     assert "accum 2" in lines
     assert "plain False True" in lines and "megascale False True" in lines, proc.stdout
+
+
+def test_tied_grad_host_time_runs_on_cpu(tmp_path):
+    """--host times a call's checks and launch tables alone (plan_tied_grad_reduce) for the llama block, per K."""
+    proc = _run(["bench/tied_grad.py", "--host", "--smoke", "--dtype", "bf16", "--json", str(tmp_path / "host.json")])
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "host.json").read_text())["results"]
+    assert [(r["K"], r["tensors"]) for r in rows] == [(2, 27), (3, 36)]  # nine tensors, K units and the grad each
+    assert all(r["plan_us"] > 0 for r in rows)
+    assert "plan_tied_grad_reduce" in proc.stdout
