@@ -499,9 +499,13 @@ class TiedGradPlan:
     constexprs: dict
     tensors: tuple  # the contributions and grads whose addresses the tables hold
 
-    def run(self) -> TiedGradStats:
+    def launch(self) -> None:
+        """The kernel alone: grads updated, per-program statistics in ``partials``, not yet summed."""
         if self.n_chunks:
             self.kernel[(self.n_chunks,)](*self.tables, self.partials, *self.scalars, **self.constexprs)
+
+    def run(self) -> TiedGradStats:
+        self.launch()
         stats = self.partials.sum(0)  # (3, K_PAD)
         n = self.scalars[1]
         return TiedGradStats(sq_norms=stats[0, :n], dots=stats[1, :n], sum_sq=stats[2, 0])

@@ -188,6 +188,21 @@ def test_a_plan_reduces_like_a_call_each_time_it_runs(layout):
             torch.testing.assert_close(g, e)
 
 
+def test_a_plans_launch_alone_leaves_the_statistics_in_its_partials():
+    """plan.launch() is run() without the final sum: grads updated, per-program rows that sum to the statistics."""
+    contributions, grads = _group(3, [(50,), (9, 3)], torch.float32, torch.float32, seed=6)
+    expected = [g.clone() for g in grads]
+    want = tied_grad_reduce_reference(contributions, expected)
+    plan = plan_tied_grad_reduce(contributions, grads)
+    plan.launch()
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
+    rows = plan.partials.sum(0)  # (3, K_PAD)
+    torch.testing.assert_close(rows[0, :3], want.sq_norms, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[1, :3], want.dots, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[2, 0], want.sum_sq, rtol=1e-5, atol=1e-5)
+
+
 def test_a_plan_refuses_what_a_call_refuses():
     contributions, grads = _group(2, [(8,)], torch.float32, torch.float32)
     with pytest.raises(ValueError, match="layout 'broad' is not one of"):
