@@ -4,7 +4,8 @@
     python bench/attention.py --smoke        # CPU, seconds: the code paths, not the speed
 
 Providers: ``triton`` (megascale.kernels.attention), ``triton-tma`` (the same with the
-forward reading and writing through TMA descriptors, ``tma=True``; Hopper) and SDPA restricted to each of
+forward reading and writing through TMA descriptors, ``tma=True``; Hopper), ``triton-ws`` (the TMA
+kernels with a warp-specialised forward, ``ws=True``; 16-bit inputs) and SDPA restricted to each of
 its backends in turn — ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient`` — so the
 comparison is with the best PyTorch has on the device. A backend that refuses a
 shape is recorded as unavailable with its error, not dropped silently.
@@ -48,11 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=16384, help="B·T per shape (B = tokens / T, at least 1)")
     p.add_argument("--model-dim", type=int, default=2048, help="H = model_dim / head_dim query heads")
     p.add_argument("--kv-group", type=int, default=1, help="query heads per KV head (1: MHA)")
-    p.add_argument("--providers", default="triton,triton-tma,sdpa-flash,sdpa-cudnn,sdpa-efficient")
+    p.add_argument("--providers", default="triton,triton-tma,triton-ws,sdpa-flash,sdpa-cudnn,sdpa-efficient")
     args = p.parse_args(argv)
     if args.smoke:
         args.head_dims, args.lengths, args.tokens, args.model_dim = "32", "16,33", 33, 64
-        args.dtype, args.providers = "fp32", "triton,triton-tma,reference,sdpa-math"
+        args.dtype, args.providers = "fp32", "triton,triton-tma,triton-ws,reference,sdpa-math"
     return args
 
 
@@ -83,6 +84,8 @@ def provider_fn(name: str, kernels):
         return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal)
     if name == "triton-tma":
         return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal, tma=True)
+    if name == "triton-ws":
+        return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal, ws=True)
     if name == "reference":
         return lambda q, k, v, causal: kernels.attention_reference(q, k, v, causal=causal)
     if name.startswith("sdpa-"):

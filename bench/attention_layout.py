@@ -42,6 +42,9 @@ KERNELS = {
     "fwd": ("_fwd_kernel", "_FWD_TILES", {}),
     "fwd-tma": ("_fwd_tma_kernel", "_FWD_TILES",
                 {"desc_q": "BLOCK_M", "desc_o": "BLOCK_M", "desc_k": "BLOCK_N", "desc_v": "BLOCK_N"}),
+    # the warp-specialised forward: Q and O in half query blocks
+    "fwd-ws": ("_fwd_ws_kernel", "_WS_TILES",
+               {"desc_q": "HALF_M", "desc_o": "HALF_M", "desc_k": "BLOCK_N", "desc_v": "BLOCK_N"}),
     "dkdv": ("_bwd_dkdv_kernel", "_DKDV_TILES", {}),
     "dkdv-tma": ("_bwd_dkdv_kernel", "_DKDV_TILES",
                  {"Q": "BLOCK_M", "DO": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "DK": "BLOCK_N", "DV": "BLOCK_N"}),
@@ -65,7 +68,7 @@ def signature(fn, tile: tuple, head_dim: int, boxes: dict, float_args: str = "fp
         if param.is_constexpr:
             sig[name] = "constexpr"
         elif name in boxes:  # a descriptor moving (1, 1, BLOCK, D) boxes: what the pre-hooks set
-            block = tile[0] if boxes[name] == "BLOCK_M" else tile[1]
+            block = {"BLOCK_M": tile[0], "HALF_M": tile[0] // 2, "BLOCK_N": tile[1]}[boxes[name]]
             sig[name] = f"tensordesc<bf16[1, 1, {block}, {head_dim}]>"
             continue
         elif name.startswith("stride_") and name.endswith("d"):  # the head-dim stride of a contiguous tensor
@@ -101,6 +104,7 @@ def describe(compiled, arch: int) -> str:
     fits = "fits" if smem <= H100_SMEM else "TOO BIG for an H100"
     # cp.async: loads copied to shared memory asynchronously by the threads; cp.async.bulk.tensor: by the TMA unit.
     return (f"wgmma {'yes' if 'wgmma.mma_async' in ptx else 'NO ':<3}  pipelined {'yes' if 'cp.async' in ptx else 'NO ':<3}  "
+            f"warps {compiled.metadata.num_warps:<2} {'specialised' if 'setmaxnreg' in ptx else '':<11}  "
             f"TMA {'yes' if 'cp.async.bulk.tensor' in ptx else 'no ':<3}  f64 {fp64_math(ptx)}  "
             f"{registers(ptx, arch):<34} smem {smem / 1024:6.1f} KiB ({fits})")
 

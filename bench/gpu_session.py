@@ -54,7 +54,10 @@ PARTS = ("kernels", "train")
 KERNEL_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_tied_grad.py", "tests/test_kernels_fused.py",
                 "tests/test_init.py", "tests/test_kernels_cross_entropy.py", "tests/test_attention_backends.py"]
 NEW_TESTS = ["tests/test_attention_backends.py", "tests/test_kernels_tied_grad.py",
-             "tests/test_kernels_attention.py::test_backend_resolution_uses_kernel_support"]
+             "tests/test_kernels_attention.py::test_backend_resolution_uses_kernel_support",
+             # the warp-specialised forward (2026-11-27), compiled by the GPU's Triton for the first time
+             "tests/test_kernels_attention.py::test_ws_matches_reference",
+             "tests/test_kernels_attention.py::test_ws_with_a_fixed_tile_matches_reference"]
 # The attention through TMA at real shapes, bf16 (the training dtype): 22 cases and the model's views. Every
 # (head dim, mask, length alignment) compiles its own three kernels, so it is a job of its own, after the
 # trainer options, and the fp32 cases are left to the suite's interpreter run.
@@ -107,14 +110,19 @@ def jobs(png: bool) -> list[Job]:
                         "train.loss_chunk_tokens=16384", AUTOCAST, "model.attention=triton-tma", "train.compile=true",
                         FAST, f"{FAST},model.attention=triton"])
     return [
-        # The last call of the H100 session of 2026-11-27: #3's forward with the scale folded into exp2's FMA (one
-        # instruction fewer per score; no measurable change); #9's tied 1.3b with accumulation (its MFU must not fall
-        # below the untied one's), and fp32 weights under autocast there (1.03x the defaults at one micro-batch per
-        # step; 0.94-0.96x with 8).
+        # #3's attention with the warp-specialised forward (provider triton-ws: a TMA producer warp and two
+        # consumer groups, FlashAttention-3's overlap; compiled for sm_90a, never run on a GPU), then the
+        # real-shape tests that check it (new_tests). Then what the H100 session of 2026-11-27 measured last:
+        # #9's tied 1.3b with accumulation, and fp32 weights under autocast there.
         Job("attention_hd128_causal", "kernels",
             [*attention, "--head-dims", "128", "--causal", "true", "--json", "{out}/attention_hd128_causal.json",
              *plot("attention_hd128_causal")],
             ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd128_causal.json"], 150),
+        # At real shapes: the warp-specialised forward, cuDNN attention as auto's choice, the reduction's layouts
+        # (auto = columns to K = 16, wide to 32).
+        Job("new_tests", "kernels",
+            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/new_tests.xml", *NEW_TESTS],
+            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *NEW_TESTS], 120),
         Job("train_accum_tied", "train",
             ["bench/train_throughput.py", "--steps", "8", "--warmup", "3", "--accum", "8", "--configs", "1.3b",
              "--micro-batch", "8", "--ckpt", "off", "--sharings", "none,all", "--variants", f";{AUTOCAST}",
@@ -173,11 +181,6 @@ def jobs(png: bool) -> list[Job]:
             ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/cast_tests.xml", *CAST_TESTS],
             ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *CAST_TESTS], 90,
             env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
-        # The code changed since the second H200 session, at real shapes: cuDNN attention as auto's choice,
-        # the reduction's layouts (auto = columns to K = 16, wide to 32).
-        Job("new_tests", "kernels",
-            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/new_tests.xml", *NEW_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *NEW_TESTS], 120),
         Job("train_options", "train",
             [*train, "--configs", "350m", "--micro-batch", "16", "--ckpt", "off", "--sharings", "none", "--variants",
              options, "--json", "{out}/train_options.json"],

@@ -35,7 +35,11 @@ aligned starts and strides; ``tma_unsupported_reason``): the forward as
 as the same two kernels with ``TMA=True``. Rows past the end arrive as zeros and
 stores clip themselves. Compiled for sm_90a it needs fewer registers than the
 pointer kernels (bench/attention_layout.py; e.g. dQ 128 × 64: 158 against 246)
-and spills less in dK/dV; it has not been timed on a GPU, so it is not the default.
+and spills less in dK/dV; the H100 timed its forward 7-14% faster than the
+pointer kernel's from T = 2048 (BENCHMARKS.md), the model's default is cuDNN.
+
+``ws=True`` is ``tma=True`` with the forward warp-specialised (``_fwd_ws_kernel``):
+not timed on a GPU yet, so only the benchmark calls it.
 """
 
 from __future__ import annotations
@@ -74,16 +78,17 @@ def _table(half: list[tuple], fp32: list[tuple]) -> dict[tuple, set[tuple[int, i
     return table
 
 
-def _configs(table: dict, pre_hook=None) -> list[triton.Config]:
+def _configs(table: dict, pre_hook=None, interpret_tile: tuple[int, int] = (16, 16)) -> list[triton.Config]:
     """The table's tiles as Configs; one tiny config under the interpreter.
 
     Autotuning under the interpreter would run every config through NumPy: slow and
-    pointless, so it gets a single 16 × 16 tile (the smallest tl.dot accepts).
+    pointless, so it gets a single 16 × 16 tile (the smallest tl.dot accepts; ``interpret_tile``).
     ``pre_hook`` runs before each launch with the config's arguments (the TMA forward
     sizes its descriptors' blocks there).
     """
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1, pre_hook=pre_hook)]
+        block_m, block_n = interpret_tile
+        return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=1, num_stages=1, pre_hook=pre_hook)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
             for m, n, w, s in table]
 
@@ -372,6 +377,78 @@ def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len
     tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < seq_len)
 
 
+def _ws_boxes(nargs) -> None:
+    """Autotuner pre-hook of ``_fwd_ws_kernel``: Q and O move half query blocks, K and V key blocks."""
+    for name, rows in (("desc_q", nargs["BLOCK_M"] // 2), ("desc_o", nargs["BLOCK_M"] // 2),
+                       ("desc_k", nargs["BLOCK_N"]), ("desc_v", nargs["BLOCK_N"])):
+        nargs[name].block_shape = [1, 1, rows, nargs["HEAD_DIM"]]
+
+
+# (BLOCK_M, BLOCK_N, num_warps per consumer group, num_stages) of the warp-specialised forward, head dims up to 128,
+# 16-bit inputs: compiled for sm_90a with Triton 3.9 (12 warps: a TMA producer and two consumer groups), 128 x 64
+# needs 168 registers and no spill, 164 KB of shared memory; 128 x 128 spills 256 bytes.
+_WS_TILES = _table(half=[(128, 64, 4, 3, _UP_TO_128), (128, 64, 4, 2, _UP_TO_128)], fp32=[])
+
+
+@triton.autotune(configs=_configs(_WS_TILES, pre_hook=_ws_boxes, interpret_tile=(32, 16)), key=_TUNE_KEY,
+                 prune_configs_by={"early_config_prune": _pruner(_WS_TILES)})
+@triton.jit
+def _fwd_ws_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, seq_bucket, qk_scale,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_fwd_tma_kernel`` with its query block in two halves and the mask-free loop warp-specialised.
+
+    ``tl.range(warp_specialize=True)`` lets Triton's Hopper pass split the loop
+    into a producer warp issuing the TMA loads and one consumer warp group per
+    half query block, each with its own registers (``setmaxnreg``): one group's
+    softmax can run while the other's products occupy the tensor cores, the
+    overlap FlashAttention-3 schedules by hand. The pass partitions the data
+    along the query rows itself only when the kernel names the halves (a whole
+    128-row Q tile fails to compile: "descriptor block with 16384 elements tensor
+    with 8192 elements"), hence the two (BLOCK_M / 2, D) tiles, accumulators and
+    running statistics. Compiled for sm_90a (Triton 3.9, ``bench/attention_layout.py
+    --kernels fwd-ws``): 12 warps, specialised, 168 registers, no spill at 128 × 64.
+    Not timed on a GPU yet. Under the interpreter the loop runs unspecialised: the
+    same arithmetic.
+    """
+    HALF: tl.constexpr = BLOCK_M // 2
+    qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads  # int32: descriptor coordinates
+    h = pid_bh % n_heads
+    kv_h = h // group
+    start_m = pid_m * BLOCK_M
+    offs_0 = start_m + tl.arange(0, HALF)
+    offs_1 = offs_0 + HALF
+    q0 = desc_q.load([b, h, start_m, 0]).reshape(HALF, HEAD_DIM)
+    q1 = desc_q.load([b, h, start_m + HALF, 0]).reshape(HALF, HEAD_DIM)
+    m0 = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    m1 = tl.full([HALF], float("-inf"), dtype=tl.float32)
+    l0 = tl.zeros([HALF], dtype=tl.float32)
+    l1 = tl.zeros([HALF], dtype=tl.float32)
+    acc0 = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+    acc1 = tl.zeros([HALF, HEAD_DIM], dtype=tl.float32)
+
+    # One loop, every block masked: with the mask-free blocks in a loop of their own, as the other kernels
+    # have them, the pass fails (Triton 3.9, sm_90a; triton-lang/triton#9728 reports the same on 3.4).
+    _, hi = _kv_stages(start_m, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = desc_k.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc0, l0, m0 = _softmax_step(acc0, l0, m0, q0, k, v, offs_0, offs_n, seq_len, qk_scale,
+                                     CAUSAL, True, PRECISION, UPCAST)
+        acc1, l1, m1 = _softmax_step(acc1, l1, m1, q1, k, v, offs_1, offs_n, seq_len, qk_scale,
+                                     CAUSAL, True, PRECISION, UPCAST)
+
+    desc_o.store([b, h, start_m, 0], (acc0 / l0[:, None]).to(q0.dtype).reshape(1, 1, HALF, HEAD_DIM))
+    desc_o.store([b, h, start_m + HALF, 0], (acc1 / l1[:, None]).to(q1.dtype).reshape(1, 1, HALF, HEAD_DIM))
+    lse = LSE + pid_bh.to(tl.int64) * seq_len
+    tl.store(lse + offs_0, m0 + tl.math.log2(l0), mask=offs_0 < seq_len)
+    tl.store(lse + offs_1, m1 + tl.math.log2(l1), mask=offs_1 < seq_len)
+
+
 @triton.jit
 def _bwd_delta_kernel(O, DO, DELTA,
                       stride_ob, stride_oh, stride_ot, stride_od,
@@ -624,13 +701,18 @@ def _launch(kernel, grid, args: tuple, kwargs: dict, tile: tuple[int, int] | Non
 
 
 def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
-             tma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             tma: bool = False, ws: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, D = q.shape
     o = torch.empty_like(q)  # (B, H, T, D), q's memory layout
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)  # log2 domain
     scalars = (H, H // k.shape[1], T, _seq_bucket(T), scale * LOG2E)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     consts = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
+    if ws:  # Q and O move half query blocks (_fwd_ws_kernel)
+        half = tiles and (tiles.fwd[0] // 2, tiles.fwd[1])
+        d = _descriptors(half, dict(q=q, o=o), dict(k=k, v=v), D)
+        _launch(_fwd_ws_kernel, grid, (d["q"], d["k"], d["v"], d["o"], lse, *scalars), consts, tiles and tiles.fwd)
+        return o, lse
     if tma:
         d = _descriptors(tiles and tiles.fwd, dict(q=q, o=o), dict(k=k, v=v), D)
         _launch(_fwd_tma_kernel, grid, (d["q"], d["k"], d["v"], d["o"], lse, *scalars), consts, tiles and tiles.fwd)
@@ -698,17 +780,18 @@ class FlashAttention(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, O and the log-sum-exp; the backward recomputes the scores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, tiles: Tiles | None = None, tma: bool = False):
-        o, lse = _forward(q, k, v, causal, softmax_scale, tiles, tma)
+    def forward(ctx, q, k, v, causal: bool, softmax_scale: float, tiles: Tiles | None = None, tma: bool = False,
+                ws: bool = False):
+        o, lse = _forward(q, k, v, causal, softmax_scale, tiles, tma, ws)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma = causal, softmax_scale, tiles, tma
+        ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma = causal, softmax_scale, tiles, tma or ws
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -778,7 +861,7 @@ def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, softmax_scale: float | None = None,
-    tma: bool = False,
+    tma: bool = False, ws: bool = False,
 ) -> torch.Tensor:
     """Flash attention, differentiable in q, k, v.
 
@@ -786,15 +869,19 @@ def flash_attention(
     in q's dtype. softmax_scale (> 0) defaults to 1/sqrt(D). Raises ValueError with the
     reason from ``unsupported_reason`` for inputs the kernel does not handle.
     tma: move the tiles through TMA descriptors, forward and backward (Hopper, Triton >= 3.4).
-    Not yet timed on a GPU, hence off by default.
+    ws: as tma, with the forward warp-specialised (``_fwd_ws_kernel``; 16-bit inputs, head dim <= 128).
+    Not yet timed on a GPU: an option of the benchmark, not of the model.
     """
-    reason = unsupported_reason(q, k, v) or (tma_unsupported_reason(q, k, v) if tma else None)
+    if ws and (q.dtype == torch.float32 or q.shape[-1] > 128):
+        raise ValueError(f"flash_attention: ws=True takes float16/bfloat16 and head dim <= 128, got {q.dtype}, "
+                         f"head dim {q.shape[-1]}; use tma=True")
+    reason = unsupported_reason(q, k, v) or (tma_unsupported_reason(q, k, v) if tma or ws else None)
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if not 0.0 < scale < math.inf:  # the forward scales each row's maximum: a scale <= 0 would flip it
         raise ValueError(f"flash_attention: softmax_scale must be a positive finite number, got {softmax_scale}")
-    return FlashAttention.apply(q, k, v, bool(causal), scale, None, bool(tma))
+    return FlashAttention.apply(q, k, v, bool(causal), scale, None, bool(tma), bool(ws))
 
 
 def attention_reference(

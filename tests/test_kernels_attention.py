@@ -119,6 +119,43 @@ def test_tma_matches_reference(shape, dtype, causal):
     _check(q, k, v, do, causal=causal, tma=True)
 
 
+WS_SHAPES = [(1, 4, 2, 40, 32), (2, 2, 2, 17, 64), (1, 2, 1, 100, 128)] + (
+    [(2, 16, 4, 1024, 128), (1, 8, 2, 1000, 64)] if CUDA else [])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", WS_SHAPES, ids=lambda s: "B{}-H{}-kv{}-T{}-D{}".format(*s))
+def test_ws_matches_reference(shape, dtype, causal):
+    """The warp-specialised forward (two half query blocks; the TMA backward): GQA, tails, both masks."""
+    q, k, v, do = _inputs(*shape, dtype, seed=11)
+    _tma_or_skip(q, k, v)
+    out = flash_attention(q, k, v, causal=causal, ws=True)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref = attention_reference(q, k, v, causal=causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    atol, rtol = TOL[dtype]
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_ws_with_a_fixed_tile_matches_reference(causal):
+    """A 64-row query block (two 32-row halves) against 16-key blocks: the diagonal falls inside each half."""
+    q, k, v, do = _inputs(1, 2, 1, 45, 32, torch.bfloat16, seed=12)
+    _tma_or_skip(q, k, v)
+    out = FlashAttention.apply(q, k, v, causal, 1 / 32**0.5, Tiles(fwd=(64, 16), dkdv=(16, 32), dq=(32, 16)), False, True)
+    ref = attention_reference(q, k, v, causal=causal)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.bfloat16][0], rtol=TOL[torch.bfloat16][1])
+
+
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 32), (torch.bfloat16, 256)], ids=["fp32", "D256"])
+def test_ws_refuses_fp32_and_wide_heads(dtype, head_dim):
+    q, k, v, _ = _inputs(1, 2, 1, 16, head_dim, dtype)
+    with pytest.raises(ValueError, match="ws=True takes float16/bfloat16 and head dim <= 128"):
+        flash_attention(q, k, v, ws=True)
+
+
 def test_tma_takes_the_models_strided_views_and_refuses_misaligned_ones():
     B, T, H, D = 2, 33, 4, 32
     q, k, v = (torch.randn(B, T, H, D, device=DEVICE).transpose(1, 2).requires_grad_() for _ in range(3))
