@@ -338,6 +338,19 @@ def _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, offs_m, lo, hi, se
     return acc, l_i, m_i
 
 
+@triton.jit
+def _tma_query_block(n_heads, group, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's (batch × head, batch, head, kv head, first query row); int32, as descriptor coordinates are.
+
+    Causal query blocks near the end do the most work: they are launched first so the
+    light ones fill the tail of the grid.
+    """
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    h = pid_bh % n_heads
+    return pid_bh, pid_bh // n_heads, h, h // group, pid_m * BLOCK_M
+
+
 @triton.autotune(configs=_configs(_FWD_TILES, pre_hook=_tma_boxes(BLOCK_M=("desc_q", "desc_o"),
                                                                    BLOCK_N=("desc_k", "desc_v"))),
                  key=_TUNE_KEY,
@@ -353,12 +366,7 @@ def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len
     block needs no load mask and its store clips itself.
     """
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads  # int32: descriptor coordinates
-    h = pid_bh % n_heads
-    kv_h = h // group
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, h, kv_h, start_m = _tma_query_block(n_heads, group, CAUSAL, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
@@ -413,12 +421,7 @@ def _fwd_ws_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len,
     """
     HALF: tl.constexpr = BLOCK_M // 2
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads  # int32: descriptor coordinates
-    h = pid_bh % n_heads
-    kv_h = h // group
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, h, kv_h, start_m = _tma_query_block(n_heads, group, CAUSAL, BLOCK_M)
     offs_0 = start_m + tl.arange(0, HALF)
     offs_1 = offs_0 + HALF
     q0 = desc_q.load([b, h, start_m, 0]).reshape(HALF, HEAD_DIM)
