@@ -226,6 +226,18 @@ def test_attention_layout_compiles_every_forward_tile_pipelined_on_tensor_cores(
         assert "wgmma yes  pipelined yes" in line and "f64 0 " in line and "(fits)" in line, line
 
 
+def test_ws_forward_compiles_warp_specialised_for_hopper():
+    """flash_attention(ws=True)'s forward, compiled for sm_90a: Triton's Hopper pass must split it into a producer
+    warp and two consumer groups (12 warps, setmaxnreg), without spilling. A change that breaks the form the pass
+    accepts (two named query halves, one loop) compiles either not at all or unspecialised: both fail here."""
+    proc = _run(["bench/attention_layout.py", "--kernels", "fwd-ws", "--head-dims", "64,128"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("fwd-ws ")]
+    assert len(rows) == 4, proc.stdout
+    for line in rows:
+        assert "warps 12 specialised" in line and " 0 bytes spilled" in line and "(fits)" in line, line
+
+
 def test_rms_norm_kernel_keeps_fp32_math_when_inductor_passes_eps_as_fp64():
     """torch.compile's Inductor compiles a Triton kernel called in a compiled region itself and types a Python
     float fp64: eps must not turn the normalisation into fp64 arithmetic (a fraction of the fp32 rate)."""
