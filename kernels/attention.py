@@ -394,7 +394,7 @@ def _ws_boxes(nargs) -> None:
 
 # (BLOCK_M, BLOCK_N, num_warps per consumer group, num_stages) of the warp-specialised forward, head dims up to 128,
 # 16-bit inputs: compiled for sm_90a with Triton 3.9 (12 warps: a TMA producer and two consumer groups), 128 x 64
-# needs 168 registers and no spill, 164 KB of shared memory; 128 x 128 spills 256 bytes.
+# needs 168 registers and no spill, 128-161 KiB of shared memory at head dim 128; 128 x 128 spills ~250 bytes.
 _WS_TILES = _table(half=[(128, 64, 4, 3, _UP_TO_128), (128, 64, 4, 2, _UP_TO_128)], fp32=[])
 
 
@@ -404,7 +404,7 @@ _WS_TILES = _table(half=[(128, 64, 4, 3, _UP_TO_128), (128, 64, 4, 2, _UP_TO_128
 def _fwd_ws_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, seq_bucket, qk_scale,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``_fwd_tma_kernel`` with its query block in two halves and the mask-free loop warp-specialised.
+    """``_fwd_tma_kernel`` with its query block in two halves and its one loop warp-specialised.
 
     ``tl.range(warp_specialize=True)`` lets Triton's Hopper pass split the loop
     into a producer warp issuing the TMA loads and one consumer warp group per
@@ -711,14 +711,11 @@ def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
     scalars = (H, H // k.shape[1], T, _seq_bucket(T), scale * LOG2E)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     consts = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
-    if ws:  # Q and O move half query blocks (_fwd_ws_kernel)
-        half = tiles and (tiles.fwd[0] // 2, tiles.fwd[1])
-        d = _descriptors(half, dict(q=q, o=o), dict(k=k, v=v), D)
-        _launch(_fwd_ws_kernel, grid, (d["q"], d["k"], d["v"], d["o"], lse, *scalars), consts, tiles and tiles.fwd)
-        return o, lse
-    if tma:
-        d = _descriptors(tiles and tiles.fwd, dict(q=q, o=o), dict(k=k, v=v), D)
-        _launch(_fwd_tma_kernel, grid, (d["q"], d["k"], d["v"], d["o"], lse, *scalars), consts, tiles and tiles.fwd)
+    if tma or ws:
+        boxes = tiles and (tiles.fwd[0] // 2 if ws else tiles.fwd[0], tiles.fwd[1])  # ws: Q and O in half blocks
+        d = _descriptors(boxes, dict(q=q, o=o), dict(k=k, v=v), D)
+        _launch(_fwd_ws_kernel if ws else _fwd_tma_kernel, grid, (d["q"], d["k"], d["v"], d["o"], lse, *scalars),
+                consts, tiles and tiles.fwd)
         return o, lse
     args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), *scalars)
     _launch(_fwd_kernel, grid, args, consts, tiles and tiles.fwd)

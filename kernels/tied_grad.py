@@ -514,21 +514,17 @@ class TiedGradPlan:
 def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], layout: str) -> TiedGradPlan:
     n_units, device = len(contributions[0]), grads[0].device
     k_pad = triton.next_power_of_2(n_units)
-    # One pass over the tensors: non-contiguous contributions copied to dense ones (the flat index needs it),
-    # the (T × K_PAD) row-major address table (padded units point nowhere and are masked off), and the OR of
-    # every address, 16-byte aligned when all of them are.
+    # One pass over the tensors: non-contiguous contributions copied to dense ones (the flat index needs it) and
+    # the (T × K_PAD) row-major address table (padded units point nowhere and are masked off).
     padding = [0] * (k_pad - n_units)
-    dense, contrib_ptrs, grad_ptrs, numels, any_bits = [], [], [], [], 0
+    dense, contrib_ptrs, grad_ptrs, numels = [], [], [], []
     for units, grad in zip(contributions, grads):
         units = [g if g.is_contiguous() else g.contiguous() for g in units]
-        ptrs = [g.data_ptr() for g in units]
         dense.append(units)
-        contrib_ptrs += ptrs + padding
+        contrib_ptrs += [g.data_ptr() for g in units] + padding
         grad_ptrs.append(grad.data_ptr())
         numels.append(grad.numel())
-        for p in ptrs:
-            any_bits |= p
-    any_bits |= functools.reduce(operator.or_, grad_ptrs)
+    any_bits = functools.reduce(operator.or_, contrib_ptrs + grad_ptrs)  # 16-byte aligned iff every address is
     c_size = dense[0][0].element_size()
     if layout in ("columns", "wide"):
         vec = _column_vec(k_pad, c_size, grads[0].element_size(), _WIDE_VALUES if layout == "wide" else _COLUMN_VALUES)
