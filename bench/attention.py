@@ -5,7 +5,9 @@
 
 Providers: ``triton`` (megascale.kernels.attention), ``triton-tma`` (the same with the
 forward reading and writing through TMA descriptors, ``tma=True``; Hopper), ``triton-ws`` (the TMA
-kernels with a warp-specialised forward, ``ws=True``; 16-bit inputs) and SDPA restricted to each of
+kernels with a warp-specialised forward, ``ws=True``; 16-bit inputs), any of the three with
+``-atomic`` appended (the backward as one kernel adding dQ by fp32 atomics, ``deterministic=False``;
+by default ``triton-tma-atomic`` and ``triton-ws-atomic``) and SDPA restricted to each of
 its backends in turn — ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient`` — so the
 comparison is with the best PyTorch has on the device. A backend that refuses a
 shape is recorded as unavailable with its error, not dropped silently.
@@ -49,11 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=16384, help="B·T per shape (B = tokens / T, at least 1)")
     p.add_argument("--model-dim", type=int, default=2048, help="H = model_dim / head_dim query heads")
     p.add_argument("--kv-group", type=int, default=1, help="query heads per KV head (1: MHA)")
-    p.add_argument("--providers", default="triton,triton-tma,triton-ws,sdpa-flash,sdpa-cudnn,sdpa-efficient")
+    p.add_argument("--providers", default="triton,triton-tma,triton-ws,triton-tma-atomic,triton-ws-atomic,"
+                                          "sdpa-flash,sdpa-cudnn,sdpa-efficient")
     args = p.parse_args(argv)
     if args.smoke:
         args.head_dims, args.lengths, args.tokens, args.model_dim = "32", "16,33", 33, 64
-        args.dtype, args.providers = "fp32", "triton,triton-tma,triton-ws,reference,sdpa-math"
+        args.dtype = "fp32"
+        args.providers = "triton,triton-tma,triton-ws,triton-atomic,triton-tma-atomic,reference,sdpa-math"
     return args
 
 
@@ -79,13 +83,14 @@ def sdpa(backend_name: str):
     return run
 
 
+TRITON_VARIANTS = {"triton": {}, "triton-tma": {"tma": True}, "triton-ws": {"ws": True}}
+
+
 def provider_fn(name: str, kernels):
-    if name == "triton":
-        return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal)
-    if name == "triton-tma":
-        return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal, tma=True)
-    if name == "triton-ws":
-        return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal, ws=True)
+    variant = name.removesuffix("-atomic")
+    if variant in TRITON_VARIANTS:  # "-atomic": the one-kernel backward, dQ by atomics (deterministic=False)
+        opts = {**TRITON_VARIANTS[variant], **({"deterministic": False} if name.endswith("-atomic") else {})}
+        return lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal, **opts)
     if name == "reference":
         return lambda q, k, v, causal: kernels.attention_reference(q, k, v, causal=causal)
     if name.startswith("sdpa-"):
@@ -134,7 +139,7 @@ def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, mod
 
 
 def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> None:
-    """One line per shape and mode: TFLOP/s per provider, and Triton over the best SDPA backend."""
+    """One line per shape and mode: TFLOP/s per provider, and the best Triton variant over the best SDPA backend."""
     header = f"{'D':>4} {'causal':>6} {'T':>6} {'B':>4} {'mode':>8} " + " ".join(f"{p:>15}" for p in providers)
     print(header + f" {'triton/best':>12}")
     keys = sorted({(r["D"], r["causal"], r["T"], r["B"], r["mode"]) for r in rows},
@@ -143,7 +148,8 @@ def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> Non
         got = {r["provider"]: r["tflops"] for r in rows if (r["D"], r["causal"], r["T"], r["B"], r["mode"]) == (D, causal, T, B, mode)}
         cells = " ".join(f"{got[p]:15.4g}" if got.get(p) is not None else f"{'n/a':>15}" for p in providers)
         others = [t for p, t in got.items() if not p.startswith("triton") and t is not None]
-        ratio = f"{got['triton'] / max(others):12.2f}" if got.get("triton") and others else f"{'':>12}"
+        ours = max((t for p, t in got.items() if p.startswith("triton") and t is not None), default=None)
+        ratio = f"{ours / max(others):12.2f}" if ours and others else f"{'':>12}"
         print(f"{D:>4} {str(causal):>6} {T:>6} {B:>4} {mode:>8} {cells}{ratio}")
     for r in rows:
         if r["error"] and r["mode"] == modes[0]:

@@ -48,11 +48,16 @@ KERNELS = {
     "dkdv": ("_bwd_dkdv_kernel", "_DKDV_TILES", {}),
     "dkdv-tma": ("_bwd_dkdv_kernel", "_DKDV_TILES",
                  {"Q": "BLOCK_M", "DO": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "DK": "BLOCK_N", "DV": "BLOCK_N"}),
+    # deterministic=False: the whole backward in the dK/dV kernel, dQ added by fp32 atomics (DQA)
+    "dkdv-atomic": ("_bwd_dkdv_kernel", "_DKDV_TILES", {}),
+    "dkdv-atomic-tma": ("_bwd_dkdv_kernel", "_DKDV_TILES",
+                        {"Q": "BLOCK_M", "DO": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "DK": "BLOCK_N",
+                         "DV": "BLOCK_N"}),
     "dq": ("_bwd_dq_kernel", "_DQ_TILES", {}),
     "dq-tma": ("_bwd_dq_kernel", "_DQ_TILES",
                {"Q": "BLOCK_M", "DO": "BLOCK_M", "DQ": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"}),
 }
-FP32_POINTERS = ("LSE", "DELTA")
+FP32_POINTERS = ("LSE", "DELTA", "DQA")
 FP64_MATH = re.compile(r"^\s*(?:add|sub|mul|fma|div|rcp|sqrt|rsqrt|max|min|ex2|lg2|neg|abs|setp)[.\w]*\.f64\b", re.M)
 NO_HINT = ("group", "n_kv_heads", "qk_scale", "sm_scale")  # values a real call does not make multiples of 16
 
@@ -89,6 +94,8 @@ def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arc
     sig, consts, attrs = signature(fn, tile, head_dim, boxes, float_args)
     if "TMA" in fn.arg_names:  # the backward kernels: one kernel, descriptors or pointers
         consts["TMA"] = bool(boxes)
+    if "DQ_ATOMIC" in fn.arg_names:
+        consts["DQ_ATOMIC"] = "atomic" in kernel
     consts.update(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, **att._dot_flags(torch.bfloat16))
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -103,10 +110,12 @@ def describe(compiled, arch: int) -> str:
     ptx, smem = compiled.asm["ptx"], compiled.metadata.shared
     fits = "fits" if smem <= H100_SMEM else "TOO BIG for an H100"
     # cp.async: loads copied to shared memory asynchronously by the threads; cp.async.bulk.tensor: by the TMA unit.
+    # deterministic=False's dQ: fp32 reductions, 128-bit (four values an instruction) or one value at a time
+    atomics = "" if "red.global" not in ptx else f"  dQ atomics {'v4' if 'add.v4.f32' in ptx else 'scalar'}"
     return (f"wgmma {'yes' if 'wgmma.mma_async' in ptx else 'NO ':<3}  pipelined {'yes' if 'cp.async' in ptx else 'NO ':<3}  "
             f"warps {compiled.metadata.num_warps:<2} {'specialised' if 'setmaxnreg' in ptx else '':<11}  "
             f"TMA {'yes' if 'cp.async.bulk.tensor' in ptx else 'no ':<3}  f64 {fp64_math(ptx)}  "
-            f"{registers(ptx, arch):<34} smem {smem / 1024:6.1f} KiB ({fits})")
+            f"{registers(ptx, arch):<34} smem {smem / 1024:6.1f} KiB ({fits}){atomics}")
 
 
 def main(argv=None) -> int:
@@ -121,7 +130,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     (att,) = checkout_kernels("attention")
     print(f"attention kernels, bf16, causal={args.causal}, sm_{args.arch}a, Triton {triton.__version__}")
-    print(f"{'kernel':<8} {'D':>4} {'BLOCK_M x N':>11} {'warps':>5} {'stages':>6}  compiled")
+    print(f"{'kernel':<15} {'D':>4} {'BLOCK_M x N':>11} {'warps':>5} {'stages':>6}  compiled")
     for kernel in args.kernels.split(","):
         table = getattr(att, KERNELS[kernel][1])
         for head_dim in (int(d) for d in args.head_dims.split(",")):
@@ -129,7 +138,7 @@ def main(argv=None) -> int:
                 if (16, head_dim) not in cases:  # a candidate for this head dim in half precision
                     continue
                 compiled = compile_tile(att, kernel, tile, head_dim, args.causal == "true", args.arch, args.float_args)
-                print(f"{kernel:<8} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {tile[2]:>5} {tile[3]:>6}  "
+                print(f"{kernel:<15} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {tile[2]:>5} {tile[3]:>6}  "
                       f"{describe(compiled, args.arch)}", flush=True)
     return 0
 

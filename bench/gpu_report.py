@@ -66,6 +66,8 @@ def session_section(folder: Path) -> list[str]:
 
 def kernel_tests_section(folder: Path) -> list[str]:
     return (_pytest_log(folder / "new_tests.log", "New tests at real shapes (cuDNN attention as auto's choice, the reduction's layouts)")
+            + _pytest_log(folder / "atomic_tests.log",
+                          "Attention's one-kernel backward (dQ by atomics) at real shapes, bf16, first listed tile")
             + _pytest_log(folder / "cast_tests.log", "Kernels with fp32-cast float arguments at real shapes, bf16")
             + _pytest_log(folder / "tma_tests.log", "Attention through TMA at real shapes, bf16, first listed tile")
             + _pytest_log(folder / "kernel_tests.log", "Kernel tests at real shapes, first listed tile")
@@ -95,17 +97,20 @@ def attention_section(folder: Path) -> list[str]:
     out, checks = [], []
     for D, causal, T, mode in shapes:
         here = [r for r in rows if (r["D"], r["causal"], r["T"], r["mode"]) == (D, causal, T, mode)]
-        triton = max((r["tflops"] for r in here if r["provider"] == "triton" and r["tflops"]), default=None)
-        tma = max((r["tflops"] for r in here if r["provider"] == "triton-tma" and r["tflops"]), default=None)
-        ws = max((r["tflops"] for r in here if r["provider"] == "triton-ws" and r["tflops"]), default=None)
-        best = max((t for t in (triton, tma, ws) if t), default=None)  # the targets are met by whichever megascale ships
+        triton, tma, ws, tma_atomic, ws_atomic = (
+            max((r["tflops"] for r in here if r["provider"] == name and r["tflops"]), default=None)
+            for name in ("triton", "triton-tma", "triton-ws", "triton-tma-atomic", "triton-ws-atomic"))
+        # the targets are met by whichever megascale ships
+        best = max((t for t in (triton, tma, ws, tma_atomic, ws_atomic) if t), default=None)
         sdpa = max(((r["tflops"], r["provider"]) for r in here if r["provider"].startswith("sdpa")), default=(None, None))
         ratio = best / sdpa[0] if best and sdpa[0] else None
-        out.append([D, "causal" if causal else "full", T, mode, triton, tma, ws, sdpa[0], sdpa[1], ratio])
+        out.append([D, "causal" if causal else "full", T, mode, triton, tma, ws, tma_atomic, ws_atomic, sdpa[0], sdpa[1],
+                    ratio])
         if D == 128 and causal and 4096 <= T <= 16384:
             checks.append((mode, T, best, ratio))
     lines = ["Attention, bf16 (TFLOP/s):", ""] + table(
-        ["head dim", "mask", "T", "pass", "triton", "triton TMA", "triton WS", "best SDPA", "backend", "best triton/SDPA"],
+        ["head dim", "mask", "T", "pass", "triton", "triton TMA", "triton WS", "TMA, atomic dQ", "WS, atomic dQ",
+         "best SDPA", "backend", "best triton/SDPA"],
         out) + [""]
     fwd = [c for c in checks if c[0] == "fwd"]
     both = [c for c in checks if c[0] == "fwd+bwd"]

@@ -63,7 +63,10 @@ NEW_TESTS = ["tests/test_attention_backends.py", "tests/test_kernels_tied_grad.p
 # trainer options, and the fp32 cases are left to the suite's interpreter run.
 CAST_TESTS = ["-k", "not tma and ((half and bf16) or model_with or rms_norm)", "tests/test_kernels_attention.py",
               "tests/test_kernels_fused.py"]
-TMA_TESTS = ["-k", "tma and (bf16 or strided)", "tests/test_kernels_attention.py"]
+TMA_TESTS = ["-k", "tma and (bf16 or strided) and not atomic", "tests/test_kernels_attention.py"]
+# The one-kernel backward (deterministic=False, dQ by fp32 atomics; 2026-11-27), compiled by the GPU's Triton for the
+# first time: bf16 at real shapes, pointers and TMA, and the model's strided views.
+ATOMIC_TESTS = ["-k", "atomic_dq and not fp32", "tests/test_kernels_attention.py"]
 # The speed options configs/1.3b.yaml turns on (the second H200 session measured them there, 2026-11-26):
 # for the smaller configs, one figure for "all of it".
 FAST = "train.loss_chunk_tokens=8192,train.compile=true"
@@ -111,18 +114,23 @@ def jobs(png: bool) -> list[Job]:
                         FAST, f"{FAST},model.attention=triton"])
     return [
         # #3's attention with the warp-specialised forward (provider triton-ws: a TMA producer warp and two
-        # consumer groups, FlashAttention-3's overlap; compiled for sm_90a, never run on a GPU), then the
-        # real-shape tests that check it (new_tests). Then what the H100 session of 2026-11-27 measured last:
-        # #9's tied 1.3b with accumulation, and fp32 weights under autocast there.
+        # consumer groups, FlashAttention-3's overlap) and the one-kernel backward (triton-*-atomic: dQ by fp32
+        # atomics, 5 products a tile instead of 7), both compiled for sm_90a, never run on a GPU; then the
+        # real-shape tests that check them (new_tests, atomic_tests). Then what the H100 session of 2026-11-27
+        # measured last: #9's tied 1.3b with accumulation, and fp32 weights under autocast there.
         Job("attention_hd128_causal", "kernels",
             [*attention, "--head-dims", "128", "--causal", "true", "--json", "{out}/attention_hd128_causal.json",
              *plot("attention_hd128_causal")],
-            ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd128_causal.json"], 150),
+            ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd128_causal.json"], 200),
         # At real shapes: the warp-specialised forward, cuDNN attention as auto's choice, the reduction's layouts
         # (auto = columns to K = 16, wide to 32).
         Job("new_tests", "kernels",
             ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/new_tests.xml", *NEW_TESTS],
             ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *NEW_TESTS], 120),
+        Job("atomic_tests", "kernels",
+            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/atomic_tests.xml", *ATOMIC_TESTS],
+            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *ATOMIC_TESTS], 120,
+            env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         Job("train_accum_tied", "train",
             ["bench/train_throughput.py", "--steps", "8", "--warmup", "3", "--accum", "8", "--configs", "1.3b",
              "--micro-batch", "8", "--ckpt", "off", "--sharings", "none,all", "--variants", f";{AUTOCAST}",

@@ -40,6 +40,13 @@ pointer kernel's from T = 2048 (BENCHMARKS.md), the model's default is cuDNN.
 
 ``ws=True`` is ``tma=True`` with the forward warp-specialised (``_fwd_ws_kernel``):
 not timed on a GPU yet, so only the benchmark calls it.
+
+``deterministic=False`` runs the backward as FlashAttention-2's CUDA kernel does: one
+launch after Δ, the dK/dV kernel, which also adds each key block's share of dQ
+(dS K) into a zeroed fp32 (B, H, T, D) buffer by atomic adds (128-bit ``red.add``
+on sm_90a), scaled and rounded into dQ afterwards. The scores are rebuilt once
+instead of twice: 5 tile products instead of 7, for an fp32 buffer of q's size
+and dQ bits that vary from run to run. Not timed on a GPU yet either.
 """
 
 from __future__ import annotations
@@ -157,6 +164,9 @@ _DKDV_TILES = _table(
         (32, 128, 8, 3, _UP_TO_128), (32, 128, 8, 2, _UP_TO_128), (32, 64, 8, 3, _UP_TO_128),
         # at head dim 128 the three above spill 40-128 bytes (bench/attention_layout.py); this one does not
         (16, 128, 8, 3, (64, 128)),
+        # deterministic=False adds dS K and its atomics to the loop: at head dim 128 these two are the tiles that
+        # do not spill with Triton 3.6 (TMA; 16 x 64 with 3.9 too), where the ones above spill 40-324 bytes
+        (16, 64, 8, 3, (64, 128)), (32, 64, 8, 2, (64, 128)),
         (64, 128, 8, 3, (32, 64)), (64, 64, 8, 3, (32, 64)), (16, 64, 4, 2, (32, 64)),
         (32, 32, 8, 2, (256,)), (16, 32, 8, 2, (256,)),
     ],
@@ -474,15 +484,31 @@ def _bwd_delta_kernel(O, DO, DELTA,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base,
+def _add_rows(dst, offs_t, offs_d, x, seq_len, MASK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Atomically add the fp32 (rows, D) tile x into rows offs_t of one head of a contiguous fp32 buffer,
+    ``dst`` = that head's base pointer: relaxed atomic adds, with MASK none past the sequence end.
+
+    Element atomics also under TMA: Triton's interpreter has no descriptor reduction, and the
+    tests must run what the GPU runs (a TMA reduce-add would be the next step, if the GPU shows
+    these atomics cost)."""
+    ptrs = dst + offs_t[:, None] * HEAD_DIM + offs_d[None, :]
+    if MASK:
+        tl.atomic_add(ptrs, x, mask=(offs_t < seq_len)[:, None], sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, sem="relaxed")
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, dqa_src, b, h, lse_base, delta_base,
                 stride_qt, stride_qd, stride_dt, stride_dd,
                 offs_n, lo, hi, seq_len, qk_scale,
                 CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+                PRECISION: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [lo, hi) of one query head.
 
     Works on transposed tiles (keys × queries) so that dV = Pᵀ dO and dK = dSᵀ Q
-    are plain products.
+    are plain products. DQ_ATOMIC: also this key block's share of each query block's
+    dQ, dS K, added into the fp32 accumulator at ``dqa_src`` (``_add_rows``).
     """
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
@@ -502,16 +528,19 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, b, h, lse_base, delta_base,
             p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], seq_len, CAUSAL), p_t, 0.0)
         dv = _mma(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)
         dp_t = _mma(v, tl.trans(do), zeros, PRECISION, UPCAST)  # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _mma(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = _mma(ds_t, q, dk, PRECISION, UPCAST)
+        if DQ_ATOMIC:
+            dq = _mma(tl.trans(ds_t), k, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), PRECISION, UPCAST)
+            _add_rows(dqa_src, offs_m, offs_d, dq, seq_len, MASK, HEAD_DIM)
     return dk, dv
 
 
 @triton.autotune(configs=_configs(_DKDV_TILES, pre_hook=_tma_boxes(BLOCK_M=("Q", "DO"), BLOCK_N=("K", "V", "DK", "DV"))),
-                 key=[*_TUNE_KEY, "TMA"],  # TMA: only when passed (the TMA variant)
+                 key=[*_TUNE_KEY, "TMA", "DQ_ATOMIC"],  # TMA, DQ_ATOMIC: only when passed
                  prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES)})
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE, DELTA,
                      stride_qb, stride_qh, stride_qt, stride_qd,
                      stride_kb, stride_kh, stride_kt, stride_kd,
                      stride_vb, stride_vh, stride_vt, stride_vd,
@@ -520,8 +549,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
                      stride_dvb, stride_dvh, stride_dvt, stride_dvd,
                      n_heads, n_kv_heads, group, seq_len, seq_bucket, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
+                     DQ_ATOMIC: tl.constexpr = False):
     """dK, dV of one key block of one KV head (TMA: Q, K, V, dO, dK, dV are 4-D descriptors).
+
+    DQ_ATOMIC (``flash_attention(deterministic=False)``): the whole backward in this one
+    kernel, dQ added into DQA, a zeroed fp32 (B, H, T, D) buffer, by atomic adds; the
+    scores are rebuilt once instead of twice (5 products per tile instead of 7), but
+    the order of dQ's fp32 sums varies from run to run. Otherwise DQA is not read.
 
     Grouped-query attention: the program loops over the `group` query heads that
     read this KV head and sums their contributions in registers. The alternative,
@@ -563,19 +598,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
             q_src, do_src = Q, DO
         else:
             q_src, do_src = Q + b * stride_qb + h * stride_qh, DO + b * stride_db + h * stride_dh
-        row0 = (b * n_heads + h) * seq_len  # LSE and Δ are (B, H, T) contiguous
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, b32, h32, LSE + row0, DELTA + row0,
+        row0 = (b * n_heads + h) * seq_len  # LSE, Δ (B, H, T) and DQA (B, H, T, D) are contiguous
+        dqa_src = DQA + row0 * HEAD_DIM
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, dqa_src, b32, h32, LSE + row0, DELTA + row0,
                              stride_qt, stride_qd, stride_dt, stride_dd,
                              offs_n, lo, tl.minimum(diag_end, seq_len), seq_len, qk_scale,
-                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST, TMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, b32, h32, LSE + row0, DELTA + row0,
+                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST, TMA, DQ_ATOMIC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, dqa_src, b32, h32, LSE + row0, DELTA + row0,
                              stride_qt, stride_qd, stride_dt, stride_dd,
                              offs_n, diag_end, full_end, seq_len, qk_scale,
-                             CAUSAL, False, BLOCK_M, HEAD_DIM, PRECISION, UPCAST, TMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, b32, h32, LSE + row0, DELTA + row0,
+                             CAUSAL, False, BLOCK_M, HEAD_DIM, PRECISION, UPCAST, TMA, DQ_ATOMIC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, dqa_src, b32, h32, LSE + row0, DELTA + row0,
                              stride_qt, stride_qd, stride_dt, stride_dd,
                              offs_n, tail, seq_len, seq_len, qk_scale,
-                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST, TMA)
+                             CAUSAL, True, BLOCK_M, HEAD_DIM, PRECISION, UPCAST, TMA, DQ_ATOMIC)
 
     dk = dk * sm_scale  # s = scale · q·k
     if TMA:  # the store clips the rows past the end
@@ -725,7 +761,8 @@ def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
     return o, lse
 
 
-def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None, tma: bool = False):
+def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None, tma: bool = False,
+              deterministic: bool = True):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     if tma and _tma_refusal(do) is not None:  # e.g. the expanded gradient of a sum: stride 0
@@ -737,18 +774,23 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
         o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block
     )
     common = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype), **({"TMA": True} if tma else {}))
+    # Not deterministic: dQ summed by atomic adds in fp32 into dq_acc by the dK/dV kernel, the dQ kernel not run.
+    dq_acc = None if deterministic else torch.zeros((B, H, T, D), device=q.device, dtype=torch.float32)
     # With TMA the tensors travel as descriptors (their boxes set per config by the pre-hooks, or
     # here for a fixed tile); the strides still go along, unused, so both variants share one kernel.
-    plain = dict(q=q, k=k, v=v, do=do, dq=dq, dk=dk, dv=dv)
+    plain = dict(q=q, k=k, v=v, do=do, dq=dq, dk=dk, dv=dv, dqa=dq if dq_acc is None else dq_acc)
     src, dq_src = plain, plain
     if tma:  # one set per launch: the two kernels' boxes differ
-        src = _descriptors(tiles and tiles.dkdv, dict(q=q, do=do), dict(k=k, v=v, dk=dk, dv=dv), D)
+        src = {"dqa": plain["dqa"], **_descriptors(tiles and tiles.dkdv, dict(q=q, do=do), dict(k=k, v=v, dk=dk, dv=dv), D)}
         dq_src = _descriptors(tiles and tiles.dq, dict(q=q, do=do, dq=dq), dict(k=k, v=v), D)
-    dkdv_args = (src["q"], src["k"], src["v"], src["do"], src["dk"], src["dv"], lse, delta,
+    dkdv_args = (src["q"], src["k"], src["v"], src["do"], src["dk"], src["dv"], src["dqa"], lse, delta,
                  *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                  H, H_kv, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
-    _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv), dkdv_args, common,
-            tiles and tiles.dkdv)
+    _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv), dkdv_args,
+            common if deterministic else {**common, "DQ_ATOMIC": True}, tiles and tiles.dkdv)
+    if dq_acc is not None:
+        torch.mul(dq_acc, scale, out=dq)  # s = scale · q·k; one rounding to q's dtype, into q's layout
+        return dq, dk, dv
     dq_args = (dq_src["q"], dq_src["k"], dq_src["v"], dq_src["do"], dq_src["dq"], lse, delta,
                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
                H, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
@@ -784,17 +826,19 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, softmax_scale: float, tiles: Tiles | None = None, tma: bool = False,
-                ws: bool = False):
+                ws: bool = False, deterministic: bool = True):
         o, lse = _forward(q, k, v, causal, softmax_scale, tiles, tma, ws)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma = causal, softmax_scale, tiles, tma or ws
+        ctx.deterministic = deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma,
+                               ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -864,7 +908,7 @@ def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, softmax_scale: float | None = None,
-    tma: bool = False, ws: bool = False,
+    tma: bool = False, ws: bool = False, deterministic: bool = True,
 ) -> torch.Tensor:
     """Flash attention, differentiable in q, k, v.
 
@@ -873,7 +917,11 @@ def flash_attention(
     reason from ``unsupported_reason`` for inputs the kernel does not handle.
     tma: move the tiles through TMA descriptors, forward and backward (Hopper, Triton >= 3.4).
     ws: as tma, with the forward warp-specialised (``_fwd_ws_kernel``; 16-bit inputs, head dim <= 128).
-    Not yet timed on a GPU: an option of the benchmark, not of the model.
+    deterministic: False runs the backward as one kernel that adds dQ by fp32 atomic adds
+    (``_bwd_dkdv_kernel``'s DQ_ATOMIC): fewer products, an fp32 (B, H, T, D) buffer more, and
+    gradients of q that vary in their last bits from run to run. True (the default): two kernels, dQ
+    written once, the same bits every run.
+    ws and deterministic=False are not yet timed on a GPU: options of the benchmark, not of the model.
     """
     if ws and (q.dtype == torch.float32 or q.shape[-1] > 128):
         raise ValueError(f"flash_attention: ws=True takes float16/bfloat16 and head dim <= 128, got {q.dtype}, "
@@ -884,7 +932,7 @@ def flash_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if not 0.0 < scale < math.inf:  # the forward scales each row's maximum: a scale <= 0 would flip it
         raise ValueError(f"flash_attention: softmax_scale must be a positive finite number, got {softmax_scale}")
-    return FlashAttention.apply(q, k, v, bool(causal), scale, None, bool(tma), bool(ws))
+    return FlashAttention.apply(q, k, v, bool(causal), scale, None, bool(tma), bool(ws), bool(deterministic))
 
 
 def attention_reference(

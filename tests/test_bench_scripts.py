@@ -46,14 +46,15 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     out = tmp_path / "session"
     archive = tmp_path / "device_out" / "results.tgz"
     proc = _run(["bench/gpu_session.py", "--smoke", "--only",
-                 "kernel_tests,tied_grad,train_options,startup,untie,new_tests,fused_loss,tma_tests,train_350m,cast_tests",
+                 "kernel_tests,tied_grad,train_options,startup,untie,new_tests,fused_loss,tma_tests,train_350m,cast_tests,"
+                 "atomic_tests",
                  "--out", str(out),
                  "--pack", str(archive)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
     assert [j["name"] for j in session["jobs"]] == [
-        "new_tests", "tied_grad", "train_350m", "cast_tests", "train_options", "tma_tests", "fused_loss", "kernel_tests",
-        "untie", "startup"]
+        "new_tests", "atomic_tests", "tied_grad", "train_350m", "cast_tests", "train_options", "tma_tests", "fused_loss",
+        "kernel_tests", "untie", "startup"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     tied = json.loads((out / "tied_grad.json").read_text())["results"]
@@ -80,6 +81,9 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert "Kernel tests at real shapes, first listed tile: " in text and "collected, none run" in text
     assert "New tests at real shapes (cuDNN attention as auto's choice, the reduction's layouts): " in text
     assert re.search(r"Attention through TMA at real shapes, bf16, first listed tile: 13/\d+ collected, none run", text)
+    # bf16 through pointers and TMA (5 shapes x 2 masks each on CPU) and the model's strided views
+    assert re.search(r"Attention's one-kernel backward \(dQ by atomics\) at real shapes, bf16, first listed tile: "
+                     r"21/\d+ collected, none run", text)
     # of every test in the two files (the denominator grows with them), the cast tests' 26
     assert re.search(r"Kernels with fp32-cast float arguments at real shapes, bf16: 26/\d+ collected, none run", text)
     assert "| 128 | plain | auto |" in text and "| 128 | fused | auto |" in text  # the fused-loss table
@@ -272,9 +276,22 @@ def test_attention_tma_kernels_compile_for_hopper():
                  "--float-args", "fp64"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.split()[:1] in (["fwd-tma"], ["dkdv-tma"], ["dq-tma"])]
-    assert len(rows) == 8 + 4 + 5, proc.stdout
+    assert len(rows) == 8 + 6 + 5, proc.stdout
     for line in rows:
         assert "wgmma yes" in line and "TMA yes" in line and "f64 0 " in line and "(fits)" in line, line
+
+
+def test_atomic_dq_backward_compiles_for_hopper_with_vector_atomics():
+    """flash_attention(deterministic=False)'s one backward kernel, pointers and TMA, every dK/dV tile at head dim
+    128: tensor-core products, dQ added by 128-bit fp32 reductions, and the 16 x 64 tile listed for it spill-free."""
+    proc = _run(["bench/attention_layout.py", "--kernels", "dkdv-atomic,dkdv-atomic-tma", "--head-dims", "128"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.split()[:1] in (["dkdv-atomic"], ["dkdv-atomic-tma"])]
+    assert len(rows) == 2 * 6, proc.stdout
+    for line in rows:
+        assert "wgmma yes" in line and "f64 0 " in line and "(fits)" in line and "dQ atomics v4" in line, line
+    spill_free = [line for line in rows if line.split()[2:5] == ["16", "x", "64"]]
+    assert len(spill_free) == 2 and all(" 0 bytes spilled" in line for line in spill_free), proc.stdout
 
 
 def test_train_throughput_reports_a_failing_variant_and_keeps_the_others(tmp_path):

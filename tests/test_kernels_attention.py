@@ -71,9 +71,9 @@ def _inputs(B, H, H_kv, T, D, dtype, seed=0):
     return randn(B, H, T, D), randn(B, H_kv, T, D), randn(B, H_kv, T, D), randn(B, H, T, D).detach()
 
 
-def _check(q, k, v, do, causal, scale=None, tma=False):
+def _check(q, k, v, do, causal, scale=None, tma=False, deterministic=True):
     """Kernel vs reference: output and the three gradients, with the dtype's tolerance."""
-    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale, tma=tma)
+    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale, tma=tma, deterministic=deterministic)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref = attention_reference(q, k, v, causal=causal, softmax_scale=scale)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
@@ -137,6 +137,41 @@ def test_ws_matches_reference(shape, dtype, causal):
     atol, rtol = TOL[dtype]
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
         torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# GQA ratios 1-4, a 1-token and a 100-token tail, head dims 32-256; training shapes on CUDA.
+ATOMIC_SHAPES = [(1, 4, 2, 64, 32), (1, 4, 1, 100, 64), (1, 4, 2, 1, 32), (1, 2, 2, 20, 128), (1, 1, 1, 18, 256)] + (
+    [(2, 16, 4, 1024, 128), (2, 8, 2, 1000, 128), (1, 8, 8, 2048, 64)] if CUDA else [])
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", ATOMIC_SHAPES, ids=lambda s: "B{}-H{}-kv{}-T{}-D{}".format(*s))
+def test_atomic_dq_backward_matches_reference(shape, dtype, causal, tma):
+    """deterministic=False: one backward kernel, dQ added by fp32 atomics from every key block (and, with GQA,
+    from the K/V head's whole group of query heads), then scaled and rounded once into q's layout."""
+    q, k, v, do = _inputs(*shape, dtype, seed=5)
+    if (reason := unsupported_reason(q, k, v) or (tma_unsupported_reason(q, k, v) if tma else None)) is not None:
+        pytest.skip(reason)
+    _check(q, k, v, do, causal=causal, tma=tma, deterministic=False)
+
+
+def test_atomic_dq_takes_the_models_strided_views():
+    """The model's transposed (B, T, H, D) views and a stride-0 dO: dQ comes back in q's own layout."""
+    B, T, H, H_kv, D = 2, 23, 4, 2, 32
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).requires_grad_()
+    kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).requires_grad_()
+    views = (q.transpose(1, 2), kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2))
+    dq = torch.autograd.grad(flash_attention(*views, deterministic=False).sum(), views[0])[0]
+    assert dq.stride() == views[0].stride()
+    flash_attention(*views, deterministic=False).sum().backward()
+    got = (q.grad.clone(), kv.grad.clone())
+    q.grad = kv.grad = None
+    attention_reference(*views).sum().backward()
+    torch.testing.assert_close(got[0], q.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], kv.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -312,13 +347,14 @@ TILES = [
 ]
 
 
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "dq-atomic"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("tiles", TILES, ids=lambda t: "fwd{}x{}-dkdv{}x{}-dq{}x{}".format(*t.fwd, *t.dkdv, *t.dq))
-def test_uneven_tiles_match_reference(tiles, causal, tma):
+def test_uneven_tiles_match_reference(tiles, causal, tma, deterministic):
     q, k, v, do = _inputs(1, 4, 2, 45, 32, torch.float32, seed=3)
     scale = 1 / 32**0.5
-    out = FlashAttention.apply(q, k, v, causal, scale, tiles, tma)
+    out = FlashAttention.apply(q, k, v, causal, scale, tiles, tma, False, deterministic)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref = attention_reference(q, k, v, causal=causal)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
