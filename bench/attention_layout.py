@@ -111,7 +111,8 @@ def describe(compiled, arch: int) -> str:
     fits = "fits" if smem <= H100_SMEM else "TOO BIG for an H100"
     # cp.async: loads copied to shared memory asynchronously by the threads; cp.async.bulk.tensor: by the TMA unit.
     # deterministic=False's dQ: fp32 reductions, 128-bit (four values an instruction) or one value at a time
-    atomics = "" if "red.global" not in ptx else f"  dQ atomics {'v4' if 'add.v4.f32' in ptx else 'scalar'}"
+    reductions = re.findall(r"\bred\.global\S*", ptx)  # not "shared.global": a word of its own
+    atomics = "" if not reductions else f"  dQ atomics {'v4' if any('v4.f32' in r for r in reductions) else 'scalar'}"
     return (f"wgmma {'yes' if 'wgmma.mma_async' in ptx else 'NO ':<3}  pipelined {'yes' if 'cp.async' in ptx else 'NO ':<3}  "
             f"warps {compiled.metadata.num_warps:<2} {'specialised' if 'setmaxnreg' in ptx else '':<11}  "
             f"TMA {'yes' if 'cp.async.bulk.tensor' in ptx else 'no ':<3}  f64 {fp64_math(ptx)}  "

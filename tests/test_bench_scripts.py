@@ -279,6 +279,7 @@ def test_attention_tma_kernels_compile_for_hopper():
     assert len(rows) == 8 + 6 + 5, proc.stdout
     for line in rows:
         assert "wgmma yes" in line and "TMA yes" in line and "f64 0 " in line and "(fits)" in line, line
+        assert "atomics" not in line, line  # the deterministic backward has none
 
 
 def test_atomic_dq_backward_compiles_for_hopper_with_vector_atomics():
