@@ -164,8 +164,8 @@ _DKDV_TILES = _table(
         (32, 128, 8, 3, _UP_TO_128), (32, 128, 8, 2, _UP_TO_128), (32, 64, 8, 3, _UP_TO_128),
         # at head dim 128 the three above spill 40-128 bytes (bench/attention_layout.py); this one does not
         (16, 128, 8, 3, (64, 128)),
-        # deterministic=False adds dS K and its atomics to the loop: at head dim 128 these two are the tiles that
-        # do not spill with Triton 3.6 (TMA; 16 x 64 with 3.9 too), where the ones above spill 40-324 bytes
+        # deterministic=False adds dS K and its atomics to the loop: at head dim 128 these two spill at most 4 bytes
+        # with Triton 3.6 (TMA; 16 x 64 nothing, with 3.9 too), where the ones above spill 40-324 bytes
         (16, 64, 8, 3, (64, 128)), (32, 64, 8, 2, (64, 128)),
         (64, 128, 8, 3, (32, 64)), (64, 64, 8, 3, (32, 64)), (16, 64, 4, 2, (32, 64)),
         (32, 32, 8, 2, (256,)), (16, 32, 8, 2, (256,)),
