@@ -56,9 +56,10 @@ def environment(device: torch.device, args) -> dict:
     )
 
 
-def write_results(path: Path | None, env: dict, rows: list[dict]) -> None:
-    """The benchmark's JSON so far; called after every shape, so a run cut off by a time limit keeps what it measured."""
+def write_results(path: Path | None, env: dict, rows: list[dict], **extra) -> None:
+    """The benchmark's JSON so far; called after every shape, so a run cut off by a time limit keeps what it measured.
+    ``extra``: more top-level entries beside "environment" and "results" (e.g. a host profile)."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    path.write_text(json.dumps({"environment": env, "results": rows, **extra}, indent=1))

@@ -150,6 +150,11 @@ def tied_grad_section(folder: Path) -> list[str]:
             lines.append(f"* layout `{layout}`, ≥ 85% of copy bandwidth (tensors ≥ 64 MB): "
                          f"{verdict(all(r[f'{layout}_of_copy'] >= 0.85 for r in measured))}; ≥ 2× PyTorch: "
                          f"{verdict(all(r[f'{layout}_gbps'] >= 2 * r['torch_gbps'] for r in measured))}")
+    profile = data.get("host_profile")
+    if profile:  # where the Llama block's call at K = 2 spends its host time (cProfile: inflated, comparable)
+        lines += ["", "Host profile of one call (Llama block, K = 2; µs per call under cProfile):", ""] + table(
+            ["function", "own µs", "with callees µs", "calls"],
+            [[r["function"], r["own_us"], r["cum_us"], r["calls_per_call"]] for r in profile])
     return lines
 
 

@@ -27,6 +27,13 @@ the bytes counted for every provider. Providers, side by side in one run:
 * ``copy``: ``dst.copy_(src)`` moving the same number of bytes, the speed of
   light for a memory-bound pass on this device.
 
+After the table, the Llama block's default call at K = 2 (the case whose host time
+outlasted its kernel on the H100) runs under cProfile: the JSON's ``host_profile``
+lists where a call's host time goes, function by function (µs per call, its own
+and with what it calls; inflated by the profiler, comparable with each other).
+On CPU (``--host``, ``--smoke``) it profiles ``plan_tied_grad_reduce``, the part
+that runs without a GPU.
+
 ``host us``: the host's time to issue one default (``triton``) call, the GPU idle
 (synchronised before each call, median of 50); ``plan us`` and ``run us`` split
 it: the checks and launch tables (``plan_tied_grad_reduce``), then the launch
@@ -47,7 +54,9 @@ is present. Its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import statistics
 import time
 from pathlib import Path
@@ -182,6 +191,41 @@ def host_rows(tg, device: torch.device, dtype: torch.dtype, units: list[int], re
     return rows
 
 
+def host_profile(tg, device: torch.device, dtype: torch.dtype, K: int = 2, calls: int = 400, top: int = 15) -> list[dict]:
+    """The Llama block's call at K units under cProfile: the ``top`` functions by their own time, per call.
+
+    On CUDA the whole default call (checks, tables, launch, the statistics' sum), synchronised after each
+    so that no call waits on the GPU's queue; on CPU ``plan_tied_grad_reduce`` (the interpreter's launch
+    would drown it)."""
+    shapes = shapes_for("llama-block", 0, 0)
+    contributions = [[torch.zeros(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes]
+    grads = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+    if device.type == "cuda":
+        call = lambda: tg.tied_grad_reduce(contributions, grads, backend="triton")  # noqa: E731
+    else:
+        call = lambda: tg.plan_tied_grad_reduce(contributions, grads)  # noqa: E731
+    for _ in range(10):  # compiled, tables cached: the steady state a training run sees
+        call()
+    profile = cProfile.Profile()
+    for _ in range(calls):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        profile.enable()
+        call()
+        profile.disable()
+    stats = pstats.Stats(profile).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    rows = [dict(function=f"{Path(file).name}:{line}({name})", calls_per_call=n / calls,
+                 own_us=own / calls * 1e6, cum_us=cum / calls * 1e6)
+            for (file, line, name), (_, n, own, cum, _) in stats.items()]
+    return sorted(rows, key=lambda r: -r["own_us"])[:top]
+
+
+def print_profile(rows: list[dict]) -> None:
+    print(f"{'own us':>8} {'cum us':>8} {'calls':>6}  function (host profile, per call)")
+    for r in rows:
+        print(f"{r['own_us']:8.2f} {r['cum_us']:8.2f} {r['calls_per_call']:6.1f}  {r['function']}")
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fixed GB/s':>11} {'fitted GB/s':>12} "
           f"{'columns GB/s':>13} {'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} "
@@ -236,9 +280,11 @@ def main(argv=None) -> None:
     rows, env = [], environment(device, args)
     if args.host:
         rows = host_rows(tg, device, dtype, [int(k) for k in args.units.split(",")], *((1, 2) if args.smoke else ()))
-        write_results(args.json, env, rows)
+        profile = host_profile(tg, device, dtype, calls=10 if args.smoke else 400)
+        write_results(args.json, env, rows, host_profile=profile)
         for r in rows:
             print(f"K={r['K']:>3}  {r['tensors']:>4} tensors  plan_tied_grad_reduce {r['plan_us']:8.1f} us")
+        print_profile(profile)
         return
     for K in map(int, args.units.split(",")):
         cases = [("tensor", int(float(mb) * MB)) for mb in args.sizes_mb.split(",")]
@@ -248,8 +294,11 @@ def main(argv=None) -> None:
             write_results(args.json, env, rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    profile = host_profile(tg, device, dtype, calls=10 if args.smoke else 400)
+    write_results(args.json, env, rows, host_profile=profile)
     print(f"# {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows)
+    print_profile(profile)
     if args.json:
         print(f"wrote {args.json}")
     if args.png:

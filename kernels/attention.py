@@ -61,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import next_pow2
+
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x · log2(e))
@@ -719,7 +721,7 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 def _seq_bucket(seq_len: int) -> int:
     """Autotuning key for the length: powers of two, so generation (T growing by one) tunes log T times."""
-    return triton.next_power_of_2(seq_len)
+    return next_pow2(seq_len)
 
 
 class Tiles(NamedTuple):

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import next_pow2
+
 INTERPRET = bool(triton.knobs.runtime.interpret)  # as triton.jit saw it when it decorated the kernels
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -95,7 +97,7 @@ def _check(logits: torch.Tensor, targets: torch.Tensor) -> None:
 
 
 def _block(n_cols: int) -> int:
-    return 16 if INTERPRET else min(4096, triton.next_power_of_2(n_cols))  # tiny tiles in tests: several per row
+    return 16 if INTERPRET else min(4096, next_pow2(n_cols))  # tiny tiles in tests: several per row
 
 
 def row_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import next_pow2
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRET = bool(triton.knobs.runtime.interpret)  # as triton.jit saw it when it decorated the kernels
 
@@ -161,7 +163,7 @@ def _rms_bwd_kernel(X, W, DY, DX, RSTD, ROWDOT, DW_PARTIAL, stride_x, stride_dy,
 def _blocks(n_cols: int, max_block: int | None) -> tuple[int, int, int]:
     """(BLOCK_M rows, BLOCK_N columns, num_warps) for rows of n_cols values."""
     cap = max_block or (_INTERPRET_MAX_BLOCK if INTERPRET else _GPU_MAX_BLOCK)
-    block_n = min(triton.next_power_of_2(n_cols), triton.next_power_of_2(cap))
+    block_n = min(next_pow2(n_cols), next_pow2(cap))
     if INTERPRET:
         return _INTERPRET_BLOCK_M, block_n, 1
     block_m = max(1, min(16, _GPU_TILE_VALUES // block_n))

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import next_pow2
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRET = bool(triton.knobs.runtime.interpret)  # as triton.jit saw it when it decorated the kernels
 MAX_HEAD_DIM = 1024  # a tile holds BLOCK_T rows of hd/2 values per half; wider heads are not a RoPE use
@@ -96,7 +98,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     if x.numel() == 0:
         return y
     half = hd // 2
-    block_d = triton.next_power_of_2(half)
+    block_d = next_pow2(half)
     block_t = _INTERPRET_BLOCK_T if INTERPRET else max(1, min(128, _GPU_TILE_VALUES // block_d))
     _rope_kernel[(triton.cdiv(T, block_t), B * H)](
         x, cos, sin, y, *_strides(x), *_strides(cos), *_strides(sin), *_strides(y), H, T, half,

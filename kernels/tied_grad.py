@@ -108,6 +108,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import next_pow2
+
 INTERPRET = bool(triton.knobs.runtime.interpret)  # as triton.jit saw it when it decorated the kernels
 BACKENDS = ("auto", "triton", "torch")
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -513,7 +515,7 @@ class TiedGradPlan:
 
 def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], layout: str) -> TiedGradPlan:
     n_units, device = len(contributions[0]), grads[0].device
-    k_pad = triton.next_power_of_2(n_units)
+    k_pad = next_pow2(n_units)
     # One pass over the tensors: non-contiguous contributions copied to dense ones (the flat index needs it) and
     # the (T × K_PAD) row-major address table (padded units point nowhere and are masked off).
     padding = [0] * (k_pad - n_units)
@@ -542,7 +544,7 @@ def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tens
     partials = (torch.empty if n_chunks else torch.zeros)((max(n_chunks, 1), 3, k_pad), device=device,
                                                           dtype=torch.float32)
     constexprs = dict(C_TYPE=_TL_DTYPE[dense[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype], K_PAD=k_pad,
-                      T_PAD=triton.next_power_of_2(len(grads)), ALIGNED=any_bits % 16 == 0,
+                      T_PAD=next_pow2(len(grads)), ALIGNED=any_bits % 16 == 0,
                       num_warps=num_warps, **consts)
     return TiedGradPlan(kernel, n_chunks, tuple(tables), partials, (len(grads), n_units, chunk_size), constexprs,
                         (dense, grads))
@@ -616,7 +618,7 @@ def _flat_copy_triton(tensors: list[torch.Tensor], flat: torch.Tensor, scale: fl
     if n_chunks:
         _flat_copy_kernel[(n_chunks,)](
             tables[0], flat, *tables[1:], len(tensors), chunk_size, float(scale),
-            T_TYPE=_TL_DTYPE[tensors[0].dtype], TO_FLAT=to_flat, T_PAD=triton.next_power_of_2(len(tensors)),
+            T_TYPE=_TL_DTYPE[tensors[0].dtype], TO_FLAT=to_flat, T_PAD=next_pow2(len(tensors)),
             BLOCK=block, num_warps=8 if not INTERPRET else 1,
         )
 

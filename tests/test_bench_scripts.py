@@ -90,6 +90,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert "Kernel tests, autotuned tiles (bf16, head dim 128): not run." in text
     assert "Attention: not run." in text  # not among the jobs asked for
     assert "| 2 | tensor |" in text  # the tied-gradient table, K = 2
+    assert "Host profile of one call (Llama block, K = 2" in text and "(plan_tied_grad_reduce)" in text
     (option,) = [l for l in text.splitlines() if l.startswith("| tiny | none | off | megascale | train.loss_chunk_tokens=64 |")]
     assert option.split("|")[-2].strip() not in ("–", "")  # its before/after: against the defaults' row of the run
     assert "target 1.3b MFU ≥ 50%: n/a" in text  # no GPU, no MFU: never a verdict without a figure

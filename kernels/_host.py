@@ -1,0 +1,13 @@
+"""Host-side helpers shared by the kernels' launchers (no Triton, no torch)."""
+
+from __future__ import annotations
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): ``triton.next_power_of_2`` for host code.
+
+    Triton's own is a ``constexpr_function`` (3.6, 3.9): 1.4 us a call from Python on this
+    repository's CPU machine, against 0.03 us for this. The launchers call it on every
+    launch (block widths, autotuning buckets, padded table lengths).
+    """
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
