@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-block", action="store_true", help="skip the llama-block case")
     p.add_argument("--host", action="store_true",
                    help="only the host's checks and tables for the llama block (plan_tied_grad_reduce, no launch), "
-                        "per K; runs on CPU too")
+                        "per K, and the host profile of its call at K = 2; runs on CPU too")
     args = p.parse_args(argv)
     if args.smoke:
         args.units, args.sizes_mb, args.no_block = "2,3", "0.001,0.004", True
@@ -134,20 +134,21 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
         return {**row, "skipped": "memory"}
     contributions = [[torch.randn(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes]
     grads = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+    plan = tg.plan_tied_grad_reduce(contributions, grads)  # the default's launch, built once
     ms = {
         "triton": time_ms(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, warmup=10, rep=50),
         **{layout: time_ms(lambda lay=layout: tg.tied_grad_reduce(contributions, grads, backend="triton", layout=lay),
                            device, warmup=10, rep=50) for layout in LAYOUTS},
-        "prepared": time_ms(tg.plan_tied_grad_reduce(contributions, grads).run, device, warmup=10, rep=50),
-        "kernel": time_ms(tg.plan_tied_grad_reduce(contributions, grads).launch, device, warmup=10, rep=50),
+        "prepared": time_ms(plan.run, device, warmup=10, rep=50),
+        "kernel": time_ms(plan.launch, device, warmup=10, rep=50),
         "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
     }
     reps = 50 if device.type == "cuda" else 1
     host = host_us(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, reps=reps)
     # The call's two halves: checks and tables (plan_tied_grad_reduce), then the launch and the statistics' sum.
     plan_us = host_us(lambda: tg.plan_tied_grad_reduce(contributions, grads), device, reps=reps)
-    run_us = host_us(tg.plan_tied_grad_reduce(contributions, grads).run, device, reps=reps)
-    del contributions, grads
+    run_us = host_us(plan.run, device, reps=reps)
+    del contributions, grads, plan  # the plan holds the buffers too
     src = torch.empty(moved // 2 // elem, device=device, dtype=dtype)
     dst = torch.empty_like(src)
     ms["copy"] = time_ms(lambda: dst.copy_(src), device, warmup=10, rep=50)
@@ -177,9 +178,7 @@ def host_rows(tg, device: torch.device, dtype: torch.dtype, units: list[int], re
     the part of a call that grows with the number of tensors): per K, the median of ``reps`` means of ``calls``."""
     rows = []
     for K in units:
-        shapes = shapes_for("llama-block", 0, 0)
-        contributions = [[torch.empty(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes]
-        grads = [torch.empty(s, device=device, dtype=dtype) for s in shapes]
+        contributions, grads = block_buffers(device, dtype, K)
         tg.plan_tied_grad_reduce(contributions, grads)  # the address tables' cache, as in a repeated call
         means = []
         for _ in range(reps):
@@ -187,8 +186,16 @@ def host_rows(tg, device: torch.device, dtype: torch.dtype, units: list[int], re
             for _ in range(calls):
                 tg.plan_tied_grad_reduce(contributions, grads)
             means.append((time.perf_counter() - start) / calls * 1e6)
-        rows.append(dict(K=K, case="llama-block", tensors=len(shapes) * (K + 1), plan_us=statistics.median(means)))
+        rows.append(dict(K=K, case="llama-block", tensors=len(grads) * (K + 1), plan_us=statistics.median(means)))
     return rows
+
+
+def block_buffers(device: torch.device, dtype: torch.dtype, K: int) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """The Llama block's K contributions and grads per tensor, zeros: for the host's timings, whose values do not
+    matter."""
+    shapes = shapes_for("llama-block", 0, 0)
+    return ([[torch.zeros(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes],
+            [torch.zeros(s, device=device, dtype=dtype) for s in shapes])
 
 
 def host_profile(tg, device: torch.device, dtype: torch.dtype, K: int = 2, calls: int = 400, top: int = 15) -> list[dict]:
@@ -197,9 +204,7 @@ def host_profile(tg, device: torch.device, dtype: torch.dtype, K: int = 2, calls
     On CUDA the whole default call (checks, tables, launch, the statistics' sum), synchronised after each
     so that no call waits on the GPU's queue; on CPU ``plan_tied_grad_reduce`` (the interpreter's launch
     would drown it)."""
-    shapes = shapes_for("llama-block", 0, 0)
-    contributions = [[torch.zeros(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes]
-    grads = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+    contributions, grads = block_buffers(device, dtype, K)
     if device.type == "cuda":
         call = lambda: tg.tied_grad_reduce(contributions, grads, backend="triton")  # noqa: E731
     else:
@@ -278,9 +283,10 @@ def main(argv=None) -> None:
     tg = import_kernels()
     dtype = DTYPES[args.dtype]
     rows, env = [], environment(device, args)
+    profile_calls = 10 if args.smoke else 400
     if args.host:
         rows = host_rows(tg, device, dtype, [int(k) for k in args.units.split(",")], *((1, 2) if args.smoke else ()))
-        profile = host_profile(tg, device, dtype, calls=10 if args.smoke else 400)
+        profile = host_profile(tg, device, dtype, calls=profile_calls)
         write_results(args.json, env, rows, host_profile=profile)
         for r in rows:
             print(f"K={r['K']:>3}  {r['tensors']:>4} tensors  plan_tied_grad_reduce {r['plan_us']:8.1f} us")
@@ -294,7 +300,7 @@ def main(argv=None) -> None:
             write_results(args.json, env, rows)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    profile = host_profile(tg, device, dtype, calls=10 if args.smoke else 400)
+    profile = host_profile(tg, device, dtype, calls=profile_calls)
     write_results(args.json, env, rows, host_profile=profile)
     print(f"# {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows)
