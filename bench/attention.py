@@ -5,9 +5,10 @@
 
 Providers: ``triton`` (megascale.kernels.attention), ``triton-tma`` (the same with the
 forward reading and writing through TMA descriptors, ``tma=True``; Hopper), ``triton-ws`` (the TMA
-kernels with a warp-specialised forward, ``ws=True``; 16-bit inputs), any of the three with
-``-atomic`` appended (the backward as one kernel adding dQ by fp32 atomics, ``deterministic=False``;
-by default ``triton-tma-atomic`` and ``triton-ws-atomic``) and SDPA restricted to each of
+kernels with a warp-specialised forward, ``ws=True``; 16-bit inputs), ``triton-gluon`` (the TMA kernels
+with the forward in Gluon, FlashAttention-3's overlap of softmax and products, ``gluon=True``; Hopper,
+16-bit, head dims 64 and 128), any of the four with ``-atomic`` appended (the backward as one kernel adding dQ by fp32 atomics, ``deterministic=False``;
+by default ``triton-tma-atomic``, ``triton-ws-atomic`` and ``triton-gluon-atomic``) and SDPA restricted to each of
 its backends in turn — ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient`` — so the
 comparison is with the best PyTorch has on the device. A backend that refuses a
 shape is recorded as unavailable with its error, not dropped silently.
@@ -51,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=16384, help="B·T per shape (B = tokens / T, at least 1)")
     p.add_argument("--model-dim", type=int, default=2048, help="H = model_dim / head_dim query heads")
     p.add_argument("--kv-group", type=int, default=1, help="query heads per KV head (1: MHA)")
-    p.add_argument("--providers", default="triton,triton-tma,triton-ws,triton-tma-atomic,triton-ws-atomic,"
-                                          "sdpa-flash,sdpa-cudnn,sdpa-efficient")
+    p.add_argument("--providers", default="triton,triton-tma,triton-ws,triton-gluon,triton-tma-atomic,triton-ws-atomic,"
+                                          "triton-gluon-atomic,sdpa-flash,sdpa-cudnn,sdpa-efficient")
     args = p.parse_args(argv)
     if args.smoke:
         args.head_dims, args.lengths, args.tokens, args.model_dim = "32", "16,33", 33, 64
@@ -83,7 +84,7 @@ def sdpa(backend_name: str):
     return run
 
 
-TRITON_VARIANTS = {"triton": {}, "triton-tma": {"tma": True}, "triton-ws": {"ws": True}}
+TRITON_VARIANTS = {"triton": {}, "triton-tma": {"tma": True}, "triton-ws": {"ws": True}, "triton-gluon": {"gluon": True}}
 
 
 def provider_fn(name: str, kernels):

@@ -53,6 +53,8 @@ KERNELS = {
     "dkdv-atomic-tma": ("_bwd_dkdv_kernel", "_DKDV_TILES",
                         {"Q": "BLOCK_M", "DO": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "DK": "BLOCK_N",
                          "DV": "BLOCK_N"}),
+    # flash_attention(gluon=True)'s forward (kernels/attention_gluon.py): its tile per head dim, GLUON_TILES
+    "fwd-gluon": ("_fwd_gluon_kernel", "GLUON_TILES", {}),
     "dq": ("_bwd_dq_kernel", "_DQ_TILES", {}),
     "dq-tma": ("_bwd_dq_kernel", "_DQ_TILES",
                {"Q": "BLOCK_M", "DO": "BLOCK_M", "DQ": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"}),
@@ -101,6 +103,32 @@ def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arc
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def compile_gluon(gluon_mod, head_dim: int, causal: bool, arch: int):
+    """The Gluon forward at its tile for head_dim, as a bf16 call compiles it: four (1, 1, rows, D) descriptors
+    in the swizzled layout the launcher gives them, the LSE pointer 16-byte aligned."""
+    from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
+
+    block_m, block_n, stages = gluon_mod.GLUON_TILES[head_dim]
+    fn = gluon_mod._fwd_gluon_kernel
+    box = {"desc_q": block_m, "desc_o": block_m, "desc_k": block_n, "desc_v": block_n}
+    sig = {name: (f"tensordesc<bf16[1,1,{box[name]},{head_dim}],"
+                  f"{gluon_mod.shared_layout(box[name], head_dim, torch.bfloat16)!r}>" if name in box else
+                  "*fp32" if name == "LSE" else "fp32" if name == "qk_scale" else "i32")
+           for name, param in zip(fn.arg_names, fn.params) if not param.is_constexpr}
+    consts = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                  num_warps=gluon_mod.GLUON_WARPS)
+    sig.update({name: "constexpr" for name in consts})
+    attrs = {(fn.arg_names.index("LSE"),): [["tt.divisibility", 16]]}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": gluon_mod.GLUON_WARPS})
+
+
+def overlapped(ptx: str) -> bool:
+    """A ``wgmma.wait_group 1``: the kernel goes on while one group of products is still running (the Gluon
+    forward's softmax beside P V); Triton's pipeliner waits for 0 after each product in these kernels."""
+    return re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx) is not None
+
+
 def fp64_math(ptx: str) -> int:
     """PTX arithmetic in fp64 (conversions aside): a kernel meant for fp32 that does any runs at fp64 rate."""
     return len(FP64_MATH.findall(ptx))
@@ -113,10 +141,11 @@ def describe(compiled, arch: int) -> str:
     # deterministic=False's dQ: fp32 reductions, 128-bit (four values an instruction) or one value at a time
     reductions = re.findall(r"\bred\.global\S*", ptx)  # not "shared.global": a word of its own
     atomics = "" if not reductions else f"  dQ atomics {'v4' if any('v4.f32' in r for r in reductions) else 'scalar'}"
+    overlap = "  overlap yes" if overlapped(ptx) else ""
     return (f"wgmma {'yes' if 'wgmma.mma_async' in ptx else 'NO ':<3}  pipelined {'yes' if 'cp.async' in ptx else 'NO ':<3}  "
             f"warps {compiled.metadata.num_warps:<2} {'specialised' if 'setmaxnreg' in ptx else '':<11}  "
             f"TMA {'yes' if 'cp.async.bulk.tensor' in ptx else 'no ':<3}  f64 {fp64_math(ptx)}  "
-            f"{registers(ptx, arch):<34} smem {smem / 1024:6.1f} KiB ({fits}){atomics}")
+            f"{registers(ptx, arch):<34} smem {smem / 1024:6.1f} KiB ({fits}){atomics}{overlap}")
 
 
 def main(argv=None) -> int:
@@ -133,6 +162,17 @@ def main(argv=None) -> int:
     print(f"attention kernels, bf16, causal={args.causal}, sm_{args.arch}a, Triton {triton.__version__}")
     print(f"{'kernel':<15} {'D':>4} {'BLOCK_M x N':>11} {'warps':>5} {'stages':>6}  compiled")
     for kernel in args.kernels.split(","):
+        if kernel == "fwd-gluon":
+            (gluon_mod,) = checkout_kernels("attention_gluon")
+            if gluon_mod.GLUON_IMPORT_ERROR:
+                print(f"{kernel:<15} skipped: {gluon_mod.GLUON_IMPORT_ERROR}")
+                continue
+            for head_dim in (int(d) for d in args.head_dims.split(",") if int(d) in gluon_mod.GLUON_TILES):
+                block_m, block_n, stages = gluon_mod.GLUON_TILES[head_dim]
+                compiled = compile_gluon(gluon_mod, head_dim, args.causal == "true", args.arch)
+                print(f"{kernel:<15} {head_dim:>4} {f'{block_m} x {block_n}':>11} {gluon_mod.GLUON_WARPS:>5} "
+                      f"{stages:>6}  {describe(compiled, args.arch)}", flush=True)
+            continue
         table = getattr(att, KERNELS[kernel][1])
         for head_dim in (int(d) for d in args.head_dims.split(",")):
             for tile, cases in table.items():

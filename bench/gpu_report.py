@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ATTENTION_FILES = ("attention_hd128_causal.json", "attention_rest.json", "attention_hd64.json")
+ATTENTION_FILES = ("attention_gluon.json", "attention_hd128_causal.json", "attention_rest.json", "attention_hd64.json")
 TRAIN_FILES = ("train_accum_tied.json", "train_options_1.3b.json", "train_accum.json", "train_small_auto.json", "train_350m.json",
                "train_1.3b_now.json", "train_125m_now.json", "train_ckpt_now.json", "train_small.json", "train_1.3b.json", "train_small_ckpt.json", "train_1.3b_ckpt.json",
                "train_options.json")
@@ -65,7 +65,8 @@ def session_section(folder: Path) -> list[str]:
 
 
 def kernel_tests_section(folder: Path) -> list[str]:
-    return (_pytest_log(folder / "new_tests.log", "New tests at real shapes (cuDNN attention as auto's choice, the reduction's layouts)")
+    return (_pytest_log(folder / "gluon_tests.log", "The Gluon attention forward at real shapes (flash_attention(gluon=True))")
+            + _pytest_log(folder / "new_tests.log", "New tests at real shapes (cuDNN attention as auto's choice, the reduction's layouts)")
             + _pytest_log(folder / "atomic_tests.log",
                           "Attention's one-kernel backward (dQ by atomics) at real shapes, bf16, first listed tile")
             + _pytest_log(folder / "cast_tests.log", "Kernels with fp32-cast float arguments at real shapes, bf16")
@@ -89,6 +90,12 @@ def _pytest_log(log: Path, title: str) -> list[str]:
     return lines + [f"* failed: `{name}`" for name in failed]
 
 
+# bench/attention.py's megascale providers and their columns
+MEGASCALE_ATTENTION = {"triton": "triton", "triton-tma": "triton TMA", "triton-ws": "triton WS", "triton-gluon": "Gluon",
+                       "triton-tma-atomic": "TMA, atomic dQ", "triton-ws-atomic": "WS, atomic dQ",
+                       "triton-gluon-atomic": "Gluon, atomic dQ"}
+
+
 def attention_section(folder: Path) -> list[str]:
     rows = [r for name in ATTENTION_FILES if (d := load(folder, name)) for r in d["results"] if r.get("tflops")]
     if not rows:
@@ -97,20 +104,17 @@ def attention_section(folder: Path) -> list[str]:
     out, checks = [], []
     for D, causal, T, mode in shapes:
         here = [r for r in rows if (r["D"], r["causal"], r["T"], r["mode"]) == (D, causal, T, mode)]
-        triton, tma, ws, tma_atomic, ws_atomic = (
-            max((r["tflops"] for r in here if r["provider"] == name and r["tflops"]), default=None)
-            for name in ("triton", "triton-tma", "triton-ws", "triton-tma-atomic", "triton-ws-atomic"))
+        ours = [max((r["tflops"] for r in here if r["provider"] == name and r["tflops"]), default=None)
+                for name in MEGASCALE_ATTENTION]
         # the targets are met by whichever megascale ships
-        best = max((t for t in (triton, tma, ws, tma_atomic, ws_atomic) if t), default=None)
+        best = max((t for t in ours if t), default=None)
         sdpa = max(((r["tflops"], r["provider"]) for r in here if r["provider"].startswith("sdpa")), default=(None, None))
         ratio = best / sdpa[0] if best and sdpa[0] else None
-        out.append([D, "causal" if causal else "full", T, mode, triton, tma, ws, tma_atomic, ws_atomic, sdpa[0], sdpa[1],
-                    ratio])
+        out.append([D, "causal" if causal else "full", T, mode, *ours, sdpa[0], sdpa[1], ratio])
         if D == 128 and causal and 4096 <= T <= 16384:
             checks.append((mode, T, best, ratio))
     lines = ["Attention, bf16 (TFLOP/s):", ""] + table(
-        ["head dim", "mask", "T", "pass", "triton", "triton TMA", "triton WS", "TMA, atomic dQ", "WS, atomic dQ",
-         "best SDPA", "backend", "best triton/SDPA"],
+        ["head dim", "mask", "T", "pass", *MEGASCALE_ATTENTION.values(), "best SDPA", "backend", "best triton/SDPA"],
         out) + [""]
     fwd = [c for c in checks if c[0] == "fwd"]
     both = [c for c in checks if c[0] == "fwd+bwd"]

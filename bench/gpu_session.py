@@ -3,7 +3,8 @@
 A session that is lent a GPU gets about 15 minutes of device time in all (the
 machine's start included), one command may run 10, and a machine left idle for
 30 s is given back. This script is that one command: it runs the jobs in order of
-importance (first the attention benchmark and the tied 1.3b with gradient
+importance (first the Gluon attention forward's tests and, if they pass, its
+benchmark; then the attention benchmark and the tied 1.3b with gradient
 accumulation, what the H100 session of 2026-11-27 measured last; then what it
 measured before: 350m/1.3b with accumulation, the reduction's layouts, 1.3b's
 options, 125m/350m with the fused-ops default, a 1.3b step's profile; then
@@ -67,6 +68,13 @@ TMA_TESTS = ["-k", "tma and (bf16 or strided) and not atomic", "tests/test_kerne
 # The one-kernel backward (deterministic=False, dQ by fp32 atomics; 2026-11-27), compiled by the GPU's Triton for the
 # first time: bf16 at real shapes, pointers and TMA, and the model's strided views.
 ATOMIC_TESTS = ["-k", "atomic_dq and not fp32", "tests/test_kernels_attention.py"]
+# The Gluon forward (flash_attention(gluon=True), 2026-11-27): never run, only compiled. Its parity tests first, alone;
+# a barrier protocol gone wrong hangs rather than fails, so the benchmark that times it runs only after they pass.
+# bf16 with the two-kernel backward and the model's views: 15 cases, 4 Gluon and 8 backward kernels to compile.
+GLUON_TESTS = ["-k", "gluon and ((bf16 and dq-kernel) or strided or refuses)", "tests/test_kernels_attention.py"]
+# The attention providers but the Gluon ones, which attention_gluon times apart (see GLUON_TESTS)
+NOT_GLUON = ("triton,triton-tma,triton-ws,triton-tma-atomic,triton-ws-atomic,sdpa-flash,sdpa-cudnn,"
+             "sdpa-efficient")
 # The speed options configs/1.3b.yaml turns on (the second H200 session measured them there, 2026-11-26):
 # for the smaller configs, one figure for "all of it".
 FAST = "train.loss_chunk_tokens=8192,train.compile=true"
@@ -87,6 +95,7 @@ class Job:
     cap_s: int  # at most this long, whatever the budget left
     env: dict[str, str] = field(default_factory=dict)  # on top of the session's environment
     discard: tuple[str, ...] = ()  # folders under the output folder removed after the job (too big to send back)
+    requires: str | None = None  # a job that must have passed in this session (a kernel that may hang: its tests)
 
 
 def jobs(png: bool) -> list[Job]:
@@ -113,14 +122,25 @@ def jobs(png: bool) -> list[Job]:
                         "train.loss_chunk_tokens=16384", AUTOCAST, "model.attention=triton-tma", "train.compile=true",
                         FAST, f"{FAST},model.attention=triton"])
     return [
+        # #3's newest candidate, the Gluon forward (FlashAttention-3's overlap of softmax and products, written out):
+        # its parity tests at real shapes, then, if they pass, its TFLOP/s beside the TMA kernels' and cuDNN's.
+        Job("gluon_tests", "kernels",
+            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/gluon_tests.xml", *GLUON_TESTS],
+            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GLUON_TESTS], 120,
+            env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        Job("attention_gluon", "kernels",
+            [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192,16384",
+             "--providers", "triton-gluon,triton-gluon-atomic,triton-tma,sdpa-cudnn",
+             "--json", "{out}/attention_gluon.json", *plot("attention_gluon")],
+            ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon.json"], 120, requires="gluon_tests"),
         # #3's attention with the warp-specialised forward (provider triton-ws: a TMA producer warp and two
         # consumer groups, FlashAttention-3's overlap) and the one-kernel backward (triton-*-atomic: dQ by fp32
         # atomics, 5 products a tile instead of 7), both compiled for sm_90a, never run on a GPU; then the
         # real-shape tests that check them (new_tests, atomic_tests). Then what the H100 session of 2026-11-27
         # measured last: #9's tied 1.3b with accumulation, and fp32 weights under autocast there.
         Job("attention_hd128_causal", "kernels",
-            [*attention, "--head-dims", "128", "--causal", "true", "--json", "{out}/attention_hd128_causal.json",
-             *plot("attention_hd128_causal")],
+            [*attention, "--head-dims", "128", "--causal", "true", "--providers", NOT_GLUON,
+             "--json", "{out}/attention_hd128_causal.json", *plot("attention_hd128_causal")],
             ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd128_causal.json"], 200),
         # At real shapes: the warp-specialised forward, cuDNN attention as auto's choice, the reduction's layouts
         # (auto = columns to K = 16, wide to 32).
@@ -269,6 +289,19 @@ def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, s
     return Outcome(job.name, shlex.join(cmd), rc, round(time.monotonic() - start, 1), log.name)
 
 
+def unmet_requirement(job: Job, done: list[dict], smoke: bool) -> str | None:
+    """Why ``job`` must not start after the jobs ``done`` (session.json's entries), or None.
+
+    Only a required job this session ran and that did not pass holds it back: ``--only`` without the
+    required job (a rerun after it passed in an earlier call) is the caller's choice. A smoke run only
+    collects the tests, so there a requirement is not checked.
+    """
+    ran = [d for d in done if d["name"] == job.requires]
+    if smoke or job.requires is None or not ran or ran[-1]["rc"] == 0:
+        return None
+    return f"{job.requires} did not pass"
+
+
 def pack(folder: Path, archive: Path) -> None:
     """folder → archive (.tgz), replaced whole: a kill mid-write leaves the previous archive."""
     archive.parent.mkdir(parents=True, exist_ok=True)
@@ -327,6 +360,9 @@ def main() -> None:
         left = deadline - time.monotonic()
         if left < 20:
             outcome = Outcome(job.name, "", None, 0.0, "not started: budget spent")
+        elif why := unmet_requirement(job, session["jobs"], args.smoke):
+            outcome = Outcome(job.name, "", None, 0.0, f"not started: {why}")
+            print(f"{job.name:<24} skipped  ({why})", flush=True)
         else:
             outcome = run_job(job, job.smoke_argv if args.smoke else job.argv, args.out, min(job.cap_s, left),
                               {**env, **job.env})

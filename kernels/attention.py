@@ -39,7 +39,9 @@ and spills less in dK/dV; the H100 timed its forward 7-14% faster than the
 pointer kernel's from T = 2048 (BENCHMARKS.md), the model's default is cuDNN.
 
 ``ws=True`` is ``tma=True`` with the forward warp-specialised (``_fwd_ws_kernel``):
-not timed on a GPU yet, so only the benchmark calls it.
+not timed on a GPU yet, so only the benchmark calls it. ``gluon=True`` is ``tma=True``
+with the forward of ``attention_gluon.py``, FlashAttention-3's schedule written in
+Gluon (Hopper; not run on a GPU yet either).
 
 ``deterministic=False`` runs the backward as FlashAttention-2's CUDA kernel does: one
 launch after Δ, the dK/dV kernel, which also adds each key block's share of dQ
@@ -745,7 +747,11 @@ def _launch(kernel, grid, args: tuple, kwargs: dict, tile: tuple[int, int] | Non
 
 
 def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
-             tma: bool = False, ws: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             tma: bool = False, ws: bool = False, gluon: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    if gluon:
+        from . import attention_gluon  # noqa: PLC0415 (Gluon's import is guarded there)
+
+        return attention_gluon.forward(q, k, v, causal, scale * LOG2E)
     B, H, T, D = q.shape
     o = torch.empty_like(q)  # (B, H, T, D), q's memory layout
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)  # log2 domain
@@ -828,10 +834,10 @@ class FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, softmax_scale: float, tiles: Tiles | None = None, tma: bool = False,
-                ws: bool = False, deterministic: bool = True):
-        o, lse = _forward(q, k, v, causal, softmax_scale, tiles, tma, ws)
+                ws: bool = False, deterministic: bool = True, gluon: bool = False):
+        o, lse = _forward(q, k, v, causal, softmax_scale, tiles, tma, ws, gluon)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma = causal, softmax_scale, tiles, tma or ws
+        ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma = causal, softmax_scale, tiles, tma or ws or gluon
         ctx.deterministic = deterministic
         return o
 
@@ -840,7 +846,7 @@ class FlashAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma,
                                ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -910,7 +916,7 @@ def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, softmax_scale: float | None = None,
-    tma: bool = False, ws: bool = False, deterministic: bool = True,
+    tma: bool = False, ws: bool = False, deterministic: bool = True, gluon: bool = False,
 ) -> torch.Tensor:
     """Flash attention, differentiable in q, k, v.
 
@@ -923,18 +929,27 @@ def flash_attention(
     (``_bwd_dkdv_kernel``'s DQ_ATOMIC): fewer products, an fp32 (B, H, T, D) buffer more, and
     gradients of q that vary in their last bits from run to run. True (the default): two kernels, dQ
     written once, the same bits every run.
-    ws and deterministic=False are not yet timed on a GPU: options of the benchmark, not of the model.
+    gluon: the forward as FlashAttention-3 schedules it, written in Gluon (``attention_gluon.py``: the softmax of
+    one key block runs while the tensor cores multiply the previous one), the backward as with tma=True;
+    Hopper only, 16-bit inputs, head dims 64 and 128.
+    ws, gluon and deterministic=False are not yet timed on a GPU: options of the benchmark, not of the model.
     """
     if ws and (q.dtype == torch.float32 or q.shape[-1] > 128):
         raise ValueError(f"flash_attention: ws=True takes float16/bfloat16 and head dim <= 128, got {q.dtype}, "
                          f"head dim {q.shape[-1]}; use tma=True")
-    reason = unsupported_reason(q, k, v) or (tma_unsupported_reason(q, k, v) if tma or ws else None)
+    reason = unsupported_reason(q, k, v) or (tma_unsupported_reason(q, k, v) if tma or ws or gluon else None)
+    if reason is None and gluon:
+        from . import attention_gluon  # noqa: PLC0415
+
+        reason = attention_gluon.unsupported_reason(q)
+        reason = reason and f"{reason}; use tma=True"
     if reason is not None:
         raise ValueError(f"flash_attention: {reason}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     if not 0.0 < scale < math.inf:  # the forward scales each row's maximum: a scale <= 0 would flip it
         raise ValueError(f"flash_attention: softmax_scale must be a positive finite number, got {softmax_scale}")
-    return FlashAttention.apply(q, k, v, bool(causal), scale, None, bool(tma), bool(ws), bool(deterministic))
+    return FlashAttention.apply(q, k, v, bool(causal), scale, None, bool(tma), bool(ws), bool(deterministic),
+                                bool(gluon))
 
 
 def attention_reference(

@@ -109,6 +109,24 @@ def test_gpu_session_stops_at_its_budget(tmp_path):
     assert jobs and all(j["rc"] is None and j["log"] == "not started: budget spent" for j in jobs)
 
 
+def test_gpu_session_times_the_gluon_forward_only_after_its_tests_pass():
+    """A barrier protocol gone wrong hangs until the job's cap: the Gluon benchmark waits for its tests."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_session  # noqa: PLC0415
+
+    job = next(j for j in gpu_session.jobs(False) if j.name == "attention_gluon")
+    names = [j.name for j in gpu_session.jobs(False)]
+    assert names.index("gluon_tests") < names.index("attention_gluon") < names.index("attention_hd128_causal")
+    assert gpu_session.unmet_requirement(job, [{"name": "gluon_tests", "rc": 0}], smoke=False) is None
+    for rc in (1, None):  # failed, or cut off by its cap
+        assert gpu_session.unmet_requirement(job, [{"name": "gluon_tests", "rc": rc}], smoke=False) == \
+            "gluon_tests did not pass"
+    assert gpu_session.unmet_requirement(job, [], smoke=False) is None  # --only without it: the caller's choice
+    assert gpu_session.unmet_requirement(job, [{"name": "gluon_tests", "rc": 1}], smoke=True) is None
+    hd128 = next(j for j in gpu_session.jobs(False) if j.name == "attention_hd128_causal")
+    assert "gluon" not in " ".join(hd128.argv)
+
+
 def test_gpu_session_rejects_an_unknown_job(tmp_path):
     proc = _run(["bench/gpu_session.py", "--only", "nonesuch", "--out", str(tmp_path)])
     assert proc.returncode != 0
@@ -281,6 +299,21 @@ def test_attention_tma_kernels_compile_for_hopper():
     for line in rows:
         assert "wgmma yes" in line and "TMA yes" in line and "f64 0 " in line and "(fits)" in line, line
         assert "atomics" not in line, line  # the deterministic backward has none
+        # Triton's pipeliner waits for every product before the next step (attention_gluon.py's reason to be)
+        assert "overlap" not in line, line
+
+
+def test_gluon_forward_compiles_for_hopper_with_softmax_beside_the_products():
+    """flash_attention(gluon=True)'s forward, compiled for sm_90a at its tile for head dims 64 and 128 (it has no
+    interpreter, so this is the check a machine without a GPU can make): TMA copies, tensor-core products, no spill,
+    and a wait that leaves P V running (wgmma.wait_group 1) while the next scores' softmax is computed."""
+    proc = _run(["bench/attention_layout.py", "--kernels", "fwd-gluon", "--head-dims", "64,128"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("fwd-gluon ")]
+    assert len(rows) == 2, proc.stdout
+    for line in rows:
+        assert "wgmma yes" in line and "TMA yes" in line and " 0 bytes spilled" in line and "(fits)" in line, line
+        assert line.endswith("overlap yes"), line
 
 
 def test_atomic_dq_backward_compiles_for_hopper_with_vector_atomics():

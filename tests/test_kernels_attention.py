@@ -71,9 +71,9 @@ def _inputs(B, H, H_kv, T, D, dtype, seed=0):
     return randn(B, H, T, D), randn(B, H_kv, T, D), randn(B, H_kv, T, D), randn(B, H, T, D).detach()
 
 
-def _check(q, k, v, do, causal, scale=None, tma=False, deterministic=True):
-    """Kernel vs reference: output and the three gradients, with the dtype's tolerance."""
-    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale, tma=tma, deterministic=deterministic)
+def _check(q, k, v, do, causal, scale=None, **options):
+    """Kernel vs reference: output and the three gradients, with the dtype's tolerance; options go to flash_attention."""
+    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale, **options)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref = attention_reference(q, k, v, causal=causal, softmax_scale=scale)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
@@ -130,13 +130,7 @@ def test_ws_matches_reference(shape, dtype, causal):
     """The warp-specialised forward (two half query blocks; the TMA backward): GQA, tails, both masks."""
     q, k, v, do = _inputs(*shape, dtype, seed=11)
     _tma_or_skip(q, k, v)
-    out = flash_attention(q, k, v, causal=causal, ws=True)
-    grads = torch.autograd.grad(out, (q, k, v), do)
-    ref = attention_reference(q, k, v, causal=causal)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
-    atol, rtol = TOL[dtype]
-    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
-        torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+    _check(q, k, v, do, causal=causal, ws=True)
 
 
 # GQA ratios 1-4, a 1-token and a 100-token tail, head dims 32-256; training shapes on CUDA.
@@ -155,6 +149,60 @@ def test_atomic_dq_backward_matches_reference(shape, dtype, causal, tma):
     if (reason := unsupported_reason(q, k, v) or (tma_unsupported_reason(q, k, v) if tma else None)) is not None:
         pytest.skip(reason)
     _check(q, k, v, do, causal=causal, tma=tma, deterministic=False)
+
+
+# The Gluon forward (Hopper only: no interpreter runs Gluon, so these skip without one). One key block (T = 17,
+# 100), fewer blocks than buffers and more (300, 1000: the buffers refilled), GQA 1-4, the diagonal inside a block.
+GLUON_SHAPES = [(1, 4, 2, 17, 64)] + ([(2, 2, 2, 100, 128), (1, 4, 1, 300, 128), (1, 4, 4, 1000, 64),
+                                      (2, 16, 4, 1024, 128), (1, 8, 2, 4096, 128), (1, 8, 8, 2048, 64)] if CUDA else [])
+
+
+def _gluon_or_skip(q, k, v):
+    from megascale.kernels import attention_gluon  # noqa: PLC0415
+
+    _tma_or_skip(q, k, v)
+    if (reason := attention_gluon.unsupported_reason(q)) is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "dq-atomic"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", GLUON_SHAPES, ids=lambda s: "B{}-H{}-kv{}-T{}-D{}".format(*s))
+def test_gluon_forward_matches_reference(shape, dtype, causal, deterministic):
+    """flash_attention(gluon=True): O against the reference, and the gradients through the TMA backward, which
+    reads the Gluon forward's log-sum-exp (so a wrong one shows in dq, dk, dv)."""
+    q, k, v, do = _inputs(*shape, dtype, seed=13)
+    _gluon_or_skip(q, k, v)
+    _check(q, k, v, do, causal=causal, gluon=True, deterministic=deterministic)
+
+
+def test_gluon_forward_takes_the_models_strided_views():
+    """The model's (B, T, H, D) projections seen as (B, H, T, D): the 4-D descriptors read and write them in place."""
+    B, T, H, H_kv, D = 2, 200, 8, 2, 128
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).to(torch.bfloat16)
+    kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).to(torch.bfloat16)
+    views = (q.transpose(1, 2), kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2))
+    _gluon_or_skip(*views)
+    out = flash_attention(*views, gluon=True)
+    assert out.stride() == views[0].stride()  # q's layout
+    torch.testing.assert_close(out.float(), attention_reference(*views).float(), **dict(zip(("atol", "rtol"),
+                                                                                             TOL[torch.bfloat16])))
+
+
+def test_gluon_forward_refuses_what_it_cannot_run():
+    """One line saying why, and what to use instead: fp32, head dims other than 64/128, a device that is not Hopper."""
+    q, k, v, _ = _inputs(1, 2, 2, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"flash_attention: .*float16/bfloat16.*; use tma=True"):
+        flash_attention(q, k, v, gluon=True)
+    q, k, v, _ = _inputs(1, 2, 2, 8, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"head dims \(64, 128\), got 32; use tma=True"):
+        flash_attention(q, k, v, gluon=True)
+    if not CUDA:  # the interpreter's CPU tensors: the kernel is Hopper's
+        q, k, v, _ = _inputs(1, 2, 2, 8, 64, torch.bfloat16)
+        with pytest.raises(ValueError, match=r"(Hopper|Gluon).*; use tma=True"):
+            flash_attention(q, k, v, gluon=True)
 
 
 def test_atomic_dq_takes_the_models_strided_views():
