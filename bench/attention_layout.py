@@ -103,12 +103,13 @@ def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arc
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def compile_gluon(gluon_mod, head_dim: int, causal: bool, arch: int):
-    """The Gluon forward at its tile for head_dim, as a bf16 call compiles it: four (1, 1, rows, D) descriptors
-    in the swizzled layout the launcher gives them, the LSE pointer 16-byte aligned."""
+def compile_gluon(gluon_mod, tile: tuple, head_dim: int, causal: bool, arch: int):
+    """The Gluon forward at a (BLOCK_M, BLOCK_N, STAGES) tile, as a bf16 call compiles it: four (1, 1, rows, D)
+    descriptors in the swizzled layout the launcher gives them, the LSE pointer 16-byte aligned."""
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
 
-    block_m, block_n, stages = gluon_mod.GLUON_TILES[head_dim]
+    block_m, block_n, stages = tile
+    num_warps = gluon_mod.warps(block_m)
     fn = gluon_mod._fwd_gluon_kernel
     box = {"desc_q": block_m, "desc_o": block_m, "desc_k": block_n, "desc_v": block_n}
     sig = {name: (f"tensordesc<bf16[1,1,{box[name]},{head_dim}],"
@@ -116,11 +117,11 @@ def compile_gluon(gluon_mod, head_dim: int, causal: bool, arch: int):
                   "*fp32" if name == "LSE" else "fp32" if name == "qk_scale" else "i32")
            for name, param in zip(fn.arg_names, fn.params) if not param.is_constexpr}
     consts = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                  num_warps=gluon_mod.GLUON_WARPS)
+                  num_warps=num_warps)
     sig.update({name: "constexpr" for name in consts})
     attrs = {(fn.arg_names.index("LSE"),): [["tt.divisibility", 16]]}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": gluon_mod.GLUON_WARPS})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
 def overlapped(ptx: str) -> bool:
@@ -168,10 +169,10 @@ def main(argv=None) -> int:
                 print(f"{kernel:<15} skipped: {gluon_mod.GLUON_IMPORT_ERROR}")
                 continue
             for head_dim in (int(d) for d in args.head_dims.split(",") if int(d) in gluon_mod.GLUON_TILES):
-                block_m, block_n, stages = gluon_mod.GLUON_TILES[head_dim]
-                compiled = compile_gluon(gluon_mod, head_dim, args.causal == "true", args.arch)
-                print(f"{kernel:<15} {head_dim:>4} {f'{block_m} x {block_n}':>11} {gluon_mod.GLUON_WARPS:>5} "
-                      f"{stages:>6}  {describe(compiled, args.arch)}", flush=True)
+                for tile in gluon_mod.GLUON_TILES[head_dim]:
+                    compiled = compile_gluon(gluon_mod, tile, head_dim, args.causal == "true", args.arch)
+                    print(f"{kernel:<15} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {gluon_mod.warps(tile[0]):>5} "
+                          f"{tile[2]:>6}  {describe(compiled, args.arch)}", flush=True)
             continue
         table = getattr(att, KERNELS[kernel][1])
         for head_dim in (int(d) for d in args.head_dims.split(",")):

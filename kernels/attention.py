@@ -751,7 +751,8 @@ def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
     if gluon:
         from . import attention_gluon  # noqa: PLC0415 (Gluon's import is guarded there)
 
-        return attention_gluon.forward(q, k, v, causal, scale * LOG2E)
+        return attention_gluon.forward(q, k, v, causal, scale * LOG2E, tiles and tiles.fwd, autotuning(),
+                                       _seq_bucket(q.shape[2]))
     B, H, T, D = q.shape
     o = torch.empty_like(q)  # (B, H, T, D), q's memory layout
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)  # log2 domain

@@ -64,10 +64,21 @@ else:
 
 GLUON_HEAD_DIMS = (64, 128)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
-# (BLOCK_M, BLOCK_N, STAGES) per head dim, num_warps 8: two warp groups of 64 query rows each.
-# Registers per thread at 128 x 128, head dim 128: S (64 fp32) + O (64) + P (32 bf16 pairs) + the softmax's temporaries.
-GLUON_TILES = {64: (128, 128, 2), 128: (128, 128, 2)}
-GLUON_WARPS = 8
+# Candidate (BLOCK_M, BLOCK_N, STAGES) per head dim, timed on the first call of a shape (``best_tile``); the first
+# is the default. A warp takes 16 query rows, so BLOCK_M / 16 warps: 128 rows are two warp groups in step, 64 rows
+# one. Compiled for sm_90a (bench/attention_layout.py --kernels fwd-gluon, Triton 3.6 and 3.9), none spills; at head
+# dim 128: 128 x 128 190-193 registers and 160 KiB of shared memory (one block an SM), 128 x 64 145, 64 x 64 141
+# registers and 112 KiB: two blocks an SM, whose softmax and products the SM's schedulers interleave with each other
+# (FlashAttention-3's "ping-pong" between warp groups, left to the hardware).
+GLUON_TILES = {
+    128: [(128, 128, 2), (128, 64, 3), (64, 64, 3), (64, 128, 2)],
+    64: [(128, 128, 2), (128, 64, 3), (64, 64, 3), (64, 128, 2)],
+}
+
+
+def warps(block_m: int) -> int:
+    """Warps of a BLOCK_M-row tile: 16 rows each (a wgmma instruction's m), all along the rows."""
+    return block_m // 16
 
 
 if GLUON_IMPORT_ERROR is None:
@@ -230,19 +241,57 @@ def unsupported_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-            qk_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O, log2-sum-exp) of attention(q, k, v), the Triton ``_forward``'s contract; qk_scale = softmax scale · log2(e).
-
-    The caller checks the inputs (``attention.flash_attention``, with this module's ``unsupported_reason``).
-    """
+def _launch(q, k, v, o, lse, causal: bool, qk_scale: float, tile: tuple[int, int, int]) -> None:
     B, H, T, D = q.shape
-    block_m, block_n, stages = GLUON_TILES[D]
-    o = torch.empty_like(q)  # q's memory layout
-    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    block_m, block_n, stages = tile
     descs = (descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), descriptor(o, block_m))
     _fwd_gluon_kernel[(triton.cdiv(T, block_m), B * H)](
         *descs, lse, H, H // k.shape[1], T, qk_scale,
-        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=GLUON_WARPS,
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps(block_m),
     )
+
+
+def tile_for(head_dim: int, block: tuple[int, int]) -> tuple[int, int, int]:
+    """The candidate with this (BLOCK_M, BLOCK_N) (``attention.Tiles.fwd``), or ValueError naming the ones there are."""
+    for tile in GLUON_TILES[head_dim]:
+        if tile[:2] == tuple(block):
+            return tile
+    raise ValueError(f"the Gluon forward has no {block[0]} x {block[1]} tile at head dim {head_dim}; "
+                     f"its tiles: {', '.join(f'{m} x {n}' for m, n, _ in GLUON_TILES[head_dim])}")
+
+
+# (head dim, causal, dtype, length bucket, device) -> the fastest candidate: a process's shapes are few (a model's).
+_TUNED: dict[tuple, tuple[int, int, int]] = {}
+
+
+def best_tile(q, k, v, causal: bool, qk_scale: float, tune: bool, bucket: int) -> tuple[int, int, int]:
+    """The candidate tile for this call: the first listed when not ``tune``, else the fastest of them on this
+    shape, timed once per (head dim, mask, dtype, length bucket, device) like Triton's autotuner does (the
+    forward writes only its outputs, so running it to time it is harmless)."""
+    candidates = GLUON_TILES[q.shape[-1]]
+    if not tune or len(candidates) == 1:
+        return candidates[0]
+    key = (q.shape[-1], causal, q.dtype, bucket, q.device)
+    if key not in _TUNED:
+        from triton.testing import do_bench  # noqa: PLC0415
+
+        o, lse = torch.empty_like(q), torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+        times = {tile: do_bench(lambda t=tile: _launch(q, k, v, o, lse, causal, qk_scale, t), warmup=5, rep=20)
+                 for tile in candidates}
+        _TUNED[key] = min(times, key=times.get)
+    return _TUNED[key]
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, qk_scale: float,
+            tile: tuple[int, int] | None = None, tune: bool = True, bucket: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, log2-sum-exp) of attention(q, k, v), the Triton ``_forward``'s contract; qk_scale = softmax scale · log2(e).
+
+    tile: a fixed (BLOCK_M, BLOCK_N) among ``GLUON_TILES`` (the tests'); else ``best_tile`` with ``tune`` and the
+    length's tuning ``bucket``. The caller checks the inputs (``attention.flash_attention``, with this module's
+    ``unsupported_reason``).
+    """
+    o = torch.empty_like(q)  # q's memory layout
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)  # (B, H, T)
+    chosen = tile_for(q.shape[-1], tile) if tile else best_tile(q, k, v, causal, qk_scale, tune, bucket)
+    _launch(q, k, v, o, lse, causal, qk_scale, chosen)
     return o, lse

@@ -73,7 +73,11 @@ def _inputs(B, H, H_kv, T, D, dtype, seed=0):
 
 def _check(q, k, v, do, causal, scale=None, **options):
     """Kernel vs reference: output and the three gradients, with the dtype's tolerance; options go to flash_attention."""
-    out = flash_attention(q, k, v, causal=causal, softmax_scale=scale, **options)
+    _check_output(flash_attention(q, k, v, causal=causal, softmax_scale=scale, **options), q, k, v, do, causal, scale)
+
+
+def _check_output(out, q, k, v, do, causal, scale=None):
+    """A kernel's output (and the gradients through it) against the reference's, with the dtype's tolerance."""
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref = attention_reference(q, k, v, causal=causal, softmax_scale=scale)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
@@ -177,6 +181,22 @@ def test_gluon_forward_matches_reference(shape, dtype, causal, deterministic):
     _check(q, k, v, do, causal=causal, gluon=True, deterministic=deterministic)
 
 
+# Every candidate tile (64- and 128-row blocks: 4 and 8 warps; 64- and 128-key blocks), fixed as the tuner would
+# pick it, at a length with a tail and with more key blocks than buffers.
+GLUON_BLOCKS = [(128, 128), (128, 64), (64, 64), (64, 128)] if CUDA else [(128, 128)]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("head_dim", [64, 128] if CUDA else [64], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("block", GLUON_BLOCKS, ids=lambda b: "{}x{}".format(*b))
+def test_gluon_forward_every_tile_matches_reference(block, head_dim, causal):
+    q, k, v, do = _inputs(1, 4, 2, 300, head_dim, torch.bfloat16, seed=17)
+    _gluon_or_skip(q, k, v)
+    tiles = Tiles(fwd=block, dkdv=(32, 64), dq=(64, 32))  # the backward's (TMA) tiles fixed too
+    out = FlashAttention.apply(q, k, v, causal, head_dim**-0.5, tiles, False, False, True, True)
+    _check_output(out, q, k, v, do, causal)
+
+
 def test_gluon_forward_takes_the_models_strided_views():
     """The model's (B, T, H, D) projections seen as (B, H, T, D): the 4-D descriptors read and write them in place."""
     B, T, H, H_kv, D = 2, 200, 8, 2, 128
@@ -199,6 +219,11 @@ def test_gluon_forward_refuses_what_it_cannot_run():
     q, k, v, _ = _inputs(1, 2, 2, 8, 32, torch.bfloat16)
     with pytest.raises(ValueError, match=r"head dims \(64, 128\), got 32; use tma=True"):
         flash_attention(q, k, v, gluon=True)
+    from megascale.kernels.attention_gluon import tile_for  # noqa: PLC0415
+
+    assert tile_for(128, (64, 64)) == (64, 64, 3)  # a fixed (BLOCK_M, BLOCK_N) finds its candidate's stages
+    with pytest.raises(ValueError, match=r"no 32 x 32 tile at head dim 128; its tiles: 128 x 128, 128 x 64, "):
+        tile_for(128, (32, 32))
     if not CUDA:  # the interpreter's CPU tensors: the kernel is Hopper's
         q, k, v, _ = _inputs(1, 2, 2, 8, 64, torch.bfloat16)
         with pytest.raises(ValueError, match=r"(Hopper|Gluon).*; use tma=True"):
