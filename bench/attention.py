@@ -8,7 +8,8 @@ forward reading and writing through TMA descriptors, ``tma=True``; Hopper), ``tr
 kernels with a warp-specialised forward, ``ws=True``; 16-bit inputs), ``triton-gluon`` (the TMA kernels
 with the forward in Gluon, FlashAttention-3's overlap of softmax and products, ``gluon=True``; Hopper,
 16-bit, head dims 64 and 128), any of the four with ``-atomic`` appended (the backward as one kernel adding dQ by fp32 atomics, ``deterministic=False``;
-by default ``triton-tma-atomic``, ``triton-ws-atomic`` and ``triton-gluon-atomic``) and SDPA restricted to each of
+by default ``triton-tma-atomic``, ``triton-ws-atomic`` and ``triton-gluon-atomic``, whose backward is
+the Gluon one too) and SDPA restricted to each of
 its backends in turn — ``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient`` — so the
 comparison is with the best PyTorch has on the device. A backend that refuses a
 shape is recorded as unavailable with its error, not dropped silently.

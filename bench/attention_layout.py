@@ -53,13 +53,15 @@ KERNELS = {
     "dkdv-atomic-tma": ("_bwd_dkdv_kernel", "_DKDV_TILES",
                         {"Q": "BLOCK_M", "DO": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "DK": "BLOCK_N",
                          "DV": "BLOCK_N"}),
-    # flash_attention(gluon=True)'s forward (kernels/attention_gluon.py): its tile per head dim, GLUON_TILES
+    # flash_attention(gluon=True)'s forward and, with deterministic=False, backward (kernels/attention_gluon.py)
     "fwd-gluon": ("_fwd_gluon_kernel", "GLUON_TILES", {}),
+    "bwd-gluon": ("_bwd_gluon_kernel", "GLUON_BWD_TILES", {}),
     "dq": ("_bwd_dq_kernel", "_DQ_TILES", {}),
     "dq-tma": ("_bwd_dq_kernel", "_DQ_TILES",
                {"Q": "BLOCK_M", "DO": "BLOCK_M", "DQ": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"}),
 }
 FP32_POINTERS = ("LSE", "DELTA", "DQA")
+GLUON_KERNELS = {"fwd-gluon": "_fwd_gluon_kernel", "bwd-gluon": "_bwd_gluon_kernel"}
 FP64_MATH = re.compile(r"^\s*(?:add|sub|mul|fma|div|rcp|sqrt|rsqrt|max|min|ex2|lg2|neg|abs|setp)[.\w]*\.f64\b", re.M)
 NO_HINT = ("group", "n_kv_heads", "qk_scale", "sm_scale")  # values a real call does not make multiples of 16
 
@@ -103,23 +105,29 @@ def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arc
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def compile_gluon(gluon_mod, tile: tuple, head_dim: int, causal: bool, arch: int):
-    """The Gluon forward at a (BLOCK_M, BLOCK_N, STAGES) tile, as a bf16 call compiles it: four (1, 1, rows, D)
-    descriptors in the swizzled layout the launcher gives them, the LSE pointer 16-byte aligned."""
+def compile_gluon(gluon_mod, kernel: str, tile: tuple, head_dim: int, causal: bool, arch: int):
+    """A Gluon kernel ("fwd-gluon" or "bwd-gluon") at a (BLOCK_M, BLOCK_N, STAGES) tile, as a bf16 call compiles it:
+    (1, 1, rows, D) descriptors in the swizzled layout the launcher gives them, fp32 pointers 16-byte aligned."""
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
 
     block_m, block_n, stages = tile
-    num_warps = gluon_mod.warps(block_m)
-    fn = gluon_mod._fwd_gluon_kernel
-    box = {"desc_q": block_m, "desc_o": block_m, "desc_k": block_n, "desc_v": block_n}
-    sig = {name: (f"tensordesc<bf16[1,1,{box[name]},{head_dim}],"
-                  f"{gluon_mod.shared_layout(box[name], head_dim, torch.bfloat16)!r}>" if name in box else
-                  "*fp32" if name == "LSE" else "fp32" if name == "qk_scale" else "i32")
-           for name, param in zip(fn.arg_names, fn.params) if not param.is_constexpr}
+    fn = getattr(gluon_mod, GLUON_KERNELS[kernel])
+    num_warps = gluon_mod.warps(block_m if kernel == "fwd-gluon" else block_n)  # 16 rows a warp: queries, keys
+    rows = {name: block_m for name in ("desc_q", "desc_o", "desc_do")} | {
+        name: block_n for name in ("desc_k", "desc_v", "desc_dk", "desc_dv")}
+    sig, attrs = {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in rows:
+            layout = gluon_mod.shared_layout(rows[name], head_dim, torch.bfloat16)
+            sig[name] = f"tensordesc<bf16[1,1,{rows[name]},{head_dim}],{layout!r}>"
+        elif name in FP32_POINTERS:
+            sig[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if name.endswith("scale") else "i32"
     consts = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
                   num_warps=num_warps)
-    sig.update({name: "constexpr" for name in consts})
-    attrs = {(fn.arg_names.index("LSE"),): [["tt.divisibility", 16]]}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
@@ -163,16 +171,17 @@ def main(argv=None) -> int:
     print(f"attention kernels, bf16, causal={args.causal}, sm_{args.arch}a, Triton {triton.__version__}")
     print(f"{'kernel':<15} {'D':>4} {'BLOCK_M x N':>11} {'warps':>5} {'stages':>6}  compiled")
     for kernel in args.kernels.split(","):
-        if kernel == "fwd-gluon":
+        if kernel in GLUON_KERNELS:
             (gluon_mod,) = checkout_kernels("attention_gluon")
             if gluon_mod.GLUON_IMPORT_ERROR:
                 print(f"{kernel:<15} skipped: {gluon_mod.GLUON_IMPORT_ERROR}")
                 continue
-            for head_dim in (int(d) for d in args.head_dims.split(",") if int(d) in gluon_mod.GLUON_TILES):
-                for tile in gluon_mod.GLUON_TILES[head_dim]:
-                    compiled = compile_gluon(gluon_mod, tile, head_dim, args.causal == "true", args.arch)
-                    print(f"{kernel:<15} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {gluon_mod.warps(tile[0]):>5} "
-                          f"{tile[2]:>6}  {describe(compiled, args.arch)}", flush=True)
+            table = getattr(gluon_mod, KERNELS[kernel][1])
+            for head_dim in (int(d) for d in args.head_dims.split(",") if int(d) in table):
+                for tile in table[head_dim]:
+                    compiled = compile_gluon(gluon_mod, kernel, tile, head_dim, args.causal == "true", args.arch)
+                    print(f"{kernel:<15} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} "
+                          f"{compiled.metadata.num_warps:>5} {tile[2]:>6}  {describe(compiled, args.arch)}", flush=True)
             continue
         table = getattr(att, KERNELS[kernel][1])
         for head_dim in (int(d) for d in args.head_dims.split(",")):

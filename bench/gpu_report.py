@@ -93,7 +93,7 @@ def _pytest_log(log: Path, title: str) -> list[str]:
 # bench/attention.py's megascale providers and their columns
 MEGASCALE_ATTENTION = {"triton": "triton", "triton-tma": "triton TMA", "triton-ws": "triton WS", "triton-gluon": "Gluon",
                        "triton-tma-atomic": "TMA, atomic dQ", "triton-ws-atomic": "WS, atomic dQ",
-                       "triton-gluon-atomic": "Gluon, atomic dQ"}
+                       "triton-gluon-atomic": "Gluon fwd and bwd"}
 
 
 def attention_section(folder: Path) -> list[str]:

@@ -3,7 +3,7 @@
 A session that is lent a GPU gets about 15 minutes of device time in all (the
 machine's start included), one command may run 10, and a machine left idle for
 30 s is given back. This script is that one command: it runs the jobs in order of
-importance (first the Gluon attention forward's tests and, if they pass, its
+importance (first the Gluon attention kernels' tests and, if they pass, their
 benchmark; then the attention benchmark and the tied 1.3b with gradient
 accumulation, what the H100 session of 2026-11-27 measured last; then what it
 measured before: 350m/1.3b with accumulation, the reduction's layouts, 1.3b's
@@ -68,10 +68,11 @@ TMA_TESTS = ["-k", "tma and (bf16 or strided) and not atomic", "tests/test_kerne
 # The one-kernel backward (deterministic=False, dQ by fp32 atomics; 2026-11-27), compiled by the GPU's Triton for the
 # first time: bf16 at real shapes, pointers and TMA, and the model's strided views.
 ATOMIC_TESTS = ["-k", "atomic_dq and not fp32", "tests/test_kernels_attention.py"]
-# The Gluon forward (flash_attention(gluon=True), 2026-11-27): never run, only compiled. Its parity tests first, alone;
+# The Gluon kernels (flash_attention(gluon=True), 2026-11-27): never run, only compiled. Their parity tests first, alone;
 # a barrier protocol gone wrong hangs rather than fails, so the benchmark that times it runs only after they pass.
-# bf16 with the two-kernel backward, every candidate tile, the model's views: 32 cases, 16 Gluon kernels to compile.
-GLUON_TESTS = ["-k", "gluon and not fp16 and not dq-atomic", "tests/test_kernels_attention.py"]
+# The Gluon forward and backward (2026-11-27), bf16: the shapes with either backward, every candidate tile of each,
+# the model's views; 54 cases, about 26 Gluon kernels to compile.
+GLUON_TESTS = ["-k", "gluon and not fp16", "tests/test_kernels_attention.py"]
 # The attention providers but the Gluon ones, which attention_gluon times apart (see GLUON_TESTS)
 NOT_GLUON = ("triton,triton-tma,triton-ws,triton-tma-atomic,triton-ws-atomic,sdpa-flash,sdpa-cudnn,"
              "sdpa-efficient")
@@ -122,11 +123,11 @@ def jobs(png: bool) -> list[Job]:
                         "train.loss_chunk_tokens=16384", AUTOCAST, "model.attention=triton-tma", "train.compile=true",
                         FAST, f"{FAST},model.attention=triton"])
     return [
-        # #3's newest candidate, the Gluon forward (FlashAttention-3's overlap of softmax and products, written out):
-        # its parity tests at real shapes, then, if they pass, its TFLOP/s beside the TMA kernels' and cuDNN's.
+        # #3's newest candidates, the Gluon forward and backward (FlashAttention-3's overlap of softmax and products,
+        # written out): their parity tests at real shapes, then, if they pass, their TFLOP/s beside cuDNN's.
         Job("gluon_tests", "kernels",
             ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/gluon_tests.xml", *GLUON_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GLUON_TESTS], 150,
+            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GLUON_TESTS], 180,
             env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         # its four tiles timed on the first call of each length; cuDNN in the same run (the TMA kernels: next job)
         Job("attention_gluon", "kernels",

@@ -41,7 +41,8 @@ pointer kernel's from T = 2048 (BENCHMARKS.md), the model's default is cuDNN.
 ``ws=True`` is ``tma=True`` with the forward warp-specialised (``_fwd_ws_kernel``):
 not timed on a GPU yet, so only the benchmark calls it. ``gluon=True`` is ``tma=True``
 with the forward of ``attention_gluon.py``, FlashAttention-3's schedule written in
-Gluon (Hopper; not run on a GPU yet either).
+Gluon, and with ``deterministic=False`` its one-kernel backward too (Hopper; not run
+on a GPU yet either).
 
 ``deterministic=False`` runs the backward as FlashAttention-2's CUDA kernel does: one
 launch after Δ, the dK/dV kernel, which also adds each key block's share of dQ
@@ -771,7 +772,7 @@ def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
 
 
 def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None, tma: bool = False,
-              deterministic: bool = True):
+              deterministic: bool = True, gluon: bool = False):
     B, H, T, D = q.shape
     H_kv = k.shape[1]
     if tma and _tma_refusal(do) is not None:  # e.g. the expanded gradient of a sum: stride 0
@@ -785,6 +786,13 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
     common = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype), **({"TMA": True} if tma else {}))
     # Not deterministic: dQ summed by atomic adds in fp32 into dq_acc by the dK/dV kernel, the dQ kernel not run.
     dq_acc = None if deterministic else torch.zeros((B, H, T, D), device=q.device, dtype=torch.float32)
+    if gluon and not deterministic:  # the one-kernel backward written in Gluon (attention_gluon.py)
+        from . import attention_gluon  # noqa: PLC0415
+
+        attention_gluon.backward(q, k, v, do, lse, delta, dq_acc, dk, dv, causal, scale * LOG2E, scale,
+                                 tiles and tiles.dkdv, autotuning(), _seq_bucket(T))
+        torch.mul(dq_acc, scale, out=dq)
+        return dq, dk, dv
     # With TMA the tensors travel as descriptors (their boxes set per config by the pre-hooks, or
     # here for a fixed tile); the strides still go along, unused, so both variants share one kernel.
     plain = dict(q=q, k=k, v=v, do=do, dq=dq, dk=dk, dv=dv, dqa=dq if dq_acc is None else dq_acc)
@@ -839,14 +847,14 @@ class FlashAttention(torch.autograd.Function):
         o, lse = _forward(q, k, v, causal, softmax_scale, tiles, tma, ws, gluon)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma = causal, softmax_scale, tiles, tma or ws or gluon
-        ctx.deterministic = deterministic
+        ctx.deterministic, ctx.gluon = deterministic, gluon
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.causal, ctx.softmax_scale, ctx.tiles, ctx.tma,
-                               ctx.deterministic)
+                               ctx.deterministic, ctx.gluon)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -931,7 +939,8 @@ def flash_attention(
     gradients of q that vary in their last bits from run to run. True (the default): two kernels, dQ
     written once, the same bits every run.
     gluon: the forward as FlashAttention-3 schedules it, written in Gluon (``attention_gluon.py``: the softmax of
-    one key block runs while the tensor cores multiply the previous one), the backward as with tma=True;
+    one key block runs while the tensor cores multiply the previous one); the backward as with tma=True, or with
+    deterministic=False in Gluon too (one kernel, dQ by atomics, Pᵀ computed while dPᵀ is multiplied).
     Hopper only, 16-bit inputs, head dims 64 and 128.
     ws, gluon and deterministic=False are not yet timed on a GPU: options of the benchmark, not of the model.
     """

@@ -1,4 +1,5 @@
-"""The attention forward for Hopper in Gluon, with FlashAttention-3's overlap of softmax and products.
+"""Attention for Hopper in Gluon: a forward with FlashAttention-3's overlap of softmax and products, and a
+one-kernel backward.
 
 Why a second forward: the Triton kernels (``attention.py``) leave the schedule to
 Triton's pipeliner, which waits for every tensor-core product right after issuing
@@ -23,15 +24,24 @@ STAGES blocks ahead; a buffer is refilled once every warp has waited for the
 products that read it (a barrier of all threads: the two warp groups of a 128-row
 query block each multiply their own 64 rows by the same K/V tile).
 
+The backward (``_bwd_gluon_kernel``; ``flash_attention(gluon=True, deterministic=False)``) is the Triton
+dK/dV kernel's DQ_ATOMIC form written out: one program per (key block, K/V head), the query blocks of the
+head's whole query group streaming past by TMA; Sᵀ = K Qᵀ and dPᵀ = V dOᵀ issued together, Pᵀ computed
+while dPᵀ runs, then dV += Pᵀ dO and dK += dSᵀ Q from registers, and dQ's share (dS K, or Kᵀ dSᵀ for
+32-query steps, which a warp group cannot multiply as 32 rows) added into an fp32 buffer by atomics.
+At head dim 128 the 32-query step keeps dK, dV and the step's tiles in 235-254 registers without a spill
+(64 queries spill 32-112 bytes; Triton 3.9 and 3.6).
+
 What the other kernels' callers rely on holds here: q, k, v (B, H, T, D) /
 (B, H_kv, T, D) strided views, grouped-query heads read in place (4-D
 descriptors), any length (rows past the end arrive as zeros, stores clip), the
 log2-domain log-sum-exp the backward reads. 16-bit inputs and head dims 64 and
 128 only (``unsupported_reason``).
 
-No interpreter runs Gluon, so on a machine without a GPU this kernel is only
-compiled (``bench/attention_layout.py --kernels fwd-gluon``; the tests check its
-products overlap and that it does not spill); its parity tests need a Hopper GPU.
+No interpreter runs Gluon, so on a machine without a GPU these kernels are only
+compiled (``bench/attention_layout.py --kernels fwd-gluon,bwd-gluon``; the tests check
+their products overlap and that the default tiles do not spill); their parity tests
+need a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -75,6 +85,13 @@ GLUON_TILES = {
     64: [(128, 128, 2), (128, 64, 3), (64, 64, 3), (64, 128, 2)],
 }
 
+# The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES), 4 warps. At head dim 128, 32 x 64:
+# 235-254 registers, no spill; 64 x 64 spills 32 (Triton 3.9) to 112 bytes (3.6) inside its loop, so it comes last.
+GLUON_BWD_TILES = {
+    128: [(32, 64, 2), (32, 64, 3), (64, 64, 2)],
+    64: [(64, 64, 2), (32, 64, 3)],
+}
+
 
 def warps(block_m: int) -> int:
     """Warps of a BLOCK_M-row tile: 16 rows each (a wgmma instruction's m), all along the rows."""
@@ -82,6 +99,11 @@ def warps(block_m: int) -> int:
 
 
 if GLUON_IMPORT_ERROR is None:
+
+    @gluon.constexpr_function
+    def _mma_layout(warps_m, warps_n, n):
+        """The registers of a wgmma result, instructions n columns wide: 16 rows a warp, warps_m x warps_n warps."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_m, warps_n], instr_shape=[16, n, 16])
 
     @gluon.jit
     def _load_block(desc, b, h, row, bar, dst, pred):
@@ -107,10 +129,8 @@ if GLUON_IMPORT_ERROR is None:
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = desc_q.dtype
         # The products' register layouts: all warps along the query rows, 16 rows a warp.
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = _mma_layout(num_warps, 1, BLOCK_N)
+        o_layout: gl.constexpr = _mma_layout(num_warps, 1, HEAD_DIM)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         rows: gl.constexpr = gl.SliceLayout(1, s_layout)
         cols: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -212,6 +232,150 @@ if GLUON_IMPORT_ERROR is None:
         tma.store_wait(0)
 
 
+    @gluon.jit
+    def _bwd_gluon_kernel(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA,
+                          n_heads, group, seq_len, qk_scale, sm_scale,
+                          HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """dK, dV of one key block of one K/V head, and its share of dQ added into DQA (fp32) by atomics.
+
+        Transposed tiles (keys × queries), as the Triton dK/dV kernel: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ come out with
+        the keys along the rows, so Pᵀ and dSᵀ are already the register operands of dV += Pᵀ dO and
+        dK += dSᵀ Q. dQ = dS K reads dSᵀ back from shared memory, transposed by the product. Sᵀ and dPᵀ are
+        issued together and Pᵀ is computed while dPᵀ runs. The query blocks of every query head of the K/V
+        head's group stream past in one loop, Q and dO by TMA STAGES steps ahead.
+        """
+        dtype: gl.constexpr = desc_q.dtype
+        st_layout: gl.constexpr = _mma_layout(num_warps, 1, BLOCK_M)  # keys x queries
+        kv_layout: gl.constexpr = _mma_layout(num_warps, 1, HEAD_DIM)  # keys x head dim
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+        keys: gl.constexpr = gl.SliceLayout(1, st_layout)
+        queries: gl.constexpr = gl.SliceLayout(0, st_layout)
+        # dQ = dS K for BLOCK_M >= 16 rows a warp; below, dQᵀ = Kᵀ dSᵀ (HEAD_DIM rows): a wgmma needs 16 rows a warp
+        DQ_T: gl.constexpr = BLOCK_M < 16 * num_warps
+        if DQ_T:
+            dq_layout: gl.constexpr = st_layout  # (D, BLOCK_M): BLOCK_M-wide instructions too
+            dq_zero = gl.zeros([HEAD_DIM, BLOCK_M], gl.float32, dq_layout)
+        else:
+            dq_layout: gl.constexpr = kv_layout
+            dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+
+        qk_scale = qk_scale.to(gl.float32)
+        sm_scale = sm_scale.to(gl.float32)
+        pid_bkv = gl.program_id(1)
+        n_kv = n_heads // group
+        b = pid_bkv // n_kv
+        kv_h = pid_bkv % n_kv
+        start_n = gl.program_id(0) * BLOCK_N
+        offs_n = start_n + gl.arange(0, BLOCK_N, layout=keys)
+        # Causal: the query blocks from the one holding this key block's first key on (earlier rows see none of it).
+        lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
+        per_head = gl.cdiv(seq_len - lo, BLOCK_M)
+        steps = group * per_head
+        # A query block needs masks where it reaches the diagonal (causal) or runs past the end.
+        mask_below = start_n + BLOCK_N if CAUSAL else 0
+
+        k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, desc_v.block_type.shape, desc_v.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_q.block_type.shape, desc_q.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_do.block_type.shape, desc_do.layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+
+        mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+        _tma_load(desc_k, [b, kv_h, start_n, 0], kv_bar, k_smem)
+        _tma_load(desc_v, [b, kv_h, start_n, 0], kv_bar, v_smem)
+        for i in gl.static_range(STAGES):
+            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, i, bars.index(i), q_smem.index(i),
+                       do_smem.index(i), i < steps, BLOCK_M)
+        k = k_smem.reshape([BLOCK_N, HEAD_DIM])
+        v = v_smem.reshape([BLOCK_N, HEAD_DIM])
+        st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+        mbarrier.wait(kv_bar, 0)
+
+        for step in range(steps):
+            slot = step % STAGES
+            h = kv_h * group + step // per_head
+            start_m = lo + (step % per_head) * BLOCK_M
+            mbarrier.wait(bars.index(slot), (step // STAGES) & 1)
+            q_s = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+            do_s = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+            s_t = warpgroup_mma(k, q_s.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            dp_t = warpgroup_mma(v, do_s.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            offs_m = start_m + gl.arange(0, BLOCK_M, layout=queries)
+            row = (b * n_heads + h).to(gl.int64) * seq_len
+            lse = gl.load(LSE + row + offs_m, mask=offs_m < seq_len, other=0.0)
+            s_t = warpgroup_mma_wait(1, deps=(s_t,))  # dPᵀ still running
+            p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 0))
+            # loaded once lse is used: the two column vectors are never live together (registers at head dim 128)
+            delta = gl.load(DELTA + row + offs_m, mask=offs_m < seq_len, other=0.0)
+            if (start_m < mask_below) | (start_m + BLOCK_M > seq_len) | (start_n + BLOCK_N > seq_len):
+                keep = gl.expand_dims(offs_m < seq_len, 0) & gl.expand_dims(offs_n < seq_len, 1)
+                if CAUSAL:
+                    keep = keep & (gl.expand_dims(offs_m, 0) >= gl.expand_dims(offs_n, 1))
+                p_t = gl.where(keep, p_t, 0.0)
+            dp_t = warpgroup_mma_wait(0, deps=(dp_t,))
+            ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0))).to(dtype)
+            p_op = gl.convert_layout(p_t.to(dtype), op_layout)
+            ds_op = gl.convert_layout(ds_t, op_layout)
+            dv = warpgroup_mma(p_op, do_s, dv, is_async=True)
+            dk = warpgroup_mma(ds_op, q_s, dk, is_async=True)
+            ds_smem.store(ds_t)
+            fence_async_shared()
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
+            if DQ_T:
+                dq = warpgroup_mma(k.permute((1, 0)), ds_smem, dq_zero, use_acc=False, is_async=True)  # (D, BLOCK_M)
+            else:
+                dq = warpgroup_mma(ds_smem.permute((1, 0)), k, dq_zero, use_acc=False, is_async=True)  # (BLOCK_M, D)
+            dq = warpgroup_mma_wait(0, deps=(dq,))
+            _add_dq(DQA, row, start_m, dq, seq_len, DQ_T, HEAD_DIM, BLOCK_M, dq_layout)
+            _cta_barrier()  # buffer `slot` and dSᵀ's are read by no product any more
+            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step + STAGES, bars.index(slot),
+                       q_smem.index(slot), do_smem.index(slot), step + STAGES < steps, BLOCK_M)
+
+        mbarrier.invalidate(kv_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        k_smem.reshape([BLOCK_N, HEAD_DIM]).store((dk * sm_scale).to(dtype))  # K and V are read by no product
+        v_smem.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
+        fence_async_shared()
+        _tma_store(desc_dk, [b, kv_h, start_n, 0], k_smem)
+        _tma_store(desc_dv, [b, kv_h, start_n, 0], v_smem)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _add_dq(DQA, row, start_m, dq, seq_len, TRANSPOSED: gl.constexpr, HEAD_DIM: gl.constexpr,
+                BLOCK_M: gl.constexpr, layout: gl.constexpr):
+        """Add one query block's dQ share (BLOCK_M, D), or its transpose, into the fp32 rows of DQA from ``row``
+        on (that query head's first), by relaxed atomics; none past the sequence end."""
+        if TRANSPOSED:
+            offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, layout))
+            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, layout))
+            ptrs = DQA + (row + gl.expand_dims(offs_m, 0)) * HEAD_DIM + gl.expand_dims(offs_d, 1)
+            gl.atomic_add(ptrs, dq, mask=gl.expand_dims(offs_m < seq_len, 0), sem="relaxed")
+        else:
+            offs_m = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+            offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+            ptrs = DQA + (row + gl.expand_dims(offs_m, 1)) * HEAD_DIM + gl.expand_dims(offs_d, 0)
+            gl.atomic_add(ptrs, dq, mask=gl.expand_dims(offs_m < seq_len, 1), sem="relaxed")
+
+    @gluon.jit
+    def _load_step(desc_q, desc_do, b, first_head, lo, per_head, step, bar, q_dst, do_dst, pred,
+                   BLOCK_M: gl.constexpr):
+        """Q and dO of the backward's ``step``-th query block (query head first_head + step // per_head)."""
+        h = first_head + step // per_head
+        row = lo + (step % per_head) * BLOCK_M
+        mbarrier.expect(bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes, pred=pred)
+        _tma_load(desc_q, [b, h, row, 0], bar, q_dst, pred=pred)
+        _tma_load(desc_do, [b, h, row, 0], bar, do_dst, pred=pred)
+
 def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
@@ -251,33 +415,29 @@ def _launch(q, k, v, o, lse, causal: bool, qk_scale: float, tile: tuple[int, int
     )
 
 
-def tile_for(head_dim: int, block: tuple[int, int]) -> tuple[int, int, int]:
-    """The candidate with this (BLOCK_M, BLOCK_N) (``attention.Tiles.fwd``), or ValueError naming the ones there are."""
-    for tile in GLUON_TILES[head_dim]:
+def tile_for(tiles: dict, head_dim: int, block: tuple[int, int], what: str = "forward") -> tuple[int, int, int]:
+    """The candidate of ``tiles`` with this (BLOCK_M, BLOCK_N) (``attention.Tiles``), or ValueError naming them."""
+    for tile in tiles[head_dim]:
         if tile[:2] == tuple(block):
             return tile
-    raise ValueError(f"the Gluon forward has no {block[0]} x {block[1]} tile at head dim {head_dim}; "
-                     f"its tiles: {', '.join(f'{m} x {n}' for m, n, _ in GLUON_TILES[head_dim])}")
+    raise ValueError(f"the Gluon {what} has no {block[0]} x {block[1]} tile at head dim {head_dim}; "
+                     f"its tiles: {', '.join(f'{m} x {n}' for m, n, _ in tiles[head_dim])}")
 
 
-# (head dim, causal, dtype, length bucket, device) -> the fastest candidate: a process's shapes are few (a model's).
+# (kernel, head dim, causal, dtype, length bucket, device) -> the fastest candidate: a process's shapes are few.
 _TUNED: dict[tuple, tuple[int, int, int]] = {}
 
 
-def best_tile(q, k, v, causal: bool, qk_scale: float, tune: bool, bucket: int) -> tuple[int, int, int]:
-    """The candidate tile for this call: the first listed when not ``tune``, else the fastest of them on this
-    shape, timed once per (head dim, mask, dtype, length bucket, device) like Triton's autotuner does (the
-    forward writes only its outputs, so running it to time it is harmless)."""
-    candidates = GLUON_TILES[q.shape[-1]]
+def best_tile(candidates: list, run, key: tuple, tune: bool) -> tuple[int, int, int]:
+    """The first candidate when not ``tune``, else the fastest of ``run(tile)`` on this call's shape, timed once
+    per ``key`` (kernel, head dim, mask, dtype, length bucket, device) as Triton's autotuner does. ``run`` must
+    write only scratch outputs: it runs many times."""
     if not tune or len(candidates) == 1:
         return candidates[0]
-    key = (q.shape[-1], causal, q.dtype, bucket, q.device)
     if key not in _TUNED:
         from triton.testing import do_bench  # noqa: PLC0415
 
-        o, lse = torch.empty_like(q), torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
-        times = {tile: do_bench(lambda t=tile: _launch(q, k, v, o, lse, causal, qk_scale, t), warmup=5, rep=20)
-                 for tile in candidates}
+        times = {tile: do_bench(lambda t=tile: run(t), warmup=5, rep=20) for tile in candidates}
         _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
 
@@ -292,6 +452,42 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, qk_
     """
     o = torch.empty_like(q)  # q's memory layout
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)  # (B, H, T)
-    chosen = tile_for(q.shape[-1], tile) if tile else best_tile(q, k, v, causal, qk_scale, tune, bucket)
+    D = q.shape[-1]
+    if tile:
+        chosen = tile_for(GLUON_TILES, D, tile)
+    else:  # the forward writes only o and lse: timing it on them is harmless
+        chosen = best_tile(GLUON_TILES[D], lambda t: _launch(q, k, v, o, lse, causal, qk_scale, t),
+                           ("fwd", D, causal, q.dtype, bucket, q.device), tune)
     _launch(q, k, v, o, lse, causal, qk_scale, chosen)
     return o, lse
+
+
+def _launch_bwd(q, k, v, do, lse, delta, dq_acc, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
+                tile: tuple[int, int, int]) -> None:
+    B, H, T, D = q.shape
+    block_m, block_n, stages = tile
+    rows_m = [descriptor(x, block_m) for x in (q, do)]
+    rows_n = [descriptor(x, block_n) for x in (k, v, dk, dv)]
+    _bwd_gluon_kernel[(triton.cdiv(T, block_n), B * k.shape[1])](
+        rows_m[0], *rows_n[:2], rows_m[1], *rows_n[2:], dq_acc, lse, delta, H, H // k.shape[1], T, qk_scale, sm_scale,
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps(block_n),
+    )
+
+
+def backward(q, k, v, do, lse, delta, dq_acc, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
+             tile: tuple[int, int] | None = None, tune: bool = True, bucket: int = 0) -> None:
+    """dK, dV into dk, dv and dQ / sm_scale added into the zeroed fp32 (B, H, T, D) dq_acc (by atomics).
+
+    lse: the forward's log2-sum-exp, delta: rowsum(O · dO), both (B, H, T) fp32; qk_scale = sm_scale · log2(e).
+    tile: a fixed (BLOCK_M, BLOCK_N) among ``GLUON_BWD_TILES``; else the fastest candidate (``best_tile``),
+    timed on scratch outputs.
+    """
+    D = q.shape[-1]
+    if tile:
+        chosen = tile_for(GLUON_BWD_TILES, D, tile, "backward")
+    else:
+        scratch = (torch.empty_like(dq_acc), torch.empty_like(dk), torch.empty_like(dv))
+        chosen = best_tile(GLUON_BWD_TILES[D],
+                           lambda t: _launch_bwd(q, k, v, do, lse, delta, *scratch, causal, qk_scale, sm_scale, t),
+                           ("bwd", D, causal, q.dtype, bucket, q.device), tune)
+    _launch_bwd(q, k, v, do, lse, delta, dq_acc, dk, dv, causal, qk_scale, sm_scale, chosen)

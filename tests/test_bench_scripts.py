@@ -303,17 +303,24 @@ def test_attention_tma_kernels_compile_for_hopper():
         assert "overlap" not in line, line
 
 
-def test_gluon_forward_compiles_for_hopper_with_softmax_beside_the_products():
-    """flash_attention(gluon=True)'s forward, compiled for sm_90a at every candidate tile for head dims 64 and 128 (it
+def test_gluon_kernels_compile_for_hopper_with_softmax_beside_the_products():
+    """flash_attention(gluon=True)'s forward (and deterministic=False's backward), compiled for sm_90a at every candidate tile for head dims 64 and 128 (it
     has no interpreter, so this is the check a machine without a GPU can make): TMA copies, tensor-core products, no
     spill, and a wait that leaves P V running (wgmma.wait_group 1) while the next scores' softmax is computed."""
-    proc = _run(["bench/attention_layout.py", "--kernels", "fwd-gluon", "--head-dims", "64,128"])
+    proc = _run(["bench/attention_layout.py", "--kernels", "fwd-gluon,bwd-gluon", "--head-dims", "64,128"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("fwd-gluon ")]
     assert len(rows) == 2 * 4, proc.stdout
     for line in rows:
         assert "wgmma yes" in line and "TMA yes" in line and " 0 bytes spilled" in line and "(fits)" in line, line
         assert line.endswith("overlap yes"), line
+    # The backward: every candidate compiles (Pᵀ computed while dPᵀ is multiplied: wait_group 1 there too) and the
+    # first listed one of each head dim, the default without tuning, does not spill.
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("bwd-gluon ")]
+    assert len(rows) == 2 + 3, proc.stdout
+    for line in rows:
+        assert "wgmma yes" in line and "TMA yes" in line and "(fits)" in line and line.endswith("overlap yes"), line
+    assert " 0 bytes spilled" in rows[0] and " 0 bytes spilled" in rows[2], proc.stdout
 
 
 def test_atomic_dq_backward_compiles_for_hopper_with_vector_atomics():

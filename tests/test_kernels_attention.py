@@ -173,9 +173,9 @@ def _gluon_or_skip(q, k, v):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", GLUON_SHAPES, ids=lambda s: "B{}-H{}-kv{}-T{}-D{}".format(*s))
-def test_gluon_forward_matches_reference(shape, dtype, causal, deterministic):
-    """flash_attention(gluon=True): O against the reference, and the gradients through the TMA backward, which
-    reads the Gluon forward's log-sum-exp (so a wrong one shows in dq, dk, dv)."""
+def test_gluon_matches_reference(shape, dtype, causal, deterministic):
+    """flash_attention(gluon=True): O against the reference, and the gradients through the TMA backward
+    (dq-kernel) or the Gluon one (dq-atomic), both reading the Gluon forward's log-sum-exp."""
     q, k, v, do = _inputs(*shape, dtype, seed=13)
     _gluon_or_skip(q, k, v)
     _check(q, k, v, do, causal=causal, gluon=True, deterministic=deterministic)
@@ -197,18 +197,40 @@ def test_gluon_forward_every_tile_matches_reference(block, head_dim, causal):
     _check_output(out, q, k, v, do, causal)
 
 
+def _gluon_backward_blocks() -> list[tuple[int, tuple[int, int]]]:
+    from megascale.kernels.attention_gluon import GLUON_BWD_TILES  # noqa: PLC0415
+
+    return [(d, tile[:2]) for d, tiles in GLUON_BWD_TILES.items() for tile in tiles] if CUDA else [(64, (64, 64))]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("head_dim, block", _gluon_backward_blocks(), ids=lambda x: f"D{x}" if isinstance(x, int)
+                         else "{}x{}".format(*x))
+def test_gluon_backward_every_tile_matches_reference(head_dim, block, causal):
+    """The Gluon backward (deterministic=False) at each candidate (queries a step, keys a program): at 32 query rows
+    it takes dQ as Kᵀ dSᵀ (a wgmma needs 64 rows a warp group), at 64 as dS K; GQA 2, a tail, several blocks."""
+    q, k, v, do = _inputs(1, 4, 2, 300, head_dim, torch.bfloat16, seed=19)
+    _gluon_or_skip(q, k, v)
+    tiles = Tiles(fwd=(128, 128), dkdv=block, dq=(64, 32))
+    out = FlashAttention.apply(q, k, v, causal, head_dim**-0.5, tiles, False, False, False, True)
+    _check_output(out, q, k, v, do, causal)
+
+
 def test_gluon_forward_takes_the_models_strided_views():
-    """The model's (B, T, H, D) projections seen as (B, H, T, D): the 4-D descriptors read and write them in place."""
+    """The model's (B, T, H, D) projections seen as (B, H, T, D): the 4-D descriptors read and write them in place,
+    forward and backward."""
     B, T, H, H_kv, D = 2, 200, 8, 2, 128
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).to(torch.bfloat16)
     kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).to(torch.bfloat16)
     views = (q.transpose(1, 2), kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2))
     _gluon_or_skip(*views)
-    out = flash_attention(*views, gluon=True)
-    assert out.stride() == views[0].stride()  # q's layout
-    torch.testing.assert_close(out.float(), attention_reference(*views).float(), **dict(zip(("atol", "rtol"),
-                                                                                             TOL[torch.bfloat16])))
+    for deterministic in (True, False):  # the TMA backward, then the Gluon one: dK, dV back in k's, v's layouts
+        views = tuple(x.detach().requires_grad_() for x in views)
+        do = torch.randn(views[0].shape, generator=gen, device=DEVICE).to(torch.bfloat16)
+        out = flash_attention(*views, gluon=True, deterministic=deterministic)
+        assert out.stride() == views[0].stride()  # q's layout
+        _check_output(out, *views, do, causal=True)
 
 
 def test_gluon_forward_refuses_what_it_cannot_run():
@@ -219,11 +241,12 @@ def test_gluon_forward_refuses_what_it_cannot_run():
     q, k, v, _ = _inputs(1, 2, 2, 8, 32, torch.bfloat16)
     with pytest.raises(ValueError, match=r"head dims \(64, 128\), got 32; use tma=True"):
         flash_attention(q, k, v, gluon=True)
-    from megascale.kernels.attention_gluon import tile_for  # noqa: PLC0415
+    from megascale.kernels.attention_gluon import GLUON_BWD_TILES, GLUON_TILES, tile_for  # noqa: PLC0415
 
-    assert tile_for(128, (64, 64)) == (64, 64, 3)  # a fixed (BLOCK_M, BLOCK_N) finds its candidate's stages
-    with pytest.raises(ValueError, match=r"no 32 x 32 tile at head dim 128; its tiles: 128 x 128, 128 x 64, "):
-        tile_for(128, (32, 32))
+    assert tile_for(GLUON_TILES, 128, (64, 64)) == (64, 64, 3)  # a fixed (BLOCK_M, BLOCK_N) finds its stages
+    assert tile_for(GLUON_BWD_TILES, 128, (32, 64), "backward") == (32, 64, 2)
+    with pytest.raises(ValueError, match=r"forward has no 32 x 32 tile at head dim 128; its tiles: 128 x 128, 128 x 64"):
+        tile_for(GLUON_TILES, 128, (32, 32))
     if not CUDA:  # the interpreter's CPU tensors: the kernel is Hopper's
         q, k, v, _ = _inputs(1, 2, 2, 8, 64, torch.bfloat16)
         with pytest.raises(ValueError, match=r"(Hopper|Gluon).*; use tma=True"):
