@@ -93,17 +93,18 @@ GLUON_BWD_TILES = {
 }
 
 
-def warps(block_m: int) -> int:
-    """Warps of a BLOCK_M-row tile: 16 rows each (a wgmma instruction's m), all along the rows."""
-    return block_m // 16
+def warps(rows: int) -> int:
+    """Warps of a kernel whose products have ``rows`` rows (the forward's queries, the backward's keys): 16 rows
+    each, a wgmma instruction's m, all warps along the rows."""
+    return rows // 16
 
 
 if GLUON_IMPORT_ERROR is None:
 
     @gluon.constexpr_function
-    def _mma_layout(warps_m, warps_n, n):
-        """The registers of a wgmma result, instructions n columns wide: 16 rows a warp, warps_m x warps_n warps."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps_m, warps_n], instr_shape=[16, n, 16])
+    def _mma_layout(num_warps, n):
+        """The registers of a wgmma result, instructions n columns wide: 16 rows a warp, all warps along the rows."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
 
     @gluon.jit
     def _load_block(desc, b, h, row, bar, dst, pred):
@@ -129,8 +130,8 @@ if GLUON_IMPORT_ERROR is None:
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
         dtype: gl.constexpr = desc_q.dtype
         # The products' register layouts: all warps along the query rows, 16 rows a warp.
-        s_layout: gl.constexpr = _mma_layout(num_warps, 1, BLOCK_N)
-        o_layout: gl.constexpr = _mma_layout(num_warps, 1, HEAD_DIM)
+        s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
+        o_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         rows: gl.constexpr = gl.SliceLayout(1, s_layout)
         cols: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -246,8 +247,8 @@ if GLUON_IMPORT_ERROR is None:
         head's group stream past in one loop, Q and dO by TMA STAGES steps ahead.
         """
         dtype: gl.constexpr = desc_q.dtype
-        st_layout: gl.constexpr = _mma_layout(num_warps, 1, BLOCK_M)  # keys x queries
-        kv_layout: gl.constexpr = _mma_layout(num_warps, 1, HEAD_DIM)  # keys x head dim
+        st_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_M)  # keys x queries
+        kv_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)  # keys x head dim
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
         keys: gl.constexpr = gl.SliceLayout(1, st_layout)
         queries: gl.constexpr = gl.SliceLayout(0, st_layout)
