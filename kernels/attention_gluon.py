@@ -27,10 +27,11 @@ query block each multiply their own 64 rows by the same K/V tile).
 The backward (``_bwd_gluon_kernel``; ``flash_attention(gluon=True, deterministic=False)``) is the Triton
 dK/dV kernel's DQ_ATOMIC form written out: one program per (key block, K/V head), the query blocks of the
 head's whole query group streaming past by TMA; Sᵀ = K Qᵀ and dPᵀ = V dOᵀ issued together, Pᵀ computed
-while dPᵀ runs, then dV += Pᵀ dO and dK += dSᵀ Q from registers, and dQ's share (dS K, or Kᵀ dSᵀ for
-32-query steps, which a warp group cannot multiply as 32 rows) added into an fp32 buffer by atomics.
-At head dim 128 the 32-query step keeps dK, dV and the step's tiles in 235-254 registers without a spill
-(64 queries spill 32-112 bytes; Triton 3.9 and 3.6).
+while dPᵀ runs, then dV += Pᵀ dO and dK += dSᵀ Q from registers and dQ's share (dS K, or Kᵀ dSᵀ for
+32-query steps, which a warp group cannot multiply as 32 rows) from dSᵀ in shared memory, the three
+issued together and waited for once; dQ's share is added into an fp32 buffer by atomics. At head dim 128
+the 32-query step keeps dK, dV and the step's tiles in 233-251 registers without a spill (64 queries
+spill 32-116 bytes; Triton 3.9 and 3.6).
 
 What the other kernels' callers rely on holds here: q, k, v (B, H, T, D) /
 (B, H_kv, T, D) strided views, grouped-query heads read in place (4-D
@@ -86,7 +87,7 @@ GLUON_TILES = {
 }
 
 # The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES), 4 warps. At head dim 128, 32 x 64:
-# 235-254 registers, no spill; 64 x 64 spills 32 (Triton 3.9) to 112 bytes (3.6) inside its loop, so it comes last.
+# 233-251 registers, no spill; 64 x 64 spills 32 (Triton 3.9) to 116 bytes (3.6) inside its loop, so it comes last.
 GLUON_BWD_TILES = {
     128: [(32, 64, 2), (32, 64, 3), (64, 64, 2)],
     64: [(64, 64, 2), (32, 64, 3)],
@@ -326,16 +327,15 @@ if GLUON_IMPORT_ERROR is None:
             ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0))).to(dtype)
             p_op = gl.convert_layout(p_t.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds_t, op_layout)
+            ds_smem.store(ds_t)  # dQ's operand, read back by the product below
+            fence_async_shared()
             dv = warpgroup_mma(p_op, do_s, dv, is_async=True)
             dk = warpgroup_mma(ds_op, q_s, dk, is_async=True)
-            ds_smem.store(ds_t)
-            fence_async_shared()
-            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))
             if DQ_T:
                 dq = warpgroup_mma(k.permute((1, 0)), ds_smem, dq_zero, use_acc=False, is_async=True)  # (D, BLOCK_M)
             else:
                 dq = warpgroup_mma(ds_smem.permute((1, 0)), k, dq_zero, use_acc=False, is_async=True)  # (BLOCK_M, D)
-            dq = warpgroup_mma_wait(0, deps=(dq,))
+            dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dq, dv, dk, p_op, ds_op))  # the three products at once
             _add_dq(DQA, row, start_m, dq, seq_len, DQ_T, HEAD_DIM, BLOCK_M, dq_layout)
             _cta_barrier()  # buffer `slot` and dSᵀ's are read by no product any more
             _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step + STAGES, bars.index(slot),
