@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -135,9 +136,21 @@ def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, mod
             tflops = forward_flops(B, H, T, D, causal) * FLOP_FACTOR[mode] / (ms * 1e-3) / 1e12
             rows.append(dict(provider=name, mode=mode, ms=ms, tflops=tflops, error=None))
     baseline = next((o for n, o in outputs.items() if not n.startswith("triton")), None)
-    err = float((outputs["triton"] - baseline).abs().max()) if "triton" in outputs and baseline is not None else None
+    # each provider's forward against the first non-Triton one: a kernel never run on a GPU is checked here too
+    errors = {n: float((o - baseline).abs().max()) for n, o in outputs.items()} if baseline is not None else {}
     shape = dict(B=B, H=H, H_kv=H_kv, T=T, D=D, causal=causal)
-    return [{**shape, **row, "triton_max_abs_err": err} for row in rows]
+    tiles = chosen_tiles(kernels, D, causal, dtype, T)
+    return [{**shape, **row, "triton_max_abs_err": errors.get("triton"), "max_abs_err": errors.get(row["provider"]),
+             "tiles": tiles} for row in rows]
+
+
+def chosen_tiles(kernels, D: int, causal: bool, dtype: torch.dtype, T: int) -> dict[str, str]:
+    """The tiles the Gluon kernels' ``best_tile`` settled on for this shape (none: no Gluon provider ran): which of
+    their candidates wins is what a first GPU run of them has to tell."""
+    gluon = sys.modules.get(kernels.__name__ + "_gluon")  # imported only when a Gluon provider ran
+    return {f"gluon_{kind}": "{} x {}, {} stages".format(*tile)
+            for (kind, d, c, dt, bucket, _), tile in (getattr(gluon, "_TUNED", None) or {}).items()
+            if (d, c, dt, bucket) == (D, causal, dtype, kernels.next_pow2(T))}
 
 
 def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> None:

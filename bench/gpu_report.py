@@ -116,6 +116,7 @@ def attention_section(folder: Path) -> list[str]:
     lines = ["Attention, bf16 (TFLOP/s):", ""] + table(
         ["head dim", "mask", "T", "pass", *MEGASCALE_ATTENTION.values(), "best SDPA", "backend", "best triton/SDPA"],
         out) + [""]
+    lines += gluon_lines(rows)
     fwd = [c for c in checks if c[0] == "fwd"]
     both = [c for c in checks if c[0] == "fwd+bwd"]
     lines.append(f"* target forward ≥ 550 TFLOP/s (hd 128, causal, 4k–16k): "
@@ -123,6 +124,21 @@ def attention_section(folder: Path) -> list[str]:
     lines.append(f"* target forward+backward faster than the best SDPA (same shapes): "
                  f"{verdict(all(r and r > 1 for *_, r in both) if both else None)}")
     return lines
+
+
+def gluon_lines(rows: list[dict]) -> list[str]:
+    """The Gluon kernels' tuned tiles and their forward's largest error against SDPA, per shape (bench/attention.py)."""
+    gluon = [r for r in rows if r["provider"].startswith("triton-gluon")]
+    if not gluon:
+        return []
+    out = []
+    for D, causal, T in sorted({(r["D"], r["causal"], r["T"]) for r in gluon}):
+        here = [r for r in gluon if (r["D"], r["causal"], r["T"]) == (D, causal, T)]
+        tiles = {k: v for r in here for k, v in (r.get("tiles") or {}).items()}
+        err = max((r["max_abs_err"] for r in here if r.get("max_abs_err") is not None), default=None)
+        out.append([D, "causal" if causal else "full", T, tiles.get("gluon_fwd", "–"), tiles.get("gluon_bwd", "–"), err])
+    return ["Gluon kernels: the tiles their tuner chose, and the forward's max |error| against SDPA:", ""] + table(
+        ["head dim", "mask", "T", "forward tile", "backward tile", "max abs error"], out) + [""]
 
 
 def tied_grad_section(folder: Path) -> list[str]:

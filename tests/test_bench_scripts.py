@@ -127,6 +127,32 @@ def test_gpu_session_times_the_gluon_forward_only_after_its_tests_pass():
     assert "gluon" not in " ".join(hd128.argv)
 
 
+def test_attention_bench_and_report_show_the_gluon_tuners_choice(tmp_path, monkeypatch):
+    """A first GPU run of the Gluon kernels must say which candidate tile won per shape (attention_gluon._TUNED,
+    keyed by kernel, head dim, mask, dtype, length bucket, device) and how far their output is from SDPA's."""
+    import torch  # noqa: PLC0415
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import attention  # noqa: PLC0415
+    import gpu_report  # noqa: PLC0415
+
+    kernels = attention.import_kernels()
+    from megascale.kernels import attention_gluon  # noqa: PLC0415
+
+    tuned = {("fwd", 128, True, torch.bfloat16, 4096, "cuda:0"): (64, 64, 3),
+             ("bwd", 128, True, torch.bfloat16, 4096, "cuda:0"): (32, 64, 2),
+             ("fwd", 128, True, torch.bfloat16, 8192, "cuda:0"): (128, 128, 2)}  # another length: not this shape's
+    monkeypatch.setattr(attention_gluon, "_TUNED", tuned)
+    tiles = attention.chosen_tiles(kernels, 128, True, torch.bfloat16, 3000)  # 3000 tunes in the 4096 bucket
+    assert tiles == {"gluon_fwd": "64 x 64, 3 stages", "gluon_bwd": "32 x 64, 2 stages"}
+    assert attention.chosen_tiles(kernels, 64, True, torch.bfloat16, 3000) == {}
+    rows = [dict(provider="triton-gluon", mode="fwd", D=128, causal=True, T=3000, tflops=1.0, max_abs_err=0.0039,
+                 tiles=tiles),
+            dict(provider="sdpa-cudnn", mode="fwd", D=128, causal=True, T=3000, tflops=1.0, max_abs_err=0.0)]
+    text = "\n".join(gpu_report.gluon_lines(rows))
+    assert "| 128 | causal | 3000 | 64 x 64, 3 stages | 32 x 64, 2 stages | 0.0039 |" in text, text
+
+
 def test_gpu_session_rejects_an_unknown_job(tmp_path):
     proc = _run(["bench/gpu_session.py", "--only", "nonesuch", "--out", str(tmp_path)])
     assert proc.returncode != 0
