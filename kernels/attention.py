@@ -944,6 +944,8 @@ def flash_attention(
     Hopper only, 16-bit inputs, head dims 64 and 128.
     ws, gluon and deterministic=False are not yet timed on a GPU: options of the benchmark, not of the model.
     """
+    if ws and gluon:
+        raise ValueError("flash_attention: ws=True and gluon=True are two forwards; pass one of them")
     if ws and (q.dtype == torch.float32 or q.shape[-1] > 128):
         raise ValueError(f"flash_attention: ws=True takes float16/bfloat16 and head dim <= 128, got {q.dtype}, "
                          f"head dim {q.shape[-1]}; use tma=True")

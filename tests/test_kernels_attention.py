@@ -241,6 +241,8 @@ def test_gluon_forward_refuses_what_it_cannot_run():
     q, k, v, _ = _inputs(1, 2, 2, 8, 32, torch.bfloat16)
     with pytest.raises(ValueError, match=r"head dims \(64, 128\), got 32; use tma=True"):
         flash_attention(q, k, v, gluon=True)
+    with pytest.raises(ValueError, match=r"ws=True and gluon=True are two forwards; pass one of them"):
+        flash_attention(q, k, v, gluon=True, ws=True)
     from megascale.kernels.attention_gluon import GLUON_BWD_TILES, GLUON_TILES, tile_for  # noqa: PLC0415
 
     assert tile_for(GLUON_TILES, 128, (64, 64)) == (64, 64, 3)  # a fixed (BLOCK_M, BLOCK_N) finds its stages
