@@ -86,10 +86,12 @@ GLUON_TILES = {
     64: [(128, 128, 2), (128, 64, 3), (64, 64, 3), (64, 128, 2)],
 }
 
-# The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES), 4 warps. At head dim 128, 32 x 64:
-# 233-251 registers, no spill; 64 x 64 spills 32 (Triton 3.9) to 116 bytes (3.6) inside its loop, so it comes last.
+# The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES); BLOCK_N / 16 warps. At head dim 128,
+# 32 x 64: 233-251 registers, no spill. 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's
+# backward) needs 255 and spills 24 bytes with Triton 3.6 (none with 3.9); 64 x 64 spills 32 (3.9) to 116 bytes (3.6)
+# inside its loop. So 32 x 64 first.
 GLUON_BWD_TILES = {
-    128: [(32, 64, 2), (32, 64, 3), (64, 64, 2)],
+    128: [(32, 64, 2), (32, 64, 3), (32, 128, 2), (64, 64, 2)],
     64: [(64, 64, 2), (32, 64, 3)],
 }
 
