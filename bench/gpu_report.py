@@ -21,7 +21,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ATTENTION_FILES = ("attention_gluon.json", "attention_hd128_causal.json", "attention_rest.json", "attention_hd64.json")
+ATTENTION_FILES = ("attention_gluon.json", "attention_gluon_bwd.json", "attention_hd128_causal.json", "attention_rest.json",
+                   "attention_hd64.json")
 TRAIN_FILES = ("train_accum_tied.json", "train_options_1.3b.json", "train_accum.json", "train_small_auto.json", "train_350m.json",
                "train_1.3b_now.json", "train_125m_now.json", "train_ckpt_now.json", "train_small.json", "train_1.3b.json", "train_small_ckpt.json", "train_1.3b_ckpt.json",
                "train_options.json")
@@ -66,6 +67,8 @@ def session_section(folder: Path) -> list[str]:
 
 def kernel_tests_section(folder: Path) -> list[str]:
     return (_pytest_log(folder / "gluon_tests.log", "The Gluon attention forward at real shapes (flash_attention(gluon=True))")
+            + _pytest_log(folder / "gluon_bwd_tests.log",
+                          "The Gluon attention backward at real shapes (flash_attention(gluon=True, deterministic=False))")
             + _pytest_log(folder / "new_tests.log", "New tests at real shapes (cuDNN attention as auto's choice, the reduction's layouts)")
             + _pytest_log(folder / "atomic_tests.log",
                           "Attention's one-kernel backward (dQ by atomics) at real shapes, bf16, first listed tile")

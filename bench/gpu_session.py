@@ -68,12 +68,15 @@ TMA_TESTS = ["-k", "tma and (bf16 or strided) and not atomic", "tests/test_kerne
 # The one-kernel backward (deterministic=False, dQ by fp32 atomics; 2026-11-27), compiled by the GPU's Triton for the
 # first time: bf16 at real shapes, pointers and TMA, and the model's strided views.
 ATOMIC_TESTS = ["-k", "atomic_dq and not fp32", "tests/test_kernels_attention.py"]
-# The Gluon kernels (flash_attention(gluon=True), 2026-11-27): never run, only compiled. Their parity tests first, alone;
-# a barrier protocol gone wrong hangs rather than fails, so the benchmark that times it runs only after they pass.
-# The Gluon forward and backward (2026-11-27), bf16: the shapes with either backward, every candidate tile of each at
-# head dim 128 (#3's), the model's views; 44 cases on a GPU, about 20 Gluon kernels to compile.
-GLUON_TESTS = ["-k", "gluon and not fp16 and not (every_tile and D64)", "tests/test_kernels_attention.py"]
-# The attention providers but the Gluon ones, which attention_gluon times apart (see GLUON_TESTS)
+# The Gluon kernels (flash_attention(gluon=True), 2026-11-27): never run, only compiled. Each one's parity tests first,
+# alone; a barrier protocol gone wrong hangs rather than fails, so a benchmark times a kernel only after its tests
+# pass, and a broken backward does not cost the forward's figures. bf16; every candidate tile at head dim 128 (#3's).
+# The forward with the TMA backward (dq-kernel): 24 cases on a GPU; the Gluon backward (dq-atomic): 23.
+GLUON_FWD_TESTS = ["-k", "gluon and not fp16 and not dq-atomic and not backward_every and not (every_tile and D64)",
+                   "tests/test_kernels_attention.py"]
+GLUON_BWD_TESTS = ["-k", "gluon and not fp16 and (dq-atomic or backward_every) and not (backward_every and D64)",
+                   "tests/test_kernels_attention.py"]
+# The attention providers but the Gluon ones, which attention_gluon(_bwd) time apart (see GLUON_FWD_TESTS)
 NOT_GLUON = ("triton,triton-tma,triton-ws,triton-tma-atomic,triton-ws-atomic,sdpa-flash,sdpa-cudnn,"
              "sdpa-efficient")
 # The speed options configs/1.3b.yaml turns on (the second H200 session measured them there, 2026-11-26):
@@ -126,15 +129,25 @@ def jobs(png: bool) -> list[Job]:
         # #3's newest candidates, the Gluon forward and backward (FlashAttention-3's overlap of softmax and products,
         # written out): their parity tests at real shapes, then, if they pass, their TFLOP/s beside cuDNN's.
         Job("gluon_tests", "kernels",
-            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/gluon_tests.xml", *GLUON_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GLUON_TESTS], 180,
+            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/gluon_tests.xml", *GLUON_FWD_TESTS],
+            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GLUON_FWD_TESTS], 120,
             env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
-        # its four tiles timed on the first call of each length; cuDNN in the same run (the TMA kernels: next job)
+        # its four tiles timed on the first call of each length; cuDNN in the same run (the TMA kernels: a later job)
         Job("attention_gluon", "kernels",
             [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192,16384",
-             "--providers", "triton-gluon,triton-gluon-atomic,sdpa-cudnn",
-             "--json", "{out}/attention_gluon.json", *plot("attention_gluon")],
-            ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon.json"], 150, requires="gluon_tests"),
+             "--providers", "triton-gluon,sdpa-cudnn", "--json", "{out}/attention_gluon.json", *plot("attention_gluon")],
+            ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon.json"], 120, requires="gluon_tests"),
+        Job("gluon_bwd_tests", "kernels",
+            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/gluon_bwd_tests.xml",
+             *GLUON_BWD_TESTS],
+            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GLUON_BWD_TESTS], 120,
+            env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        Job("attention_gluon_bwd", "kernels",
+            [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192,16384",
+             "--providers", "triton-gluon-atomic,sdpa-cudnn", "--json", "{out}/attention_gluon_bwd.json",
+             *plot("attention_gluon_bwd")],
+            ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon_bwd.json"], 120,
+            requires="gluon_bwd_tests"),
         # #3's attention with the warp-specialised forward (provider triton-ws: a TMA producer warp and two
         # consumer groups, FlashAttention-3's overlap) and the one-kernel backward (triton-*-atomic: dQ by fp32
         # atomics, 5 products a tile instead of 7), both compiled for sm_90a, never run on a GPU; then the

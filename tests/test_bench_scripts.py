@@ -125,6 +125,11 @@ def test_gpu_session_times_the_gluon_forward_only_after_its_tests_pass():
     assert gpu_session.unmet_requirement(job, [{"name": "gluon_tests", "rc": 1}], smoke=True) is None
     hd128 = next(j for j in gpu_session.jobs(False) if j.name == "attention_hd128_causal")
     assert "gluon" not in " ".join(hd128.argv)
+    # the backward apart: a broken Gluon backward costs neither the forward's figures nor the others'
+    bwd = next(j for j in gpu_session.jobs(False) if j.name == "attention_gluon_bwd")
+    assert bwd.requires == "gluon_bwd_tests" and names.index("gluon_bwd_tests") < names.index("attention_gluon_bwd")
+    assert "triton-gluon-atomic" in bwd.argv[bwd.argv.index("--providers") + 1]
+    assert "atomic" not in job.argv[job.argv.index("--providers") + 1]
 
 
 def test_attention_bench_and_report_show_the_gluon_tuners_choice(tmp_path, monkeypatch):

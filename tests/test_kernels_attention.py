@@ -216,21 +216,20 @@ def test_gluon_backward_every_tile_matches_reference(head_dim, block, causal):
     _check_output(out, q, k, v, do, causal)
 
 
-def test_gluon_forward_takes_the_models_strided_views():
+@pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "dq-atomic"])
+def test_gluon_forward_takes_the_models_strided_views(deterministic):
     """The model's (B, T, H, D) projections seen as (B, H, T, D): the 4-D descriptors read and write them in place,
-    forward and backward."""
+    forward and backward (the TMA one, or with dq-atomic the Gluon one: dK, dV come back in k's and v's layouts)."""
     B, T, H, H_kv, D = 2, 200, 8, 2, 128
     gen = torch.Generator(device=DEVICE).manual_seed(3)
-    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).to(torch.bfloat16)
-    kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).to(torch.bfloat16)
+    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).to(torch.bfloat16).requires_grad_()
     views = (q.transpose(1, 2), kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2))
     _gluon_or_skip(*views)
-    for deterministic in (True, False):  # the TMA backward, then the Gluon one: dK, dV back in k's, v's layouts
-        views = tuple(x.detach().requires_grad_() for x in views)
-        do = torch.randn(views[0].shape, generator=gen, device=DEVICE).to(torch.bfloat16)
-        out = flash_attention(*views, gluon=True, deterministic=deterministic)
-        assert out.stride() == views[0].stride()  # q's layout
-        _check_output(out, *views, do, causal=True)
+    do = torch.randn(views[0].shape, generator=gen, device=DEVICE).to(torch.bfloat16)
+    out = flash_attention(*views, gluon=True, deterministic=deterministic)
+    assert out.stride() == views[0].stride()  # q's layout
+    _check_output(out, *views, do, causal=True)
 
 
 def test_gluon_forward_refuses_what_it_cannot_run():
