@@ -15,6 +15,11 @@ instructions (``wgmma``) in the PTX, whether the K/V loads are pipelined
 torch.compile's Inductor types them), ``ptxas -v``'s registers and spill bytes, and the shared memory
 against an H100's 227 KiB per block. It reads no timing: it says which tiles can
 run and how, before a GPU session spends time autotuning them.
+
+``--kernels fwd-gluon,bwd-gluon`` compiles the Gluon kernels (``kernels/attention_gluon.py``)
+at each of their candidate tiles the same way; ``overlap yes`` marks a kernel with a
+``wgmma.wait_group 1``, i.e. one that computes while a tensor-core product still runs
+(none of the Triton kernels has one).
 """
 
 from __future__ import annotations
