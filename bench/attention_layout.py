@@ -115,7 +115,7 @@ def compile_gluon(gluon_mod, kernel: str, tile: tuple, head_dim: int, causal: bo
     (1, 1, rows, D) descriptors in the swizzled layout the launcher gives them, fp32 pointers 16-byte aligned."""
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
 
-    block_m, block_n, stages = tile
+    block_m, block_n, stages, *ws = tile  # the forward's candidates say whether a TMA warp loads (WS)
     fn = getattr(gluon_mod, GLUON_KERNELS[kernel])
     num_warps = gluon_mod.warps(block_m if kernel == "fwd-gluon" else block_n)  # 16 rows a warp: queries, keys
     rows = {name: block_m for name in ("desc_q", "desc_o", "desc_do")} | {
@@ -132,7 +132,7 @@ def compile_gluon(gluon_mod, kernel: str, tile: tuple, head_dim: int, causal: bo
         else:
             sig[name] = "fp32" if name.endswith("scale") else "i32"
     consts = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                  num_warps=num_warps)
+                  num_warps=num_warps, **({"WS": ws[0]} if ws else {}))
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 

@@ -21,8 +21,12 @@ per key block j after the first:
 
 K and V arrive by TMA in rings of STAGES buffers with one barrier each, issued
 STAGES blocks ahead; a buffer is refilled once every warp has waited for the
-products that read it (a barrier of all threads: the two warp groups of a 128-row
-query block each multiply their own 64 rows by the same K/V tile).
+products that read it (a barrier of the compute warps: the two warp groups of a
+128-row query block each multiply their own 64 rows by the same K/V tile). The
+compute warps issue the copies themselves, or with WS a warp of their own does
+(``_fwd_loader``, FlashAttention-3's producer), told of each free buffer by an
+mbarrier: Gluon surrounds every copy the compute warps issue with a barrier of
+all of them (4 a key block), which WS leaves out.
 
 The backward (``_bwd_gluon_kernel``; ``flash_attention(gluon=True, deterministic=False)``) is the Triton
 dK/dV kernel's DQ_ATOMIC form written out: one program per (key block, K/V head), the query blocks of the
@@ -75,15 +79,19 @@ else:
 
 GLUON_HEAD_DIMS = (64, 128)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
-# Candidate (BLOCK_M, BLOCK_N, STAGES) per head dim, timed on the first call of a shape (``best_tile``); the first
-# is the default. A warp takes 16 query rows, so BLOCK_M / 16 warps: 128 rows are two warp groups in step, 64 rows
-# one. Compiled for sm_90a (bench/attention_layout.py --kernels fwd-gluon, Triton 3.6 and 3.9), none spills; at head
-# dim 128: 128 x 128 190-193 registers and 160 KiB of shared memory (one block an SM), 128 x 64 145, 64 x 64 141
-# registers and 112 KiB: two blocks an SM, whose softmax and products the SM's schedulers interleave with each other
-# (FlashAttention-3's "ping-pong" between warp groups, left to the hardware).
+# Candidate (BLOCK_M, BLOCK_N, STAGES, WS) per head dim, timed on the first call of a shape (``best_tile``); the
+# first is the default. A warp takes 16 query rows, so BLOCK_M / 16 compute warps: 128 rows are two warp groups in
+# step, 64 rows one. WS adds a TMA warp (``_fwd_loader``; 12 warps in all at 128 rows, the compute warps' registers
+# raised to 240 by setmaxnreg) so that the compute warps neither issue copies nor meet at a barrier of all threads
+# around each. Compiled for sm_90a (bench/attention_layout.py --kernels fwd-gluon, Triton 3.6 and 3.9), none spills;
+# at head dim 128: 128 x 128 189-193 registers and 160 KiB of shared memory (one block an SM), 128 x 64 145, 64 x 64
+# 141 registers and 112 KiB: two blocks an SM, whose softmax and products the SM's schedulers interleave with each
+# other (FlashAttention-3's "ping-pong" between warp groups, left to the hardware).
 GLUON_TILES = {
-    128: [(128, 128, 2), (128, 64, 3), (64, 64, 3), (64, 128, 2)],
-    64: [(128, 128, 2), (128, 64, 3), (64, 64, 3), (64, 128, 2)],
+    128: [(128, 128, 2, False), (128, 64, 3, False), (64, 64, 3, False), (64, 128, 2, False),
+          (128, 128, 2, True), (128, 64, 3, True)],
+    64: [(128, 128, 2, False), (128, 64, 3, False), (64, 64, 3, False), (64, 128, 2, False),
+         (128, 128, 2, True), (128, 64, 3, True)],
 }
 
 # The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES); BLOCK_N / 16 warps. At head dim 128,
@@ -130,16 +138,11 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.jit
     def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, qk_scale,
                           HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+        """One query block of one head. WS: the TMA loads come from a warp of their own (``_fwd_loader``),
+        which the compute warps tell when a buffer is free by an mbarrier each; else the compute warps issue
+        them, and Gluon puts a barrier of all threads around each issue."""
         dtype: gl.constexpr = desc_q.dtype
-        # The products' register layouts: all warps along the query rows, 16 rows a warp.
-        s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
-        o_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-        cols: gl.constexpr = gl.SliceLayout(0, s_layout)
-        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-
         qk_scale = qk_scale.to(gl.float32)
         # Causal query blocks near the end do the most work: launched first, the light ones fill the tail.
         if CAUSAL:
@@ -153,27 +156,99 @@ if GLUON_IMPORT_ERROR is None:
         start_m = pid_m * BLOCK_M
         if CAUSAL:
             hi = gl.minimum(start_m + BLOCK_M, seq_len)
-            mask_from = gl.minimum(start_m + 1, seq_len)  # a key block ending at or before it needs no mask
         else:
             hi = seq_len
-            mask_from = seq_len
         n_blocks = gl.cdiv(hi, BLOCK_N)
 
         q_smem = gl.allocate_shared_memory(dtype, desc_q.block_type.shape, desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        # ready: a buffer's TMA copy has landed; empty (WS only): the compute warps are done with a buffer
         k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-            mbarrier.init(v_bars.index(i), count=1)
+            for ring in gl.static_range(4):
+                mbarrier.init((k_bars, v_bars, k_empty, v_empty)[ring].index(i), count=1)
 
-        _load_block(desc_q, b, h, start_m, q_bar, q_smem, True)
+        # (the frontend of Triton 3.6 takes no starred arguments: the lists are written out)
+        if WS:
+            gl.warp_specialize([
+                (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty,
+                                v_empty, b, h, kv_h, pid_bh, start_m, n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL,
+                                BLOCK_M, BLOCK_N, STAGES, WS, num_warps)),
+                (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty,
+                               v_empty, b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES)),
+            ], [1], [24])
+        else:
+            _load_block(desc_q, b, h, start_m, q_bar, q_smem, True)
+            for i in gl.static_range(STAGES):
+                _load_block(desc_k, b, kv_h, i * BLOCK_N, k_bars.index(i), k_smem.index(i), i < n_blocks)
+                _load_block(desc_v, b, kv_h, i * BLOCK_N, v_bars.index(i), v_smem.index(i), i < n_blocks)
+            _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty, v_empty,
+                         b, h, kv_h, pid_bh, start_m, n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL,
+                         BLOCK_M, BLOCK_N, STAGES, WS, num_warps)
+
+        mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
-            _load_block(desc_k, b, kv_h, i * BLOCK_N, k_bars.index(i), k_smem.index(i), i < n_blocks)
-            _load_block(desc_v, b, kv_h, i * BLOCK_N, v_bars.index(i), v_smem.index(i), i < n_blocks)
+            for ring in gl.static_range(4):
+                mbarrier.invalidate((k_bars, v_bars, k_empty, v_empty)[ring].index(i))
+
+    @gluon.jit
+    def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty, v_empty,
+                    b, h, kv_h, start_m, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """WS's TMA warp: Q, then key block j's K and V into buffer j % STAGES once the compute warps freed it."""
+        _load_block(desc_q, b, h, start_m, q_bar, q_smem, True)
+        for j in range(n_blocks):
+            slot = j % STAGES
+            # The u-th reuse of a buffer waits for the u-th release; the first pass waits on nothing (parity 1 of
+            # a fresh barrier counts as complete).
+            free = ((j // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(slot), free)
+            _load_block(desc_k, b, kv_h, j * BLOCK_N, k_bars.index(slot), k_smem.index(slot), True)
+            mbarrier.wait(v_empty.index(slot), free)
+            _load_block(desc_v, b, kv_h, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
+
+    @gluon.jit
+    def _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, k_empty, v_empty, b, kv_h, j, n_blocks,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+        """Key block j's products are done: K buffer j % STAGES is free, and from j = 1 V buffer (j - 1) % STAGES.
+        Every compute warp must be past its wait first (the warp groups multiply their own rows by the same tiles).
+        WS: tell the loader warp; else refill them here, STAGES blocks ahead."""
+        _cta_barrier()
+        slot = j % STAGES
+        prev = (j + STAGES - 1) % STAGES
+        if WS:
+            mbarrier.arrive(k_empty.index(slot))
+            mbarrier.arrive(v_empty.index(prev), pred=j > 0)
+        else:
+            _load_block(desc_k, b, kv_h, (j + STAGES) * BLOCK_N, k_bars.index(slot), k_smem.index(slot),
+                        j + STAGES < n_blocks)
+            _load_block(desc_v, b, kv_h, (j - 1 + STAGES) * BLOCK_N, v_bars.index(prev), v_smem.index(prev),
+                        (j > 0) & (j - 1 + STAGES < n_blocks))
+
+    @gluon.jit
+    def _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty, v_empty,
+                     b, h, kv_h, pid_bh, start_m, n_blocks, seq_len, qk_scale,
+                     HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+        """The online softmax over the key blocks, FlashAttention-3's schedule (module docstring); O and the
+        log2-sum-exp stored at the end."""
+        dtype: gl.constexpr = desc_o.dtype
+        # The products' register layouts: all warps along the query rows, 16 rows a warp.
+        s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
+        o_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+        cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+        o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+        if CAUSAL:
+            mask_from = gl.minimum(start_m + 1, seq_len)  # a key block ending at or before it needs no mask
+        else:
+            mask_from = seq_len
 
         q = q_smem.reshape([BLOCK_M, HEAD_DIM])
         offs_m = start_m + gl.arange(0, BLOCK_M, layout=rows)
@@ -191,8 +266,8 @@ if GLUON_IMPORT_ERROR is None:
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
         l_i = gl.sum(p, 1)
         p = gl.convert_layout(p.to(dtype), p_layout)
-        _cta_barrier()  # every warp is past its product with K buffer 0: refill it
-        _load_block(desc_k, b, kv_h, STAGES * BLOCK_N, k_bars.index(0), k_smem.index(0), STAGES < n_blocks)
+        _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, k_empty, v_empty, b, kv_h, 0, n_blocks,
+                     BLOCK_N, STAGES, WS)
 
         for j in range(1, n_blocks):
             slot = j % STAGES
@@ -212,21 +287,14 @@ if GLUON_IMPORT_ERROR is None:
             acc, p = warpgroup_mma_wait(0, deps=(acc, p))  # P_{j-1}'s registers are read until here
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
             p = gl.convert_layout(p_j.to(dtype), p_layout)
-            _cta_barrier()  # K buffer `slot` and V buffer `prev` are read by no product any more
-            _load_block(desc_k, b, kv_h, (j + STAGES) * BLOCK_N, k_bars.index(slot), k_smem.index(slot),
-                        j + STAGES < n_blocks)
-            _load_block(desc_v, b, kv_h, (j - 1 + STAGES) * BLOCK_N, v_bars.index(prev), v_smem.index(prev),
-                        j - 1 + STAGES < n_blocks)
+            _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, k_empty, v_empty, b, kv_h, j, n_blocks,
+                         BLOCK_N, STAGES, WS)
 
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
 
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bars.index(i))
-            mbarrier.invalidate(v_bars.index(i))
         o = (acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)).to(dtype)
         q_smem.reshape([BLOCK_M, HEAD_DIM]).store(o)  # Q's buffer is free: every product is done
         fence_async_shared()
@@ -408,30 +476,31 @@ def unsupported_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def _launch(q, k, v, o, lse, causal: bool, qk_scale: float, tile: tuple[int, int, int]) -> None:
+def _launch(q, k, v, o, lse, causal: bool, qk_scale: float, tile: tuple[int, int, int, bool]) -> None:
     B, H, T, D = q.shape
-    block_m, block_n, stages = tile
+    block_m, block_n, stages, ws = tile
     descs = (descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), descriptor(o, block_m))
     _fwd_gluon_kernel[(triton.cdiv(T, block_m), B * H)](
         *descs, lse, H, H // k.shape[1], T, qk_scale,
-        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps(block_m),
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=ws, num_warps=warps(block_m),
     )
 
 
-def tile_for(tiles: dict, head_dim: int, block: tuple[int, int], what: str = "forward") -> tuple[int, int, int]:
-    """The candidate of ``tiles`` with this (BLOCK_M, BLOCK_N) (``attention.Tiles``), or ValueError naming them."""
+def tile_for(tiles: dict, head_dim: int, block: tuple, what: str = "forward") -> tuple:
+    """The first candidate of ``tiles`` that starts with ``block``: (BLOCK_M, BLOCK_N) as ``attention.Tiles`` gives
+    it, or a whole candidate; ValueError naming them when none does."""
     for tile in tiles[head_dim]:
-        if tile[:2] == tuple(block):
+        if tile[:len(block)] == tuple(block):
             return tile
-    raise ValueError(f"the Gluon {what} has no {block[0]} x {block[1]} tile at head dim {head_dim}; "
-                     f"its tiles: {', '.join(f'{m} x {n}' for m, n, _ in tiles[head_dim])}")
+    raise ValueError(f"the Gluon {what} has no {' x '.join(map(str, block[:2]))} tile {tuple(block)} at head dim "
+                     f"{head_dim}; its tiles: {', '.join(f'{t[0]} x {t[1]}' for t in tiles[head_dim])}")
 
 
 # (kernel, head dim, causal, dtype, length bucket, device) -> the fastest candidate: a process's shapes are few.
-_TUNED: dict[tuple, tuple[int, int, int]] = {}
+_TUNED: dict[tuple, tuple] = {}
 
 
-def best_tile(candidates: list, run, key: tuple, tune: bool) -> tuple[int, int, int]:
+def best_tile(candidates: list, run, key: tuple, tune: bool) -> tuple:
     """The first candidate when not ``tune``, else the fastest of ``run(tile)`` on this call's shape, timed once
     per ``key`` (kernel, head dim, mask, dtype, length bucket, device) as Triton's autotuner does. ``run`` must
     write only scratch outputs: it runs many times."""
@@ -449,7 +518,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, qk_
             tile: tuple[int, int] | None = None, tune: bool = True, bucket: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, log2-sum-exp) of attention(q, k, v), the Triton ``_forward``'s contract; qk_scale = softmax scale · log2(e).
 
-    tile: a fixed (BLOCK_M, BLOCK_N) among ``GLUON_TILES`` (the tests'); else ``best_tile`` with ``tune`` and the
+    tile: a fixed (BLOCK_M, BLOCK_N), or a whole candidate, of ``GLUON_TILES`` (``tile_for``: the tests'); else
+    ``best_tile`` with ``tune`` and the
     length's tuning ``bucket``. The caller checks the inputs (``attention.flash_attention``, with this module's
     ``unsupported_reason``).
     """

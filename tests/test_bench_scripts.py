@@ -341,10 +341,12 @@ def test_gluon_kernels_compile_for_hopper_with_softmax_beside_the_products():
     proc = _run(["bench/attention_layout.py", "--kernels", "fwd-gluon,bwd-gluon", "--head-dims", "64,128"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("fwd-gluon ")]
-    assert len(rows) == 2 * 4, proc.stdout
+    assert len(rows) == 2 * 6, proc.stdout
     for line in rows:
         assert "wgmma yes" in line and "TMA yes" in line and " 0 bytes spilled" in line and "(fits)" in line, line
         assert line.endswith("overlap yes"), line
+    # the candidates with a TMA warp (WS) come out warp-specialised: 8 compute warps, the loader's warp group
+    assert sum("warps 12 specialised" in line for line in rows) == 2 * 2, proc.stdout
     # The backward: every candidate compiles (Pᵀ computed while dPᵀ is multiplied: wait_group 1 there too) and the
     # first listed one of each head dim, the default without tuning, does not spill.
     rows = [line for line in proc.stdout.splitlines() if line.startswith("bwd-gluon ")]

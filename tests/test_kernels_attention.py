@@ -14,6 +14,7 @@ Interpreter caveats, both worked around or allowed for:
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -181,20 +182,33 @@ def test_gluon_matches_reference(shape, dtype, causal, deterministic):
     _check(q, k, v, do, causal=causal, gluon=True, deterministic=deterministic)
 
 
-# Every candidate tile (64- and 128-row blocks: 4 and 8 warps; 64- and 128-key blocks), fixed as the tuner would
-# pick it, at a length with a tail and with more key blocks than buffers.
-GLUON_BLOCKS = [(128, 128), (128, 64), (64, 64), (64, 128)] if CUDA else [(128, 128)]
+def _gluon_forward_tiles() -> list[tuple[int, tuple]]:
+    from megascale.kernels.attention_gluon import GLUON_TILES  # noqa: PLC0415
+
+    return [(d, tile) for d, tiles in GLUON_TILES.items() for tile in tiles] if CUDA else [(64, GLUON_TILES[64][0])]
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("head_dim", [64, 128] if CUDA else [64], ids=lambda d: f"D{d}")
-@pytest.mark.parametrize("block", GLUON_BLOCKS, ids=lambda b: "{}x{}".format(*b))
-def test_gluon_forward_every_tile_matches_reference(block, head_dim, causal):
-    q, k, v, do = _inputs(1, 4, 2, 300, head_dim, torch.bfloat16, seed=17)
+@pytest.mark.parametrize("head_dim, tile", _gluon_forward_tiles(), ids=lambda x: f"D{x}" if isinstance(x, int)
+                         else "{}x{}-s{}".format(*x) + ("-ws" if x[3] else ""))
+def test_gluon_forward_every_tile_matches_reference(head_dim, tile, causal):
+    """Every candidate the tuner may pick (64- and 128-row blocks, 64- and 128-key blocks, with and without the TMA
+    warp), fixed: O and the log2-sum-exp the backward reads, at a length with a tail and more key blocks than
+    buffers, GQA 2."""
+    from megascale.kernels import attention_gluon  # noqa: PLC0415
+
+    q, k, v, _ = _inputs(1, 4, 2, 300, head_dim, torch.bfloat16, seed=17)
     _gluon_or_skip(q, k, v)
-    tiles = Tiles(fwd=block, dkdv=(32, 64), dq=(64, 32))  # the backward's (TMA) tiles fixed too
-    out = FlashAttention.apply(q, k, v, causal, head_dim**-0.5, tiles, False, False, True, True)
-    _check_output(out, q, k, v, do, causal)
+    scale = head_dim**-0.5
+    with torch.no_grad():
+        o, lse = attention_gluon.forward(q, k, v, causal, scale / math.log(2.0), tile=tile)
+        scores = (q.float() @ k.float().repeat_interleave(2, dim=1).transpose(-2, -1)) * scale  # (B, H, T, T)
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        want_lse = torch.logsumexp(scores, dim=-1) / math.log(2.0)  # log2 domain
+    atol, rtol = TOL[torch.bfloat16]
+    torch.testing.assert_close(o.float(), attention_reference(q, k, v, causal=causal).float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
 
 
 def _gluon_backward_blocks() -> list[tuple[int, tuple[int, int]]]:
@@ -244,9 +258,10 @@ def test_gluon_forward_refuses_what_it_cannot_run():
         flash_attention(q, k, v, gluon=True, ws=True)
     from megascale.kernels.attention_gluon import GLUON_BWD_TILES, GLUON_TILES, tile_for  # noqa: PLC0415
 
-    assert tile_for(GLUON_TILES, 128, (64, 64)) == (64, 64, 3)  # a fixed (BLOCK_M, BLOCK_N) finds its stages
+    assert tile_for(GLUON_TILES, 128, (64, 64)) == (64, 64, 3, False)  # a (BLOCK_M, BLOCK_N) finds the rest
+    assert tile_for(GLUON_TILES, 128, (128, 128, 2, True)) == (128, 128, 2, True)  # a whole candidate, itself
     assert tile_for(GLUON_BWD_TILES, 128, (32, 64), "backward") == (32, 64, 2)
-    with pytest.raises(ValueError, match=r"forward has no 32 x 32 tile at head dim 128; its tiles: 128 x 128, 128 x 64"):
+    with pytest.raises(ValueError, match=r"forward has no 32 x 32 tile \(32, 32\) at head dim 128; its tiles: 128 x 128, "):
         tile_for(GLUON_TILES, 128, (32, 32))
     if not CUDA:  # the interpreter's CPU tensors: the kernel is Hopper's
         q, k, v, _ = _inputs(1, 2, 2, 8, 64, torch.bfloat16)
