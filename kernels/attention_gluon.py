@@ -34,8 +34,8 @@ head's whole query group streaming past by TMA; Sᵀ = K Qᵀ and dPᵀ = V dO�
 while dPᵀ runs, then dV += Pᵀ dO and dK += dSᵀ Q from registers and dQ's share (dS K, or Kᵀ dSᵀ for
 32-query steps, which a warp group cannot multiply as 32 rows) from dSᵀ in shared memory, the three
 issued together and waited for once; dQ's share is added into an fp32 buffer by atomics. At head dim 128
-the 32-query step keeps dK, dV and the step's tiles in 233-251 registers without a spill (64 queries
-spill 32-116 bytes; Triton 3.9 and 3.6).
+the 32-query step keeps dK, dV and the step's tiles in 238-251 registers without a spill (64 queries
+spill 8-124 bytes; Triton 3.9 and 3.6).
 
 What the other kernels' callers rely on holds here: q, k, v (B, H, T, D) /
 (B, H_kv, T, D) strided views, grouped-query heads read in place (4-D
@@ -94,13 +94,15 @@ GLUON_TILES = {
          (128, 128, 2, True), (128, 64, 3, True)],
 }
 
-# The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES); BLOCK_N / 16 warps. At head dim 128,
-# 32 x 64: 233-251 registers, no spill. 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's
-# backward) needs 255 and spills 24 bytes with Triton 3.6 (none with 3.9); 64 x 64 spills 32 (3.9) to 116 bytes (3.6)
-# inside its loop. So 32 x 64 first.
+# The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, WS); BLOCK_N / 16 compute warps, and with
+# WS a TMA warp (``_bwd_loader``). At head dim 128 (Triton 3.6 / 3.9), 32 x 64: 238-251 registers, no spill;
+# 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's backward) 255, spilling 28 bytes with
+# 3.6; 64 x 64 spills 8-124 bytes inside its loop. With WS the compute warps get 256 registers by setmaxnreg and
+# none spills, at one block an SM (32 x 64 without WS fits two). So 32 x 64 first.
 GLUON_BWD_TILES = {
-    128: [(32, 64, 2), (32, 64, 3), (32, 128, 2), (64, 64, 2)],
-    64: [(64, 64, 2), (32, 64, 3)],
+    128: [(32, 64, 2, False), (32, 64, 3, False), (32, 128, 2, False), (64, 64, 2, False),
+          (32, 64, 2, True), (32, 128, 2, True)],
+    64: [(64, 64, 2, False), (32, 64, 3, False), (64, 64, 2, True)],
 }
 
 
@@ -308,15 +310,85 @@ if GLUON_IMPORT_ERROR is None:
     def _bwd_gluon_kernel(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA,
                           n_heads, group, seq_len, qk_scale, sm_scale,
                           HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
         """dK, dV of one key block of one K/V head, and its share of dQ added into DQA (fp32) by atomics.
 
         Transposed tiles (keys × queries), as the Triton dK/dV kernel: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ come out with
         the keys along the rows, so Pᵀ and dSᵀ are already the register operands of dV += Pᵀ dO and
         dK += dSᵀ Q. dQ = dS K reads dSᵀ back from shared memory, transposed by the product. Sᵀ and dPᵀ are
         issued together and Pᵀ is computed while dPᵀ runs. The query blocks of every query head of the K/V
-        head's group stream past in one loop, Q and dO by TMA STAGES steps ahead.
+        head's group stream past in one loop, Q and dO by TMA STAGES steps ahead: issued by the compute warps,
+        or with WS by a warp of their own (``_bwd_loader``), as in the forward.
         """
+        dtype: gl.constexpr = desc_q.dtype
+        pid_bkv = gl.program_id(1)
+        n_kv = n_heads // group
+        b = pid_bkv // n_kv
+        kv_h = pid_bkv % n_kv
+        start_n = gl.program_id(0) * BLOCK_N
+        # Causal: the query blocks from the one holding this key block's first key on (earlier rows see none of it).
+        lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
+        per_head = gl.cdiv(seq_len - lo, BLOCK_M)
+        steps = group * per_head
+
+        k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, desc_v.block_type.shape, desc_v.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_q.block_type.shape, desc_q.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_do.block_type.shape, desc_do.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # Q and dO landed
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # WS: buffer free
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+
+        if WS:
+            gl.warp_specialize([
+                (_bwd_compute, (desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
+                                kv_bar, bars, empty, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
+                                qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, num_warps)),
+                (_bwd_loader, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, empty,
+                               b, kv_h, start_n, lo, per_head, steps, group, BLOCK_M, STAGES)),
+            ], [1], [24])
+        else:
+            _load_kv(desc_k, desc_v, b, kv_h, start_n, kv_bar, k_smem, v_smem)
+            for i in gl.static_range(STAGES):
+                _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, i, bars.index(i), q_smem.index(i),
+                           do_smem.index(i), i < steps, BLOCK_M)
+            _bwd_compute(desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
+                         kv_bar, bars, empty, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
+                         qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, num_warps)
+        mbarrier.invalidate(kv_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+            mbarrier.invalidate(empty.index(i))
+
+    @gluon.jit
+    def _load_kv(desc_k, desc_v, b, kv_h, start_n, bar, k_dst, v_dst):
+        """The backward's key block: K and V rows start_n.. of K/V head (b, kv_h), one barrier for both."""
+        mbarrier.expect(bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
+        _tma_load(desc_k, [b, kv_h, start_n, 0], bar, k_dst)
+        _tma_load(desc_v, [b, kv_h, start_n, 0], bar, v_dst)
+
+    @gluon.jit
+    def _bwd_loader(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, empty,
+                    b, kv_h, start_n, lo, per_head, steps, group, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """WS's TMA warp: K and V, then each step's Q and dO into buffer step % STAGES once the compute warps freed
+        it (the first pass through the ring waits on nothing: parity 1 of a fresh barrier counts as complete)."""
+        _load_kv(desc_k, desc_v, b, kv_h, start_n, kv_bar, k_smem, v_smem)
+        for step in range(steps):
+            slot = step % STAGES
+            mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
+            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step, bars.index(slot), q_smem.index(slot),
+                       do_smem.index(slot), True, BLOCK_M)
+
+    @gluon.jit
+    def _bwd_compute(desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
+                     kv_bar, bars, empty, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
+                     qk_scale, sm_scale, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+        """The backward's loop over its query blocks (``_bwd_gluon_kernel``), then dK and dV stored."""
         dtype: gl.constexpr = desc_q.dtype
         st_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_M)  # keys x queries
         kv_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)  # keys x head dim
@@ -332,39 +404,13 @@ if GLUON_IMPORT_ERROR is None:
             dq_layout: gl.constexpr = kv_layout
             dq_zero = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
         ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
 
         qk_scale = qk_scale.to(gl.float32)
         sm_scale = sm_scale.to(gl.float32)
-        pid_bkv = gl.program_id(1)
-        n_kv = n_heads // group
-        b = pid_bkv // n_kv
-        kv_h = pid_bkv % n_kv
-        start_n = gl.program_id(0) * BLOCK_N
         offs_n = start_n + gl.arange(0, BLOCK_N, layout=keys)
-        # Causal: the query blocks from the one holding this key block's first key on (earlier rows see none of it).
-        lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
-        per_head = gl.cdiv(seq_len - lo, BLOCK_M)
-        steps = group * per_head
         # A query block needs masks where it reaches the diagonal (causal) or runs past the end.
         mask_below = start_n + BLOCK_N if CAUSAL else 0
-
-        k_smem = gl.allocate_shared_memory(dtype, desc_k.block_type.shape, desc_k.layout)
-        v_smem = gl.allocate_shared_memory(dtype, desc_v.block_type.shape, desc_v.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_q.block_type.shape, desc_q.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_do.block_type.shape, desc_do.layout)
-        ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
-
-        mbarrier.expect(kv_bar, desc_k.block_type.nbytes + desc_v.block_type.nbytes)
-        _tma_load(desc_k, [b, kv_h, start_n, 0], kv_bar, k_smem)
-        _tma_load(desc_v, [b, kv_h, start_n, 0], kv_bar, v_smem)
-        for i in gl.static_range(STAGES):
-            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, i, bars.index(i), q_smem.index(i),
-                       do_smem.index(i), i < steps, BLOCK_M)
         k = k_smem.reshape([BLOCK_N, HEAD_DIM])
         v = v_smem.reshape([BLOCK_N, HEAD_DIM])
         st_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
@@ -407,13 +453,13 @@ if GLUON_IMPORT_ERROR is None:
                 dq = warpgroup_mma(ds_smem.permute((1, 0)), k, dq_zero, use_acc=False, is_async=True)  # (BLOCK_M, D)
             dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dq, dv, dk, p_op, ds_op))  # the three products at once
             _add_dq(DQA, row, start_m, dq, seq_len, DQ_T, HEAD_DIM, BLOCK_M, dq_layout)
-            _cta_barrier()  # buffer `slot` and dSᵀ's are read by no product any more
-            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step + STAGES, bars.index(slot),
-                       q_smem.index(slot), do_smem.index(slot), step + STAGES < steps, BLOCK_M)
+            _cta_barrier()  # buffer `slot` and dSᵀ's are read by no product any more (every compute warp is past)
+            if WS:
+                mbarrier.arrive(empty.index(slot))
+            else:
+                _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step + STAGES, bars.index(slot),
+                           q_smem.index(slot), do_smem.index(slot), step + STAGES < steps, BLOCK_M)
 
-        mbarrier.invalidate(kv_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(i))
         k_smem.reshape([BLOCK_N, HEAD_DIM]).store((dk * sm_scale).to(dtype))  # K and V are read by no product
         v_smem.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
         fence_async_shared()
@@ -536,14 +582,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, qk_
 
 
 def _launch_bwd(q, k, v, do, lse, delta, dq_acc, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
-                tile: tuple[int, int, int]) -> None:
+                tile: tuple[int, int, int, bool]) -> None:
     B, H, T, D = q.shape
-    block_m, block_n, stages = tile
+    block_m, block_n, stages, ws = tile
     rows_m = [descriptor(x, block_m) for x in (q, do)]
     rows_n = [descriptor(x, block_n) for x in (k, v, dk, dv)]
     _bwd_gluon_kernel[(triton.cdiv(T, block_n), B * k.shape[1])](
         rows_m[0], *rows_n[:2], rows_m[1], *rows_n[2:], dq_acc, lse, delta, H, H // k.shape[1], T, qk_scale, sm_scale,
-        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps(block_n),
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=ws, num_warps=warps(block_n),
     )
 
 

@@ -211,18 +211,20 @@ def test_gluon_forward_every_tile_matches_reference(head_dim, tile, causal):
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
 
 
-def _gluon_backward_blocks() -> list[tuple[int, tuple[int, int]]]:
+def _gluon_backward_tiles() -> list[tuple[int, tuple]]:
     from megascale.kernels.attention_gluon import GLUON_BWD_TILES  # noqa: PLC0415
 
-    return [(d, tile[:2]) for d, tiles in GLUON_BWD_TILES.items() for tile in tiles] if CUDA else [(64, (64, 64))]
+    return [(d, tile) for d, tiles in GLUON_BWD_TILES.items() for tile in tiles] if CUDA else [
+        (64, GLUON_BWD_TILES[64][0])]
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("head_dim, block", _gluon_backward_blocks(), ids=lambda x: f"D{x}" if isinstance(x, int)
-                         else "{}x{}".format(*x))
+@pytest.mark.parametrize("head_dim, block", _gluon_backward_tiles(), ids=lambda x: f"D{x}" if isinstance(x, int)
+                         else "{}x{}-s{}".format(*x) + ("-ws" if x[3] else ""))
 def test_gluon_backward_every_tile_matches_reference(head_dim, block, causal):
-    """The Gluon backward (deterministic=False) at each candidate (queries a step, keys a program): at 32 query rows
-    it takes dQ as Kᵀ dSᵀ (a wgmma needs 64 rows a warp group), at 64 as dS K; GQA 2, a tail, several blocks."""
+    """The Gluon backward (deterministic=False) at each candidate (queries a step, keys a program, with and without
+    the TMA warp), passed whole as the dK/dV tile: at 32 query rows it takes dQ as Kᵀ dSᵀ (a wgmma needs 64 rows a
+    warp group), at 64 as dS K; GQA 2, a tail, several blocks."""
     q, k, v, do = _inputs(1, 4, 2, 300, head_dim, torch.bfloat16, seed=19)
     _gluon_or_skip(q, k, v)
     tiles = Tiles(fwd=(128, 128), dkdv=block, dq=(64, 32))
@@ -260,7 +262,7 @@ def test_gluon_forward_refuses_what_it_cannot_run():
 
     assert tile_for(GLUON_TILES, 128, (64, 64)) == (64, 64, 3, False)  # a (BLOCK_M, BLOCK_N) finds the rest
     assert tile_for(GLUON_TILES, 128, (128, 128, 2, True)) == (128, 128, 2, True)  # a whole candidate, itself
-    assert tile_for(GLUON_BWD_TILES, 128, (32, 64), "backward") == (32, 64, 2)
+    assert tile_for(GLUON_BWD_TILES, 128, (32, 64), "backward") == (32, 64, 2, False)
     with pytest.raises(ValueError, match=r"forward has no 32 x 32 tile \(32, 32\) at head dim 128; its tiles: 128 x 128, "):
         tile_for(GLUON_TILES, 128, (32, 32))
     if not CUDA:  # the interpreter's CPU tensors: the kernel is Hopper's
