@@ -76,7 +76,7 @@ GLUON_FWD_TESTS = ["-k", "gluon and not fp16 and not dq-atomic and not backward_
                    "tests/test_kernels_attention.py"]
 GLUON_BWD_TESTS = ["-k", "gluon and not fp16 and (dq-atomic or backward_every) and not (backward_every and D64)",
                    "tests/test_kernels_attention.py"]
-# The attention providers but the Gluon ones, which attention_gluon(_bwd) time apart (see GLUON_FWD_TESTS)
+# The attention providers but the Gluon ones, which only attention_gluon(_bwd) time, after their tests (GLUON_FWD_TESTS)
 NOT_GLUON = ("triton,triton-tma,triton-ws,triton-tma-atomic,triton-ws-atomic,sdpa-flash,sdpa-cudnn,"
              "sdpa-efficient")
 # The speed options configs/1.3b.yaml turns on (the second H200 session measured them there, 2026-11-26):
@@ -262,11 +262,11 @@ def jobs(png: bool) -> list[Job]:
             ["bench/fused_ops.py", "--smoke", "--out", "{out}/fused_ops.json"], 120),
         Job("attention_rest", "kernels",  # hd128 full, hd64 both: hd128 causal is the first attention job's
             [*attention, "--head-dims", "128", "--causal", "false", "--lengths", "1024,4096,16384",
-             "--json", "{out}/attention_rest.json", *plot("attention_rest")],
+             "--providers", NOT_GLUON, "--json", "{out}/attention_rest.json", *plot("attention_rest")],
             ["bench/attention.py", "--smoke", "--causal", "false", "--json", "{out}/attention_rest.json"], 90),
         Job("attention_hd64", "kernels",
             [*attention, "--head-dims", "64", "--causal", "true,false", "--lengths", "1024,4096,16384",
-             "--json", "{out}/attention_hd64.json", *plot("attention_hd64")],
+             "--providers", NOT_GLUON, "--json", "{out}/attention_hd64.json", *plot("attention_hd64")],
             ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd64.json"], 90),
         # The tiles the autotuner picks for the model's own case (bf16, head dim 128), against the reference.
         Job("kernel_tests_autotuned", "kernels",
