@@ -84,8 +84,8 @@ GLUON_DTYPES = (torch.float16, torch.bfloat16)
 # step, 64 rows one. WS adds a TMA warp (``_fwd_loader``; 12 warps in all at 128 rows, the compute warps' registers
 # raised to 240 by setmaxnreg) so that the compute warps neither issue copies nor meet at a barrier of all threads
 # around each. Compiled for sm_90a (bench/attention_layout.py --kernels fwd-gluon, Triton 3.6 and 3.9), none spills;
-# at head dim 128: 128 x 128 189-193 registers and 160 KiB of shared memory (one block an SM), 128 x 64 145, 64 x 64
-# 141 registers and 112 KiB: two blocks an SM, whose softmax and products the SM's schedulers interleave with each
+# at head dim 128: 128 x 128 189-193 registers and 160 KiB of shared memory (one block an SM), 128 x 64 145-148, 64 x 64
+# 141-145 registers and 112 KiB: two blocks an SM, whose softmax and products the SM's schedulers interleave with each
 # other (FlashAttention-3's "ping-pong" between warp groups, left to the hardware).
 GLUON_TILES = {
     128: [(128, 128, 2, False), (128, 64, 3, False), (64, 64, 3, False), (64, 128, 2, False),
