@@ -102,6 +102,14 @@ class Job:
     requires: str | None = None  # a job that must have passed in this session (a kernel that may hang: its tests)
 
 
+def tests_job(name: str, selection: list[str], cap_s: int, **kw) -> Job:
+    """A pytest run of ``selection`` (``-k`` filters and files): verbose with a JUnit report on the GPU, only
+    collected in a smoke run (the suite runs the tests on CPU)."""
+    return Job(name, "kernels", ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", f"{{out}}/{name}.xml",
+                                 *selection],
+               ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *selection], cap_s, **kw)
+
+
 def jobs(png: bool) -> list[Job]:
     """The measurements, most important first: a run cut short by the budget loses the least."""
     def plot(name: str) -> list[str]:
@@ -125,29 +133,21 @@ def jobs(png: bool) -> list[Job]:
     options = ";".join(["", "model.attention=triton", "train.check_grad_overflow=true", "model.fused_ops=triton",
                         "train.loss_chunk_tokens=16384", AUTOCAST, "model.attention=triton-tma", "train.compile=true",
                         FAST, f"{FAST},model.attention=triton"])
+    def gluon_bench(name: str, provider: str, requires: str) -> Job:
+        """A Gluon provider's TFLOP/s (#3's case: hd128, causal, 2k-16k) beside cuDNN's, once its tests passed."""
+        return Job(name, "kernels",
+                   [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192,16384",
+                    "--providers", f"{provider},sdpa-cudnn", "--json", f"{{out}}/{name}.json", *plot(name)],
+                   ["bench/attention.py", "--smoke", "--json", f"{{out}}/{name}.json"], 120, requires=requires)
+
     return [
         # #3's newest candidates, the Gluon forward and backward (FlashAttention-3's overlap of softmax and products,
         # written out): their parity tests at real shapes, then, if they pass, their TFLOP/s beside cuDNN's.
-        Job("gluon_tests", "kernels",
-            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/gluon_tests.xml", *GLUON_FWD_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GLUON_FWD_TESTS], 120,
-            env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
-        # its four tiles timed on the first call of each length; cuDNN in the same run (the TMA kernels: a later job)
-        Job("attention_gluon", "kernels",
-            [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192,16384",
-             "--providers", "triton-gluon,sdpa-cudnn", "--json", "{out}/attention_gluon.json", *plot("attention_gluon")],
-            ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon.json"], 120, requires="gluon_tests"),
-        Job("gluon_bwd_tests", "kernels",
-            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/gluon_bwd_tests.xml",
-             *GLUON_BWD_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *GLUON_BWD_TESTS], 120,
-            env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
-        Job("attention_gluon_bwd", "kernels",
-            [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192,16384",
-             "--providers", "triton-gluon-atomic,sdpa-cudnn", "--json", "{out}/attention_gluon_bwd.json",
-             *plot("attention_gluon_bwd")],
-            ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon_bwd.json"], 120,
-            requires="gluon_bwd_tests"),
+        tests_job("gluon_tests", GLUON_FWD_TESTS, 120, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        # its candidate tiles timed on the first call of each length; cuDNN in the same run (the TMA kernels: later)
+        gluon_bench("attention_gluon", "triton-gluon", "gluon_tests"),
+        tests_job("gluon_bwd_tests", GLUON_BWD_TESTS, 120, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        gluon_bench("attention_gluon_bwd", "triton-gluon-atomic", "gluon_bwd_tests"),
         # #3's attention with the warp-specialised forward (provider triton-ws: a TMA producer warp and two
         # consumer groups, FlashAttention-3's overlap) and the one-kernel backward (triton-*-atomic: dQ by fp32
         # atomics, 5 products a tile instead of 7), both compiled for sm_90a, never run on a GPU; then the
@@ -159,13 +159,8 @@ def jobs(png: bool) -> list[Job]:
             ["bench/attention.py", "--smoke", "--json", "{out}/attention_hd128_causal.json"], 200),
         # At real shapes: the warp-specialised forward, cuDNN attention as auto's choice, the reduction's layouts
         # (auto = columns to K = 16, wide to 32).
-        Job("new_tests", "kernels",
-            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/new_tests.xml", *NEW_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *NEW_TESTS], 120),
-        Job("atomic_tests", "kernels",
-            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/atomic_tests.xml", *ATOMIC_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *ATOMIC_TESTS], 120,
-            env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        tests_job("new_tests", NEW_TESTS, 120),
+        tests_job("atomic_tests", ATOMIC_TESTS, 120, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         Job("train_accum_tied", "train",
             ["bench/train_throughput.py", "--steps", "8", "--warmup", "3", "--accum", "8", "--configs", "1.3b",
              "--micro-batch", "8", "--ckpt", "off", "--sharings", "none,all", "--variants", f";{AUTOCAST}",
@@ -220,10 +215,7 @@ def jobs(png: bool) -> list[Job]:
             [*train_smoke, "--json", "{out}/train_125m_now.json"], 120),
         # The kernels' float arguments cast to fp32 in the kernel (since the second H200 session): the attention
         # and fused-op parity tests at real shapes, bf16, first listed tile.
-        Job("cast_tests", "kernels",
-            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/cast_tests.xml", *CAST_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *CAST_TESTS], 90,
-            env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        tests_job("cast_tests", CAST_TESTS, 90, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         Job("train_options", "train",
             [*train, "--configs", "350m", "--micro-batch", "16", "--ckpt", "off", "--sharings", "none", "--variants",
              options, "--json", "{out}/train_options.json"],
@@ -233,10 +225,7 @@ def jobs(png: bool) -> list[Job]:
             [*train_smoke, "--sharings", "none", "--json", "{out}/train_1.3b_ckpt.json"], 200),
         Job("train_small_ckpt", "train", [*train, "--configs", "125m,350m", "--ckpt", "on", "--json", "{out}/train_small_ckpt.json"],
             [*train_smoke, "--sharings", "all", "--json", "{out}/train_small_ckpt.json"], 180),
-        Job("tma_tests", "kernels",
-            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/tma_tests.xml", *TMA_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *TMA_TESTS], 150,
-            env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        tests_job("tma_tests", TMA_TESTS, 150, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         Job("fused_loss", "kernels",
             ["bench/fused_loss.py", "--dtype", "bf16", "--d-model", "2048", "--tokens", "8192,16384",
              "--chunk-tokens", "0,4096,16384", "--json", "{out}/fused_loss.json", *plot("fused_loss")],
@@ -244,11 +233,8 @@ def jobs(png: bool) -> list[Job]:
         # Measured on the H200 on 2026-11-26 (BENCHMARKS.md); again on any other device.
         # Every parity test at real shapes, each kernel at its first listed tile: autotuning every
         # (head dim, dtype, causal) combination would compile ~300 kernels, most of the budget.
-        Job("kernel_tests", "kernels",  # the TMA cases are tma_tests' (and compile for minutes)
-            ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", "{out}/kernel_tests.xml", "-k", "not tma",
-             *KERNEL_TESTS],
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "-k", "not tma", *KERNEL_TESTS], 200,
-            env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        # the TMA cases are tma_tests' (and compile for minutes)
+        tests_job("kernel_tests", ["-k", "not tma", *KERNEL_TESTS], 200, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         Job("train_small", "train", [*train, "--configs", "125m,350m", "--ckpt", "off", "--json", "{out}/train_small.json"],
             [*train_smoke, "--json", "{out}/train_small.json"], 240),
         Job("untie", "train", ["launch/pretrain.py", "--config", "configs/125m.yaml", *untie, "data.seq_len=256",

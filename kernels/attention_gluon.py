@@ -546,15 +546,17 @@ def tile_for(tiles: dict, head_dim: int, block: tuple, what: str = "forward") ->
 _TUNED: dict[tuple, tuple] = {}
 
 
-def best_tile(candidates: list, run, key: tuple, tune: bool) -> tuple:
+def best_tile(candidates: list, prepare, key: tuple, tune: bool) -> tuple:
     """The first candidate when not ``tune``, else the fastest of ``run(tile)`` on this call's shape, timed once
-    per ``key`` (kernel, head dim, mask, dtype, length bucket, device) as Triton's autotuner does. ``run`` must
-    write only scratch outputs: it runs many times."""
+    per ``key`` (kernel, head dim, mask, dtype, length bucket, device) as Triton's autotuner does. ``prepare()``
+    returns ``run``, called only when timing (its scratch outputs are not allocated on a tuned call); ``run``
+    must write only scratch outputs: it runs many times."""
     if not tune or len(candidates) == 1:
         return candidates[0]
     if key not in _TUNED:
         from triton.testing import do_bench  # noqa: PLC0415
 
+        run = prepare()
         times = {tile: do_bench(lambda t=tile: run(t), warmup=5, rep=20) for tile in candidates}
         _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
@@ -565,9 +567,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, qk_
     """(O, log2-sum-exp) of attention(q, k, v), the Triton ``_forward``'s contract; qk_scale = softmax scale · log2(e).
 
     tile: a fixed (BLOCK_M, BLOCK_N), or a whole candidate, of ``GLUON_TILES`` (``tile_for``: the tests'); else
-    ``best_tile`` with ``tune`` and the
-    length's tuning ``bucket``. The caller checks the inputs (``attention.flash_attention``, with this module's
-    ``unsupported_reason``).
+    ``best_tile`` with ``tune`` and the length's tuning ``bucket``. The caller checks the inputs
+    (``attention.flash_attention``, with this module's ``unsupported_reason``).
     """
     o = torch.empty_like(q)  # q's memory layout
     lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)  # (B, H, T)
@@ -575,7 +576,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, qk_
     if tile:
         chosen = tile_for(GLUON_TILES, D, tile)
     else:  # the forward writes only o and lse: timing it on them is harmless
-        chosen = best_tile(GLUON_TILES[D], lambda t: _launch(q, k, v, o, lse, causal, qk_scale, t),
+        chosen = best_tile(GLUON_TILES[D], lambda: lambda t: _launch(q, k, v, o, lse, causal, qk_scale, t),
                            ("fwd", D, causal, q.dtype, bucket, q.device), tune)
     _launch(q, k, v, o, lse, causal, qk_scale, chosen)
     return o, lse
@@ -598,15 +599,16 @@ def backward(q, k, v, do, lse, delta, dq_acc, dk, dv, causal: bool, qk_scale: fl
     """dK, dV into dk, dv and dQ / sm_scale added into the zeroed fp32 (B, H, T, D) dq_acc (by atomics).
 
     lse: the forward's log2-sum-exp, delta: rowsum(O · dO), both (B, H, T) fp32; qk_scale = sm_scale · log2(e).
-    tile: a fixed (BLOCK_M, BLOCK_N) among ``GLUON_BWD_TILES``; else the fastest candidate (``best_tile``),
-    timed on scratch outputs.
+    tile: a fixed (BLOCK_M, BLOCK_N), or a whole candidate, of ``GLUON_BWD_TILES`` (``tile_for``); else the
+    fastest candidate (``best_tile``), timed on scratch outputs.
     """
     D = q.shape[-1]
     if tile:
         chosen = tile_for(GLUON_BWD_TILES, D, tile, "backward")
     else:
-        scratch = (torch.empty_like(dq_acc), torch.empty_like(dk), torch.empty_like(dv))
-        chosen = best_tile(GLUON_BWD_TILES[D],
-                           lambda t: _launch_bwd(q, k, v, do, lse, delta, *scratch, causal, qk_scale, sm_scale, t),
-                           ("bwd", D, causal, q.dtype, bucket, q.device), tune)
+        def prepare():  # dq_acc must stay zero and dk, dv are the caller's: time on scratch copies
+            scratch = (torch.empty_like(dq_acc), torch.empty_like(dk), torch.empty_like(dv))
+            return lambda t: _launch_bwd(q, k, v, do, lse, delta, *scratch, causal, qk_scale, sm_scale, t)
+
+        chosen = best_tile(GLUON_BWD_TILES[D], prepare, ("bwd", D, causal, q.dtype, bucket, q.device), tune)
     _launch_bwd(q, k, v, do, lse, delta, dq_acc, dk, dv, causal, qk_scale, sm_scale, chosen)

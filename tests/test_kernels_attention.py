@@ -72,6 +72,25 @@ def _inputs(B, H, H_kv, T, D, dtype, seed=0):
     return randn(B, H, T, D), randn(B, H_kv, T, D), randn(B, H_kv, T, D), randn(B, H, T, D).detach()
 
 
+def _model_views(gen, B, T, H, H_kv, D, dtype=torch.float32):
+    """The model's layout: (B, T, H, D) q and (B, T, 2·H_kv, D) kv projections (leaves), and the transposed
+    (B, heads, T, D) views of them that attention gets: q, k, v."""
+    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).to(dtype).requires_grad_()
+    kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).to(dtype).requires_grad_()
+    return q, kv, (q.transpose(1, 2), kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2))
+
+
+def _check_sum_grads(q, kv, views, **options):
+    """flash_attention(views).sum()'s gradients in the projections against the reference's: the stride-0 dO a sum
+    gives, flowing back into the (B, T, ·, D) leaves."""
+    flash_attention(*views, **options).sum().backward()
+    got = (q.grad.clone(), kv.grad.clone())
+    q.grad = kv.grad = None
+    attention_reference(*views).sum().backward()
+    torch.testing.assert_close(got[0], q.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], kv.grad, atol=1e-4, rtol=1e-4)
+
+
 def _check(q, k, v, do, causal, scale=None, **options):
     """Kernel vs reference: output and the three gradients, with the dtype's tolerance; options go to flash_attention."""
     _check_output(flash_attention(q, k, v, causal=causal, softmax_scale=scale, **options), q, k, v, do, causal, scale)
@@ -238,9 +257,7 @@ def test_gluon_forward_takes_the_models_strided_views(deterministic):
     forward and backward (the TMA one, or with dq-atomic the Gluon one: dK, dV come back in k's and v's layouts)."""
     B, T, H, H_kv, D = 2, 200, 8, 2, 128
     gen = torch.Generator(device=DEVICE).manual_seed(3)
-    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).to(torch.bfloat16).requires_grad_()
-    kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).to(torch.bfloat16).requires_grad_()
-    views = (q.transpose(1, 2), kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2))
+    _, _, views = _model_views(gen, B, T, H, H_kv, D, torch.bfloat16)
     _gluon_or_skip(*views)
     do = torch.randn(views[0].shape, generator=gen, device=DEVICE).to(torch.bfloat16)
     out = flash_attention(*views, gluon=True, deterministic=deterministic)
@@ -274,18 +291,10 @@ def test_gluon_forward_refuses_what_it_cannot_run():
 def test_atomic_dq_takes_the_models_strided_views():
     """The model's transposed (B, T, H, D) views and a stride-0 dO: dQ comes back in q's own layout."""
     B, T, H, H_kv, D = 2, 23, 4, 2, 32
-    gen = torch.Generator(device=DEVICE).manual_seed(2)
-    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).requires_grad_()
-    kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).requires_grad_()
-    views = (q.transpose(1, 2), kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2))
+    q, kv, views = _model_views(torch.Generator(device=DEVICE).manual_seed(2), B, T, H, H_kv, D)
     dq = torch.autograd.grad(flash_attention(*views, deterministic=False).sum(), views[0])[0]
     assert dq.stride() == views[0].stride()
-    flash_attention(*views, deterministic=False).sum().backward()
-    got = (q.grad.clone(), kv.grad.clone())
-    q.grad = kv.grad = None
-    attention_reference(*views).sum().backward()
-    torch.testing.assert_close(got[0], q.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got[1], kv.grad, atol=1e-4, rtol=1e-4)
+    _check_sum_grads(q, kv, views, deterministic=False)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -337,17 +346,9 @@ def test_non_positive_softmax_scale_is_refused(scale):
 def test_strided_inputs_and_broadcast_upstream_gradient():
     """The model's layout: q, k, v are transposed views of (B, T, H, D); o.sum() gives a stride-0 dO."""
     B, T, H, H_kv, D = 2, 23, 4, 2, 32
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    q = torch.randn(B, T, H, D, generator=gen, device=DEVICE).requires_grad_()
-    kv = torch.randn(B, T, 2 * H_kv, D, generator=gen, device=DEVICE).requires_grad_()
-    views = (q.transpose(1, 2), kv[:, :, :H_kv].transpose(1, 2), kv[:, :, H_kv:].transpose(1, 2))  # (B, h, T, D)
+    q, kv, views = _model_views(torch.Generator(device=DEVICE).manual_seed(1), B, T, H, H_kv, D)  # (B, h, T, D)
     assert not any(x.is_contiguous() for x in views)
-    flash_attention(*views, causal=True).sum().backward()
-    got = (q.grad.clone(), kv.grad.clone())
-    q.grad = kv.grad = None
-    attention_reference(*views, causal=True).sum().backward()
-    torch.testing.assert_close(got[0], q.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got[1], kv.grad, atol=1e-4, rtol=1e-4)
+    _check_sum_grads(q, kv, views, causal=True)
 
 
 def test_reference_matches_sdpa():
