@@ -148,7 +148,7 @@ def chosen_tiles(kernels, D: int, causal: bool, dtype: torch.dtype, T: int) -> d
     """The tiles the Gluon kernels' ``best_tile`` settled on for this shape (none: no Gluon provider ran): which of
     their candidates wins is what a first GPU run of them has to tell."""
     gluon = sys.modules.get(kernels.__name__ + "_gluon")  # imported only when a Gluon provider ran
-    return {f"gluon_{kind}": "{} x {}, {} stages".format(*tile) + (", TMA warp" if tile[3:4] == (True,) else "")
+    return {f"gluon_{kind}": gluon.describe_tile(tile)
             for (kind, d, c, dt, bucket, _), tile in (getattr(gluon, "_TUNED", None) or {}).items()
             if (d, c, dt, bucket) == (D, causal, dtype, kernels.next_pow2(T))}
 

@@ -115,10 +115,13 @@ def compile_gluon(gluon_mod, kernel: str, tile: tuple, head_dim: int, causal: bo
     (1, 1, rows, D) descriptors in the swizzled layout the launcher gives them, fp32 pointers 16-byte aligned."""
     from triton.experimental.gluon._runtime import GluonASTSource  # noqa: PLC0415
 
-    block_m, block_n, stages, *ws = tile  # the forward's candidates say whether a TMA warp loads (WS)
+    block_m, block_n, stages, loader = tile  # loader: who issues the TMA copies (attention_gluon.LOADERS)
     fn = getattr(gluon_mod, GLUON_KERNELS[kernel])
-    num_warps = gluon_mod.warps(block_m if kernel == "fwd-gluon" else block_n)  # 16 rows a warp: queries, keys
-    rows = {name: block_m for name in ("desc_q", "desc_o", "desc_do")} | {
+    if kernel == "fwd-gluon":  # ping-pong's Q boxes are half the block, one for each warp group
+        q_rows, num_warps = gluon_mod.forward_launch(tile)
+    else:  # 16 rows a warp: the backward's keys
+        q_rows, num_warps = block_m, gluon_mod.warps(block_n)
+    rows = {name: q_rows for name in ("desc_q", "desc_o", "desc_do")} | {
         name: block_n for name in ("desc_k", "desc_v", "desc_dk", "desc_dv")}
     sig, attrs = {}, {}
     for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
@@ -132,7 +135,7 @@ def compile_gluon(gluon_mod, kernel: str, tile: tuple, head_dim: int, causal: bo
         else:
             sig[name] = "fp32" if name.endswith("scale") else "i32"
     consts = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                  num_warps=num_warps, **({"WS": ws[0]} if ws else {}))
+                  WS=loader, num_warps=num_warps)
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
@@ -185,8 +188,9 @@ def main(argv=None) -> int:
             for head_dim in (int(d) for d in args.head_dims.split(",") if int(d) in table):
                 for tile in table[head_dim]:
                     compiled = compile_gluon(gluon_mod, kernel, tile, head_dim, args.causal == "true", args.arch)
-                    print(f"{kernel:<15} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} "
-                          f"{compiled.metadata.num_warps:>5} {tile[2]:>6}  {describe(compiled, args.arch)}", flush=True)
+                    loads = gluon_mod.LOADERS[tile[3]] or "own loads"
+                    print(f"{kernel:<15} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {compiled.metadata.num_warps:>5} "
+                          f"{tile[2]:>6}  {loads:<9}  {describe(compiled, args.arch)}", flush=True)
             continue
         table = getattr(att, KERNELS[kernel][1])
         for head_dim in (int(d) for d in args.head_dims.split(",")):

@@ -23,10 +23,18 @@ K and V arrive by TMA in rings of STAGES buffers with one barrier each, issued
 STAGES blocks ahead; a buffer is refilled once every warp has waited for the
 products that read it (a barrier of the compute warps: the two warp groups of a
 128-row query block each multiply their own 64 rows by the same K/V tile). The
-compute warps issue the copies themselves, or with WS a warp of their own does
+compute warps issue the copies themselves, or (TMA_WARP) a warp of their own does
 (``_fwd_loader``, FlashAttention-3's producer), told of each free buffer by an
 mbarrier: Gluon surrounds every copy the compute warps issue with a barrier of
-all of them (4 a key block), which WS leaves out.
+all of them (4 a key block), which the TMA warp leaves out.
+
+PING_PONG is FlashAttention-3's other half, between warp groups: the 128 query
+rows are two partitions of one warp group each (64 rows, a Q buffer of their
+own), beside the TMA warp. Two warp groups in step run their softmax at the same
+time, and the tensor cores idle through it but for the overlapped P V; here
+they take turns issuing their products (an mbarrier each, passed on as soon as
+the products are issued), so one group's softmax runs while the other's
+products do. Each K/V buffer is freed when both groups are done with it.
 
 The backward (``_bwd_gluon_kernel``; ``flash_attention(gluon=True, deterministic=False)``) is the Triton
 dK/dV kernel's DQ_ATOMIC form written out: one program per (key block, K/V head), the query blocks of the
@@ -55,6 +63,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 
 try:  # Gluon: Triton >= 3.5
     from triton.experimental import gluon
@@ -77,33 +86,57 @@ except ImportError as err:  # pragma: no cover - depends on the installed Triton
 else:
     GLUON_IMPORT_ERROR = None
 
+# Who loads K and V in the forward (a candidate's fourth field): the compute warps themselves; a TMA warp of its
+# own (FlashAttention-3's producer); or a TMA warp and two compute warp groups of 64 query rows each that take turns
+# issuing their products (FlashAttention-3's "ping-pong": one group's softmax runs while the other's products do).
+# The backward has the first two.
+OWN_LOADS, TMA_WARP, PING_PONG = 0, 1, 2
+LOADERS = {OWN_LOADS: "", TMA_WARP: "TMA warp", PING_PONG: "ping-pong"}
+_TMA_WARP, _PING_PONG = tl.constexpr(TMA_WARP), tl.constexpr(PING_PONG)  # the kernels read globals as constexprs
+
 GLUON_HEAD_DIMS = (64, 128)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
-# Candidate (BLOCK_M, BLOCK_N, STAGES, WS) per head dim, timed on the first call of a shape (``best_tile``); the
-# first is the default. A warp takes 16 query rows, so BLOCK_M / 16 compute warps: 128 rows are two warp groups in
-# step, 64 rows one. WS adds a TMA warp (``_fwd_loader``; 12 warps in all at 128 rows, the compute warps' registers
-# raised to 240 by setmaxnreg) so that the compute warps neither issue copies nor meet at a barrier of all threads
-# around each. Compiled for sm_90a (bench/attention_layout.py --kernels fwd-gluon, Triton 3.6 and 3.9), none spills;
-# at head dim 128: 128 x 128 189-193 registers and 160 KiB of shared memory (one block an SM), 128 x 64 145-148, 64 x 64
-# 141-145 registers and 112 KiB: two blocks an SM, whose softmax and products the SM's schedulers interleave with each
-# other (FlashAttention-3's "ping-pong" between warp groups, left to the hardware).
+# Candidate (BLOCK_M, BLOCK_N, STAGES, loader) per head dim, timed on the first call of a shape (``best_tile``);
+# the first is the default. A warp takes 16 query rows, so BLOCK_M / 16 compute warps: 128 rows are two warp groups
+# in step, 64 rows one. TMA_WARP adds a TMA warp (``_fwd_loader``; 12 warps in all at 128 rows, the compute warps'
+# registers raised to 240 by setmaxnreg) so that the compute warps neither issue copies nor meet at a barrier of all
+# threads around each. PING_PONG splits the 128 rows between two warp groups of their own that take turns issuing
+# their products, so one group's softmax always has the other's products beside it (``_take_turn``). Compiled for
+# sm_90a (bench/attention_layout.py --kernels fwd-gluon, Triton 3.6 and 3.9), none spills; at head dim 128: 128 x 128
+# 189-193 registers and 160 KiB of shared memory (one block an SM), 128 x 64 145-148, 64 x 64 141-145 registers and
+# 112 KiB: two blocks an SM, whose softmax and products the SM's schedulers interleave with each other (ping-pong
+# left to the hardware).
 GLUON_TILES = {
-    128: [(128, 128, 2, False), (128, 64, 3, False), (64, 64, 3, False), (64, 128, 2, False),
-          (128, 128, 2, True), (128, 64, 3, True)],
-    64: [(128, 128, 2, False), (128, 64, 3, False), (64, 64, 3, False), (64, 128, 2, False),
-         (128, 128, 2, True), (128, 64, 3, True)],
+    128: [(128, 128, 2, OWN_LOADS), (128, 64, 3, OWN_LOADS), (64, 64, 3, OWN_LOADS), (64, 128, 2, OWN_LOADS),
+          (128, 128, 2, TMA_WARP), (128, 64, 3, TMA_WARP), (128, 128, 2, PING_PONG)],
+    64: [(128, 128, 2, OWN_LOADS), (128, 64, 3, OWN_LOADS), (64, 64, 3, OWN_LOADS), (64, 128, 2, OWN_LOADS),
+         (128, 128, 2, TMA_WARP), (128, 64, 3, TMA_WARP), (128, 128, 2, PING_PONG)],
 }
 
-# The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, WS); BLOCK_N / 16 compute warps, and with
-# WS a TMA warp (``_bwd_loader``). At head dim 128 (Triton 3.6 / 3.9), 32 x 64: 238-251 registers, no spill;
-# 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's backward) 255, spilling 28 bytes with
-# 3.6; 64 x 64 spills 8-124 bytes inside its loop. With WS the compute warps get 256 registers by setmaxnreg and
-# none spills, at one block an SM (32 x 64 without WS fits two). So 32 x 64 first.
+# The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, loader); BLOCK_N / 16 compute warps, and
+# with TMA_WARP a TMA warp (``_bwd_loader``). At head dim 128 (Triton 3.6 / 3.9), 32 x 64: 238-251 registers, no
+# spill; 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's backward) 255, spilling 28 bytes
+# with 3.6; 64 x 64 spills 8-124 bytes inside its loop. With the TMA warp the compute warps get 256 registers by
+# setmaxnreg and none spills, at one block an SM (32 x 64 without it fits two). So 32 x 64 first.
 GLUON_BWD_TILES = {
-    128: [(32, 64, 2, False), (32, 64, 3, False), (32, 128, 2, False), (64, 64, 2, False),
-          (32, 64, 2, True), (32, 128, 2, True)],
-    64: [(64, 64, 2, False), (32, 64, 3, False), (64, 64, 2, True)],
+    128: [(32, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (32, 128, 2, OWN_LOADS), (64, 64, 2, OWN_LOADS),
+          (32, 64, 2, TMA_WARP), (32, 128, 2, TMA_WARP)],
+    64: [(64, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (64, 64, 2, TMA_WARP)],
 }
+
+
+def describe_tile(tile: tuple) -> str:
+    """A candidate in words: '128 x 128, 2 stages, ping-pong'."""
+    block_m, block_n, stages, loader = tile
+    return ", ".join(filter(None, [f"{block_m} x {block_n}", f"{stages} stages", LOADERS[loader]]))
+
+
+def forward_launch(tile: tuple) -> tuple[int, int]:
+    """(query rows of each Q box, num_warps of the kernel) for a forward candidate: with PING_PONG each warp group
+    loads half the block's rows, and the kernel's own warps are the first group (the second is a partition)."""
+    block_m, _, _, loader = tile
+    rows = block_m // 2 if loader == PING_PONG else block_m
+    return rows, warps(rows)
 
 
 def warps(rows: int) -> int:
@@ -118,6 +151,11 @@ if GLUON_IMPORT_ERROR is None:
     def _mma_layout(num_warps, n):
         """The registers of a wgmma result, instructions n columns wide: 16 rows a warp, all warps along the rows."""
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+    @gluon.constexpr_function
+    def _consumers(loader):
+        """The forward's compute partitions: PING_PONG's two warp groups, else one."""
+        return 2 if loader == PING_PONG else 1
 
     @gluon.jit
     def _load_block(desc, b, h, row, bar, dst, pred):
@@ -141,9 +179,10 @@ if GLUON_IMPORT_ERROR is None:
     def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, qk_scale,
                           HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
-        """One query block of one head. WS: the TMA loads come from a warp of their own (``_fwd_loader``),
-        which the compute warps tell when a buffer is free by an mbarrier each; else the compute warps issue
-        them, and Gluon puts a barrier of all threads around each issue."""
+        """One query block of one head. WS, who loads (``LOADERS``): TMA_WARP and PING_PONG take the TMA loads
+        from a warp of their own (``_fwd_loader``), which the compute partitions tell when a buffer is free by an
+        mbarrier each; OWN_LOADS has the compute warps issue them, and Gluon puts a barrier of all threads around
+        each issue. PING_PONG's compute partitions are two warp groups of BLOCK_M / 2 rows (``_take_turn``)."""
         dtype: gl.constexpr = desc_q.dtype
         qk_scale = qk_scale.to(gl.float32)
         # Causal query blocks near the end do the most work: launched first, the light ones fill the tail.
@@ -162,48 +201,75 @@ if GLUON_IMPORT_ERROR is None:
             hi = seq_len
         n_blocks = gl.cdiv(hi, BLOCK_N)
 
-        q_smem = gl.allocate_shared_memory(dtype, desc_q.block_type.shape, desc_q.layout)
+        # One Q buffer per compute partition: PING_PONG's two warp groups take half the rows each (desc_q's box).
+        q_bufs: gl.constexpr = _consumers(WS)
+        q_smem = gl.allocate_shared_memory(dtype, [q_bufs] + desc_q.block_type.shape, desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        # ready: a buffer's TMA copy has landed; empty (WS only): the compute warps are done with a buffer
+        q_bars = gl.allocate_shared_memory(gl.int64, [q_bufs, 1], mbarrier.MBarrierLayout())
+        # ready: a buffer's TMA copy has landed; empty (a TMA warp only): every compute partition is done with it
         k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        # PING_PONG: turns.index(w) completes when warp group w may issue its next products (``_take_turn``)
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(q_bufs):
+            mbarrier.init(q_bars.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(turns.index(i), count=1)
         for i in gl.static_range(STAGES):
-            for ring in gl.static_range(4):
-                mbarrier.init((k_bars, v_bars, k_empty, v_empty)[ring].index(i), count=1)
+            for ring in gl.static_range(2):
+                mbarrier.init((k_bars, v_bars)[ring].index(i), count=1)
+                mbarrier.init((k_empty, v_empty)[ring].index(i), count=q_bufs)
 
         # (the frontend of Triton 3.6 takes no starred arguments: the lists are written out)
-        if WS:
+        if WS == _PING_PONG:
+            half: gl.constexpr = BLOCK_M // 2
             gl.warp_specialize([
-                (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty,
-                                v_empty, b, h, kv_h, pid_bh, start_m, n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL,
-                                BLOCK_M, BLOCK_N, STAGES, WS, num_warps)),
-                (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty,
-                               v_empty, b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES)),
+                (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars,
+                                v_bars, k_empty, v_empty, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m,
+                                n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL, half, BLOCK_N, STAGES, WS, True, 4)),
+                (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(1), k_smem, v_smem, q_bars.index(1), k_bars,
+                                v_bars, k_empty, v_empty, turns.index(1), turns.index(0), b, h, kv_h, pid_bh,
+                                start_m + half, n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL, half, BLOCK_N, STAGES, WS,
+                                False, 4)),
+                (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, k_empty,
+                               v_empty, b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES, q_bufs)),
+            ], [4, 1], [240, 24])
+        elif WS == _TMA_WARP:
+            gl.warp_specialize([
+                (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars,
+                                v_bars, k_empty, v_empty, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m,
+                                n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, True,
+                                num_warps)),
+                (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, k_empty,
+                               v_empty, b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES, q_bufs)),
             ], [1], [24])
         else:
-            _load_block(desc_q, b, h, start_m, q_bar, q_smem, True)
+            _load_block(desc_q, b, h, start_m, q_bars.index(0), q_smem.index(0), True)
             for i in gl.static_range(STAGES):
                 _load_block(desc_k, b, kv_h, i * BLOCK_N, k_bars.index(i), k_smem.index(i), i < n_blocks)
                 _load_block(desc_v, b, kv_h, i * BLOCK_N, v_bars.index(i), v_smem.index(i), i < n_blocks)
-            _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty, v_empty,
-                         b, h, kv_h, pid_bh, start_m, n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL,
-                         BLOCK_M, BLOCK_N, STAGES, WS, num_warps)
+            _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars, v_bars,
+                         k_empty, v_empty, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m, n_blocks,
+                         seq_len, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, True, num_warps)
 
-        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(q_bufs):
+            mbarrier.invalidate(q_bars.index(i))
+        for i in gl.static_range(2):
+            mbarrier.invalidate(turns.index(i))
         for i in gl.static_range(STAGES):
             for ring in gl.static_range(4):
                 mbarrier.invalidate((k_bars, v_bars, k_empty, v_empty)[ring].index(i))
 
     @gluon.jit
-    def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty, v_empty,
-                    b, h, kv_h, start_m, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """WS's TMA warp: Q, then key block j's K and V into buffer j % STAGES once the compute warps freed it."""
-        _load_block(desc_q, b, h, start_m, q_bar, q_smem, True)
+    def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, k_empty, v_empty,
+                    b, h, kv_h, start_m, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr):
+        """The TMA warp: Q (a box for each compute partition), then key block j's K and V into buffer j % STAGES
+        once every compute partition freed it."""
+        for i in gl.static_range(Q_BUFS):
+            _load_block(desc_q, b, h, start_m + i * desc_q.block_type.shape[2], q_bars.index(i), q_smem.index(i), True)
         for j in range(n_blocks):
             slot = j % STAGES
             # The u-th reuse of a buffer waits for the u-th release; the first pass waits on nothing (parity 1 of
@@ -219,8 +285,9 @@ if GLUON_IMPORT_ERROR is None:
                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
         """Key block j's products are done: K buffer j % STAGES is free, and from j = 1 V buffer (j - 1) % STAGES.
         Every compute warp must be past its wait first (the warp groups multiply their own rows by the same tiles).
-        WS: tell the loader warp; else refill them here, STAGES blocks ahead."""
-        _cta_barrier()
+        With a TMA warp: tell it (once per compute partition: the empty barriers count them); else refill them
+        here, STAGES blocks ahead."""
+        _cta_barrier()  # in a warp-specialised partition, a barrier of that partition's warps only
         slot = j % STAGES
         prev = (j + STAGES - 1) % STAGES
         if WS:
@@ -233,12 +300,26 @@ if GLUON_IMPORT_ERROR is None:
                         (j > 0) & (j - 1 + STAGES < n_blocks))
 
     @gluon.jit
+    def _take_turn(turn_mine, k, FIRST: gl.constexpr, WS: gl.constexpr):
+        """PING_PONG: wait until this warp group may issue its k-th group of products. The two warp groups take
+        turns, the first one's first turn free (parity 1 of a fresh barrier counts as complete); a turn is
+        passed on as soon as the products are issued, so one group's softmax runs while the other's products do."""
+        if WS == _PING_PONG:
+            mbarrier.wait(turn_mine, (k & 1) ^ FIRST)
+
+    @gluon.jit
+    def _pass_turn(turn_other, WS: gl.constexpr):
+        if WS == _PING_PONG:
+            mbarrier.arrive(turn_other)
+
+    @gluon.jit
     def _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty, v_empty,
-                     b, h, kv_h, pid_bh, start_m, n_blocks, seq_len, qk_scale,
+                     turn_mine, turn_other, b, h, kv_h, pid_bh, start_m, n_blocks, seq_len, qk_scale,
                      HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
-        """The online softmax over the key blocks, FlashAttention-3's schedule (module docstring); O and the
-        log2-sum-exp stored at the end."""
+                     STAGES: gl.constexpr, WS: gl.constexpr, FIRST: gl.constexpr, num_warps: gl.constexpr):
+        """The online softmax of BLOCK_M query rows from start_m over the key blocks, FlashAttention-3's schedule
+        (module docstring); O and the log2-sum-exp stored at the end. PING_PONG: one of two warp groups, each
+        with its own rows and Q buffer, issuing their products in turns (``_take_turn``)."""
         dtype: gl.constexpr = desc_o.dtype
         # The products' register layouts: all warps along the query rows, 16 rows a warp.
         s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
@@ -260,8 +341,10 @@ if GLUON_IMPORT_ERROR is None:
 
         # Key block 0: nothing to overlap with yet.
         mbarrier.wait(k_bars.index(0), 0)
+        _take_turn(turn_mine, 0, FIRST, WS)
         s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
+        _pass_turn(turn_other, WS)
         s = warpgroup_mma_wait(0, deps=(s,))
         s = _scores(s, offs_m, 0, seq_len, mask_from, CAUSAL, BLOCK_N, cols)
         m_i = gl.max(s, 1) * qk_scale  # key 0 is visible to every row: finite
@@ -275,10 +358,12 @@ if GLUON_IMPORT_ERROR is None:
             slot = j % STAGES
             prev = (j - 1) % STAGES
             mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
+            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
+            _take_turn(turn_mine, j, FIRST, WS)
             s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)
-            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
             acc = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+            _pass_turn(turn_other, WS)
             s = warpgroup_mma_wait(1, deps=(s,))  # S_j done; P_{j-1} V_{j-1} still running
             s = _scores(s, offs_m, j * BLOCK_N, seq_len, mask_from, CAUSAL, BLOCK_N, cols)
             m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -294,7 +379,9 @@ if GLUON_IMPORT_ERROR is None:
 
         last = (n_blocks - 1) % STAGES
         mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
+        _take_turn(turn_mine, n_blocks, FIRST, WS)
         acc = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
+        _pass_turn(turn_other, WS)
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
 
         o = (acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)).to(dtype)
@@ -522,13 +609,14 @@ def unsupported_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def _launch(q, k, v, o, lse, causal: bool, qk_scale: float, tile: tuple[int, int, int, bool]) -> None:
+def _launch(q, k, v, o, lse, causal: bool, qk_scale: float, tile: tuple[int, int, int, int]) -> None:
     B, H, T, D = q.shape
-    block_m, block_n, stages, ws = tile
-    descs = (descriptor(q, block_m), descriptor(k, block_n), descriptor(v, block_n), descriptor(o, block_m))
+    block_m, block_n, stages, loader = tile
+    q_rows, num_warps = forward_launch(tile)
+    descs = (descriptor(q, q_rows), descriptor(k, block_n), descriptor(v, block_n), descriptor(o, q_rows))
     _fwd_gluon_kernel[(triton.cdiv(T, block_m), B * H)](
         *descs, lse, H, H // k.shape[1], T, qk_scale,
-        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=ws, num_warps=warps(block_m),
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=loader, num_warps=num_warps,
     )
 
 
@@ -583,7 +671,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, qk_
 
 
 def _launch_bwd(q, k, v, do, lse, delta, dq_acc, dk, dv, causal: bool, qk_scale: float, sm_scale: float,
-                tile: tuple[int, int, int, bool]) -> None:
+                tile: tuple[int, int, int, int]) -> None:
     B, H, T, D = q.shape
     block_m, block_n, stages, ws = tile
     rows_m = [descriptor(x, block_m) for x in (q, do)]

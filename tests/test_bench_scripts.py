@@ -145,18 +145,20 @@ def test_attention_bench_and_report_show_the_gluon_tuners_choice(tmp_path, monke
     kernels = attention.import_kernels()
     from megascale.kernels import attention_gluon  # noqa: PLC0415
 
-    tuned = {("fwd", 128, True, torch.bfloat16, 4096, "cuda:0"): (64, 64, 3),
-             ("bwd", 128, True, torch.bfloat16, 4096, "cuda:0"): (32, 64, 2),
-             ("fwd", 128, True, torch.bfloat16, 8192, "cuda:0"): (128, 128, 2)}  # another length: not this shape's
+    pp, own, tma_warp = attention_gluon.PING_PONG, attention_gluon.OWN_LOADS, attention_gluon.TMA_WARP
+    tuned = {("fwd", 128, True, torch.bfloat16, 4096, "cuda:0"): (128, 128, 2, pp),
+             ("bwd", 128, True, torch.bfloat16, 4096, "cuda:0"): (32, 64, 2, own),
+             ("fwd", 128, True, torch.bfloat16, 8192, "cuda:0"): (64, 64, 3, own)}  # another length: not this shape's
     monkeypatch.setattr(attention_gluon, "_TUNED", tuned)
     tiles = attention.chosen_tiles(kernels, 128, True, torch.bfloat16, 3000)  # 3000 tunes in the 4096 bucket
-    assert tiles == {"gluon_fwd": "64 x 64, 3 stages", "gluon_bwd": "32 x 64, 2 stages"}
+    assert tiles == {"gluon_fwd": "128 x 128, 2 stages, ping-pong", "gluon_bwd": "32 x 64, 2 stages"}
+    assert attention_gluon.describe_tile((32, 128, 2, tma_warp)) == "32 x 128, 2 stages, TMA warp"
     assert attention.chosen_tiles(kernels, 64, True, torch.bfloat16, 3000) == {}
     rows = [dict(provider="triton-gluon", mode="fwd", D=128, causal=True, T=3000, tflops=1.0, max_abs_err=0.0039,
                  tiles=tiles),
             dict(provider="sdpa-cudnn", mode="fwd", D=128, causal=True, T=3000, tflops=1.0, max_abs_err=0.0)]
     text = "\n".join(gpu_report.gluon_lines(rows))
-    assert "| 128 | causal | 3000 | 64 x 64, 3 stages | 32 x 64, 2 stages | 0.0039 |" in text, text
+    assert "| 128 | causal | 3000 | 128 x 128, 2 stages, ping-pong | 32 x 64, 2 stages | 0.0039 |" in text, text
 
 
 def test_gpu_session_rejects_an_unknown_job(tmp_path):
@@ -342,12 +344,14 @@ def test_gluon_kernels_compile_for_hopper_with_softmax_beside_the_products():
     proc = _run(["bench/attention_layout.py", "--kernels", "fwd-gluon,bwd-gluon", "--head-dims", "64,128"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("fwd-gluon ")]
-    assert len(rows) == 2 * 6, proc.stdout
+    assert len(rows) == 2 * 7, proc.stdout
     for line in rows:
         assert "wgmma yes" in line and "TMA yes" in line and " 0 bytes spilled" in line and "(fits)" in line, line
         assert line.endswith("overlap yes"), line
-    # the candidates with a TMA warp (WS) come out warp-specialised: 8 compute warps, the loader's warp group
-    assert sum("warps 12 specialised" in line for line in rows) == 2 * 2, proc.stdout
+    # the candidates with a TMA warp come out warp-specialised: 8 compute warps (one partition, or ping-pong's two
+    # warp groups) and the loader's warp group
+    specialised = [line for line in rows if "warps 12 specialised" in line]
+    assert len(specialised) == 2 * 3 and sum(" ping-pong " in line for line in specialised) == 2, proc.stdout
     # The backward: every candidate compiles (Pᵀ computed while dPᵀ is multiplied: wait_group 1 there too) and the
     # first listed one of each head dim, the default without tuning, does not spill.
     rows = [line for line in proc.stdout.splitlines() if line.startswith("bwd-gluon ")]

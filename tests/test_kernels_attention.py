@@ -209,11 +209,11 @@ def _gluon_forward_tiles() -> list[tuple[int, tuple]]:
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("head_dim, tile", _gluon_forward_tiles(), ids=lambda x: f"D{x}" if isinstance(x, int)
-                         else "{}x{}-s{}".format(*x) + ("-ws" if x[3] else ""))
+                         else "{}x{}-s{}".format(*x) + ("", "-ws", "-pingpong")[x[3]])
 def test_gluon_forward_every_tile_matches_reference(head_dim, tile, causal):
     """Every candidate the tuner may pick (64- and 128-row blocks, 64- and 128-key blocks, with and without the TMA
-    warp), fixed: O and the log2-sum-exp the backward reads, at a length with a tail and more key blocks than
-    buffers, GQA 2."""
+    warp, ping-pong), fixed: O and the log2-sum-exp the backward reads, at a length with a tail and more key blocks
+    than buffers, GQA 2 (ping-pong at T=300: the last block's second warp group has no row inside the sequence)."""
     from megascale.kernels import attention_gluon  # noqa: PLC0415
 
     q, k, v, _ = _inputs(1, 4, 2, 300, head_dim, torch.bfloat16, seed=17)
@@ -239,7 +239,7 @@ def _gluon_backward_tiles() -> list[tuple[int, tuple]]:
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("head_dim, block", _gluon_backward_tiles(), ids=lambda x: f"D{x}" if isinstance(x, int)
-                         else "{}x{}-s{}".format(*x) + ("-ws" if x[3] else ""))
+                         else "{}x{}-s{}".format(*x) + ("", "-ws", "-pingpong")[x[3]])
 def test_gluon_backward_every_tile_matches_reference(head_dim, block, causal):
     """The Gluon backward (deterministic=False) at each candidate (queries a step, keys a program, with and without
     the TMA warp), passed whole as the dK/dV tile: at 32 query rows it takes dQ as Kᵀ dSᵀ (a wgmma needs 64 rows a
@@ -275,11 +275,14 @@ def test_gluon_forward_refuses_what_it_cannot_run():
         flash_attention(q, k, v, gluon=True)
     with pytest.raises(ValueError, match=r"ws=True and gluon=True are two forwards; pass one of them"):
         flash_attention(q, k, v, gluon=True, ws=True)
-    from megascale.kernels.attention_gluon import GLUON_BWD_TILES, GLUON_TILES, tile_for  # noqa: PLC0415
+    from megascale.kernels.attention_gluon import (  # noqa: PLC0415
+        GLUON_BWD_TILES, GLUON_TILES, OWN_LOADS, PING_PONG, TMA_WARP, forward_launch, tile_for)
 
-    assert tile_for(GLUON_TILES, 128, (64, 64)) == (64, 64, 3, False)  # a (BLOCK_M, BLOCK_N) finds the rest
-    assert tile_for(GLUON_TILES, 128, (128, 128, 2, True)) == (128, 128, 2, True)  # a whole candidate, itself
-    assert tile_for(GLUON_BWD_TILES, 128, (32, 64), "backward") == (32, 64, 2, False)
+    assert tile_for(GLUON_TILES, 128, (64, 64)) == (64, 64, 3, OWN_LOADS)  # a (BLOCK_M, BLOCK_N) finds the rest
+    assert tile_for(GLUON_TILES, 128, (128, 128, 2, TMA_WARP)) == (128, 128, 2, TMA_WARP)  # a whole candidate, itself
+    assert tile_for(GLUON_BWD_TILES, 128, (32, 64), "backward") == (32, 64, 2, OWN_LOADS)
+    # ping-pong: each warp group loads its own 64 rows, and the kernel's 4 warps are the first group
+    assert forward_launch((128, 128, 2, PING_PONG)) == (64, 4) and forward_launch((128, 64, 3, TMA_WARP)) == (128, 8)
     with pytest.raises(ValueError, match=r"forward has no 32 x 32 tile \(32, 32\) at head dim 128; its tiles: 128 x 128, "):
         tile_for(GLUON_TILES, 128, (32, 32))
     if not CUDA:  # the interpreter's CPU tensors: the kernel is Hopper's
