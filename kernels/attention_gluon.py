@@ -135,6 +135,8 @@ def forward_launch(tile: tuple) -> tuple[int, int]:
     """(query rows of each Q box, num_warps of the kernel) for a forward candidate: with PING_PONG each warp group
     loads half the block's rows, and the kernel's own warps are the first group (the second is a partition)."""
     block_m, _, _, loader = tile
+    if loader == PING_PONG and block_m != 128:
+        raise ValueError(f"a ping-pong tile takes 128 query rows (two warp groups of 64), not {block_m}")
     rows = block_m // 2 if loader == PING_PONG else block_m
     return rows, warps(rows)
 
@@ -225,6 +227,8 @@ if GLUON_IMPORT_ERROR is None:
 
         # (the frontend of Triton 3.6 takes no starred arguments: the lists are written out)
         if WS == _PING_PONG:
+            # Each group is one warp group (the 4 warps below) of 16-row warps: 64 rows, so 128 in all.
+            gl.static_assert(BLOCK_M == 128, "PING_PONG takes 128 query rows: two warp groups of 64")
             half: gl.constexpr = BLOCK_M // 2
             gl.warp_specialize([
                 (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars,
@@ -304,6 +308,8 @@ if GLUON_IMPORT_ERROR is None:
         """PING_PONG: wait until this warp group may issue its k-th group of products. The two warp groups take
         turns, the first one's first turn free (parity 1 of a fresh barrier counts as complete); a turn is
         passed on as soon as the products are issued, so one group's softmax runs while the other's products do."""
+        # Both groups must take the same number of turns (n_blocks + 1: the CTA's key blocks, not each group's
+        # own), or the second's last wait never returns.
         if WS == _PING_PONG:
             mbarrier.wait(turn_mine, (k & 1) ^ FIRST)
 

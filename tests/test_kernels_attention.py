@@ -283,6 +283,8 @@ def test_gluon_forward_refuses_what_it_cannot_run():
     assert tile_for(GLUON_BWD_TILES, 128, (32, 64), "backward") == (32, 64, 2, OWN_LOADS)
     # ping-pong: each warp group loads its own 64 rows, and the kernel's 4 warps are the first group
     assert forward_launch((128, 128, 2, PING_PONG)) == (64, 4) and forward_launch((128, 64, 3, TMA_WARP)) == (128, 8)
+    with pytest.raises(ValueError, match="a ping-pong tile takes 128 query rows"):
+        forward_launch((64, 128, 2, PING_PONG))
     with pytest.raises(ValueError, match=r"forward has no 32 x 32 tile \(32, 32\) at head dim 128; its tiles: 128 x 128, "):
         tile_for(GLUON_TILES, 128, (32, 32))
     if not CUDA:  # the interpreter's CPU tensors: the kernel is Hopper's
