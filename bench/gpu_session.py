@@ -148,6 +148,12 @@ def jobs(png: bool) -> list[Job]:
         gluon_bench("attention_gluon", "triton-gluon", "gluon_tests"),
         tests_job("gluon_bwd_tests", GLUON_BWD_TESTS, 120, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         gluon_bench("attention_gluon_bwd", "triton-gluon-atomic", "gluon_bwd_tests"),
+        # #3's reduction, whose kernel now sums its statistics itself (the last program to finish, by an atomic
+        # count: never run on a GPU): its tests at real shapes, then its GB/s (the two K = 2 cases short of 85%).
+        tests_job("tied_grad_tests", ["tests/test_kernels_tied_grad.py"], 90),
+        Job("tied_grad", "kernels",  # every layout, the prepared launch, the host's time per call
+            ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
+            ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
         # #3's attention with the warp-specialised forward (provider triton-ws: a TMA producer warp and two
         # consumer groups, FlashAttention-3's overlap) and the one-kernel backward (triton-*-atomic: dQ by fp32
         # atomics, 5 products a tile instead of 7), both compiled for sm_90a, never run on a GPU; then the
@@ -179,9 +185,6 @@ def jobs(png: bool) -> list[Job]:
              "--micro-batch", "350m=16,1.3b=8", "--ckpt", "off", "--sharings", "none",
              "--json", "{out}/train_accum.json"],
             [*train_smoke, "--sharings", "none", "--accum", "2", "--json", "{out}/train_accum.json"], 180),
-        Job("tied_grad", "kernels",  # the default layout against "fitted" and "columns"
-            ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
-            ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
         Job("train_options_1.3b", "train",
             [*train, "--configs", "1.3b", "--micro-batch", "8", "--ckpt", "off", "--sharings", "none", "--variants",
              f";model.fused_ops=torch;model.fused_ops=triton;train.compile=false;{AUTOCAST};"

@@ -53,7 +53,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
     assert [j["name"] for j in session["jobs"]] == [
-        "new_tests", "atomic_tests", "tied_grad", "train_350m", "cast_tests", "train_options", "tma_tests", "fused_loss",
+        "tied_grad", "new_tests", "atomic_tests", "train_350m", "cast_tests", "train_options", "tma_tests", "fused_loss",
         "kernel_tests", "untie", "startup"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
