@@ -159,7 +159,7 @@ def tied_grad_section(folder: Path) -> list[str]:
         ["K", "case", "MB", "triton", "fixed", "fitted", "columns", "PyTorch", "copy", "of copy", "fixed of copy",
          "fitted of copy", "columns of copy", "wide of copy", "prepared of copy", "kernel alone of copy", "vs PyTorch",
          "host µs/call",
-         "of it: checks + tables µs", "launch µs"],
+         "of it: checks + tables µs", "launch + sum µs"],
         out) + [""]
     lines.append(f"* target ≥ 85% of copy bandwidth (tensors ≥ 64 MB): {verdict(all(r['of_copy'] >= 0.85 for r in big) if big else None)}")
     lines.append(f"* target ≥ 2× the PyTorch composition (tensors ≥ 64 MB): {verdict(all(r['vs_torch'] >= 2 for r in big) if big else None)}")

@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import checkout_kernels  # noqa: E402
 
 DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
-TABLES = {"CONTRIB_PTRS": "*i64", "GRAD_PTRS": "*i64", "NUMEL": "*i64", "FIRST_CHUNK": "*i64", "COUNTER": "*i64",
-          "PARTIALS": "*fp32", "n_tensors": "i32", "n_units": "i32", "chunk_size": "i32", "n_chunks": "i32",
-          "C_TYPE": "constexpr", "G_TYPE": "constexpr",
+TABLES = {"CONTRIB_PTRS": "*i64", "GRAD_PTRS": "*i64", "NUMEL": "*i64", "FIRST_CHUNK": "*i64", "PARTIALS": "*fp32",
+          "n_tensors": "i32", "n_units": "i32", "chunk_size": "i32", "C_TYPE": "constexpr", "G_TYPE": "constexpr",
           "K_PAD": "constexpr", "T_PAD": "constexpr", "ALIGNED": "constexpr"}
 T_PAD = 16  # a Llama block's nine tensors
 

@@ -19,11 +19,10 @@ the bytes counted for every provider. Providers, side by side in one run:
 * ``wide``: ``layout="wide"``, the same kernel with twice the registers for its tile
   (wider loads from K = 17);
 * ``prepared``: the default's launch built once (``plan_tied_grad_reduce``) and only
-  run in the timed call (``plan.run()``): the kernel without the host's checks and
-  table copy, i.e. the kernel's own bandwidth;
-* ``kernel``: ``plan.launch()``, the same without taking the statistics' views. (Until
-  2026-11-27 the statistics' sum was a torch op after the kernel, which ``kernel``
-  left out; the kernel's last program adds them up now.)
+  run in the timed call: the kernel and the statistics' sum without the host's checks
+  and table copy, i.e. the kernel's own bandwidth;
+* ``kernel``: the prepared launch without the statistics' sum (``plan.launch()``):
+  what that second, small launch costs is ``prepared`` against it;
 * ``torch``: the plain PyTorch composition — stack, sum into .grad, norms, dots;
 * ``copy``: ``dst.copy_(src)`` moving the same number of bytes, the speed of
   light for a memory-bound pass on this device.
@@ -38,7 +37,7 @@ that runs without a GPU.
 ``host us``: the host's time to issue one default (``triton``) call, the GPU idle
 (synchronised before each call, median of 50); ``plan us`` and ``run us`` split
 it: the checks and launch tables (``plan_tied_grad_reduce``), then the launch
-(``plan.run()``). Each timed call starts after
+and the statistics' sum (``plan.run()``). Each timed call starts after
 do_bench's L2 flush, which hides about that long of the host's work; beyond it,
 the host's time counts in the call's, which is what a small tensor measures.
 
@@ -146,7 +145,7 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     }
     reps = 50 if device.type == "cuda" else 1
     host = host_us(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, reps=reps)
-    # The call's two halves: checks and tables (plan_tied_grad_reduce), then the launch.
+    # The call's two halves: checks and tables (plan_tied_grad_reduce), then the launch and the statistics' sum.
     plan_us = host_us(lambda: tg.plan_tied_grad_reduce(contributions, grads), device, reps=reps)
     run_us = host_us(plan.run, device, reps=reps)
     del contributions, grads, plan  # the plan holds the buffers too
@@ -202,7 +201,7 @@ def block_buffers(device: torch.device, dtype: torch.dtype, K: int) -> tuple[lis
 def host_profile(tg, device: torch.device, dtype: torch.dtype, K: int = 2, calls: int = 400, top: int = 15) -> list[dict]:
     """The Llama block's call at K units under cProfile: the ``top`` functions by their own time, per call.
 
-    On CUDA the whole default call (checks, tables, launch), synchronised after each
+    On CUDA the whole default call (checks, tables, launch, the statistics' sum), synchronised after each
     so that no call waits on the GPU's queue; on CPU ``plan_tied_grad_reduce`` (the interpreter's launch
     would drown it)."""
     contributions, grads = block_buffers(device, dtype, K)

@@ -44,12 +44,8 @@ call, where a copy of the same 256 MB takes 0.07 ms.) Raw addresses also work un
 CPU tensors: the interpreter dereferences host addresses directly (it only
 copies *device* storages to the host), so the tested code is the GPU code.
 
-Per-chunk partial statistics go to a small (chunks + 1, 3, K_PAD) buffer rather
-than into atomics, so the result is deterministic: the last program to finish
-(an atomic count of finished programs, CUB's single-pass pattern) adds the rows
-up in chunk order into the last row. That used to be a torch sum after the
-kernel: a second launch on the GPU and a torch op on the host, for a call whose
-host time outlasted its kernel on the H100 (the Llama block at K = 2).
+Per-chunk partial statistics go to a small (chunks, 3, K_PAD) buffer summed by
+torch afterwards, rather than atomics: the result is deterministic.
 
 The reduction kernel is not autotuned: it accumulates into ``.grad`` in place,
 so benchmarking configs would add the sum several times. The tile is sized
@@ -226,48 +222,11 @@ def _reduce_tile(contrib, grad, off, end, unit_ok, sq, dot, ss, MASK: tl.constex
     return sq, dot, ss
 
 
-_FINISH_ROWS = tl.constexpr(64)  # programs' rows the last program adds up a step
-
-
 @triton.jit
-def _store_partials(PARTIALS, COUNTER, chunk, n_chunks, sq, dot, ss, K_PAD: tl.constexpr):
-    """This program's (3, K_PAD) row of partial statistics into PARTIALS[chunk]; the last program to get here
-    then adds every row up, in chunk order (so the result does not depend on which finished last), into
-    PARTIALS[n_chunks], and sets the counter back to 0 for the next launch. One launch does the whole reduction:
-    no second kernel and no host op for the statistics' sum."""
-    units = tl.arange(0, K_PAD)
-    out = PARTIALS + chunk.to(tl.int64) * 3 * K_PAD
-    tl.store(out + units, sq)
-    tl.store(out + K_PAD + units, dot)
-    tl.store(out + 2 * K_PAD + units, tl.where(units == 0, ss, 0.0))
-    tl.debug_barrier()  # every thread's stores happen before the count that publishes them (released at gpu scope)
-    done = tl.atomic_add(COUNTER, 1, sem="acq_rel", scope="gpu")
-    if done == n_chunks - 1:  # the last: every other row is visible after its acquire
-        rows = tl.arange(0, _FINISH_ROWS)
-        sq_all = tl.zeros([K_PAD], dtype=tl.float32)
-        dot_all = tl.zeros([K_PAD], dtype=tl.float32)
-        ss_all = tl.zeros([K_PAD], dtype=tl.float32)
-        for first in range(0, n_chunks, _FINISH_ROWS):
-            r = first + rows
-            row = PARTIALS + r.to(tl.int64)[:, None] * 3 * K_PAD + units[None, :]
-            ok = (r < n_chunks)[:, None]
-            # .cg: from L2, where the other programs' rows are (this SM's L1 may hold an older launch's)
-            sq_all += tl.sum(tl.load(row, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-            dot_all += tl.sum(tl.load(row + K_PAD, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-            ss_all += tl.sum(tl.load(row + 2 * K_PAD, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-        total = PARTIALS + n_chunks.to(tl.int64) * 3 * K_PAD
-        tl.store(total + units, sq_all)
-        tl.store(total + K_PAD + units, dot_all)
-        tl.store(total + 2 * K_PAD + units, ss_all)
-        tl.atomic_xchg(COUNTER, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTER, PARTIALS, n_tensors, n_units, chunk_size,
-                   n_chunks, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
+def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_tensors, n_units, chunk_size,
+                   C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
                    BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """One program = one chunk of one tensor; its partial statistics go to PARTIALS[chunk] (3, K_PAD), their sum
-    to PARTIALS[n_chunks] (``_store_partials``)."""
+    """One program = one chunk of one tensor; writes its partial statistics to PARTIALS[chunk] (3, K_PAD)."""
     chunk = tl.program_id(0)
     t, start = _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK, T_PAD)
     end = tl.minimum(start + chunk_size, tl.load(NUMEL + t))
@@ -287,7 +246,11 @@ def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTER, PARTIAL
         sq, dot, ss = _reduce_tile(contrib, grad, tl.multiple_of(off, BLOCK), end, unit_ok, sq, dot, ss, False, BLOCK)
     if full_end < end:
         sq, dot, ss = _reduce_tile(contrib, grad, full_end, end, unit_ok, sq, dot, ss, True, BLOCK)
-    _store_partials(PARTIALS, COUNTER, chunk, n_chunks, sq, dot, tl.sum(ss, axis=0), K_PAD)
+
+    out = PARTIALS + chunk.to(tl.int64) * 3 * K_PAD
+    tl.store(out + units, sq)
+    tl.store(out + K_PAD + units, dot)
+    tl.store(out + 2 * K_PAD + units, tl.where(units == 0, tl.sum(ss, axis=0), 0.0))
 
 
 @triton.jit
@@ -320,8 +283,8 @@ def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE:
 
 
 @triton.jit
-def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTER, PARTIALS, n_tensors, n_units, chunk_size,
-                    n_chunks, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
+def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_tensors, n_units, chunk_size,
+                    C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
                     COLS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
     """``_reduce_kernel``'s contract (same tables, same PARTIALS), with the units inside each thread."""
     BLOCK: tl.constexpr = COLS * VEC
@@ -341,8 +304,11 @@ def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTER, PARTIA
     if full_end < end:
         sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, full_end, end, n_units, sq, dot, ss,
                                     C_TYPE, K_PAD, COLS, VEC, True, ALIGNED)
-    _store_partials(PARTIALS, COUNTER, chunk, n_chunks, tl.sum(sq, axis=1), tl.sum(dot, axis=1), tl.sum(ss, axis=0),
-                    K_PAD)
+    out = PARTIALS + chunk.to(tl.int64) * 3 * K_PAD
+    units = tl.arange(0, K_PAD)
+    tl.store(out + units, tl.sum(sq, axis=1))
+    tl.store(out + K_PAD + units, tl.sum(dot, axis=1))
+    tl.store(out + 2 * K_PAD + units, tl.where(units == 0, tl.sum(ss, axis=0), 0.0))
 
 
 @triton.jit
@@ -520,7 +486,7 @@ class TiedGradPlan:
     """One reduction's launch, prepared once: its device tables, partials buffer and kernel arguments.
 
     ``run()`` adds Σ_k contributions into the grads again and returns the statistics,
-    doing only the launch (which sums the statistics too): no checks, no host-to-device copy.
+    doing only the launch and the partials' sum: no checks, no host-to-device copy.
     Build it with ``plan_tied_grad_reduce`` for a set of buffers reduced many times
     (and for the benchmark, which times ``run()`` to separate the kernel's bandwidth
     from the host's work per call). It keeps the tensors alive: the tables hold their
@@ -529,21 +495,20 @@ class TiedGradPlan:
 
     kernel: object
     n_chunks: int  # programs in the launch
-    tables: tuple[torch.Tensor, ...]  # contribution and grad addresses, sizes, first chunks, the finish counter
-    partials: torch.Tensor  # (n_chunks + 1, 3, K_PAD): each program's row, then their sum
-    scalars: tuple[int, int, int, int]  # n_tensors, n_units, chunk_size, n_chunks
+    tables: tuple[torch.Tensor, ...]
+    partials: torch.Tensor
+    scalars: tuple[int, int, int]  # n_tensors, n_units, chunk_size
     constexprs: dict
     tensors: tuple  # the contributions and grads whose addresses the tables hold
 
     def launch(self) -> None:
-        """The kernel alone: grads updated, each program's statistics in ``partials[:n_chunks]`` and their sum in
-        ``partials[n_chunks]``."""
+        """The kernel alone: grads updated, per-program statistics in ``partials``, not yet summed."""
         if self.n_chunks:
             self.kernel[(self.n_chunks,)](*self.tables, self.partials, *self.scalars, **self.constexprs)
 
     def run(self) -> TiedGradStats:
         self.launch()
-        stats = self.partials[self.n_chunks]  # (3, K_PAD); zeros when nothing ran
+        stats = self.partials.sum(0)  # (3, K_PAD)
         n = self.scalars[1]
         return TiedGradStats(sq_norms=stats[0, :n], dots=stats[1, :n], sum_sq=stats[2, 0])
 
@@ -574,18 +539,15 @@ def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tens
         consts, kernel = {"BLOCK": block}, _reduce_kernel
     chunk_size = _chunk_size(sum(numels), block, device, num_warps)
     firsts, n_chunks = _first_chunks(numels, chunk_size)
-    # The last table is the kernel's count of finished programs: 0 here, and set back to 0 by the kernel's last
-    # program, so the cached copy (_device_tables) stays what its key says. (Two launches on the same buffers at
-    # once would share it, as they would share the grads they add into: megascale launches on one stream.)
-    tables = _to_device([contrib_ptrs, grad_ptrs, numels, firsts, [0]], device)
-    # Every program writes its whole (3, K_PAD) row and the last one the sum row, so no fill is needed (one launch
-    # fewer), unless none runs: then the sum row is zeros.
-    partials = (torch.empty if n_chunks else torch.zeros)((n_chunks + 1, 3, k_pad), device=device, dtype=torch.float32)
+    tables = _to_device([contrib_ptrs, grad_ptrs, numels, firsts], device)
+    # Every program writes its whole (3, K_PAD) row, so no fill is needed (one launch fewer), unless none runs.
+    partials = (torch.empty if n_chunks else torch.zeros)((max(n_chunks, 1), 3, k_pad), device=device,
+                                                          dtype=torch.float32)
     constexprs = dict(C_TYPE=_TL_DTYPE[dense[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype], K_PAD=k_pad,
                       T_PAD=next_pow2(len(grads)), ALIGNED=any_bits % 16 == 0,
                       num_warps=num_warps, **consts)
-    return TiedGradPlan(kernel, n_chunks, tuple(tables), partials, (len(grads), n_units, chunk_size, n_chunks),
-                        constexprs, (dense, grads))
+    return TiedGradPlan(kernel, n_chunks, tuple(tables), partials, (len(grads), n_units, chunk_size), constexprs,
+                        (dense, grads))
 
 
 def plan_tied_grad_reduce(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor],
