@@ -156,7 +156,8 @@ def describe(compiled, arch: int) -> str:
     fits = "fits" if smem <= H100_SMEM else "TOO BIG for an H100"
     # cp.async: loads copied to shared memory asynchronously by the threads; cp.async.bulk.tensor: by the TMA unit.
     # deterministic=False's dQ: fp32 reductions, 128-bit (four values an instruction) or one value at a time
-    reductions = re.findall(r"\bred\.global\S*", ptx)  # not "shared.global": a word of its own
+    # red.global (Triton 3.9), or atom.global ... add whose result goes unused (3.6; ptxas makes it a REDG too)
+    reductions = re.findall(r"\b(?:red|atom)\.global\S*add\S*", ptx)  # not "shared.global": a word of its own
     atomics = "" if not reductions else f"  dQ atomics {'v4' if any('v4.f32' in r for r in reductions) else 'scalar'}"
     overlap = "  overlap yes" if overlapped(ptx) else ""
     return (f"wgmma {'yes' if 'wgmma.mma_async' in ptx else 'NO ':<3}  pipelined {'yes' if 'cp.async' in ptx else 'NO ':<3}  "

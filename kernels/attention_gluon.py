@@ -114,10 +114,11 @@ GLUON_TILES = {
 }
 
 # The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, loader); BLOCK_N / 16 compute warps, and
-# with TMA_WARP a TMA warp (``_bwd_loader``). At head dim 128 (Triton 3.6 / 3.9), 32 x 64: 238-251 registers, no
-# spill; 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's backward) 255, spilling 28 bytes
-# with 3.6; 64 x 64 spills 8-124 bytes inside its loop. With the TMA warp the compute warps get 256 registers by
-# setmaxnreg and none spills, at one block an SM (32 x 64 without it fits two). So 32 x 64 first.
+# with TMA_WARP a TMA warp (``_bwd_loader``). At head dim 128 (sm_90a, Triton 3.9 / 3.6, causal and not): 32 x 64
+# 236-251 registers, no spill; 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's backward)
+# 252-255, spilling 28-92 bytes with 3.6; 64 x 64 spills 8-124 bytes. With the TMA warp none spills: the compute
+# warps get 256 registers by setmaxnreg at 32 x 64 (one block an SM; without it two fit), 240 at 32 x 128 (8
+# compute warps and the loader's warp group share the register file). So 32 x 64 first.
 GLUON_BWD_TILES = {
     128: [(32, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (32, 128, 2, OWN_LOADS), (64, 64, 2, OWN_LOADS),
           (32, 64, 2, TMA_WARP), (32, 128, 2, TMA_WARP)],
@@ -692,7 +693,8 @@ def backward(q, k, v, do, lse, delta, dq_acc, dk, dv, causal: bool, qk_scale: fl
              tile: tuple[int, int] | None = None, tune: bool = True, bucket: int = 0) -> None:
     """dK, dV into dk, dv and dQ / sm_scale added into the zeroed fp32 (B, H, T, D) dq_acc (by atomics).
 
-    lse: the forward's log2-sum-exp, delta: rowsum(O · dO), both (B, H, T) fp32; qk_scale = sm_scale · log2(e).
+    lse: the forward's log2-sum-exp, delta: rowsum(O · dO), both contiguous (B, H, T) fp32, and dq_acc contiguous:
+    the kernel indexes them flat. qk_scale = sm_scale · log2(e).
     tile: a fixed (BLOCK_M, BLOCK_N), or a whole candidate, of ``GLUON_BWD_TILES`` (``tile_for``); else the
     fastest candidate (``best_tile``), timed on scratch outputs.
     """
