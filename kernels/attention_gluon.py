@@ -118,10 +118,12 @@ GLUON_TILES = {
 # 236-251 registers, no spill; 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's backward)
 # 252-255, spilling 28-92 bytes with 3.6; 64 x 64 spills 8-124 bytes. With the TMA warp none spills: the compute
 # warps get 256 registers by setmaxnreg at 32 x 64 (one block an SM; without it two fit), 240 at 32 x 128 (8
-# compute warps and the loader's warp group share the register file). So 32 x 64 first.
+# compute warps and the loader's warp group share the register file; 3 stages too, a step more of Q and dO in
+# flight: 120 KiB). 64 x 128 (FlashAttention-3's backward tile) spills 24-536 bytes with or without the TMA warp:
+# dQᵀ's accumulator is live beside dK's and dV's. So 32 x 64 first.
 GLUON_BWD_TILES = {
     128: [(32, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (32, 128, 2, OWN_LOADS), (64, 64, 2, OWN_LOADS),
-          (32, 64, 2, TMA_WARP), (32, 128, 2, TMA_WARP)],
+          (32, 64, 2, TMA_WARP), (32, 128, 2, TMA_WARP), (32, 128, 3, TMA_WARP)],
     64: [(64, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (64, 64, 2, TMA_WARP)],
 }
 
