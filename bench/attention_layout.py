@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                     compiled = compile_gluon(gluon_mod, kernel, tile, head_dim, args.causal == "true", args.arch)
                     loads = gluon_mod.LOADERS[tile[3]] or "own loads"
                     print(f"{kernel:<15} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {compiled.metadata.num_warps:>5} "
-                          f"{tile[2]:>6}  {loads:<9}  {describe(compiled, args.arch)}", flush=True)
+                          f"{tile[2]:>6}  {loads:<13}  {describe(compiled, args.arch)}", flush=True)
             continue
         table = getattr(att, KERNELS[kernel][1])
         for head_dim in (int(d) for d in args.head_dims.split(",")):

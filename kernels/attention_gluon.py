@@ -41,7 +41,9 @@ dK/dV kernel's DQ_ATOMIC form written out: one program per (key block, K/V head)
 head's whole query group streaming past by TMA; Sᵀ = K Qᵀ and dPᵀ = V dOᵀ issued together, Pᵀ computed
 while dPᵀ runs, then dV += Pᵀ dO and dK += dSᵀ Q from registers and dQ's share (dS K, or Kᵀ dSᵀ for
 32-query steps, which a warp group cannot multiply as 32 rows) from dSᵀ in shared memory, the three
-issued together and waited for once; dQ's share is added into an fp32 buffer by atomics. At head dim 128
+issued together and waited for once; dQ's share is added into an fp32 buffer by atomics: by the compute warps,
+or (DQ_WARP) by the loading warp group, which reads it from shared memory, as FlashAttention-3's backward hands
+dQ to a warp of its own. At head dim 128
 the 32-query step keeps dK, dV and the step's tiles in 238-251 registers without a spill (64 queries
 spill 8-124 bytes; Triton 3.9 and 3.6).
 
@@ -89,10 +91,12 @@ else:
 # Who loads K and V in the forward (a candidate's fourth field): the compute warps themselves; a TMA warp of its
 # own (FlashAttention-3's producer); or a TMA warp and two compute warp groups of 64 query rows each that take turns
 # issuing their products (FlashAttention-3's "ping-pong": one group's softmax runs while the other's products do).
-# The backward has the first two.
-OWN_LOADS, TMA_WARP, PING_PONG = 0, 1, 2
-LOADERS = {OWN_LOADS: "", TMA_WARP: "TMA warp", PING_PONG: "ping-pong"}
-_TMA_WARP, _PING_PONG = tl.constexpr(TMA_WARP), tl.constexpr(PING_PONG)  # the kernels read globals as constexprs
+# The backward has the first two, and DQ_WARP: a loading warp group also adds each step's dQ share into the fp32 buffer,
+# which the compute warps leave in shared memory (FlashAttention-3's backward hands dQ to a warp of its own too).
+OWN_LOADS, TMA_WARP, PING_PONG, DQ_WARP = 0, 1, 2, 3
+LOADERS = {OWN_LOADS: "", TMA_WARP: "TMA warp", PING_PONG: "ping-pong", DQ_WARP: "TMA + dQ warp"}
+# the kernels read globals as constexprs
+_TMA_WARP, _PING_PONG, _DQ_WARP = tl.constexpr(TMA_WARP), tl.constexpr(PING_PONG), tl.constexpr(DQ_WARP)
 
 GLUON_HEAD_DIMS = (64, 128)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
@@ -114,17 +118,19 @@ GLUON_TILES = {
 }
 
 # The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, loader); BLOCK_N / 16 compute warps, and
-# with TMA_WARP a TMA warp (``_bwd_loader``). At head dim 128 (sm_90a, Triton 3.9 / 3.6, causal and not): 32 x 64
-# 236-251 registers, no spill; 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's backward)
-# 252-255, spilling 28-92 bytes with 3.6; 64 x 64 spills 8-124 bytes. With the TMA warp none spills: the compute
-# warps get 256 registers by setmaxnreg at 32 x 64 (one block an SM; without it two fit), 240 at 32 x 128 (8
-# compute warps and the loader's warp group share the register file; 3 stages too, a step more of Q and dO in
-# flight: 120 KiB). 64 x 128 (FlashAttention-3's backward tile) spills 24-536 bytes with or without the TMA warp:
-# dQᵀ's accumulator is live beside dK's and dV's. So 32 x 64 first.
+# with TMA_WARP a TMA warp (``_bwd_loader``), with DQ_WARP a warp group that loads and adds dQ (``_bwd_dq_loader``).
+# At head dim 128 (sm_90a, Triton 3.9 / 3.6, causal and not): 32 x 64 236-251 registers, no spill. With a TMA warp
+# none spills: the compute warps get 256 registers by setmaxnreg at 32 x 64 (one block an SM; without it two fit),
+# 240 at 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's backward; 3 stages: a step
+# more of Q and dO in flight). DQ_WARP takes dQ's atomics (and their addresses' registers) off the compute warps:
+# they store each step's share to shared memory, 232-256 registers, no spill, and the loader adds it by 128-bit
+# atomics (the compute warps' are 32-bit: their registers hold dQ's values a row or two apart). Left out: 32 x 128
+# and 64 x 64 without a TMA warp (spill 28-124 bytes with 3.6, the GPU machine's), and FlashAttention-3's 64 x 128
+# (24-536 bytes, DQ_WARP's included: dQ's accumulator is live beside dK's and dV's). So 32 x 64 first.
 GLUON_BWD_TILES = {
-    128: [(32, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (32, 128, 2, OWN_LOADS), (64, 64, 2, OWN_LOADS),
-          (32, 64, 2, TMA_WARP), (32, 128, 2, TMA_WARP), (32, 128, 3, TMA_WARP)],
-    64: [(64, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (64, 64, 2, TMA_WARP)],
+    128: [(32, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (32, 64, 2, TMA_WARP), (32, 128, 2, TMA_WARP),
+          (32, 128, 3, TMA_WARP), (32, 64, 2, DQ_WARP), (32, 128, 2, DQ_WARP)],
+    64: [(64, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (64, 64, 2, TMA_WARP), (64, 64, 2, DQ_WARP)],
 }
 
 
@@ -161,6 +167,25 @@ if GLUON_IMPORT_ERROR is None:
     def _consumers(loader):
         """The forward's compute partitions: PING_PONG's two warp groups, else one."""
         return 2 if loader == PING_PONG else 1
+
+    @gluon.constexpr_function
+    def _dq_shape(loader, block_m, head_dim):
+        """The backward's fp32 dQ buffers in shared memory: DQ_WARP's two, else a placeholder of one row."""
+        return [2, block_m, head_dim] if loader == DQ_WARP else [1, 1, head_dim]
+
+    @gluon.constexpr_function
+    def _dq_shared_layout(transposed):
+        """dQ's (BLOCK_M, D) fp32 buffer, read whole rows 8 at a time by the dQ loader (4 adjacent values a lane, one
+        swizzle period) and written from the products' registers: Kᵀ dSᵀ's transposed share has a warp's lanes on 4
+        rows 2 apart, 8 adjacent columns each, which 4-value groups swizzled over 8 rows spread over all 32 banks;
+        dS K's has them on 8 adjacent rows, 2 values each, which 8-value groups spread, half a warp at a time."""
+        return gl.SwizzledSharedLayout(4 if transposed else 8, 1, 8, [1, 0])
+
+    @gluon.constexpr_function
+    def _dq_warp_registers(compute_warps):
+        """DQ_WARP's loader's registers: 32 beside two compute warp groups (Triton gives them 232 each: 168 a
+        thread at launch, 3 x 168 over the three warp groups), 64 beside one (which gets 256)."""
+        return 32 if compute_warps == 8 else 64
 
     @gluon.jit
     def _load_block(desc, b, h, row, bar, dst, pred):
@@ -414,7 +439,8 @@ if GLUON_IMPORT_ERROR is None:
         dK += dSᵀ Q. dQ = dS K reads dSᵀ back from shared memory, transposed by the product. Sᵀ and dPᵀ are
         issued together and Pᵀ is computed while dPᵀ runs. The query blocks of every query head of the K/V
         head's group stream past in one loop, Q and dO by TMA STAGES steps ahead: issued by the compute warps,
-        or with WS by a warp of their own (``_bwd_loader``), as in the forward.
+        or (TMA_WARP) by a warp of their own (``_bwd_loader``), as in the forward, or (DQ_WARP) by a warp group
+        that also adds each step's dQ share, which the compute warps leave in shared memory (``_bwd_dq_loader``).
         """
         dtype: gl.constexpr = desc_q.dtype
         pid_bkv = gl.program_id(1)
@@ -433,17 +459,35 @@ if GLUON_IMPORT_ERROR is None:
         do_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_do.block_type.shape, desc_do.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # Q and dO landed
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # WS: buffer free
+        # a TMA warp: the compute warps are done with a step (its Q/dO buffer free; with DQ_WARP its dQ share stored)
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
+        # DQ_WARP: two fp32 (BLOCK_M, D) buffers of dQ shares, and a barrier each for "added, free again"
+        dq_smem = gl.allocate_shared_memory(gl.float32, _dq_shape(WS, BLOCK_M, HEAD_DIM),
+                                            _dq_shared_layout(BLOCK_M < 16 * num_warps))  # _bwd_compute's DQ_T
+        dq_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(dq_free.index(i), count=1)
 
-        if WS:
+        if WS == _DQ_WARP:
             gl.warp_specialize([
                 (_bwd_compute, (desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
-                                kv_bar, bars, empty, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
-                                qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, num_warps)),
+                                dq_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads,
+                                group, seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS,
+                                num_warps)),
+                (_bwd_dq_loader, (desc_q, desc_k, desc_v, desc_do, DQA, k_smem, v_smem, q_smem, do_smem, dq_smem,
+                                  kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group,
+                                  seq_len, HEAD_DIM, BLOCK_M, STAGES)),
+            ], [4], [_dq_warp_registers(num_warps)])
+        elif WS == _TMA_WARP:
+            gl.warp_specialize([
+                (_bwd_compute, (desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
+                                dq_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads,
+                                group, seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS,
+                                num_warps)),
                 (_bwd_loader, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, empty,
                                b, kv_h, start_n, lo, per_head, steps, group, BLOCK_M, STAGES)),
             ], [1], [24])
@@ -453,12 +497,14 @@ if GLUON_IMPORT_ERROR is None:
                 _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, i, bars.index(i), q_smem.index(i),
                            do_smem.index(i), i < steps, BLOCK_M)
             _bwd_compute(desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
-                         kv_bar, bars, empty, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
-                         qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, num_warps)
+                         dq_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group,
+                         seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, num_warps)
         mbarrier.invalidate(kv_bar)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
             mbarrier.invalidate(empty.index(i))
+        for i in gl.static_range(2):
+            mbarrier.invalidate(dq_free.index(i))
 
     @gluon.jit
     def _load_kv(desc_k, desc_v, b, kv_h, start_n, bar, k_dst, v_dst):
@@ -480,8 +526,44 @@ if GLUON_IMPORT_ERROR is None:
                        do_smem.index(slot), True, BLOCK_M)
 
     @gluon.jit
-    def _bwd_compute(desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
-                     kv_bar, bars, empty, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
+    def _bwd_dq_loader(desc_q, desc_k, desc_v, desc_do, DQA, k_smem, v_smem, q_smem, do_smem, dq_smem, kv_bar, bars,
+                       empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
+                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """DQ_WARP's loader, a warp group (a lone warp would be one anyway, for its registers): K, V and the first
+        STAGES steps' Q and dO; then, as the compute warps finish each
+        step, the Q and dO of the step STAGES later into its buffer (issued first, so the copy runs meanwhile) and
+        the step's dQ share, from shared memory, added into DQA by 128-bit atomics; its dQ buffer then freed."""
+        _load_kv(desc_k, desc_v, b, kv_h, start_n, kv_bar, k_smem, v_smem)
+        for i in gl.static_range(STAGES):
+            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, i, bars.index(i), q_smem.index(i),
+                       do_smem.index(i), i < steps, BLOCK_M)
+        # 8 rows a pass (the shared layout's swizzle period), 4 adjacent values a lane: a row of D fp32 is 32 lanes
+        # (head dim 128) or 16 (64); the 4 warps take 4 or 8 rows; 8 or 4 values a lane in all.
+        rows_per_pass: gl.constexpr = 8
+        lanes_d: gl.constexpr = HEAD_DIM // 4
+        layout: gl.constexpr = gl.BlockedLayout([rows_per_pass * lanes_d // 128, 4], [32 // lanes_d, lanes_d], [4, 1],
+                                                [1, 0])
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+        for step in range(steps):
+            slot = step % STAGES
+            mbarrier.wait(empty.index(slot), (step // STAGES) & 1)  # step done: its buffer free, its dQ stored
+            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step + STAGES, bars.index(slot),
+                       q_smem.index(slot), do_smem.index(slot), step + STAGES < steps, BLOCK_M)
+            h = kv_h * group + step // per_head
+            start_m = lo + (step % per_head) * BLOCK_M
+            row = (b * n_heads + h).to(gl.int64) * seq_len
+            dq_buf = dq_smem.index(step % 2)
+            for r in gl.static_range(0, BLOCK_M, rows_per_pass):
+                dq = dq_buf.slice(r, rows_per_pass, dim=0).load(layout)  # (rows_per_pass, D)
+                offs_m = start_m + r + gl.arange(0, rows_per_pass, layout=gl.SliceLayout(1, layout))
+                ptrs = DQA + (row + gl.expand_dims(offs_m, 1)) * HEAD_DIM + gl.expand_dims(offs_d, 0)
+                gl.atomic_add(ptrs, dq, mask=gl.expand_dims(offs_m < seq_len, 1), sem="relaxed")
+            _cta_barrier()  # (of this partition's warps) every value read: the compute warps may refill the buffer
+            mbarrier.arrive(dq_free.index(step % 2))
+
+    @gluon.jit
+    def _bwd_compute(desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, dq_smem,
+                     kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
                      qk_scale, sm_scale, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
         """The backward's loop over its query blocks (``_bwd_gluon_kernel``), then dK and dV stored."""
@@ -548,7 +630,14 @@ if GLUON_IMPORT_ERROR is None:
             else:
                 dq = warpgroup_mma(ds_smem.permute((1, 0)), k, dq_zero, use_acc=False, is_async=True)  # (BLOCK_M, D)
             dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dq, dv, dk, p_op, ds_op))  # the three products at once
-            _add_dq(DQA, row, start_m, dq, seq_len, DQ_T, HEAD_DIM, BLOCK_M, dq_layout)
+            if WS == _DQ_WARP:  # to shared memory, (BLOCK_M, D) either way; the loading warp group adds it
+                mbarrier.wait(dq_free.index(step % 2), ((step // 2) & 1) ^ 1)  # added two steps ago
+                if DQ_T:
+                    dq_smem.index(step % 2).permute((1, 0)).store(dq)
+                else:
+                    dq_smem.index(step % 2).store(dq)
+            else:
+                _add_dq(DQA, row, start_m, dq, seq_len, DQ_T, HEAD_DIM, BLOCK_M, dq_layout)
             _cta_barrier()  # buffer `slot` and dSᵀ's are read by no product any more (every compute warp is past)
             if WS:
                 mbarrier.arrive(empty.index(slot))

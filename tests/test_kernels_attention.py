@@ -209,7 +209,7 @@ def _gluon_forward_tiles() -> list[tuple[int, tuple]]:
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("head_dim, tile", _gluon_forward_tiles(), ids=lambda x: f"D{x}" if isinstance(x, int)
-                         else "{}x{}-s{}".format(*x) + ("", "-ws", "-pingpong")[x[3]])
+                         else "{}x{}-s{}".format(*x) + ("", "-ws", "-pingpong", "-dqwarp")[x[3]])
 def test_gluon_forward_every_tile_matches_reference(head_dim, tile, causal):
     """Every candidate the tuner may pick (64- and 128-row blocks, 64- and 128-key blocks, with and without the TMA
     warp, ping-pong), fixed: O and the log2-sum-exp the backward reads, at a length with a tail and more key blocks
@@ -239,7 +239,7 @@ def _gluon_backward_tiles() -> list[tuple[int, tuple]]:
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("head_dim, block", _gluon_backward_tiles(), ids=lambda x: f"D{x}" if isinstance(x, int)
-                         else "{}x{}-s{}".format(*x) + ("", "-ws", "-pingpong")[x[3]])
+                         else "{}x{}-s{}".format(*x) + ("", "-ws", "-pingpong", "-dqwarp")[x[3]])
 def test_gluon_backward_every_tile_matches_reference(head_dim, block, causal):
     """The Gluon backward (deterministic=False) at each candidate (queries a step, keys a program, with and without
     the TMA warp), passed whole as the dK/dV tile: at 32 query rows it takes dQ as Kᵀ dSᵀ (a wgmma needs 64 rows a
@@ -249,6 +249,21 @@ def test_gluon_backward_every_tile_matches_reference(head_dim, block, causal):
     tiles = Tiles(fwd=(128, 128), dkdv=block, dq=(64, 32))
     out = FlashAttention.apply(q, k, v, causal, head_dim**-0.5, tiles, False, False, False, True)
     _check_output(out, q, k, v, do, causal)
+
+
+@pytest.mark.parametrize("loader", ["own", "tma-warp", "dq-warp"])
+@pytest.mark.parametrize("head_dim, block", [(128, (32, 64)), (64, (64, 64))], ids=["D128", "D64"])
+def test_gluon_backward_programs_with_a_single_step(head_dim, block, loader):
+    """T = 80, causal, one query head per K/V head: the second key block's program has one query step, fewer than
+    its buffers (the loaders' first refills predicated off, DQ_WARP's dQ buffers and rings used once)."""
+    from megascale.kernels.attention_gluon import DQ_WARP, OWN_LOADS, TMA_WARP  # noqa: PLC0415
+
+    q, k, v, do = _inputs(1, 2, 2, 80, head_dim, torch.bfloat16, seed=23)
+    _gluon_or_skip(q, k, v)
+    tile = (*block, 2, {"own": OWN_LOADS, "tma-warp": TMA_WARP, "dq-warp": DQ_WARP}[loader])
+    out = FlashAttention.apply(q, k, v, True, head_dim**-0.5, Tiles(fwd=(128, 128), dkdv=tile, dq=(64, 32)), False,
+                               False, False, True)
+    _check_output(out, q, k, v, do, True)
 
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["dq-kernel", "dq-atomic"])
