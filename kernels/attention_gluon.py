@@ -472,6 +472,8 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(2):
             mbarrier.init(dq_free.index(i), count=1)
 
+        # (the compute partition's arguments are written out in each form: a tuple of them loses their constexprs
+        # with Triton 3.9 and is refused by 3.6's frontend, as starred arguments are)
         if WS == _DQ_WARP:
             gl.warp_specialize([
                 (_bwd_compute, (desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
