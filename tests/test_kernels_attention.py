@@ -207,16 +207,18 @@ def _gluon_forward_tiles() -> list[tuple[int, tuple]]:
     return [(d, tile) for d, tiles in GLUON_TILES.items() for tile in tiles] if CUDA else [(64, GLUON_TILES[64][0])]
 
 
+@pytest.mark.parametrize("seq_len", [300, 100], ids=["T300", "T100"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("head_dim, tile", _gluon_forward_tiles(), ids=lambda x: f"D{x}" if isinstance(x, int)
                          else "{}x{}-s{}".format(*x) + ("", "-ws", "-pingpong", "-dqwarp")[x[3]])
-def test_gluon_forward_every_tile_matches_reference(head_dim, tile, causal):
+def test_gluon_forward_every_tile_matches_reference(head_dim, tile, causal, seq_len):
     """Every candidate the tuner may pick (64- and 128-row blocks, 64- and 128-key blocks, with and without the TMA
-    warp, ping-pong), fixed: O and the log2-sum-exp the backward reads, at a length with a tail and more key blocks
-    than buffers, GQA 2 (ping-pong at T=300: the last block's second warp group has no row inside the sequence)."""
+    warp, ping-pong), fixed: O and the log2-sum-exp the backward reads, GQA 2, at a length with a tail and more key
+    blocks than buffers (ping-pong at T=300: the last block's second warp group has no row inside the sequence),
+    and at one where a 128-key block is the only one (T=100: no loop, only the first and last products)."""
     from megascale.kernels import attention_gluon  # noqa: PLC0415
 
-    q, k, v, _ = _inputs(1, 4, 2, 300, head_dim, torch.bfloat16, seed=17)
+    q, k, v, _ = _inputs(1, 4, 2, seq_len, head_dim, torch.bfloat16, seed=17)
     _gluon_or_skip(q, k, v)
     scale = head_dim**-0.5
     with torch.no_grad():
