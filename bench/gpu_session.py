@@ -40,6 +40,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -72,10 +73,10 @@ ATOMIC_TESTS = ["-k", "atomic_dq and not fp32", "tests/test_kernels_attention.py
 # alone; a barrier protocol gone wrong hangs rather than fails, so a benchmark times a kernel only after its tests
 # pass, and a broken backward does not cost the forward's figures. bf16; every candidate tile at head dim 128 (#3's).
 # The forward with the TMA backward (dq-kernel): 28 cases on a GPU; the Gluon backward (dq-atomic): 27.
-GLUON_FWD_TESTS = ["-k", "gluon and not fp16 and not dq-atomic and not backward_every and not single_step "
-                         "and not (every_tile and D64)", "tests/test_kernels_attention.py"]
-GLUON_BWD_TESTS = ["-k", "gluon and not fp16 and (dq-atomic or backward_every or single_step) "
-                         "and not (backward_every and D64)", "tests/test_kernels_attention.py"]
+GLUON_FWD_TESTS = ["-k", "gluon and not fp16 and not dq-atomic and not backward_every and not (every_tile and D64)",
+                   "tests/test_kernels_attention.py"]
+GLUON_BWD_TESTS = ["-k", "gluon and not fp16 and (dq-atomic or backward_every) and not (backward_every and D64)",
+                   "tests/test_kernels_attention.py"]
 # The attention providers but the Gluon ones, which only attention_gluon(_bwd) time, after their tests (GLUON_FWD_TESTS)
 NOT_GLUON = ("triton,triton-tma,triton-ws,triton-tma-atomic,triton-ws-atomic,sdpa-flash,sdpa-cudnn,"
              "sdpa-efficient")
@@ -104,9 +105,10 @@ class Job:
 
 def tests_job(name: str, selection: list[str], cap_s: int, **kw) -> Job:
     """A pytest run of ``selection`` (``-k`` filters and files): verbose with a JUnit report on the GPU, only
-    collected in a smoke run (the suite runs the tests on CPU)."""
-    return Job(name, "kernels", ["-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml", f"{{out}}/{name}.xml",
-                                 *selection],
+    collected in a smoke run (the suite runs the tests on CPU). Unbuffered (-u): a job cut off by its cap keeps
+    every outcome so far in its log, and the test it was in (``broken_tiles`` reads them)."""
+    return Job(name, "kernels", ["-u", "-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml",
+                                 f"{{out}}/{name}.xml", *selection],
                ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *selection], cap_s, **kw)
 
 
@@ -276,7 +278,11 @@ class Outcome:
     log: str
 
 
-def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, str]) -> Outcome:
+def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, str],
+            extra_env: dict[str, str] | None = None) -> Outcome:
+    """``job`` under ``env``, and ``extra_env`` (written into the recorded command too), for at most ``limit`` s."""
+    extra_env = extra_env or {}
+    env = {**env, **extra_env}
     cmd = [sys.executable, *(a.replace("{out}", str(out)) for a in argv)]
     log = out / f"{job.name}.log"
     start = time.monotonic()
@@ -290,7 +296,45 @@ def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, s
             rc = None
     for folder in job.discard:
         shutil.rmtree(out / folder, ignore_errors=True)
-    return Outcome(job.name, shlex.join(cmd), rc, round(time.monotonic() - start, 1), log.name)
+    command = shlex.join([f"{k}={v}" for k, v in extra_env.items()] + cmd)
+    return Outcome(job.name, command, rc, round(time.monotonic() - start, 1), log.name)
+
+
+# attention_gluon.EXCLUDE_ENV: the candidates its tuners leave out (not imported: this script imports no torch)
+GLUON_EXCLUDE_ENV = "MEGASCALE_GLUON_EXCLUDE"
+# A verbose pytest line: the test's id, then its outcome unless it was still running when the log ends.
+TEST_LINE = re.compile(r"^(tests/\S+::\S+)(?: (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS))?")
+# The Gluon tests whose ids name a candidate (attention_gluon.tile_tag), after the head dim.
+GLUON_TILE_TEST = re.compile(r"::test_gluon_(forward|backward)_every_\w+\[D\d+-(\d+x\d+-s\d+(?:-ws|-pingpong|-dqwarp)?)"
+                             r"(?:-|\])")
+
+
+def broken_tiles(log: str) -> list[str] | None:
+    """The Gluon candidates ("fwd:128x128-s2-pingpong", ...) whose test failed, or was running when the log ends
+    (a hang cut off by the job's cap), from a ``pytest -v`` log; None when a failed test names no candidate (the
+    default tile's parity tests: the benchmark is not safe), or when the log holds no outcome at all."""
+    outcomes: dict[str, str | None] = {}
+    for line in log.splitlines():
+        if match := TEST_LINE.match(line):
+            outcomes[match.group(1)] = match.group(2)
+    bad = [test for test, outcome in outcomes.items() if outcome in (None, "FAILED", "ERROR")]
+    if not outcomes or not bad:
+        return None
+    tags = set()
+    for test in bad:
+        match = GLUON_TILE_TEST.search(test)
+        if match is None:
+            return None
+        tags.add(("fwd:" if match.group(1) == "forward" else "bwd:") + match.group(2))
+    return sorted(tags)
+
+
+def salvage_env(job: Job, out: Path) -> dict[str, str] | None:
+    """When ``job``'s required tests failed only in tests of single Gluon candidates: the environment that runs
+    ``job`` without those candidates (their own figures lost, not every other's); else None."""
+    log = out / f"{job.requires}.log"
+    tags = broken_tiles(log.read_text(errors="replace")) if log.is_file() else None
+    return None if tags is None else {GLUON_EXCLUDE_ENV: ",".join(tags)}
 
 
 def unmet_requirement(job: Job, done: list[dict], smoke: bool) -> str | None:
@@ -362,14 +406,18 @@ def main() -> None:
     session = {"environment": environment(), "smoke": args.smoke, "budget_s": args.budget, "jobs": []}
     for job in selected:
         left = deadline - time.monotonic()
+        why = unmet_requirement(job, session["jobs"], args.smoke)
+        extra = salvage_env(job, args.out) if why else {}  # None: not safe to run at all
         if left < 20:
             outcome = Outcome(job.name, "", None, 0.0, "not started: budget spent")
-        elif why := unmet_requirement(job, session["jobs"], args.smoke):
+        elif extra is None:
             outcome = Outcome(job.name, "", None, 0.0, f"not started: {why}")
             print(f"{job.name:<24} skipped  ({why})", flush=True)
         else:
+            if extra:
+                print(f"{job.name:<24} without {extra[GLUON_EXCLUDE_ENV]} ({why} there)", flush=True)
             outcome = run_job(job, job.smoke_argv if args.smoke else job.argv, args.out, min(job.cap_s, left),
-                              {**env, **job.env})
+                              {**env, **job.env}, extra)
             status = "cut off" if outcome.rc is None else f"rc={outcome.rc}"
             print(f"{job.name:<24} {status:<8} {outcome.seconds:7.1f} s  {outcome.log}", flush=True)
         session["jobs"].append(asdict(outcome))

@@ -62,6 +62,7 @@ need a Hopper GPU.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -138,6 +139,30 @@ def describe_tile(tile: tuple) -> str:
     """A candidate in words: '128 x 128, 2 stages, ping-pong'."""
     block_m, block_n, stages, loader = tile
     return ", ".join(filter(None, [f"{block_m} x {block_n}", f"{stages} stages", LOADERS[loader]]))
+
+
+# Candidates the tuners leave out, "fwd:128x128-s2-pingpong,bwd:32x128-s2-dqwarp" (``tile_tag``):
+# bench/gpu_session.py sets it from the candidates whose GPU tests failed or hung, so one broken candidate costs its
+# own figures, not every other's (the tuner times them all: a hang there would stop the benchmark).
+EXCLUDE_ENV = "MEGASCALE_GLUON_EXCLUDE"
+
+
+def tile_tag(tile: tuple) -> str:
+    """A candidate in a word, as the tests' ids and EXCLUDE_ENV name it: '128x128-s2-pingpong'."""
+    block_m, block_n, stages, loader = tile
+    return f"{block_m}x{block_n}-s{stages}" + {OWN_LOADS: "", TMA_WARP: "-ws", PING_PONG: "-pingpong",
+                                                 DQ_WARP: "-dqwarp"}[loader]
+
+
+def candidates(kind: str, head_dim: int) -> list[tuple]:
+    """The tuner's candidates, ``kind`` "fwd" or "bwd": the table's, less those EXCLUDE_ENV names."""
+    excluded = {name.strip() for name in os.environ.get(EXCLUDE_ENV, "").split(",")}
+    table = (GLUON_TILES if kind == "fwd" else GLUON_BWD_TILES)[head_dim]
+    kept = [tile for tile in table if f"{kind}:{tile_tag(tile)}" not in excluded]
+    if not kept:
+        raise ValueError(f"{EXCLUDE_ENV} leaves the Gluon {kind} no candidate at head dim {head_dim}: "
+                         f"unset it or name fewer")
+    return kept
 
 
 def forward_launch(tile: tuple) -> tuple[int, int]:
@@ -764,7 +789,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, qk_
     if tile:
         chosen = tile_for(GLUON_TILES, D, tile)
     else:  # the forward writes only o and lse: timing it on them is harmless
-        chosen = best_tile(GLUON_TILES[D], lambda: lambda t: _launch(q, k, v, o, lse, causal, qk_scale, t),
+        chosen = best_tile(candidates("fwd", D), lambda: lambda t: _launch(q, k, v, o, lse, causal, qk_scale, t),
                            ("fwd", D, causal, q.dtype, bucket, q.device), tune)
     _launch(q, k, v, o, lse, causal, qk_scale, chosen)
     return o, lse
@@ -799,5 +824,5 @@ def backward(q, k, v, do, lse, delta, dq_acc, dk, dv, causal: bool, qk_scale: fl
             scratch = (torch.empty_like(dq_acc), torch.empty_like(dk), torch.empty_like(dv))
             return lambda t: _launch_bwd(q, k, v, do, lse, delta, *scratch, causal, qk_scale, sm_scale, t)
 
-        chosen = best_tile(GLUON_BWD_TILES[D], prepare, ("bwd", D, causal, q.dtype, bucket, q.device), tune)
+        chosen = best_tile(candidates("bwd", D), prepare, ("bwd", D, causal, q.dtype, bucket, q.device), tune)
     _launch_bwd(q, k, v, do, lse, delta, dq_acc, dk, dv, causal, qk_scale, sm_scale, chosen)

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -131,6 +133,47 @@ def test_gpu_session_times_the_gluon_forward_only_after_its_tests_pass():
     assert bwd.requires == "gluon_bwd_tests" and names.index("gluon_bwd_tests") < names.index("attention_gluon_bwd")
     assert "triton-gluon-atomic" in bwd.argv[bwd.argv.index("--providers") + 1]
     assert "atomic" not in job.argv[job.argv.index("--providers") + 1]
+
+
+def test_gpu_session_benchmarks_the_gluon_candidates_whose_tests_passed(tmp_path, monkeypatch):
+    """A Gluon candidate that fails or hangs in its own test (the job cut off in it) is left out of the benchmark
+    after it (the tuner would time it too), named by its test id; a failure in a test that names no candidate
+    still skips the benchmark."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_session  # noqa: PLC0415
+    from megascale.kernels import attention_gluon  # noqa: PLC0415
+
+    every = "tests/test_kernels_attention.py::test_gluon_{}_every_{}[D128-{}-causal{}]"
+    log = "\n".join([
+        every.format("forward", "tile_matches_reference", "128x128-s2", "-T300") + " PASSED [ 10%]",
+        every.format("forward", "tile_matches_reference", "128x128-s2-pingpong", "-T300") + " FAILED [ 20%]",
+        every.format("backward", "loader_with_a_single_step", "32x64-s2-ws", "").replace("-causal", "") + " PASSED",
+        every.format("backward", "tile_matches_reference", "32x128-s2-dqwarp", "") + " ",  # running when cut off
+    ])
+    assert gpu_session.broken_tiles(log) == ["bwd:32x128-s2-dqwarp", "fwd:128x128-s2-pingpong"]
+    other = "tests/test_kernels_attention.py::test_gluon_matches_reference[B1-H4-kv2-T17-D64-bf16-causal-dq-kernel]"
+    assert gpu_session.broken_tiles(log + "\n" + other + " FAILED") is None
+    assert gpu_session.broken_tiles("collected 0 items") is None
+    assert gpu_session.broken_tiles(every.format("forward", "tile_matches_reference", "64x64-s3", "-T100")
+                                    + " PASSED") is None  # nothing failed: nothing to leave out
+
+    job = next(j for j in gpu_session.jobs(False) if j.name == "attention_gluon")
+    (tmp_path / "gluon_tests.log").write_text(log)
+    env = gpu_session.salvage_env(job, tmp_path)
+    assert env == {attention_gluon.EXCLUDE_ENV: "bwd:32x128-s2-dqwarp,fwd:128x128-s2-pingpong"}
+    assert gpu_session.salvage_env(job, tmp_path / "elsewhere") is None  # no log: not safe
+    assert "-u" in next(j for j in gpu_session.jobs(False) if j.name == "gluon_tests").argv  # outcomes as they come
+
+    monkeypatch.setenv(*env.popitem())  # what the benchmark then tunes over
+    fwd = attention_gluon.candidates("fwd", 128)
+    assert attention_gluon.tile_tag((128, 128, 2, attention_gluon.PING_PONG)) == "128x128-s2-pingpong"
+    assert len(fwd) == len(attention_gluon.GLUON_TILES[128]) - 1 and all(t[3] != attention_gluon.PING_PONG for t in fwd)
+    assert (32, 128, 2, attention_gluon.DQ_WARP) not in attention_gluon.candidates("bwd", 128)
+    assert attention_gluon.candidates("bwd", 64) == attention_gluon.GLUON_BWD_TILES[64]
+    monkeypatch.setenv(attention_gluon.EXCLUDE_ENV, ",".join(f"fwd:{attention_gluon.tile_tag(t)}"
+                                                             for t in attention_gluon.GLUON_TILES[64]))
+    with pytest.raises(ValueError, match="leaves the Gluon fwd no candidate at head dim 64"):
+        attention_gluon.candidates("fwd", 64)
 
 
 def test_attention_bench_and_report_show_the_gluon_tuners_choice(tmp_path, monkeypatch):
