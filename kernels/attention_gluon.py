@@ -763,14 +763,24 @@ def best_tile(candidates: list, prepare, key: tuple, tune: bool) -> tuple:
     """The first candidate when not ``tune``, else the fastest of ``run(tile)`` on this call's shape, timed once
     per ``key`` (kernel, head dim, mask, dtype, length bucket, device) as Triton's autotuner does. ``prepare()``
     returns ``run``, called only when timing (its scratch outputs are not allocated on a tuned call); ``run``
-    must write only scratch outputs: it runs many times."""
+    must write only scratch outputs: it runs many times. A candidate this device cannot run (too much shared
+    memory or registers, a failed static assertion) is passed over, as the autotuner does; if none can run, the
+    first one's error is raised."""
     if not tune or len(candidates) == 1:
         return candidates[0]
     if key not in _TUNED:
+        from triton.compiler.errors import CompileTimeAssertionFailure  # noqa: PLC0415
+        from triton.runtime.errors import OutOfResources, PTXASError  # noqa: PLC0415
         from triton.testing import do_bench  # noqa: PLC0415
 
-        run = prepare()
-        times = {tile: do_bench(lambda t=tile: run(t), warmup=5, rep=20) for tile in candidates}
+        run, times, errors = prepare(), {}, []
+        for tile in candidates:
+            try:
+                times[tile] = do_bench(lambda t=tile: run(t), warmup=5, rep=20)
+            except (OutOfResources, CompileTimeAssertionFailure, PTXASError) as err:
+                errors.append(err)
+        if not times:
+            raise errors[0]
         _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
 

@@ -320,6 +320,30 @@ def test_gluon_forward_refuses_what_it_cannot_run():
             flash_attention(q, k, v, gluon=True)
 
 
+def test_gluon_tuner_passes_over_a_candidate_the_device_cannot_run(monkeypatch):
+    """best_tile as Triton's autotuner: a candidate that needs more shared memory than the device has is timed as
+    never, the fastest of the others wins, and with none left the first error is raised. (do_bench stands in for
+    the GPU timer: it calls the launch once and returns the tile's made-up time.)"""
+    import triton.testing  # noqa: PLC0415
+    from triton.runtime.errors import OutOfResources  # noqa: PLC0415
+
+    from megascale.kernels import attention_gluon  # noqa: PLC0415
+
+    monkeypatch.setattr(attention_gluon, "_TUNED", {})
+    made_up = {"a": 3.0, "b": 1.0, "c": 2.0}
+
+    def launch(tile):
+        if tile == "b":
+            raise OutOfResources(240_000, 232_448, "shared memory")
+        return made_up[tile]
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
+    assert attention_gluon.best_tile(["a", "b", "c"], lambda: launch, ("k", 1), tune=True) == "c"
+    assert attention_gluon.best_tile(["b", "a"], lambda: launch, ("k", 1), tune=True) == "c"  # timed once a key
+    with pytest.raises(OutOfResources, match="shared memory"):
+        attention_gluon.best_tile(["b", "b"], lambda: launch, ("k", 2), tune=True)
+
+
 def test_atomic_dq_takes_the_models_strided_views():
     """The model's transposed (B, T, H, D) views and a stride-0 dO: dQ comes back in q's own layout."""
     B, T, H, H_kv, D = 2, 23, 4, 2, 32
