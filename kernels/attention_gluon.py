@@ -119,7 +119,7 @@ GLUON_TILES = {
 }
 
 # The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, loader); BLOCK_N / 16 compute warps, and
-# with TMA_WARP a TMA warp (``_bwd_loader``), with DQ_WARP a warp group that loads and adds dQ (``_bwd_dq_loader``).
+# with TMA_WARP a TMA warp (``_bwd_loader``), with DQ_WARP a warp group that loads and adds dQ (``_bwd_loader``).
 # At head dim 128 (sm_90a, Triton 3.9 / 3.6, causal and not): 32 x 64 236-251 registers, no spill. With a TMA warp
 # none spills: the compute warps get 256 registers by setmaxnreg at 32 x 64 (one block an SM; without it two fit),
 # 240 at 32 x 128 (two warp groups sharing each Q and dO tile, as FlashAttention-3's backward; 3 stages: a step
@@ -156,9 +156,15 @@ def tile_tag(tile: tuple) -> str:
 
 def candidates(kind: str, head_dim: int) -> list[tuple]:
     """The tuner's candidates, ``kind`` "fwd" or "bwd": the table's, less those EXCLUDE_ENV names."""
-    excluded = {name.strip() for name in os.environ.get(EXCLUDE_ENV, "").split(",")}
+    return list(_candidates(kind, head_dim, os.environ.get(EXCLUDE_ENV, "")))
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(kind: str, head_dim: int, exclude: str) -> tuple:
+    """``candidates``, worked out once per setting: every attention call asks (a model's few shapes)."""
+    excluded = {name.strip() for name in exclude.split(",")}
     table = (GLUON_TILES if kind == "fwd" else GLUON_BWD_TILES)[head_dim]
-    kept = [tile for tile in table if f"{kind}:{tile_tag(tile)}" not in excluded]
+    kept = tuple(tile for tile in table if f"{kind}:{tile_tag(tile)}" not in excluded)
     if not kept:
         raise ValueError(f"{EXCLUDE_ENV} leaves the Gluon {kind} no candidate at head dim {head_dim}: "
                          f"unset it or name fewer")
@@ -207,9 +213,16 @@ if GLUON_IMPORT_ERROR is None:
         return gl.SwizzledSharedLayout(4 if transposed else 8, 1, 8, [1, 0])
 
     @gluon.constexpr_function
-    def _dq_warp_registers(compute_warps):
-        """DQ_WARP's loader's registers: 32 beside two compute warp groups (Triton gives them 232 each: 168 a
-        thread at launch, 3 x 168 over the three warp groups), 64 beside one (which gets 256)."""
+    def _bwd_loader_warps(loader):
+        """The backward's loading partition: DQ_WARP's warp group (the atomics), TMA_WARP's lone warp."""
+        return 4 if loader == DQ_WARP else 1
+
+    @gluon.constexpr_function
+    def _bwd_loader_registers(loader, compute_warps):
+        """Its registers: TMA_WARP's 24; DQ_WARP's 32 beside two compute warp groups (Triton gives them 232 each:
+        168 a thread at launch, 3 x 168 over the three warp groups), 64 beside one (which gets 256)."""
+        if loader != DQ_WARP:
+            return 24
         return 32 if compute_warps == 8 else 64
 
     @gluon.jit
@@ -465,7 +478,7 @@ if GLUON_IMPORT_ERROR is None:
         issued together and Pᵀ is computed while dPᵀ runs. The query blocks of every query head of the K/V
         head's group stream past in one loop, Q and dO by TMA STAGES steps ahead: issued by the compute warps,
         or (TMA_WARP) by a warp of their own (``_bwd_loader``), as in the forward, or (DQ_WARP) by a warp group
-        that also adds each step's dQ share, which the compute warps leave in shared memory (``_bwd_dq_loader``).
+        that also adds each step's dQ share, which the compute warps leave in shared memory (``_bwd_loader``).
         """
         dtype: gl.constexpr = desc_q.dtype
         pid_bkv = gl.program_id(1)
@@ -497,27 +510,16 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(2):
             mbarrier.init(dq_free.index(i), count=1)
 
-        # (the compute partition's arguments are written out in each form: a tuple of them loses their constexprs
-        # with Triton 3.9 and is refused by 3.6's frontend, as starred arguments are)
-        if WS == _DQ_WARP:
+        if WS:
             gl.warp_specialize([
                 (_bwd_compute, (desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
                                 dq_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads,
                                 group, seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS,
                                 num_warps)),
-                (_bwd_dq_loader, (desc_q, desc_k, desc_v, desc_do, DQA, k_smem, v_smem, q_smem, do_smem, dq_smem,
-                                  kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group,
-                                  seq_len, HEAD_DIM, BLOCK_M, STAGES)),
-            ], [4], [_dq_warp_registers(num_warps)])
-        elif WS == _TMA_WARP:
-            gl.warp_specialize([
-                (_bwd_compute, (desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
-                                dq_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads,
-                                group, seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS,
-                                num_warps)),
-                (_bwd_loader, (desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, empty,
-                               b, kv_h, start_n, lo, per_head, steps, group, BLOCK_M, STAGES)),
-            ], [1], [24])
+                (_bwd_loader, (desc_q, desc_k, desc_v, desc_do, DQA, k_smem, v_smem, q_smem, do_smem, dq_smem, kv_bar,
+                               bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
+                               HEAD_DIM, BLOCK_M, STAGES, WS)),
+            ], [_bwd_loader_warps(WS)], [_bwd_loader_registers(WS, num_warps)])
         else:
             _load_kv(desc_k, desc_v, b, kv_h, start_n, kv_bar, k_smem, v_smem)
             for i in gl.static_range(STAGES):
@@ -541,52 +543,42 @@ if GLUON_IMPORT_ERROR is None:
         _tma_load(desc_v, [b, kv_h, start_n, 0], bar, v_dst)
 
     @gluon.jit
-    def _bwd_loader(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, empty,
-                    b, kv_h, start_n, lo, per_head, steps, group, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-        """WS's TMA warp: K and V, then each step's Q and dO into buffer step % STAGES once the compute warps freed
-        it (the first pass through the ring waits on nothing: parity 1 of a fresh barrier counts as complete)."""
-        _load_kv(desc_k, desc_v, b, kv_h, start_n, kv_bar, k_smem, v_smem)
-        for step in range(steps):
-            slot = step % STAGES
-            mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)
-            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step, bars.index(slot), q_smem.index(slot),
-                       do_smem.index(slot), True, BLOCK_M)
-
-    @gluon.jit
-    def _bwd_dq_loader(desc_q, desc_k, desc_v, desc_do, DQA, k_smem, v_smem, q_smem, do_smem, dq_smem, kv_bar, bars,
-                       empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
-                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-        """DQ_WARP's loader, a warp group (a lone warp would be one anyway, for its registers): K, V and the first
-        STAGES steps' Q and dO; then, as the compute warps finish each
-        step, the Q and dO of the step STAGES later into its buffer (issued first, so the copy runs meanwhile) and
-        the step's dQ share, from shared memory, added into DQA by 128-bit atomics; its dQ buffer then freed."""
+    def _bwd_loader(desc_q, desc_k, desc_v, desc_do, DQA, k_smem, v_smem, q_smem, do_smem, dq_smem, kv_bar, bars,
+                    empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+        """The backward's loading partition, a TMA warp (TMA_WARP) or a warp group (DQ_WARP): K, V and the first
+        STAGES steps' Q and dO; then, as the compute warps finish each step, the Q and dO of the step STAGES later
+        into its buffer, and with DQ_WARP the step's dQ share added from shared memory (``_add_dq_share``; the copy
+        issued first runs meanwhile)."""
         _load_kv(desc_k, desc_v, b, kv_h, start_n, kv_bar, k_smem, v_smem)
         for i in gl.static_range(STAGES):
             _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, i, bars.index(i), q_smem.index(i),
                        do_smem.index(i), i < steps, BLOCK_M)
+        for step in range(steps):
+            slot = step % STAGES
+            mbarrier.wait(empty.index(slot), (step // STAGES) & 1)  # step done: its buffer free, its dQ stored
+            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step + STAGES, bars.index(slot),
+                       q_smem.index(slot), do_smem.index(slot), step + STAGES < steps, BLOCK_M)
+            if WS == _DQ_WARP:
+                row = (b * n_heads + kv_h * group + step // per_head).to(gl.int64) * seq_len
+                _add_dq_share(DQA, row, lo + (step % per_head) * BLOCK_M, dq_smem.index(step % 2),
+                              dq_free.index(step % 2), seq_len, HEAD_DIM, BLOCK_M)
+
+    @gluon.jit
+    def _add_dq_share(DQA, row, start_m, dq_buf, dq_free, seq_len, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
+        """DQ_WARP: one step's (BLOCK_M, D) dQ share, from ``dq_buf``, added into DQA by 128-bit atomics
+        (``_add_dq``), then the buffer freed for the compute warps."""
         # 8 rows a pass (the shared layout's swizzle period), 4 adjacent values a lane: a row of D fp32 is 32 lanes
         # (head dim 128) or 16 (64); the 4 warps take 4 or 8 rows; 8 or 4 values a lane in all.
         rows_per_pass: gl.constexpr = 8
         lanes_d: gl.constexpr = HEAD_DIM // 4
         layout: gl.constexpr = gl.BlockedLayout([rows_per_pass * lanes_d // 128, 4], [32 // lanes_d, lanes_d], [4, 1],
                                                 [1, 0])
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-        for step in range(steps):
-            slot = step % STAGES
-            mbarrier.wait(empty.index(slot), (step // STAGES) & 1)  # step done: its buffer free, its dQ stored
-            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step + STAGES, bars.index(slot),
-                       q_smem.index(slot), do_smem.index(slot), step + STAGES < steps, BLOCK_M)
-            h = kv_h * group + step // per_head
-            start_m = lo + (step % per_head) * BLOCK_M
-            row = (b * n_heads + h).to(gl.int64) * seq_len
-            dq_buf = dq_smem.index(step % 2)
-            for r in gl.static_range(0, BLOCK_M, rows_per_pass):
-                dq = dq_buf.slice(r, rows_per_pass, dim=0).load(layout)  # (rows_per_pass, D)
-                offs_m = start_m + r + gl.arange(0, rows_per_pass, layout=gl.SliceLayout(1, layout))
-                ptrs = DQA + (row + gl.expand_dims(offs_m, 1)) * HEAD_DIM + gl.expand_dims(offs_d, 0)
-                gl.atomic_add(ptrs, dq, mask=gl.expand_dims(offs_m < seq_len, 1), sem="relaxed")
-            _cta_barrier()  # (of this partition's warps) every value read: the compute warps may refill the buffer
-            mbarrier.arrive(dq_free.index(step % 2))
+        for r in gl.static_range(0, BLOCK_M, rows_per_pass):
+            dq = dq_buf.slice(r, rows_per_pass, dim=0).load(layout)  # (rows_per_pass, D)
+            _add_dq(DQA, row, start_m + r, dq, seq_len, False, HEAD_DIM, rows_per_pass, layout)
+        _cta_barrier()  # (of this partition's warps) every value read: the compute warps may refill the buffer
+        mbarrier.arrive(dq_free)
 
     @gluon.jit
     def _bwd_compute(desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, dq_smem,
