@@ -136,7 +136,8 @@ def jobs(png: bool) -> list[Job]:
                         "train.loss_chunk_tokens=16384", AUTOCAST, "model.attention=triton-tma", "train.compile=true",
                         FAST, f"{FAST},model.attention=triton"])
     def gluon_bench(name: str, provider: str, requires: str) -> Job:
-        """A Gluon provider's TFLOP/s (#3's case: hd128, causal, 2k-16k) beside cuDNN's, once its tests passed."""
+        """A Gluon provider's TFLOP/s (#3's case: hd128, causal, 2k-16k) beside cuDNN's, once its tests passed (or
+        without the candidates whose own tests failed: ``salvage_env``)."""
         return Job(name, "kernels",
                    [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192,16384",
                     "--providers", f"{provider},sdpa-cudnn", "--json", f"{{out}}/{name}.json", *plot(name)],
