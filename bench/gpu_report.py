@@ -78,6 +78,10 @@ def kernel_tests_section(folder: Path) -> list[str]:
             + _pytest_log(folder / "kernel_tests_autotuned.log", "Kernel tests, autotuned tiles (bf16, head dim 128)"))
 
 
+# gpu_session.HUNG: the line it writes into a pytest job's log for a test it killed
+HUNG = r"^gpu_session: no output for (\S+) s in (\S+): killed"
+
+
 def _pytest_log(log: Path, title: str) -> list[str]:
     """Counts and failures from a ``pytest -v`` log (which survives a run cut off by its cap)."""
     if not log.is_file():
@@ -85,12 +89,15 @@ def _pytest_log(log: Path, title: str) -> list[str]:
     text = log.read_text()
     counts = {k: len(re.findall(rf" {k}( |$)", text, re.M)) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
     failed = re.findall(r"^(\S+::\S+) (?:FAILED|ERROR)", text, re.M)
+    hung = re.findall(HUNG, text, re.M)
     summary = re.findall(r"^=+ (.* in [\d.]+s.*) =+$", text, re.M)
     if not any(counts.values()) and (collected := re.search(r"(\d+(?:/\d+)?) tests? collected", text)):
         return [f"{title}: {collected.group(1)} collected, none run (a smoke run only collects them)."]
     lines = [f"{title}: {counts['PASSED']} passed, {counts['FAILED']} failed, {counts['SKIPPED']} skipped, "
-             f"{counts['ERROR']} errors" + (f" ({summary[-1]})" if summary else " (cut off)")]
-    return lines + [f"* failed: `{name}`" for name in failed]
+             f"{counts['ERROR']} errors" + (f", {len(hung)} hung" if hung else "")
+             + (f" ({summary[-1]})" if summary else " (cut off)")]
+    return (lines + [f"* failed: `{name}`" for name in failed]
+            + [f"* hung: `{name}` (no output for {seconds} s: killed, the rest run without it)" for seconds, name in hung])
 
 
 # bench/attention.py's megascale providers and their columns

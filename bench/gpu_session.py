@@ -13,7 +13,8 @@ each under its own time cap and all under
 ``--budget``, and leaves in ``--out`` each job's JSON (and PNG where matplotlib
 is there), its log, and ``session.json`` (environment; per job: the command, exit
 code, seconds, whether it was cut off). A job cut off loses only what it had not
-yet written; the next job still runs. The device call returns at most 8 files,
+yet written; the next job still runs. A test that hangs (no output for ``STALL_S``)
+is killed and the rest of its job runs without it. The device call returns at most 8 files,
 so ``--out`` lies outside ``$OUT`` and ``--pack`` writes all of it as one
 archive there, after every job.
 
@@ -52,6 +53,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("kernels", "train")
+# A test this long without an outcome is taken as hung: a barrier protocol gone wrong never returns, and CUDA's
+# wait cannot be interrupted, so only killing the process ends it. The longest test the GPU sessions logged took
+# well under this (the TMA tests: 23 in 61 s, each compiling three kernels); a candidate compiles in about 1 s.
+STALL_S = 60
+POLL_S = 0.5
 # test_init.py: its CUDA-only case (weights drawn on the host match the CPU model) rides along, ~2 s.
 KERNEL_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_tied_grad.py", "tests/test_kernels_fused.py",
                 "tests/test_init.py", "tests/test_kernels_cross_entropy.py", "tests/test_attention_backends.py"]
@@ -101,15 +107,18 @@ class Job:
     env: dict[str, str] = field(default_factory=dict)  # on top of the session's environment
     discard: tuple[str, ...] = ()  # folders under the output folder removed after the job (too big to send back)
     requires: str | None = None  # a job that must have passed in this session (a kernel that may hang: its tests)
+    stall_s: float | None = None  # pytest jobs: a test with no outcome this long hangs (``supervise``)
 
 
 def tests_job(name: str, selection: list[str], cap_s: int, **kw) -> Job:
     """A pytest run of ``selection`` (``-k`` filters and files): verbose with a JUnit report on the GPU, only
     collected in a smoke run (the suite runs the tests on CPU). Unbuffered (-u): a job cut off by its cap keeps
-    every outcome so far in its log, and the test it was in (``broken_tiles`` reads them)."""
+    every outcome so far in its log, and the test it was in (``broken_tiles`` reads them). A test that hangs
+    is killed after ``STALL_S`` and the run goes on without it (``run_job``)."""
     return Job(name, "kernels", ["-u", "-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml",
                                  f"{{out}}/{name}.xml", *selection],
-               ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *selection], cap_s, **kw)
+               ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *selection], cap_s,
+               stall_s=STALL_S, **kw)
 
 
 def jobs(png: bool) -> list[Job]:
@@ -280,25 +289,68 @@ class Outcome:
 
 
 def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, str],
-            extra_env: dict[str, str] | None = None) -> Outcome:
-    """``job`` under ``env``, and ``extra_env`` (written into the recorded command too), for at most ``limit`` s."""
+            extra_env: dict[str, str] | None = None, cwd: Path = ROOT) -> Outcome:
+    """``job`` under ``env``, and ``extra_env`` (written into the recorded command too), for at most ``limit`` s,
+    in ``cwd``.
+
+    A pytest job (``job.stall_s``) whose test hangs is not left to use up its cap: that test is killed, named in
+    the log (``HUNG``) and deselected with every test that already has an outcome, and pytest starts again on the
+    rest, appending to the same log; the job then fails (``broken_tiles`` names a hung Gluon candidate)."""
     extra_env = extra_env or {}
     env = {**env, **extra_env}
     cmd = [sys.executable, *(a.replace("{out}", str(out)) for a in argv)]
     log = out / f"{job.name}.log"
     start = time.monotonic()
+    hung: list[str] = []
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the job and anything it started (fused_loss measures in child processes)
-            proc.wait()
-            rc = None
+        while True:
+            proc = subprocess.Popen(resumed(cmd, log, hung), cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            rc, stuck = supervise(proc, log, start + limit, job.stall_s, hung)
+            if stuck is None:
+                break
+            hung.append(stuck)
+            fh.write(f"\n{HUNG.format(seconds=job.stall_s, test=stuck)}\n")
+            fh.flush()
     for folder in job.discard:
         shutil.rmtree(out / folder, ignore_errors=True)
     command = shlex.join([f"{k}={v}" for k, v in extra_env.items()] + cmd)
+    if hung and rc in (0, 5):  # the rest passed, or nothing was left to run (pytest's 5): the job still failed
+        rc = 1
     return Outcome(job.name, command, rc, round(time.monotonic() - start, 1), log.name)
+
+
+def supervise(proc: subprocess.Popen, log: Path, deadline: float, stall_s: float | None,
+              hung: list[str]) -> tuple[int | None, str | None]:
+    """Wait for ``proc``: (its exit code, None); (None, None) when ``deadline`` came first; (None, the test) when
+    ``log`` stopped growing for ``stall_s`` in a test that has no outcome yet (``running_test``). Killed (its process
+    group: anything it started too) in both of the last two cases."""
+    size, since = -1, time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=max(0.0, min(POLL_S, deadline - time.monotonic()))), None
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        stuck = None
+        if stall_s is not None and (grown := log.stat().st_size) != size:
+            size, since = grown, now
+        elif stall_s is not None and now - since > stall_s:
+            stuck = running_test(log.read_text(errors="replace"), hung)
+        if now >= deadline or stuck:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return None, stuck
+
+
+def resumed(cmd: list[str], log: Path, hung: list[str]) -> list[str]:
+    """``cmd`` again after the tests ``hung``: without them and every test that has an outcome in ``log``, its JUnit
+    report under a name of its own (the first one's kept)."""
+    if not hung:
+        return cmd
+    done = [test for test, outcome in test_outcomes(log.read_text(errors="replace")).items() if outcome or test in hung]
+    cmd = [f"{a[:-len('.xml')]}-{len(hung) + 1}.xml" if a.endswith(".xml") else a for a in cmd]
+    return cmd + [arg for test in done for arg in ("--deselect", test)]
 
 
 # attention_gluon.EXCLUDE_ENV: the candidates its tuners leave out (not imported: this script imports no torch)
@@ -310,14 +362,31 @@ GLUON_TILE_TEST = re.compile(r"::test_gluon_(forward|backward)_every_\w+\[D\d+-(
                              r"(?:-|\])")
 
 
-def broken_tiles(log: str) -> list[str] | None:
-    """The Gluon candidates ("fwd:128x128-s2-pingpong", ...) whose test failed, or was running when the log ends
-    (a hang cut off by the job's cap), from a ``pytest -v`` log; None when a failed test names no candidate (the
-    default tile's parity tests: the benchmark is not safe), or when the log holds no outcome at all."""
+# What run_job writes into a pytest job's log for a test it killed (gpu_report.py reads it).
+HUNG = "gpu_session: no output for {seconds:g} s in {test}: killed, the run goes on without it"
+
+
+def test_outcomes(log: str) -> dict[str, str | None]:
+    """Each test of a ``pytest -v`` log and its outcome, None for one still running when the log ends (or killed)."""
     outcomes: dict[str, str | None] = {}
     for line in log.splitlines():
         if match := TEST_LINE.match(line):
             outcomes[match.group(1)] = match.group(2)
+    return outcomes
+
+
+def running_test(log: str, hung: list[str]) -> str | None:
+    """The test a ``pytest -v`` log ends in, without an outcome, if not among those ``hung`` before (a run
+    started again and not yet in a test); else None."""
+    last = list(test_outcomes(log).items())[-1:]
+    return last[0][0] if last and last[0][1] is None and last[0][0] not in hung else None
+
+
+def broken_tiles(log: str) -> list[str] | None:
+    """The Gluon candidates ("fwd:128x128-s2-pingpong", ...) whose test failed, or was running when the log ends
+    (a hang cut off by the job's cap), from a ``pytest -v`` log; None when a failed test names no candidate (the
+    default tile's parity tests: the benchmark is not safe), or when the log holds no outcome at all."""
+    outcomes = test_outcomes(log)
     bad = [test for test, outcome in outcomes.items() if outcome in (None, "FAILED", "ERROR")]
     if not outcomes or not bad:
         return None

@@ -176,6 +176,47 @@ def test_gpu_session_benchmarks_the_gluon_candidates_whose_tests_passed(tmp_path
         attention_gluon.candidates("fwd", 64)
 
 
+def test_gpu_session_goes_on_past_a_test_that_hangs(tmp_path):
+    """A Gluon candidate whose barriers deadlock never returns: its test is killed once the log stops growing, the
+    job's other tests still run, the candidate is left out of the benchmark, and the report says it hung."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import dataclasses  # noqa: PLC0415
+
+    import gpu_report  # noqa: PLC0415
+    import gpu_session  # noqa: PLC0415
+
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    tiles = ["128x128-s2", "128x128-s2-pingpong", "64x64-s3", "128x64-s3-ws"]
+    (tmp_path / "tests" / "test_stand_in.py").write_text(
+        "import time\nimport pytest\n\n\n"
+        f"@pytest.mark.parametrize('tile', {tiles}, ids=lambda t: f'D128-{{t}}-causal')\n"
+        "def test_gluon_forward_every_tile_matches_reference(tile):\n"
+        "    if tile.endswith(('pingpong', 'ws')):\n"
+        "        time.sleep(600)  # a kernel that never returns\n")
+    # run where its pytest.ini is, as the session's tests run in the checkout: the ids pytest -v prints (relative to
+    # the working folder) are then those --deselect takes (relative to pytest's rootdir)
+    job = gpu_session.tests_job("gluon_tests", ["tests/test_stand_in.py"], 300)
+    assert job.stall_s == gpu_session.STALL_S
+    outcome = gpu_session.run_job(dataclasses.replace(job, stall_s=2), job.argv, tmp_path, job.cap_s, dict(os.environ),
+                                  cwd=tmp_path)
+    assert outcome.rc == 1  # failed, not cut off by its cap (None)
+    log = (tmp_path / "gluon_tests.log").read_text()
+    test = "tests/test_stand_in.py::test_gluon_forward_every_tile_matches_reference[D128-{}-causal]"
+    outcomes = gpu_session.test_outcomes(log)
+    assert outcomes == {test.format("128x128-s2"): "PASSED", test.format("128x128-s2-pingpong"): None,
+                        test.format("64x64-s3"): "PASSED", test.format("128x64-s3-ws"): None}
+    assert gpu_session.broken_tiles(log) == ["fwd:128x128-s2-pingpong", "fwd:128x64-s3-ws"]
+    bench = next(j for j in gpu_session.jobs(False) if j.name == "attention_gluon")
+    assert gpu_session.salvage_env(bench, tmp_path) == {
+        gpu_session.GLUON_EXCLUDE_ENV: "fwd:128x128-s2-pingpong,fwd:128x64-s3-ws"}
+    assert (tmp_path / "gluon_tests.xml").is_file() is False  # the first run was killed; the third wrote its own
+    assert (tmp_path / "gluon_tests-3.xml").is_file()
+    report = "\n".join(gpu_report._pytest_log(tmp_path / "gluon_tests.log", "Gluon"))
+    assert report.startswith("Gluon: 2 passed, 0 failed, 0 skipped, 0 errors, 2 hung")
+    assert f"* hung: `{test.format('128x64-s3-ws')}` (no output for 2 s: killed" in report
+
+
 def test_attention_bench_and_report_show_the_gluon_tuners_choice(tmp_path, monkeypatch):
     """A first GPU run of the Gluon kernels must say which candidate tile won per shape (attention_gluon._TUNED,
     keyed by kernel, head dim, mask, dtype, length bucket, device) and how far their output is from SDPA's."""
