@@ -21,6 +21,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import gpu_session  # beside this script: what its logs hold (imports no torch)
+
 ATTENTION_FILES = ("attention_gluon.json", "attention_gluon_bwd.json", "attention_hd128_causal.json", "attention_rest.json",
                    "attention_hd64.json")
 TRAIN_FILES = ("train_accum_tied.json", "train_options_1.3b.json", "train_accum.json", "train_small_auto.json", "train_350m.json",
@@ -78,18 +80,21 @@ def kernel_tests_section(folder: Path) -> list[str]:
             + _pytest_log(folder / "kernel_tests_autotuned.log", "Kernel tests, autotuned tiles (bf16, head dim 128)"))
 
 
-# gpu_session.HUNG: the line it writes into a pytest job's log for a test it killed
+# What gpu_session.run_job writes into a pytest job's log (its HUNG and STICKY)
 HUNG = r"^gpu_session: no output for (\S+) s in (\S+): killed"
+STICKY = r"^gpu_session: (\S+) left CUDA unusable \((.*)\): the tests after it run again"
 
 
 def _pytest_log(log: Path, title: str) -> list[str]:
-    """Counts and failures from a ``pytest -v`` log (which survives a run cut off by its cap)."""
+    """Counts and failures from a ``pytest -v`` log (which survives a run cut off by its cap): each test's last
+    outcome, as gpu_session.py may run the tests after one that left CUDA unusable again."""
     if not log.is_file():
         return [f"{title}: not run."]
     text = log.read_text()
-    counts = {k: len(re.findall(rf" {k}( |$)", text, re.M)) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
-    failed = re.findall(r"^(\S+::\S+) (?:FAILED|ERROR)", text, re.M)
-    hung = re.findall(HUNG, text, re.M)
+    outcomes = gpu_session.test_outcomes(text)
+    counts = {k: sum(o == k for o in outcomes.values()) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
+    failed = [test for test, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
+    hung, sticky = re.findall(HUNG, text, re.M), re.findall(STICKY, text, re.M)
     summary = re.findall(r"^=+ (.* in [\d.]+s.*) =+$", text, re.M)
     if not any(counts.values()) and (collected := re.search(r"(\d+(?:/\d+)?) tests? collected", text)):
         return [f"{title}: {collected.group(1)} collected, none run (a smoke run only collects them)."]
@@ -97,7 +102,8 @@ def _pytest_log(log: Path, title: str) -> list[str]:
              f"{counts['ERROR']} errors" + (f", {len(hung)} hung" if hung else "")
              + (f" ({summary[-1]})" if summary else " (cut off)")]
     return (lines + [f"* failed: `{name}`" for name in failed]
-            + [f"* hung: `{name}` (no output for {seconds} s: killed, the rest run without it)" for seconds, name in hung])
+            + [f"* hung: `{name}` (no output for {seconds} s: killed, the rest run without it)" for seconds, name in hung]
+            + [f"* `{name}` left CUDA unusable ({message}); the tests after it ran again" for name, message in sticky])
 
 
 # bench/attention.py's megascale providers and their columns

@@ -14,7 +14,8 @@ each under its own time cap and all under
 is there), its log, and ``session.json`` (environment; per job: the command, exit
 code, seconds, whether it was cut off). A job cut off loses only what it had not
 yet written; the next job still runs. A test that hangs (no output for ``STALL_S``)
-is killed and the rest of its job runs without it. The device call returns at most 8 files,
+is killed and the rest of its job runs without it; the tests after one that leaves
+CUDA unusable (a kernel's illegal address) run again in a new process. The device call returns at most 8 files,
 so ``--out`` lies outside ``$OUT`` and ``--pack`` writes all of it as one
 archive there, after every job.
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -54,9 +56,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("kernels", "train")
 # A test this long without an outcome is taken as hung: a barrier protocol gone wrong never returns, and CUDA's
-# wait cannot be interrupted, so only killing the process ends it. The longest test the GPU sessions logged took
-# well under this (the TMA tests: 23 in 61 s, each compiling three kernels); a candidate compiles in about 1 s.
-STALL_S = 60
+# wait cannot be interrupted, so only killing the process ends it. The GPU sessions' tests took far less (the TMA
+# tests: 23 in 61 s, each compiling three kernels), and a Gluon candidate compiles in under 1 s even on a 2-core
+# CPU (bench/attention_layout.py: all 14 at head dim 128 in 12 s, imports included).
+STALL_S = 45
 POLL_S = 0.5
 # test_init.py: its CUDA-only case (weights drawn on the host match the CPU model) rides along, ~2 s.
 KERNEL_TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_tied_grad.py", "tests/test_kernels_fused.py",
@@ -114,11 +117,12 @@ def tests_job(name: str, selection: list[str], cap_s: int, **kw) -> Job:
     """A pytest run of ``selection`` (``-k`` filters and files): verbose with a JUnit report on the GPU, only
     collected in a smoke run (the suite runs the tests on CPU). Unbuffered (-u): a job cut off by its cap keeps
     every outcome so far in its log, and the test it was in (``broken_tiles`` reads them). A test that hangs
-    is killed after ``STALL_S`` and the run goes on without it (``run_job``)."""
-    return Job(name, "kernels", ["-u", "-m", "pytest", "-v", "-p", "no:cacheprovider", "--junitxml",
+    is killed after ``STALL_S`` and the run goes on without it; one that leaves CUDA unusable is the last of its
+    process (``run_job``). -vv: with less, pytest cuts a failure's message in its summary to 80 columns."""
+    return Job(name, "kernels", ["-u", "-m", "pytest", "-vv", "-p", "no:cacheprovider", "--junitxml",
                                  f"{{out}}/{name}.xml", *selection],
-               ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *selection], cap_s,
-               stall_s=STALL_S, **kw)
+               ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *selection], cap_s, stall_s=STALL_S,
+               **kw)
 
 
 def jobs(png: bool) -> list[Job]:
@@ -155,10 +159,10 @@ def jobs(png: bool) -> list[Job]:
     return [
         # #3's newest candidates, the Gluon forward and backward (FlashAttention-3's overlap of softmax and products,
         # written out): their parity tests at real shapes, then, if they pass, their TFLOP/s beside cuDNN's.
-        tests_job("gluon_tests", GLUON_FWD_TESTS, 120, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        tests_job("gluon_tests", GLUON_FWD_TESTS, 150, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         # its candidate tiles timed on the first call of each length; cuDNN in the same run (the TMA kernels: later)
         gluon_bench("attention_gluon", "triton-gluon", "gluon_tests"),
-        tests_job("gluon_bwd_tests", GLUON_BWD_TESTS, 120, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
+        tests_job("gluon_bwd_tests", GLUON_BWD_TESTS, 150, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         gluon_bench("attention_gluon_bwd", "triton-gluon-atomic", "gluon_bwd_tests"),
         # #3's reduction: its tests at real shapes, then its GB/s (the two K = 2 cases short of 85%; the `kernel`
         # column against `prepared` says what the statistics' second, small launch costs there).
@@ -293,35 +297,38 @@ def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, s
     """``job`` under ``env``, and ``extra_env`` (written into the recorded command too), for at most ``limit`` s,
     in ``cwd``.
 
-    A pytest job (``job.stall_s``) whose test hangs is not left to use up its cap: that test is killed, named in
-    the log (``HUNG``) and deselected with every test that already has an outcome, and pytest starts again on the
-    rest, appending to the same log; the job then fails (``broken_tiles`` names a hung Gluon candidate)."""
+    A pytest job (``job.stall_s``) goes on past a test that would end it early, in a new pytest process that
+    appends to the same log (``next_attempt``): one that hangs is killed (``supervise``); after one that fails
+    with an error that leaves CUDA unusable, the tests after it (all failing the same way) run again. Either
+    is named in the log (``HUNG``, ``STICKY``) and fails the job (``broken_tiles`` names a Gluon candidate)."""
     extra_env = extra_env or {}
     env = {**env, **extra_env}
     cmd = [sys.executable, *(a.replace("{out}", str(out)) for a in argv)]
     log = out / f"{job.name}.log"
     start = time.monotonic()
-    hung: list[str] = []
+    done: list[str] = []  # tests not to run again
+    noted = False  # a test hung, or failed and took CUDA down with it
     with log.open("w") as fh:
-        while True:
-            proc = subprocess.Popen(resumed(cmd, log, hung), cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+        for attempt in itertools.count(1):
+            offset = log.stat().st_size
+            proc = subprocess.Popen(resumed(cmd, done, attempt), cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
-            rc, stuck = supervise(proc, log, start + limit, job.stall_s, hung)
-            if stuck is None:
+            rc, stuck = supervise(proc, log, start + limit, job.stall_s, done)
+            if job.stall_s is None or (note := next_attempt(log, offset, rc, stuck, job.stall_s, done)) is None:
                 break
-            hung.append(stuck)
-            fh.write(f"\n{HUNG.format(seconds=job.stall_s, test=stuck)}\n")
+            noted = True
+            fh.write(f"\n{note}\n")
             fh.flush()
     for folder in job.discard:
         shutil.rmtree(out / folder, ignore_errors=True)
     command = shlex.join([f"{k}={v}" for k, v in extra_env.items()] + cmd)
-    if hung and rc in (0, 5):  # the rest passed, or nothing was left to run (pytest's 5): the job still failed
+    if noted and rc in (0, 5):  # the rest passed, or nothing was left to run (pytest's 5): the job still failed
         rc = 1
     return Outcome(job.name, command, rc, round(time.monotonic() - start, 1), log.name)
 
 
 def supervise(proc: subprocess.Popen, log: Path, deadline: float, stall_s: float | None,
-              hung: list[str]) -> tuple[int | None, str | None]:
+              done: list[str]) -> tuple[int | None, str | None]:
     """Wait for ``proc``: (its exit code, None); (None, None) when ``deadline`` came first; (None, the test) when
     ``log`` stopped growing for ``stall_s`` in a test that has no outcome yet (``running_test``). Killed (its process
     group: anything it started too) in both of the last two cases."""
@@ -336,50 +343,85 @@ def supervise(proc: subprocess.Popen, log: Path, deadline: float, stall_s: float
         if stall_s is not None and (grown := log.stat().st_size) != size:
             size, since = grown, now
         elif stall_s is not None and now - since > stall_s:
-            stuck = running_test(log.read_text(errors="replace"), hung)
+            stuck = running_test(log.read_text(errors="replace"), done)
         if now >= deadline or stuck:
             os.killpg(proc.pid, 9)
             proc.wait()
             return None, stuck
 
 
-def resumed(cmd: list[str], log: Path, hung: list[str]) -> list[str]:
-    """``cmd`` again after the tests ``hung``: without them and every test that has an outcome in ``log``, its JUnit
-    report under a name of its own (the first one's kept)."""
-    if not hung:
+def next_attempt(log: Path, offset: int, rc: int | None, stuck: str | None, stall_s: float,
+                 done: list[str]) -> str | None:
+    """After a pytest run that wrote ``log`` from byte ``offset``: the line to note there when another run must
+    take the tests it left (adding to ``done`` those it must not run again), or None when the job is over."""
+    attempt = log.read_bytes()[offset:].decode(errors="replace")
+    ran = list(test_outcomes(attempt).items())
+    if stuck is not None:
+        done += [test for test, outcome in ran if outcome] + [stuck]
+        return HUNG.format(seconds=stall_s, test=stuck)
+    tests = [test for test, _ in ran]
+    sticky = sticky_failure(attempt) if rc == 1 else None
+    if sticky is None or sticky[0] not in tests[:-1]:
+        return None  # passed, cut off, failed otherwise, or nothing ran after the failure
+    done += tests[:tests.index(sticky[0]) + 1]
+    return STICKY.format(test=sticky[0], message=sticky[1])
+
+
+def resumed(cmd: list[str], done: list[str], attempt: int) -> list[str]:
+    """``cmd`` without the tests ``done``; its JUnit report under a name of its own after the first run's."""
+    if attempt == 1:
         return cmd
-    done = [test for test, outcome in test_outcomes(log.read_text(errors="replace")).items() if outcome or test in hung]
-    cmd = [f"{a[:-len('.xml')]}-{len(hung) + 1}.xml" if a.endswith(".xml") else a for a in cmd]
+    cmd = [f"{a[:-len('.xml')]}-{attempt}.xml" if a.endswith(".xml") else a for a in cmd]
     return cmd + [arg for test in done for arg in ("--deselect", test)]
 
 
 # attention_gluon.EXCLUDE_ENV: the candidates its tuners leave out (not imported: this script imports no torch)
 GLUON_EXCLUDE_ENV = "MEGASCALE_GLUON_EXCLUDE"
+# A test's id as pytest -v prints it; its parameters may hold spaces ("[(1, 48)-fp32]").
+TEST_ID = r"tests/\S+?::[^\s\[]+(?:\[.*?\](?= |$))?"
 # A verbose pytest line: the test's id, then its outcome unless it was still running when the log ends.
-TEST_LINE = re.compile(r"^(tests/\S+::\S+)(?: (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS))?")
+TEST_LINE = re.compile(rf"^({TEST_ID})(?: (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS))?")
 # The Gluon tests whose ids name a candidate (attention_gluon.tile_tag), after the head dim.
 GLUON_TILE_TEST = re.compile(r"::test_gluon_(forward|backward)_every_\w+\[D\d+-(\d+x\d+-s\d+(?:-ws|-pingpong|-dqwarp)?)"
                              r"(?:-|\])")
 
 
-# What run_job writes into a pytest job's log for a test it killed (gpu_report.py reads it).
+# What run_job writes into a pytest job's log for a test it killed, and for one after which the rest ran again
+# (gpu_report.py reads them).
 HUNG = "gpu_session: no output for {seconds:g} s in {test}: killed, the run goes on without it"
+STICKY = "gpu_session: {test} left CUDA unusable ({message}): the tests after it run again in a new process"
+# A CUDA error is sticky: once a kernel faults (an illegal address, a misaligned one, an illegal instruction), every
+# later CUDA call in the process fails with it, so the tests after the first such failure say nothing of their own.
+STICKY_ERROR = re.compile(r"CUDA error|CUDA_ERROR|Triton Error \[CUDA\]|cudaError|unspecified launch failure")
+# pytest's short summary line for a failed test (whole with -vv: ``tests_job``)
+FAILED_LINE = re.compile(rf"^(?:FAILED|ERROR) ({TEST_ID}) - (.*)$")
 
 
 def test_outcomes(log: str) -> dict[str, str | None]:
-    """Each test of a ``pytest -v`` log and its outcome, None for one still running when the log ends (or killed)."""
+    """Each test of a ``pytest -v`` log and its outcome, None for one still running when the log ends (or killed),
+    in the order of their last runs (``run_job`` may run a test again)."""
     outcomes: dict[str, str | None] = {}
     for line in log.splitlines():
         if match := TEST_LINE.match(line):
+            outcomes.pop(match.group(1), None)
             outcomes[match.group(1)] = match.group(2)
     return outcomes
 
 
-def running_test(log: str, hung: list[str]) -> str | None:
-    """The test a ``pytest -v`` log ends in, without an outcome, if not among those ``hung`` before (a run
+def running_test(log: str, done: list[str]) -> str | None:
+    """The test a ``pytest -v`` log ends in, without an outcome, if not among those ``done`` before (a run
     started again and not yet in a test); else None."""
     last = list(test_outcomes(log).items())[-1:]
-    return last[0][0] if last and last[0][1] is None and last[0][0] not in hung else None
+    return last[0][0] if last and last[0][1] is None and last[0][0] not in done else None
+
+
+def sticky_failure(log: str) -> tuple[str, str] | None:
+    """The first test of a ``pytest -v`` log that failed with a sticky CUDA error (``STICKY_ERROR``), and its
+    message; None when none did."""
+    for line in log.splitlines():
+        if (match := FAILED_LINE.match(line)) and STICKY_ERROR.search(match.group(2)):
+            return match.group(1), match.group(2)
+    return None
 
 
 def broken_tiles(log: str) -> list[str] | None:
