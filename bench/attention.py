@@ -129,10 +129,14 @@ def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, mod
             with torch.no_grad():
                 outputs[name] = fn(q, k, v, causal).float()
         except Exception as e:  # noqa: BLE001 (a backend refusing a shape is a result)
-            rows += [dict(provider=name, mode=m, ms=None, tflops=None, error=str(e).splitlines()[0][:160]) for m in modes]
+            rows += [dict(provider=name, mode=m, ms=None, tflops=None, error=_first_line(e)) for m in modes]
             continue
         for mode in modes:
-            ms = time_ms(make_case(fn, mode, q, k, v, do, causal), device)
+            try:
+                ms = time_ms(make_case(fn, mode, q, k, v, do, causal), device)
+            except Exception as e:  # noqa: BLE001 (a backward failing where the forward ran: its own result)
+                rows.append(dict(provider=name, mode=mode, ms=None, tflops=None, error=_first_line(e)))
+                continue
             tflops = forward_flops(B, H, T, D, causal) * FLOP_FACTOR[mode] / (ms * 1e-3) / 1e12
             rows.append(dict(provider=name, mode=mode, ms=ms, tflops=tflops, error=None))
     baseline = next((o for n, o in outputs.items() if not n.startswith("triton")), None)
@@ -142,6 +146,10 @@ def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, mod
     tiles = chosen_tiles(kernels, D, causal, dtype, T)
     return [{**shape, **row, "triton_max_abs_err": errors.get("triton"), "max_abs_err": errors.get(row["provider"]),
              "tiles": tiles} for row in rows]
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
 
 
 def chosen_tiles(kernels, D: int, causal: bool, dtype: torch.dtype, T: int) -> dict[str, str]:
@@ -166,9 +174,12 @@ def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> Non
         ours = max((t for p, t in got.items() if p.startswith("triton") and t is not None), default=None)
         ratio = f"{ours / max(others):12.2f}" if ours and others else f"{'':>12}"
         print(f"{D:>4} {str(causal):>6} {T:>6} {B:>4} {mode:>8} {cells}{ratio}")
+    failed: dict[tuple, list[str]] = {}  # the modes of each (provider, shape, error): refused, or only its backward
     for r in rows:
-        if r["error"] and r["mode"] == modes[0]:
-            print(f"  unavailable: {r['provider']} at D={r['D']} T={r['T']} causal={r['causal']}: {r['error']}")
+        if r["error"]:
+            failed.setdefault((r["provider"], r["D"], r["T"], r["causal"], r["error"]), []).append(r["mode"])
+    for (provider, D, T, causal, error), failed_modes in failed.items():
+        print(f"  unavailable: {provider} ({', '.join(failed_modes)}) at D={D} T={T} causal={causal}: {error}")
 
 
 def plot(rows: list[dict], providers: list[str], modes: list[str], path: Path, title: str) -> None:

@@ -113,9 +113,10 @@ MEGASCALE_ATTENTION = {"triton": "triton", "triton-tma": "triton TMA", "triton-w
 
 
 def attention_section(folder: Path) -> list[str]:
-    rows = [r for name in ATTENTION_FILES if (d := load(folder, name)) for r in d["results"] if r.get("tflops")]
+    every = [r for name in ATTENTION_FILES if (d := load(folder, name)) for r in d["results"]]
+    rows = [r for r in every if r.get("tflops")]
     if not rows:
-        return ["Attention: not run."]
+        return ["Attention: not run."] if not every else ["Attention: no provider ran.", *unavailable_lines(every)]
     shapes = sorted({(r["D"], r["causal"], r["T"], r["mode"]) for r in rows})
     out, checks = [], []
     for D, causal, T, mode in shapes:
@@ -132,7 +133,7 @@ def attention_section(folder: Path) -> list[str]:
     lines = ["Attention, bf16 (TFLOP/s):", ""] + table(
         ["head dim", "mask", "T", "pass", *MEGASCALE_ATTENTION.values(), "best SDPA", "backend", "best triton/SDPA"],
         out) + [""]
-    lines += gluon_lines(rows)
+    lines += gluon_lines(rows) + unavailable_lines(every)
     fwd = [c for c in checks if c[0] == "fwd"]
     both = [c for c in checks if c[0] == "fwd+bwd"]
     lines.append(f"* target forward ≥ 550 TFLOP/s (hd 128, causal, 4k–16k): "
@@ -140,6 +141,20 @@ def attention_section(folder: Path) -> list[str]:
     lines.append(f"* target forward+backward faster than the best SDPA (same shapes): "
                  f"{verdict(all(r and r > 1 for *_, r in both) if both else None)}")
     return lines
+
+
+def unavailable_lines(rows: list[dict]) -> list[str]:
+    """What failed or was refused (bench/attention.py's rows with an error), one line per provider and error."""
+    failed: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r.get("error"):
+            failed.setdefault((r["provider"], r["error"]), []).append(r)
+    lines = []
+    for (provider, error), where in failed.items():
+        modes = ", ".join(dict.fromkeys(r["mode"] for r in where))
+        shapes = ", ".join(dict.fromkeys(f"hd {r['D']} {'causal' if r['causal'] else 'full'} T={r['T']}" for r in where))
+        lines.append(f"* unavailable: {provider} ({modes}) at {shapes}: {error}")
+    return lines + ([""] if lines else [])
 
 
 def gluon_lines(rows: list[dict]) -> list[str]:

@@ -278,6 +278,44 @@ def test_attention_bench_and_report_show_the_gluon_tuners_choice(tmp_path, monke
     assert "| 128 | causal | 3000 | 128 x 128, 2 stages, ping-pong | 32 x 64, 2 stages | 0.0039 |" in text, text
 
 
+def test_attention_bench_records_a_backward_that_fails_and_goes_on(monkeypatch, capsys):
+    """A provider whose forward runs and whose backward fails (the Gluon backward's first run, say) gets an error row
+    for the modes with a backward, the benchmark goes on to the next provider and shape, and both it and the report
+    say what failed."""
+    import torch  # noqa: PLC0415
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import attention  # noqa: PLC0415
+
+    class RefusingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("no tile of the backward compiles here")
+
+    real = attention.provider_fn
+    monkeypatch.setattr(attention, "provider_fn", lambda name, kernels: (
+        lambda q, k, v, causal: RefusingBackward.apply(q)) if name == "broken-bwd" else real(name, kernels))
+    modes = ["fwd", "bwd", "fwd+bwd"]
+    rows = attention.bench_shape(["broken-bwd", "sdpa-math"], attention.import_kernels(), torch.device("cpu"),
+                                 torch.float32, 1, 2, 2, 16, 16, True, modes)
+    got = {(r["provider"], r["mode"]): (r["tflops"] is not None, r["error"]) for r in rows}
+    assert got == {("broken-bwd", "fwd"): (True, None),
+                   ("broken-bwd", "bwd"): (False, "no tile of the backward compiles here"),
+                   ("broken-bwd", "fwd+bwd"): (False, "no tile of the backward compiles here"),
+                   **{("sdpa-math", m): (True, None) for m in modes}}
+    attention.print_table(rows, ["broken-bwd", "sdpa-math"], modes)
+    assert ("unavailable: broken-bwd (bwd, fwd+bwd) at D=16 T=16 causal=True: no tile of the backward compiles here"
+            in capsys.readouterr().out)
+    import gpu_report  # noqa: PLC0415 (the report says it too)
+
+    assert gpu_report.unavailable_lines(rows) == [
+        "* unavailable: broken-bwd (bwd, fwd+bwd) at hd 16 causal T=16: no tile of the backward compiles here", ""]
+
+
 def test_gpu_session_rejects_an_unknown_job(tmp_path):
     proc = _run(["bench/gpu_session.py", "--only", "nonesuch", "--out", str(tmp_path)])
     assert proc.returncode != 0
