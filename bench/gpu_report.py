@@ -80,11 +80,6 @@ def kernel_tests_section(folder: Path) -> list[str]:
             + _pytest_log(folder / "kernel_tests_autotuned.log", "Kernel tests, autotuned tiles (bf16, head dim 128)"))
 
 
-# What gpu_session.run_job writes into a pytest job's log (its HUNG and STICKY)
-HUNG = r"^gpu_session: no output for (\S+) s in (\S+): killed"
-STICKY = r"^gpu_session: (\S+) left CUDA unusable \((.*)\): the tests after it run again"
-
-
 def _pytest_log(log: Path, title: str) -> list[str]:
     """Counts and failures from a ``pytest -v`` log (which survives a run cut off by its cap): each test's last
     outcome, as gpu_session.py may run the tests after one that left CUDA unusable again."""
@@ -94,7 +89,7 @@ def _pytest_log(log: Path, title: str) -> list[str]:
     outcomes = gpu_session.test_outcomes(text)
     counts = {k: sum(o == k for o in outcomes.values()) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
     failed = [test for test, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
-    hung, sticky = re.findall(HUNG, text, re.M), re.findall(STICKY, text, re.M)
+    hung, sticky = gpu_session.run_notes(text)
     summary = re.findall(r"^=+ (.* in [\d.]+s.*) =+$", text, re.M)
     if not any(counts.values()) and (collected := re.search(r"(\d+(?:/\d+)?) tests? collected", text)):
         return [f"{title}: {collected.group(1)} collected, none run (a smoke run only collects them)."]

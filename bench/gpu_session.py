@@ -306,32 +306,31 @@ def run_job(job: Job, argv: list[str], out: Path, limit: float, env: dict[str, s
     cmd = [sys.executable, *(a.replace("{out}", str(out)) for a in argv)]
     log = out / f"{job.name}.log"
     start = time.monotonic()
-    done: list[str] = []  # tests not to run again
-    noted = False  # a test hung, or failed and took CUDA down with it
+    done: list[str] = []  # tests not to run again: only a test that hung or took CUDA down puts any here
     with log.open("w") as fh:
         for attempt in itertools.count(1):
-            offset = log.stat().st_size
+            offset = log.stat().st_size  # where this run's output starts
             proc = subprocess.Popen(resumed(cmd, done, attempt), cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True)
-            rc, stuck = supervise(proc, log, start + limit, job.stall_s, done)
+            rc, stuck = supervise(proc, log, offset, start + limit, job.stall_s)
             if job.stall_s is None or (note := next_attempt(log, offset, rc, stuck, job.stall_s, done)) is None:
                 break
-            noted = True
             fh.write(f"\n{note}\n")
             fh.flush()
     for folder in job.discard:
         shutil.rmtree(out / folder, ignore_errors=True)
     command = shlex.join([f"{k}={v}" for k, v in extra_env.items()] + cmd)
-    if noted and rc in (0, 5):  # the rest passed, or nothing was left to run (pytest's 5): the job still failed
+    if done and rc in (0, 5):  # the rest passed, or nothing was left to run (pytest's 5): the job still failed
         rc = 1
     return Outcome(job.name, command, rc, round(time.monotonic() - start, 1), log.name)
 
 
-def supervise(proc: subprocess.Popen, log: Path, deadline: float, stall_s: float | None,
-              done: list[str]) -> tuple[int | None, str | None]:
-    """Wait for ``proc``: (its exit code, None); (None, None) when ``deadline`` came first; (None, the test) when
-    ``log`` stopped growing for ``stall_s`` in a test that has no outcome yet (``running_test``). Killed (its process
-    group: anything it started too) in both of the last two cases."""
+def supervise(proc: subprocess.Popen, log: Path, offset: int, deadline: float,
+              stall_s: float | None) -> tuple[int | None, str | None]:
+    """Wait for ``proc``, whose output ``log`` holds from byte ``offset``: (its exit code, None); (None, None) when
+    ``deadline`` came first; (None, the test) when ``log`` stopped growing for ``stall_s`` in a test that has no
+    outcome yet (``running_test``). Killed (its process group: anything it started too) in both of the last two
+    cases."""
     size, since = -1, time.monotonic()
     while True:
         try:
@@ -343,7 +342,7 @@ def supervise(proc: subprocess.Popen, log: Path, deadline: float, stall_s: float
         if stall_s is not None and (grown := log.stat().st_size) != size:
             size, since = grown, now
         elif stall_s is not None and now - since > stall_s:
-            stuck = running_test(log.read_text(errors="replace"), done)
+            stuck = running_test(output_since(log, offset))
         if now >= deadline or stuck:
             os.killpg(proc.pid, 9)
             proc.wait()
@@ -354,7 +353,7 @@ def next_attempt(log: Path, offset: int, rc: int | None, stuck: str | None, stal
                  done: list[str]) -> str | None:
     """After a pytest run that wrote ``log`` from byte ``offset``: the line to note there when another run must
     take the tests it left (adding to ``done`` those it must not run again), or None when the job is over."""
-    attempt = log.read_bytes()[offset:].decode(errors="replace")
+    attempt = output_since(log, offset)
     ran = list(test_outcomes(attempt).items())
     if stuck is not None:
         done += [test for test, outcome in ran if outcome] + [stuck]
@@ -365,6 +364,10 @@ def next_attempt(log: Path, offset: int, rc: int | None, stuck: str | None, stal
         return None  # passed, cut off, failed otherwise, or nothing ran after the failure
     done += tests[:tests.index(sticky[0]) + 1]
     return STICKY.format(test=sticky[0], message=sticky[1])
+
+
+def output_since(log: Path, offset: int) -> str:
+    return log.read_bytes()[offset:].decode(errors="replace")
 
 
 def resumed(cmd: list[str], done: list[str], attempt: int) -> list[str]:
@@ -390,6 +393,8 @@ GLUON_TILE_TEST = re.compile(r"::test_gluon_(forward|backward)_every_\w+\[D\d+-(
 # (gpu_report.py reads them).
 HUNG = "gpu_session: no output for {seconds:g} s in {test}: killed, the run goes on without it"
 STICKY = "gpu_session: {test} left CUDA unusable ({message}): the tests after it run again in a new process"
+HUNG_LINE = re.compile(r"^gpu_session: no output for (\S+) s in (.+): killed", re.M)
+STICKY_LINE = re.compile(r"^gpu_session: (.+?) left CUDA unusable \((.*)\): the tests after it run again", re.M)
 # A CUDA error is sticky: once a kernel faults (an illegal address, a misaligned one, an illegal instruction), every
 # later CUDA call in the process fails with it, so the tests after the first such failure say nothing of their own.
 STICKY_ERROR = re.compile(r"CUDA error|CUDA_ERROR|Triton Error \[CUDA\]|cudaError|unspecified launch failure")
@@ -408,11 +413,16 @@ def test_outcomes(log: str) -> dict[str, str | None]:
     return outcomes
 
 
-def running_test(log: str, done: list[str]) -> str | None:
-    """The test a ``pytest -v`` log ends in, without an outcome, if not among those ``done`` before (a run
-    started again and not yet in a test); else None."""
+def running_test(log: str) -> str | None:
+    """The test a ``pytest -v`` log ends in, without an outcome; None when it ends between tests."""
     last = list(test_outcomes(log).items())[-1:]
-    return last[0][0] if last and last[0][1] is None and last[0][0] not in done else None
+    return last[0][0] if last and last[0][1] is None else None
+
+
+def run_notes(log: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The notes ``run_job`` wrote into a pytest job's log: (seconds, test) of each test it killed, and (test,
+    message) of each after which the rest ran again."""
+    return HUNG_LINE.findall(log), STICKY_LINE.findall(log)
 
 
 def sticky_failure(log: str) -> tuple[str, str] | None:
@@ -430,7 +440,7 @@ def broken_tiles(log: str) -> list[str] | None:
     default tile's parity tests: the benchmark is not safe), or when the log holds no outcome at all."""
     outcomes = test_outcomes(log)
     bad = [test for test, outcome in outcomes.items() if outcome in (None, "FAILED", "ERROR")]
-    if not outcomes or not bad:
+    if not bad:
         return None
     tags = set()
     for test in bad:

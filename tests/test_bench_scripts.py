@@ -236,7 +236,7 @@ def test_gpu_session_goes_on_past_a_test_that_hangs_or_takes_cuda_down(tmp_path)
     assert log.count(f"{views} FAILED") == 1
     spaced = "tests/test_kernels_fused.py::test_rms_norm_matches_reference[(1, 48)-bf16]"  # parameters with spaces
     assert gpu_session.test_outcomes(f"{spaced} PASSED [ 25%]\n{views} ") == {spaced: "PASSED", views: None}
-    assert gpu_session.running_test(f"{spaced} ", []) == spaced
+    assert gpu_session.running_test(f"{spaced} ") == spaced
     assert gpu_session.broken_tiles(log) == ["fwd:128x128-s2-pingpong", "fwd:128x64-s3-ws", "fwd:64x64-s3"]
     bench = next(j for j in gpu_session.jobs(False) if j.name == "attention_gluon")
     assert gpu_session.salvage_env(bench, tmp_path) == {
