@@ -275,11 +275,11 @@ if GLUON_IMPORT_ERROR is None:
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
         q_bars = gl.allocate_shared_memory(gl.int64, [q_bufs, 1], mbarrier.MBarrierLayout())
-        # ready: a buffer's TMA copy has landed; empty (a TMA warp only): every compute partition is done with it
+        # ready: a buffer's TMA copy has landed. done (a TMA warp only): done.index(j % STAGES) completes when every
+        # compute partition is past key block j's products, which frees K_j's buffer and V_{j-1}'s (``_fwd_release``).
         k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        done = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         # PING_PONG: turns.index(w) completes when warp group w may issue its next products (``_take_turn``)
         turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(q_bufs):
@@ -289,7 +289,7 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(STAGES):
             for ring in gl.static_range(2):
                 mbarrier.init((k_bars, v_bars)[ring].index(i), count=1)
-                mbarrier.init((k_empty, v_empty)[ring].index(i), count=q_bufs)
+            mbarrier.init(done.index(i), count=q_bufs)
 
         # (the frontend of Triton 3.6 takes no starred arguments: the lists are written out)
         if WS == _PING_PONG:
@@ -298,23 +298,23 @@ if GLUON_IMPORT_ERROR is None:
             half: gl.constexpr = BLOCK_M // 2
             gl.warp_specialize([
                 (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars,
-                                v_bars, k_empty, v_empty, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m,
+                                v_bars, done, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m,
                                 n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL, half, BLOCK_N, STAGES, WS, True, 4)),
                 (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(1), k_smem, v_smem, q_bars.index(1), k_bars,
-                                v_bars, k_empty, v_empty, turns.index(1), turns.index(0), b, h, kv_h, pid_bh,
+                                v_bars, done, turns.index(1), turns.index(0), b, h, kv_h, pid_bh,
                                 start_m + half, n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL, half, BLOCK_N, STAGES, WS,
                                 False, 4)),
-                (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, k_empty,
-                               v_empty, b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES, q_bufs)),
+                (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, done,
+                               b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES, q_bufs)),
             ], [4, 1], [240, 24])
         elif WS == _TMA_WARP:
             gl.warp_specialize([
                 (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars,
-                                v_bars, k_empty, v_empty, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m,
+                                v_bars, done, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m,
                                 n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, True,
                                 num_warps)),
-                (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, k_empty,
-                               v_empty, b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES, q_bufs)),
+                (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, done,
+                               b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES, q_bufs)),
             ], [1], [24])
         else:
             _load_block(desc_q, b, h, start_m, q_bars.index(0), q_smem.index(0), True)
@@ -322,7 +322,7 @@ if GLUON_IMPORT_ERROR is None:
                 _load_block(desc_k, b, kv_h, i * BLOCK_N, k_bars.index(i), k_smem.index(i), i < n_blocks)
                 _load_block(desc_v, b, kv_h, i * BLOCK_N, v_bars.index(i), v_smem.index(i), i < n_blocks)
             _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars, v_bars,
-                         k_empty, v_empty, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m, n_blocks,
+                         done, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m, n_blocks,
                          seq_len, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, True, num_warps)
 
         for i in gl.static_range(q_bufs):
@@ -330,11 +330,11 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(2):
             mbarrier.invalidate(turns.index(i))
         for i in gl.static_range(STAGES):
-            for ring in gl.static_range(4):
-                mbarrier.invalidate((k_bars, v_bars, k_empty, v_empty)[ring].index(i))
+            for ring in gl.static_range(3):
+                mbarrier.invalidate((k_bars, v_bars, done)[ring].index(i))
 
     @gluon.jit
-    def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, k_empty, v_empty,
+    def _fwd_loader(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, done,
                     b, h, kv_h, start_m, n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr):
         """The TMA warp: Q (a box for each compute partition), then key block j's K and V into buffer j % STAGES
         once every compute partition freed it."""
@@ -342,27 +342,31 @@ if GLUON_IMPORT_ERROR is None:
             _load_block(desc_q, b, h, start_m + i * desc_q.block_type.shape[2], q_bars.index(i), q_smem.index(i), True)
         for j in range(n_blocks):
             slot = j % STAGES
-            # The u-th reuse of a buffer waits for the u-th release; the first pass waits on nothing (parity 1 of
-            # a fresh barrier counts as complete).
-            free = ((j // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(slot), free)
+            # done.index(s)'s u-th completion is key block s + u * STAGES's (``_fwd_release``). K_j's buffer held
+            # K_{j - STAGES}, free after that block: completion j // STAGES - 1 of done.index(slot); V_j's held
+            # V_{j - STAGES}, free after block j - STAGES + 1: completion (j + 1) // STAGES - 1 of
+            # done.index((j + 1) % STAGES), the same wait as K_{j + 1}'s, so V never holds K back. A wait for
+            # completion -1 (the first pass) returns at once: parity 1 of a fresh barrier counts as complete.
+            # Neither barrier can run a phase ahead of its wait: its next completion needs K_j or K_{j + 1}, loaded
+            # after it.
+            mbarrier.wait(done.index(slot), ((j // STAGES) & 1) ^ 1)
             _load_block(desc_k, b, kv_h, j * BLOCK_N, k_bars.index(slot), k_smem.index(slot), True)
-            mbarrier.wait(v_empty.index(slot), free)
+            mbarrier.wait(done.index((j + 1) % STAGES), (((j + 1) // STAGES) & 1) ^ 1)
             _load_block(desc_v, b, kv_h, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
 
     @gluon.jit
-    def _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, k_empty, v_empty, b, kv_h, j, n_blocks,
+    def _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, j, n_blocks,
                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
         """Key block j's products are done: K buffer j % STAGES is free, and from j = 1 V buffer (j - 1) % STAGES.
         Every compute warp must be past its wait first (the warp groups multiply their own rows by the same tiles).
-        With a TMA warp: tell it (once per compute partition: the empty barriers count them); else refill them
-        here, STAGES blocks ahead."""
+        With a TMA warp: tell it, one arrive per compute partition on done.index(j % STAGES) for both buffers (the
+        barrier counts the partitions; one arrive, not one for K and one for V, because Gluon puts a barrier of the
+        partition's warps between two arrives); else refill them here, STAGES blocks ahead."""
         _cta_barrier()  # in a warp-specialised partition, a barrier of that partition's warps only
         slot = j % STAGES
         prev = (j + STAGES - 1) % STAGES
         if WS:
-            mbarrier.arrive(k_empty.index(slot))
-            mbarrier.arrive(v_empty.index(prev), pred=j > 0)
+            mbarrier.arrive(done.index(slot))
         else:
             _load_block(desc_k, b, kv_h, (j + STAGES) * BLOCK_N, k_bars.index(slot), k_smem.index(slot),
                         j + STAGES < n_blocks)
@@ -385,7 +389,7 @@ if GLUON_IMPORT_ERROR is None:
             mbarrier.arrive(turn_other)
 
     @gluon.jit
-    def _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, k_empty, v_empty,
+    def _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, done,
                      turn_mine, turn_other, b, h, kv_h, pid_bh, start_m, n_blocks, seq_len, qk_scale,
                      HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      STAGES: gl.constexpr, WS: gl.constexpr, FIRST: gl.constexpr, num_warps: gl.constexpr):
@@ -423,7 +427,7 @@ if GLUON_IMPORT_ERROR is None:
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
         l_i = gl.sum(p, 1)
         p = gl.convert_layout(p.to(dtype), p_layout)
-        _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, k_empty, v_empty, b, kv_h, 0, n_blocks,
+        _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, 0, n_blocks,
                      BLOCK_N, STAGES, WS)
 
         for j in range(1, n_blocks):
@@ -446,7 +450,7 @@ if GLUON_IMPORT_ERROR is None:
             acc, p = warpgroup_mma_wait(0, deps=(acc, p))  # P_{j-1}'s registers are read until here
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
             p = gl.convert_layout(p_j.to(dtype), p_layout)
-            _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, k_empty, v_empty, b, kv_h, j, n_blocks,
+            _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, j, n_blocks,
                          BLOCK_N, STAGES, WS)
 
         last = (n_blocks - 1) % STAGES
