@@ -364,10 +364,10 @@ if GLUON_IMPORT_ERROR is None:
         partition's warps between two arrives); else refill them here, STAGES blocks ahead."""
         _cta_barrier()  # in a warp-specialised partition, a barrier of that partition's warps only
         slot = j % STAGES
-        prev = (j + STAGES - 1) % STAGES
         if WS:
             mbarrier.arrive(done.index(slot))
         else:
+            prev = (j + STAGES - 1) % STAGES
             _load_block(desc_k, b, kv_h, (j + STAGES) * BLOCK_N, k_bars.index(slot), k_smem.index(slot),
                         j + STAGES < n_blocks)
             _load_block(desc_v, b, kv_h, (j - 1 + STAGES) * BLOCK_N, v_bars.index(prev), v_smem.index(prev),
@@ -525,10 +525,8 @@ if GLUON_IMPORT_ERROR is None:
                                HEAD_DIM, BLOCK_M, STAGES, WS)),
             ], [_bwd_loader_warps(WS)], [_bwd_loader_registers(WS, num_warps)])
         else:
-            _load_kv(desc_k, desc_v, b, kv_h, start_n, kv_bar, k_smem, v_smem)
-            for i in gl.static_range(STAGES):
-                _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, i, bars.index(i), q_smem.index(i),
-                           do_smem.index(i), i < steps, BLOCK_M)
+            _bwd_first_loads(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, b, kv_h,
+                             start_n, lo, per_head, steps, group, BLOCK_M, STAGES)
             _bwd_compute(desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
                          dq_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group,
                          seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, num_warps)
@@ -547,6 +545,16 @@ if GLUON_IMPORT_ERROR is None:
         _tma_load(desc_v, [b, kv_h, start_n, 0], bar, v_dst)
 
     @gluon.jit
+    def _bwd_first_loads(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, b, kv_h,
+                         start_n, lo, per_head, steps, group, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """The backward's first copies, by whoever loads: its key block's K and V, and the first STAGES steps' Q
+        and dO, one ring buffer each."""
+        _load_kv(desc_k, desc_v, b, kv_h, start_n, kv_bar, k_smem, v_smem)
+        for i in gl.static_range(STAGES):
+            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, i, bars.index(i), q_smem.index(i),
+                       do_smem.index(i), i < steps, BLOCK_M)
+
+    @gluon.jit
     def _bwd_loader(desc_q, desc_k, desc_v, desc_do, DQA, k_smem, v_smem, q_smem, do_smem, dq_smem, kv_bar, bars,
                     empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
@@ -554,10 +562,8 @@ if GLUON_IMPORT_ERROR is None:
         STAGES steps' Q and dO; then, as the compute warps finish each step, the Q and dO of the step STAGES later
         into its buffer, and with DQ_WARP the step's dQ share added from shared memory (``_add_dq_share``; the copy
         issued first runs meanwhile)."""
-        _load_kv(desc_k, desc_v, b, kv_h, start_n, kv_bar, k_smem, v_smem)
-        for i in gl.static_range(STAGES):
-            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, i, bars.index(i), q_smem.index(i),
-                       do_smem.index(i), i < steps, BLOCK_M)
+        _bwd_first_loads(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, b, kv_h,
+                         start_n, lo, per_head, steps, group, BLOCK_M, STAGES)
         for step in range(steps):
             slot = step % STAGES
             mbarrier.wait(empty.index(slot), (step // STAGES) & 1)  # step done: its buffer free, its dQ stored
