@@ -541,8 +541,14 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, dqa_src, b, h, lse_base, delta_base
     return dk, dv
 
 
+# reset_to_zero: with DQ_ATOMIC every candidate the tuner times adds its dQ into DQA again, so DQA is zeroed before
+# each timed run and after the last. Without it the H200 (2026-11-27) failed every bf16 case longer than one token
+# (17 of the 21 it reached), dQ several times too large; with it, all 32 pass. Triton 3.6 times even a lone
+# candidate, so MEGASCALE_TRITON_AUTOTUNE=0 did not avoid it there; Triton 3.9 (this suite's) skips that timing.
+# Deterministic runs pass dq as DQA, which the dQ kernel writes whole afterwards: zeroing it costs only tuning time.
 @triton.autotune(configs=_configs(_DKDV_TILES, pre_hook=_tma_boxes(BLOCK_M=("Q", "DO"), BLOCK_N=("K", "V", "DK", "DV"))),
                  key=[*_TUNE_KEY, "TMA", "DQ_ATOMIC"],  # TMA, DQ_ATOMIC: only when passed
+                 reset_to_zero=["DQA"],
                  prune_configs_by={"early_config_prune": _pruner(_DKDV_TILES)})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE, DELTA,

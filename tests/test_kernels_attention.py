@@ -175,6 +175,36 @@ def test_atomic_dq_backward_matches_reference(shape, dtype, causal, tma):
     _check(q, k, v, do, causal=causal, tma=tma, deterministic=False)
 
 
+def test_atomic_dq_backward_survives_the_tuner(monkeypatch):
+    """The tuner runs each candidate tile several times before the real launch; with dQ added by atomics into one
+    buffer, each of those runs must start from zero (what the H200 caught on 2026-11-27: Triton 3.6 times even a
+    lone candidate, and dQ came out several times too large). Two candidates here, timed by a stand-in that runs
+    each three times as CUDA-event timing would (the interpreter has no timer of its own)."""
+    import triton  # noqa: PLC0415
+
+    from megascale.kernels import attention  # noqa: PLC0415
+
+    kernel = attention._bwd_dkdv_kernel
+    first = kernel.configs[0]
+    second = triton.Config(dict(first.kwargs), num_warps=first.num_warps, num_stages=first.num_stages + 1,
+                           pre_hook=first.pre_hook)
+    runs = []
+
+    def bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        runs.append(len(runs))
+        return [float(len(runs))] * len(quantiles)  # the first candidate wins
+
+    monkeypatch.setenv("MEGASCALE_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(kernel, "configs", [first, second])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setitem(kernel.__dict__, "do_bench", bench)  # a cached_property: set on the instance, then removed
+    q, k, v, do = _inputs(1, 4, 2, 40, 32, torch.float32, seed=7)
+    _check(q, k, v, do, causal=True, deterministic=False)
+    assert runs == [0, 1]  # both candidates were timed, so the buffer was written before the real launch
+
+
 # The Gluon forward (Hopper only: no interpreter runs Gluon, so these skip without one). One key block (T = 17,
 # 100), fewer blocks than buffers and more (300, 1000: the buffers refilled), GQA 1-4, the diagonal inside a block.
 GLUON_SHAPES = [(1, 4, 2, 17, 64)] + ([(2, 2, 2, 100, 128), (1, 4, 1, 300, 128), (1, 4, 4, 1000, 64),
