@@ -39,7 +39,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import checkout_kernels  # noqa: E402
-from kernel_layout import registers  # noqa: E402
+from kernel_layout import registers, spills_in_loops  # noqa: E402
 
 H100_SMEM = 227 * 1024  # bytes of shared memory one block may use on sm_90
 # name: (kernel, its tiles, the arguments that are TMA descriptors → the block giving their box rows)
@@ -160,10 +160,14 @@ def describe(compiled, arch: int) -> str:
     reductions = re.findall(r"\b(?:red|atom)\.global\S*add\S*", ptx)  # not "shared.global": a word of its own
     atomics = "" if not reductions else f"  dQ atomics {'v4' if any('v4.f32' in r for r in reductions) else 'scalar'}"
     overlap = "  overlap yes" if overlapped(ptx) else ""
+    regs = registers(ptx, arch)
+    # where it spills, whether the spills are in the loops of products (each iteration) or outside them
+    if re.search(r" [1-9]\d* bytes spilled", regs) and "wgmma.mma_async" in ptx:
+        regs += f" ({spills_in_loops(ptx, arch, 'HGMMA')} in loops)"
     return (f"wgmma {'yes' if 'wgmma.mma_async' in ptx else 'NO ':<3}  pipelined {'yes' if 'cp.async' in ptx else 'NO ':<3}  "
             f"warps {compiled.metadata.num_warps:<2} {'specialised' if 'setmaxnreg' in ptx else '':<11}  "
             f"TMA {'yes' if 'cp.async.bulk.tensor' in ptx else 'no ':<3}  f64 {fp64_math(ptx)}  "
-            f"{registers(ptx, arch):<34} smem {smem / 1024:6.1f} KiB ({fits}){atomics}{overlap}")
+            f"{regs:<34} smem {smem / 1024:6.1f} KiB ({fits}){atomics}{overlap}")
 
 
 def main(argv=None) -> int:
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
                     compiled = compile_gluon(gluon_mod, kernel, tile, head_dim, args.causal == "true", args.arch)
                     loads = gluon_mod.LOADERS[tile[3]] or "own loads"
                     print(f"{kernel:<15} {head_dim:>4} {f'{tile[0]} x {tile[1]}':>11} {compiled.metadata.num_warps:>5} "
-                          f"{tile[2]:>6}  {loads:<13}  {describe(compiled, args.arch)}", flush=True)
+                          f"{tile[2]:>6}  {loads:<20}  {describe(compiled, args.arch)}", flush=True)
             continue
         table = getattr(att, KERNELS[kernel][1])
         for head_dim in (int(d) for d in args.head_dims.split(",")):

@@ -94,6 +94,31 @@ def registers(ptx: str, arch: int) -> str:
     return f"{regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} bytes spilled"
 
 
+def sass(ptx: str, arch: int) -> list[tuple[int, str]]:
+    """(address, instruction) of the machine code ptxas makes of ``ptx`` (Triton's cuobjdump disassembles it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        path.write_text(ptx)
+        subprocess.run([ptxas(), f"-arch=sm_{arch}a", str(path), "-o", str(cubin)], check=True, capture_output=True)
+        text = subprocess.run([str(Path(ptxas()).parent / "cuobjdump"), "-sass", str(cubin)], check=True,
+                              capture_output=True, text=True).stdout
+    return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+
+
+def spills_in_loops(ptx: str, arch: int, marker: str) -> int:
+    """Spill instructions (STL / LDL) inside the innermost loops whose body holds ``marker`` (e.g. HGMMA, the
+    tensor-core products): a spill there costs every iteration, one outside costs once. A loop is a branch back to a
+    lower address; the count errs high where a branch back spans more than one loop."""
+    code = sass(ptx, arch)
+    loops = [(int(m.group(1), 16), addr) for addr, ins in code
+             if (m := re.search(r"BRA\b.*?0x([0-9a-f]+)", ins)) and int(m.group(1), 16) < addr]
+    def holds(lo, hi):
+        return any(marker in ins for addr, ins in code if lo <= addr <= hi)
+    inner = [(lo, hi) for lo, hi in loops if holds(lo, hi)
+             and not any(lo < lo2 and hi2 < hi and holds(lo2, hi2) for lo2, hi2 in loops)]
+    return sum(1 for lo, hi in inner for addr, ins in code if lo <= addr <= hi and re.match(r"(STL|LDL)\b", ins))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--units", default="2,4,8,16,24,32", help="values of K")

@@ -36,6 +36,14 @@ they take turns issuing their products (an mbarrier each, passed on as soon as
 the products are issued), so one group's softmax runs while the other's
 products do. Each K/V buffer is freed when both groups are done with it.
 
+PERSISTENT is the ping-pong in a persistent kernel, FlashAttention-3's scheduler: a block an SM, each taking
+query blocks in turn (causal: every head's last query block first, the ones with the most key blocks), so that the
+TMA warp brings the next query block's Q and first K/V while this one's last products and its O's store run. The
+rings of K/V buffers and of turns count on across query blocks; each warp group has two Q buffers, the next Q
+landing in one while the other holds this block's Q and then its O on the way out. On the H200 the ping-pong ran
+at 528 TFLOP/s at 4k and 612 at 16k (head dim 128, causal), where a block has four times the key blocks to spread
+its start and end over; this is what it is for (not yet timed).
+
 The backward (``_bwd_gluon_kernel``; ``flash_attention(gluon=True, deterministic=False)``) is the Triton
 dK/dV kernel's DQ_ATOMIC form written out: one program per (key block, K/V head), the query blocks of the
 head's whole query group streaming past by TMA; Sᵀ = K Qᵀ and dPᵀ = V dOᵀ issued together, Pᵀ computed
@@ -97,10 +105,15 @@ else:
 # issuing their products (FlashAttention-3's "ping-pong": one group's softmax runs while the other's products do).
 # The backward has the first two, and DQ_WARP: a loading warp group also adds each step's dQ share into the fp32 buffer,
 # which the compute warps leave in shared memory (FlashAttention-3's backward hands dQ to a warp of its own too).
-OWN_LOADS, TMA_WARP, PING_PONG, DQ_WARP = 0, 1, 2, 3
-LOADERS = {OWN_LOADS: "", TMA_WARP: "TMA warp", PING_PONG: "ping-pong", DQ_WARP: "TMA + dQ warp"}
+# PERSISTENT is the ping-pong forward in a persistent kernel (``_fwd_compute_tiles``): one block an SM, each taking
+# query blocks in turn, heaviest first over all heads, so the next block's copies overlap this one's last products and
+# its O's store (FlashAttention-3's persistent scheduler; a block's start and end cost most at short lengths).
+OWN_LOADS, TMA_WARP, PING_PONG, DQ_WARP, PERSISTENT = 0, 1, 2, 3, 4
+LOADERS = {OWN_LOADS: "", TMA_WARP: "TMA warp", PING_PONG: "ping-pong", DQ_WARP: "TMA + dQ warp",
+           PERSISTENT: "persistent ping-pong"}
 # the kernels read globals as constexprs
 _TMA_WARP, _PING_PONG, _DQ_WARP = tl.constexpr(TMA_WARP), tl.constexpr(PING_PONG), tl.constexpr(DQ_WARP)
+_PERSISTENT = tl.constexpr(PERSISTENT)
 
 GLUON_HEAD_DIMS = (64, 128)
 GLUON_DTYPES = (torch.float16, torch.bfloat16)
@@ -113,12 +126,14 @@ GLUON_DTYPES = (torch.float16, torch.bfloat16)
 # sm_90a (bench/attention_layout.py --kernels fwd-gluon, Triton 3.6 and 3.9), none spills; at head dim 128: 128 x 128
 # 189-193 registers and 160 KiB of shared memory (one block an SM), 128 x 64 145-148, 64 x 64 141-145 registers and
 # 112 KiB: two blocks an SM, whose softmax and products the SM's schedulers interleave with each other (ping-pong
-# left to the hardware).
+# left to the hardware). PERSISTENT: the ping-pong tile in a persistent kernel, two Q buffers a warp group (192 KiB
+# at head dim 128). The H200 (2026-11-27) chose the ping-pong at every length: 528 TFLOP/s at 4k, 612 at 16k, where a
+# block has 4 times the key blocks to spread its start and end over.
 GLUON_TILES = {
     128: [(128, 128, 2, OWN_LOADS), (128, 64, 3, OWN_LOADS), (64, 64, 3, OWN_LOADS), (64, 128, 2, OWN_LOADS),
-          (128, 128, 2, TMA_WARP), (128, 64, 3, TMA_WARP), (128, 128, 2, PING_PONG)],
+          (128, 128, 2, TMA_WARP), (128, 64, 3, TMA_WARP), (128, 128, 2, PING_PONG), (128, 128, 2, PERSISTENT)],
     64: [(128, 128, 2, OWN_LOADS), (128, 64, 3, OWN_LOADS), (64, 64, 3, OWN_LOADS), (64, 128, 2, OWN_LOADS),
-         (128, 128, 2, TMA_WARP), (128, 64, 3, TMA_WARP), (128, 128, 2, PING_PONG)],
+         (128, 128, 2, TMA_WARP), (128, 64, 3, TMA_WARP), (128, 128, 2, PING_PONG), (128, 128, 2, PERSISTENT)],
 }
 
 # The backward's (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, loader); BLOCK_N / 16 compute warps, and
@@ -154,7 +169,7 @@ def tile_tag(tile: tuple) -> str:
     """A candidate in a word, as the tests' ids and EXCLUDE_ENV name it: '128x128-s2-pingpong'."""
     block_m, block_n, stages, loader = tile
     return f"{block_m}x{block_n}-s{stages}" + {OWN_LOADS: "", TMA_WARP: "-ws", PING_PONG: "-pingpong",
-                                                 DQ_WARP: "-dqwarp"}[loader]
+                                                 DQ_WARP: "-dqwarp", PERSISTENT: "-persistent"}[loader]
 
 
 def candidates(kind: str, head_dim: int) -> list[tuple]:
@@ -175,12 +190,14 @@ def _candidates(kind: str, head_dim: int, exclude: str) -> tuple:
 
 
 def forward_launch(tile: tuple) -> tuple[int, int]:
-    """(query rows of each Q box, num_warps of the kernel) for a forward candidate: with PING_PONG each warp group
-    loads half the block's rows, and the kernel's own warps are the first group (the second is a partition)."""
+    """(query rows of each Q box, num_warps of the kernel) for a forward candidate: with PING_PONG (and PERSISTENT)
+    each warp group loads half the block's rows, and the kernel's own warps are the first group (the second is a
+    partition)."""
     block_m, _, _, loader = tile
-    if loader == PING_PONG and block_m != 128:
+    ping_pong = loader in (PING_PONG, PERSISTENT)
+    if ping_pong and block_m != 128:
         raise ValueError(f"a ping-pong tile takes 128 query rows (two warp groups of 64), not {block_m}")
-    rows = block_m // 2 if loader == PING_PONG else block_m
+    rows = block_m // 2 if ping_pong else block_m
     return rows, warps(rows)
 
 
@@ -199,8 +216,14 @@ if GLUON_IMPORT_ERROR is None:
 
     @gluon.constexpr_function
     def _consumers(loader):
-        """The forward's compute partitions: PING_PONG's two warp groups, else one."""
-        return 2 if loader == PING_PONG else 1
+        """The forward's compute partitions: PING_PONG's (and PERSISTENT's) two warp groups, else one."""
+        return 2 if loader in (PING_PONG, PERSISTENT) else 1
+
+    @gluon.constexpr_function
+    def _q_buffers(loader):
+        """The forward's Q buffers: one a compute partition; PERSISTENT's two, the next query block's Q landing in
+        one while the other holds this block's (and then its O, on the way out)."""
+        return _consumers(loader) * (2 if loader == PERSISTENT else 1)
 
     @gluon.constexpr_function
     def _dq_shape(loader, block_m, head_dim):
@@ -247,13 +270,14 @@ if GLUON_IMPORT_ERROR is None:
         return s
 
     @gluon.jit
-    def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, qk_scale,
+    def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, n_bh, qk_scale,
                           HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
-        """One query block of one head. WS, who loads (``LOADERS``): TMA_WARP and PING_PONG take the TMA loads
-        from a warp of their own (``_fwd_loader``), which the compute partitions tell when a buffer is free by an
-        mbarrier each; OWN_LOADS has the compute warps issue them, and Gluon puts a barrier of all threads around
-        each issue. PING_PONG's compute partitions are two warp groups of BLOCK_M / 2 rows (``_take_turn``)."""
+        """One query block of one head (PERSISTENT: query blocks in turn, ``_fwd_compute_tiles``; n_bh = B · H). WS,
+        who loads (``LOADERS``): TMA_WARP and PING_PONG take the TMA loads from a warp of their own (``_fwd_loader``),
+        which the compute partitions tell when a buffer is free by an mbarrier each; OWN_LOADS has the compute warps
+        issue them, and Gluon puts a barrier of all threads around each issue. PING_PONG's compute partitions are two
+        warp groups of BLOCK_M / 2 rows (``_take_turn``)."""
         dtype: gl.constexpr = desc_q.dtype
         qk_scale = qk_scale.to(gl.float32)
         # Causal query blocks near the end do the most work: launched first, the light ones fill the tail.
@@ -272,8 +296,10 @@ if GLUON_IMPORT_ERROR is None:
             hi = seq_len
         n_blocks = gl.cdiv(hi, BLOCK_N)
 
-        # One Q buffer per compute partition: PING_PONG's two warp groups take half the rows each (desc_q's box).
-        q_bufs: gl.constexpr = _consumers(WS)
+        # One Q buffer per compute partition (PERSISTENT: two): PING_PONG's two warp groups take half the rows each
+        # (desc_q's box).
+        n_cons: gl.constexpr = _consumers(WS)
+        q_bufs: gl.constexpr = _q_buffers(WS)
         q_smem = gl.allocate_shared_memory(dtype, [q_bufs] + desc_q.block_type.shape, desc_q.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_k.block_type.shape, desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_v.block_type.shape, desc_v.layout)
@@ -292,7 +318,7 @@ if GLUON_IMPORT_ERROR is None:
         for i in gl.static_range(STAGES):
             for ring in gl.static_range(2):
                 mbarrier.init((k_bars, v_bars)[ring].index(i), count=1)
-            mbarrier.init(done.index(i), count=q_bufs)
+            mbarrier.init(done.index(i), count=n_cons)
 
         # (the frontend of Triton 3.6 takes no starred arguments: the lists are written out)
         if WS == _PING_PONG:
@@ -302,20 +328,40 @@ if GLUON_IMPORT_ERROR is None:
             gl.warp_specialize([
                 (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars,
                                 v_bars, done, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m,
-                                n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL, half, BLOCK_N, STAGES, WS, True, 4)),
+                                n_blocks, 0, 0, q_bars.index(0), seq_len, qk_scale, HEAD_DIM, CAUSAL, half, BLOCK_N,
+                                STAGES, WS, True, 4)),
                 (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(1), k_smem, v_smem, q_bars.index(1), k_bars,
                                 v_bars, done, turns.index(1), turns.index(0), b, h, kv_h, pid_bh,
-                                start_m + half, n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL, half, BLOCK_N, STAGES, WS,
-                                False, 4)),
+                                start_m + half, n_blocks, 0, 0, q_bars.index(1), seq_len, qk_scale, HEAD_DIM, CAUSAL,
+                                half, BLOCK_N, STAGES, WS, False, 4)),
                 (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, done,
                                b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES, q_bufs)),
             ], [4, 1], [240, 24])
+        elif WS == _PERSISTENT:
+            # q_free.index(i) completes when Q buffer i may take the next query block's Q: its warp group is done with
+            # it, and the O it held on the way out has been copied (``_fwd_compute``).
+            gl.static_assert(BLOCK_M == 128, "PERSISTENT takes 128 query rows: two warp groups of 64")
+            q_free = gl.allocate_shared_memory(gl.int64, [q_bufs, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(q_bufs):
+                mbarrier.init(q_free.index(i), count=1)
+            gl.warp_specialize([
+                (_fwd_compute_tiles, (desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars,
+                                      v_bars, done, turns.index(0), turns.index(1), n_heads, group, seq_len, n_bh,
+                                      qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, 0)),
+                (_fwd_compute_tiles, (desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars,
+                                      v_bars, done, turns.index(1), turns.index(0), n_heads, group, seq_len, n_bh,
+                                      qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, 1)),
+                (_fwd_loader_tiles, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars,
+                                     done, n_heads, group, seq_len, n_bh, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+            ], [4, 1], [240, 24])
+            for i in gl.static_range(q_bufs):
+                mbarrier.invalidate(q_free.index(i))
         elif WS == _TMA_WARP:
             gl.warp_specialize([
                 (_fwd_compute, (desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars,
                                 v_bars, done, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m,
-                                n_blocks, seq_len, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, True,
-                                num_warps)),
+                                n_blocks, 0, 0, q_bars.index(0), seq_len, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M,
+                                BLOCK_N, STAGES, WS, True, num_warps)),
                 (_fwd_loader, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, k_bars, v_bars, done,
                                b, h, kv_h, start_m, n_blocks, BLOCK_N, STAGES, q_bufs)),
             ], [1], [24])
@@ -325,8 +371,9 @@ if GLUON_IMPORT_ERROR is None:
                 _load_block(desc_k, b, kv_h, i * BLOCK_N, k_bars.index(i), k_smem.index(i), i < n_blocks)
                 _load_block(desc_v, b, kv_h, i * BLOCK_N, v_bars.index(i), v_smem.index(i), i < n_blocks)
             _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem.index(0), k_smem, v_smem, q_bars.index(0), k_bars, v_bars,
-                         done, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m, n_blocks,
-                         seq_len, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, True, num_warps)
+                         done, turns.index(0), turns.index(1), b, h, kv_h, pid_bh, start_m, n_blocks, 0, 0,
+                         q_bars.index(0), seq_len, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, True,
+                         num_warps)
 
         for i in gl.static_range(q_bufs):
             mbarrier.invalidate(q_bars.index(i))
@@ -343,19 +390,92 @@ if GLUON_IMPORT_ERROR is None:
         once every compute partition freed it."""
         for i in gl.static_range(Q_BUFS):
             _load_block(desc_q, b, h, start_m + i * desc_q.block_type.shape[2], q_bars.index(i), q_smem.index(i), True)
+        _fwd_kv_loads(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, 0, n_blocks, BLOCK_N, STAGES)
+
+    @gluon.jit
+    def _fwd_kv_loads(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, g0, n_blocks,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """The TMA warp's K and V of head (b, kv_h)'s first n_blocks key blocks, block j the ring's (g0 + j)-th (g0:
+        the key blocks of the query blocks before, PERSISTENT's; else 0), into buffer (g0 + j) % STAGES once every
+        compute partition freed it."""
         for j in range(n_blocks):
-            slot = j % STAGES
-            # done.index(s)'s u-th completion is key block s + u * STAGES's (``_fwd_release``). K_j's buffer held
-            # K_{j - STAGES}, free after that block: completion j // STAGES - 1 of done.index(slot); V_j's held
-            # V_{j - STAGES}, free after block j - STAGES + 1: completion (j + 1) // STAGES - 1 of
-            # done.index((j + 1) % STAGES), the same wait as K_{j + 1}'s, so V never holds K back. A wait for
-            # completion -1 (the first pass) returns at once: parity 1 of a fresh barrier counts as complete.
-            # Neither barrier can run a phase ahead of its wait: its next completion needs K_j or K_{j + 1}, loaded
+            g = g0 + j
+            slot = g % STAGES
+            # done.index(s)'s u-th completion is ring block s + u * STAGES's (``_fwd_release``). K_g's buffer held
+            # K_{g - STAGES}, free after that block: completion g // STAGES - 1 of done.index(slot); V_g's held
+            # V_{g - STAGES}, free after block g - STAGES + 1: completion (g + 1) // STAGES - 1 of
+            # done.index((g + 1) % STAGES), the same wait as K_{g + 1}'s, so V never holds K back (V of a query
+            # block's last key block is read by its last product, before the next query block's first release). A wait
+            # for completion -1 (the first pass) returns at once: parity 1 of a fresh barrier counts as complete.
+            # Neither barrier can run a phase ahead of its wait: its next completion needs K_g or K_{g + 1}, loaded
             # after it.
-            mbarrier.wait(done.index(slot), ((j // STAGES) & 1) ^ 1)
+            mbarrier.wait(done.index(slot), ((g // STAGES) & 1) ^ 1)
             _load_block(desc_k, b, kv_h, j * BLOCK_N, k_bars.index(slot), k_smem.index(slot), True)
-            mbarrier.wait(done.index((j + 1) % STAGES), (((j + 1) // STAGES) & 1) ^ 1)
+            mbarrier.wait(done.index((g + 1) % STAGES), (((g + 1) // STAGES) & 1) ^ 1)
             _load_block(desc_v, b, kv_h, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
+
+    @gluon.jit
+    def _fwd_tile(tile, n_bh, n_heads, group, seq_len, n_m, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
+        """PERSISTENT's tile-th query block, (pid_bh, b, h, kv_h, start_m, its key blocks): causal, every head's last
+        query block first (the most key blocks), then every head's last but one..., so the light ones fill the end."""
+        pid_m = tile // n_bh
+        pid_bh = tile % n_bh
+        if CAUSAL:
+            pid_m = n_m - 1 - pid_m  # n_m: the query blocks of a head
+        start_m = pid_m * BLOCK_M
+        if CAUSAL:
+            hi = gl.minimum(start_m + BLOCK_M, seq_len)
+        else:
+            hi = seq_len
+        h = pid_bh % n_heads
+        return pid_bh, pid_bh // n_heads, h, h // group, start_m, gl.cdiv(hi, BLOCK_N)
+
+    @gluon.jit
+    def _fwd_loader_tiles(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, done,
+                          n_heads, group, seq_len, n_bh, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """PERSISTENT's TMA warp: for each of this block's query blocks, each warp group's Q into its buffer for
+        that block (the t-th query block: buffer 2 · group + t % 2), then the key blocks, the ring counted on."""
+        half: gl.constexpr = BLOCK_M // 2
+        n_m = gl.cdiv(seq_len, BLOCK_M)
+        g = 0
+        t = 0
+        for tile in range(gl.program_id(0), n_m * n_bh, gl.num_programs(0)):
+            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(tile, n_bh, n_heads, group, seq_len, n_m, CAUSAL,
+                                                              BLOCK_M, BLOCK_N)
+            for part in gl.static_range(2):
+                buf = part * 2 + t % 2
+                # The buffer last held query block t - 2's Q, then O, freed early in block t - 1 (``_fwd_compute``):
+                # completion t // 2 - 1 of q_free.index(buf); none to wait for at t < 2 (a fresh barrier's parity 1).
+                mbarrier.wait(q_free.index(buf), ((t // 2) & 1) ^ 1)
+                _load_block(desc_q, b, h, start_m + part * half, q_bars.index(buf), q_smem.index(buf), True)
+            _fwd_kv_loads(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, g, n_blocks, BLOCK_N, STAGES)
+            g += n_blocks
+            t += 1
+
+    @gluon.jit
+    def _fwd_compute_tiles(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, done,
+                           turn_mine, turn_other, n_heads, group, seq_len, n_bh, qk_scale, HEAD_DIM: gl.constexpr,
+                           CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                           PART: gl.constexpr):
+        """PERSISTENT's warp group PART: its 64 rows of each of the block's query blocks (``_fwd_compute``), the
+        ring and the turns counted on from one query block to the next, the last O's copy waited for at the end."""
+        half: gl.constexpr = BLOCK_M // 2
+        n_m = gl.cdiv(seq_len, BLOCK_M)
+        g = 0
+        # the block's t-th query block is the grid's tile pid + t · programs (one counter: a register fewer)
+        for t in range(0, gl.cdiv(n_m * n_bh - gl.program_id(0), gl.num_programs(0))):
+            tile = gl.program_id(0) + t * gl.num_programs(0)
+            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(tile, n_bh, n_heads, group, seq_len, n_m, CAUSAL,
+                                                              BLOCK_M, BLOCK_N)
+            buf = PART * 2 + t % 2
+            _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem.index(buf), k_smem, v_smem, q_bars.index(buf), k_bars,
+                         v_bars, done, turn_mine, turn_other, b, h, kv_h, pid_bh, start_m + PART * half, n_blocks,
+                         g, t, q_free.index(PART * 2 + (t + 1) % 2), seq_len, qk_scale, HEAD_DIM, CAUSAL, half,
+                         BLOCK_N, STAGES, _PERSISTENT, PART == 0, 4)
+            g += n_blocks
+        tma.store_wait(0)
 
     @gluon.jit
     def _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, j, n_blocks,
@@ -383,22 +503,26 @@ if GLUON_IMPORT_ERROR is None:
         passed on as soon as the products are issued, so one group's softmax runs while the other's products do."""
         # Both groups must take the same number of turns (n_blocks + 1: the CTA's key blocks, not each group's
         # own), or the second's last wait never returns.
-        if WS == _PING_PONG:
+        if WS == _PING_PONG or WS == _PERSISTENT:
             mbarrier.wait(turn_mine, (k & 1) ^ FIRST)
 
     @gluon.jit
     def _pass_turn(turn_other, WS: gl.constexpr):
-        if WS == _PING_PONG:
+        if WS == _PING_PONG or WS == _PERSISTENT:
             mbarrier.arrive(turn_other)
 
     @gluon.jit
     def _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bar, k_bars, v_bars, done,
-                     turn_mine, turn_other, b, h, kv_h, pid_bh, start_m, n_blocks, seq_len, qk_scale,
-                     HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     STAGES: gl.constexpr, WS: gl.constexpr, FIRST: gl.constexpr, num_warps: gl.constexpr):
+                     turn_mine, turn_other, b, h, kv_h, pid_bh, start_m, n_blocks, g0, t, q_free_prev, seq_len,
+                     qk_scale, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, FIRST: gl.constexpr,
+                     num_warps: gl.constexpr):
         """The online softmax of BLOCK_M query rows from start_m over the key blocks, FlashAttention-3's schedule
         (module docstring); O and the log2-sum-exp stored at the end. PING_PONG: one of two warp groups, each
-        with its own rows and Q buffer, issuing their products in turns (``_take_turn``)."""
+        with its own rows and Q buffer, issuing their products in turns (``_take_turn``). PERSISTENT: the same for
+        the partition's t-th query block, its key blocks the ring's g0-th on (g0 + t turns taken before); the O
+        stored is waited for in the next query block, which then frees its buffer (q_free_prev) for the next Q.
+        Otherwise g0 = t = 0 and q_free_prev is not used."""
         dtype: gl.constexpr = desc_o.dtype
         # The products' register layouts: all warps along the query rows, 16 rows a warp.
         s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
@@ -416,12 +540,14 @@ if GLUON_IMPORT_ERROR is None:
         offs_m = start_m + gl.arange(0, BLOCK_M, layout=rows)
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(q_bar, (t // 2) & 1)  # PERSISTENT: the buffer's (t // 2)-th Q; else its first
+        turn0 = g0 + t  # a query block takes n_blocks + 1 turns
 
         # Key block 0: nothing to overlap with yet.
-        mbarrier.wait(k_bars.index(0), 0)
-        _take_turn(turn_mine, 0, FIRST, WS)
-        s = warpgroup_mma(q, k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
+        slot = g0 % STAGES
+        mbarrier.wait(k_bars.index(slot), (g0 // STAGES) & 1)
+        _take_turn(turn_mine, turn0, FIRST, WS)
+        s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                           use_acc=False, is_async=True)
         _pass_turn(turn_other, WS)
         s = warpgroup_mma_wait(0, deps=(s,))
@@ -430,15 +556,22 @@ if GLUON_IMPORT_ERROR is None:
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
         l_i = gl.sum(p, 1)
         p = gl.convert_layout(p.to(dtype), p_layout)
-        _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, 0, n_blocks,
+        _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, g0, n_blocks,
                      BLOCK_N, STAGES, WS)
+        if WS == _PERSISTENT:
+            # The previous query block's O has had a key block's products to leave its buffer: wait until it has,
+            # then let the TMA warp bring the next query block's Q there.
+            tma.store_wait(0)
+            if t > 0:
+                mbarrier.arrive(q_free_prev)
 
         for j in range(1, n_blocks):
-            slot = j % STAGES
-            prev = (j - 1) % STAGES
-            mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
-            mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
-            _take_turn(turn_mine, j, FIRST, WS)
+            g = g0 + j  # the ring's count (OWN_LOADS: g0 = 0, the refills' key block)
+            slot = g % STAGES
+            prev = (g - 1) % STAGES
+            mbarrier.wait(k_bars.index(slot), (g // STAGES) & 1)
+            mbarrier.wait(v_bars.index(prev), ((g - 1) // STAGES) & 1)
+            _take_turn(turn_mine, turn0 + j, FIRST, WS)
             s = warpgroup_mma(q, k_smem.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0)), s_zero,
                               use_acc=False, is_async=True)
             acc = warpgroup_mma(p, v_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
@@ -453,12 +586,13 @@ if GLUON_IMPORT_ERROR is None:
             acc, p = warpgroup_mma_wait(0, deps=(acc, p))  # P_{j-1}'s registers are read until here
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
             p = gl.convert_layout(p_j.to(dtype), p_layout)
-            _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, j, n_blocks,
+            _fwd_release(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, g, n_blocks,
                          BLOCK_N, STAGES, WS)
 
-        last = (n_blocks - 1) % STAGES
-        mbarrier.wait(v_bars.index(last), ((n_blocks - 1) // STAGES) & 1)
-        _take_turn(turn_mine, n_blocks, FIRST, WS)
+        g_last = g0 + n_blocks - 1
+        last = g_last % STAGES
+        mbarrier.wait(v_bars.index(last), (g_last // STAGES) & 1)
+        _take_turn(turn_mine, turn0 + n_blocks, FIRST, WS)
         acc = warpgroup_mma(p, v_smem.index(last).reshape([BLOCK_N, HEAD_DIM]), acc, is_async=True)
         _pass_turn(turn_other, WS)
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
@@ -469,7 +603,8 @@ if GLUON_IMPORT_ERROR is None:
         _tma_store(desc_o, [b, h, start_m, 0], q_smem)
         # log2-sum-exp2 of the scaled scores, as the Triton forward saves it for the backward
         gl.store(LSE + pid_bh.to(gl.int64) * seq_len + offs_m, m_i + gl.log2(l_i), mask=offs_m < seq_len)
-        tma.store_wait(0)
+        if WS != _PERSISTENT:  # PERSISTENT waits in its next query block, or at its end (``_fwd_compute_tiles``)
+            tma.store_wait(0)
 
 
     @gluon.jit
@@ -744,10 +879,18 @@ def _launch(q, k, v, o, lse, causal: bool, qk_scale: float, tile: tuple[int, int
     block_m, block_n, stages, loader = tile
     q_rows, num_warps = forward_launch(tile)
     descs = (descriptor(q, q_rows), descriptor(k, block_n), descriptor(v, block_n), descriptor(o, q_rows))
-    _fwd_gluon_kernel[(triton.cdiv(T, block_m), B * H)](
-        *descs, lse, H, H // k.shape[1], T, qk_scale,
+    n_tiles = triton.cdiv(T, block_m) * B * H
+    # PERSISTENT: a block an SM (its 192 KiB of shared memory allows no second), each taking query blocks in turn
+    grid = (min(n_tiles, _sm_count(q.device)),) if loader == PERSISTENT else (triton.cdiv(T, block_m), B * H)
+    _fwd_gluon_kernel[grid](
+        *descs, lse, H, H // k.shape[1], T, B * H, qk_scale,
         HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=loader, num_warps=num_warps,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def tile_for(tiles: dict, head_dim: int, block: tuple, what: str = "forward") -> tuple:

@@ -499,14 +499,18 @@ def test_gluon_kernels_compile_for_hopper_with_softmax_beside_the_products():
     proc = _run(["bench/attention_layout.py", "--kernels", "fwd-gluon,bwd-gluon", "--head-dims", "64,128"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("fwd-gluon ")]
-    assert len(rows) == 2 * 7, proc.stdout
+    assert len(rows) == 2 * 8, proc.stdout
     for line in rows:
-        assert "wgmma yes" in line and "TMA yes" in line and " 0 bytes spilled" in line and "(fits)" in line, line
+        assert "wgmma yes" in line and "TMA yes" in line and "(fits)" in line, line
         assert line.endswith("overlap yes"), line
+        # none spills; the persistent kernel (causal, head dim 128) a few bytes once a query block, none in its loop
+        # of key blocks
+        persistent = " persistent ping-pong " in line
+        assert " 0 bytes spilled" in line or (persistent and "(0 in loops)" in line), line
     # the candidates with a TMA warp come out warp-specialised: 8 compute warps (one partition, or ping-pong's two
     # warp groups) and the loader's warp group
     specialised = [line for line in rows if "warps 12 specialised" in line]
-    assert len(specialised) == 2 * 3 and sum(" ping-pong " in line for line in specialised) == 2, proc.stdout
+    assert len(specialised) == 2 * 4 and sum(" ping-pong " in line for line in specialised) == 2 * 2, proc.stdout
     # The backward: every candidate compiles (Pᵀ computed while dPᵀ is multiplied: wait_group 1 there too) and the
     # first listed one of each head dim, the default without tuning, does not spill.
     rows = [line for line in proc.stdout.splitlines() if line.startswith("bwd-gluon ")]

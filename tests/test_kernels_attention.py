@@ -260,13 +260,45 @@ def test_gluon_forward_every_tile_matches_reference(head_dim, tile, causal, seq_
     scale = head_dim**-0.5
     with torch.no_grad():
         o, lse = attention_gluon.forward(q, k, v, causal, scale / math.log(2.0), tile=tile)
-        scores = (q.float() @ k.float().repeat_interleave(2, dim=1).transpose(-2, -1)) * scale  # (B, H, T, T)
+    _check_forward_and_lse(q, k, v, o, lse, causal, scale)
+
+
+def _check_forward_and_lse(q, k, v, o, lse, causal, scale):
+    """A Gluon forward's O against the reference and its log2-sum-exp against the scores' (what the backward reads)."""
+    with torch.no_grad():
+        group = q.shape[1] // k.shape[1]
+        scores = (q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-2, -1)) * scale  # (B, H, T, T)
         if causal:
             scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
         want_lse = torch.logsumexp(scores, dim=-1) / math.log(2.0)  # log2 domain
-    atol, rtol = TOL[torch.bfloat16]
+    atol, rtol = TOL[q.dtype]
     torch.testing.assert_close(o.float(), attention_reference(q, k, v, causal=causal).float(), atol=atol, rtol=rtol)
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=1e-4)
+
+
+def _gluon_persistent_tiles() -> list[tuple[int, tuple]]:
+    from megascale.kernels.attention_gluon import PERSISTENT  # noqa: PLC0415
+
+    tiles = [(d, tile) for d, tile in _gluon_forward_tiles() if tile[3] == PERSISTENT]
+    return tiles or [(64, (128, 128, 2, PERSISTENT))]  # on CPU: one, to skip
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 300), (2, 4, 1, 1000)], ids=["B1-H4-kv2-T300", "B2-H4-kv1-T1000"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("head_dim, tile", _gluon_persistent_tiles(), ids=_gluon_tile_id)
+def test_gluon_forward_every_persistent_tile_takes_query_blocks_in_turn(monkeypatch, head_dim, tile, causal, shape):
+    """The persistent forward with 3 blocks for 12 and 64 query blocks: each block takes 4 to 22 in turn, so the
+    rings of K/V buffers and turns run on across query blocks, and each warp group's two Q buffers are refilled
+    while the O they held last is stored (the every-tile test above launches a block for each)."""
+    from megascale.kernels import attention_gluon  # noqa: PLC0415
+
+    q, k, v, _ = _inputs(*shape, head_dim, torch.bfloat16, seed=19)
+    _gluon_or_skip(q, k, v)
+    monkeypatch.setattr(attention_gluon, "_sm_count", lambda device: 3)
+    scale = head_dim**-0.5
+    with torch.no_grad():
+        o, lse = attention_gluon.forward(q, k, v, causal, scale / math.log(2.0), tile=tile)
+    _check_forward_and_lse(q, k, v, o, lse, causal, scale)
 
 
 def _gluon_backward_tiles() -> list[tuple[int, tuple]]:
@@ -333,7 +365,7 @@ def test_gluon_forward_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match=r"ws=True and gluon=True are two forwards; pass one of them"):
         flash_attention(q, k, v, gluon=True, ws=True)
     from megascale.kernels.attention_gluon import (  # noqa: PLC0415
-        GLUON_BWD_TILES, GLUON_TILES, OWN_LOADS, PING_PONG, TMA_WARP, forward_launch, tile_for)
+        GLUON_BWD_TILES, GLUON_TILES, OWN_LOADS, PERSISTENT, PING_PONG, TMA_WARP, forward_launch, tile_for)
 
     assert tile_for(GLUON_TILES, 128, (64, 64)) == (64, 64, 3, OWN_LOADS)  # a (BLOCK_M, BLOCK_N) finds the rest
     assert tile_for(GLUON_TILES, 128, (128, 128, 2, TMA_WARP)) == (128, 128, 2, TMA_WARP)  # a whole candidate, itself
@@ -342,6 +374,9 @@ def test_gluon_forward_refuses_what_it_cannot_run():
     assert forward_launch((128, 128, 2, PING_PONG)) == (64, 4) and forward_launch((128, 64, 3, TMA_WARP)) == (128, 8)
     with pytest.raises(ValueError, match="a ping-pong tile takes 128 query rows"):
         forward_launch((64, 128, 2, PING_PONG))
+    assert forward_launch((128, 128, 2, PERSISTENT)) == (64, 4)  # the persistent ping-pong's warp groups the same
+    with pytest.raises(ValueError, match="a ping-pong tile takes 128 query rows"):
+        forward_launch((64, 64, 3, PERSISTENT))
     with pytest.raises(ValueError, match=r"forward has no 32 x 32 tile \(32, 32\) at head dim 128; its tiles: 128 x 128, "):
         tile_for(GLUON_TILES, 128, (32, 32))
     if not CUDA:  # the interpreter's CPU tensors: the kernel is Hopper's
