@@ -145,10 +145,12 @@ GLUON_TILES = {
 # they store each step's share to shared memory, 232-256 registers, no spill, and the loader adds it by 128-bit
 # atomics (the compute warps' are 32-bit: their registers hold dQ's values a row or two apart). Left out: 32 x 128
 # and 64 x 64 without a TMA warp (spill 28-124 bytes with 3.6, the GPU machine's), and FlashAttention-3's 64 x 128
-# (24-536 bytes, DQ_WARP's included: dQ's accumulator is live beside dK's and dV's). So 32 x 64 first.
+# (24-536 bytes, DQ_WARP's included: dQ's accumulator is live beside dK's and dV's). So 32 x 64 first. The H200
+# (2026-11-27) chose 32 x 128 with the dQ warp group at every length (2k-16k, head dim 128, causal); beside it the
+# same with 3 stages, a step more of Q and dO in flight (152 KiB, no spill, 3 bar.sync a step as with 2).
 GLUON_BWD_TILES = {
     128: [(32, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (32, 64, 2, TMA_WARP), (32, 128, 2, TMA_WARP),
-          (32, 128, 3, TMA_WARP), (32, 64, 2, DQ_WARP), (32, 128, 2, DQ_WARP)],
+          (32, 128, 3, TMA_WARP), (32, 64, 2, DQ_WARP), (32, 128, 2, DQ_WARP), (32, 128, 3, DQ_WARP)],
     64: [(64, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (64, 64, 2, TMA_WARP), (64, 64, 2, DQ_WARP)],
 }
 
