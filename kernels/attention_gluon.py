@@ -144,13 +144,18 @@ GLUON_TILES = {
 # more of Q and dO in flight). DQ_WARP takes dQ's atomics (and their addresses' registers) off the compute warps:
 # they store each step's share to shared memory, 232-256 registers, no spill, and the loader adds it by 128-bit
 # atomics (the compute warps' are 32-bit: their registers hold dQ's values a row or two apart). Left out: 32 x 128
-# and 64 x 64 without a TMA warp (spill 28-124 bytes with 3.6, the GPU machine's), and FlashAttention-3's 64 x 128
-# (24-536 bytes, DQ_WARP's included: dQ's accumulator is live beside dK's and dV's). So 32 x 64 first. The H200
+# and 64 x 64 without a TMA warp (spill 28-124 bytes with 3.6, the GPU machine's). So 32 x 64 first. The H200
 # (2026-11-27) chose 32 x 128 with the dQ warp group at every length (2k-16k, head dim 128, causal); beside it the
-# same with 3 stages, a step more of Q and dO in flight (152 KiB, no spill, 3 bar.sync a step as with 2).
+# same with 3 stages, a step more of Q and dO in flight (152 KiB, no spill, 3 bar.sync a step as with 2). With a
+# loading partition the step's LSE and Δ come through shared memory (``_load_stats``), which takes their addresses
+# off the compute warps (16-32 registers at 64 queries a step): FlashAttention-3's own tile, 64 x 128 with the dQ
+# warp group, then spills nothing (it spilled 64-184 bytes), and 32 x 128's loop has 365 instructions a step, not
+# 458. 64 queries a step halves what the S^T, dP^T and dQ^T products read from shared memory per product (their
+# other side, 32 queries, is a small wgmma N); with a TMA warp alone 64 x 128 still spills (40-160 bytes).
 GLUON_BWD_TILES = {
     128: [(32, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (32, 64, 2, TMA_WARP), (32, 128, 2, TMA_WARP),
-          (32, 128, 3, TMA_WARP), (32, 64, 2, DQ_WARP), (32, 128, 2, DQ_WARP), (32, 128, 3, DQ_WARP)],
+          (32, 128, 3, TMA_WARP), (32, 64, 2, DQ_WARP), (32, 128, 2, DQ_WARP), (32, 128, 3, DQ_WARP),
+          (64, 128, 2, DQ_WARP)],
     64: [(64, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (64, 64, 2, TMA_WARP), (64, 64, 2, DQ_WARP)],
 }
 
@@ -640,12 +645,13 @@ if GLUON_IMPORT_ERROR is None:
         q_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_q.block_type.shape, desc_q.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES] + desc_do.block_type.shape, desc_do.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())  # Q and dO landed
+        # Q and dO landed (with a loading partition also the step's LSE and Δ stored: a second arrive, ``_load_stats``)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         # a TMA warp: the compute warps are done with a step (its Q/dO buffer free; with DQ_WARP its dQ share stored)
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
         for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
+            mbarrier.init(bars.index(i), count=2 if WS else 1)
             mbarrier.init(empty.index(i), count=1)
         # DQ_WARP: two fp32 (BLOCK_M, D) buffers of dQ shares, and a barrier each for "added, free again"
         dq_smem = gl.allocate_shared_memory(gl.float32, _dq_shape(WS, BLOCK_M, HEAD_DIM),
@@ -655,21 +661,29 @@ if GLUON_IMPORT_ERROR is None:
             mbarrier.init(dq_free.index(i), count=1)
 
         if WS:
+            # Each step's log2-sum-exp and Δ rows, which the loading partition brings into shared memory (a ring
+            # beside Q's and dO's, on the same barriers): loaded by the compute warps, their BLOCK_M addresses take
+            # 16-32 registers at 64 queries a step, where FlashAttention-3's 64 x 128 tile spilled 64-184 bytes; from
+            # shared memory it spills none (Triton 3.6 and 3.9).
+            stats_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+            lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], stats_layout)
+            delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], stats_layout)
             gl.warp_specialize([
                 (_bwd_compute, (desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
-                                dq_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads,
-                                group, seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS,
-                                num_warps)),
-                (_bwd_loader, (desc_q, desc_k, desc_v, desc_do, DQA, k_smem, v_smem, q_smem, do_smem, dq_smem, kv_bar,
-                               bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
-                               HEAD_DIM, BLOCK_M, STAGES, WS)),
+                                dq_smem, lse_smem, delta_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n,
+                                lo, per_head, steps, n_heads, group, seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL,
+                                BLOCK_M, BLOCK_N, STAGES, WS, num_warps)),
+                (_bwd_loader, (desc_q, desc_k, desc_v, desc_do, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
+                               dq_smem, lse_smem, delta_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n,
+                               lo, per_head, steps, n_heads, group, seq_len, HEAD_DIM, BLOCK_M, STAGES, WS)),
             ], [_bwd_loader_warps(WS)], [_bwd_loader_registers(WS, num_warps)])
-        else:
+        else:  # the compute warps load LSE and Δ themselves: the stats ring's arguments are placeholders
             _bwd_first_loads(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, b, kv_h,
                              start_n, lo, per_head, steps, group, BLOCK_M, STAGES)
             _bwd_compute(desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem,
-                         dq_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group,
-                         seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, WS, num_warps)
+                         dq_smem, dq_smem, dq_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo,
+                         per_head, steps, n_heads, group, seq_len, qk_scale, sm_scale, HEAD_DIM, CAUSAL, BLOCK_M,
+                         BLOCK_N, STAGES, WS, num_warps)
         mbarrier.invalidate(kv_bar)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
@@ -695,24 +709,48 @@ if GLUON_IMPORT_ERROR is None:
                        do_smem.index(i), i < steps, BLOCK_M)
 
     @gluon.jit
-    def _bwd_loader(desc_q, desc_k, desc_v, desc_do, DQA, k_smem, v_smem, q_smem, do_smem, dq_smem, kv_bar, bars,
-                    empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
-                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr):
+    def _bwd_loader(desc_q, desc_k, desc_v, desc_do, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, dq_smem,
+                    lse_smem, delta_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps,
+                    n_heads, group, seq_len, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                    WS: gl.constexpr):
         """The backward's loading partition, a TMA warp (TMA_WARP) or a warp group (DQ_WARP): K, V and the first
-        STAGES steps' Q and dO; then, as the compute warps finish each step, the Q and dO of the step STAGES later
-        into its buffer, and with DQ_WARP the step's dQ share added from shared memory (``_add_dq_share``; the copy
-        issued first runs meanwhile)."""
+        STAGES steps' Q and dO, and their LSE and Δ rows (``_load_stats``); then, as the compute warps finish each
+        step, the same for the step STAGES later into its buffers, and with DQ_WARP the step's dQ share added from
+        shared memory (``_add_dq_share``; the copies issued first run meanwhile)."""
         _bwd_first_loads(desc_q, desc_k, desc_v, desc_do, k_smem, v_smem, q_smem, do_smem, kv_bar, bars, b, kv_h,
                          start_n, lo, per_head, steps, group, BLOCK_M, STAGES)
+        first_head = kv_h * group
+        for i in gl.static_range(STAGES):
+            _load_stats(LSE, DELTA, b, first_head, lo, per_head, i, n_heads, seq_len, lse_smem.index(i),
+                        delta_smem.index(i), bars.index(i), i < steps, BLOCK_M, _bwd_loader_warps(WS))
         for step in range(steps):
             slot = step % STAGES
-            mbarrier.wait(empty.index(slot), (step // STAGES) & 1)  # step done: its buffer free, its dQ stored
-            _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step + STAGES, bars.index(slot),
+            mbarrier.wait(empty.index(slot), (step // STAGES) & 1)  # step done: its buffers free, its dQ stored
+            _load_step(desc_q, desc_do, b, first_head, lo, per_head, step + STAGES, bars.index(slot),
                        q_smem.index(slot), do_smem.index(slot), step + STAGES < steps, BLOCK_M)
+            _load_stats(LSE, DELTA, b, first_head, lo, per_head, step + STAGES, n_heads, seq_len,
+                        lse_smem.index(slot), delta_smem.index(slot), bars.index(slot), step + STAGES < steps,
+                        BLOCK_M, _bwd_loader_warps(WS))
             if WS == _DQ_WARP:
                 row = (b * n_heads + kv_h * group + step // per_head).to(gl.int64) * seq_len
                 _add_dq_share(DQA, row, lo + (step % per_head) * BLOCK_M, dq_smem.index(step % 2),
                               dq_free.index(step % 2), seq_len, HEAD_DIM, BLOCK_M)
+
+    @gluon.jit
+    def _load_stats(LSE, DELTA, b, first_head, lo, per_head, step, n_heads, seq_len, lse_dst, delta_dst, bar, pred,
+                    BLOCK_M: gl.constexpr, WARPS: gl.constexpr):
+        """A loading partition of WARPS warps: the log2-sum-exp and Δ of the backward's ``step``-th query block into
+        ``lse_dst`` and ``delta_dst`` (zeros past the sequence end), then an arrive on ``bar``, the step's Q/dO
+        barrier, whose second it is (the first: the copies' expect, issued before these loads so that they run
+        meanwhile); nothing where not ``pred`` (a step past the last)."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        row = (b * n_heads + first_head + step // per_head).to(gl.int64) * seq_len
+        offs = lo + (step % per_head) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
+        keep = (offs < seq_len) & pred
+        lse_dst.store(gl.load(LSE + row + offs, mask=keep, other=0.0))
+        delta_dst.store(gl.load(DELTA + row + offs, mask=keep, other=0.0))
+        _cta_barrier()  # (of this partition's warps) every value stored before the arrive
+        mbarrier.arrive(bar, pred=pred)
 
     @gluon.jit
     def _add_dq_share(DQA, row, start_m, dq_buf, dq_free, seq_len, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr):
@@ -732,10 +770,13 @@ if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def _bwd_compute(desc_q, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA, k_smem, v_smem, q_smem, do_smem, dq_smem,
-                     kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps, n_heads, group, seq_len,
-                     qk_scale, sm_scale, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
-        """The backward's loop over its query blocks (``_bwd_gluon_kernel``), then dK and dV stored."""
+                     lse_smem, delta_smem, kv_bar, bars, empty, dq_free, b, kv_h, start_n, lo, per_head, steps,
+                     n_heads, group, seq_len, qk_scale, sm_scale, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr,
+                     num_warps: gl.constexpr):
+        """The backward's loop over its query blocks (``_bwd_gluon_kernel``), then dK and dV stored. With a loading
+        partition (WS) each step's LSE and Δ come from its shared-memory ring (lse_smem, delta_smem), there once
+        the step's barrier completes; else the compute warps load them."""
         dtype: gl.constexpr = desc_q.dtype
         st_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_M)  # keys x queries
         kv_layout: gl.constexpr = _mma_layout(num_warps, HEAD_DIM)  # keys x head dim
@@ -776,11 +817,17 @@ if GLUON_IMPORT_ERROR is None:
             dp_t = warpgroup_mma(v, do_s.permute((1, 0)), st_zero, use_acc=False, is_async=True)
             offs_m = start_m + gl.arange(0, BLOCK_M, layout=queries)
             row = (b * n_heads + h).to(gl.int64) * seq_len
-            lse = gl.load(LSE + row + offs_m, mask=offs_m < seq_len, other=0.0)
+            if WS:
+                lse = lse_smem.index(slot).load(queries)
+            else:
+                lse = gl.load(LSE + row + offs_m, mask=offs_m < seq_len, other=0.0)
             s_t = warpgroup_mma_wait(1, deps=(s_t,))  # dPᵀ still running
             p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse, 0))
             # loaded once lse is used: the two column vectors are never live together (registers at head dim 128)
-            delta = gl.load(DELTA + row + offs_m, mask=offs_m < seq_len, other=0.0)
+            if WS:
+                delta = delta_smem.index(slot).load(queries)
+            else:
+                delta = gl.load(DELTA + row + offs_m, mask=offs_m < seq_len, other=0.0)
             if (start_m < mask_below) | (start_m + BLOCK_M > seq_len) | (start_n + BLOCK_N > seq_len):
                 keep = gl.expand_dims(offs_m < seq_len, 0) & gl.expand_dims(offs_n < seq_len, 1)
                 if CAUSAL:
