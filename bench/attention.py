@@ -144,8 +144,9 @@ def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, mod
     errors = {n: float((o - baseline).abs().max()) for n, o in outputs.items()} if baseline is not None else {}
     shape = dict(B=B, H=H, H_kv=H_kv, T=T, D=D, causal=causal)
     tiles = chosen_tiles(kernels, D, causal, dtype, T)
+    candidates = candidate_tflops(kernels, B, H, D, causal, dtype, T)
     return [{**shape, **row, "triton_max_abs_err": errors.get("triton"), "max_abs_err": errors.get(row["provider"]),
-             "tiles": tiles} for row in rows]
+             "tiles": tiles, "candidates": candidates} for row in rows]
 
 
 def _first_line(e: Exception) -> str:
@@ -159,6 +160,18 @@ def chosen_tiles(kernels, D: int, causal: bool, dtype: torch.dtype, T: int) -> d
     return {f"gluon_{kind}": gluon.describe_tile(tile)
             for (kind, d, c, dt, bucket, _), tile in (getattr(gluon, "_TUNED", None) or {}).items()
             if (d, c, dt, bucket) == (D, causal, dtype, kernels.next_pow2(T))}
+
+
+def candidate_tflops(kernels, B: int, H: int, D: int, causal: bool, dtype: torch.dtype, T: int) -> dict[str, dict]:
+    """Every Gluon candidate's TFLOP/s as the tuner timed it on this shape ({"gluon_fwd": {tile: TFLOP/s}, ...}; the
+    backward's over its 2.5x FLOPs): how close the ones that lost came, which one run of the tuner tells."""
+    gluon = sys.modules.get(kernels.__name__ + "_gluon")
+    out: dict[str, dict] = {}
+    for (kind, d, c, dt, bucket, _), times in (getattr(gluon, "_TIMES", None) or {}).items():
+        if (d, c, dt, bucket) == (D, causal, dtype, kernels.next_pow2(T)):
+            flops = forward_flops(B, H, T, D, causal) * FLOP_FACTOR[kind]
+            out[f"gluon_{kind}"] = {gluon.describe_tile(tile): flops / (ms * 1e-3) / 1e12 for tile, ms in times.items()}
+    return out
 
 
 def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> None:

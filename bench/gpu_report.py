@@ -163,8 +163,27 @@ def gluon_lines(rows: list[dict]) -> list[str]:
         tiles = {k: v for r in here for k, v in (r.get("tiles") or {}).items()}
         err = max((r["max_abs_err"] for r in here if r.get("max_abs_err") is not None), default=None)
         out.append([D, "causal" if causal else "full", T, tiles.get("gluon_fwd", "–"), tiles.get("gluon_bwd", "–"), err])
-    return ["Gluon kernels: the tiles their tuner chose, and the forward's max |error| against SDPA:", ""] + table(
+    lines = ["Gluon kernels: the tiles their tuner chose, and the forward's max |error| against SDPA:", ""] + table(
         ["head dim", "mask", "T", "forward tile", "backward tile", "max abs error"], out) + [""]
+    return lines + candidate_lines(gluon)
+
+
+def candidate_lines(gluon: list[dict]) -> list[str]:
+    """Every Gluon candidate's TFLOP/s as its tuner timed it, fastest first, per shape and pass (bench/attention.py's
+    ``candidates``; none where the tuner did not run)."""
+    out, seen = [], set()
+    for r in gluon:
+        for kind, rates in (r.get("candidates") or {}).items():
+            key = (r["D"], r["causal"], r["T"], kind)
+            if key in seen:
+                continue
+            seen.add(key)
+            for tile, tflops in sorted(rates.items(), key=lambda kv: -kv[1]):
+                out.append([r["D"], "causal" if r["causal"] else "full", r["T"], kind.removeprefix("gluon_"), tile, tflops])
+    if not out:
+        return []
+    return ["Gluon candidates as the tuner timed them (the kernel alone; TFLOP/s):", ""] + table(
+        ["head dim", "mask", "T", "pass", "candidate", "TFLOP/s"], sorted(out, key=lambda x: (x[0], x[1], x[2], x[3]))) + [""]
 
 
 def tied_grad_section(folder: Path) -> list[str]:

@@ -954,6 +954,9 @@ def tile_for(tiles: dict, head_dim: int, block: tuple, what: str = "forward") ->
 
 # (kernel, head dim, causal, dtype, length bucket, device) -> the fastest candidate: a process's shapes are few.
 _TUNED: dict[tuple, tuple] = {}
+# the same key -> every candidate's median ms on the call that tuned it (the benchmark reports them all: what a GPU
+# session learns of the candidates that did not win)
+_TIMES: dict[tuple, dict[tuple, float]] = {}
 
 
 def best_tile(candidates: list, prepare, key: tuple, tune: bool) -> tuple:
@@ -979,6 +982,7 @@ def best_tile(candidates: list, prepare, key: tuple, tune: bool) -> tuple:
         if not times:
             raise errors[0]
         _TUNED[key] = min(times, key=times.get)
+        _TIMES[key] = times
     return _TUNED[key]
 
 

@@ -276,6 +276,27 @@ def test_attention_bench_and_report_show_the_gluon_tuners_choice(tmp_path, monke
             dict(provider="sdpa-cudnn", mode="fwd", D=128, causal=True, T=3000, tflops=1.0, max_abs_err=0.0)]
     text = "\n".join(gpu_report.gluon_lines(rows))
     assert "| 128 | causal | 3000 | 128 x 128, 2 stages, ping-pong | 32 x 64, 2 stages | 0.0039 |" in text, text
+    assert "Gluon candidates" not in text  # no timings recorded: no table
+
+    # every candidate's time on the tuning call, as TFLOP/s of this shape (the backward's over 2.5x the FLOPs)
+    persistent = attention_gluon.PERSISTENT
+    times = {("fwd", 128, True, torch.bfloat16, 4096, "cuda:0"): {(128, 128, 2, pp): 2.0, (128, 128, 2, persistent): 1.0},
+             ("bwd", 128, True, torch.bfloat16, 4096, "cuda:0"): {(32, 64, 2, own): 5.0},
+             ("fwd", 128, True, torch.bfloat16, 8192, "cuda:0"): {(64, 64, 3, own): 1.0}}
+    monkeypatch.setattr(attention_gluon, "_TIMES", times)
+    flops = attention.forward_flops(2, 16, 3000, 128, True)
+    candidates = attention.candidate_tflops(kernels, 2, 16, 128, True, torch.bfloat16, 3000)
+    assert candidates == {
+        "gluon_fwd": {"128 x 128, 2 stages, ping-pong": flops / 2e-3 / 1e12,
+                      "128 x 128, 2 stages, persistent ping-pong": flops / 1e-3 / 1e12},
+        "gluon_bwd": {"32 x 64, 2 stages": 2.5 * flops / 5e-3 / 1e12}}
+    rows[0]["candidates"] = candidates
+    lines = gpu_report.gluon_lines(rows)
+    at = lines.index("Gluon candidates as the tuner timed them (the kernel alone; TFLOP/s):")
+    body = [line for line in lines[at:] if line.startswith("| 128 ")]
+    assert [line.split(" | ")[3:5] for line in body] == [  # per pass, the fastest first
+        ["bwd", "32 x 64, 2 stages"], ["fwd", "128 x 128, 2 stages, persistent ping-pong"],
+        ["fwd", "128 x 128, 2 stages, ping-pong"]], body
 
 
 def test_attention_bench_records_a_backward_that_fails_and_goes_on(monkeypatch, capsys):
