@@ -395,6 +395,7 @@ def test_gluon_tuner_passes_over_a_candidate_the_device_cannot_run(monkeypatch):
     from megascale.kernels import attention_gluon  # noqa: PLC0415
 
     monkeypatch.setattr(attention_gluon, "_TUNED", {})
+    monkeypatch.setattr(attention_gluon, "_TIMES", {})
     made_up = {"a": 3.0, "b": 1.0, "c": 2.0}
 
     def launch(tile):
@@ -405,6 +406,7 @@ def test_gluon_tuner_passes_over_a_candidate_the_device_cannot_run(monkeypatch):
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: fn())
     assert attention_gluon.best_tile(["a", "b", "c"], lambda: launch, ("k", 1), tune=True) == "c"
     assert attention_gluon.best_tile(["b", "a"], lambda: launch, ("k", 1), tune=True) == "c"  # timed once a key
+    assert attention_gluon._TIMES == {("k", 1): {"a": 3.0, "c": 2.0}}  # every candidate that ran, for the benchmark
     with pytest.raises(OutOfResources, match="shared memory"):
         attention_gluon.best_tile(["b", "b"], lambda: launch, ("k", 2), tune=True)
 
