@@ -158,20 +158,25 @@ def chosen_tiles(kernels, D: int, causal: bool, dtype: torch.dtype, T: int) -> d
     their candidates wins is what a first GPU run of them has to tell."""
     gluon = sys.modules.get(kernels.__name__ + "_gluon")  # imported only when a Gluon provider ran
     return {f"gluon_{kind}": gluon.describe_tile(tile)
-            for (kind, d, c, dt, bucket, _), tile in (getattr(gluon, "_TUNED", None) or {}).items()
-            if (d, c, dt, bucket) == (D, causal, dtype, kernels.next_pow2(T))}
+            for kind, tile in _tuned_here(kernels, gluon, "_TUNED", D, causal, dtype, T)}
+
+
+def _tuned_here(kernels, gluon, table: str, D: int, causal: bool, dtype: torch.dtype, T: int):
+    """(kernel kind, value) of the Gluon tuners' ``table`` (_TUNED, _TIMES: keyed by kind, head dim, mask, dtype,
+    length bucket, device) for this shape; none when the Gluon module was not imported."""
+    for (kind, d, c, dt, bucket, _), value in (getattr(gluon, table, None) or {}).items():
+        if (d, c, dt, bucket) == (D, causal, dtype, kernels.next_pow2(T)):
+            yield kind, value
 
 
 def candidate_tflops(kernels, B: int, H: int, D: int, causal: bool, dtype: torch.dtype, T: int) -> dict[str, dict]:
     """Every Gluon candidate's TFLOP/s as the tuner timed it on this shape ({"gluon_fwd": {tile: TFLOP/s}, ...}; the
     backward's over its 2.5x FLOPs): how close the ones that lost came, which one run of the tuner tells."""
     gluon = sys.modules.get(kernels.__name__ + "_gluon")
-    out: dict[str, dict] = {}
-    for (kind, d, c, dt, bucket, _), times in (getattr(gluon, "_TIMES", None) or {}).items():
-        if (d, c, dt, bucket) == (D, causal, dtype, kernels.next_pow2(T)):
-            flops = forward_flops(B, H, T, D, causal) * FLOP_FACTOR[kind]
-            out[f"gluon_{kind}"] = {gluon.describe_tile(tile): flops / (ms * 1e-3) / 1e12 for tile, ms in times.items()}
-    return out
+    flops = forward_flops(B, H, T, D, causal)
+    return {f"gluon_{kind}": {gluon.describe_tile(tile): flops * FLOP_FACTOR[kind] / (ms * 1e-3) / 1e12
+                              for tile, ms in times.items()}
+            for kind, times in _tuned_here(kernels, gluon, "_TIMES", D, causal, dtype, T)}
 
 
 def print_table(rows: list[dict], providers: list[str], modes: list[str]) -> None:

@@ -293,15 +293,7 @@ if GLUON_IMPORT_ERROR is None:
         else:
             pid_m = gl.program_id(0)
         pid_bh = gl.program_id(1)
-        b = pid_bh // n_heads
-        h = pid_bh % n_heads
-        kv_h = h // group
-        start_m = pid_m * BLOCK_M
-        if CAUSAL:
-            hi = gl.minimum(start_m + BLOCK_M, seq_len)
-        else:
-            hi = seq_len
-        n_blocks = gl.cdiv(hi, BLOCK_N)
+        b, h, kv_h, start_m, n_blocks = _fwd_block(pid_m, pid_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
 
         # One Q buffer per compute partition (PERSISTENT: two): PING_PONG's two warp groups take half the rows each
         # (desc_q's box).
@@ -422,21 +414,34 @@ if GLUON_IMPORT_ERROR is None:
             _load_block(desc_v, b, kv_h, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
 
     @gluon.jit
-    def _fwd_tile(tile, n_bh, n_heads, group, seq_len, n_m, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr):
-        """PERSISTENT's tile-th query block, (pid_bh, b, h, kv_h, start_m, its key blocks): causal, every head's last
-        query block first (the most key blocks), then every head's last but one..., so the light ones fill the end."""
-        pid_m = tile // n_bh
-        pid_bh = tile % n_bh
-        if CAUSAL:
-            pid_m = n_m - 1 - pid_m  # n_m: the query blocks of a head
+    def _fwd_block(pid_m, pid_bh, n_heads, group, seq_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr):
+        """Query block pid_m of head pid_bh (b · H + h): (b, h, its K/V head, its first row, its key blocks)."""
+        h = pid_bh % n_heads
         start_m = pid_m * BLOCK_M
         if CAUSAL:
             hi = gl.minimum(start_m + BLOCK_M, seq_len)
         else:
             hi = seq_len
-        h = pid_bh % n_heads
-        return pid_bh, pid_bh // n_heads, h, h // group, start_m, gl.cdiv(hi, BLOCK_N)
+        return pid_bh // n_heads, h, h // group, start_m, gl.cdiv(hi, BLOCK_N)
+
+    @gluon.jit
+    def _fwd_tiles(seq_len, n_bh, BLOCK_M: gl.constexpr):
+        """PERSISTENT: how many query blocks this block takes, the grid's tiles program_id, + programs, ..."""
+        return gl.cdiv(gl.cdiv(seq_len, BLOCK_M) * n_bh - gl.program_id(0), gl.num_programs(0))
+
+    @gluon.jit
+    def _fwd_tile(t, n_bh, n_heads, group, seq_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
+        """PERSISTENT: this block's t-th query block, (pid_bh, ``_fwd_block``'s five): causal, every head's last query
+        block first (the most key blocks), then every head's last but one..., so the light ones fill the end."""
+        tile = gl.program_id(0) + t * gl.num_programs(0)
+        pid_m = tile // n_bh
+        pid_bh = tile % n_bh
+        if CAUSAL:
+            pid_m = gl.cdiv(seq_len, BLOCK_M) - 1 - pid_m
+        b, h, kv_h, start_m, n_blocks = _fwd_block(pid_m, pid_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
+        return pid_bh, b, h, kv_h, start_m, n_blocks
 
     @gluon.jit
     def _fwd_loader_tiles(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, done,
@@ -445,12 +450,10 @@ if GLUON_IMPORT_ERROR is None:
         """PERSISTENT's TMA warp: for each of this block's query blocks, each warp group's Q into its buffer for
         that block (the t-th query block: buffer 2 · group + t % 2), then the key blocks, the ring counted on."""
         half: gl.constexpr = BLOCK_M // 2
-        n_m = gl.cdiv(seq_len, BLOCK_M)
         g = 0
-        t = 0
-        for tile in range(gl.program_id(0), n_m * n_bh, gl.num_programs(0)):
-            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(tile, n_bh, n_heads, group, seq_len, n_m, CAUSAL,
-                                                              BLOCK_M, BLOCK_N)
+        for t in range(_fwd_tiles(seq_len, n_bh, BLOCK_M)):
+            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(t, n_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M,
+                                                              BLOCK_N)
             for part in gl.static_range(2):
                 buf = part * 2 + t % 2
                 # The buffer last held query block t - 2's Q, then O, freed early in block t - 1 (``_fwd_compute``):
@@ -459,7 +462,6 @@ if GLUON_IMPORT_ERROR is None:
                 _load_block(desc_q, b, h, start_m + part * half, q_bars.index(buf), q_smem.index(buf), True)
             _fwd_kv_loads(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, g, n_blocks, BLOCK_N, STAGES)
             g += n_blocks
-            t += 1
 
     @gluon.jit
     def _fwd_compute_tiles(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, done,
@@ -469,13 +471,10 @@ if GLUON_IMPORT_ERROR is None:
         """PERSISTENT's warp group PART: its 64 rows of each of the block's query blocks (``_fwd_compute``), the
         ring and the turns counted on from one query block to the next, the last O's copy waited for at the end."""
         half: gl.constexpr = BLOCK_M // 2
-        n_m = gl.cdiv(seq_len, BLOCK_M)
         g = 0
-        # the block's t-th query block is the grid's tile pid + t · programs (one counter: a register fewer)
-        for t in range(0, gl.cdiv(n_m * n_bh - gl.program_id(0), gl.num_programs(0))):
-            tile = gl.program_id(0) + t * gl.num_programs(0)
-            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(tile, n_bh, n_heads, group, seq_len, n_m, CAUSAL,
-                                                              BLOCK_M, BLOCK_N)
+        for t in range(_fwd_tiles(seq_len, n_bh, BLOCK_M)):
+            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(t, n_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M,
+                                                              BLOCK_N)
             buf = PART * 2 + t % 2
             _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem.index(buf), k_smem, v_smem, q_bars.index(buf), k_bars,
                          v_bars, done, turn_mine, turn_other, b, h, kv_h, pid_bh, start_m + PART * half, n_blocks,
@@ -732,8 +731,9 @@ if GLUON_IMPORT_ERROR is None:
                         lse_smem.index(slot), delta_smem.index(slot), bars.index(slot), step + STAGES < steps,
                         BLOCK_M, _bwd_loader_warps(WS))
             if WS == _DQ_WARP:
-                row = (b * n_heads + kv_h * group + step // per_head).to(gl.int64) * seq_len
-                _add_dq_share(DQA, row, lo + (step % per_head) * BLOCK_M, dq_smem.index(step % 2),
+                h, start_m = _step_block(first_head, lo, per_head, step, BLOCK_M)
+                row = (b * n_heads + h).to(gl.int64) * seq_len
+                _add_dq_share(DQA, row, start_m, dq_smem.index(step % 2),
                               dq_free.index(step % 2), seq_len, HEAD_DIM, BLOCK_M)
 
     @gluon.jit
@@ -744,8 +744,9 @@ if GLUON_IMPORT_ERROR is None:
         barrier, whose second it is (the first: the copies' expect, issued before these loads so that they run
         meanwhile); nothing where not ``pred`` (a step past the last)."""
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-        row = (b * n_heads + first_head + step // per_head).to(gl.int64) * seq_len
-        offs = lo + (step % per_head) * BLOCK_M + gl.arange(0, BLOCK_M, layout=layout)
+        h, start_m = _step_block(first_head, lo, per_head, step, BLOCK_M)
+        row = (b * n_heads + h).to(gl.int64) * seq_len
+        offs = start_m + gl.arange(0, BLOCK_M, layout=layout)
         keep = (offs < seq_len) & pred
         lse_dst.store(gl.load(LSE + row + offs, mask=keep, other=0.0))
         delta_dst.store(gl.load(DELTA + row + offs, mask=keep, other=0.0))
@@ -808,8 +809,7 @@ if GLUON_IMPORT_ERROR is None:
 
         for step in range(steps):
             slot = step % STAGES
-            h = kv_h * group + step // per_head
-            start_m = lo + (step % per_head) * BLOCK_M
+            h, start_m = _step_block(kv_h * group, lo, per_head, step, BLOCK_M)
             mbarrier.wait(bars.index(slot), (step // STAGES) & 1)
             q_s = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
             do_s = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
@@ -885,11 +885,16 @@ if GLUON_IMPORT_ERROR is None:
             gl.atomic_add(ptrs, dq, mask=gl.expand_dims(offs_m < seq_len, 1), sem="relaxed")
 
     @gluon.jit
+    def _step_block(first_head, lo, per_head, step, BLOCK_M: gl.constexpr):
+        """The backward's ``step``-th query block: (its query head, its first row). A program's steps run over the
+        per_head query blocks from row lo of each query head of its K/V head's group in turn."""
+        return first_head + step // per_head, lo + (step % per_head) * BLOCK_M
+
+    @gluon.jit
     def _load_step(desc_q, desc_do, b, first_head, lo, per_head, step, bar, q_dst, do_dst, pred,
                    BLOCK_M: gl.constexpr):
-        """Q and dO of the backward's ``step``-th query block (query head first_head + step // per_head)."""
-        h = first_head + step // per_head
-        row = lo + (step % per_head) * BLOCK_M
+        """Q and dO of the backward's ``step``-th query block (``_step_block``)."""
+        h, row = _step_block(first_head, lo, per_head, step, BLOCK_M)
         mbarrier.expect(bar, desc_q.block_type.nbytes + desc_do.block_type.nbytes, pred=pred)
         _tma_load(desc_q, [b, h, row, 0], bar, q_dst, pred=pred)
         _tma_load(desc_do, [b, h, row, 0], bar, do_dst, pred=pred)
