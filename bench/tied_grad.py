@@ -19,10 +19,8 @@ the bytes counted for every provider. Providers, side by side in one run:
 * ``wide``: ``layout="wide"``, the same kernel with twice the registers for its tile
   (wider loads from K = 17);
 * ``prepared``: the default's launch built once (``plan_tied_grad_reduce``) and only
-  run in the timed call: the kernel and the statistics' sum without the host's checks
-  and table copy, i.e. the kernel's own bandwidth;
-* ``kernel``: the prepared launch without the statistics' sum (``plan.launch()``):
-  what that second, small launch costs is ``prepared`` against it;
+  run in the timed call: the kernel (which sums its statistics itself, one launch)
+  without the host's checks and table copy, i.e. the kernel's own bandwidth;
 * ``torch``: the plain PyTorch composition — stack, sum into .grad, norms, dots;
 * ``copy``: ``dst.copy_(src)`` moving the same number of bytes, the speed of
   light for a memory-bound pass on this device.
@@ -37,7 +35,7 @@ that runs without a GPU.
 ``host us``: the host's time to issue one default (``triton``) call, the GPU idle
 (synchronised before each call, median of 50); ``plan us`` and ``run us`` split
 it: the checks and launch tables (``plan_tied_grad_reduce``), then the launch
-and the statistics' sum (``plan.run()``). Each timed call starts after
+(``plan.run()``). Each timed call starts after
 do_bench's L2 flush, which hides about that long of the host's work; beyond it,
 the host's time counts in the call's, which is what a small tensor measures.
 
@@ -140,12 +138,11 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
         **{layout: time_ms(lambda lay=layout: tg.tied_grad_reduce(contributions, grads, backend="triton", layout=lay),
                            device, warmup=10, rep=50) for layout in LAYOUTS},
         "prepared": time_ms(plan.run, device, warmup=10, rep=50),
-        "kernel": time_ms(plan.launch, device, warmup=10, rep=50),
         "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
     }
     reps = 50 if device.type == "cuda" else 1
     host = host_us(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, reps=reps)
-    # The call's two halves: checks and tables (plan_tied_grad_reduce), then the launch and the statistics' sum.
+    # The call's two halves: checks and tables (plan_tied_grad_reduce), then the launch.
     plan_us = host_us(lambda: tg.plan_tied_grad_reduce(contributions, grads), device, reps=reps)
     run_us = host_us(plan.run, device, reps=reps)
     del contributions, grads, plan  # the plan holds the buffers too
@@ -156,7 +153,6 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps, "host_us": host, "plan_us": plan_us, "run_us": run_us,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"],
             "prepared_of_copy": gbps["prepared_gbps"] / gbps["copy_gbps"],
-            "kernel_of_copy": gbps["kernel_gbps"] / gbps["copy_gbps"],
             **{f"{layout}_of_copy": gbps[f"{layout}_gbps"] / gbps["copy_gbps"] for layout in LAYOUTS}}
 
 
@@ -201,7 +197,7 @@ def block_buffers(device: torch.device, dtype: torch.dtype, K: int) -> tuple[lis
 def host_profile(tg, device: torch.device, dtype: torch.dtype, K: int = 2, calls: int = 400, top: int = 15) -> list[dict]:
     """The Llama block's call at K units under cProfile: the ``top`` functions by their own time, per call.
 
-    On CUDA the whole default call (checks, tables, launch, the statistics' sum), synchronised after each
+    On CUDA the whole default call (checks, tables, the launch), synchronised after each
     so that no call waits on the GPU's queue; on CPU ``plan_tied_grad_reduce`` (the interpreter's launch
     would drown it)."""
     contributions, grads = block_buffers(device, dtype, K)
@@ -235,7 +231,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fixed GB/s':>11} {'fitted GB/s':>12} "
           f"{'columns GB/s':>13} {'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} "
           f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16} {'wide of copy':>13} "
-          f"{'prepared of copy':>17} {'kernel of copy':>15} {'host us':>8} {'plan us':>8} {'run us':>7}")
+          f"{'prepared of copy':>17} {'host us':>8} {'plan us':>8} {'run us':>7}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {'skipped: ' + r['skipped']:>12}")
@@ -243,7 +239,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {r['triton_gbps']:>12.4g} {r['fixed_gbps']:>11.4g} "
               f"{r['fitted_gbps']:>12.4g} {r['columns_gbps']:>13.4g} {r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} "
               f"{r['of_copy']:>8.1%} {r['vs_torch']:>8.2f}x {r['fixed_of_copy']:>14.1%} {r['fitted_of_copy']:>15.1%} "
-              f"{r['columns_of_copy']:>16.1%} {r['wide_of_copy']:>13.1%} {r['prepared_of_copy']:>17.1%} {r['kernel_of_copy']:>15.1%} "
+              f"{r['columns_of_copy']:>16.1%} {r['wide_of_copy']:>13.1%} {r['prepared_of_copy']:>17.1%} "
               f"{r['host_us']:>8.1f} {r['plan_us']:>8.1f} {r['run_us']:>7.1f}")
 
 

@@ -44,8 +44,14 @@ call, where a copy of the same 256 MB takes 0.07 ms.) Raw addresses also work un
 CPU tensors: the interpreter dereferences host addresses directly (it only
 copies *device* storages to the host), so the tested code is the GPU code.
 
-Per-chunk partial statistics go to a small (chunks, 3, K_PAD) buffer summed by
-torch afterwards, rather than atomics: the result is deterministic.
+Per-chunk partial statistics go to a small (chunks + 1, 3, K_PAD) buffer, and the
+kernel sums them itself, in a fixed order (not by atomic float adds: the result is
+deterministic): the last program of each group of chunks (at most 64 groups) to
+finish sums its group's rows, and the last of those the groups' (``_finish``), counted by integer
+atomics in the device tables that the finishers set back to zero. One launch a call:
+until 2026-11-27 a torch sum followed the kernel, a second launch that cost 6% of the
+call at 64 MB and K = 2 on an H200 (the kernel alone 86.5% of the copy bandwidth,
+80.5% with the sum) and 10-50 µs of the host's time per call.
 
 The reduction kernel is not autotuned: it accumulates into ``.grad`` in place,
 so benchmarking configs would add the sum several times. The tile is sized
@@ -100,6 +106,7 @@ block (66-68% against 56-60%) and behind from 256 MB.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import operator
 from dataclasses import dataclass
@@ -110,6 +117,7 @@ import triton.language as tl
 
 from ._host import next_pow2
 
+_SHAPE, _DTYPE, _DEVICE = operator.attrgetter("shape"), operator.attrgetter("dtype"), operator.attrgetter("device")
 INTERPRET = bool(triton.knobs.runtime.interpret)  # as triton.jit saw it when it decorated the kernels
 BACKENDS = ("auto", "triton", "torch")
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -122,6 +130,7 @@ _WIDE_UP_TO = 32  # "auto": the largest K given "wide" (beyond, its tile spills)
 _COLUMN_WARPS = 4  # "columns": warps per program, all along the elements (COLS = 32 × 4 threads)
 _COLUMN_VALUES = 64  # "columns": K_PAD × VEC contribution values per thread (fp32 registers for the tile)
 _WIDE_VALUES = 128  # "wide": the same kernel with twice that budget (module docstring)
+_MAX_GROUPS = 64  # the kernel's final sum: chunks are summed in at most this many groups first (_finish_sizes)
 
 
 @dataclass(frozen=True)
@@ -223,10 +232,59 @@ def _reduce_tile(contrib, grad, off, end, unit_ok, sq, dot, ss, MASK: tl.constex
 
 
 @triton.jit
-def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_tensors, n_units, chunk_size,
-                   C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
-                   BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """One program = one chunk of one tensor; writes its partial statistics to PARTIALS[chunk] (3, K_PAD)."""
+def _sum_rows(PARTIALS, first, n_rows, step, K_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Σ of the (3 K_PAD,) fp32 rows first, first + step, … (n_rows of them), in one fixed order: deterministic.
+
+    Read through L2 (``.cg``): the rows were written by other programs, never by this SM's L1.
+    """
+    W: tl.constexpr = 3 * K_PAD
+    cols = tl.arange(0, 4 * K_PAD)  # the row, padded to a power of two
+    acc = tl.zeros([ROWS, 4 * K_PAD], dtype=tl.float32)
+    for r in range(0, n_rows, ROWS):
+        rows = r + tl.arange(0, ROWS)
+        ptrs = PARTIALS + (first + rows.to(tl.int64) * step)[:, None] * W + cols[None, :]
+        acc += tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < W)[None, :], other=0.0, cache_modifier=".cg")
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _finish(PARTIALS, COUNTERS, group_size, K_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Once this program's row of PARTIALS is stored: the statistics, summed by the programs that finish last.
+
+    Two levels, so that no one program reads every row: the last program of each group
+    of ``group_size`` consecutive chunks to finish sums the group's rows into its first row,
+    and the last of those sums the group rows into row n_chunks, the result. Each
+    count is an atomic add (acquire-release, GPU scope) that the finisher sets back
+    to 0, so the counters (part of the cached device tables) are ready for the next
+    call. One launch instead of the kernel and a torch sum after it, with the same
+    fixed order of additions.
+    """
+    W: tl.constexpr = 3 * K_PAD
+    chunk = tl.program_id(0)
+    n_chunks = tl.num_programs(0)
+    group = chunk // group_size
+    first = group * group_size
+    cols = tl.arange(0, 4 * K_PAD)
+    tl.debug_barrier()  # the whole program's row is written before its count announces it
+    size = tl.minimum(group_size, n_chunks - first)
+    if tl.atomic_add(COUNTERS + 1 + group, 1) == size - 1:
+        row = _sum_rows(PARTIALS, first.to(tl.int64), size, 1, K_PAD, ROWS)
+        tl.store(PARTIALS + first.to(tl.int64) * W + cols, row, mask=cols < W)
+        tl.store(COUNTERS + 1 + group, 0)
+        tl.debug_barrier()
+        n_groups = tl.cdiv(n_chunks, group_size)
+        if tl.atomic_add(COUNTERS, 1) == n_groups - 1:
+            stats = _sum_rows(PARTIALS, 0, n_groups, group_size, K_PAD, ROWS)
+            tl.store(PARTIALS + n_chunks.to(tl.int64) * W + cols, stats, mask=cols < W)
+            tl.store(COUNTERS, 0)
+
+
+@triton.jit
+def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTERS, PARTIALS, n_tensors, n_units, chunk_size,
+                   group_size, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr,
+                   T_PAD: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
+    """One program = one chunk of one tensor; writes its partial statistics to PARTIALS[chunk] (3, K_PAD), and
+    the programs that finish last sum them into PARTIALS[n_chunks] (``_finish``)."""
     chunk = tl.program_id(0)
     t, start = _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK, T_PAD)
     end = tl.minimum(start + chunk_size, tl.load(NUMEL + t))
@@ -251,6 +309,7 @@ def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_tens
     tl.store(out + units, sq)
     tl.store(out + K_PAD + units, dot)
     tl.store(out + 2 * K_PAD + units, tl.where(units == 0, tl.sum(ss, axis=0), 0.0))
+    _finish(PARTIALS, COUNTERS, group_size, K_PAD, ROWS)
 
 
 @triton.jit
@@ -283,9 +342,10 @@ def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE:
 
 
 @triton.jit
-def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_tensors, n_units, chunk_size,
-                    C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
-                    COLS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTERS, PARTIALS, n_tensors, n_units, chunk_size,
+                    group_size, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr,
+                    T_PAD: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
+                    ROWS: tl.constexpr):
     """``_reduce_kernel``'s contract (same tables, same PARTIALS), with the units inside each thread."""
     BLOCK: tl.constexpr = COLS * VEC
     chunk = tl.program_id(0)
@@ -309,6 +369,7 @@ def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, PARTIALS, n_ten
     tl.store(out + units, tl.sum(sq, axis=1))
     tl.store(out + K_PAD + units, tl.sum(dot, axis=1))
     tl.store(out + 2 * K_PAD + units, tl.where(units == 0, tl.sum(ss, axis=0), 0.0))
+    _finish(PARTIALS, COUNTERS, group_size, K_PAD, ROWS)
 
 
 @triton.jit
@@ -374,30 +435,60 @@ def _check_same(tensors: list[torch.Tensor], what: str) -> None:
         raise ValueError(f"{what} are on several devices: {sorted(map(str, devices))}")
 
 
-def _check_reduce_inputs(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor]) -> int:
-    """Validate shapes, dtypes, devices and layout; returns K."""
+@dataclass
+class _Gathered:
+    """What the one pass over a call's tensors (``_gather``) finds."""
+
+    n_units: int
+    dense: list[list[torch.Tensor]]  # the contributions, non-contiguous ones copied (the flat index needs it)
+    contrib_ptrs: list[int]  # the (T × K_PAD) row-major address table; padded units point nowhere, masked off
+    grad_ptrs: list[int]
+    numels: list[int]
+
+
+def _gather(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], tables: bool = True) -> _Gathered:
+    """Check the inputs (shapes, the grads' contiguity, one dtype and one device for each list) and, with
+    ``tables``, gather the launch's addresses and sizes.
+
+    A call's host time grows with its T·(K + 1) tensors, and reading a tensor's attribute is a
+    Python call (~50 ns): each is read for all tensors at once through ``map`` (no Python
+    frame per tensor), and only a failed check looks again to name the offender.
+    """
     if not grads or len(contributions) != len(grads):
         raise ValueError(f"need one list of contributions per grad, got {len(contributions)} lists for {len(grads)} grads")
     n_units = len(contributions[0])
+    if n_units == 0 or any(len(units) != n_units for units in contributions):
+        i = next(i for i, units in enumerate(contributions) if len(units) != n_units or n_units == 0)
+        raise ValueError(f"contributions[{i}] has {len(contributions[i])} units, expected {n_units} "
+                         "(K >= 1, the same for every tensor)")
     for i, (units, grad) in enumerate(zip(contributions, grads)):
-        if len(units) != n_units or n_units == 0:
-            raise ValueError(
-                f"contributions[{i}] has {len(units)} units, expected {n_units} (K >= 1, the same for every tensor)"
-            )
-        shape = grad.shape
-        for k, g in enumerate(units):
-            if g.shape != shape:
-                raise ValueError(f"contributions[{i}][{k}] has shape {tuple(g.shape)}, grads[{i}] {tuple(shape)}")
-        if not grad.is_contiguous():
-            raise ValueError(
-                f"grads[{i}] is not contiguous: the sum is accumulated in place through a flat index; "
-                "pass the parameter's .grad buffer itself (contiguous)"
-            )
-    _check_same([g for units in contributions for g in units], "contributions")
-    _check_same(grads, "grads")
-    if contributions[0][0].device != grads[0].device:
-        raise ValueError(f"contributions on {contributions[0][0].device} but grads on {grads[0].device}")
-    return n_units
+        if set(map(_SHAPE, units)) != {grad.shape}:
+            k = next(k for k, g in enumerate(units) if g.shape != grad.shape)
+            raise ValueError(f"contributions[{i}][{k}] has shape {tuple(units[k].shape)}, grads[{i}] {tuple(grad.shape)}")
+    if not all(map(torch.Tensor.is_contiguous, grads)):
+        i = next(i for i, g in enumerate(grads) if not g.is_contiguous())
+        raise ValueError(f"grads[{i}] is not contiguous: the sum is accumulated in place through a flat index; "
+                         "pass the parameter's .grad buffer itself (contiguous)")
+    flat = list(itertools.chain.from_iterable(contributions))
+    c_dtypes, g_dtypes = set(map(_DTYPE, flat)), set(map(_DTYPE, grads))
+    devices = set(map(_DEVICE, flat)) | set(map(_DEVICE, grads))
+    if len(c_dtypes) != 1 or len(g_dtypes) != 1 or not (c_dtypes | g_dtypes) <= set(GRAD_DTYPES) or len(devices) != 1:
+        _check_same(flat, "contributions")
+        _check_same(grads, "grads")
+        raise ValueError(f"contributions on {flat[0].device} but grads on {grads[0].device}")
+    if not tables:
+        return _Gathered(n_units, contributions, [], [], [])
+    if not all(map(torch.Tensor.is_contiguous, flat)):
+        contributions = [[g if g.is_contiguous() else g.contiguous() for g in units] for units in contributions]
+        flat = list(itertools.chain.from_iterable(contributions))
+    ptrs = list(map(torch.Tensor.data_ptr, flat))
+    k_pad = next_pow2(n_units)
+    if k_pad != n_units:  # rows of K_PAD: padded units point nowhere (masked off)
+        padding = [0] * (k_pad - n_units)
+        ptrs = list(itertools.chain.from_iterable(ptrs[row:row + n_units] + padding
+                                                  for row in range(0, len(ptrs), n_units)))
+    return _Gathered(n_units, contributions, ptrs, list(map(torch.Tensor.data_ptr, grads)),
+                     list(map(torch.Tensor.numel, grads)))
 
 
 def _first_chunks(numels: list[int], chunk_size: int) -> tuple[list[int], int]:
@@ -416,7 +507,7 @@ def _to_device(tables: list[list[int]], device: torch.device) -> list[torch.Tens
     benchmark's tensors): they are kept, keyed by their exact content, in a small
     cache (``_device_tables``), so a repeated call copies nothing.
     """
-    return list(_device_tables(tuple(v for table in tables for v in table), tuple(len(t) for t in tables), device))
+    return list(_device_tables(tuple(itertools.chain.from_iterable(tables)), tuple(map(len, tables)), device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -481,52 +572,68 @@ def _chunk_size(total: int, block: int, device: torch.device, num_warps: int = 8
     return block * max(1, min(_MAX_TILES_PER_CHUNK, tiles))
 
 
+def _finish_sizes(n_chunks: int, k_pad: int) -> tuple[int, int, int]:
+    """(group size, ROWS, counters) of the kernel's own final sum (``_finish``).
+
+    ROWS: rows a summing program loads at once, about 2048 values (16 a thread at 4
+    warps; sm_90a registers, ``bench/kernel_layout.py``: "columns" as without the sum).
+    Group size: at least ROWS, and large enough for at most _MAX_GROUPS groups, so that
+    the counters (one per group, one for the groups) stay a few hundred bytes of the
+    tables and both levels take few loads (2,112 chunks at K = 12: groups of 33, 2
+    loads, then 64 group rows, 2 loads). A runtime argument: a new chunk count does not
+    compile the kernel again. Under the interpreter 2 rows a load and groups of at
+    least 3, so that small tests cross both loops and both levels.
+    """
+    rows = 2 if INTERPRET else max(1, 2048 // (4 * k_pad))
+    group = max(3 if INTERPRET else rows, -(-n_chunks // _MAX_GROUPS))
+    return group, rows, 1 + -(-n_chunks // group)
+
+
 @dataclass
 class TiedGradPlan:
     """One reduction's launch, prepared once: its device tables, partials buffer and kernel arguments.
 
     ``run()`` adds Σ_k contributions into the grads again and returns the statistics,
-    doing only the launch and the partials' sum: no checks, no host-to-device copy.
-    Build it with ``plan_tied_grad_reduce`` for a set of buffers reduced many times
-    (and for the benchmark, which times ``run()`` to separate the kernel's bandwidth
-    from the host's work per call). It keeps the tensors alive: the tables hold their
-    addresses, so the buffers must not be replaced (in-place updates are fine).
+    doing only the launch: no checks, no host-to-device copy, no second launch (the
+    kernel sums its programs' statistics itself). Build it with ``plan_tied_grad_reduce``
+    for a set of buffers reduced many times (and for the benchmark, which times ``run()``
+    to separate the kernel's bandwidth from the host's work per call). It keeps the
+    tensors alive: the tables hold their addresses, so the buffers must not be replaced
+    (in-place updates are fine). Runs of plans over the same buffers must not overlap
+    on two streams: they share the tables' counters (as they would the ``.grad`` sums).
     """
 
     kernel: object
     n_chunks: int  # programs in the launch
-    tables: tuple[torch.Tensor, ...]
-    partials: torch.Tensor
-    scalars: tuple[int, int, int]  # n_tensors, n_units, chunk_size
+    tables: tuple[torch.Tensor, ...]  # addresses, sizes, first chunks, counters (zero between launches)
+    partials: torch.Tensor  # (n_chunks + 1, 3, K_PAD): a row per program, then the statistics
+    scalars: tuple[int, int, int, int]  # n_tensors, n_units, chunk_size, group_size
     constexprs: dict
     tensors: tuple  # the contributions and grads whose addresses the tables hold
 
     def launch(self) -> None:
-        """The kernel alone: grads updated, per-program statistics in ``partials``, not yet summed."""
-        if self.n_chunks:
+        """The kernel: grads updated, the statistics in ``partials[-1]``."""
+        if not self.n_chunks:
+            return
+        try:
             self.kernel[(self.n_chunks,)](*self.tables, self.partials, *self.scalars, **self.constexprs)
+        except BaseException:
+            # A launch cut short (an interpreter error, Ctrl-C in it) can leave a counter counted up; the
+            # cached tables holding it must not serve another call.
+            _device_tables.cache_clear()
+            raise
 
     def run(self) -> TiedGradStats:
         self.launch()
-        stats = self.partials.sum(0)  # (3, K_PAD)
+        stats = self.partials[-1]  # (3, K_PAD)
         n = self.scalars[1]
         return TiedGradStats(sq_norms=stats[0, :n], dots=stats[1, :n], sum_sq=stats[2, 0])
 
 
-def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], layout: str) -> TiedGradPlan:
-    n_units, device = len(contributions[0]), grads[0].device
+def _plan_triton(found: _Gathered, grads: list[torch.Tensor], layout: str) -> TiedGradPlan:
+    n_units, device, dense = found.n_units, grads[0].device, found.dense
     k_pad = next_pow2(n_units)
-    # One pass over the tensors: non-contiguous contributions copied to dense ones (the flat index needs it) and
-    # the (T × K_PAD) row-major address table (padded units point nowhere and are masked off).
-    padding = [0] * (k_pad - n_units)
-    dense, contrib_ptrs, grad_ptrs, numels = [], [], [], []
-    for units, grad in zip(contributions, grads):
-        units = [g if g.is_contiguous() else g.contiguous() for g in units]
-        dense.append(units)
-        contrib_ptrs += [g.data_ptr() for g in units] + padding
-        grad_ptrs.append(grad.data_ptr())
-        numels.append(grad.numel())
-    any_bits = functools.reduce(operator.or_, contrib_ptrs + grad_ptrs)  # 16-byte aligned iff every address is
+    any_bits = functools.reduce(operator.or_, found.contrib_ptrs + found.grad_ptrs)  # 16-byte aligned iff all are
     c_size = dense[0][0].element_size()
     if layout in ("columns", "wide"):
         vec = _column_vec(k_pad, c_size, grads[0].element_size(), _WIDE_VALUES if layout == "wide" else _COLUMN_VALUES)
@@ -537,16 +644,18 @@ def _plan_triton(contributions: list[list[torch.Tensor]], grads: list[torch.Tens
         block = 16 if INTERPRET else max(256, _TILE_VALUES // k_pad)
         num_warps = 1 if INTERPRET else _num_warps(block, c_size, layout)
         consts, kernel = {"BLOCK": block}, _reduce_kernel
-    chunk_size = _chunk_size(sum(numels), block, device, num_warps)
-    firsts, n_chunks = _first_chunks(numels, chunk_size)
-    tables = _to_device([contrib_ptrs, grad_ptrs, numels, firsts], device)
-    # Every program writes its whole (3, K_PAD) row, so no fill is needed (one launch fewer), unless none runs.
-    partials = (torch.empty if n_chunks else torch.zeros)((max(n_chunks, 1), 3, k_pad), device=device,
+    chunk_size = _chunk_size(sum(found.numels), block, device, num_warps)
+    firsts, n_chunks = _first_chunks(found.numels, chunk_size)
+    group, rows, n_counters = _finish_sizes(n_chunks, k_pad)
+    tables = _to_device([found.contrib_ptrs, found.grad_ptrs, found.numels, firsts, [0] * n_counters], device)
+    # Every program writes its whole (3, K_PAD) row and the last the statistics, so no fill is needed (one launch
+    # fewer), unless none runs.
+    partials = (torch.empty if n_chunks else torch.zeros)((n_chunks + 1, 3, k_pad), device=device,
                                                           dtype=torch.float32)
     constexprs = dict(C_TYPE=_TL_DTYPE[dense[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype], K_PAD=k_pad,
-                      T_PAD=next_pow2(len(grads)), ALIGNED=any_bits % 16 == 0,
+                      T_PAD=next_pow2(len(grads)), ALIGNED=any_bits % 16 == 0, ROWS=rows,
                       num_warps=num_warps, **consts)
-    return TiedGradPlan(kernel, n_chunks, tuple(tables), partials, (len(grads), n_units, chunk_size), constexprs,
+    return TiedGradPlan(kernel, n_chunks, tuple(tables), partials, (len(grads), n_units, chunk_size, group), constexprs,
                         (dense, grads))
 
 
@@ -557,10 +666,10 @@ def plan_tied_grad_reduce(contributions: list[list[torch.Tensor]], grads: list[t
     Needs CUDA tensors (or CPU ones under TRITON_INTERPRET=1). Each ``plan.run()`` equals one
     ``tied_grad_reduce(contributions, grads, backend="triton", layout=layout)`` on the buffers' current values.
     """
-    _check_reduce_inputs(contributions, grads)
+    found = _gather(contributions, grads)
     _use_triton("triton", grads[0].device)  # raises where the kernel cannot run
     _check_layout(layout)
-    return _plan_triton(contributions, grads, _resolve_layout(layout, len(contributions[0])))
+    return _plan_triton(found, grads, _resolve_layout(layout, found.n_units))
 
 
 def tied_grad_reduce(
@@ -578,10 +687,11 @@ def tied_grad_reduce(
     layout: the Triton kernel and its warps: "auto" (the measured fastest for K), "fixed", "fitted", "columns" or "wide"
     (module docstring).
     """
-    _check_reduce_inputs(contributions, grads)
-    if _use_triton(backend, grads[0].device):
+    triton_here = bool(grads) and _use_triton(backend, grads[0].device)
+    found = _gather(contributions, grads, tables=triton_here)
+    if triton_here:
         _check_layout(layout)  # here too: under the interpreter _num_warps is not consulted
-        return _plan_triton(contributions, grads, _resolve_layout(layout, len(contributions[0]))).run()
+        return _plan_triton(found, grads, _resolve_layout(layout, found.n_units)).run()
     return tied_grad_reduce_reference(contributions, grads)
 
 
