@@ -164,8 +164,9 @@ def jobs(png: bool) -> list[Job]:
         gluon_bench("attention_gluon", "triton-gluon", "gluon_tests"),
         tests_job("gluon_bwd_tests", GLUON_BWD_TESTS, 150, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         gluon_bench("attention_gluon_bwd", "triton-gluon-atomic", "gluon_bwd_tests"),
-        # #3's reduction: its tests at real shapes, then its GB/s (the two K = 2 cases short of 85%; the `kernel`
-        # column against `prepared` says what the statistics' second, small launch costs there).
+        # #3's reduction: its tests at real shapes (first, now that the kernel sums its statistics itself through
+        # atomic counters, a cross-program protocol no GPU has run), then its GB/s (one launch a call since b52cd03:
+        # the cases short of 85% on the H200 were the second launch's and the host's).
         tests_job("tied_grad_tests", ["tests/test_kernels_tied_grad.py"], 90),
         Job("tied_grad", "kernels",  # every layout, the prepared launch, the host's time per call
             ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
