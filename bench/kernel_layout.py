@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import checkout_kernels  # noqa: E402
 
 DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
-TABLES = {"CONTRIB_PTRS": "*i64", "GRAD_PTRS": "*i64", "NUMEL": "*i64", "FIRST_CHUNK": "*i64", "COUNTERS": "*i64",
+TABLES = {"CONTRIB_PTRS": "*i64", "GRAD_PTRS": "*i64", "NUMEL": "*i64", "FIRST_PROGRAM": "*i64", "COUNTERS": "*i64",
           "PARTIALS": "*fp32",
-          "n_tensors": "i32", "n_units": "i32", "chunk_size": "i32", "group_size": "i32", "C_TYPE": "constexpr", "G_TYPE": "constexpr",
+          "n_tensors": "i32", "n_units": "i32", "group_size": "i32", "C_TYPE": "constexpr", "G_TYPE": "constexpr",
           "K_PAD": "constexpr", "T_PAD": "constexpr", "ALIGNED": "constexpr", "ROWS": "constexpr"}
 T_PAD = 16  # a Llama block's nine tensors
 

@@ -27,8 +27,9 @@ benchmark, which tells the kernel's bandwidth from the host's time per call with
 Design: one multi-tensor launch over pointer tables
 ---------------------------------------------------
 The kernel takes a table of raw addresses (int64 ``data_ptr()`` of every
-contribution and every ``.grad``) and each tensor's first chunk; one program
-finds its tensor in that short table and reduces one chunk of it, holding the K units' tiles side by
+contribution and every ``.grad``) and each tensor's first program; one program
+finds its tensor in that short table and reduces an equal share of its tiles (about
+as many programs as the GPU runs at once: ``_shares``), holding the K units' tiles side by
 side in registers, so each element of each g_k is read once and each ``.grad``
 element is read and written once: (K + 2)·N element transfers, the minimum.
 
@@ -44,9 +45,9 @@ call, where a copy of the same 256 MB takes 0.07 ms.) Raw addresses also work un
 CPU tensors: the interpreter dereferences host addresses directly (it only
 copies *device* storages to the host), so the tested code is the GPU code.
 
-Per-chunk partial statistics go to a small (chunks + 1, 3, K_PAD) buffer, and the
+Per-program partial statistics go to a small (programs + 1, 3, K_PAD) buffer, and the
 kernel sums them itself, in a fixed order (not by atomic float adds: the result is
-deterministic): the last program of each group of chunks (at most 64 groups) to
+deterministic): the last program of each group of programs (at most 64 groups) to
 finish sums its group's rows, and the last of those the groups' (``_finish``), counted by integer
 atomics in the device tables that the finishers set back to zero. One launch a call:
 until 2026-11-27 a torch sum followed the kernel, a second launch that cost 6% of the
@@ -73,7 +74,7 @@ spills from K = 24).
 VEC adjacent elements of every unit (a (K_PAD, COLS·VEC) tile whose contiguity
 is capped at VEC with ``tl.max_contiguous``, so all 4 warps lie along the
 elements whatever the Triton version), keeps per-unit partial sums of its own
-elements, and threads combine them once, at the chunk's end. Its main loop
+elements, and threads combine them once, at the program's end. Its main loop
 compiles to no ``bar.sync`` and no ``shfl`` for K up to 32, with Triton 3.9
 and with 3.6 (the GPU machine's). VEC is one 128-bit access of the wider of
 the two dtypes (the ``.grad`` tile then has the contributions' layout), capped
@@ -109,6 +110,7 @@ import functools
 import itertools
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +132,7 @@ _WIDE_UP_TO = 32  # "auto": the largest K given "wide" (beyond, its tile spills)
 _COLUMN_WARPS = 4  # "columns": warps per program, all along the elements (COLS = 32 × 4 threads)
 _COLUMN_VALUES = 64  # "columns": K_PAD × VEC contribution values per thread (fp32 registers for the tile)
 _WIDE_VALUES = 128  # "wide": the same kernel with twice that budget (module docstring)
-_MAX_GROUPS = 64  # the kernel's final sum: chunks are summed in at most this many groups first (_finish_sizes)
+_MAX_GROUPS = 64  # the kernel's final sum: program rows are summed in at most this many groups first (_finish_sizes)
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,25 @@ def _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK: tl.constexpr, T_PAD: tl
 
 
 @triton.jit
+def _share_of(FIRST_PROGRAM, NUMEL, n_tensors, BLOCK: tl.constexpr, T_PAD: tl.constexpr):
+    """(tensor, first element, end) of this program's share of the reduction. Tensor i has FIRST_PROGRAM[i + 1] -
+    FIRST_PROGRAM[i] programs (FIRST_PROGRAM[n_tensors] is the total), which split its tiles evenly (±1 tile)."""
+    program = tl.program_id(0)
+    tensors = tl.arange(0, T_PAD)
+    firsts = tl.load(FIRST_PROGRAM + tensors, mask=tensors < n_tensors, other=0)
+    t = tl.sum(((tensors < n_tensors) & (firsts <= program)).to(tl.int32), axis=0) - 1
+    first = tl.load(FIRST_PROGRAM + t)
+    shares = tl.load(FIRST_PROGRAM + t + 1) - first
+    numel = tl.load(NUMEL + t)
+    tiles = tl.cdiv(numel, BLOCK)
+    start = ((program - first) * tiles // shares) * BLOCK
+    end = tl.minimum(((program - first + 1) * tiles // shares) * BLOCK, numel)
+    return t, tl.multiple_of(start, BLOCK), end
+
+
+@triton.jit
 def _load_f32(ptrs, in_range, MASK: tl.constexpr):
-    """A tile read as fp32; with MASK only where in_range (0 elsewhere): the tail tile of a chunk."""
+    """A tile read as fp32; with MASK only where in_range (0 elsewhere): a tensor's last, partial tile."""
     if MASK:
         x = tl.load(ptrs, mask=in_range, other=0.0)
     else:
@@ -252,42 +271,41 @@ def _finish(PARTIALS, COUNTERS, group_size, K_PAD: tl.constexpr, ROWS: tl.conste
     """Once this program's row of PARTIALS is stored: the statistics, summed by the programs that finish last.
 
     Two levels, so that no one program reads every row: the last program of each group
-    of ``group_size`` consecutive chunks to finish sums the group's rows into its first row,
-    and the last of those sums the group rows into row n_chunks, the result. Each
+    of ``group_size`` consecutive programs to finish sums the group's rows into its first
+    row, and the last of those sums the group rows into row n_programs, the result. Each
     count is an atomic add (acquire-release, GPU scope) that the finisher sets back
     to 0, so the counters (part of the cached device tables) are ready for the next
     call. One launch instead of the kernel and a torch sum after it, with the same
     fixed order of additions.
     """
     W: tl.constexpr = 3 * K_PAD
-    chunk = tl.program_id(0)
-    n_chunks = tl.num_programs(0)
-    group = chunk // group_size
+    program = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    group = program // group_size
     first = group * group_size
     cols = tl.arange(0, 4 * K_PAD)
     tl.debug_barrier()  # the whole program's row is written before its count announces it
-    size = tl.minimum(group_size, n_chunks - first)
+    size = tl.minimum(group_size, n_programs - first)
     if tl.atomic_add(COUNTERS + 1 + group, 1) == size - 1:
         row = _sum_rows(PARTIALS, first.to(tl.int64), size, 1, K_PAD, ROWS)
         tl.store(PARTIALS + first.to(tl.int64) * W + cols, row, mask=cols < W)
         tl.store(COUNTERS + 1 + group, 0)
         tl.debug_barrier()
-        n_groups = tl.cdiv(n_chunks, group_size)
+        n_groups = tl.cdiv(n_programs, group_size)
         if tl.atomic_add(COUNTERS, 1) == n_groups - 1:
             stats = _sum_rows(PARTIALS, 0, n_groups, group_size, K_PAD, ROWS)
-            tl.store(PARTIALS + n_chunks.to(tl.int64) * W + cols, stats, mask=cols < W)
+            tl.store(PARTIALS + n_programs.to(tl.int64) * W + cols, stats, mask=cols < W)
             tl.store(COUNTERS, 0)
 
 
 @triton.jit
-def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTERS, PARTIALS, n_tensors, n_units, chunk_size,
+def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PARTIALS, n_tensors, n_units,
                    group_size, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr,
                    T_PAD: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
-    """One program = one chunk of one tensor; writes its partial statistics to PARTIALS[chunk] (3, K_PAD), and
-    the programs that finish last sum them into PARTIALS[n_chunks] (``_finish``)."""
-    chunk = tl.program_id(0)
-    t, start = _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK, T_PAD)
-    end = tl.minimum(start + chunk_size, tl.load(NUMEL + t))
+    """One program = one share of one tensor (``_share_of``); writes its partial statistics to PARTIALS[program]
+    (3, K_PAD), and the programs that finish last sum them into PARTIALS[programs] (``_finish``)."""
+    program = tl.program_id(0)
+    t, start, end = _share_of(FIRST_PROGRAM, NUMEL, n_tensors, BLOCK, T_PAD)
     units = tl.arange(0, K_PAD)
     unit_ok = units < n_units
     contrib = tl.load(CONTRIB_PTRS + t * K_PAD + units).to(tl.pointer_type(C_TYPE))  # (K_PAD,)
@@ -305,7 +323,7 @@ def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTERS, PARTIA
     if full_end < end:
         sq, dot, ss = _reduce_tile(contrib, grad, full_end, end, unit_ok, sq, dot, ss, True, BLOCK)
 
-    out = PARTIALS + chunk.to(tl.int64) * 3 * K_PAD
+    out = PARTIALS + program.to(tl.int64) * 3 * K_PAD
     tl.store(out + units, sq)
     tl.store(out + K_PAD + units, dot)
     tl.store(out + 2 * K_PAD + units, tl.where(units == 0, tl.sum(ss, axis=0), 0.0))
@@ -319,7 +337,7 @@ def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE:
 
     Σ_k g_k and the per-unit partial ‖g_k‖², ⟨g_k, Σg⟩ are sums inside one thread
     (over units, then over its VEC elements): nothing crosses threads until the
-    chunk's end. The unit addresses are re-read per tile (cached, one per warp)
+    program's end. The unit addresses are re-read per tile (cached, one per warp)
     rather than held: K 64-bit addresses would cost 2K registers for the whole loop.
     """
     # (BLOCK,) contiguous, so threads lie along it whatever the Triton version; contiguity capped at VEC so
@@ -342,15 +360,14 @@ def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE:
 
 
 @triton.jit
-def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTERS, PARTIALS, n_tensors, n_units, chunk_size,
+def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PARTIALS, n_tensors, n_units,
                     group_size, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr,
                     T_PAD: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
                     ROWS: tl.constexpr):
     """``_reduce_kernel``'s contract (same tables, same PARTIALS), with the units inside each thread."""
     BLOCK: tl.constexpr = COLS * VEC
-    chunk = tl.program_id(0)
-    t, start = _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK, T_PAD)
-    end = tl.minimum(start + chunk_size, tl.load(NUMEL + t))
+    program = tl.program_id(0)
+    t, start, end = _share_of(FIRST_PROGRAM, NUMEL, n_tensors, BLOCK, T_PAD)
     grad = tl.load(GRAD_PTRS + t).to(tl.pointer_type(G_TYPE))
     if ALIGNED:
         grad = tl.multiple_of(grad, 16)
@@ -364,7 +381,7 @@ def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_CHUNK, COUNTERS, PARTI
     if full_end < end:
         sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, full_end, end, n_units, sq, dot, ss,
                                     C_TYPE, K_PAD, COLS, VEC, True, ALIGNED)
-    out = PARTIALS + chunk.to(tl.int64) * 3 * K_PAD
+    out = PARTIALS + program.to(tl.int64) * 3 * K_PAD
     units = tl.arange(0, K_PAD)
     tl.store(out + units, tl.sum(sq, axis=1))
     tl.store(out + K_PAD + units, tl.sum(dot, axis=1))
@@ -572,21 +589,73 @@ def _chunk_size(total: int, block: int, device: torch.device, num_warps: int = 8
     return block * max(1, min(_MAX_TILES_PER_CHUNK, tiles))
 
 
-def _finish_sizes(n_chunks: int, k_pad: int) -> tuple[int, int, int]:
+def _shares(numels: list[int], block: int, slots: int) -> tuple[list[int], int]:
+    """Programs for each tensor, as first-program offsets with the total appended (``_share_of``'s table), and the
+    total: about ``slots`` programs of about equal tiles, so that the launch is one wave of programs that end
+    together. Tensor i gets ⌈tiles_i · P / tiles⌉ programs (none if empty, at most one a tile), P = slots less one
+    for each tensor, so that rounding up never takes the total past ``slots``; none has more than ⌈tiles / P⌉
+    tiles."""
+    tiles = [-(-n // block) for n in numels]
+    total = sum(tiles)
+    target = max(1, slots - sum(1 for n in tiles if n))
+    firsts, n = [], 0
+    for count in tiles:
+        firsts.append(n)
+        n += min(count, -(-count * target // total)) if total else 0
+    return firsts + [n], n
+
+
+@functools.lru_cache(maxsize=64)
+def _slots(kernel, device: torch.device, constexprs: tuple) -> int:
+    """How many programs of ``kernel`` (compiled with ``constexprs``) ``device`` runs at once: its SMs × the
+    blocks an SM holds, by registers (ptxas's count), warps and shared memory. 11 under the interpreter (tests:
+    several tiles a program, several groups of programs in the final sum).
+
+    The reduction launches about that many programs (``_shares``), each an equal share of the
+    tiles: one wave, whatever registers make the occupancy. The earlier grid, a program per
+    chunk of up to 64 tiles sized for 64 warps an SM, ran 2,048 programs at K = 12 and 64 MB
+    where registers let an H200 hold 528 at a time: 3.9 waves, each program starting with
+    dependent loads of its tables. The count comes from a compile with stand-in arguments
+    (``warmup`` with dtypes for tensors, as Triton's fused-softmax tutorial reads it): the
+    launch's own specialisation may differ in a register or two.
+    """
+    if INTERPRET:
+        return 11
+    kw = dict(constexprs)
+    num_warps = kw["num_warps"]
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+    try:
+        tables = [torch.int64] * 5  # warmup takes a dtype for a tensor (Triton's MockTensor)
+        with torch.cuda.device(device):
+            compiled = kernel.warmup(*tables, torch.float32, 3, 3, 3, grid=(1,), **kw)
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled  # Triton's async compile
+            compiled._init_handles()
+        regs, shared = compiled.n_regs, compiled.metadata.shared
+    except (AttributeError, TypeError) as err:  # a Triton without warmup / n_regs as 3.6-3.9 have them
+        warnings.warn(f"tied_grad: could not read the reduction kernel's registers ({err}); sizing its grid for "
+                      f"{64 // num_warps} blocks an SM", stacklevel=2)
+        return props["multiprocessor_count"] * (64 // num_warps)
+    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated to a warp 256 at a time
+    blocks = min(props["max_num_regs"] // (per_warp * num_warps), 64 // num_warps, 32,
+                 props["max_shared_mem"] // shared if shared else 32)
+    return props["multiprocessor_count"] * max(1, blocks)
+
+
+def _finish_sizes(n_programs: int, k_pad: int) -> tuple[int, int, int]:
     """(group size, ROWS, counters) of the kernel's own final sum (``_finish``).
 
     ROWS: rows a summing program loads at once, about 2048 values (16 a thread at 4
     warps; sm_90a registers, ``bench/kernel_layout.py``: "columns" as without the sum).
     Group size: at least ROWS, and large enough for at most _MAX_GROUPS groups, so that
     the counters (one per group, one for the groups) stay a few hundred bytes of the
-    tables and both levels take few loads (2,112 chunks at K = 12: groups of 33, 2
-    loads, then 64 group rows, 2 loads). A runtime argument: a new chunk count does not
-    compile the kernel again. Under the interpreter 2 rows a load and groups of at
+    tables and both levels take few loads (2,112 programs at K = 12: groups of 33, 2
+    loads, then 64 group rows, 2 loads). A runtime argument: a new program count does
+    not compile the kernel again. Under the interpreter 2 rows a load and groups of at
     least 3, so that small tests cross both loops and both levels.
     """
     rows = 2 if INTERPRET else max(1, 2048 // (4 * k_pad))
-    group = max(3 if INTERPRET else rows, -(-n_chunks // _MAX_GROUPS))
-    return group, rows, 1 + -(-n_chunks // group)
+    group = max(3 if INTERPRET else rows, -(-n_programs // _MAX_GROUPS))
+    return group, rows, 1 + -(-n_programs // group)
 
 
 @dataclass
@@ -604,19 +673,19 @@ class TiedGradPlan:
     """
 
     kernel: object
-    n_chunks: int  # programs in the launch
-    tables: tuple[torch.Tensor, ...]  # addresses, sizes, first chunks, counters (zero between launches)
-    partials: torch.Tensor  # (n_chunks + 1, 3, K_PAD): a row per program, then the statistics
-    scalars: tuple[int, int, int, int]  # n_tensors, n_units, chunk_size, group_size
+    n_programs: int  # programs in the launch, each an equal share of a tensor's tiles (``_shares``)
+    tables: tuple[torch.Tensor, ...]  # addresses, sizes, first programs and the total, counters (0 between launches)
+    partials: torch.Tensor  # (n_programs + 1, 3, K_PAD): a row per program, then the statistics
+    scalars: tuple[int, int, int]  # n_tensors, n_units, group_size
     constexprs: dict
     tensors: tuple  # the contributions and grads whose addresses the tables hold
 
     def launch(self) -> None:
         """The kernel: grads updated, the statistics in ``partials[-1]``."""
-        if not self.n_chunks:
+        if not self.n_programs:
             return
         try:
-            self.kernel[(self.n_chunks,)](*self.tables, self.partials, *self.scalars, **self.constexprs)
+            self.kernel[(self.n_programs,)](*self.tables, self.partials, *self.scalars, **self.constexprs)
         except BaseException:
             # A launch cut short (an interpreter error, Ctrl-C in it) can leave a counter counted up; the
             # cached tables holding it must not serve another call.
@@ -644,18 +713,18 @@ def _plan_triton(found: _Gathered, grads: list[torch.Tensor], layout: str) -> Ti
         block = 16 if INTERPRET else max(256, _TILE_VALUES // k_pad)
         num_warps = 1 if INTERPRET else _num_warps(block, c_size, layout)
         consts, kernel = {"BLOCK": block}, _reduce_kernel
-    chunk_size = _chunk_size(sum(found.numels), block, device, num_warps)
-    firsts, n_chunks = _first_chunks(found.numels, chunk_size)
-    group, rows, n_counters = _finish_sizes(n_chunks, k_pad)
-    tables = _to_device([found.contrib_ptrs, found.grad_ptrs, found.numels, firsts, [0] * n_counters], device)
-    # Every program writes its whole (3, K_PAD) row and the last the statistics, so no fill is needed (one launch
-    # fewer), unless none runs.
-    partials = (torch.empty if n_chunks else torch.zeros)((n_chunks + 1, 3, k_pad), device=device,
-                                                          dtype=torch.float32)
+    rows = _finish_sizes(0, k_pad)[1]
     constexprs = dict(C_TYPE=_TL_DTYPE[dense[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype], K_PAD=k_pad,
                       T_PAD=next_pow2(len(grads)), ALIGNED=any_bits % 16 == 0, ROWS=rows,
                       num_warps=num_warps, **consts)
-    return TiedGradPlan(kernel, n_chunks, tuple(tables), partials, (len(grads), n_units, chunk_size, group), constexprs,
+    firsts, n_programs = _shares(found.numels, block, _slots(kernel, device, tuple(constexprs.items())))
+    group, _, n_counters = _finish_sizes(n_programs, k_pad)
+    tables = _to_device([found.contrib_ptrs, found.grad_ptrs, found.numels, firsts, [0] * n_counters], device)
+    # Every program writes its whole (3, K_PAD) row and the last the statistics, so no fill is needed (one launch
+    # fewer), unless none runs.
+    partials = (torch.empty if n_programs else torch.zeros)((n_programs + 1, 3, k_pad), device=device,
+                                                            dtype=torch.float32)
+    return TiedGradPlan(kernel, n_programs, tuple(tables), partials, (len(grads), n_units, group), constexprs,
                         (dense, grads))
 
 

@@ -189,23 +189,24 @@ def test_a_plan_reduces_like_a_call_each_time_it_runs(layout):
 
 
 def test_the_kernel_sums_its_programs_statistics_itself():
-    """One launch: the last program of each group of chunks to finish sums the group's rows, and the last of
-    those the groups' (under the interpreter groups of 3 chunks and 2 rows a load, so this crosses both
-    levels and both loops, the last group partial). The counters are back at 0 after each launch, so the cached tables serve the next call, and
-    the statistics, added in a fixed order, are bitwise the same each time."""
-    contributions, grads = _group(3, [(50,), (9, 3), (130,)], torch.float32, torch.float32, seed=6)
+    """One launch: the tensors' tiles are split into about as many equal shares as the device runs programs at
+    once (11 under the interpreter), and the last program of each group of programs to finish sums the group's
+    rows, the last of those the groups' (under the interpreter groups of 3 and 2 rows a load: every loop and
+    both levels, the last group partial). The counters are back at 0 after each launch, so the cached tables
+    serve the next call, and the statistics, added in a fixed order, are bitwise the same each time."""
+    contributions, grads = _group(3, [(50,), (9, 3), (0,), (300,)], torch.float32, torch.float32, seed=6)
     expected = [g.clone() for g in grads]
     want = tied_grad_reduce_reference(contributions, expected)
     plan = plan_tied_grad_reduce(contributions, grads, layout="columns")
-    group = plan.scalars[3]
+    group = plan.scalars[2]
     if not CUDA:
-        assert plan.n_chunks > 2 * group and plan.n_chunks % group, (plan.n_chunks, group)
+        assert plan.n_programs > 2 * group and plan.n_programs % group, (plan.n_programs, group)
     counters = plan.tables[-1]
     first = plan.run()
     _assert_stats_close(first, want)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e)
-    assert counters.numel() == 1 + -(-plan.n_chunks // group) and not counters.any()
+    assert counters.numel() == 1 + -(-plan.n_programs // group) and not counters.any()
     first = TiedGradStats(*(t.clone() for t in (first.sq_norms, first.dots, first.sum_sq)))
     second = tied_grad_reduce(contributions, grads, backend="triton", layout="columns")  # the same cached tables
     for name in ("sq_norms", "dots", "sum_sq"):
@@ -213,10 +214,42 @@ def test_the_kernel_sums_its_programs_statistics_itself():
     assert not counters.any()
 
 
+@pytest.mark.parametrize("numels, block, slots", [
+    ([32 << 20], 512, 528),  # 64 MB of bf16 at K = 12 on an H200: 4 blocks an SM
+    ([2048, 2048 * 2048, 512 * 2048, 512 * 2048, 2048 * 2048, 2048, 5632 * 2048, 5632 * 2048, 2048 * 5632], 1024, 1188),
+    ([0, 7, 0, 100_000, 1], 16, 11),
+    ([5], 16, 1000),  # fewer tiles than slots: a program a tile
+])
+def test_the_grid_is_one_wave_of_equal_shares(numels, block, slots):
+    """_shares: at most as many programs as run at once, empty tensors none, every other at least one and at
+    most one a tile, and no program more than ⌈tiles / (slots - tensors)⌉ tiles (one wave that ends together)."""
+    from megascale.kernels.tied_grad import _shares
+
+    firsts, n = _shares(numels, block, slots)
+    tiles = [-(-x // block) for x in numels]
+    counts = [b - a for a, b in zip(firsts, firsts[1:])]
+    assert firsts[0] == 0 and firsts[-1] == n and len(firsts) == len(numels) + 1
+    assert n <= slots and all((c == 0) == (t == 0) and c <= t for c, t in zip(counts, tiles))
+    bound = -(-sum(tiles) // max(1, slots - sum(1 for t in tiles if t)))
+    assert max(-(-t // c) for c, t in zip(counts, tiles) if c) <= bound
+
+
+@pytest.mark.skipif(not CUDA, reason="the device's count of programs at once needs a GPU")
+def test_the_grid_fills_the_device_once():
+    """_slots reads the kernel's registers from a compile: between one and 16 blocks an SM at 4 warps."""
+    from megascale.kernels.tied_grad import _slots
+
+    contributions, grads = _group(12, [(4096, 4096)], torch.bfloat16, torch.bfloat16)
+    plan = plan_tied_grad_reduce(contributions, grads)
+    sms = torch.cuda.get_device_properties(grads[0].device).multi_processor_count
+    slots = _slots(plan.kernel, grads[0].device, tuple(plan.constexprs.items()))
+    assert sms <= slots <= 16 * sms and plan.n_programs <= slots
+
+
 def test_a_reduction_over_empty_tensors_launches_nothing_and_reports_zeros():
     contributions, grads = _group(2, [(0,), (0, 4)], torch.float32, torch.float32)
     plan = plan_tied_grad_reduce(contributions, grads)
-    assert plan.n_chunks == 0
+    assert plan.n_programs == 0
     stats = plan.run()
     assert stats.sq_norms.tolist() == [0.0, 0.0] and stats.dots.tolist() == [0.0, 0.0] and float(stats.sum_sq) == 0.0
 
