@@ -135,7 +135,7 @@ def compile_gluon(gluon_mod, kernel: str, tile: tuple, head_dim: int, causal: bo
         else:
             sig[name] = "fp32" if name.endswith("scale") else "i32"
     consts = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
-                  WS=loader, num_warps=num_warps)
+                  WS=loader, ORDER_HEADS=gluon_mod.order_heads(64), num_warps=num_warps)  # a model's B · H: 8 together
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 

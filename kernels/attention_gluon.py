@@ -37,12 +37,21 @@ the products are issued), so one group's softmax runs while the other's
 products do. Each K/V buffer is freed when both groups are done with it.
 
 PERSISTENT is the ping-pong in a persistent kernel, FlashAttention-3's scheduler: a block an SM, each taking
-query blocks in turn (causal: every head's last query block first, the ones with the most key blocks), so that the
+query blocks in turn (causal: the heaviest first, in the launch order below), so that the
 TMA warp brings the next query block's Q and first K/V while this one's last products and its O's store run. The
 rings of K/V buffers and of turns count on across query blocks; each warp group has two Q buffers, the next Q
 landing in one while the other holds this block's Q and then its O on the way out. On the H200 the ping-pong ran
 at 528 TFLOP/s at 4k and 612 at 16k (head dim 128, causal), where a block has four times the key blocks to spread
 its start and end over; this is what it is for (not yet timed).
+
+Launch order (every kernel here, ``_lpt_block``): heads eight at a time (fewer where B · H has no factor 8), and
+within such a group block by block, each over the group's heads, the heaviest blocks first (causal: the forward's
+last query blocks, the backward's first key blocks). Until 2026-11-27 the grid went head by head, each head's
+blocks heaviest first, so the last heads' heaviest blocks started when little else was left to run: a
+list-scheduling model of 132 SMs (one block each; ``bench/launch_order.py``) puts that tail at 5.3-6.7% of a
+causal forward's time at 2k-8k (16,384 tokens a call), 0.5% at 16k; the grouped order leaves 0-1.7%. Groups of heads rather than all
+heads at once, so that the blocks running together read the K/V (backward: Q and dO) of a few heads, which L2
+holds (8 heads at 4k: 16 MiB). Not yet timed.
 
 The backward (``_bwd_gluon_kernel``; ``flash_attention(gluon=True, deterministic=False)``) is the Triton
 dK/dV kernel's DQ_ATOMIC form written out: one program per (key block, K/V head), the query blocks of the
@@ -73,6 +82,7 @@ at 0.84-0.85x cuDNN.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -106,7 +116,7 @@ else:
 # The backward has the first two, and DQ_WARP: a loading warp group also adds each step's dQ share into the fp32 buffer,
 # which the compute warps leave in shared memory (FlashAttention-3's backward hands dQ to a warp of its own too).
 # PERSISTENT is the ping-pong forward in a persistent kernel (``_fwd_compute_tiles``): one block an SM, each taking
-# query blocks in turn, heaviest first over all heads, so the next block's copies overlap this one's last products and
+# query blocks in turn, in ``_lpt_block``'s order, so the next block's copies overlap this one's last products and
 # its O's store (FlashAttention-3's persistent scheduler; a block's start and end cost most at short lengths).
 OWN_LOADS, TMA_WARP, PING_PONG, DQ_WARP, PERSISTENT = 0, 1, 2, 3, 4
 LOADERS = {OWN_LOADS: "", TMA_WARP: "TMA warp", PING_PONG: "ping-pong", DQ_WARP: "TMA + dQ warp",
@@ -208,6 +218,13 @@ def forward_launch(tile: tuple) -> tuple[int, int]:
     return rows, warps(rows)
 
 
+def order_heads(n_heads: int, most: int = 8) -> int:
+    """Heads whose blocks a Gluon kernel launches together, heaviest block first (``_lpt_block``): the largest power
+    of two up to ``most`` that divides ``n_heads`` (B · H, or B · H_kv for the backward), so that the grid's groups
+    are whole."""
+    return math.gcd(n_heads, most)
+
+
 def warps(rows: int) -> int:
     """Warps of a kernel whose products have ``rows`` rows (the forward's queries, the backward's keys): 16 rows
     each, a wgmma instruction's m, all warps along the rows."""
@@ -279,7 +296,8 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.jit
     def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, n_bh, qk_scale,
                           HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, ORDER_HEADS: gl.constexpr,
+                          num_warps: gl.constexpr):
         """One query block of one head (PERSISTENT: query blocks in turn, ``_fwd_compute_tiles``; n_bh = B · H). WS,
         who loads (``LOADERS``): TMA_WARP and PING_PONG take the TMA loads from a warp of their own (``_fwd_loader``),
         which the compute partitions tell when a buffer is free by an mbarrier each; OWN_LOADS has the compute warps
@@ -288,11 +306,7 @@ if GLUON_IMPORT_ERROR is None:
         dtype: gl.constexpr = desc_q.dtype
         qk_scale = qk_scale.to(gl.float32)
         # Causal query blocks near the end do the most work: launched first, the light ones fill the tail.
-        if CAUSAL:
-            pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
-        else:
-            pid_m = gl.program_id(0)
-        pid_bh = gl.program_id(1)
+        pid_m, pid_bh = _lpt_block(gl.program_id(1), gl.program_id(0), gl.cdiv(seq_len, BLOCK_M), CAUSAL, ORDER_HEADS)
         b, h, kv_h, start_m, n_blocks = _fwd_block(pid_m, pid_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
 
         # One Q buffer per compute partition (PERSISTENT: two): PING_PONG's two warp groups take half the rows each
@@ -346,12 +360,13 @@ if GLUON_IMPORT_ERROR is None:
             gl.warp_specialize([
                 (_fwd_compute_tiles, (desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars,
                                       v_bars, done, turns.index(0), turns.index(1), n_heads, group, seq_len, n_bh,
-                                      qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, 0)),
+                                      qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, ORDER_HEADS, 0)),
                 (_fwd_compute_tiles, (desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars,
                                       v_bars, done, turns.index(1), turns.index(0), n_heads, group, seq_len, n_bh,
-                                      qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, 1)),
+                                      qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, ORDER_HEADS, 1)),
                 (_fwd_loader_tiles, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars,
-                                     done, n_heads, group, seq_len, n_bh, CAUSAL, BLOCK_M, BLOCK_N, STAGES)),
+                                     done, n_heads, group, seq_len, n_bh, CAUSAL, BLOCK_M, BLOCK_N, STAGES,
+                                     ORDER_HEADS)),
             ], [4, 1], [240, 24])
             for i in gl.static_range(q_bufs):
                 mbarrier.invalidate(q_free.index(i))
@@ -414,6 +429,21 @@ if GLUON_IMPORT_ERROR is None:
             _load_block(desc_v, b, kv_h, j * BLOCK_N, v_bars.index(slot), v_smem.index(slot), True)
 
     @gluon.jit
+    def _lpt_block(g, r, n_blocks, HEAVY_LAST: gl.constexpr, ORDER_HEADS: gl.constexpr):
+        """(block, head) of the r-th block of head group g in launch order: within a group of ORDER_HEADS heads, block by
+        block, each over the group's heads; the heaviest first when HEAVY_LAST (a causal forward's last query
+        blocks; the backward's heaviest, its first key blocks, come first as they are). Longest first: the light
+        blocks fill the end, where the order head by head (each head's blocks heaviest first) starts the last
+        heads' heaviest blocks when little work is left (``bench/launch_order.py``, a list-scheduling model of 132
+        SMs: 5.3-6.7% of the time lost at 2k-8k, the causal forward at 16,384 tokens, against 0-1.7%). Groups of heads, not all heads at once, so that the blocks
+        on the GPU together read few heads' K/V (or Q and dO): a group at 4k is 8 x 2 MiB, L2-resident.
+        ORDER_HEADS, a power of two that divides the heads (``order_heads``), makes the division a shift."""
+        i = r // ORDER_HEADS
+        if HEAVY_LAST:
+            i = n_blocks - 1 - i
+        return i, g * ORDER_HEADS + r % ORDER_HEADS
+
+    @gluon.jit
     def _fwd_block(pid_m, pid_bh, n_heads, group, seq_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                    BLOCK_N: gl.constexpr):
         """Query block pid_m of head pid_bh (b · H + h): (b, h, its K/V head, its first row, its key blocks)."""
@@ -431,29 +461,28 @@ if GLUON_IMPORT_ERROR is None:
         return gl.cdiv(gl.cdiv(seq_len, BLOCK_M) * n_bh - gl.program_id(0), gl.num_programs(0))
 
     @gluon.jit
-    def _fwd_tile(t, n_bh, n_heads, group, seq_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr):
-        """PERSISTENT: this block's t-th query block, (pid_bh, ``_fwd_block``'s five): causal, every head's last query
-        block first (the most key blocks), then every head's last but one..., so the light ones fill the end."""
+    def _fwd_tile(t, n_heads, group, seq_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  ORDER_HEADS: gl.constexpr):
+        """PERSISTENT: this block's t-th query block, (pid_bh, ``_fwd_block``'s five), in ``_lpt_block``'s order:
+        causal, the last query blocks (the most key blocks) of a group of heads first, so the light ones fill the
+        end."""
         tile = gl.program_id(0) + t * gl.num_programs(0)
-        pid_m = tile // n_bh
-        pid_bh = tile % n_bh
-        if CAUSAL:
-            pid_m = gl.cdiv(seq_len, BLOCK_M) - 1 - pid_m
+        group_tiles = ORDER_HEADS * gl.cdiv(seq_len, BLOCK_M)
+        pid_m, pid_bh = _lpt_block(tile // group_tiles, tile % group_tiles, gl.cdiv(seq_len, BLOCK_M), CAUSAL, ORDER_HEADS)
         b, h, kv_h, start_m, n_blocks = _fwd_block(pid_m, pid_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
         return pid_bh, b, h, kv_h, start_m, n_blocks
 
     @gluon.jit
     def _fwd_loader_tiles(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, done,
                           n_heads, group, seq_len, n_bh, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ORDER_HEADS: gl.constexpr):
         """PERSISTENT's TMA warp: for each of this block's query blocks, each warp group's Q into its buffer for
         that block (the t-th query block: buffer 2 · group + t % 2), then the key blocks, the ring counted on."""
         half: gl.constexpr = BLOCK_M // 2
         g = 0
         for t in range(_fwd_tiles(seq_len, n_bh, BLOCK_M)):
-            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(t, n_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M,
-                                                              BLOCK_N)
+            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(t, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N,
+                                                              ORDER_HEADS)
             for part in gl.static_range(2):
                 buf = part * 2 + t % 2
                 # The buffer last held query block t - 2's Q, then O, freed early in block t - 1 (``_fwd_compute``):
@@ -467,14 +496,14 @@ if GLUON_IMPORT_ERROR is None:
     def _fwd_compute_tiles(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, done,
                            turn_mine, turn_other, n_heads, group, seq_len, n_bh, qk_scale, HEAD_DIM: gl.constexpr,
                            CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                           PART: gl.constexpr):
+                           ORDER_HEADS: gl.constexpr, PART: gl.constexpr):
         """PERSISTENT's warp group PART: its 64 rows of each of the block's query blocks (``_fwd_compute``), the
         ring and the turns counted on from one query block to the next, the last O's copy waited for at the end."""
         half: gl.constexpr = BLOCK_M // 2
         g = 0
         for t in range(_fwd_tiles(seq_len, n_bh, BLOCK_M)):
-            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(t, n_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M,
-                                                              BLOCK_N)
+            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(t, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N,
+                                                              ORDER_HEADS)
             buf = PART * 2 + t % 2
             _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem.index(buf), k_smem, v_smem, q_bars.index(buf), k_bars,
                          v_bars, done, turn_mine, turn_other, b, h, kv_h, pid_bh, start_m + PART * half, n_blocks,
@@ -617,7 +646,8 @@ if GLUON_IMPORT_ERROR is None:
     def _bwd_gluon_kernel(desc_q, desc_k, desc_v, desc_do, desc_dk, desc_dv, DQA, LSE, DELTA,
                           n_heads, group, seq_len, qk_scale, sm_scale,
                           HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
-                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr):
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, ORDER_HEADS: gl.constexpr,
+                          num_warps: gl.constexpr):
         """dK, dV of one key block of one K/V head, and its share of dQ added into DQA (fp32) by atomics.
 
         Transposed tiles (keys × queries), as the Triton dK/dV kernel: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ come out with
@@ -629,11 +659,12 @@ if GLUON_IMPORT_ERROR is None:
         that also adds each step's dQ share, which the compute warps leave in shared memory (``_bwd_loader``).
         """
         dtype: gl.constexpr = desc_q.dtype
-        pid_bkv = gl.program_id(1)
+        # Causal, the first key blocks see the most queries: launched first (``_lpt_block``).
+        key_block, pid_bkv = _lpt_block(gl.program_id(1), gl.program_id(0), gl.cdiv(seq_len, BLOCK_N), False, ORDER_HEADS)
         n_kv = n_heads // group
         b = pid_bkv // n_kv
         kv_h = pid_bkv % n_kv
-        start_n = gl.program_id(0) * BLOCK_N
+        start_n = key_block * BLOCK_N
         # Causal: the query blocks from the one holding this key block's first key on (earlier rows see none of it).
         lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
         per_head = gl.cdiv(seq_len - lo, BLOCK_M)
@@ -935,10 +966,14 @@ def _launch(q, k, v, o, lse, causal: bool, qk_scale: float, tile: tuple[int, int
     descs = (descriptor(q, q_rows), descriptor(k, block_n), descriptor(v, block_n), descriptor(o, q_rows))
     n_tiles = triton.cdiv(T, block_m) * B * H
     # PERSISTENT: a block an SM (its 192 KiB of shared memory allows no second), each taking query blocks in turn
-    grid = (min(n_tiles, _sm_count(q.device)),) if loader == PERSISTENT else (triton.cdiv(T, block_m), B * H)
+    together = order_heads(B * H)
+    # ``_lpt_block``'s order: groups of ``together`` heads along y, each group's blocks along x
+    grid = ((min(n_tiles, _sm_count(q.device)),) if loader == PERSISTENT
+            else (together * triton.cdiv(T, block_m), B * H // together))
     _fwd_gluon_kernel[grid](
         *descs, lse, H, H // k.shape[1], T, B * H, qk_scale,
-        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=loader, num_warps=num_warps,
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=loader, ORDER_HEADS=together,
+        num_warps=num_warps,
     )
 
 
@@ -1017,9 +1052,11 @@ def _launch_bwd(q, k, v, do, lse, delta, dq_acc, dk, dv, causal: bool, qk_scale:
     block_m, block_n, stages, ws = tile
     rows_m = [descriptor(x, block_m) for x in (q, do)]
     rows_n = [descriptor(x, block_n) for x in (k, v, dk, dv)]
-    _bwd_gluon_kernel[(triton.cdiv(T, block_n), B * k.shape[1])](
+    together = order_heads(B * k.shape[1])  # ``_lpt_block``'s order, as the forward's
+    _bwd_gluon_kernel[(together * triton.cdiv(T, block_n), B * k.shape[1] // together)](
         rows_m[0], *rows_n[:2], rows_m[1], *rows_n[2:], dq_acc, lse, delta, H, H // k.shape[1], T, qk_scale, sm_scale,
-        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=ws, num_warps=warps(block_n),
+        HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=ws, ORDER_HEADS=together,
+        num_warps=warps(block_n),
     )
 
 

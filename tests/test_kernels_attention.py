@@ -385,6 +385,14 @@ def test_gluon_forward_refuses_what_it_cannot_run():
             flash_attention(q, k, v, gluon=True)
 
 
+def test_gluon_launch_groups_heads_by_a_power_of_two_that_divides_them():
+    """order_heads: the heads a Gluon grid launches together (heaviest block first over them) are whole groups, 8 when
+    B · H allows, so the kernels' index arithmetic is a shift; an odd count launches head by head."""
+    from megascale.kernels.attention_gluon import order_heads  # noqa: PLC0415
+
+    assert [order_heads(n) for n in (1, 2, 3, 4, 6, 12, 16, 24, 64, 96)] == [1, 2, 1, 4, 2, 4, 8, 8, 8, 8]
+
+
 def test_gluon_tuner_passes_over_a_candidate_the_device_cannot_run(monkeypatch):
     """best_tile as Triton's autotuner: a candidate that needs more shared memory than the device has is timed as
     never, the fastest of the others wins, and with none left the first error is raised. (do_bench stands in for
