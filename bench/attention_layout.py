@@ -105,6 +105,8 @@ def compile_tile(att, kernel: str, tile: tuple, head_dim: int, causal: bool, arc
         consts["TMA"] = bool(boxes)
     if "DQ_ATOMIC" in fn.arg_names:
         consts["DQ_ATOMIC"] = "atomic" in kernel
+    if "ORDER_HEADS" in fn.arg_names:  # the launch order's head groups (attention._launch_order): a model's 8
+        consts["ORDER_HEADS"] = att.order_heads(64)
     consts.update(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, **att._dot_flags(torch.bfloat16))
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})

@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import next_pow2
+from ._host import next_pow2, order_heads
 
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -277,6 +277,20 @@ def _softmax_step(acc, l_i, m_i, q, k, v, offs_m, offs_n, seq_len, qk_scale,
 
 
 @triton.jit
+def _launch_order(HEAVY_LAST: tl.constexpr, ORDER_HEADS: tl.constexpr):
+    """(block, batch × head) of this program. The grid is (ORDER_HEADS × blocks, B · heads / ORDER_HEADS): a group
+    of ORDER_HEADS heads along y, its blocks along x, block by block, each over the group's heads; with HEAVY_LAST
+    the last blocks (a causal forward's or dQ pass's heaviest) first. The GPU starts blocks in x-then-y order, so
+    the heaviest blocks of every head start first and the light ones fill the end; the order head by head left a
+    tail of 5-7% at 2k-8k (``bench/launch_order.py``, a model). ORDER_HEADS divides the heads (``order_heads``)."""
+    r = tl.program_id(0)
+    i = r // ORDER_HEADS
+    if HEAVY_LAST:
+        i = tl.num_programs(0) // ORDER_HEADS - 1 - i
+    return i, tl.program_id(1) * ORDER_HEADS + r % ORDER_HEADS
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                offs_m, lo, hi, seq_len, qk_scale,
                CAUSAL: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -302,14 +316,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
                 stride_ob, stride_oh, stride_ot, stride_od,
                 n_heads, group, seq_len, seq_bucket, qk_scale,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ORDER_HEADS: tl.constexpr = 1):
     # torch.compile's Inductor types a Python float argument as fp64 (the JIT: fp32); fp64 scores would not
     # match the fp32 accumulator of tl.dot and fail to compile, so the scales are cast here.
     qk_scale = tl.cast(qk_scale, tl.float32)
-    # Causal query blocks near the end do the most work: launch them first so the
-    # light ones fill the tail of the grid.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # Causal query blocks near the end do the most work: launched first, the light ones fill the tail.
+    pid_m, pid_bh = _launch_order(CAUSAL, ORDER_HEADS)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
     kv_h = h // group  # grouped-query attention: the query heads of a group share one K/V head
@@ -354,14 +366,13 @@ def _fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kv_h, offs_m, lo, hi, se
 
 
 @triton.jit
-def _tma_query_block(n_heads, group, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tma_query_block(n_heads, group, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, ORDER_HEADS: tl.constexpr):
     """This program's (batch × head, batch, head, kv head, first query row); int32, as descriptor coordinates are.
 
     Causal query blocks near the end do the most work: they are launched first so the
-    light ones fill the tail of the grid.
+    light ones fill the tail of the grid (``_launch_order``).
     """
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _launch_order(CAUSAL, ORDER_HEADS)
     h = pid_bh % n_heads
     return pid_bh, pid_bh // n_heads, h, h // group, pid_m * BLOCK_M
 
@@ -373,7 +384,7 @@ def _tma_query_block(n_heads, group, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr
 @triton.jit
 def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, seq_bucket, qk_scale,
                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ORDER_HEADS: tl.constexpr = 1):
     """``_fwd_kernel`` reading Q, K, V and writing O through 4-D TMA descriptors (B, heads, T, D).
 
     The copies are issued by the TMA unit from a descriptor instead of by every
@@ -381,7 +392,7 @@ def _fwd_tma_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len
     block needs no load mask and its store clips itself.
     """
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
-    pid_bh, b, h, kv_h, start_m = _tma_query_block(n_heads, group, CAUSAL, BLOCK_M)
+    pid_bh, b, h, kv_h, start_m = _tma_query_block(n_heads, group, CAUSAL, BLOCK_M, ORDER_HEADS)
     offs_m = start_m + tl.arange(0, BLOCK_M)
 
     q = desc_q.load([b, h, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
@@ -421,7 +432,7 @@ _WS_TILES = _table(half=[(128, 64, 4, 3, _UP_TO_128), (128, 64, 4, 2, _UP_TO_128
 @triton.jit
 def _fwd_ws_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, seq_bucket, qk_scale,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ORDER_HEADS: tl.constexpr = 1):
     """``_fwd_tma_kernel`` with its query block in two halves and its one loop warp-specialised.
 
     ``tl.range(warp_specialize=True)`` lets Triton's Hopper pass split the loop
@@ -439,7 +450,7 @@ def _fwd_ws_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len,
     """
     HALF: tl.constexpr = BLOCK_M // 2
     qk_scale = tl.cast(qk_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
-    pid_bh, b, h, kv_h, start_m = _tma_query_block(n_heads, group, CAUSAL, BLOCK_M)
+    pid_bh, b, h, kv_h, start_m = _tma_query_block(n_heads, group, CAUSAL, BLOCK_M, ORDER_HEADS)
     offs_0 = start_m + tl.arange(0, HALF)
     offs_1 = offs_0 + HALF
     q0 = desc_q.load([b, h, start_m, 0]).reshape(HALF, HEAD_DIM)
@@ -561,7 +572,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE, DELTA,
                      n_heads, n_kv_heads, group, seq_len, seq_bucket, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
-                     DQ_ATOMIC: tl.constexpr = False):
+                     DQ_ATOMIC: tl.constexpr = False, ORDER_HEADS: tl.constexpr = 1):
     """dK, dV of one key block of one KV head (TMA: Q, K, V, dO, dK, dV are 4-D descriptors).
 
     DQ_ATOMIC (``flash_attention(deterministic=False)``): the whole backward in this one
@@ -577,10 +588,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQA, LSE, DELTA,
     (B · H_kv · T/BLOCK_N programs), which is ample at training shapes.
     """
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
-    pid_bkv = tl.program_id(1)
+    key_block, pid_bkv = _launch_order(False, ORDER_HEADS)  # causal: the first key blocks see the most queries
     b32, kv_h32 = pid_bkv // n_kv_heads, pid_bkv % n_kv_heads  # int32: descriptor coordinates
     b, kv_h = b32.to(tl.int64), kv_h32.to(tl.int64)
-    start_n = tl.program_id(0) * BLOCK_N
+    start_n = key_block * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     if TMA:
@@ -670,10 +681,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                    n_heads, group, seq_len, seq_bucket, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr = False,
+                   ORDER_HEADS: tl.constexpr = 1):
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _launch_order(CAUSAL, ORDER_HEADS)
     b32, h32 = pid_bh // n_heads, pid_bh % n_heads  # int32: descriptor coordinates
     kv_h32 = h32 // group
     b, h, kv_h = b32.to(tl.int64), h32.to(tl.int64), kv_h32.to(tl.int64)
@@ -764,8 +775,9 @@ def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
     o = torch.empty_like(q)  # (B, H, T, D), q's memory layout
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)  # log2 domain
     scalars = (H, H // k.shape[1], T, _seq_bucket(T), scale * LOG2E)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    consts = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype))
+    together = order_heads(B * H)
+    grid = lambda meta: (together * triton.cdiv(T, meta["BLOCK_M"]), B * H // together)  # noqa: E731 (_launch_order)
+    consts = dict(HEAD_DIM=D, CAUSAL=causal, ORDER_HEADS=together, **_dot_flags(q.dtype))
     if tma or ws:
         boxes = tiles and (tiles.fwd[0] // 2 if ws else tiles.fwd[0], tiles.fwd[1])  # ws: Q and O in half blocks
         d = _descriptors(boxes, dict(q=q, o=o), dict(k=k, v=v), D)
@@ -790,6 +802,7 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
         o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block
     )
     common = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype), **({"TMA": True} if tma else {}))
+    kv_together, together = order_heads(B * H_kv), order_heads(B * H)  # _launch_order's groups
     # Not deterministic: dQ summed by atomic adds in fp32 into dq_acc by the dK/dV kernel, the dQ kernel not run.
     dq_acc = None if deterministic else torch.zeros((B, H, T, D), device=q.device, dtype=torch.float32)
     if gluon and not deterministic:  # the one-kernel backward written in Gluon (attention_gluon.py)
@@ -809,16 +822,17 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
     dkdv_args = (src["q"], src["k"], src["v"], src["do"], src["dk"], src["dv"], src["dqa"], lse, delta,
                  *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                  H, H_kv, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
-    _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H_kv), dkdv_args,
-            common if deterministic else {**common, "DQ_ATOMIC": True}, tiles and tiles.dkdv)
+    _launch(_bwd_dkdv_kernel, lambda meta: (kv_together * triton.cdiv(T, meta["BLOCK_N"]), B * H_kv // kv_together),
+            dkdv_args, {**common, "ORDER_HEADS": kv_together, **({} if deterministic else {"DQ_ATOMIC": True})},
+            tiles and tiles.dkdv)
     if dq_acc is not None:
         torch.mul(dq_acc, scale, out=dq)  # s = scale · q·k; one rounding to q's dtype, into q's layout
         return dq, dk, dv
     dq_args = (dq_src["q"], dq_src["k"], dq_src["v"], dq_src["do"], dq_src["dq"], lse, delta,
                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
                H, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
-    _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H), dq_args, common,
-            tiles and tiles.dq)
+    _launch(_bwd_dq_kernel, lambda meta: (together * triton.cdiv(T, meta["BLOCK_M"]), B * H // together), dq_args,
+            {**common, "ORDER_HEADS": together}, tiles and tiles.dq)
     return dq, dk, dv
 
 

@@ -82,12 +82,13 @@ at 0.84-0.85x cuDNN.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._host import order_heads
 
 try:  # Gluon: Triton >= 3.5
     from triton.experimental import gluon
@@ -216,13 +217,6 @@ def forward_launch(tile: tuple) -> tuple[int, int]:
         raise ValueError(f"a ping-pong tile takes 128 query rows (two warp groups of 64), not {block_m}")
     rows = block_m // 2 if ping_pong else block_m
     return rows, warps(rows)
-
-
-def order_heads(n_heads: int, most: int = 8) -> int:
-    """Heads whose blocks a Gluon kernel launches together, heaviest block first (``_lpt_block``): the largest power
-    of two up to ``most`` that divides ``n_heads`` (B · H, or B · H_kv for the backward), so that the grid's groups
-    are whole."""
-    return math.gcd(n_heads, most)
 
 
 def warps(rows: int) -> int:
