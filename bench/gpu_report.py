@@ -138,6 +138,31 @@ def attention_section(folder: Path) -> list[str]:
     return lines
 
 
+def launch_order_section(folder: Path) -> list[str]:
+    """The attention launch order's A/B: the Gluon kernels with 8 heads together, heaviest blocks first (job
+    ``attention_gluon_bwd``) against head by head (``attention_gluon_order1``), TFLOP/s and each against cuDNN's in its run
+    (the two jobs are separate runs: cuDNN's rate in each says how far the machine's own speed moved between them)."""
+    now, before = load(folder, "attention_gluon_bwd.json"), load(folder, "attention_gluon_order1.json")
+    if not now or not before:
+        return ["Attention launch order (8 heads together against head by head): not run."]
+
+    def rates(data: dict) -> dict:
+        return {(r["D"], r["causal"], r["T"], r["mode"], r["provider"]): r["tflops"] for r in data["results"]
+                if r.get("tflops")}
+
+    a, b = rates(now), rates(before)
+    out = []
+    for key in sorted(k for k in b if not k[4].startswith("sdpa") and k in a):
+        D, causal, T, mode, provider = key
+        cudnn_a, cudnn_b = a.get((*key[:4], "sdpa-cudnn")), b.get((*key[:4], "sdpa-cudnn"))
+        out.append([D, "causal" if causal else "full", T, mode, provider, a[key], b[key], a[key] / b[key],
+                    a[key] / cudnn_a if cudnn_a else None, b[key] / cudnn_b if cudnn_b else None])
+    return ["Attention launch order (TFLOP/s): 8 heads together, heaviest blocks first, against head by head "
+            "(MEGASCALE_ATTN_ORDER_HEADS=1), each in its own run beside cuDNN:", ""] + table(
+        ["head dim", "mask", "T", "pass", "provider", "8 together", "head by head", "ratio", "8 together / cuDNN",
+         "head by head / cuDNN"], out)
+
+
 def unavailable_lines(rows: list[dict]) -> list[str]:
     """What failed or was refused (bench/attention.py's rows with an error), one line per provider and error."""
     failed: dict[tuple[str, str], list[dict]] = {}
@@ -385,7 +410,8 @@ def step_profile_section(folder: Path) -> list[str]:
 
 
 def report(folder: Path) -> str:
-    sections = [session_section, kernel_tests_section, step_profile_section, attention_section, tied_grad_section,
+    sections = [session_section, kernel_tests_section, step_profile_section, attention_section, launch_order_section,
+                tied_grad_section,
                 fused_ops_section, fused_loss_section, train_section, startup_section, untie_section]
     return "\n\n".join("\n".join(section(folder)) for section in sections) + "\n"
 

@@ -164,6 +164,13 @@ def jobs(png: bool) -> list[Job]:
         gluon_bench("attention_gluon", "triton-gluon", "gluon_tests"),
         tests_job("gluon_bwd_tests", GLUON_BWD_TESTS, 150, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         gluon_bench("attention_gluon_bwd", "triton-gluon-atomic", "gluon_bwd_tests"),
+        # The launch order's A/B (untimed since 2026-11-27): the same providers with heads launched one by one, the
+        # grid before (MEGASCALE_ATTN_ORDER_HEADS=1), beside the jobs above (8 heads together, heaviest blocks first).
+        Job("attention_gluon_order1", "kernels",
+            [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192",
+             "--providers", "triton-gluon-atomic,sdpa-cudnn", "--json", "{out}/attention_gluon_order1.json"],
+            ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon_order1.json"], 60,
+            env={"MEGASCALE_ATTN_ORDER_HEADS": "1"}, requires="gluon_bwd_tests"),
         # #3's reduction: its tests at real shapes (first, now that the kernel sums its statistics itself through
         # atomic counters, a cross-program protocol no GPU has run), then its GB/s (one launch a call since b52cd03:
         # the cases short of 85% on the H200 were the second launch's and the host's).

@@ -735,3 +735,18 @@ def test_launch_order_model_puts_the_heaviest_blocks_of_a_few_heads_first():
     assert all(r["grouped 8"] < r["head-major"] and r["grouped 8"] <= 0.02 for r in rows), rows
     assert launch_order.makespan([3.0, 1.0, 1.0, 1.0], sms=2) == 3.0  # the long block first: the rest fill beside it
     assert launch_order.makespan([1.0, 1.0, 1.0, 3.0], sms=2) == 4.0  # last: it runs alone at the end
+
+
+def test_gpu_session_compares_the_attention_launch_orders(tmp_path):
+    """The A/B job (heads launched one by one, MEGASCALE_ATTN_ORDER_HEADS=1) runs after the Gluon backward's timing,
+    and the report sets the two side by side, row by row."""
+    out = tmp_path / "session"
+    proc = _run(["bench/gpu_session.py", "--smoke", "--only", "gluon_bwd_tests,attention_gluon_bwd,attention_gluon_order1",
+                 "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    session = json.loads((out / "session.json").read_text())
+    assert [j["name"] for j in session["jobs"]] == ["gluon_bwd_tests", "attention_gluon_bwd", "attention_gluon_order1"]
+    text = _run(["bench/gpu_report.py", str(out)]).stdout
+    at = text.index("Attention launch order (TFLOP/s): 8 heads together")
+    rows = [l for l in text[at:].splitlines()[4:] if l.startswith("|")]
+    assert rows and all(len(r.split("|")) == 12 for r in rows)

@@ -385,12 +385,36 @@ def test_gluon_forward_refuses_what_it_cannot_run():
             flash_attention(q, k, v, gluon=True)
 
 
-def test_gluon_launch_groups_heads_by_a_power_of_two_that_divides_them():
-    """order_heads: the heads a Gluon grid launches together (heaviest block first over them) are whole groups, 8 when
-    B · H allows, so the kernels' index arithmetic is a shift; an odd count launches head by head."""
+def test_launch_groups_heads_by_a_power_of_two_that_divides_them(monkeypatch):
+    """order_heads: the heads an attention grid launches together (heaviest block first over them) are whole groups,
+    8 when B · H allows, so the kernels' index arithmetic is a shift; an odd count launches head by head, and so does
+    MEGASCALE_ATTN_ORDER_HEADS=1 (the benchmark's A/B against the order before)."""
     from megascale.kernels.attention_gluon import order_heads  # noqa: PLC0415
 
     assert [order_heads(n) for n in (1, 2, 3, 4, 6, 12, 16, 24, 64, 96)] == [1, 2, 1, 4, 2, 4, 8, 8, 8, 8]
+    monkeypatch.setenv("MEGASCALE_ATTN_ORDER_HEADS", "1")
+    assert order_heads(64) == 1
+    monkeypatch.setenv("MEGASCALE_ATTN_ORDER_HEADS", "6")  # at most 6: 4
+    assert order_heads(64) == 4
+    monkeypatch.setenv("MEGASCALE_ATTN_ORDER_HEADS", "zero")
+    with pytest.raises(ValueError, match="MEGASCALE_ATTN_ORDER_HEADS must be a positive integer"):
+        order_heads(64)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_every_launch_order_computes_the_same(monkeypatch, causal):
+    """The Triton kernels with heads launched 8 at a time (B · H = 8, GQA 2: the dK/dV pass 4) and head by head
+    (MEGASCALE_ATTN_ORDER_HEADS=1, the grid before): the same output and gradients, bit for bit (each block's
+    sums do not depend on when it runs)."""
+    q, k, v, do = _inputs(2, 4, 2, 100, 32, torch.float32, seed=23)
+    results = []
+    for order in ("8", "1"):
+        monkeypatch.setenv("MEGASCALE_ATTN_ORDER_HEADS", order)
+        out = flash_attention(q, k, v, causal=causal)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), do)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    _check_output(flash_attention(q, k, v, causal=causal), q, k, v, do, causal)
 
 
 def test_gluon_tuner_passes_over_a_candidate_the_device_cannot_run(monkeypatch):
