@@ -518,13 +518,16 @@ def _first_chunks(numels: list[int], chunk_size: int) -> tuple[list[int], int]:
 
 
 def _to_device(tables: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    """Several small int64 host tables on the device, as views of one buffer moved in one copy.
+    """Several small int64 host tables on the device, as views of one buffer moved in one copy, each starting on a
+    16-byte boundary (an even number of entries before it): Triton specialises a launch on its pointers' alignment,
+    and ``_slots`` compiles the reduction with aligned stand-ins to count its registers.
 
     The same tables come back call after call (a tie group's .grad buffers, the
     benchmark's tensors): they are kept, keyed by their exact content, in a small
     cache (``_device_tables``), so a repeated call copies nothing.
     """
-    return list(_device_tables(tuple(itertools.chain.from_iterable(tables)), tuple(map(len, tables)), device))
+    padded = (table + [0] * (len(table) % 2) for table in tables)
+    return list(_device_tables(tuple(itertools.chain.from_iterable(padded)), tuple(map(len, tables)), device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -541,7 +544,8 @@ def _device_tables(flat: tuple[int, ...], lengths: tuple[int, ...], device: torc
         packed = torch.tensor(flat, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
     else:
         packed = torch.tensor(flat, dtype=torch.int64, device=device)
-    return tuple(torch.split(packed, list(lengths)))
+    starts = itertools.accumulate((n + n % 2 for n in lengths), initial=0)
+    return tuple(packed[start:start + n] for start, n in zip(starts, lengths))
 
 
 def _check_layout(layout: str) -> None:
@@ -605,8 +609,14 @@ def _shares(numels: list[int], block: int, slots: int) -> tuple[list[int], int]:
     return firsts + [n], n
 
 
+def _stand_in(value: int) -> int:
+    """An int Triton specialises as it does ``value``: 1 (a constant), a multiple of 16 (a divisibility hint), or
+    neither."""
+    return 1 if value == 1 else 16 if value % 16 == 0 else 3
+
+
 @functools.lru_cache(maxsize=64)
-def _slots(kernel, device: torch.device, constexprs: tuple) -> int:
+def _slots(kernel, device: torch.device, constexprs: tuple, scalars: tuple[int, ...] = (3, 3, 3)) -> int:
     """How many programs of ``kernel`` (compiled with ``constexprs``) ``device`` runs at once: its SMs × the
     blocks an SM holds, by registers (ptxas's count), warps and shared memory. 11 under the interpreter (tests:
     several tiles a program, several groups of programs in the final sum).
@@ -616,8 +626,10 @@ def _slots(kernel, device: torch.device, constexprs: tuple) -> int:
     chunk of up to 64 tiles sized for 64 warps an SM, ran 2,048 programs at K = 12 and 64 MB
     where registers let an H200 hold 528 at a time: 3.9 waves, each program starting with
     dependent loads of its tables. The count comes from a compile with stand-in arguments
-    (``warmup`` with dtypes for tensors, as Triton's fused-softmax tutorial reads it): the
-    launch's own specialisation may differ in a register or two.
+    (``warmup`` with dtypes for tensors, as Triton's fused-softmax tutorial reads it) that
+    Triton specialises as it does the launch: aligned tables (``_to_device``), and ``scalars``,
+    the launch's ints as ``_stand_in`` maps them. A count one block too high would leave a
+    second wave of a few programs, each a whole share long.
     """
     if INTERPRET:
         return 11
@@ -627,7 +639,7 @@ def _slots(kernel, device: torch.device, constexprs: tuple) -> int:
     try:
         tables = [torch.int64] * 5  # warmup takes a dtype for a tensor (Triton's MockTensor)
         with torch.cuda.device(device):
-            compiled = kernel.warmup(*tables, torch.float32, 3, 3, 3, grid=(1,), **kw)
+            compiled = kernel.warmup(*tables, torch.float32, *scalars, grid=(1,), **kw)
             compiled = compiled.result() if hasattr(compiled, "result") else compiled  # Triton's async compile
             compiled._init_handles()
         regs, shared = compiled.n_regs, compiled.metadata.shared
@@ -646,15 +658,16 @@ def _finish_sizes(n_programs: int, k_pad: int) -> tuple[int, int, int]:
 
     ROWS: rows a summing program loads at once, about 2048 values (16 a thread at 4
     warps; sm_90a registers, ``bench/kernel_layout.py``: "columns" as without the sum).
-    Group size: at least ROWS, and large enough for at most _MAX_GROUPS groups, so that
-    the counters (one per group, one for the groups) stay a few hundred bytes of the
-    tables and both levels take few loads (2,112 programs at K = 12: groups of 33, 2
-    loads, then 64 group rows, 2 loads). A runtime argument: a new program count does
-    not compile the kernel again. Under the interpreter 2 rows a load and groups of at
-    least 3, so that small tests cross both loops and both levels.
+    Group size: odd, at least ROWS - 1 (a group's rows in one load), and large enough for
+    at most _MAX_GROUPS groups, so that the counters (one per group, one for the groups)
+    stay a few hundred bytes of the tables and both levels take few loads (527 programs
+    at K = 12: groups of 31, 1 load, then 17 group rows, 1 load). A runtime argument: a
+    new program count does not compile the kernel again. Under the interpreter 2 rows a
+    load and groups of at least 3, so that small tests cross both loops and both levels.
     """
     rows = 2 if INTERPRET else max(1, 2048 // (4 * k_pad))
-    group = max(3 if INTERPRET else rows, -(-n_programs // _MAX_GROUPS))
+    # odd (never 1 nor a multiple of 16): Triton specialises the launch on it as on _slots' stand-in, 3
+    group = max(3, rows - 1, -(-n_programs // _MAX_GROUPS)) | 1
     return group, rows, 1 + -(-n_programs // group)
 
 
@@ -717,7 +730,8 @@ def _plan_triton(found: _Gathered, grads: list[torch.Tensor], layout: str) -> Ti
     constexprs = dict(C_TYPE=_TL_DTYPE[dense[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype], K_PAD=k_pad,
                       T_PAD=next_pow2(len(grads)), ALIGNED=any_bits % 16 == 0, ROWS=rows,
                       num_warps=num_warps, **consts)
-    firsts, n_programs = _shares(found.numels, block, _slots(kernel, device, tuple(constexprs.items())))
+    scalars = (_stand_in(len(grads)), _stand_in(n_units), 3)  # the group size is odd (_finish_sizes)
+    firsts, n_programs = _shares(found.numels, block, _slots(kernel, device, tuple(constexprs.items()), scalars))
     group, _, n_counters = _finish_sizes(n_programs, k_pad)
     tables = _to_device([found.contrib_ptrs, found.grad_ptrs, found.numels, firsts, [0] * n_counters], device)
     # Every program writes its whole (3, K_PAD) row and the last the statistics, so no fill is needed (one launch
