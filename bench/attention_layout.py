@@ -162,6 +162,8 @@ def describe(compiled, arch: int) -> str:
     reductions = re.findall(r"\b(?:red|atom)\.global\S*add\S*", ptx)  # not "shared.global": a word of its own
     atomics = "" if not reductions else f"  dQ atomics {'v4' if any('v4.f32' in r for r in reductions) else 'scalar'}"
     overlap = "  overlap yes" if overlapped(ptx) else ""
+    # the backward's DQ_AHEAD: this step's dV, dK, dQ waited for with the next step's two products still running
+    overlap += "  ahead yes" if re.search(r"wgmma\.wait_group\.sync\.aligned\s+2\b", ptx) else ""
     regs = registers(ptx, arch)
     # where it spills, whether the spills are in the loops of products (each iteration) or outside them
     if re.search(r" [1-9]\d* bytes spilled", regs) and "wgmma.mma_async" in ptx:

@@ -393,7 +393,7 @@ TEST_ID = r"tests/\S+?::[^\s\[]+(?:\[.*?\](?= |$))?"
 # A verbose pytest line: the test's id, then its outcome unless it was still running when the log ends.
 TEST_LINE = re.compile(rf"^({TEST_ID})(?: (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS))?")
 # The Gluon tests whose ids name a candidate (attention_gluon.tile_tag), after the head dim.
-GLUON_TILE_TEST = re.compile(r"::test_gluon_(forward|backward)_every_\w+\[D\d+-(\d+x\d+-s\d+(?:-ws|-pingpong|-dqwarp|-persistent)?)"
+GLUON_TILE_TEST = re.compile(r"::test_gluon_(forward|backward)_every_\w+\[D\d+-(\d+x\d+-s\d+(?:-ws|-pingpong|-dqwarp|-persistent|-dqahead)?)"
                              r"(?:-|\])")
 
 

@@ -60,7 +60,8 @@ while dPᵀ runs, then dV += Pᵀ dO and dK += dSᵀ Q from registers and dQ's s
 32-query steps, which a warp group cannot multiply as 32 rows) from dSᵀ in shared memory, the three
 issued together and waited for once; dQ's share is added into an fp32 buffer by atomics: by the compute warps,
 or (DQ_WARP) by the loading warp group, which reads it from shared memory, as FlashAttention-3's backward hands
-dQ to a warp of its own. At head dim 128
+dQ to a warp of its own; DQ_AHEAD besides issues the next step's Sᵀ and dPᵀ before waiting for this step's three
+products, so the tensor cores have work through the dQ handoff and the step's barrier. At head dim 128
 the 32-query step keeps dK, dV and the step's tiles in 238-251 registers without a spill (64 queries
 spill 8-124 bytes; Triton 3.9 and 3.6).
 
@@ -119,11 +120,14 @@ else:
 # PERSISTENT is the ping-pong forward in a persistent kernel (``_fwd_compute_tiles``): one block an SM, each taking
 # query blocks in turn, in ``_lpt_block``'s order, so the next block's copies overlap this one's last products and
 # its O's store (FlashAttention-3's persistent scheduler; a block's start and end cost most at short lengths).
-OWN_LOADS, TMA_WARP, PING_PONG, DQ_WARP, PERSISTENT = 0, 1, 2, 3, 4
+# DQ_AHEAD is DQ_WARP with the next step's Sᵀ and dPᵀ issued before this step's dV, dK and dQ products are waited
+# for (``_bwd_compute``): the tensor cores run them through this step's dQ handoff and barrier.
+OWN_LOADS, TMA_WARP, PING_PONG, DQ_WARP, PERSISTENT, DQ_AHEAD = 0, 1, 2, 3, 4, 5
 LOADERS = {OWN_LOADS: "", TMA_WARP: "TMA warp", PING_PONG: "ping-pong", DQ_WARP: "TMA + dQ warp",
-           PERSISTENT: "persistent ping-pong"}
+           PERSISTENT: "persistent ping-pong", DQ_AHEAD: "TMA + dQ warp, next S/dP ahead"}
 # the kernels read globals as constexprs
 _TMA_WARP, _PING_PONG, _DQ_WARP = tl.constexpr(TMA_WARP), tl.constexpr(PING_PONG), tl.constexpr(DQ_WARP)
+_DQ_AHEAD = tl.constexpr(DQ_AHEAD)
 _PERSISTENT = tl.constexpr(PERSISTENT)
 
 GLUON_HEAD_DIMS = (64, 128)
@@ -163,10 +167,15 @@ GLUON_TILES = {
 # warp group, then spills nothing (it spilled 64-184 bytes), and 32 x 128's loop has 365 instructions a step, not
 # 458. 64 queries a step halves what the S^T, dP^T and dQ^T products read from shared memory per product (their
 # other side, 32 queries, is a small wgmma N); with a TMA warp alone 64 x 128 still spills (40-160 bytes).
+# DQ_AHEAD (untimed): the dQ warp group's tile with the next step's S^T and dP^T issued before this step's dV, dK, dQ
+# products are waited for (a wgmma.wait_group 2 in its loop, not 0), so the tensor cores have work through the dQ
+# handoff, the step's barrier and the wait for the next Q/dO. No spill at 32 x 128, 2 stages, Triton 3.6 and 3.9,
+# causal and not (nor at head dim 64, 64 x 64, which the GPU runs do not test: left out); 3 stages spills 4-12 bytes
+# (3.6), 64 x 128 300-500: left out.
 GLUON_BWD_TILES = {
     128: [(32, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (32, 64, 2, TMA_WARP), (32, 128, 2, TMA_WARP),
           (32, 128, 3, TMA_WARP), (32, 64, 2, DQ_WARP), (32, 128, 2, DQ_WARP), (32, 128, 3, DQ_WARP),
-          (64, 128, 2, DQ_WARP)],
+          (64, 128, 2, DQ_WARP), (32, 128, 2, DQ_AHEAD)],
     64: [(64, 64, 2, OWN_LOADS), (32, 64, 3, OWN_LOADS), (64, 64, 2, TMA_WARP), (64, 64, 2, DQ_WARP)],
 }
 
@@ -187,7 +196,8 @@ def tile_tag(tile: tuple) -> str:
     """A candidate in a word, as the tests' ids and EXCLUDE_ENV name it: '128x128-s2-pingpong'."""
     block_m, block_n, stages, loader = tile
     return f"{block_m}x{block_n}-s{stages}" + {OWN_LOADS: "", TMA_WARP: "-ws", PING_PONG: "-pingpong",
-                                                 DQ_WARP: "-dqwarp", PERSISTENT: "-persistent"}[loader]
+                                                 DQ_WARP: "-dqwarp", PERSISTENT: "-persistent",
+                                                 DQ_AHEAD: "-dqahead"}[loader]
 
 
 def candidates(kind: str, head_dim: int) -> list[tuple]:
@@ -246,7 +256,7 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.constexpr_function
     def _dq_shape(loader, block_m, head_dim):
         """The backward's fp32 dQ buffers in shared memory: DQ_WARP's two, else a placeholder of one row."""
-        return [2, block_m, head_dim] if loader == DQ_WARP else [1, 1, head_dim]
+        return [2, block_m, head_dim] if loader in (DQ_WARP, DQ_AHEAD) else [1, 1, head_dim]
 
     @gluon.constexpr_function
     def _dq_shared_layout(transposed):
@@ -259,13 +269,13 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.constexpr_function
     def _bwd_loader_warps(loader):
         """The backward's loading partition: DQ_WARP's warp group (the atomics), TMA_WARP's lone warp."""
-        return 4 if loader == DQ_WARP else 1
+        return 4 if loader in (DQ_WARP, DQ_AHEAD) else 1
 
     @gluon.constexpr_function
     def _bwd_loader_registers(loader, compute_warps):
         """Its registers: TMA_WARP's 24; DQ_WARP's 32 beside two compute warp groups (Triton gives them 232 each:
         168 a thread at launch, 3 x 168 over the three warp groups), 64 beside one (which gets 256)."""
-        if loader != DQ_WARP:
+        if loader not in (DQ_WARP, DQ_AHEAD):
             return 24
         return 32 if compute_warps == 8 else 64
 
@@ -755,7 +765,7 @@ if GLUON_IMPORT_ERROR is None:
             _load_stats(LSE, DELTA, b, first_head, lo, per_head, step + STAGES, n_heads, seq_len,
                         lse_smem.index(slot), delta_smem.index(slot), bars.index(slot), step + STAGES < steps,
                         BLOCK_M, _bwd_loader_warps(WS))
-            if WS == _DQ_WARP:
+            if (WS == _DQ_WARP) | (WS == _DQ_AHEAD):
                 h, start_m = _step_block(first_head, lo, per_head, step, BLOCK_M)
                 row = (b * n_heads + h).to(gl.int64) * seq_len
                 _add_dq_share(DQA, row, start_m, dq_smem.index(step % 2),
@@ -831,15 +841,17 @@ if GLUON_IMPORT_ERROR is None:
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
         mbarrier.wait(kv_bar, 0)
+        AHEAD: gl.constexpr = WS == _DQ_AHEAD
+        if AHEAD:  # step 0's Sᵀ and dPᵀ; each step then issues the next one's before waiting for its own products
+            s_t, dp_t = _issue_sdp(k, v, q_smem, do_smem, bars, 0, st_zero, BLOCK_M, HEAD_DIM, STAGES)
 
         for step in range(steps):
             slot = step % STAGES
             h, start_m = _step_block(kv_h * group, lo, per_head, step, BLOCK_M)
-            mbarrier.wait(bars.index(slot), (step // STAGES) & 1)
             q_s = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
             do_s = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
-            s_t = warpgroup_mma(k, q_s.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            dp_t = warpgroup_mma(v, do_s.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            if not AHEAD:
+                s_t, dp_t = _issue_sdp(k, v, q_smem, do_smem, bars, step, st_zero, BLOCK_M, HEAD_DIM, STAGES)
             offs_m = start_m + gl.arange(0, BLOCK_M, layout=queries)
             row = (b * n_heads + h).to(gl.int64) * seq_len
             if WS:
@@ -870,8 +882,16 @@ if GLUON_IMPORT_ERROR is None:
                 dq = warpgroup_mma(k.permute((1, 0)), ds_smem, dq_zero, use_acc=False, is_async=True)  # (D, BLOCK_M)
             else:
                 dq = warpgroup_mma(ds_smem.permute((1, 0)), k, dq_zero, use_acc=False, is_async=True)  # (BLOCK_M, D)
-            dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dq, dv, dk, p_op, ds_op))  # the three products at once
-            if WS == _DQ_WARP:  # to shared memory, (BLOCK_M, D) either way; the loading warp group adds it
+            if AHEAD:
+                # The next step's (the last step's again at the end: its buffers are not refilled before the arrive
+                # below, and its barrier's phase has completed), then this step's three products waited for while
+                # those two run.
+                s_t, dp_t = _issue_sdp(k, v, q_smem, do_smem, bars, gl.minimum(step + 1, steps - 1), st_zero,
+                                       BLOCK_M, HEAD_DIM, STAGES)
+                dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(2, deps=(dq, dv, dk, p_op, ds_op))
+            else:
+                dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dq, dv, dk, p_op, ds_op))  # the three at once
+            if (WS == _DQ_WARP) | (WS == _DQ_AHEAD):  # to shared memory, (BLOCK_M, D) either way; the loader adds it
                 mbarrier.wait(dq_free.index(step % 2), ((step // 2) & 1) ^ 1)  # added two steps ago
                 if DQ_T:
                     dq_smem.index(step % 2).permute((1, 0)).store(dq)
@@ -886,12 +906,26 @@ if GLUON_IMPORT_ERROR is None:
                 _load_step(desc_q, desc_do, b, kv_h * group, lo, per_head, step + STAGES, bars.index(slot),
                            q_smem.index(slot), do_smem.index(slot), step + STAGES < steps, BLOCK_M)
 
+        if AHEAD:  # the last step's Sᵀ and dPᵀ issued again, read K and V
+            s_t, dp_t = warpgroup_mma_wait(0, deps=(s_t, dp_t))
         k_smem.reshape([BLOCK_N, HEAD_DIM]).store((dk * sm_scale).to(dtype))  # K and V are read by no product
         v_smem.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
         fence_async_shared()
         _tma_store(desc_dk, [b, kv_h, start_n, 0], k_smem)
         _tma_store(desc_dv, [b, kv_h, start_n, 0], v_smem)
         tma.store_wait(0)
+
+    @gluon.jit
+    def _issue_sdp(k, v, q_smem, do_smem, bars, step, st_zero, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   STAGES: gl.constexpr):
+        """The backward step's Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, issued (asynchronous) once its Q and dO have landed."""
+        slot = step % STAGES
+        mbarrier.wait(bars.index(slot), (step // STAGES) & 1)
+        q_s = q_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        do_s = do_smem.index(slot).reshape([BLOCK_M, HEAD_DIM])
+        s_t = warpgroup_mma(k, q_s.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        dp_t = warpgroup_mma(v, do_s.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        return s_t, dp_t
 
     @gluon.jit
     def _add_dq(DQA, row, start_m, dq, seq_len, TRANSPOSED: gl.constexpr, HEAD_DIM: gl.constexpr,

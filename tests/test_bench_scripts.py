@@ -535,15 +535,18 @@ def test_gluon_kernels_compile_for_hopper_with_softmax_beside_the_products():
     # The backward: every candidate compiles (Pᵀ computed while dPᵀ is multiplied: wait_group 1 there too) and the
     # first listed one of each head dim, the default without tuning, does not spill.
     rows = [line for line in proc.stdout.splitlines() if line.startswith("bwd-gluon ")]
-    assert len(rows) == 4 + 9, proc.stdout
+    assert len(rows) == 4 + 10, proc.stdout
     for line in rows:
-        assert "wgmma yes" in line and "TMA yes" in line and "(fits)" in line and line.endswith("overlap yes"), line
+        assert "wgmma yes" in line and "TMA yes" in line and "(fits)" in line and " overlap yes" in line, line
     assert " 0 bytes spilled" in rows[0] and " 0 bytes spilled" in rows[4], proc.stdout
     ws = [line for line in rows if "specialised" in line]  # with a TMA warp: the compute warps' registers raised
-    assert len(ws) == 2 + 7 and all(" 0 bytes spilled" in line for line in ws), proc.stdout
+    assert len(ws) == 2 + 8 and all(" 0 bytes spilled" in line for line in ws), proc.stdout
     # the dQ warp group adds dQ from shared memory, 4 values an atomic; the compute warps' own are scalar
     dq_warp = [line for line in rows if "TMA + dQ warp" in line]
-    assert len(dq_warp) == 1 + 4 and all("dQ atomics v4" in line for line in dq_warp), proc.stdout
+    assert len(dq_warp) == 1 + 5 and all("dQ atomics v4" in line for line in dq_warp), proc.stdout
+    # DQ_AHEAD alone waits for a step's dV, dK, dQ with the next step's S^T and dP^T still in flight (wait_group 2)
+    assert [line.endswith("ahead yes") for line in rows] == ["next S/dP ahead" in line for line in rows], proc.stdout
+    assert sum("next S/dP ahead" in line for line in rows) == 1, proc.stdout
 
 
 def test_atomic_dq_backward_compiles_for_hopper_with_vector_atomics():

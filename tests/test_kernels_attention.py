@@ -322,18 +322,21 @@ def test_gluon_backward_every_tile_matches_reference(head_dim, block, causal):
 
 
 def _gluon_backward_loaders() -> list[tuple[int, tuple]]:
-    from megascale.kernels.attention_gluon import DQ_WARP, OWN_LOADS, TMA_WARP  # noqa: PLC0415
+    from megascale.kernels.attention_gluon import DQ_AHEAD, DQ_WARP, OWN_LOADS, TMA_WARP  # noqa: PLC0415
 
     return [(d, (*block, 2, loader)) for d, block in ((128, (32, 64)), (64, (64, 64)))
-            for loader in (OWN_LOADS, TMA_WARP, DQ_WARP)]
+            for loader in (OWN_LOADS, TMA_WARP, DQ_WARP)] + [(128, (32, 128, 2, DQ_AHEAD))]
 
 
+@pytest.mark.parametrize("seq_len", [80, 20], ids=["T80", "T20"])
 @pytest.mark.parametrize("head_dim, tile", _gluon_backward_loaders(), ids=_gluon_tile_id)
-def test_gluon_backward_every_loader_with_a_single_step(head_dim, tile):
-    """T = 80, causal, one query head per K/V head: the second key block's program has one query step, fewer than
-    its buffers (the loaders' first refills predicated off, DQ_WARP's dQ buffers and rings used once), with each
-    kind of loader: the compute warps, a TMA warp, the warp group that also adds dQ."""
-    q, k, v, do = _inputs(1, 2, 2, 80, head_dim, torch.bfloat16, seed=23)
+def test_gluon_backward_every_loader_with_a_single_step(head_dim, tile, seq_len):
+    """Causal, one query head per K/V head, a program with a single query step, fewer than its buffers (the loaders'
+    first refills predicated off, DQ_WARP's dQ buffers and rings used once): at T = 80 the second key block's of
+    64 keys, at T = 20 every one; with each kind of loader: the compute warps, a TMA warp, the warp group that also
+    adds dQ, and that one with the next step's products issued ahead (DQ_AHEAD: one step issues its own again at
+    the end; at T = 80 its 128 keys take 3 steps)."""
+    q, k, v, do = _inputs(1, 2, 2, seq_len, head_dim, torch.bfloat16, seed=23)
     _gluon_or_skip(q, k, v)
     out = FlashAttention.apply(q, k, v, True, head_dim**-0.5, Tiles(fwd=(128, 128), dkdv=tile, dq=(64, 32)), False,
                                False, False, True)
