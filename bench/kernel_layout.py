@@ -51,7 +51,7 @@ def compile_reduce(tg, k: int, layout: str, c_dtype: str, g_dtype: str, arch: in
     """(kernel, tile description, warps) of ``tied_grad_reduce``'s launch for K units, as the host code sizes it."""
     k_pad = triton.next_power_of_2(k)
     c_size, g_size = DTYPES[c_dtype][1], DTYPES[g_dtype][1]
-    _, rows, _ = tg._finish_sizes(0, k_pad)
+    rows = tg._finish_rows(k_pad)
     consts = {"C_TYPE": DTYPES[c_dtype][0], "G_TYPE": DTYPES[g_dtype][0], "K_PAD": k_pad, "T_PAD": T_PAD, "ALIGNED": True,
               "ROWS": rows}
     if layout in ("columns", "wide"):

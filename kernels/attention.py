@@ -764,6 +764,13 @@ def _launch(kernel, grid, args: tuple, kwargs: dict, tile: tuple[int, int] | Non
         kernel.fn[grid](*args, **kwargs, BLOCK_M=tile[0], BLOCK_N=tile[1], num_warps=4 if not INTERPRET else 1)
 
 
+def _ordered_grid(T: int, block: str, n_heads: int):
+    """(grid, ORDER_HEADS) of a launch in ``_launch_order``'s order over ``n_heads`` (batch × heads): a group of
+    heads along y, its blocks of ``block`` (the tile's BLOCK_M or BLOCK_N) rows along x."""
+    together = order_heads(n_heads)
+    return (lambda meta: (together * triton.cdiv(T, meta[block]), n_heads // together)), together
+
+
 def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
              tma: bool = False, ws: bool = False, gluon: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if gluon:
@@ -775,8 +782,7 @@ def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
     o = torch.empty_like(q)  # (B, H, T, D), q's memory layout
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)  # log2 domain
     scalars = (H, H // k.shape[1], T, _seq_bucket(T), scale * LOG2E)
-    together = order_heads(B * H)
-    grid = lambda meta: (together * triton.cdiv(T, meta["BLOCK_M"]), B * H // together)  # noqa: E731 (_launch_order)
+    grid, together = _ordered_grid(T, "BLOCK_M", B * H)
     consts = dict(HEAD_DIM=D, CAUSAL=causal, ORDER_HEADS=together, **_dot_flags(q.dtype))
     if tma or ws:
         boxes = tiles and (tiles.fwd[0] // 2 if ws else tiles.fwd[0], tiles.fwd[1])  # ws: Q and O in half blocks
@@ -802,7 +808,6 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
         o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block
     )
     common = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype), **({"TMA": True} if tma else {}))
-    kv_together, together = order_heads(B * H_kv), order_heads(B * H)  # _launch_order's groups
     # Not deterministic: dQ summed by atomic adds in fp32 into dq_acc by the dK/dV kernel, the dQ kernel not run.
     dq_acc = None if deterministic else torch.zeros((B, H, T, D), device=q.device, dtype=torch.float32)
     if gluon and not deterministic:  # the one-kernel backward written in Gluon (attention_gluon.py)
@@ -822,17 +827,17 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
     dkdv_args = (src["q"], src["k"], src["v"], src["do"], src["dk"], src["dv"], src["dqa"], lse, delta,
                  *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
                  H, H_kv, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
-    _launch(_bwd_dkdv_kernel, lambda meta: (kv_together * triton.cdiv(T, meta["BLOCK_N"]), B * H_kv // kv_together),
-            dkdv_args, {**common, "ORDER_HEADS": kv_together, **({} if deterministic else {"DQ_ATOMIC": True})},
-            tiles and tiles.dkdv)
+    grid, together = _ordered_grid(T, "BLOCK_N", B * H_kv)
+    _launch(_bwd_dkdv_kernel, grid, dkdv_args,
+            {**common, "ORDER_HEADS": together, **({} if deterministic else {"DQ_ATOMIC": True})}, tiles and tiles.dkdv)
     if dq_acc is not None:
         torch.mul(dq_acc, scale, out=dq)  # s = scale · q·k; one rounding to q's dtype, into q's layout
         return dq, dk, dv
     dq_args = (dq_src["q"], dq_src["k"], dq_src["v"], dq_src["do"], dq_src["dq"], lse, delta,
                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
                H, H // H_kv, T, _seq_bucket(T), scale * LOG2E, scale)
-    _launch(_bwd_dq_kernel, lambda meta: (together * triton.cdiv(T, meta["BLOCK_M"]), B * H // together), dq_args,
-            {**common, "ORDER_HEADS": together}, tiles and tiles.dq)
+    grid, together = _ordered_grid(T, "BLOCK_M", B * H)
+    _launch(_bwd_dq_kernel, grid, dq_args, {**common, "ORDER_HEADS": together}, tiles and tiles.dq)
     return dq, dk, dv
 
 

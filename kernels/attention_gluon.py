@@ -254,9 +254,14 @@ if GLUON_IMPORT_ERROR is None:
         return _consumers(loader) * (2 if loader == PERSISTENT else 1)
 
     @gluon.constexpr_function
+    def _dq_warp_group(loader):
+        """Whether the backward's loading partition is a warp group that also adds dQ (DQ_WARP, DQ_AHEAD)."""
+        return loader in (DQ_WARP, DQ_AHEAD)
+
+    @gluon.constexpr_function
     def _dq_shape(loader, block_m, head_dim):
         """The backward's fp32 dQ buffers in shared memory: DQ_WARP's two, else a placeholder of one row."""
-        return [2, block_m, head_dim] if loader in (DQ_WARP, DQ_AHEAD) else [1, 1, head_dim]
+        return [2, block_m, head_dim] if _dq_warp_group(loader) else [1, 1, head_dim]
 
     @gluon.constexpr_function
     def _dq_shared_layout(transposed):
@@ -269,13 +274,13 @@ if GLUON_IMPORT_ERROR is None:
     @gluon.constexpr_function
     def _bwd_loader_warps(loader):
         """The backward's loading partition: DQ_WARP's warp group (the atomics), TMA_WARP's lone warp."""
-        return 4 if loader in (DQ_WARP, DQ_AHEAD) else 1
+        return 4 if _dq_warp_group(loader) else 1
 
     @gluon.constexpr_function
     def _bwd_loader_registers(loader, compute_warps):
         """Its registers: TMA_WARP's 24; DQ_WARP's 32 beside two compute warp groups (Triton gives them 232 each:
         168 a thread at launch, 3 x 168 over the three warp groups), 64 beside one (which gets 256)."""
-        if loader not in (DQ_WARP, DQ_AHEAD):
+        if not _dq_warp_group(loader):
             return 24
         return 32 if compute_warps == 8 else 64
 
@@ -471,8 +476,8 @@ if GLUON_IMPORT_ERROR is None:
         causal, the last query blocks (the most key blocks) of a group of heads first, so the light ones fill the
         end."""
         tile = gl.program_id(0) + t * gl.num_programs(0)
-        group_tiles = ORDER_HEADS * gl.cdiv(seq_len, BLOCK_M)
-        pid_m, pid_bh = _lpt_block(tile // group_tiles, tile % group_tiles, gl.cdiv(seq_len, BLOCK_M), CAUSAL, ORDER_HEADS)
+        n_m = gl.cdiv(seq_len, BLOCK_M)
+        pid_m, pid_bh = _lpt_block(tile // (ORDER_HEADS * n_m), tile % (ORDER_HEADS * n_m), n_m, CAUSAL, ORDER_HEADS)
         b, h, kv_h, start_m, n_blocks = _fwd_block(pid_m, pid_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
         return pid_bh, b, h, kv_h, start_m, n_blocks
 
@@ -765,7 +770,7 @@ if GLUON_IMPORT_ERROR is None:
             _load_stats(LSE, DELTA, b, first_head, lo, per_head, step + STAGES, n_heads, seq_len,
                         lse_smem.index(slot), delta_smem.index(slot), bars.index(slot), step + STAGES < steps,
                         BLOCK_M, _bwd_loader_warps(WS))
-            if (WS == _DQ_WARP) | (WS == _DQ_AHEAD):
+            if _dq_warp_group(WS):
                 h, start_m = _step_block(first_head, lo, per_head, step, BLOCK_M)
                 row = (b * n_heads + h).to(gl.int64) * seq_len
                 _add_dq_share(DQA, row, start_m, dq_smem.index(step % 2),
@@ -891,7 +896,7 @@ if GLUON_IMPORT_ERROR is None:
                 dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(2, deps=(dq, dv, dk, p_op, ds_op))
             else:
                 dq, dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dq, dv, dk, p_op, ds_op))  # the three at once
-            if (WS == _DQ_WARP) | (WS == _DQ_AHEAD):  # to shared memory, (BLOCK_M, D) either way; the loader adds it
+            if _dq_warp_group(WS):  # to shared memory, (BLOCK_M, D) either way; the loader adds it
                 mbarrier.wait(dq_free.index(step % 2), ((step // 2) & 1) ^ 1)  # added two steps ago
                 if DQ_T:
                     dq_smem.index(step % 2).permute((1, 0)).store(dq)

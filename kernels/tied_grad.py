@@ -132,7 +132,7 @@ _WIDE_UP_TO = 32  # "auto": the largest K given "wide" (beyond, its tile spills)
 _COLUMN_WARPS = 4  # "columns": warps per program, all along the elements (COLS = 32 × 4 threads)
 _COLUMN_VALUES = 64  # "columns": K_PAD × VEC contribution values per thread (fp32 registers for the tile)
 _WIDE_VALUES = 128  # "wide": the same kernel with twice that budget (module docstring)
-_MAX_GROUPS = 64  # the kernel's final sum: program rows are summed in at most this many groups first (_finish_sizes)
+_MAX_GROUPS = 64  # the kernel's final sum: program rows are summed in at most this many groups first (_finish_groups)
 
 
 @dataclass(frozen=True)
@@ -526,8 +526,7 @@ def _to_device(tables: list[list[int]], device: torch.device) -> list[torch.Tens
     benchmark's tensors): they are kept, keyed by their exact content, in a small
     cache (``_device_tables``), so a repeated call copies nothing.
     """
-    padded = (table + [0] * (len(table) % 2) for table in tables)
-    return list(_device_tables(tuple(itertools.chain.from_iterable(padded)), tuple(map(len, tables)), device))
+    return list(_device_tables(tuple(itertools.chain.from_iterable(tables)), tuple(map(len, tables)), device))
 
 
 @functools.lru_cache(maxsize=64)
@@ -540,11 +539,13 @@ def _device_tables(flat: tuple[int, ...], lengths: tuple[int, ...], device: torc
     call could never overlap the GPU's for the previous one. The buffers are read
     on the stream that wrote them (megascale launches on the current stream).
     """
+    ends = list(itertools.accumulate(lengths, initial=0))
+    padded = list(itertools.chain.from_iterable(flat[a:b] + (0,) * ((b - a) % 2) for a, b in zip(ends, ends[1:])))
     if device.type == "cuda":
-        packed = torch.tensor(flat, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+        packed = torch.tensor(padded, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
     else:
-        packed = torch.tensor(flat, dtype=torch.int64, device=device)
-    starts = itertools.accumulate((n + n % 2 for n in lengths), initial=0)
+        packed = torch.tensor(padded, dtype=torch.int64, device=device)
+    starts = itertools.accumulate((n + n % 2 for n in lengths), initial=0)  # each table on a 16-byte boundary
     return tuple(packed[start:start + n] for start, n in zip(starts, lengths))
 
 
@@ -602,11 +603,8 @@ def _shares(numels: list[int], block: int, slots: int) -> tuple[list[int], int]:
     tiles = [-(-n // block) for n in numels]
     total = sum(tiles)
     target = max(1, slots - sum(1 for n in tiles if n))
-    firsts, n = [], 0
-    for count in tiles:
-        firsts.append(n)
-        n += min(count, -(-count * target // total)) if total else 0
-    return firsts + [n], n
+    firsts = list(itertools.accumulate((min(n, -(-n * target // max(total, 1))) for n in tiles), initial=0))
+    return firsts, firsts[-1]
 
 
 def _stand_in(value: int) -> int:
@@ -616,7 +614,7 @@ def _stand_in(value: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _slots(kernel, device: torch.device, constexprs: tuple, scalars: tuple[int, ...] = (3, 3, 3)) -> int:
+def _slots(kernel, device: torch.device, constexprs: tuple, scalars: tuple[int, ...]) -> int:
     """How many programs of ``kernel`` (compiled with ``constexprs``) ``device`` runs at once: its SMs × the
     blocks an SM holds, by registers (ptxas's count), warps and shared memory. 11 under the interpreter (tests:
     several tiles a program, several groups of programs in the final sum).
@@ -653,22 +651,22 @@ def _slots(kernel, device: torch.device, constexprs: tuple, scalars: tuple[int, 
     return props["multiprocessor_count"] * max(1, blocks)
 
 
-def _finish_sizes(n_programs: int, k_pad: int) -> tuple[int, int, int]:
-    """(group size, ROWS, counters) of the kernel's own final sum (``_finish``).
+def _finish_rows(k_pad: int) -> int:
+    """ROWS of the kernel's own final sum (``_finish``): rows a summing program loads at once, about 2048 values
+    (16 a thread at 4 warps; sm_90a registers, ``bench/kernel_layout.py``: "columns" as without the sum). Under
+    the interpreter 2, so that small tests cross the loop."""
+    return 2 if INTERPRET else max(1, 2048 // (4 * k_pad))
 
-    ROWS: rows a summing program loads at once, about 2048 values (16 a thread at 4
-    warps; sm_90a registers, ``bench/kernel_layout.py``: "columns" as without the sum).
-    Group size: odd, at least ROWS - 1 (a group's rows in one load), and large enough for
-    at most _MAX_GROUPS groups, so that the counters (one per group, one for the groups)
-    stay a few hundred bytes of the tables and both levels take few loads (527 programs
-    at K = 12: groups of 31, 1 load, then 17 group rows, 1 load). A runtime argument: a
-    new program count does not compile the kernel again. Under the interpreter 2 rows a
-    load and groups of at least 3, so that small tests cross both loops and both levels.
-    """
-    rows = 2 if INTERPRET else max(1, 2048 // (4 * k_pad))
-    # odd (never 1 nor a multiple of 16): Triton specialises the launch on it as on _slots' stand-in, 3
+
+def _finish_groups(n_programs: int, rows: int) -> tuple[int, int]:
+    """(group size, counters) of the final sum: odd, at least ``rows`` - 1 (a group's rows in one load), and large
+    enough for at most _MAX_GROUPS groups, so that the counters (one per group, one for the groups) stay a few
+    hundred bytes of the tables and both levels take few loads (527 programs at K = 12: groups of 31, 1 load, then
+    17 group rows, 1 load). A runtime argument: a new program count does not compile the kernel again. Odd, never
+    1 nor a multiple of 16: Triton specialises the launch on it as on ``_slots``' stand-in, 3. At least 3, so that
+    small tests under the interpreter cross both levels."""
     group = max(3, rows - 1, -(-n_programs // _MAX_GROUPS)) | 1
-    return group, rows, 1 + -(-n_programs // group)
+    return group, 1 + -(-n_programs // group)
 
 
 @dataclass
@@ -726,13 +724,13 @@ def _plan_triton(found: _Gathered, grads: list[torch.Tensor], layout: str) -> Ti
         block = 16 if INTERPRET else max(256, _TILE_VALUES // k_pad)
         num_warps = 1 if INTERPRET else _num_warps(block, c_size, layout)
         consts, kernel = {"BLOCK": block}, _reduce_kernel
-    rows = _finish_sizes(0, k_pad)[1]
+    rows = _finish_rows(k_pad)
     constexprs = dict(C_TYPE=_TL_DTYPE[dense[0][0].dtype], G_TYPE=_TL_DTYPE[grads[0].dtype], K_PAD=k_pad,
                       T_PAD=next_pow2(len(grads)), ALIGNED=any_bits % 16 == 0, ROWS=rows,
                       num_warps=num_warps, **consts)
-    scalars = (_stand_in(len(grads)), _stand_in(n_units), 3)  # the group size is odd (_finish_sizes)
+    scalars = (_stand_in(len(grads)), _stand_in(n_units), 3)  # the group size is odd (_finish_groups)
     firsts, n_programs = _shares(found.numels, block, _slots(kernel, device, tuple(constexprs.items()), scalars))
-    group, _, n_counters = _finish_sizes(n_programs, k_pad)
+    group, n_counters = _finish_groups(n_programs, rows)
     tables = _to_device([found.contrib_ptrs, found.grad_ptrs, found.numels, firsts, [0] * n_counters], device)
     # Every program writes its whole (3, K_PAD) row and the last the statistics, so no fill is needed (one launch
     # fewer), unless none runs.
