@@ -50,9 +50,10 @@ kernel sums them itself, in a fixed order (not by atomic float adds: the result 
 deterministic): the last program of each group of programs (at most 64 groups) to
 finish sums its group's rows, and the last of those the groups' (``_finish``), counted by integer
 atomics in the device tables that the finishers set back to zero. One launch a call:
-until 2026-11-27 a torch sum followed the kernel, a second launch that cost 6% of the
-call at 64 MB and K = 2 on an H200 (the kernel alone 86.5% of the copy bandwidth,
-80.5% with the sum) and 10-50 µs of the host's time per call.
+until 2026-11-27 a torch sum followed the kernel, a second launch that cost 6 points of the
+copy bandwidth at 64 MB and K = 2 on an H200 (the kernel alone 86.5%,
+80.5% with the sum) and, there, 46.5 µs of the host's time per call under cProfile (the
+Llama block at K = 2; ``bench/results/2026-11-27-h200/tied_grad.log``).
 
 The reduction kernel is not autotuned: it accumulates into ``.grad`` in place,
 so benchmarking configs would add the sum several times. The tile is sized
