@@ -198,10 +198,10 @@ def test_the_kernel_sums_its_programs_statistics_itself():
     expected = [g.clone() for g in grads]
     want = tied_grad_reduce_reference(contributions, expected)
     plan = plan_tied_grad_reduce(contributions, grads, layout="columns")
-    group = plan.scalars[2]
+    group = plan.spec.scalars[2]
     if not CUDA:
         assert plan.n_programs > 2 * group and plan.n_programs % group, (plan.n_programs, group)
-    counters = plan.tables[-1]
+    counters = plan.spec.tables[-1]
     first = plan.run()
     _assert_stats_close(first, want)
     for g, e in zip(grads, expected):
@@ -237,13 +237,10 @@ def test_the_grid_is_one_wave_of_equal_shares(numels, block, slots):
 @pytest.mark.skipif(not CUDA, reason="the device's count of programs at once needs a GPU")
 def test_the_grid_fills_the_device_once():
     """_slots reads the kernel's registers from a compile: between one and 16 blocks an SM at 4 warps."""
-    from megascale.kernels.tied_grad import _slots
-
     contributions, grads = _group(12, [(4096, 4096)], torch.bfloat16, torch.bfloat16)
     plan = plan_tied_grad_reduce(contributions, grads)
     sms = torch.cuda.get_device_properties(grads[0].device).multi_processor_count
-    slots = _slots(plan.kernel, grads[0].device, tuple(plan.constexprs.items()))
-    assert sms <= slots <= 16 * sms and plan.n_programs <= slots
+    assert sms <= plan.spec.slots <= 16 * sms and plan.n_programs <= plan.spec.slots
 
 
 def test_a_reduction_over_empty_tensors_launches_nothing_and_reports_zeros():
@@ -262,20 +259,50 @@ def test_a_plan_refuses_what_a_call_refuses():
         plan_tied_grad_reduce([contributions[0], contributions[0][:1]], grads * 2)
 
 
-def test_a_repeated_call_reuses_its_device_tables():
-    """The address tables are a pure function of the addresses and sizes: a second call on the same buffers
-    copies nothing to the device (a cache hit), and reduces the same."""
-    from megascale.kernels.tied_grad import _device_tables
+def test_a_repeated_call_reuses_its_launch():
+    """The launch (tables, grid, arguments) is a pure function of the addresses, sizes, dtypes, layout and device:
+    a second call on the same buffers builds nothing and copies nothing to the device (a cache hit, the same
+    tables), and reduces the same. Each call's statistics are its own: the second does not overwrite the first's."""
+    from megascale.kernels.tied_grad import _launch_for
 
     contributions, grads = _group(2, [(40,), (3, 7)], torch.float32, torch.float32, seed=9)
     expected = [g.clone() for g in grads]
-    for _ in range(2):
-        hits = _device_tables.cache_info().hits
+    results, specs = [], []
+    for step in range(3):
+        hits = _launch_for.cache_info().hits
         want = tied_grad_reduce_reference(contributions, expected)
-        _assert_stats_close(tied_grad_reduce(contributions, grads, backend="triton"), want)
+        results.append((tied_grad_reduce(contributions, grads, backend="triton"), want))
         for g, e in zip(grads, expected):
             torch.testing.assert_close(g, e)
-    assert _device_tables.cache_info().hits == hits + 1
+        specs.append(plan_tied_grad_reduce(contributions, grads).spec)
+        # the first call may hit too: an earlier test's freed buffers can come back at the same addresses
+        assert _launch_for.cache_info().hits - hits == 2 or (step == 0 and _launch_for.cache_info().hits > hits)
+        for units in contributions:  # new values in the same buffers
+            for u in units:
+                u.mul_(-2.0)
+    assert specs[0] is specs[1] is specs[2]
+    # on CUDA the calls after the first went through the compiled kernel's own launcher (checked right above);
+    # the interpreter's launch returns no compiled kernel
+    assert (specs[0].direct is not None) == CUDA
+    for got, want in results:
+        _assert_stats_close(got, want)
+
+
+def test_a_failed_launch_forgets_the_cached_launches():
+    """A launch cut short can leave a counter counted up: the cached tables that hold the counters are dropped, so
+    the next call builds new ones (a cache miss) and reduces right."""
+    from megascale.kernels.tied_grad import _launch_for
+
+    contributions, grads = _group(2, [(40,)], torch.float32, torch.float32, seed=4)
+    expected = [g.clone() for g in grads]
+    plan = plan_tied_grad_reduce(contributions, grads)
+    with pytest.raises(Exception):  # refused before the kernel runs: Triton cannot pass a str as a pointer
+        plan.spec("not a partials buffer")
+    assert _launch_for.cache_info().currsize == 0
+    misses = _launch_for.cache_info().misses
+    _assert_stats_close(tied_grad_reduce(contributions, grads, backend="triton"),
+                        tied_grad_reduce_reference(contributions, expected))
+    assert _launch_for.cache_info().misses == misses + 1
 
 
 def test_coherence_extremes():
