@@ -164,20 +164,23 @@ def jobs(png: bool) -> list[Job]:
         gluon_bench("attention_gluon", "triton-gluon", "gluon_tests"),
         tests_job("gluon_bwd_tests", GLUON_BWD_TESTS, 150, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         gluon_bench("attention_gluon_bwd", "triton-gluon-atomic", "gluon_bwd_tests"),
-        # The launch order's A/B (untimed since 2026-11-27): the same providers with heads launched one by one, the
-        # grid before (MEGASCALE_ATTN_ORDER_HEADS=1), beside the jobs above (8 heads together, heaviest blocks first).
+        # #3's reduction: its tests at real shapes (first, now that the kernel sums its statistics itself through
+        # atomic counters, a cross-program protocol no GPU has run, and a repeated call launches through the compiled
+        # kernel's own launcher), then its GB/s (one launch a call since b52cd03, the launch memoised since e601c0d:
+        # the cases short of 85% on the H200 were the second launch's and the host's). Before the launch order's A/B:
+        # #3's own figures first.
+        tests_job("tied_grad_tests", ["tests/test_kernels_tied_grad.py"], 90),
+        Job("tied_grad", "kernels",  # every layout, the prepared launch, the host's time per call
+            ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
+            ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
+        # The launch order's A/B (untimed since 2026-11-27; informative, so after #3's figures): the same providers
+        # with heads launched one by one, the grid before (MEGASCALE_ATTN_ORDER_HEADS=1), beside the jobs above (8
+        # heads together, heaviest blocks first).
         Job("attention_gluon_order1", "kernels",
             [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192",
              "--providers", "triton-gluon-atomic,sdpa-cudnn", "--json", "{out}/attention_gluon_order1.json"],
             ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon_order1.json"], 60,
             env={"MEGASCALE_ATTN_ORDER_HEADS": "1"}, requires="gluon_bwd_tests"),
-        # #3's reduction: its tests at real shapes (first, now that the kernel sums its statistics itself through
-        # atomic counters, a cross-program protocol no GPU has run), then its GB/s (one launch a call since b52cd03:
-        # the cases short of 85% on the H200 were the second launch's and the host's).
-        tests_job("tied_grad_tests", ["tests/test_kernels_tied_grad.py"], 90),
-        Job("tied_grad", "kernels",  # every layout, the prepared launch, the host's time per call
-            ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
-            ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
         # #3's attention with the warp-specialised forward (provider triton-ws: a TMA producer warp and two
         # consumer groups, FlashAttention-3's overlap) and the one-kernel backward (triton-*-atomic: dQ by fp32
         # atomics, 5 products a tile instead of 7), both compiled for sm_90a, never run on a GPU; then the
