@@ -871,7 +871,7 @@ def _flat_copy_triton(tensors: list[torch.Tensor], flat: torch.Tensor, scale: fl
     numels = [t.numel() for t in tensors]
     chunk_size = _chunk_size(sum(numels), block, device)
     firsts, n_chunks = _first_chunks(numels, chunk_size)
-    offsets = [sum(numels[:i]) for i in range(len(numels))]  # segment starts in flat
+    offsets = list(itertools.accumulate(numels, initial=0))[:-1]  # segment starts in flat
     tables = _to_device([[t.data_ptr() for t in tensors], offsets, numels, firsts], device)
     if n_chunks:
         _flat_copy_kernel[(n_chunks,)](
