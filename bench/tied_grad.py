@@ -35,7 +35,9 @@ that runs without a GPU.
 ``host us``: the host's time to issue one default (``triton``) call, the GPU idle
 (synchronised before each call, median of 50); ``plan us`` and ``run us`` split
 it: the checks and launch tables (``plan_tied_grad_reduce``), then the launch
-(``plan.run()``). Each timed call starts after
+(``plan.run()``, through the compiled kernel's own launcher once it is kept);
+``dispatch us`` is that launch through Triton's dispatch instead, what a call
+paid before the launcher was kept (2026-11-27). Each timed call starts after
 do_bench's L2 flush, which hides about that long of the host's work; beyond it,
 the host's time counts in the call's, which is what a small tensor measures.
 
@@ -145,12 +147,15 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     # The call's two halves: checks and tables (plan_tied_grad_reduce), then the launch.
     plan_us = host_us(lambda: tg.plan_tied_grad_reduce(contributions, grads), device, reps=reps)
     run_us = host_us(plan.run, device, reps=reps)
+    # the same launch through Triton's dispatch, which a call skips once the compiled kernel's launcher is kept
+    dispatch_us = host_us(lambda: plan.spec(plan.partials, dispatch=True), device, reps=reps)
     del contributions, grads, plan  # the plan holds the buffers too
     src = torch.empty(moved // 2 // elem, device=device, dtype=dtype)
     dst = torch.empty_like(src)
     ms["copy"] = time_ms(lambda: dst.copy_(src), device, warmup=10, rep=50)
     gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
     return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps, "host_us": host, "plan_us": plan_us, "run_us": run_us,
+            "dispatch_us": dispatch_us,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"],
             "prepared_of_copy": gbps["prepared_gbps"] / gbps["copy_gbps"],
             **{f"{layout}_of_copy": gbps[f"{layout}_gbps"] / gbps["copy_gbps"] for layout in LAYOUTS}}
@@ -231,7 +236,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'K':>3} {'case':>12} {'MB':>9} {'triton GB/s':>12} {'fixed GB/s':>11} {'fitted GB/s':>12} "
           f"{'columns GB/s':>13} {'torch GB/s':>11} {'copy GB/s':>10} {'of copy':>8} {'vs torch':>9} "
           f"{'fixed of copy':>14} {'fitted of copy':>15} {'columns of copy':>16} {'wide of copy':>13} "
-          f"{'prepared of copy':>17} {'host us':>8} {'plan us':>8} {'run us':>7}")
+          f"{'prepared of copy':>17} {'host us':>8} {'plan us':>8} {'run us':>7} {'dispatch us':>12}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['K']:>3} {r['case']:>12} {r['size_mb']:>9.3g} {'skipped: ' + r['skipped']:>12}")
@@ -240,7 +245,7 @@ def print_table(rows: list[dict]) -> None:
               f"{r['fitted_gbps']:>12.4g} {r['columns_gbps']:>13.4g} {r['torch_gbps']:>11.4g} {r['copy_gbps']:>10.4g} "
               f"{r['of_copy']:>8.1%} {r['vs_torch']:>8.2f}x {r['fixed_of_copy']:>14.1%} {r['fitted_of_copy']:>15.1%} "
               f"{r['columns_of_copy']:>16.1%} {r['wide_of_copy']:>13.1%} {r['prepared_of_copy']:>17.1%} "
-              f"{r['host_us']:>8.1f} {r['plan_us']:>8.1f} {r['run_us']:>7.1f}")
+              f"{r['host_us']:>8.1f} {r['plan_us']:>8.1f} {r['run_us']:>7.1f} {r['dispatch_us']:>12.1f}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

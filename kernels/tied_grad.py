@@ -702,13 +702,15 @@ class _Launch:
     direct_args: tuple = ()  # the constexprs in the kernel's order, as that launcher takes them
     direct_device: int = -1
 
-    def __call__(self, partials: torch.Tensor) -> None:
-        """The kernel: grads updated, the statistics in ``partials[-1]``."""
+    def __call__(self, partials: torch.Tensor, dispatch: bool = False) -> None:
+        """The kernel: grads updated, the statistics in ``partials[-1]``. ``dispatch``: through Triton's dispatch
+        even where the compiled kernel's launcher is kept (``bench/tied_grad.py`` times both)."""
         if not self.n_programs:
             return
         args = (*self.tables, partials, *self.scalars)
         try:
-            if self.direct is not None and triton.runtime.driver.active.get_current_device() == self.direct_device:
+            if (self.direct is not None and not dispatch
+                    and triton.runtime.driver.active.get_current_device() == self.direct_device):
                 self.direct(*args, *self.direct_args)
             else:
                 self._keep(self.kernel[(self.n_programs,)](*args, **self.constexprs), len(args))

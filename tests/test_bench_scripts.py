@@ -60,7 +60,7 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     tied = json.loads((out / "tied_grad.json").read_text())["results"]
-    assert tied and all(min(r["prepared_gbps"], r["host_us"], r["plan_us"], r["run_us"]) > 0 for r in tied)
+    assert tied and all(min(r["prepared_gbps"], r["host_us"], r["plan_us"], r["run_us"], r["dispatch_us"]) > 0 for r in tied)
     tied_and_untied = json.loads((out / "train_350m.json").read_text())["results"]
     assert {(r["sharing"], r["variant"]) for r in tied_and_untied if r["trainer"] == "megascale"} == {
         ("none", ""), ("none", "train.loss_chunk_tokens=32"), ("all", ""), ("all", "train.loss_chunk_tokens=32")}
