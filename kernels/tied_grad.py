@@ -651,10 +651,17 @@ def _slots(kernel, device: torch.device, constexprs: tuple, scalars: tuple[int, 
         warnings.warn(f"tied_grad: could not read the reduction kernel's registers ({err}); sizing its grid for "
                       f"{64 // num_warps} blocks an SM", stacklevel=2)
         return props["multiprocessor_count"] * (64 // num_warps)
-    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated to a warp 256 at a time
-    blocks = min(props["max_num_regs"] // (per_warp * num_warps), 64 // num_warps, 32,
-                 props["max_shared_mem"] // shared if shared else 32)
-    return props["multiprocessor_count"] * max(1, blocks)
+    return props["multiprocessor_count"] * _blocks_per_sm(regs, shared, num_warps, props["max_num_regs"],
+                                                          props["max_shared_mem"])
+
+
+def _blocks_per_sm(regs: int, shared: int, num_warps: int, sm_registers: int, sm_shared: int) -> int:
+    """Blocks of ``num_warps`` warps, ``regs`` registers a thread and ``shared`` bytes of shared memory that one SM
+    holds at once: registers go to a warp 256 at a time, an SM holds at most 64 warps and 32 blocks (Hopper's
+    limits, as the CUDA occupancy calculator counts them). At least 1: a kernel that compiled runs."""
+    per_warp = -(-regs * 32 // 256) * 256
+    blocks = min(sm_registers // (per_warp * num_warps), 64 // num_warps, 32, sm_shared // shared if shared else 32)
+    return max(1, blocks)
 
 
 def _finish_rows(k_pad: int) -> int:

@@ -234,6 +234,24 @@ def test_the_grid_is_one_wave_of_equal_shares(numels, block, slots):
     assert max(-(-t // c) for c, t in zip(counts, tiles) if c) <= bound
 
 
+@pytest.mark.parametrize("regs, shared, warps, blocks", [
+    (56, 0, 4, 9),  # "columns" at K = 2 (sm_90a): 1,792 registers a warp, 65,536 an SM
+    (119, 0, 4, 4),  # K = 8 with Triton 3.6: 3,808 rounded up to 3,840 a warp
+    (128, 0, 4, 4),  # K = 12
+    (100, 0, 4, 4),  # 3,200 rounded up to 3,328 a warp: 4 blocks, where 3,200 would give 5
+    (203, 0, 4, 2),  # "wide" at K = 12: 6,496 rounded up to 6,656
+    (16, 0, 4, 16),  # few registers: 64 warps an SM at most
+    (16, 0, 1, 32),  # one-warp blocks: 32 blocks an SM at most
+    (32, 100_000, 4, 2),  # shared memory the limit
+    (255, 0, 16, 1),  # one block even where the count rounds to none (16 warps of 255 registers: twice an SM)
+])
+def test_the_blocks_an_sm_holds(regs, shared, warps, blocks):
+    """_slots' occupancy count, against the H100/H200's limits (65,536 registers, 227 KiB of shared memory a block)."""
+    from megascale.kernels.tied_grad import _blocks_per_sm
+
+    assert _blocks_per_sm(regs, shared, warps, 65536, 232448) == blocks
+
+
 @pytest.mark.skipif(not CUDA, reason="the device's count of programs at once needs a GPU")
 def test_the_grid_fills_the_device_once():
     """_slots reads the kernel's registers from a compile: between one and 16 blocks an SM at 4 warps."""
