@@ -112,7 +112,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import operator
 import warnings
 from dataclasses import dataclass
@@ -129,7 +128,6 @@ BACKENDS = ("auto", "triton", "torch")
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _TILE_VALUES = 4096  # K_PAD × BLOCK values per program tile on a GPU (see the module docstring)
-_MAX_TILES_PER_CHUNK = 64  # caps a program at 64 tiles; longer tensors get more programs
 LAYOUTS = ("auto", "fixed", "fitted", "columns", "wide")
 _COLUMNS_UP_TO = 16  # "auto": the largest K given "columns" (module docstring)
 _WIDE_UP_TO = 32  # "auto": the largest K given "wide" (beyond, its tile spills); "fixed" after it
@@ -177,18 +175,6 @@ def unit_alignment(stats: TiedGradStats) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK: tl.constexpr, T_PAD: tl.constexpr):
-    """(tensor, first element) of this program's chunk. FIRST_CHUNK[i] is tensor i's first chunk, non-decreasing
-    (an empty tensor has no chunk): the chunk's tensor is the last whose first chunk is not after it."""
-    chunk = tl.program_id(0)
-    tensors = tl.arange(0, T_PAD)
-    firsts = tl.load(FIRST_CHUNK + tensors, mask=tensors < n_tensors, other=0)
-    t = tl.sum(((tensors < n_tensors) & (firsts <= chunk)).to(tl.int32), axis=0) - 1
-    start = (chunk - tl.load(FIRST_CHUNK + t)) * chunk_size
-    return t, tl.multiple_of(start, BLOCK)  # chunk sizes are whole tiles
 
 
 @triton.jit
@@ -410,11 +396,11 @@ def _copy_range(src, dst, start, end, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _flat_copy_kernel(PTRS, FLAT, FLAT_OFFSET, NUMEL, FIRST_CHUNK, n_tensors, chunk_size, scale,
+def _flat_copy_kernel(PTRS, FLAT, FLAT_OFFSET, NUMEL, FIRST_PROGRAM, n_tensors, scale,
                       T_TYPE: tl.constexpr, TO_FLAT: tl.constexpr, T_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """Copy (and scale) one chunk of one tensor into its segment of FLAT, or back when not TO_FLAT."""
-    t, start = _chunk_of(FIRST_CHUNK, n_tensors, chunk_size, BLOCK, T_PAD)
-    end = tl.minimum(start + chunk_size, tl.load(NUMEL + t))
+    """Copy (and scale) one share of one tensor (``_share_of``) into its segment of FLAT, or back when not
+    TO_FLAT."""
+    t, start, end = _share_of(FIRST_PROGRAM, NUMEL, n_tensors, BLOCK, T_PAD)
     tensor = tl.load(PTRS + t).to(tl.pointer_type(T_TYPE))
     segment = FLAT + tl.load(FLAT_OFFSET + t)  # this tensor's slice of the flat buffer
     if TO_FLAT:
@@ -514,15 +500,6 @@ def _gather(contributions: list[list[torch.Tensor]], grads: list[torch.Tensor], 
                      tuple(map(torch.Tensor.numel, grads)))
 
 
-def _first_chunks(numels: list[int], chunk_size: int) -> tuple[list[int], int]:
-    """Each tensor's first chunk (tensor i gets ceil(numel_i / chunk_size) chunks), and the number of chunks."""
-    firsts, n = [], 0
-    for numel in numels:
-        firsts.append(n)
-        n += -(-numel // chunk_size)
-    return firsts, n
-
-
 def _to_device(tables: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """Several small int64 host tables on the device, as views of one buffer moved in one copy, each starting on a
     16-byte boundary (an even number of entries before it): Triton specialises a launch on its pointers' alignment,
@@ -590,16 +567,6 @@ def _column_vec(k_pad: int, c_size: int, g_size: int, values: int = _COLUMN_VALU
     return max(1, min(16 // max(c_size, g_size), values // k_pad))
 
 
-def _chunk_size(total: int, block: int, device: torch.device, num_warps: int = 8) -> int:
-    """Elements per program: enough programs for ~64 warps per SM, at most _MAX_TILES_PER_CHUNK tiles each."""
-    if INTERPRET:
-        return 2 * block  # tiny tiles and chunks so small test tensors cross chunk and tile edges
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs_per_sm = 64 // num_warps
-    tiles = math.ceil(total / (programs_per_sm * sms * block))
-    return block * max(1, min(_MAX_TILES_PER_CHUNK, tiles))
-
-
 def _shares(numels: list[int], block: int, slots: int) -> tuple[list[int], int]:
     """Programs for each tensor, as first-program offsets with the total appended (``_share_of``'s table), and the
     total: about ``slots`` programs of about equal tiles, so that the launch is one wave of programs that end
@@ -620,7 +587,7 @@ def _stand_in(value: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _slots(kernel, device: torch.device, constexprs: tuple, scalars: tuple[int, ...]) -> int:
+def _slots(kernel, device: torch.device, constexprs: tuple, stand_ins: tuple) -> int:
     """How many programs of ``kernel`` (compiled with ``constexprs``) ``device`` runs at once: its SMs × the
     blocks an SM holds, by registers (ptxas's count), warps and shared memory. 11 under the interpreter (tests:
     several tiles a program, several groups of programs in the final sum).
@@ -631,9 +598,11 @@ def _slots(kernel, device: torch.device, constexprs: tuple, scalars: tuple[int, 
     where registers let an H200 hold 528 at a time: 3.9 waves, each program starting with
     dependent loads of its tables. The count comes from a compile with stand-in arguments
     (``warmup`` with dtypes for tensors, as Triton's fused-softmax tutorial reads it) that
-    Triton specialises as it does the launch: aligned tables (``_to_device``), and ``scalars``,
-    the launch's ints as ``_stand_in`` maps them. A count one block too high would leave a
-    second wave of a few programs, each a whole share long.
+    Triton specialises as it does the launch: ``stand_ins``, the launch's arguments with a dtype
+    for each tensor (aligned, as the tables are: ``_to_device``) and its ints as ``_stand_in``
+    maps them. A count one block too high would leave a second wave of a few programs, each a
+    whole share long. The flatten/unflatten copy sizes its grid the same way (40 registers
+    a thread at 8 warps: 6 blocks an SM, where its earlier grid assumed 8).
     """
     if INTERPRET:
         return 11
@@ -641,9 +610,8 @@ def _slots(kernel, device: torch.device, constexprs: tuple, scalars: tuple[int, 
     num_warps = kw["num_warps"]
     props = triton.runtime.driver.active.utils.get_device_properties(device.index)
     try:
-        tables = [torch.int64] * 5  # warmup takes a dtype for a tensor (Triton's MockTensor)
-        with torch.cuda.device(device):
-            compiled = kernel.warmup(*tables, torch.float32, *scalars, grid=(1,), **kw)
+        with torch.cuda.device(device):  # warmup takes a dtype for a tensor (Triton's MockTensor)
+            compiled = kernel.warmup(*stand_ins, grid=(1,), **kw)
             compiled = compiled.result() if hasattr(compiled, "result") else compiled  # Triton's async compile
             compiled._init_handles()
         regs, shared = compiled.n_regs, compiled.metadata.shared
@@ -757,7 +725,8 @@ def _launch_for(contrib_ptrs: tuple[int, ...], grad_ptrs: tuple[int, ...], numel
     constexprs = dict(C_TYPE=_TL_DTYPE[c_dtype], G_TYPE=_TL_DTYPE[g_dtype], K_PAD=k_pad,
                       T_PAD=next_pow2(len(grad_ptrs)), ALIGNED=any_bits % 16 == 0, ROWS=rows,
                       num_warps=num_warps, **consts)
-    stand_ins = (_stand_in(len(grad_ptrs)), _stand_in(n_units), 3)  # the group size is odd (_finish_groups)
+    # five int64 tables, the fp32 partials, the ints (the group size is odd: _finish_groups)
+    stand_ins = (*[torch.int64] * 5, torch.float32, _stand_in(len(grad_ptrs)), _stand_in(n_units), 3)
     slots = _slots(kernel, device, tuple(constexprs.items()), stand_ins)
     firsts, n_programs = _shares(list(numels), block, slots)
     group, n_counters = _finish_groups(n_programs, rows)
@@ -878,16 +847,14 @@ def _flat_copy_triton(tensors: list[torch.Tensor], flat: torch.Tensor, scale: fl
     device = flat.device
     block = 16 if INTERPRET else 2048
     numels = [t.numel() for t in tensors]
-    chunk_size = _chunk_size(sum(numels), block, device)
-    firsts, n_chunks = _first_chunks(numels, chunk_size)
+    constexprs = dict(T_TYPE=_TL_DTYPE[tensors[0].dtype], TO_FLAT=to_flat, T_PAD=next_pow2(len(tensors)),
+                      BLOCK=block, num_warps=1 if INTERPRET else 8)
+    stand_ins = (torch.int64, flat.dtype, *[torch.int64] * 3, _stand_in(len(tensors)), 1.0)
+    firsts, n_programs = _shares(numels, block, _slots(_flat_copy_kernel, device, tuple(constexprs.items()), stand_ins))
     offsets = list(itertools.accumulate(numels, initial=0))[:-1]  # segment starts in flat
     tables = _to_device([[t.data_ptr() for t in tensors], offsets, numels, firsts], device)
-    if n_chunks:
-        _flat_copy_kernel[(n_chunks,)](
-            tables[0], flat, *tables[1:], len(tensors), chunk_size, float(scale),
-            T_TYPE=_TL_DTYPE[tensors[0].dtype], TO_FLAT=to_flat, T_PAD=next_pow2(len(tensors)),
-            BLOCK=block, num_warps=8 if not INTERPRET else 1,
-        )
+    if n_programs:
+        _flat_copy_kernel[(n_programs,)](tables[0], flat, *tables[1:], len(tensors), float(scale), **constexprs)
 
 
 def flatten_for_collective(

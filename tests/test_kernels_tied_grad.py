@@ -47,7 +47,7 @@ def _grad_tol(g_dtype: torch.dtype, n_units: int) -> tuple[float, float]:
     return atol, rtol
 STATS_RTOL = 1e-5  # fp32 statistics, summed in a different order than the reference
 
-# Uneven sizes: 1 element, under a tile, across tiles and chunks, 2-D; CUDA adds real ones.
+# Uneven sizes: 1 element, under a tile, across tiles and programs, 2-D; CUDA adds real ones.
 SMALL_SHAPES = [(1,), (7,), (100,), (33, 5), (64,)]
 LARGE_SHAPES = [(4096, 4096), (11008, 4096 // 8), (4096,), (123457,)]
 SHAPES = SMALL_SHAPES + (LARGE_SHAPES if CUDA else [])
