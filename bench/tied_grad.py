@@ -132,33 +132,43 @@ def bench_case(tg, device, dtype, K: int, case: str, size_bytes: int) -> dict:
     # contributions + grads, the composition's (K, N) fp32 stack, the copy's two buffers
     if not fits(device, (K + 1) * n * elem + K * n * 4 + moved):
         return {**row, "skipped": "memory"}
-    contributions = [[torch.randn(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes]
-    grads = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
-    plan = tg.plan_tied_grad_reduce(contributions, grads)  # the default's launch, built once
-    ms = {
-        "triton": time_ms(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, warmup=10, rep=50),
-        **{layout: time_ms(lambda lay=layout: tg.tied_grad_reduce(contributions, grads, backend="triton", layout=lay),
-                           device, warmup=10, rep=50) for layout in LAYOUTS},
-        "prepared": time_ms(plan.run, device, warmup=10, rep=50),
-        "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
-    }
-    reps = 50 if device.type == "cuda" else 1
-    host = host_us(lambda: tg.tied_grad_reduce(contributions, grads, backend="triton"), device, reps=reps)
-    # The call's two halves: checks and tables (plan_tied_grad_reduce), then the launch.
-    plan_us = host_us(lambda: tg.plan_tied_grad_reduce(contributions, grads), device, reps=reps)
-    run_us = host_us(plan.run, device, reps=reps)
-    # the same launch through Triton's dispatch, which a call skips once the compiled kernel's launcher is kept
-    dispatch_us = host_us(lambda: plan.spec(plan.partials, dispatch=True), device, reps=reps)
-    del contributions, grads, plan  # the plan holds the buffers too
+    ms, host = time_reductions(tg, device, dtype, K, shapes)  # its buffers freed before the copy's are made
     src = torch.empty(moved // 2 // elem, device=device, dtype=dtype)
     dst = torch.empty_like(src)
     ms["copy"] = time_ms(lambda: dst.copy_(src), device, warmup=10, rep=50)
     gbps = {f"{k}_gbps": moved / (v * 1e-3) / 1e9 for k, v in ms.items()}
-    return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps, "host_us": host, "plan_us": plan_us, "run_us": run_us,
-            "dispatch_us": dispatch_us,
+    return {**row, **{f"{k}_ms": v for k, v in ms.items()}, **gbps, **host,
             "of_copy": gbps["triton_gbps"] / gbps["copy_gbps"], "vs_torch": gbps["triton_gbps"] / gbps["torch_gbps"],
             "prepared_of_copy": gbps["prepared_gbps"] / gbps["copy_gbps"],
             **{f"{layout}_of_copy": gbps[f"{layout}_gbps"] / gbps["copy_gbps"] for layout in LAYOUTS}}
+
+
+def time_reductions(tg, device, dtype, K: int, shapes: list[tuple[int, ...]]) -> tuple[dict, dict]:
+    """Milliseconds per call of each reduction provider on one set of buffers, and the host's microseconds per
+    call (``host_us``, ``plan_us``, ``run_us``, ``dispatch_us``: the module docstring)."""
+    contributions = [[torch.randn(s, device=device, dtype=dtype) for _ in range(K)] for s in shapes]
+    grads = [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+    plan = tg.plan_tied_grad_reduce(contributions, grads)  # the default's launch, built once
+
+    def call(layout: str = "auto") -> None:
+        tg.tied_grad_reduce(contributions, grads, backend="triton", layout=layout)
+
+    ms = {
+        "triton": time_ms(call, device, warmup=10, rep=50),
+        **{layout: time_ms(lambda lay=layout: call(lay), device, warmup=10, rep=50) for layout in LAYOUTS},
+        "prepared": time_ms(plan.run, device, warmup=10, rep=50),
+        "torch": time_ms(lambda: torch_composition(contributions, grads), device, warmup=10, rep=50),
+    }
+    reps = 50 if device.type == "cuda" else 1
+    host = {
+        "host_us": host_us(call, device, reps=reps),
+        # The call's two halves: checks and tables (plan_tied_grad_reduce), then the launch.
+        "plan_us": host_us(lambda: tg.plan_tied_grad_reduce(contributions, grads), device, reps=reps),
+        "run_us": host_us(plan.run, device, reps=reps),
+        # the same launch through Triton's dispatch, which a call skips once the compiled kernel's launcher is kept
+        "dispatch_us": host_us(lambda: plan.spec(plan.partials, dispatch=True), device, reps=reps),
+    }
+    return ms, host
 
 
 def host_us(fn, device: torch.device, reps: int = 50) -> float:
