@@ -14,6 +14,7 @@ Interpreter caveats, both worked around or allowed for:
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -355,6 +356,51 @@ def test_gluon_forward_takes_the_models_strided_views(deterministic):
     out = flash_attention(*views, gluon=True, deterministic=deterministic)
     assert out.stride() == views[0].stride()  # q's layout
     _check_output(out, *views, do, causal=True)
+
+
+class _BindingKernel:
+    """Stands in for a Gluon kernel where none can run (no interpreter runs Gluon): each launch's arguments are bound
+    to the real kernel's parameters, as Triton binds them, and recorded with the grid."""
+
+    def __init__(self, kernel):
+        self.params = inspect.signature(kernel.fn).parameters
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            options = {k: kwargs.pop(k) for k in ("num_stages", "num_ctas", "maxnreg") if k in kwargs}
+            bound = inspect.Signature(list(self.params.values())).bind(*args, **kwargs)  # TypeError if they differ
+            self.launches.append((grid, bound.arguments, options))
+        return launch
+
+
+def test_gluon_launches_bind_to_their_kernels(monkeypatch):
+    """Every Gluon candidate's launch, forward and backward, passes the kernel exactly its parameters, with a grid
+    of positive sizes within CUDA's limits: checked on CPU, where the GPU tests that launch them skip, so that a
+    change to a kernel's signature or its launch is caught before a GPU session spends its time on it."""
+    from megascale.kernels import attention_gluon  # noqa: PLC0415
+
+    if attention_gluon.GLUON_IMPORT_ERROR is not None:
+        pytest.skip(attention_gluon.GLUON_IMPORT_ERROR)
+    fwd = _BindingKernel(attention_gluon._fwd_gluon_kernel)
+    bwd = _BindingKernel(attention_gluon._bwd_gluon_kernel)
+    monkeypatch.setattr(attention_gluon, "_fwd_gluon_kernel", fwd)
+    monkeypatch.setattr(attention_gluon, "_bwd_gluon_kernel", bwd)
+    monkeypatch.setattr(attention_gluon, "_sm_count", lambda device: 132)
+    B, H, H_kv, T = 2, 8, 2, 1000
+    for D in attention_gluon.GLUON_HEAD_DIMS:
+        q, k = (torch.zeros(B, h, T, D, dtype=torch.bfloat16) for h in (H, H_kv))
+        lse = torch.zeros(B, H, T)
+        for tile in attention_gluon.GLUON_TILES[D]:
+            attention_gluon._launch(q, k, k, q, lse, True, 0.1, tile)
+        for tile in attention_gluon.GLUON_BWD_TILES[D]:
+            attention_gluon._launch_bwd(q, k, k, q, lse, lse, q.float(), k, k, True, 0.1, 0.1, tile)
+        assert len(fwd.launches) == sum(len(attention_gluon.GLUON_TILES[d]) for d in attention_gluon.GLUON_HEAD_DIMS
+                                        if d <= D)
+    assert bwd.launches
+    for grid, arguments, _ in fwd.launches + bwd.launches:
+        assert 1 <= len(grid) <= 3 and all(g >= 1 for g in grid) and grid[0] < 2**31 and all(g < 2**16 for g in grid[1:])
+        assert arguments["num_warps"] in (4, 8, 12, 16)
 
 
 def test_gluon_forward_refuses_what_it_cannot_run():
