@@ -252,6 +252,37 @@ def test_the_blocks_an_sm_holds(regs, shared, warps, blocks):
     assert _blocks_per_sm(regs, shared, warps, 65536, 232448) == blocks
 
 
+def test_the_slot_count_compiles_the_kernel_as_it_is_launched(monkeypatch):
+    """_slots compiles each kernel with stand-in arguments (a dtype for each tensor, the ints as Triton specialises
+    them) to read its registers: they, and the constexprs, must bind to the kernel's parameters as the launch's
+    arguments do. Under the interpreter _slots returns at once, so this binds them here; on a GPU a mismatch would
+    only warn and fall back to a guess."""
+    import inspect  # noqa: PLC0415
+
+    from megascale.kernels import tied_grad  # noqa: PLC0415
+
+    bound = []
+
+    def binding_slots(kernel, device, constexprs, stand_ins):
+        kw = {k: v for k, v in constexprs if k != "num_warps"}
+        arguments = inspect.signature(kernel.fn).bind(*stand_ins, **kw).arguments  # TypeError if they differ
+        tensors = [name for name, value in arguments.items() if isinstance(value, torch.dtype)]
+        bound.append((kernel.fn.__name__, tensors))
+        return 11
+
+    monkeypatch.setattr(tied_grad, "_slots", binding_slots)
+    tied_grad._forget_launches()
+    contributions, grads = _group(3, [(50,), (9, 3)], torch.float32, torch.float32, seed=2)
+    for layout in ("fixed", "fitted", "columns", "wide"):
+        tied_grad_reduce(contributions, grads, backend="triton", layout=layout)
+    flat = flatten_for_collective(grads, backend="triton")
+    unflatten_into(flat, grads, backend="triton")
+    tied_grad._forget_launches()  # the launches memoised with this stand-in's count
+    tables = ["CONTRIB_PTRS", "GRAD_PTRS", "NUMEL", "FIRST_PROGRAM", "COUNTERS", "PARTIALS"]
+    assert bound == [("_reduce_kernel", tables)] * 2 + [("_columns_kernel", tables)] * 2 + [
+        ("_flat_copy_kernel", ["PTRS", "FLAT", "FLAT_OFFSET", "NUMEL", "FIRST_PROGRAM"])] * 2
+
+
 @pytest.mark.skipif(not CUDA, reason="the device's count of programs at once needs a GPU")
 def test_the_grid_fills_the_device_once():
     """_slots reads the kernel's registers from a compile: between one and 16 blocks an SM at 4 warps."""
