@@ -53,4 +53,15 @@ def test_zero_to_fp32_reads_our_checkpoints(single_rank, dp_runs, stage):
     assert set(weights) == set(reference)
     assert any(k.startswith("blocks.1.") for k in weights) and not any(k.startswith("blocks.2.") for k in weights)
     for name, tensor in reference.items():
-        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+        _assert_adam_close(weights[name], tensor, name)
+
+
+def _assert_adam_close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """fp32 weights after a few Adam steps, by two runs whose gradient sums add in different orders: all but a few
+    elements agree to rtol 1e-5 / atol 1e-6, and those few to 2e-5. Adam divides each update by the gradient's own
+    scale, so where a gradient is near zero its rounding moves the update by up to the learning rate: on a Xeon with
+    AVX512-FP16, one element in 12,288 of two ZeRO-3 tensors moved 1.5e-6 (2026-11-27), where an EPYC's rounding
+    left none. A shard merged wrong is off by the weights' own size (~0.05) in most elements."""
+    off = (got - want).abs() > 1e-6 + 1e-5 * want.abs()
+    assert int(off.sum()) <= max(1, want.numel() // 1000), (name, int(off.sum()), want.numel())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5, msg=name)

@@ -202,7 +202,7 @@ def check_precision(precision: str) -> None:
     if supported is not None and not supported():
         raise MegascaleError(
             f"train.precision={precision} is not supported on this device ({accel.device_name()}); "
-            f"use train.precision=bf16 or fp32 (fp16 needs a GPU)"
+            f"use train.precision=bf16 or fp32 (fp16 needs a GPU, or a CPU with fp16 kernels such as AVX512-FP16)"
         )
 
 
