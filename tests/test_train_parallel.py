@@ -60,8 +60,8 @@ def _assert_adam_close(got: torch.Tensor, want: torch.Tensor, name: str) -> None
     """fp32 weights after a few Adam steps, by two runs whose gradient sums add in different orders: all but a few
     elements agree to rtol 1e-5 / atol 1e-6, and those few to 2e-5. Adam divides each update by the gradient's own
     scale, so where a gradient is near zero its rounding moves the update by up to the learning rate: on a Xeon with
-    AVX512-FP16, one element in 12,288 of two ZeRO-3 tensors moved 1.5e-6 (2026-11-27), where an EPYC's rounding
-    left none. A shard merged wrong is off by the weights' own size (~0.05) in most elements."""
+    AVX512-FP16, one element in 12,288 of two ZeRO-3 tensors moved 1.5e-6 (2026-11-27), where the machines the suite
+    passed on before left none. A shard merged wrong is off by the weights' own size (~0.05) in most elements."""
     off = (got - want).abs() > 1e-6 + 1e-5 * want.abs()
     assert int(off.sum()) <= max(1, want.numel() // 1000), (name, int(off.sum()), want.numel())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5, msg=name)
