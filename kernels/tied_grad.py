@@ -114,6 +114,7 @@ import functools
 import itertools
 import operator
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -567,7 +568,7 @@ def _column_vec(k_pad: int, c_size: int, g_size: int, values: int = _COLUMN_VALU
     return max(1, min(16 // max(c_size, g_size), values // k_pad))
 
 
-def _shares(numels: list[int], block: int, slots: int) -> tuple[list[int], int]:
+def _shares(numels: Sequence[int], block: int, slots: int) -> tuple[list[int], int]:
     """Programs for each tensor, as first-program offsets with the total appended (``_share_of``'s table), and the
     total: about ``slots`` programs of about equal tiles, so that the launch is one wave of programs that end
     together. Tensor i gets ⌈tiles_i · P / tiles⌉ programs (none if empty, at most one a tile), P = slots less one
@@ -673,9 +674,9 @@ class _Launch:
     constexprs: dict
     k_pad: int
     slots: int  # programs the device runs at once (``_slots``)
-    direct: object = None  # the compiled kernel's launcher, after the first launch
-    direct_args: tuple = ()  # the constexprs in the kernel's order, as that launcher takes them
-    direct_device: int = -1
+    # after the first launch: (the device it was loaded on, the compiled kernel's launcher, the constexprs in the
+    # kernel's order as that launcher takes them)
+    direct: tuple | None = None
 
     def __call__(self, partials: torch.Tensor, dispatch: bool = False) -> None:
         """The kernel: grads updated, the statistics in ``partials[-1]``. ``dispatch``: through Triton's dispatch
@@ -684,9 +685,9 @@ class _Launch:
             return
         args = (*self.tables, partials, *self.scalars)
         try:
-            if (self.direct is not None and not dispatch
-                    and triton.runtime.driver.active.get_current_device() == self.direct_device):
-                self.direct(*args, *self.direct_args)
+            if self.direct is not None and not dispatch and \
+                    triton.runtime.driver.active.get_current_device() == self.direct[0]:
+                self.direct[1](*args, *self.direct[2])
             else:
                 self._keep(self.kernel[(self.n_programs,)](*args, **self.constexprs), len(args))
         except BaseException:
@@ -698,9 +699,8 @@ class _Launch:
     def _keep(self, compiled, n_args: int) -> None:
         if self.direct is not None or not all(hasattr(compiled, a) for a in ("function", "packed_metadata", "run")):
             return
-        self.direct_args = tuple(self.constexprs[name] for name in self.kernel.arg_names[n_args:])
-        self.direct_device = triton.runtime.driver.active.get_current_device()
-        self.direct = compiled[(self.n_programs, 1, 1)]
+        self.direct = (triton.runtime.driver.active.get_current_device(), compiled[(self.n_programs, 1, 1)],
+                       tuple(self.constexprs[name] for name in self.kernel.arg_names[n_args:]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -728,7 +728,7 @@ def _launch_for(contrib_ptrs: tuple[int, ...], grad_ptrs: tuple[int, ...], numel
     # five int64 tables, the fp32 partials, the ints (the group size is odd: _finish_groups)
     stand_ins = (*[torch.int64] * 5, torch.float32, _stand_in(len(grad_ptrs)), _stand_in(n_units), 3)
     slots = _slots(kernel, device, tuple(constexprs.items()), stand_ins)
-    firsts, n_programs = _shares(list(numels), block, slots)
+    firsts, n_programs = _shares(numels, block, slots)
     group, n_counters = _finish_groups(n_programs, rows)
     tables = _to_device([contrib_ptrs, grad_ptrs, numels, firsts, [0] * n_counters], device)
     return _Launch(kernel, n_programs, tuple(tables), (len(grad_ptrs), n_units, group), constexprs, k_pad, slots)
