@@ -39,10 +39,10 @@ and spills less in dK/dV; the H100 timed its forward 7-14% faster than the
 pointer kernel's from T = 2048 (BENCHMARKS.md), the model's default is cuDNN.
 
 ``ws=True`` is ``tma=True`` with the forward warp-specialised (``_fwd_ws_kernel``):
-not timed on a GPU yet, so only the benchmark calls it. ``gluon=True`` is ``tma=True``
-with the forward of ``attention_gluon.py``, FlashAttention-3's schedule written in
-Gluon, and with ``deterministic=False`` its one-kernel backward too (Hopper; not run
-on a GPU yet either).
+half the TMA forward's rate on an H200 (BENCHMARKS.md), so only the benchmark calls it.
+``gluon=True`` is ``tma=True`` with the forward of ``attention_gluon.py``, FlashAttention-3's
+schedule written in Gluon, and with ``deterministic=False`` its one-kernel backward too
+(Hopper): on an H200 forward+backward at 0.94-1.01x cuDNN's (2026-11-27), which the model uses.
 
 ``deterministic=False`` runs the backward as FlashAttention-2's CUDA kernel does: one
 launch after Δ, the dK/dV kernel, which also adds each key block's share of dQ
@@ -967,7 +967,8 @@ def flash_attention(
     one key block runs while the tensor cores multiply the previous one); the backward as with tma=True, or with
     deterministic=False in Gluon too (one kernel, dQ by atomics, Pᵀ computed while dPᵀ is multiplied).
     Hopper only, 16-bit inputs, head dims 64 and 128.
-    ws, gluon and deterministic=False are not yet timed on a GPU: options of the benchmark, not of the model.
+    ws, gluon and deterministic=False are options of the benchmark, not of the model: none is faster than cuDNN's
+    attention, the model's choice on Hopper (BENCHMARKS.md).
     """
     if ws and gluon:
         raise ValueError("flash_attention: ws=True and gluon=True are two forwards; pass one of them")
