@@ -36,7 +36,7 @@ from _common import checkout_kernels  # noqa: E402
 DTYPES = {"bf16": (tl.bfloat16, 2), "fp32": (tl.float32, 4)}
 TABLES = {"CONTRIB_PTRS": "*i64", "GRAD_PTRS": "*i64", "NUMEL": "*i64", "FIRST_PROGRAM": "*i64", "COUNTERS": "*i64",
           "PARTIALS": "*fp32",
-          "n_tensors": "i32", "n_units": "i32", "group_size": "i32", "C_TYPE": "constexpr", "G_TYPE": "constexpr",
+          "n_tensors": "i32", "group_size": "i32", "N_UNITS": "constexpr", "C_TYPE": "constexpr", "G_TYPE": "constexpr",
           "K_PAD": "constexpr", "T_PAD": "constexpr", "ALIGNED": "constexpr", "ROWS": "constexpr"}
 T_PAD = 16  # a Llama block's nine tensors
 
@@ -52,7 +52,7 @@ def compile_reduce(tg, k: int, layout: str, c_dtype: str, g_dtype: str, arch: in
     k_pad = triton.next_power_of_2(k)
     c_size, g_size = DTYPES[c_dtype][1], DTYPES[g_dtype][1]
     rows = tg._finish_rows(k_pad)
-    consts = {"C_TYPE": DTYPES[c_dtype][0], "G_TYPE": DTYPES[g_dtype][0], "K_PAD": k_pad, "T_PAD": T_PAD, "ALIGNED": True,
+    consts = {"N_UNITS": k, "C_TYPE": DTYPES[c_dtype][0], "G_TYPE": DTYPES[g_dtype][0], "K_PAD": k_pad, "T_PAD": T_PAD, "ALIGNED": True,
               "ROWS": rows}
     if layout in ("columns", "wide"):
         vec = tg._column_vec(k_pad, c_size, g_size, tg._WIDE_VALUES if layout == "wide" else tg._COLUMN_VALUES)

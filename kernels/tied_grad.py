@@ -82,8 +82,12 @@ elements, and threads combine them once, at the program's end. Its main loop
 compiles to no ``bar.sync`` and no ``shfl`` for K up to 32, with Triton 3.9
 and with 3.6 (the GPU machine's). VEC is one 128-bit access of the wider of
 the two dtypes (the ``.grad`` tile then has the contributions' layout), capped
-at 64 / K_PAD so that the tile stays in registers: 53-168 registers, no spill,
-for K = 2-32 (K = 24 is 1.3b with ``sharing=all``). An earlier 3-D
+at 64 / K_PAD so that the tile stays in registers: 56-168 registers, no spill,
+for K = 2-32 (K = 24 is 1.3b with ``sharing=all``). The unit count K is a constexpr
+(``N_UNITS``; a compile per K, not per K_PAD): the padded units' rows are masked off
+at compile time, so their loads, sums and registers vanish. With Triton 3.6 for
+sm_90a that took "columns" at K = 12 from 128 to 109 registers and "wide" from 203
+to 168, 3 blocks an SM instead of 2 (at K = 24: 168 to 146, 227 to 199). An earlier 3-D
 (K_PAD, COLS, VEC) form of it compiled as intended with 3.9 only: 3.6 put
 threads along the unit axis. From K = 64 it spills: correct, not fast.
 
@@ -91,11 +95,12 @@ threads along the unit axis. From K = 64 it spills: correct, not fast.
 × VEC up to 128): at K = 17-32 each thread loads 4 adjacent bf16 of every unit (64-bit
 accesses) instead of 2, and the H100's figures for K = 24 (45% of the copy bandwidth
 with "columns", 32-bit loads) point at the narrow loads. sm_90a: 228 registers at
-K = 24, no spill (220 at K = 12, 128-bit loads). Measured on an H100 (BENCHMARKS.md,
+K = 24, no spill (220 at K = 12, 128-bit loads; both before K was a constexpr). Measured on an H100 (BENCHMARKS.md,
 2026-11-27, bf16) at K = 24: 87% / 89% of the copy bandwidth at 64 / 256 MB and 88%
 on the Llama block, where "columns" gave 45% / 46% / 77%; at K = 12, where it loads
-128 bits against "columns"' 64, it is behind (79-86% against 87-95%), and up to
-K = 8 the two are the same kernel (VEC 8 either way).
+128 bits against "columns"' 64, it is behind (79-86% against 87-95%; an H200: 78-82%
+against 85-88%), with 2 blocks an SM where "columns" has 4; with K a constexpr it has 3
+(untimed). Up to K = 8 the two are the same kernel (VEC 8 either way).
 
 "auto", the default, is "columns" up to K = 16, "wide" at K = 17-32 and "fixed"
 beyond. Measured on
@@ -290,15 +295,15 @@ def _finish(PARTIALS, COUNTERS, group_size, K_PAD: tl.constexpr, ROWS: tl.conste
 
 
 @triton.jit
-def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PARTIALS, n_tensors, n_units,
-                   group_size, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr,
+def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PARTIALS, n_tensors, group_size,
+                   N_UNITS: tl.constexpr, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr,
                    T_PAD: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
     """One program = one share of one tensor (``_share_of``); writes its partial statistics to PARTIALS[program]
     (3, K_PAD), and the programs that finish last sum them into PARTIALS[programs] (``_finish``)."""
     program = tl.program_id(0)
     t, start, end = _share_of(FIRST_PROGRAM, NUMEL, n_tensors, BLOCK, T_PAD)
     units = tl.arange(0, K_PAD)
-    unit_ok = units < n_units
+    unit_ok = units < N_UNITS
     contrib = tl.load(CONTRIB_PTRS + t * K_PAD + units).to(tl.pointer_type(C_TYPE))  # (K_PAD,)
     grad = tl.load(GRAD_PTRS + t).to(tl.pointer_type(G_TYPE))
     if ALIGNED:  # every address 16-byte aligned (checked on the host): 128-bit loads
@@ -322,8 +327,9 @@ def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PART
 
 
 @triton.jit
-def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE: tl.constexpr, K_PAD: tl.constexpr,
-                  COLS: tl.constexpr, VEC: tl.constexpr, MASK: tl.constexpr, ALIGNED: tl.constexpr):
+def _columns_tile(CONTRIB_PTRS, t, grad, off, end, sq, dot, ss, N_UNITS: tl.constexpr, C_TYPE: tl.constexpr,
+                  K_PAD: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, MASK: tl.constexpr,
+                  ALIGNED: tl.constexpr):
     """One tile of COLS·VEC elements: each thread owns VEC adjacent elements of every unit.
 
     Σ_k g_k and the per-unit partial ‖g_k‖², ⟨g_k, Σg⟩ are sums inside one thread
@@ -339,7 +345,7 @@ def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE:
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     in_range = offs < end
-    g = _load_units(ptr[:, None] + offs[None, :], units < n_units, in_range, MASK)  # (K_PAD, BLOCK)
+    g = _load_units(ptr[:, None] + offs[None, :], units < N_UNITS, in_range, MASK)  # (K_PAD, BLOCK)
     acc = _load_f32(grad + offs, in_range, MASK)
     total = tl.sum(g, axis=0)  # (BLOCK,)
     # Each thread's VEC adjacent elements, summed where they are: (K_PAD, COLS) partials per unit.
@@ -351,8 +357,8 @@ def _columns_tile(CONTRIB_PTRS, t, grad, off, end, n_units, sq, dot, ss, C_TYPE:
 
 
 @triton.jit
-def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PARTIALS, n_tensors, n_units,
-                    group_size, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr,
+def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PARTIALS, n_tensors, group_size,
+                    N_UNITS: tl.constexpr, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr,
                     T_PAD: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
                     ROWS: tl.constexpr):
     """``_reduce_kernel``'s contract (same tables, same PARTIALS), with the units inside each thread."""
@@ -367,11 +373,11 @@ def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PAR
     ss = tl.zeros([COLS * VEC], dtype=tl.float32)
     full_end = start + ((end - start) // BLOCK) * BLOCK
     for off in range(start, full_end, BLOCK):
-        sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, tl.multiple_of(off, BLOCK), end, n_units, sq, dot, ss,
-                                    C_TYPE, K_PAD, COLS, VEC, False, ALIGNED)
+        sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, tl.multiple_of(off, BLOCK), end, sq, dot, ss,
+                                    N_UNITS, C_TYPE, K_PAD, COLS, VEC, False, ALIGNED)
     if full_end < end:
-        sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, full_end, end, n_units, sq, dot, ss,
-                                    C_TYPE, K_PAD, COLS, VEC, True, ALIGNED)
+        sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, full_end, end, sq, dot, ss,
+                                    N_UNITS, C_TYPE, K_PAD, COLS, VEC, True, ALIGNED)
     out = PARTIALS + program.to(tl.int64) * 3 * K_PAD
     units = tl.arange(0, K_PAD)
     tl.store(out + units, tl.sum(sq, axis=1))
@@ -670,8 +676,8 @@ class _Launch:
     kernel: object
     n_programs: int  # programs in the launch, each an equal share of a tensor's tiles (``_shares``)
     tables: tuple[torch.Tensor, ...]  # addresses, sizes, first programs and the total, counters (0 between launches)
-    scalars: tuple[int, int, int]  # n_tensors, n_units, group_size
-    constexprs: dict
+    scalars: tuple[int, int]  # n_tensors, group_size
+    constexprs: dict  # N_UNITS (K) among them
     k_pad: int
     slots: int  # programs the device runs at once (``_slots``)
     # after the first launch: (the device it was loaded on, the compiled kernel's launcher, the constexprs in the
@@ -722,16 +728,16 @@ def _launch_for(contrib_ptrs: tuple[int, ...], grad_ptrs: tuple[int, ...], numel
         num_warps = 1 if INTERPRET else _num_warps(block, c_size, layout)
         consts, kernel = {"BLOCK": block}, _reduce_kernel
     rows = _finish_rows(k_pad)
-    constexprs = dict(C_TYPE=_TL_DTYPE[c_dtype], G_TYPE=_TL_DTYPE[g_dtype], K_PAD=k_pad,
+    constexprs = dict(N_UNITS=n_units, C_TYPE=_TL_DTYPE[c_dtype], G_TYPE=_TL_DTYPE[g_dtype], K_PAD=k_pad,
                       T_PAD=next_pow2(len(grad_ptrs)), ALIGNED=any_bits % 16 == 0, ROWS=rows,
                       num_warps=num_warps, **consts)
     # five int64 tables, the fp32 partials, the ints (the group size is odd: _finish_groups)
-    stand_ins = (*[torch.int64] * 5, torch.float32, _stand_in(len(grad_ptrs)), _stand_in(n_units), 3)
+    stand_ins = (*[torch.int64] * 5, torch.float32, _stand_in(len(grad_ptrs)), 3)
     slots = _slots(kernel, device, tuple(constexprs.items()), stand_ins)
     firsts, n_programs = _shares(numels, block, slots)
     group, n_counters = _finish_groups(n_programs, rows)
     tables = _to_device([contrib_ptrs, grad_ptrs, numels, firsts, [0] * n_counters], device)
-    return _Launch(kernel, n_programs, tuple(tables), (len(grad_ptrs), n_units, group), constexprs, k_pad, slots)
+    return _Launch(kernel, n_programs, tuple(tables), (len(grad_ptrs), group), constexprs, k_pad, slots)
 
 
 def _forget_launches() -> None:
@@ -770,7 +776,7 @@ class TiedGradPlan:
     def run(self) -> TiedGradStats:
         self.launch()
         stats = self.partials[-1]  # (3, K_PAD)
-        n = self.spec.scalars[1]
+        n = self.spec.constexprs["N_UNITS"]
         return TiedGradStats(sq_norms=stats[0, :n], dots=stats[1, :n], sum_sq=stats[2, 0])
 
 
