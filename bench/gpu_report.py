@@ -219,26 +219,32 @@ def tied_grad_section(folder: Path) -> list[str]:
     out = [[r["K"], r["case"], r["size_mb"], r["triton_gbps"], r.get("fixed_gbps"), r.get("fitted_gbps"),
             r.get("columns_gbps"), r["torch_gbps"], r["copy_gbps"], r["of_copy"], r.get("fixed_of_copy"),
             r.get("fitted_of_copy"), r.get("columns_of_copy"), r.get("wide_of_copy"), r.get("prepared_of_copy"),
-            r.get("kernel_of_copy"),
+            r.get("last_of_copy"), r.get("kernel_of_copy"),
             r["vs_torch"], r.get("host_us"), r.get("plan_us"), r.get("run_us"), r.get("dispatch_us")] for r in rows]
-    big = [r for r in rows if r["size_mb"] >= 64]  # small tensors are launch-bound: the targets are about bandwidth
+    # The targets: #3's K = 2, 4, 8, 12 (K = 24 is in the table, not in the verdicts), tensors from 64 MB (small ones
+    # are launch-bound: the targets are about bandwidth).
+    big = [r for r in rows if r["size_mb"] >= 64 and r["K"] <= 12]
     lines = ["Tied-gradient reduction (GB/s):", ""] + table(
         ["K", "case", "MB", "triton", "fixed", "fitted", "columns", "PyTorch", "copy", "of copy", "fixed of copy",
-         "fitted of copy", "columns of copy", "wide of copy", "prepared of copy",
+         "fitted of copy", "columns of copy", "wide of copy", "prepared of copy", "default timed last of copy",
          "kernel alone of copy (before the one-launch sum)", "vs PyTorch",
          "host µs/call",
          "of it: checks + tables µs", "launch µs", "launch through Triton's dispatch µs"],
         out) + [""]
-    lines.append(f"* target ≥ 85% of copy bandwidth (tensors ≥ 64 MB): {verdict(all(r['of_copy'] >= 0.85 for r in big) if big else None)}")
-    lines.append(f"* target ≥ 2× the PyTorch composition (tensors ≥ 64 MB): {verdict(all(r['vs_torch'] >= 2 for r in big) if big else None)}")
+    lines.append(f"* target ≥ 85% of copy bandwidth (K = 2–12, tensors ≥ 64 MB): {verdict(all(r['of_copy'] >= 0.85 for r in big) if big else None)}")
+    lines.append(f"* target ≥ 2× the PyTorch composition (K = 2–12, tensors ≥ 64 MB): {verdict(all(r['vs_torch'] >= 2 for r in big) if big else None)}")
     prepared = [r for r in big if "prepared_of_copy" in r]
     if prepared:  # the kernel's own bandwidth: the launch prepared once, outside the timed call
         lines.append(f"* prepared launch (the kernel without the host's per-call work), ≥ 85% of copy bandwidth "
-                     f"(tensors ≥ 64 MB): {verdict(all(r['prepared_of_copy'] >= 0.85 for r in prepared))}")
+                     f"(K = 2–12, tensors ≥ 64 MB): {verdict(all(r['prepared_of_copy'] >= 0.85 for r in prepared))}")
+    last = [r for r in big if "last_of_copy" in r]
+    if last:  # the default call again, after every other provider (is the first timing's deficit the order's?)
+        lines.append(f"* the default timed last, ≥ 85% of copy bandwidth (K = 2–12, tensors ≥ 64 MB): "
+                     f"{verdict(all(r['last_of_copy'] >= 0.85 for r in last))}")
     for layout in ("fixed", "fitted", "columns", "wide"):
         measured = [r for r in big if f"{layout}_of_copy" in r]
         if measured:
-            lines.append(f"* layout `{layout}`, ≥ 85% of copy bandwidth (tensors ≥ 64 MB): "
+            lines.append(f"* layout `{layout}`, ≥ 85% of copy bandwidth (K = 2–12, tensors ≥ 64 MB): "
                          f"{verdict(all(r[f'{layout}_of_copy'] >= 0.85 for r in measured))}; ≥ 2× PyTorch: "
                          f"{verdict(all(r[f'{layout}_gbps'] >= 2 * r['torch_gbps'] for r in measured))}")
     profile = data.get("host_profile")
