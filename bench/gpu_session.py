@@ -3,8 +3,8 @@
 A session that is lent a GPU gets about 15 minutes of device time in all (the
 machine's start included), one command may run 10, and a machine left idle for
 30 s is given back. This script is that one command: it runs the jobs in order of
-importance (first the Gluon attention kernels' tests and, if they pass, their
-benchmark; then the attention benchmark and the tied 1.3b with gradient
+importance (first the reduction's tests and benchmark, its kernel the last changed;
+then the Gluon attention kernels' tests and, if they pass, their benchmark; then the attention benchmark and the tied 1.3b with gradient
 accumulation, what the H100 session of 2026-11-27 measured last; then what it
 measured before: 350m/1.3b with accumulation, the reduction's layouts, 1.3b's
 options, 125m/350m with the fused-ops default, a 1.3b step's profile; then
@@ -158,6 +158,14 @@ def jobs(png: bool) -> list[Job]:
                    ["bench/attention.py", "--smoke", "--json", f"{{out}}/{name}.json"], 120, requires=requires)
 
     return [
+        # #3's reduction first: its kernel changed since the fourth H200 session (2026-11-27, 14 of 16 cases >= 85%):
+        # the unit count is a constexpr, which takes "wide" at K = 12 to 3 blocks an SM with 128-bit loads (the case
+        # short of 85% is K = 12 at 64 MB). Its tests at real shapes, then its GB/s (every layout by name, the default
+        # timed first and last, the prepared launch, the host's time per call).
+        tests_job("tied_grad_tests", ["tests/test_kernels_tied_grad.py"], 90),
+        Job("tied_grad", "kernels",  # every layout, the prepared launch, the host's time per call
+            ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
+            ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
         # #3's newest candidates, the Gluon forward and backward (FlashAttention-3's overlap of softmax and products,
         # written out): their parity tests at real shapes, then, if they pass, their TFLOP/s beside cuDNN's.
         tests_job("gluon_tests", GLUON_FWD_TESTS, 150, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
@@ -165,23 +173,6 @@ def jobs(png: bool) -> list[Job]:
         gluon_bench("attention_gluon", "triton-gluon", "gluon_tests"),
         tests_job("gluon_bwd_tests", GLUON_BWD_TESTS, 150, env={"MEGASCALE_TRITON_AUTOTUNE": "0"}),
         gluon_bench("attention_gluon_bwd", "triton-gluon-atomic", "gluon_bwd_tests"),
-        # #3's reduction: its tests at real shapes (first, now that the kernel sums its statistics itself through
-        # atomic counters, a cross-program protocol no GPU has run, and a repeated call launches through the compiled
-        # kernel's own launcher), then its GB/s (one launch a call since b52cd03, the launch memoised since e601c0d:
-        # the cases short of 85% on the H200 were the second launch's and the host's). Before the launch order's A/B:
-        # #3's own figures first.
-        tests_job("tied_grad_tests", ["tests/test_kernels_tied_grad.py"], 90),
-        Job("tied_grad", "kernels",  # every layout, the prepared launch, the host's time per call
-            ["bench/tied_grad.py", "--dtype", "bf16", "--json", "{out}/tied_grad.json", *plot("tied_grad")],
-            ["bench/tied_grad.py", "--smoke", "--json", "{out}/tied_grad.json"], 90),
-        # The launch order's A/B (untimed since 2026-11-27; informative, so after #3's figures): the same providers
-        # with heads launched one by one, the grid before (MEGASCALE_ATTN_ORDER_HEADS=1), beside the jobs above (8
-        # heads together, heaviest blocks first).
-        Job("attention_gluon_order1", "kernels",
-            [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192",
-             "--providers", "triton-gluon-atomic,sdpa-cudnn", "--json", "{out}/attention_gluon_order1.json"],
-            ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon_order1.json"], 60,
-            env={"MEGASCALE_ATTN_ORDER_HEADS": "1"}, requires="gluon_bwd_tests"),
         # #3's attention with the warp-specialised forward (provider triton-ws: a TMA producer warp and two
         # consumer groups, FlashAttention-3's overlap) and the one-kernel backward (triton-*-atomic: dQ by fp32
         # atomics, 5 products a tile instead of 7), both compiled for sm_90a, never run on a GPU; then the
@@ -292,6 +283,14 @@ def jobs(png: bool) -> list[Job]:
         # launch/pretrain.py's own build (meta device, parameters drawn on the GPU, DeepSpeed) for 1.3b, one rank.
         Job("startup", "train", ["bench/startup.py", "--config", "configs/1.3b.yaml", "--json", "{out}/startup.json"],
             ["bench/startup.py", "--config", "configs/tiny.yaml", "train.precision=fp32", "--json", "{out}/startup.json"], 90),
+        # The launch order's A/B, last (the fourth H200 session: 8 heads together 2-5% faster in each pass at 2k-8k;
+        # for another device): the same providers with heads launched one by one, the grid before
+        # (MEGASCALE_ATTN_ORDER_HEADS=1), beside attention_gluon_bwd (8 heads together, heaviest blocks first).
+        Job("attention_gluon_order1", "kernels",
+            [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192",
+             "--providers", "triton-gluon-atomic,sdpa-cudnn", "--json", "{out}/attention_gluon_order1.json"],
+            ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon_order1.json"], 60,
+            env={"MEGASCALE_ATTN_ORDER_HEADS": "1"}, requires="gluon_bwd_tests"),
     ]
 
 
