@@ -145,8 +145,53 @@ def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, mod
     shape = dict(B=B, H=H, H_kv=H_kv, T=T, D=D, causal=causal)
     tiles = chosen_tiles(kernels, D, causal, dtype, T)
     candidates = candidate_tflops(kernels, B, H, D, causal, dtype, T)
+    phases = gluon_phases(kernels, q, k, v, do, causal, device)
     return [{**shape, **row, "triton_max_abs_err": errors.get("triton"), "max_abs_err": errors.get(row["provider"]),
-             "tiles": tiles, "candidates": candidates} for row in rows]
+             "tiles": tiles, "candidates": candidates, **({"gluon_phases": phases} if phases else {})} for row in rows]
+
+
+def gluon_phases(kernels, q, k, v, do, causal: bool, device: torch.device) -> dict:
+    """The Gluon kernels alone, timed as the providers are (same warm-up and repetitions, L2 flushed), with the tiles
+    their tuner chose for this shape, and the backward's other passes (Δ, zeroing the fp32 dQ buffer, dQ's scale and
+    rounding): what separates a provider's call from its kernel. {} where no Gluon provider ran; {"error": ...} if a
+    timing fails (the providers' rows are kept either way).
+
+    The tuner's own timings (``candidates``) are short bursts on the first call of a shape: on the fourth H200
+    session the forward's was 9-11% above the provider's at 4k-16k, which the call's host work alone cannot
+    explain at 16k (195 us a call). These are timed like the call, so the difference is the call's."""
+    gluon = sys.modules.get(kernels.__name__ + "_gluon")
+    B, H, T, D = q.shape
+    tuned = dict(_tuned_here(kernels, gluon, "_TUNED", D, causal, q.dtype, T)) if gluon else {}
+    if "fwd" not in tuned:
+        return {}
+    scale = D ** -0.5
+    flops = forward_flops(B, H, T, D, causal)
+    try:
+        with torch.no_grad():
+            q, k, v, do = (x.detach() for x in (q, k, v, do))
+            o, lse = kernels._forward(q, k, v, causal, scale, gluon=True)
+            o2, lse2 = torch.empty_like(o), torch.empty_like(lse)
+            fwd_ms = time_ms(lambda: gluon._launch(q, k, v, o2, lse2, causal, scale * kernels.LOG2E, tuned["fwd"]),
+                             device)
+            out = {"fwd_kernel_ms": fwd_ms, "fwd_kernel_tflops": flops / (fwd_ms * 1e-3) / 1e12}
+            if "bwd" not in tuned:
+                return out
+            delta = kernels._delta(o, do, lse)
+            dq_acc, dq = torch.zeros((B, H, T, D), device=device, dtype=torch.float32), torch.empty_like(q)
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            bwd_ms = time_ms(lambda: gluon._launch_bwd(q, k, v, do, lse, delta, dq_acc, dk, dv, causal,
+                                                       scale * kernels.LOG2E, scale, tuned["bwd"]), device)
+
+            def passes():  # as kernels._backward runs them around the Gluon backward
+                kernels._delta(o, do, lse)
+                acc = torch.zeros((B, H, T, D), device=device, dtype=torch.float32)
+                torch.mul(acc, scale, out=dq)
+
+            passes_ms = time_ms(passes, device)
+        return {**out, "bwd_kernel_ms": bwd_ms, "bwd_kernel_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
+                "bwd_passes_ms": passes_ms}
+    except Exception as e:  # noqa: BLE001 (a diagnostic: never costs the providers' figures)
+        return {"error": _first_line(e)}
 
 
 def _first_line(e: Exception) -> str:

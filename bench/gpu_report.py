@@ -190,7 +190,31 @@ def gluon_lines(rows: list[dict]) -> list[str]:
         out.append([D, "causal" if causal else "full", T, tiles.get("gluon_fwd", "–"), tiles.get("gluon_bwd", "–"), err])
     lines = ["Gluon kernels: the tiles their tuner chose, and the forward's max |error| against SDPA:", ""] + table(
         ["head dim", "mask", "T", "forward tile", "backward tile", "max abs error"], out) + [""]
-    return lines + candidate_lines(gluon)
+    return lines + candidate_lines(gluon) + phase_lines(gluon)
+
+
+def phase_lines(gluon: list[dict]) -> list[str]:
+    """The Gluon kernels alone against the provider's call, timed alike (bench/attention.py's ``gluon_phases``), and
+    the backward's other passes: where a call's time goes beyond its kernel."""
+    out = []
+    for D, causal, T in sorted({(r["D"], r["causal"], r["T"]) for r in gluon if r.get("gluon_phases")}):
+        here = [r for r in gluon if (r["D"], r["causal"], r["T"]) == (D, causal, T)]
+        phases = here[0]["gluon_phases"]
+        if "error" in phases:
+            out.append([D, "causal" if causal else "full", T, f"failed: {phases['error']}", *["–"] * 5])
+            continue
+        call = {r["mode"]: r for r in here if r["provider"] == "triton-gluon-atomic" and r.get("ms")}
+        bwd_ms = call.get("bwd", {}).get("ms")
+        passes = phases.get("bwd_passes_ms")
+        out.append([D, "causal" if causal else "full", T, call.get("fwd", {}).get("tflops"),
+                    phases.get("fwd_kernel_tflops"), call.get("bwd", {}).get("tflops"), phases.get("bwd_kernel_tflops"),
+                    passes * 1e3 if passes else None, passes / bwd_ms if passes and bwd_ms else None])
+    if not out:
+        return []
+    return ["Gluon: the provider's call (`triton-gluon-atomic`) against its kernel alone, timed alike (TFLOP/s), and "
+            "the backward's other passes (Δ, zeroing dQ's fp32 buffer, its scale and rounding):", ""] + table(
+        ["head dim", "mask", "T", "forward call", "forward kernel", "backward call", "backward kernel",
+         "other passes µs", "of the backward call"], out) + [""]
 
 
 def candidate_lines(gluon: list[dict]) -> list[str]:

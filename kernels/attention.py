@@ -795,6 +795,17 @@ def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
     return o, lse
 
 
+def _delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Δ = rowsum(O · dO), (B, H, T) fp32 like lse: the backward's pass before its kernels."""
+    B, H, T, D = o.shape
+    delta = torch.empty_like(lse)
+    block = 16 if INTERPRET else 128
+    _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block
+    )
+    return delta
+
+
 def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None, tma: bool = False,
               deterministic: bool = True, gluon: bool = False):
     B, H, T, D = q.shape
@@ -802,11 +813,7 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
     if tma and _tma_refusal(do) is not None:  # e.g. the expanded gradient of a sum: stride 0
         do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = torch.empty_like(lse)  # (B, H, T) fp32
-    block = 16 if INTERPRET else 128
-    _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block
-    )
+    delta = _delta(o, do, lse)
     common = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype), **({"TMA": True} if tma else {}))
     # Not deterministic: dQ summed by atomic adds in fp32 into dq_acc by the dK/dV kernel, the dQ kernel not run.
     dq_acc = None if deterministic else torch.zeros((B, H, T, D), device=q.device, dtype=torch.float32)

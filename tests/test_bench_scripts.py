@@ -250,6 +250,38 @@ def test_gpu_session_goes_on_past_a_test_that_hangs_or_takes_cuda_down(tmp_path)
             "encountered); the tests after it ran again") in report
 
 
+def test_gluon_phases_never_cost_the_providers_rows_and_the_report_shows_them(monkeypatch):
+    """bench/attention.py times the Gluon kernels alone beside the provider's call (``gluon_phases``): nothing where no
+    Gluon tuner ran for the shape, one error line where a timing fails (here the real launch on CPU tensors), and the
+    report sets call against kernel and gives the backward's other passes their share."""
+    import torch  # noqa: PLC0415
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import attention  # noqa: PLC0415
+    import gpu_report  # noqa: PLC0415
+
+    kernels = attention.import_kernels()
+    from megascale.kernels import attention_gluon  # noqa: PLC0415
+
+    q, k, v, do = (torch.randn(1, 2, 16, 64) for _ in range(4))
+    monkeypatch.setattr(attention_gluon, "_TUNED", {})
+    assert attention.gluon_phases(kernels, q, k, v, do, True, torch.device("cpu")) == {}
+    tile = (128, 128, 2, attention_gluon.PING_PONG)
+    monkeypatch.setattr(attention_gluon, "_TUNED", {("fwd", 64, True, torch.float32, 16, "cpu"): tile})
+    failed = attention.gluon_phases(kernels, q, k, v, do, True, torch.device("cpu"))
+    assert list(failed) == ["error"] and failed["error"], failed
+
+    phases = dict(fwd_kernel_ms=0.4, fwd_kernel_tflops=600.0, bwd_kernel_ms=1.2, bwd_kernel_tflops=520.0,
+                  bwd_passes_ms=0.15)
+    shape = dict(D=128, causal=True, T=4096, gluon_phases=phases)
+    rows = [dict(provider="triton-gluon-atomic", mode="fwd", ms=0.5, tflops=545.0, **shape),
+            dict(provider="triton-gluon-atomic", mode="bwd", ms=1.5, tflops=460.0, **shape)]
+    text = "\n".join(gpu_report.phase_lines(rows))
+    assert "| 128 | causal | 4096 | 545 | 600 | 460 | 520 | 150 | 0.1 |" in text, text
+    rows[0]["gluon_phases"] = rows[1]["gluon_phases"] = {"error": "CUDA error"}
+    assert "| 128 | causal | 4096 | failed: CUDA error |" in "\n".join(gpu_report.phase_lines(rows))
+
+
 def test_attention_bench_and_report_show_the_gluon_tuners_choice(tmp_path, monkeypatch):
     """A first GPU run of the Gluon kernels must say which candidate tile won per shape (attention_gluon._TUNED,
     keyed by kernel, head dim, mask, dtype, length bucket, device) and how far their output is from SDPA's."""
