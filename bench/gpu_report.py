@@ -199,11 +199,14 @@ def phase_lines(gluon: list[dict]) -> list[str]:
     out = []
     for D, causal, T in sorted({(r["D"], r["causal"], r["T"]) for r in gluon if r.get("gluon_phases")}):
         here = [r for r in gluon if (r["D"], r["causal"], r["T"]) == (D, causal, T)]
-        phases = here[0]["gluon_phases"]
+        # the fullest record of the shape (attention_gluon times the forward only; a failed timing has one key)
+        phases = max((r["gluon_phases"] for r in here if r.get("gluon_phases")), key=len)
         if "error" in phases:
             out.append([D, "causal" if causal else "full", T, f"failed: {phases['error']}", *["–"] * 5])
             continue
-        call = {r["mode"]: r for r in here if r["provider"] == "triton-gluon-atomic" and r.get("ms")}
+        # the call beside it: the Gluon backward's provider, else (the forward, the same kernel) triton-gluon's
+        call = {r["mode"]: r for name in ("triton-gluon", "triton-gluon-atomic")
+                for r in here if r["provider"] == name and r.get("ms")}
         bwd_ms = call.get("bwd", {}).get("ms")
         passes = phases.get("bwd_passes_ms")
         out.append([D, "causal" if causal else "full", T, call.get("fwd", {}).get("tflops"),

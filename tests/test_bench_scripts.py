@@ -278,6 +278,10 @@ def test_gluon_phases_never_cost_the_providers_rows_and_the_report_shows_them(mo
             dict(provider="triton-gluon-atomic", mode="bwd", ms=1.5, tflops=460.0, **shape)]
     text = "\n".join(gpu_report.phase_lines(rows))
     assert "| 128 | causal | 4096 | 545 | 600 | 460 | 520 | 150 | 0.1 |" in text, text
+    # beside a forward-only record (job attention_gluon) of the same shape, the fuller one is shown
+    fwd_only = dict(provider="triton-gluon", mode="fwd", ms=0.5, tflops=540.0, D=128, causal=True, T=4096,
+                    gluon_phases=dict(fwd_kernel_ms=0.4, fwd_kernel_tflops=590.0))
+    assert "| 128 | causal | 4096 | 545 | 600 | 460 | 520 | 150 | 0.1 |" in "\n".join(gpu_report.phase_lines([fwd_only, *rows]))
     rows[0]["gluon_phases"] = rows[1]["gluon_phases"] = {"error": "CUDA error"}
     assert "| 128 | causal | 4096 | failed: CUDA error |" in "\n".join(gpu_report.phase_lines(rows))
 
