@@ -56,8 +56,10 @@ def compile_reduce(tg, k: int, layout: str, c_dtype: str, g_dtype: str, arch: in
               "ROWS": rows}
     if layout in ("columns", "wide"):
         vec = tg._column_vec(k_pad, c_size, g_size, tg._WIDE_VALUES if layout == "wide" else tg._COLUMN_VALUES)
-        warps, fn, extra = tg._COLUMN_WARPS, tg._columns_kernel, {"COLS": 32 * tg._COLUMN_WARPS, "VEC": vec}
-        tile = f"{k_pad} x {32 * warps} x {vec}"
+        k_a, k_b = tg._unit_split(k)
+        warps, fn, extra = tg._COLUMN_WARPS, tg._columns_kernel, {"K_A": k_a, "K_B": k_b, "COLS": 32 * tg._COLUMN_WARPS,
+                                                                  "VEC": vec}
+        tile = f"{k_a}{f'+{k_b}' if k_b else ''} x {32 * warps} x {vec}"
     else:
         block = max(256, tg._TILE_VALUES // k_pad)
         warps, fn, extra = tg._num_warps(block, c_size, layout), tg._reduce_kernel, {"BLOCK": block}

@@ -84,10 +84,17 @@ and with 3.6 (the GPU machine's). VEC is one 128-bit access of the wider of
 the two dtypes (the ``.grad`` tile then has the contributions' layout), capped
 at 64 / K_PAD so that the tile stays in registers: 56-168 registers, no spill,
 for K = 2-32 (K = 24 is 1.3b with ``sharing=all``). The unit count K is a constexpr
-(``N_UNITS``; a compile per K, not per K_PAD): the padded units' rows are masked off
-at compile time, so their loads, sums and registers vanish. With Triton 3.6 for
-sm_90a that took "columns" at K = 12 from 128 to 109 registers and "wide" from 203
-to 168, 3 blocks an SM instead of 2 (at K = 24: 168 to 146, 227 to 199). An earlier 3-D
+(``N_UNITS``; a compile per K, not per K_PAD), and the units come as two blocks of
+rows, each a power of two (``_unit_split``: 12 = 8 + 4, 24 = 16 + 8), not one block
+padded to K_PAD: a padded row still costs its masked loads (Triton's loads are inline
+assembly, which the compiler keeps) and its arithmetic. With Triton 3.6 for sm_90a
+(``bench/kernel_layout.py``), against one padded block with K a runtime int: "columns"
+at K = 12 128 -> 106 registers and 538 -> 441 PTX instructions in the main loop
+(4 + 4 fewer 64-bit address and data loads a tile), "wide" 203 -> 163 registers
+(3 blocks an SM instead of 2) and 893 -> 701 instructions; at K = 24 "columns" 168 ->
+128 registers (4 blocks an SM instead of 3), "wide" 227 -> 186. Powers of two compile
+as before. On the H200 K = 12 "columns" levelled off at 88% of the copy where K = 8
+reached 99%, with about 1.5x the instructions a byte; these are untimed. An earlier 3-D
 (K_PAD, COLS, VEC) form of it compiled as intended with 3.9 only: 3.6 put
 threads along the unit axis. From K = 64 it spills: correct, not fast.
 
@@ -327,61 +334,99 @@ def _reduce_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PART
 
 
 @triton.jit
-def _columns_tile(CONTRIB_PTRS, t, grad, off, end, sq, dot, ss, N_UNITS: tl.constexpr, C_TYPE: tl.constexpr,
-                  K_PAD: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, MASK: tl.constexpr,
-                  ALIGNED: tl.constexpr):
+def _unit_rows(CONTRIB_PTRS, t, offs, in_range, FIRST: tl.constexpr, ROWS: tl.constexpr, N_UNITS: tl.constexpr,
+               C_TYPE: tl.constexpr, K_PAD: tl.constexpr, MASK: tl.constexpr, ALIGNED: tl.constexpr):
+    """Units FIRST .. FIRST + ROWS of tensor t at ``offs``, as fp32 (ROWS, BLOCK); units past N_UNITS 0.
+
+    The unit addresses are re-read per tile (cached, one per warp) rather than held: K 64-bit
+    addresses would cost 2K registers for the whole loop."""
+    units = FIRST + tl.arange(0, ROWS)
+    ptr = tl.load(CONTRIB_PTRS + t * K_PAD + units).to(tl.pointer_type(C_TYPE))  # padded units: 0, masked off
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return _load_units(ptr[:, None] + offs[None, :], units < N_UNITS, in_range, MASK)
+
+
+@triton.jit
+def _unit_sums(g, total, sq, dot, ROWS: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr):
+    """Each thread's VEC adjacent elements of ‖g_k‖² and ⟨g_k, Σg⟩, summed where they are: (ROWS, COLS)."""
+    sq += tl.sum(tl.reshape(g * g, [ROWS, COLS, VEC]), axis=2)
+    dot += tl.sum(tl.reshape(g * total[None, :], [ROWS, COLS, VEC]), axis=2)
+    return sq, dot
+
+
+@triton.jit
+def _columns_tile(CONTRIB_PTRS, t, grad, off, end, sq, dot, sq_b, dot_b, ss, N_UNITS: tl.constexpr,
+                  C_TYPE: tl.constexpr, K_PAD: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr,
+                  COLS: tl.constexpr, VEC: tl.constexpr, MASK: tl.constexpr, ALIGNED: tl.constexpr):
     """One tile of COLS·VEC elements: each thread owns VEC adjacent elements of every unit.
 
     Σ_k g_k and the per-unit partial ‖g_k‖², ⟨g_k, Σg⟩ are sums inside one thread
     (over units, then over its VEC elements): nothing crosses threads until the
-    program's end. The unit addresses are re-read per tile (cached, one per warp)
-    rather than held: K 64-bit addresses would cost 2K registers for the whole loop.
+    program's end. The units come as two power-of-two blocks of rows, K_A then K_B
+    (``_unit_split``; K_B = 0 when K is a power of two): at K = 12, 8 and 4, where
+    one block of 16 would carry 4 rows of masked loads and their arithmetic.
     """
     # (BLOCK,) contiguous, so threads lie along it whatever the Triton version; contiguity capped at VEC so
     # that each thread's vector is VEC elements (all COLS × 32 threads along the elements, units in-thread).
     offs = tl.max_contiguous(off + tl.arange(0, COLS * VEC), VEC)
-    units = tl.arange(0, K_PAD)
-    ptr = tl.load(CONTRIB_PTRS + t * K_PAD + units).to(tl.pointer_type(C_TYPE))  # padded units: 0, masked off
-    if ALIGNED:
-        ptr = tl.multiple_of(ptr, 16)
     in_range = offs < end
-    g = _load_units(ptr[:, None] + offs[None, :], units < N_UNITS, in_range, MASK)  # (K_PAD, BLOCK)
+    g = _unit_rows(CONTRIB_PTRS, t, offs, in_range, 0, K_A, N_UNITS, C_TYPE, K_PAD, MASK, ALIGNED)  # (K_A, BLOCK)
     acc = _load_f32(grad + offs, in_range, MASK)
     total = tl.sum(g, axis=0)  # (BLOCK,)
-    # Each thread's VEC adjacent elements, summed where they are: (K_PAD, COLS) partials per unit.
-    sq += tl.sum(tl.reshape(g * g, [K_PAD, COLS, VEC]), axis=2)
-    dot += tl.sum(tl.reshape(g * total[None, :], [K_PAD, COLS, VEC]), axis=2)
+    if K_B > 0:
+        g_b = _unit_rows(CONTRIB_PTRS, t, offs, in_range, K_A, K_B, N_UNITS, C_TYPE, K_PAD, MASK, ALIGNED)
+        total += tl.sum(g_b, axis=0)
+        sq_b, dot_b = _unit_sums(g_b, total, sq_b, dot_b, K_B, COLS, VEC)
+    sq, dot = _unit_sums(g, total, sq, dot, K_A, COLS, VEC)
     ss += total * total
     _store_cast(grad + offs, acc + total, in_range, MASK)
-    return sq, dot, ss
+    return sq, dot, sq_b, dot_b, ss
+
+
+@triton.jit
+def _store_rows(out, sq, dot, FIRST: tl.constexpr, ROWS: tl.constexpr, K_PAD: tl.constexpr):
+    """A program's (ROWS, COLS) partial ‖g_k‖² and ⟨g_k, Σg⟩ of units FIRST.., summed over its threads, into its
+    PARTIALS row."""
+    units = FIRST + tl.arange(0, ROWS)
+    tl.store(out + units, tl.sum(sq, axis=1))
+    tl.store(out + K_PAD + units, tl.sum(dot, axis=1))
 
 
 @triton.jit
 def _columns_kernel(CONTRIB_PTRS, GRAD_PTRS, NUMEL, FIRST_PROGRAM, COUNTERS, PARTIALS, n_tensors, group_size,
                     N_UNITS: tl.constexpr, C_TYPE: tl.constexpr, G_TYPE: tl.constexpr, K_PAD: tl.constexpr,
-                    T_PAD: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
-                    ROWS: tl.constexpr):
+                    T_PAD: tl.constexpr, K_A: tl.constexpr, K_B: tl.constexpr, COLS: tl.constexpr,
+                    VEC: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
     """``_reduce_kernel``'s contract (same tables, same PARTIALS), with the units inside each thread."""
     BLOCK: tl.constexpr = COLS * VEC
+    K_B1: tl.constexpr = max(K_B, 1)  # the second block's accumulators exist (unused) when K_B = 0
     program = tl.program_id(0)
     t, start, end = _share_of(FIRST_PROGRAM, NUMEL, n_tensors, BLOCK, T_PAD)
     grad = tl.load(GRAD_PTRS + t).to(tl.pointer_type(G_TYPE))
     if ALIGNED:
         grad = tl.multiple_of(grad, 16)
-    sq = tl.zeros([K_PAD, COLS], dtype=tl.float32)  # per thread: its partial ‖g_k‖² of every unit
-    dot = tl.zeros([K_PAD, COLS], dtype=tl.float32)
+    sq = tl.zeros([K_A, COLS], dtype=tl.float32)  # per thread: its partial ‖g_k‖² of every unit
+    dot = tl.zeros([K_A, COLS], dtype=tl.float32)
+    sq_b = tl.zeros([K_B1, COLS], dtype=tl.float32)
+    dot_b = tl.zeros([K_B1, COLS], dtype=tl.float32)
     ss = tl.zeros([COLS * VEC], dtype=tl.float32)
     full_end = start + ((end - start) // BLOCK) * BLOCK
     for off in range(start, full_end, BLOCK):
-        sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, tl.multiple_of(off, BLOCK), end, sq, dot, ss,
-                                    N_UNITS, C_TYPE, K_PAD, COLS, VEC, False, ALIGNED)
+        sq, dot, sq_b, dot_b, ss = _columns_tile(CONTRIB_PTRS, t, grad, tl.multiple_of(off, BLOCK), end, sq, dot,
+                                                 sq_b, dot_b, ss, N_UNITS, C_TYPE, K_PAD, K_A, K_B, COLS, VEC,
+                                                 False, ALIGNED)
     if full_end < end:
-        sq, dot, ss = _columns_tile(CONTRIB_PTRS, t, grad, full_end, end, sq, dot, ss,
-                                    N_UNITS, C_TYPE, K_PAD, COLS, VEC, True, ALIGNED)
+        sq, dot, sq_b, dot_b, ss = _columns_tile(CONTRIB_PTRS, t, grad, full_end, end, sq, dot, sq_b, dot_b, ss,
+                                                 N_UNITS, C_TYPE, K_PAD, K_A, K_B, COLS, VEC, True, ALIGNED)
     out = PARTIALS + program.to(tl.int64) * 3 * K_PAD
     units = tl.arange(0, K_PAD)
-    tl.store(out + units, tl.sum(sq, axis=1))
-    tl.store(out + K_PAD + units, tl.sum(dot, axis=1))
+    if K_A + K_B < K_PAD:  # the row's units past both blocks: every entry of PARTIALS is written
+        tl.store(out + units, 0.0, mask=units >= K_A + K_B)
+        tl.store(out + K_PAD + units, 0.0, mask=units >= K_A + K_B)
+    _store_rows(out, sq, dot, 0, K_A, K_PAD)
+    if K_B > 0:
+        _store_rows(out, sq_b, dot_b, K_A, K_B, K_PAD)
     tl.store(out + 2 * K_PAD + units, tl.where(units == 0, tl.sum(ss, axis=0), 0.0))
     _finish(PARTIALS, COUNTERS, group_size, K_PAD, ROWS)
 
@@ -574,6 +619,14 @@ def _column_vec(k_pad: int, c_size: int, g_size: int, values: int = _COLUMN_VALU
     return max(1, min(16 // max(c_size, g_size), values // k_pad))
 
 
+def _unit_split(n_units: int) -> tuple[int, int]:
+    """"columns"/"wide": K units as two blocks of rows, each a power of two (Triton's tiles are): the largest power of
+    two K_A <= K, then the rest padded, K_B = next_pow2(K - K_A), 0 if none. 12 = 8 + 4, 24 = 16 + 8, 7 = 4 + 4 (one
+    row masked), 8 = 8 + 0. K_A + K_B <= K_PAD always."""
+    k_a = 1 << (n_units.bit_length() - 1)
+    return k_a, next_pow2(n_units - k_a) if n_units > k_a else 0
+
+
 def _shares(numels: Sequence[int], block: int, slots: int) -> tuple[list[int], int]:
     """Programs for each tensor, as first-program offsets with the total appended (``_share_of``'s table), and the
     total: about ``slots`` programs of about equal tiles, so that the launch is one wave of programs that end
@@ -722,7 +775,8 @@ def _launch_for(contrib_ptrs: tuple[int, ...], grad_ptrs: tuple[int, ...], numel
         vec = _column_vec(k_pad, c_size, g_dtype.itemsize, _WIDE_VALUES if layout == "wide" else _COLUMN_VALUES)
         num_warps = 1 if INTERPRET else _COLUMN_WARPS
         cols = 4 if INTERPRET else 32 * num_warps
-        block, consts, kernel = cols * vec, {"COLS": cols, "VEC": vec}, _columns_kernel
+        k_a, k_b = _unit_split(n_units)
+        block, consts, kernel = cols * vec, {"K_A": k_a, "K_B": k_b, "COLS": cols, "VEC": vec}, _columns_kernel
     else:
         block = 16 if INTERPRET else max(256, _TILE_VALUES // k_pad)
         num_warps = 1 if INTERPRET else _num_warps(block, c_size, layout)

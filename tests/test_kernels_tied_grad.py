@@ -75,7 +75,7 @@ def _assert_stats_close(got: TiedGradStats, want: TiedGradStats):
         torch.testing.assert_close(a, b, rtol=STATS_RTOL, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("n_units", [1, 2, 3, 4, 8, 12])
+@pytest.mark.parametrize("n_units", [1, 2, 3, 4, 7, 8, 12])  # 7: two blocks of 4 units, the second with one masked
 @pytest.mark.parametrize(
     "c_dtype, g_dtype",
     [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
@@ -111,7 +111,7 @@ def test_other_layouts_give_the_same_reduction(layout, n_units, c_dtype, g_dtype
 
 
 def test_warps_per_program_and_elements_per_thread():
-    from megascale.kernels.tied_grad import _column_vec, _num_warps
+    from megascale.kernels.tied_grad import _column_vec, _num_warps, _unit_split
 
     # bf16 (8 per 128-bit load): one row of the tile spans BLOCK / 256 warps, at most 8.
     assert [_num_warps(block, 2, "fitted") for block in (4096, 2048, 1024, 512, 256)] == [8, 8, 4, 2, 1]
@@ -123,6 +123,9 @@ def test_warps_per_program_and_elements_per_thread():
     assert [_column_vec(k_pad, 2, 4) for k_pad in (1, 8, 16, 32)] == [4, 4, 4, 2]  # bf16 into fp32 grads
     # wide: twice the values, so 64-bit loads of bf16 at K = 17-32
     assert [_column_vec(k_pad, 2, 2, 128) for k_pad in (8, 16, 32, 64, 128)] == [8, 8, 4, 2, 1]
+    # the units as two power-of-two blocks of rows: no padded row where K is a sum of two powers of two
+    assert [_unit_split(k) for k in (1, 2, 3, 5, 7, 8, 12, 13, 24, 32)] == [
+        (1, 0), (2, 0), (2, 1), (4, 1), (4, 4), (8, 0), (8, 4), (8, 8), (16, 8), (32, 0)]
     contributions, grads = _group(2, [(8,)], torch.float32, torch.float32)
     with pytest.raises(ValueError, match="layout 'many' is not one of auto, fixed, fitted, columns"):
         tied_grad_reduce(contributions, grads, backend="triton", layout="many")
