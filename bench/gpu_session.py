@@ -159,8 +159,8 @@ def jobs(png: bool) -> list[Job]:
 
     return [
         # #3's reduction first: its kernel changed since the fourth H200 session (2026-11-27, 14 of 16 cases >= 85%):
-        # the unit count is a constexpr, which takes "wide" at K = 12 to 3 blocks an SM with 128-bit loads (the case
-        # short of 85% is K = 12 at 64 MB). Its tests at real shapes, then its GB/s (every layout by name, the default
+        # its units are two power-of-two blocks of rows (12 = 8 + 4), not one padded, which takes "wide" at K = 12 to
+        # 3 blocks an SM with 128-bit loads (the case short of 85% is K = 12 at 64 MB). Its tests at real shapes, then its GB/s (every layout by name, the default
         # timed first and last, the prepared launch, the host's time per call).
         tests_job("tied_grad_tests", ["tests/test_kernels_tied_grad.py"], 90),
         Job("tied_grad", "kernels",  # every layout, the prepared launch, the host's time per call

@@ -94,7 +94,7 @@ at K = 12 128 -> 106 registers and 538 -> 441 PTX instructions in the main loop
 (3 blocks an SM instead of 2) and 893 -> 701 instructions; at K = 24 "columns" 168 ->
 128 registers (4 blocks an SM instead of 3), "wide" 227 -> 186. Powers of two compile
 as before. On the H200 K = 12 "columns" levelled off at 88% of the copy where K = 8
-reached 99%, with about 1.5x the instructions a byte; these are untimed. An earlier 3-D
+reached 99%, with 1.6x the instructions a byte (now 1.3x); these are untimed. An earlier 3-D
 (K_PAD, COLS, VEC) form of it compiled as intended with 3.9 only: 3.6 put
 threads along the unit axis. From K = 64 it spills: correct, not fast.
 
