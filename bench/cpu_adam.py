@@ -78,6 +78,9 @@ def in_child(n_params: int, threads: int, reps: int) -> list[dict]:
     pool from the environment, not from torch.set_num_threads (measured: 41 ms against 48 ms per
     step at "1 thread" on 2 cores, so it had used both)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # This interpreter's ninja first, as `make` and the launchers have it: a system ninja of another version
+    # keeps another build log, and DeepSpeed's op is then compiled again (~1 min) by whichever ran last.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     cmd = [sys.executable, __file__, "--child", "--params", str(n_params), "--threads", str(threads), "--reps", str(reps)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("ROWS ")), None)

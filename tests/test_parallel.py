@@ -169,17 +169,33 @@ def one_error_line(proc):
     return lines[0]
 
 
-@pytest.mark.parametrize("overrides, nproc, fragment", [
-    (["parallel.tp=3"], 2, "world size 2 is not divisible by parallel.tp × parallel.pp = 3×1"),
-    (["parallel.tp=2", "model.n_kv_heads=1"], 2, "parallel.tp=2 does not divide model.n_kv_heads=1"),
-    (["parallel.tp=2", "model.vocab_size=511"], 2, "does not divide model.vocab_size=511"),
-    (["parallel.pp=2", "train.zero_stage=2"], 2, "cannot be combined with pipeline parallelism"),
-    (["parallel.pp=2", "model.n_layers=1", "model.sharing=none"], 2, "parallel.pp=2 exceeds model.n_layers=1"),
+@pytest.mark.parametrize("overrides, fragment", [
+    (["parallel.tp=3"], "world size 2 is not divisible by parallel.tp × parallel.pp = 3×1"),
+    (["parallel.pp=2", "model.n_layers=1", "model.sharing=none"], "parallel.pp=2 exceeds model.n_layers=1"),
 ])
-def test_bad_layout_is_one_line(data_dir, tmp_path, overrides, nproc, fragment):
+def test_bad_layout_is_one_line(data_dir, tmp_path, overrides, fragment):
+    """Through the documented launcher, one check that needs the world size and one against the model;
+    the rest of the checks' messages are test_layout_checks_name_what_does_not_divide's, in process."""
     # The deepspeed launcher (the documented command) passes the exit status through; torchrun wraps it.
-    proc = run_pretrain(tmp_path, data_dir, *overrides, nproc=nproc, launcher="deepspeed", check=False)
+    proc = run_pretrain(tmp_path, data_dir, *overrides, nproc=2, launcher="deepspeed", check=False)
     assert fragment in one_error_line(proc)
+
+
+@pytest.mark.parametrize("tp, pp, world, overrides, fragment", [
+    (3, 1, 2, [], "world size 2 is not divisible by parallel.tp × parallel.pp = 3×1; launch a multiple of 3"),
+    (2, 1, 2, ["model.n_kv_heads=1"], "parallel.tp=2 does not divide model.n_kv_heads=1"),
+    (2, 1, 2, ["model.vocab_size=511"], "parallel.tp=2 does not divide model.vocab_size=511"),
+    (1, 2, 2, ["model.n_layers=1", "model.sharing=none"], "parallel.pp=2 exceeds model.n_layers=1"),
+])
+def test_layout_checks_name_what_does_not_divide(tp, pp, world, overrides, fragment):
+    from megascale.config import load_config
+    from megascale.errors import MegascaleError
+    from megascale.parallel.topology import ParallelDims
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *overrides])
+    with pytest.raises(MegascaleError) as err:
+        ParallelDims.from_world(tp, pp, world).check_model(cfg.model)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("layout", [(1, 1, 1)] + LAYOUTS, ids=lambda l: "tp{}pp{}dp{}".format(*l))
