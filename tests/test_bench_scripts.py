@@ -20,9 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    # The venv's tools first (its ninja: a system one of another version rebuilds DeepSpeed's CPU Adam, ~1 min)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=os.pathsep.join([str(Path(sys.executable).parent),
-                                                                     os.environ.get("PATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
