@@ -162,9 +162,10 @@ def time_reductions(tg, device, dtype, K: int, shapes: list[tuple[int, ...]]) ->
     # Each provider a few calls before any is timed: on the H200 (2026-11-27) the default, timed first on fresh
     # buffers, read 3-9 points of the copy below the same launch named ``columns`` on the Llama block, in two runs.
     # ``triton_last``: the default timed again after the others, to show whether the order still counts.
-    for fn in providers.values():
-        for _ in range(3 if device.type == "cuda" else 0):  # on CPU (--smoke) the order means nothing
-            fn()
+    if device.type == "cuda":  # on CPU (--smoke) the order means nothing
+        for fn in providers.values():
+            for _ in range(3):
+                fn()
     ms = {name: time_ms(fn, device, warmup=10, rep=50) for name, fn in providers.items()}
     ms["triton_last"] = time_ms(call, device, warmup=10, rep=50)
     reps = 50 if device.type == "cuda" else 1

@@ -55,7 +55,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "TRITON_INTERPRET")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("PMI_", "OMPI_"))}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     env.update(extra)
     return env
 
