@@ -20,6 +20,12 @@ backward does five, 2.5 × the forward; forward+backward is 3.5 × the forward.
 Shapes keep B·T = --tokens constant and H = --model-dim / D, so every length
 does the same projection work and only attention's T² grows.
 
+--overhead adds two figures to each row: the host's time per call (the calls only enqueued, the GPU left to
+run behind them) and the call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: no host work,
+no L2 flush between calls). A call whose host time exceeds its kernels' leaves the GPU idle, and ``ms`` counts it;
+``graph_ms`` does not. That is what separates a host-bound gap (the fourth H200 session's forward+backward at 4k
+took ~150 us more than its forward and backward timed apart, cuDNN's ~70 us) from one in the kernels.
+
 --smoke runs on CPU: a tiny shape through the naive reference, SDPA's math
 backend and the Triton kernel under TRITON_INTERPRET=1, to prove the script works
 where no GPU is present. Its numbers mean nothing.
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=16384, help="B·T per shape (B = tokens / T, at least 1)")
     p.add_argument("--model-dim", type=int, default=2048, help="H = model_dim / head_dim query heads")
     p.add_argument("--kv-group", type=int, default=1, help="query heads per KV head (1: MHA)")
+    p.add_argument("--overhead", action="store_true",
+                   help="also record each call's host time and its time replayed from a CUDA graph")
     p.add_argument("--providers", default="triton,triton-tma,triton-ws,triton-gluon,triton-tma-atomic,triton-ws-atomic,"
                                           "triton-gluon-atomic,sdpa-flash,sdpa-cudnn,sdpa-efficient")
     args = p.parse_args(argv)
@@ -115,7 +124,38 @@ def forward_flops(B: int, H: int, T: int, D: int, causal: bool) -> float:
     return 4.0 * B * H * T * T * D * (0.5 if causal else 1.0)
 
 
-def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, modes) -> list[dict]:
+def host_ms(case, device: torch.device) -> float:
+    """Milliseconds of host time per call of ``case`` with the device queue left to run: the calls are only
+    enqueued (nothing synchronises between them), so this is the Python and launch work alone, unless the call
+    itself waits for the device (then it reads as the device's time: a hidden synchronisation shows here).
+    On CPU (--smoke) one call, its whole time: the interpreter's calls are slow and the figure means nothing."""
+    cuda = device.type == "cuda"
+    sync, calls = (torch.cuda.synchronize, 10) if cuda else ((lambda _: None), 1)
+    sync(device)  # an empty queue to start from
+    start = time.perf_counter()
+    for _ in range(calls):
+        case()
+    elapsed = time.perf_counter() - start
+    sync(device)
+    return elapsed * 1e3 / calls
+
+
+def call_overhead(case, device: torch.device) -> dict:
+    """{"host_ms", "graph_ms"} of one provider's case (``--overhead``); graph_ms is None on CPU, and a failure (a
+    backend that refuses graph capture) is its own ``overhead_error``, never the row's."""
+    out = {"host_ms": None, "graph_ms": None, "overhead_error": None}
+    try:
+        out["host_ms"] = host_ms(case, device)
+        if device.type == "cuda":
+            import triton.testing  # noqa: PLC0415
+
+            out["graph_ms"] = triton.testing.do_bench_cudagraph(case, rep=20)
+    except Exception as e:  # noqa: BLE001 (a diagnostic: never costs the provider's figure)
+        out["overhead_error"] = _first_line(e)
+    return out
+
+
+def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, modes, overhead: bool = False) -> list[dict]:
     """Every provider and mode at one shape; the Triton output's error against the first working SDPA."""
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=gen).requires_grad_()
@@ -133,12 +173,14 @@ def bench_shape(providers, kernels, device, dtype, B, H, H_kv, T, D, causal, mod
             continue
         for mode in modes:
             try:
-                ms = time_ms(make_case(fn, mode, q, k, v, do, causal), device)
+                case = make_case(fn, mode, q, k, v, do, causal)
+                ms = time_ms(case, device)
             except Exception as e:  # noqa: BLE001 (a backward failing where the forward ran: its own result)
                 rows.append(dict(provider=name, mode=mode, ms=None, tflops=None, error=_first_line(e)))
                 continue
             tflops = forward_flops(B, H, T, D, causal) * FLOP_FACTOR[mode] / (ms * 1e-3) / 1e12
-            rows.append(dict(provider=name, mode=mode, ms=ms, tflops=tflops, error=None))
+            rows.append(dict(provider=name, mode=mode, ms=ms, tflops=tflops, error=None,
+                             **(call_overhead(case, device) if overhead else {})))
     baseline = next((o for n, o in outputs.items() if not n.startswith("triton")), None)
     # each provider's forward against the first non-Triton one: a kernel never run on a GPU is checked here too
     errors = {n: float((o - baseline).abs().max()) for n, o in outputs.items()} if baseline is not None else {}
@@ -287,7 +329,8 @@ def main(argv=None) -> None:
         for causal in causals:
             for T in map(int, args.lengths.split(",")):
                 B = max(1, args.tokens // T)
-                rows += bench_shape(providers, kernels, device, DTYPES[args.dtype], B, H, max(1, H // args.kv_group), T, D, causal, modes)
+                rows += bench_shape(providers, kernels, device, DTYPES[args.dtype], B, H, max(1, H // args.kv_group), T, D,
+                                    causal, modes, args.overhead)
                 write_results(args.json, env, rows)
     print(f"# {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print_table(rows, providers, modes)

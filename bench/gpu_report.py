@@ -128,7 +128,7 @@ def attention_section(folder: Path) -> list[str]:
     lines = ["Attention, bf16 (TFLOP/s):", ""] + table(
         ["head dim", "mask", "T", "pass", *MEGASCALE_ATTENTION.values(), "best SDPA", "backend", "best triton/SDPA"],
         out) + [""]
-    lines += gluon_lines(rows) + unavailable_lines(every)
+    lines += gluon_lines(rows) + overhead_lines(rows) + unavailable_lines(every)
     fwd = [c for c in checks if c[0] == "fwd"]
     both = [c for c in checks if c[0] == "fwd+bwd"]
     lines.append(f"* target forward ≥ 550 TFLOP/s (hd 128, causal, 4k–16k): "
@@ -191,6 +191,24 @@ def gluon_lines(rows: list[dict]) -> list[str]:
     lines = ["Gluon kernels: the tiles their tuner chose, and the forward's max |error| against SDPA:", ""] + table(
         ["head dim", "mask", "T", "forward tile", "backward tile", "max abs error"], out) + [""]
     return lines + candidate_lines(gluon) + phase_lines(gluon)
+
+
+def overhead_lines(rows: list[dict]) -> list[str]:
+    """Each call against its host time and its CUDA-graph replay (bench/attention.py --overhead): ``call - graph`` is
+    what the call costs beyond its kernels; a host time above the graph's means the device waited for the host."""
+    out = []
+    for r in sorted((r for r in rows if "host_ms" in r), key=lambda r: (r["D"], not r["causal"], r["T"], r["provider"],
+                                                                        r["mode"])):
+        graph, host = r.get("graph_ms"), r.get("host_ms")
+        out.append([r["D"], "causal" if r["causal"] else "full", r["T"], r["provider"], r["mode"], r["ms"] * 1e3,
+                    graph * 1e3 if graph else None, host * 1e3 if host else None,
+                    (r["ms"] - graph) * 1e3 if graph else None, r.get("overhead_error") or ""])
+    if not out:
+        return []
+    return ["Each call timed as the table's (`ms`, L2 flushed), replayed from a CUDA graph (no host work) and its "
+            "host time alone (µs; `--overhead`):", ""] + table(
+        ["head dim", "mask", "T", "provider", "pass", "call µs", "graph µs", "host µs", "call − graph µs", "error"],
+        out) + [""]
 
 
 def phase_lines(gluon: list[dict]) -> list[str]:

@@ -151,10 +151,11 @@ def jobs(png: bool) -> list[Job]:
                         FAST, f"{FAST},model.attention=triton"])
     def gluon_bench(name: str, provider: str, requires: str) -> Job:
         """A Gluon provider's TFLOP/s (#3's case: hd128, causal, 2k-16k) beside cuDNN's, once its tests passed (or
-        without the candidates whose own tests failed: ``salvage_env``)."""
+        without the candidates whose own tests failed: ``salvage_env``); each call's host time and its time from a
+        CUDA graph too (--overhead: is forward+backward at 4k short of cuDNN's by host work, or in the kernels?)."""
         return Job(name, "kernels",
                    [*attention, "--head-dims", "128", "--causal", "true", "--lengths", "2048,4096,8192,16384",
-                    "--providers", f"{provider},sdpa-cudnn", "--json", f"{{out}}/{name}.json", *plot(name)],
+                    "--providers", f"{provider},sdpa-cudnn", "--overhead", "--json", f"{{out}}/{name}.json", *plot(name)],
                    ["bench/attention.py", "--smoke", "--json", f"{{out}}/{name}.json"], 120, requires=requires)
 
     return [

@@ -286,6 +286,45 @@ def test_gluon_phases_never_cost_the_providers_rows_and_the_report_shows_them(mo
     assert "| 128 | causal | 4096 | failed: CUDA error |" in "\n".join(gpu_report.phase_lines(rows))
 
 
+def test_attention_overhead_separates_the_host_from_the_kernels():
+    """--overhead records each call's host time and its CUDA-graph replay beside the timed call (is forward+backward
+    at 4k short of cuDNN by host work or in the kernels?); a case that fails there keeps its row, and the Gluon jobs
+    ask for it."""
+    import torch  # noqa: PLC0415
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import attention  # noqa: PLC0415
+    import gpu_report  # noqa: PLC0415
+    import gpu_session  # noqa: PLC0415
+
+    kernels = attention.import_kernels()
+    rows = attention.bench_shape(["reference", "sdpa-math"], kernels, torch.device("cpu"), torch.float32, 1, 2, 2, 8,
+                                 16, True, ["fwd", "fwd+bwd"], overhead=True)
+    assert len(rows) == 4 and all(r["ms"] and r["host_ms"] > 0 for r in rows), rows
+    assert all(r["graph_ms"] is None and r["overhead_error"] is None for r in rows)  # no CUDA graph on CPU
+    plain = attention.bench_shape(["reference"], kernels, torch.device("cpu"), torch.float32, 1, 2, 2, 8, 16, True,
+                                  ["fwd"])
+    assert "host_ms" not in plain[0]
+
+    def refuses():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    assert attention.call_overhead(refuses, torch.device("cpu")) == {
+        "host_ms": None, "graph_ms": None, "overhead_error": "operation not permitted when stream is capturing"}
+
+    shape = dict(D=128, causal=True, T=4096)
+    timed = [dict(provider="triton-gluon-atomic", mode="fwd+bwd", ms=2.14, host_ms=0.62, graph_ms=1.99,
+                  overhead_error=None, **shape),
+             dict(provider="sdpa-cudnn", mode="fwd+bwd", ms=2.06, host_ms=0.2, graph_ms=None,
+                  overhead_error="capture failed", **shape)]
+    text = "\n".join(gpu_report.overhead_lines(timed))
+    assert "| 128 | causal | 4096 | triton-gluon-atomic | fwd+bwd | 2,140 | 1,990 | 620 | 150 |  |" in text, text
+    assert "| 128 | causal | 4096 | sdpa-cudnn | fwd+bwd | 2,060 | – | 200 | – | capture failed |" in text, text
+    assert gpu_report.overhead_lines(plain) == []  # no --overhead, no table
+    for name in ("attention_gluon", "attention_gluon_bwd"):
+        assert "--overhead" in next(j for j in gpu_session.jobs(False) if j.name == name).argv
+
+
 def test_attention_bench_and_report_show_the_gluon_tuners_choice(tmp_path, monkeypatch):
     """A first GPU run of the Gluon kernels must say which candidate tile won per shape (attention_gluon._TUNED,
     keyed by kernel, head dim, mask, dtype, length bucket, device) and how far their output is from SDPA's."""
