@@ -1,6 +1,7 @@
 """The same command under `deepspeed` and `mpirun` (mpi4py discovery); metrics, plots and the sample."""
 
 import json
+import os
 
 import pytest
 
@@ -110,3 +111,23 @@ def test_a_precision_the_device_lacks_is_refused_in_one_line(monkeypatch):
                               "train.precision=bf16 or fp32 (fp16 needs a GPU, or a CPU with fp16 kernels such as "
                               "AVX512-FP16)")
     check_precision("fp32")  # always there
+
+
+def test_the_launchers_put_their_interpreters_ninja_first(monkeypatch, tmp_path):
+    """Run as .venv/bin/python launch/... without the venv activated, DeepSpeed's JIT builds took the system's
+    ninja, whose other build-log version made every switch with `make` rebuild its ops (30-55 s a start): the
+    launchers put their interpreter's bin first when it has a ninja, once, and leave PATH alone when it has none."""
+    import sys
+
+    import launch.common as common
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin")
+    common.interpreter_ninja_first()
+    assert os.environ["PATH"] == "/usr/local/bin:/usr/bin"  # no ninja beside the interpreter: nothing to prefer
+    (bin_dir / "ninja").write_text("")
+    common.interpreter_ninja_first()
+    common.interpreter_ninja_first()
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/local/bin:/usr/bin"
