@@ -134,6 +134,8 @@ def compile_gluon(gluon_mod, kernel: str, tile: tuple, head_dim: int, causal: bo
             sig[name] = f"tensordesc<bf16[1,1,{rows[name]},{head_dim}],{layout!r}>"
         elif name in FP32_POINTERS:
             sig[name], attrs[(i,)] = "*fp32", [["tt.divisibility", 16]]
+        elif name == "SCHEDULE":  # the persistent forward's tiles a block (attention_gluon.persistent_schedule)
+            sig[name], attrs[(i,)] = "*i32", [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name.endswith("scale") else "i32"
     consts = dict(HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,

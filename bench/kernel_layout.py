@@ -113,14 +113,16 @@ def sass(ptx: str, arch: int) -> list[tuple[int, str]]:
 def spills_in_loops(ptx: str, arch: int, marker: str) -> int:
     """Spill instructions (STL / LDL) inside the innermost loops whose body holds ``marker`` (e.g. HGMMA, the
     tensor-core products): a spill there costs every iteration, one outside costs once. A loop is a branch back to a
-    lower address; the count errs high where a branch back spans more than one loop."""
+    lower address; an innermost one has no other branch back inside it. (An outer loop's branches back need not
+    enclose the inner one's range: ptxas lays out a persistent kernel's loop of tiles as several branches back
+    whose ranges start inside its loop of key blocks. Each holds that loop's branch back, so none counts here; the
+    count before 2026-11-28 took them for innermost, and a reload once a tile for a spill in the loop.)"""
     code = sass(ptx, arch)
     loops = [(int(m.group(1), 16), addr) for addr, ins in code
              if (m := re.search(r"BRA\b.*?0x([0-9a-f]+)", ins)) and int(m.group(1), 16) < addr]
     def holds(lo, hi):
         return any(marker in ins for addr, ins in code if lo <= addr <= hi)
-    inner = [(lo, hi) for lo, hi in loops if holds(lo, hi)
-             and not any(lo < lo2 and hi2 < hi and holds(lo2, hi2) for lo2, hi2 in loops)]
+    inner = {(lo, hi) for lo, hi in loops if holds(lo, hi) and not any(lo < at < hi for _, at in loops)}
     return sum(1 for lo, hi in inner for addr, ins in code if lo <= addr <= hi and re.match(r"(STL|LDL)\b", ins))
 
 

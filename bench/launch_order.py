@@ -16,12 +16,19 @@ the SMs, for
 
 The backward's key blocks mirror the forward's query blocks (the first ones see the
 most queries), so the same figures hold for it.
+
+The persistent forward (``attention_gluon``'s PERSISTENT: one block an SM, each taking
+query blocks in turn in the grouped order) gets two more rows: ``persistent in turn``,
+block p taking tiles p, p + SMs, ... (the kernel until 2026-11-28), and ``persistent
+scheduled``, the tiles the host hands out (``attention_gluon.persistent_schedule``).
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+
+from _common import checkout_kernels
 
 
 def makespan(durations: list[float], sms: int) -> float:
@@ -47,6 +54,17 @@ def orders(n_blocks: int, n_heads: int, together: list[int]) -> dict[str, list[f
     return out
 
 
+def persistent(T: int, n_heads: int, sms: int, ideal: float) -> dict[str, float]:
+    """The persistent forward's share lost to its last block, its tiles (128 x 128, causal, 8 heads together) taken
+    in turn and as ``persistent_schedule`` hands them out (each tile's key blocks + 1, as ``block_time``)."""
+    (gluon,) = checkout_kernels("attention_gluon")
+    costs = gluon.tile_costs(T, 128, 128, n_heads, gluon.order_heads(n_heads, 8), True)
+    blocks = min(sms, len(costs))
+    scheduled = gluon.persistent_schedule(costs, blocks)
+    return {"persistent in turn": 1 - ideal / max(sum(costs[p::blocks]) for p in range(blocks)),
+            "persistent scheduled": 1 - ideal / max(sum(costs[t] for t in tiles) for tiles in scheduled)}
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=16384, help="tokens a call (B = tokens / T)")
@@ -60,7 +78,8 @@ def main(argv=None) -> list[dict]:
         n_blocks, n_heads = T // 128, (args.tokens // T) * args.heads
         timings = orders(n_blocks, n_heads, [int(g) for g in args.heads_together.split(",")])
         ideal = sum(timings["head-major"]) / args.sms
-        row = {"T": T, **{name: 1 - ideal / makespan(d, args.sms) for name, d in timings.items()}}
+        row = {"T": T, **{name: 1 - ideal / makespan(d, args.sms) for name, d in timings.items()},
+               **persistent(T, n_heads, args.sms, ideal)}
         rows.append(row)
         print(f"T={T:>6}  " + "  ".join(f"{name}: {lost:5.1%} lost" for name, lost in row.items() if name != "T"))
     return rows

@@ -42,7 +42,11 @@ TMA warp brings the next query block's Q and first K/V while this one's last pro
 rings of K/V buffers and of turns count on across query blocks; each warp group has two Q buffers, the next Q
 landing in one while the other holds this block's Q and then its O on the way out. On the H200 the ping-pong ran
 at 528 TFLOP/s at 4k and 612 at 16k (head dim 128, causal), where a block has four times the key blocks to spread
-its start and end over; this is what it is for (not yet timed).
+its start and end over; this is what it is for. Timed on the H200 (2026-11-27) it ran 12-23% below the ping-pong
+at 2k-16k: its blocks took the tiles in turn (program_id, + programs, ...), which over the launch order's head
+groups gives some blocks a heavy tile every round (a model puts the last block's end 27% past an even share at
+4k). Since 2026-11-28 the host hands the tiles out as the GPU's block scheduler would (``persistent_schedule``:
+0.2% at 4k by the same model), and the kernel reads them from a table (not yet timed).
 
 Launch order (every kernel here, ``_lpt_block``): heads eight at a time (fewer where B · H has no factor 8), and
 within such a group block by block, each over the group's heads, the heaviest blocks first (causal: the forward's
@@ -83,6 +87,7 @@ at 0.84-0.85x cuDNN.
 from __future__ import annotations
 
 import functools
+import heapq
 import os
 
 import torch
@@ -303,11 +308,12 @@ if GLUON_IMPORT_ERROR is None:
         return s
 
     @gluon.jit
-    def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len, n_bh, qk_scale,
+    def _fwd_gluon_kernel(desc_q, desc_k, desc_v, desc_o, LSE, SCHEDULE, n_heads, group, seq_len, most, qk_scale,
                           HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, WS: gl.constexpr, ORDER_HEADS: gl.constexpr,
                           num_warps: gl.constexpr):
-        """One query block of one head (PERSISTENT: query blocks in turn, ``_fwd_compute_tiles``; n_bh = B · H). WS,
+        """One query block of one head (PERSISTENT: the query blocks SCHEDULE gives this block, at most ``most``, in
+        turn: ``_fwd_compute_tiles``, ``_scheduled``; else SCHEDULE and most are not read). WS,
         who loads (``LOADERS``): TMA_WARP and PING_PONG take the TMA loads from a warp of their own (``_fwd_loader``),
         which the compute partitions tell when a buffer is free by an mbarrier each; OWN_LOADS has the compute warps
         issue them, and Gluon puts a barrier of all threads around each issue. PING_PONG's compute partitions are two
@@ -368,13 +374,16 @@ if GLUON_IMPORT_ERROR is None:
                 mbarrier.init(q_free.index(i), count=1)
             gl.warp_specialize([
                 (_fwd_compute_tiles, (desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars,
-                                      v_bars, done, turns.index(0), turns.index(1), n_heads, group, seq_len, n_bh,
-                                      qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, ORDER_HEADS, 0)),
+                                      v_bars, done, turns.index(0), turns.index(1), n_heads, group, seq_len, SCHEDULE,
+                                      most, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, ORDER_HEADS,
+                                      0)),
                 (_fwd_compute_tiles, (desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars,
-                                      v_bars, done, turns.index(1), turns.index(0), n_heads, group, seq_len, n_bh,
-                                      qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, ORDER_HEADS, 1)),
+                                      v_bars, done, turns.index(1), turns.index(0), n_heads, group, seq_len, SCHEDULE,
+                                      most, qk_scale, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, STAGES, ORDER_HEADS,
+                                      1)),
                 (_fwd_loader_tiles, (desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars,
-                                     done, n_heads, group, seq_len, n_bh, CAUSAL, BLOCK_M, BLOCK_N, STAGES,
+                                     done, n_heads, group, seq_len, SCHEDULE, most, CAUSAL, BLOCK_M, BLOCK_N,
+                                     STAGES,
                                      ORDER_HEADS)),
             ], [4, 1], [240, 24])
             for i in gl.static_range(q_bufs):
@@ -465,17 +474,19 @@ if GLUON_IMPORT_ERROR is None:
         return pid_bh // n_heads, h, h // group, start_m, gl.cdiv(hi, BLOCK_N)
 
     @gluon.jit
-    def _fwd_tiles(seq_len, n_bh, BLOCK_M: gl.constexpr):
-        """PERSISTENT: how many query blocks this block takes, the grid's tiles program_id, + programs, ..."""
-        return gl.cdiv(gl.cdiv(seq_len, BLOCK_M) * n_bh - gl.program_id(0), gl.num_programs(0))
+    def _scheduled(t, SCHEDULE):
+        """PERSISTENT: this block's t-th query block, as its index in ``_lpt_block``'s order (causal: the last query
+        blocks, the most key blocks, of a group of heads first), or -1 past its last. SCHEDULE (``_schedule``) is
+        (most tiles a block, programs), a column a block: each tile went to the block that frees up first by a cost
+        model (``persistent_schedule``), as the GPU's own block scheduler hands out the non-persistent grid's. Its
+        address comes from the grid's registers and t, and the loops run the same count in every block: a pointer or
+        a count of its own kept across the loop of key blocks spilled there (causal, sm_90a, Triton 3.6 and 3.9)."""
+        return gl.load(SCHEDULE + t * gl.num_programs(0) + gl.program_id(0))
 
     @gluon.jit
-    def _fwd_tile(t, n_heads, group, seq_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  ORDER_HEADS: gl.constexpr):
-        """PERSISTENT: this block's t-th query block, (pid_bh, ``_fwd_block``'s five), in ``_lpt_block``'s order:
-        causal, the last query blocks (the most key blocks) of a group of heads first, so the light ones fill the
-        end."""
-        tile = gl.program_id(0) + t * gl.num_programs(0)
+    def _fwd_tile(tile, n_heads, group, seq_len, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, ORDER_HEADS: gl.constexpr):
+        """PERSISTENT: query block ``tile`` of ``_lpt_block``'s order as (pid_bh, ``_fwd_block``'s five)."""
         n_m = gl.cdiv(seq_len, BLOCK_M)
         pid_m, pid_bh = _lpt_block(tile // (ORDER_HEADS * n_m), tile % (ORDER_HEADS * n_m), n_m, CAUSAL, ORDER_HEADS)
         b, h, kv_h, start_m, n_blocks = _fwd_block(pid_m, pid_bh, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N)
@@ -483,42 +494,47 @@ if GLUON_IMPORT_ERROR is None:
 
     @gluon.jit
     def _fwd_loader_tiles(desc_q, desc_k, desc_v, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, done,
-                          n_heads, group, seq_len, n_bh, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                          n_heads, group, seq_len, SCHEDULE, most, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, ORDER_HEADS: gl.constexpr):
         """PERSISTENT's TMA warp: for each of this block's query blocks, each warp group's Q into its buffer for
         that block (the t-th query block: buffer 2 · group + t % 2), then the key blocks, the ring counted on."""
         half: gl.constexpr = BLOCK_M // 2
         g = 0
-        for t in range(_fwd_tiles(seq_len, n_bh, BLOCK_M)):
-            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(t, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N,
-                                                              ORDER_HEADS)
-            for part in gl.static_range(2):
-                buf = part * 2 + t % 2
-                # The buffer last held query block t - 2's Q, then O, freed early in block t - 1 (``_fwd_compute``):
-                # completion t // 2 - 1 of q_free.index(buf); none to wait for at t < 2 (a fresh barrier's parity 1).
-                mbarrier.wait(q_free.index(buf), ((t // 2) & 1) ^ 1)
-                _load_block(desc_q, b, h, start_m + part * half, q_bars.index(buf), q_smem.index(buf), True)
-            _fwd_kv_loads(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, g, n_blocks, BLOCK_N, STAGES)
-            g += n_blocks
+        for t in range(most):
+            tile = _scheduled(t, SCHEDULE)
+            if tile >= 0:
+                pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(tile, n_heads, group, seq_len, CAUSAL, BLOCK_M,
+                                                                  BLOCK_N, ORDER_HEADS)
+                for part in gl.static_range(2):
+                    buf = part * 2 + t % 2
+                    # The buffer last held query block t - 2's Q, then O, freed early in block t - 1 (``_fwd_compute``):
+                    # completion t // 2 - 1 of q_free.index(buf); none to wait for at t < 2 (a fresh barrier's parity 1).
+                    mbarrier.wait(q_free.index(buf), ((t // 2) & 1) ^ 1)
+                    _load_block(desc_q, b, h, start_m + part * half, q_bars.index(buf), q_smem.index(buf), True)
+                _fwd_kv_loads(desc_k, desc_v, k_smem, v_smem, k_bars, v_bars, done, b, kv_h, g, n_blocks, BLOCK_N,
+                              STAGES)
+                g += n_blocks
 
     @gluon.jit
     def _fwd_compute_tiles(desc_k, desc_v, desc_o, LSE, q_smem, k_smem, v_smem, q_bars, q_free, k_bars, v_bars, done,
-                           turn_mine, turn_other, n_heads, group, seq_len, n_bh, qk_scale, HEAD_DIM: gl.constexpr,
-                           CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                           ORDER_HEADS: gl.constexpr, PART: gl.constexpr):
+                           turn_mine, turn_other, n_heads, group, seq_len, SCHEDULE, most, qk_scale,
+                           HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           STAGES: gl.constexpr, ORDER_HEADS: gl.constexpr, PART: gl.constexpr):
         """PERSISTENT's warp group PART: its 64 rows of each of the block's query blocks (``_fwd_compute``), the
         ring and the turns counted on from one query block to the next, the last O's copy waited for at the end."""
         half: gl.constexpr = BLOCK_M // 2
         g = 0
-        for t in range(_fwd_tiles(seq_len, n_bh, BLOCK_M)):
-            pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(t, n_heads, group, seq_len, CAUSAL, BLOCK_M, BLOCK_N,
-                                                              ORDER_HEADS)
-            buf = PART * 2 + t % 2
-            _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem.index(buf), k_smem, v_smem, q_bars.index(buf), k_bars,
-                         v_bars, done, turn_mine, turn_other, b, h, kv_h, pid_bh, start_m + PART * half, n_blocks,
-                         g, t, q_free.index(PART * 2 + (t + 1) % 2), seq_len, qk_scale, HEAD_DIM, CAUSAL, half,
-                         BLOCK_N, STAGES, _PERSISTENT, PART == 0, 4)
-            g += n_blocks
+        for t in range(most):
+            tile = _scheduled(t, SCHEDULE)
+            if tile >= 0:  # a block's tiles come first in its column, then -1s
+                pid_bh, b, h, kv_h, start_m, n_blocks = _fwd_tile(tile, n_heads, group, seq_len, CAUSAL, BLOCK_M,
+                                                                  BLOCK_N, ORDER_HEADS)
+                buf = PART * 2 + t % 2
+                _fwd_compute(desc_k, desc_v, desc_o, LSE, q_smem.index(buf), k_smem, v_smem, q_bars.index(buf),
+                             k_bars, v_bars, done, turn_mine, turn_other, b, h, kv_h, pid_bh, start_m + PART * half,
+                             n_blocks, g, t, q_free.index(PART * 2 + (t + 1) % 2), seq_len, qk_scale, HEAD_DIM, CAUSAL,
+                             half, BLOCK_N, STAGES, _PERSISTENT, PART == 0, 4)
+                g += n_blocks
         tma.store_wait(0)
 
     @gluon.jit
@@ -992,19 +1008,71 @@ def unsupported_reason(q: torch.Tensor) -> str | None:
     return None
 
 
+def tile_costs(T: int, block_m: int, block_n: int, n_bh: int, together: int, causal: bool) -> list[int]:
+    """The forward's query blocks in ``_lpt_block``'s launch order (tile i: group i // (together · n_m), then block
+    by block, each over the group's heads, the heaviest first when causal), each costed as its key blocks plus one
+    for its start and end (``bench/launch_order.py``'s model)."""
+    n_m = triton.cdiv(T, block_m)
+    costs = []
+    for tile in range(n_m * n_bh):
+        i = tile % (together * n_m) // together
+        pid_m = n_m - 1 - i if causal else i
+        rows = min(pid_m * block_m + block_m, T) if causal else T
+        costs.append(triton.cdiv(rows, block_n) + 1)
+    return costs
+
+
+def persistent_schedule(costs: list[int], programs: int) -> list[list[int]]:
+    """Each persistent block's tiles (indices into ``costs``, taken in that order), handed out as the GPU's block
+    scheduler hands a grid's blocks out: each tile to the block that frees up first (ties: the lowest), its cost
+    as ``costs`` models it.
+
+    The first PERSISTENT forward took tiles program_id, + programs, ... : over ``_lpt_block``'s order, whose
+    heaviest tiles come once a head group, that gives some blocks a heavy tile every round. The model puts that
+    block's end 27% past the even share at 4k (16,384 tokens, 132 SMs, causal), 15% at 8k, 9% at 16k; the H200's
+    tuner timed the persistent forward 16%, 16% and 12% below the ping-pong there (2026-11-27). This order:
+    0.05-0.2% at 4k-16k, 1.8% at 2k (``bench/launch_order.py``'s persistent rows)."""
+    free = [(0, p) for p in range(programs)]
+    tiles: list[list[int]] = [[] for _ in range(programs)]
+    for tile, cost in enumerate(costs):
+        at, p = heapq.heappop(free)
+        tiles[p].append(tile)
+        heapq.heappush(free, (at + cost, p))
+    return tiles
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(T: int, block_m: int, block_n: int, n_bh: int, together: int, causal: bool, programs: int,
+              device: torch.device) -> torch.Tensor:
+    """``persistent_schedule`` as the kernel reads it (``_scheduled``): an int32 (most tiles a block, programs) table
+    on ``device``, a column a block, its tiles then -1s. Built once a shape (a process's shapes are few), copied to
+    the device then."""
+    columns = persistent_schedule(tile_costs(T, block_m, block_n, n_bh, together, causal), programs)
+    most = max(map(len, columns))
+    table = [[c[t] if t < len(c) else -1 for c in columns] for t in range(most)]
+    return torch.tensor(table, dtype=torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _no_schedule(device: torch.device) -> torch.Tensor:
+    """What the non-persistent candidates pass as SCHEDULE (and its one row as ``most``): they never read it."""
+    return torch.zeros((1, 1), dtype=torch.int32, device=device)
+
+
 def _launch(q, k, v, o, lse, causal: bool, qk_scale: float, tile: tuple[int, int, int, int]) -> None:
     B, H, T, D = q.shape
     block_m, block_n, stages, loader = tile
     q_rows, num_warps = forward_launch(tile)
     descs = (descriptor(q, q_rows), descriptor(k, block_n), descriptor(v, block_n), descriptor(o, q_rows))
     n_tiles = triton.cdiv(T, block_m) * B * H
-    # PERSISTENT: a block an SM (its 192 KiB of shared memory allows no second), each taking query blocks in turn
     together = order_heads(B * H)
-    # ``_lpt_block``'s order: groups of ``together`` heads along y, each group's blocks along x
-    grid = ((min(n_tiles, _sm_count(q.device)),) if loader == PERSISTENT
-            else (together * triton.cdiv(T, block_m), B * H // together))
+    if loader == PERSISTENT:  # a block an SM (its 192 KiB of shared memory allows no second), its tiles in turn
+        programs = min(n_tiles, _sm_count(q.device))
+        grid, schedule = (programs,), _schedule(T, block_m, block_n, B * H, together, causal, programs, q.device)
+    else:  # ``_lpt_block``'s order: groups of ``together`` heads along y, each group's blocks along x
+        grid, schedule = (together * triton.cdiv(T, block_m), B * H // together), _no_schedule(q.device)
     _fwd_gluon_kernel[grid](
-        *descs, lse, H, H // k.shape[1], T, B * H, qk_scale,
+        *descs, lse, schedule, H, H // k.shape[1], T, schedule.shape[0], qk_scale,
         HEAD_DIM=D, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, WS=loader, ORDER_HEADS=together,
         num_warps=num_warps,
     )
