@@ -230,10 +230,28 @@ def gluon_phases(kernels, q, k, v, do, causal: bool, device: torch.device) -> di
                 torch.mul(acc, scale, out=dq)
 
             passes_ms = time_ms(passes, device)
-        return {**out, "bwd_kernel_ms": bwd_ms, "bwd_kernel_tflops": 2.5 * flops / (bwd_ms * 1e-3) / 1e12,
-                "bwd_passes_ms": passes_ms}
+        out.update(bwd_kernel_ms=bwd_ms, bwd_kernel_tflops=2.5 * flops / (bwd_ms * 1e-3) / 1e12, bwd_passes_ms=passes_ms)
     except Exception as e:  # noqa: BLE001 (a diagnostic: never costs the providers' figures)
         return {"error": _first_line(e)}
+    try:
+        with torch.no_grad():
+            return {**out, **backward_passes(kernels, o, do, lse, dq_acc, dq, scale, device)}
+    except Exception as e:  # noqa: BLE001 (nor the kernels' own, timed above)
+        return {**out, "bwd_pass_error": _first_line(e)}
+
+
+def backward_passes(kernels, o, do, lse, dq_acc, dq, scale: float, device: torch.device) -> dict:
+    """The passes around the one-kernel backward one by one, timed as the providers are, and the bandwidth each
+    reaches by the bytes it must move: which one falls short of the copy (dQ's scale and rounding is PyTorch's
+    mixed-dtype mul, fp32 in, q's dtype out)."""
+    B, H, T, D = o.shape
+    n, size = B * H * T * D, o.element_size()
+    each = {"delta": (lambda: kernels._delta(o, do, lse), 2 * n * size + B * H * T * 4),
+            "zero": (lambda: torch.zeros((B, H, T, D), device=device, dtype=torch.float32), 4 * n),
+            "dq_cast": (lambda: torch.mul(dq_acc, scale, out=dq), 4 * n + n * size)}
+    pass_ms = {name: time_ms(run, device) for name, (run, _) in each.items()}
+    return {"bwd_pass_ms": pass_ms,
+            "bwd_pass_gbps": {name: each[name][1] / (ms * 1e-3) / 1e9 for name, ms in pass_ms.items()}}
 
 
 def _first_line(e: Exception) -> str:

@@ -232,10 +232,28 @@ def phase_lines(gluon: list[dict]) -> list[str]:
                     passes * 1e3 if passes else None, passes / bwd_ms if passes and bwd_ms else None])
     if not out:
         return []
-    return ["Gluon: the provider's call (`triton-gluon-atomic`) against its kernel alone, timed alike (TFLOP/s), and "
-            "the backward's other passes (Δ, zeroing dQ's fp32 buffer, its scale and rounding):", ""] + table(
+    lines = ["Gluon: the provider's call (`triton-gluon-atomic`) against its kernel alone, timed alike (TFLOP/s), and "
+             "the backward's other passes (Δ, zeroing dQ's fp32 buffer, its scale and rounding):", ""] + table(
         ["head dim", "mask", "T", "forward call", "forward kernel", "backward call", "backward kernel",
          "other passes µs", "of the backward call"], out) + [""]
+    each = [[D, "causal" if causal else "full", T, name, ms * 1e3, phases["bwd_pass_gbps"][name]]
+            for (D, causal, T), phases in sorted(_fullest_phases(gluon).items())
+            for name, ms in (phases.get("bwd_pass_ms") or {}).items()]
+    if each:
+        lines += ["The backward's passes one by one (GB/s: the bytes each must move; against the copy bandwidth of "
+                  "the reduction's table):", ""] + table(["head dim", "mask", "T", "pass", "µs", "GB/s"], each) + [""]
+    return lines
+
+
+def _fullest_phases(gluon: list[dict]) -> dict[tuple, dict]:
+    """(head dim, causal, T) -> the fullest ``gluon_phases`` record of the shape, failed ones left out."""
+    out: dict[tuple, dict] = {}
+    for r in gluon:
+        phases = r.get("gluon_phases") or {}
+        key = (r["D"], r["causal"], r["T"])
+        if "error" not in phases and len(phases) > len(out.get(key, {})):
+            out[key] = phases
+    return out
 
 
 def candidate_lines(gluon: list[dict]) -> list[str]:

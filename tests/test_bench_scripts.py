@@ -270,14 +270,34 @@ def test_gluon_phases_never_cost_the_providers_rows_and_the_report_shows_them(mo
     monkeypatch.setattr(attention_gluon, "_TUNED", {("fwd", 64, True, torch.float32, 16, "cpu"): tile})
     failed = attention.gluon_phases(kernels, q, k, v, do, True, torch.device("cpu"))
     assert list(failed) == ["error"] and failed["error"], failed
+    # the backward's passes one by one: times and bandwidths (the Δ kernel under the interpreter, in a process of
+    # its own: whether this one interprets depends on which test modules were collected beside this one)
+    code = """
+import json, os, sys, torch
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, "bench")
+import attention
+o, do, lse, acc = torch.randn(1, 2, 16, 64), torch.randn(1, 2, 16, 64), torch.zeros(1, 2, 16), torch.randn(1, 2, 16, 64)
+dq = torch.empty_like(o)
+out = attention.backward_passes(attention.import_kernels(), o, do, lse, acc, dq, 0.125, torch.device("cpu"))
+print(json.dumps({**out, "cast_ok": torch.equal(dq, acc * 0.125)}))
+"""
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    passes = json.loads(proc.stdout.splitlines()[-1])
+    assert set(passes["bwd_pass_ms"]) == set(passes["bwd_pass_gbps"]) == {"delta", "zero", "dq_cast"}
+    assert all(v > 0 for v in passes["bwd_pass_gbps"].values()) and passes["cast_ok"], passes
 
     phases = dict(fwd_kernel_ms=0.4, fwd_kernel_tflops=600.0, bwd_kernel_ms=1.2, bwd_kernel_tflops=520.0,
-                  bwd_passes_ms=0.15)
+                  bwd_passes_ms=0.15, bwd_pass_ms=dict(delta=0.03, zero=0.035, dq_cast=0.06),
+                  bwd_pass_gbps=dict(delta=4500.0, zero=3800.0, dq_cast=3350.0))
     shape = dict(D=128, causal=True, T=4096, gluon_phases=phases)
     rows = [dict(provider="triton-gluon-atomic", mode="fwd", ms=0.5, tflops=545.0, **shape),
             dict(provider="triton-gluon-atomic", mode="bwd", ms=1.5, tflops=460.0, **shape)]
     text = "\n".join(gpu_report.phase_lines(rows))
     assert "| 128 | causal | 4096 | 545 | 600 | 460 | 520 | 150 | 0.1 |" in text, text
+    # each pass alone, with the bandwidth it reached
+    assert "| 128 | causal | 4096 | delta | 30 | 4,500 |" in text and "| 128 | causal | 4096 | dq_cast | 60 | 3,350 |" in text
     # beside a forward-only record (job attention_gluon) of the same shape, the fuller one is shown
     fwd_only = dict(provider="triton-gluon", mode="fwd", ms=0.5, tflops=540.0, D=128, causal=True, T=4096,
                     gluon_phases=dict(fwd_kernel_ms=0.4, fwd_kernel_tflops=590.0))
