@@ -225,9 +225,9 @@ def gluon_phases(kernels, q, k, v, do, causal: bool, device: torch.device) -> di
                                                        scale * kernels.LOG2E, scale, tuned["bwd"]), device)
 
             def passes():  # as kernels._backward runs them around the Gluon backward
-                kernels._delta(o, do, lse)
-                acc = torch.zeros((B, H, T, D), device=device, dtype=torch.float32)
-                torch.mul(acc, scale, out=dq)
+                acc = torch.empty((B, H, T, D), device=device, dtype=torch.float32)
+                kernels._delta(o, do, lse, acc)  # Δ, and the buffer's zeros
+                kernels._dq_cast(acc, dq, scale)
 
             passes_ms = time_ms(passes, device)
         out.update(bwd_kernel_ms=bwd_ms, bwd_kernel_tflops=2.5 * flops / (bwd_ms * 1e-3) / 1e12, bwd_passes_ms=passes_ms)
@@ -242,13 +242,18 @@ def gluon_phases(kernels, q, k, v, do, causal: bool, device: torch.device) -> di
 
 def backward_passes(kernels, o, do, lse, dq_acc, dq, scale: float, device: torch.device) -> dict:
     """The passes around the one-kernel backward one by one, timed as the providers are, and the bandwidth each
-    reaches by the bytes it must move: which one falls short of the copy (dQ's scale and rounding is PyTorch's
-    mixed-dtype mul, fp32 in, q's dtype out)."""
+    reaches by the bytes it must move: which one falls short of the copy. ``delta_zero`` and ``dq_cast`` are what
+    ``kernels._backward`` runs (Δ and the fp32 dQ buffer's zeros in one pass, dQ's scale and rounding in Triton);
+    ``delta``, ``zero`` (torch.zeros) and ``dq_cast_torch`` (PyTorch's mixed-dtype mul, fp32 in, q's dtype out) what
+    it ran until 2026-11-28."""
     B, H, T, D = o.shape
     n, size = B * H * T * D, o.element_size()
-    each = {"delta": (lambda: kernels._delta(o, do, lse), 2 * n * size + B * H * T * 4),
+    delta_bytes = 2 * n * size + B * H * T * 4
+    each = {"delta_zero": (lambda: kernels._delta(o, do, lse, dq_acc), delta_bytes + 4 * n),
+            "dq_cast": (lambda: kernels._dq_cast(dq_acc, dq, scale), 4 * n + n * size),
+            "delta": (lambda: kernels._delta(o, do, lse), delta_bytes),
             "zero": (lambda: torch.zeros((B, H, T, D), device=device, dtype=torch.float32), 4 * n),
-            "dq_cast": (lambda: torch.mul(dq_acc, scale, out=dq), 4 * n + n * size)}
+            "dq_cast_torch": (lambda: torch.mul(dq_acc, scale, out=dq), 4 * n + n * size)}
     pass_ms = {name: time_ms(run, device) for name, (run, _) in each.items()}
     return {"bwd_pass_ms": pass_ms,
             "bwd_pass_gbps": {name: each[name][1] / (ms * 1e-3) / 1e9 for name, ms in pass_ms.items()}}

@@ -51,7 +51,7 @@ PHASES = ("forward", "backward", "update")
 # the Triton RMSNorm kernel's name contains "_fwd_kernel", as the attention kernel's does.
 CATEGORIES = (
     ("norm/rope/swiglu", ("rms", "rope", "swiglu", "silu", "sigmoid")),
-    ("attention", ("flash", "fmha", "sdpa", "attention", "_fwd_kernel", "_bwd_dkdv", "_bwd_dq", "_bwd_delta")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "_fwd_kernel", "_bwd_dkdv", "_bwd_dq", "_bwd_delta", "_dq_cast")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
                 "aten::linear", "aten::matmul", "sm90_", "sm80_")),
     ("loss", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp", "_row_stats", "_softmax_grad")),

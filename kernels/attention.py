@@ -47,7 +47,9 @@ schedule written in Gluon, and with ``deterministic=False`` its one-kernel backw
 ``deterministic=False`` runs the backward as FlashAttention-2's CUDA kernel does: one
 launch after Δ, the dK/dV kernel, which also adds each key block's share of dQ
 (dS K) into a zeroed fp32 (B, H, T, D) buffer by atomic adds (128-bit ``red.add``
-on sm_90a), scaled and rounded into dQ afterwards. The scores are rebuilt once
+on sm_90a), scaled and rounded into dQ afterwards. The Δ pass zeroes that buffer
+and a Triton kernel does the scale and rounding (``_dq_cast``), where a
+torch.zeros and a mixed-dtype torch.mul were a launch each. The scores are rebuilt once
 instead of twice: 5 tile products instead of 7, for an fp32 buffer of q's size
 and dQ bits that vary from run to run. Not timed on a GPU yet either.
 """
@@ -482,12 +484,13 @@ def _fwd_ws_kernel(desc_q, desc_k, desc_v, desc_o, LSE, n_heads, group, seq_len,
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA,
+def _bwd_delta_kernel(O, DO, DELTA, DQA,
                       stride_ob, stride_oh, stride_ot, stride_od,
                       stride_db, stride_dh, stride_dt, stride_dd,
                       n_heads, seq_len,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Δ_i = Σ_d O_id · dO_id = Σ_j P_ij dP_ij, the softmax backward's row term."""
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ZERO_DQA: tl.constexpr):
+    """Δ_i = Σ_d O_id · dO_id = Σ_j P_ij dP_ij, the softmax backward's row term. ZERO_DQA: also zero the same rows
+    of the contiguous fp32 (B, H, T, D) buffer that the one-kernel backward adds dQ into (one pass for both)."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     h = (pid_bh % n_heads).to(tl.int64)
@@ -497,6 +500,29 @@ def _bwd_delta_kernel(O, DO, DELTA,
     do = _load_rows(DO + b * stride_db + h * stride_dh, offs_m, offs_d, stride_dt, stride_dd, seq_len, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
+    if ZERO_DQA:
+        rows = DQA + pid_bh.to(tl.int64) * seq_len * HEAD_DIM
+        zeros = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        tl.store(rows + offs_m[:, None] * HEAD_DIM + offs_d[None, :], zeros, mask=offs_m[:, None] < seq_len)
+
+
+@triton.jit
+def _dq_cast_kernel(DQA, DQ, stride_qb, stride_qh, stride_qt, stride_qd, n_heads, seq_len, scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dQ = scale · dQ_acc rounded once to dQ's dtype, into dQ's strided layout: the fp32 sum the one-kernel
+    backward added up by atomics (contiguous (B, H, T, D)), as ``torch.mul(dq_acc, scale, out=dq)`` rounds it."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    keep = offs_m[:, None] < seq_len
+    acc = tl.load(DQA + pid_bh.to(tl.int64) * seq_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=keep)
+    scale = tl.cast(scale, tl.float32)  # fp64 under Inductor: see _fwd_kernel
+    dq = (acc * scale).to(DQ.dtype.element_ty)  # an fp32 product, rounded once to nearest even, as torch.mul
+    tl.store(DQ + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, dq,
+             mask=keep)
 
 
 @triton.jit
@@ -795,15 +821,26 @@ def _forward(q, k, v, causal: bool, scale: float, tiles: Tiles | None = None,
     return o, lse
 
 
-def _delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Δ = rowsum(O · dO), (B, H, T) fp32 like lse: the backward's pass before its kernels."""
+def _delta(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dq_acc: torch.Tensor | None = None) -> torch.Tensor:
+    """Δ = rowsum(O · dO), (B, H, T) fp32 like lse: the backward's pass before its kernels; and, given the one-kernel
+    backward's contiguous fp32 dQ buffer, its zeros in the same pass (where a torch.zeros was a launch of its own)."""
     B, H, T, D = o.shape
     delta = torch.empty_like(lse)
     block = 16 if INTERPRET else 128
     _bwd_delta_kernel[(triton.cdiv(T, block), B * H)](
-        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=block
+        o, do, delta, delta if dq_acc is None else dq_acc, *_strides(o), *_strides(do), H, T, HEAD_DIM=D,
+        BLOCK_M=block, ZERO_DQA=dq_acc is not None,
     )
     return delta
+
+
+def _dq_cast(dq_acc: torch.Tensor, dq: torch.Tensor, scale: float) -> None:
+    """dq = scale · dq_acc in dq's dtype and layout (``_dq_cast_kernel``): the one-kernel backward's last pass, in
+    place of PyTorch's mixed-dtype mul (fp32 in, 16-bit out), which takes its elementwise path without vector loads
+    (bench/attention.py's ``backward_passes`` times both)."""
+    B, H, T, D = dq.shape
+    block = 16 if INTERPRET else 64
+    _dq_cast_kernel[(triton.cdiv(T, block), B * H)](dq_acc, dq, *_strides(dq), H, T, scale, HEAD_DIM=D, BLOCK_M=block)
 
 
 def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | None = None, tma: bool = False,
@@ -813,16 +850,17 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
     if tma and _tma_refusal(do) is not None:  # e.g. the expanded gradient of a sum: stride 0
         do = do.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = _delta(o, do, lse)
+    # Not deterministic: dQ summed by atomic adds in fp32 into dq_acc by the dK/dV kernel, the dQ kernel not run;
+    # the Δ pass zeroes it.
+    dq_acc = None if deterministic else torch.empty((B, H, T, D), device=q.device, dtype=torch.float32)
+    delta = _delta(o, do, lse, dq_acc)
     common = dict(HEAD_DIM=D, CAUSAL=causal, **_dot_flags(q.dtype), **({"TMA": True} if tma else {}))
-    # Not deterministic: dQ summed by atomic adds in fp32 into dq_acc by the dK/dV kernel, the dQ kernel not run.
-    dq_acc = None if deterministic else torch.zeros((B, H, T, D), device=q.device, dtype=torch.float32)
     if gluon and not deterministic:  # the one-kernel backward written in Gluon (attention_gluon.py)
         from . import attention_gluon  # noqa: PLC0415
 
         attention_gluon.backward(q, k, v, do, lse, delta, dq_acc, dk, dv, causal, scale * LOG2E, scale,
                                  tiles and tiles.dkdv, autotuning(), _seq_bucket(T))
-        torch.mul(dq_acc, scale, out=dq)
+        _dq_cast(dq_acc, dq, scale)
         return dq, dk, dv
     # With TMA the tensors travel as descriptors (their boxes set per config by the pre-hooks, or
     # here for a fixed tile); the strides still go along, unused, so both variants share one kernel.
@@ -838,7 +876,7 @@ def _backward(q, k, v, o, lse, do, causal: bool, scale: float, tiles: Tiles | No
     _launch(_bwd_dkdv_kernel, grid, dkdv_args,
             {**common, "ORDER_HEADS": together, **({} if deterministic else {"DQ_ATOMIC": True})}, tiles and tiles.dkdv)
     if dq_acc is not None:
-        torch.mul(dq_acc, scale, out=dq)  # s = scale · q·k; one rounding to q's dtype, into q's layout
+        _dq_cast(dq_acc, dq, scale)  # s = scale · q·k; one rounding to q's dtype, into q's layout
         return dq, dk, dv
     dq_args = (dq_src["q"], dq_src["k"], dq_src["v"], dq_src["do"], dq_src["dq"], lse, delta,
                *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),

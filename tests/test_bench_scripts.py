@@ -280,13 +280,14 @@ import attention
 o, do, lse, acc = torch.randn(1, 2, 16, 64), torch.randn(1, 2, 16, 64), torch.zeros(1, 2, 16), torch.randn(1, 2, 16, 64)
 dq = torch.empty_like(o)
 out = attention.backward_passes(attention.import_kernels(), o, do, lse, acc, dq, 0.125, torch.device("cpu"))
-print(json.dumps({**out, "cast_ok": torch.equal(dq, acc * 0.125)}))
+print(json.dumps({**out, "zeroed": not acc.any().item(), "cast_ok": torch.equal(dq, acc * 0.125)}))
 """
     proc = _run(["-c", code])
     assert proc.returncode == 0, proc.stderr[-2000:]
     passes = json.loads(proc.stdout.splitlines()[-1])
-    assert set(passes["bwd_pass_ms"]) == set(passes["bwd_pass_gbps"]) == {"delta", "zero", "dq_cast"}
-    assert all(v > 0 for v in passes["bwd_pass_gbps"].values()) and passes["cast_ok"], passes
+    assert set(passes["bwd_pass_ms"]) == set(passes["bwd_pass_gbps"]) == {
+        "delta_zero", "dq_cast", "delta", "zero", "dq_cast_torch"}
+    assert all(v > 0 for v in passes["bwd_pass_gbps"].values()) and passes["zeroed"] and passes["cast_ok"], passes
 
     phases = dict(fwd_kernel_ms=0.4, fwd_kernel_tflops=600.0, bwd_kernel_ms=1.2, bwd_kernel_tflops=520.0,
                   bwd_passes_ms=0.15, bwd_pass_ms=dict(delta=0.03, zero=0.035, dq_cast=0.06),

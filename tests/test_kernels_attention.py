@@ -450,6 +450,35 @@ def test_launch_groups_heads_by_a_power_of_two_that_divides_them(monkeypatch):
         order_heads(64)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_one_kernel_backwards_passes_zero_and_round_as_torch_does(dtype):
+    """The passes around the one-kernel backward (deterministic=False): the Δ pass also zeroes the fp32 dQ buffer
+    (garbage before: torch.empty), and dQ's scale and rounding in Triton gives torch.mul's bits, into the model's
+    strided view (a (B, T, H, D) projection seen as (B, H, T, D)); 40 rows: the last 16-row block partial. Bit for
+    bit on a GPU (and on CPU but for bf16, which the interpreter rounds toward zero, not to nearest even)."""
+    from megascale.kernels.attention import _delta, _dq_cast  # noqa: PLC0415
+
+    B, H, T, D = 2, 3, 40, 32
+    gen = torch.Generator().manual_seed(29)
+    o, do = (torch.randn(B, T, H, D, generator=gen).to(dtype).transpose(1, 2) for _ in range(2))
+    acc = torch.randn(B, H, T, D, generator=gen) * 1e3
+    lse = torch.zeros(B, H, T)
+    plain = _delta(o, do, lse)
+    with_zeros = _delta(o, do, lse, acc)
+    assert torch.equal(plain, with_zeros) and not acc.any()
+    torch.testing.assert_close(plain, (o.float() * do.float()).sum(-1), rtol=1e-5, atol=1e-5)
+    acc = torch.randn(B, H, T, D, generator=gen) * 1e3
+    dq = torch.empty(B, T, H, D, dtype=dtype).transpose(1, 2)
+    _dq_cast(acc, dq, 0.0883883)
+    expected = torch.empty_like(dq)
+    torch.mul(acc, 0.0883883, out=expected)
+    if dtype == torch.bfloat16 and not CUDA:  # Triton's interpreter rounds fp32 to bf16 toward zero: within an ulp
+        torch.testing.assert_close(dq, expected, rtol=2**-7, atol=0)
+        assert not torch.equal(dq, expected)  # (the day it rounds as the GPU does, this says so)
+    else:
+        assert torch.equal(dq, expected)
+
+
 def test_persistent_forward_hands_out_its_tiles_as_the_block_scheduler_would():
     """The persistent forward's blocks take the tiles the host scheduled for them (``persistent_schedule``): every
     query block once, each block's in launch order, each to the block that frees up first. At 4k (64 heads, 132
