@@ -3,8 +3,10 @@
 A session that is lent a GPU gets about 15 minutes of device time in all (the
 machine's start included), one command may run 10, and a machine left idle for
 30 s is given back. This script is that one command: it runs the jobs in order of
-importance (first the reduction's tests and benchmark, its kernel the last changed;
-then the Gluon attention kernels' tests and, if they pass, their benchmark; then the attention benchmark and the tied 1.3b with gradient
+importance (first the reduction's tests and benchmark, its kernel changed since the last GPU run;
+then the Gluon attention kernels' tests and, if they pass, their benchmark, which changed too (2026-11-28: the
+persistent forward's schedule, the backward's passes; their host time and CUDA-graph replay, each pass's
+bandwidth); then the attention benchmark and the tied 1.3b with gradient
 accumulation, what the H100 session of 2026-11-27 measured last; then what it
 measured before: 350m/1.3b with accumulation, the reduction's layouts, 1.3b's
 options, 125m/350m with the fused-ops default, a 1.3b step's profile; then
