@@ -215,10 +215,9 @@ def phase_lines(gluon: list[dict]) -> list[str]:
     """The Gluon kernels alone against the provider's call, timed alike (bench/attention.py's ``gluon_phases``), and
     the backward's other passes: where a call's time goes beyond its kernel."""
     out = []
-    for D, causal, T in sorted({(r["D"], r["causal"], r["T"]) for r in gluon if r.get("gluon_phases")}):
+    fullest = _fullest_phases(gluon)
+    for (D, causal, T), phases in sorted(fullest.items()):
         here = [r for r in gluon if (r["D"], r["causal"], r["T"]) == (D, causal, T)]
-        # the fullest record of the shape (attention_gluon times the forward only; a failed timing has one key)
-        phases = max((r["gluon_phases"] for r in here if r.get("gluon_phases")), key=len)
         if "error" in phases:
             out.append([D, "causal" if causal else "full", T, f"failed: {phases['error']}", *["–"] * 5])
             continue
@@ -237,7 +236,7 @@ def phase_lines(gluon: list[dict]) -> list[str]:
         ["head dim", "mask", "T", "forward call", "forward kernel", "backward call", "backward kernel",
          "other passes µs", "of the backward call"], out) + [""]
     each = [[D, "causal" if causal else "full", T, name, ms * 1e3, phases["bwd_pass_gbps"][name]]
-            for (D, causal, T), phases in sorted(_fullest_phases(gluon).items())
+            for (D, causal, T), phases in sorted(fullest.items())
             for name, ms in (phases.get("bwd_pass_ms") or {}).items()]
     if each:
         lines += ["The backward's passes one by one (GB/s: the bytes each must move; against the copy bandwidth of "
@@ -246,12 +245,12 @@ def phase_lines(gluon: list[dict]) -> list[str]:
 
 
 def _fullest_phases(gluon: list[dict]) -> dict[tuple, dict]:
-    """(head dim, causal, T) -> the fullest ``gluon_phases`` record of the shape, failed ones left out."""
+    """(head dim, causal, T) -> the fullest ``gluon_phases`` record of the shape (attention_gluon times the forward
+    only; a failed timing has one key, so any other record of the shape wins over it)."""
     out: dict[tuple, dict] = {}
     for r in gluon:
-        phases = r.get("gluon_phases") or {}
-        key = (r["D"], r["causal"], r["T"])
-        if "error" not in phases and len(phases) > len(out.get(key, {})):
+        phases, key = r.get("gluon_phases"), (r["D"], r["causal"], r["T"])
+        if phases and len(phases) > len(out.get(key, {})):
             out[key] = phases
     return out
 

@@ -54,10 +54,10 @@ def orders(n_blocks: int, n_heads: int, together: list[int]) -> dict[str, list[f
     return out
 
 
-def persistent(T: int, n_heads: int, sms: int, ideal: float) -> dict[str, float]:
+def persistent(gluon, T: int, n_heads: int, sms: int, ideal: float) -> dict[str, float]:
     """The persistent forward's share lost to its last block, its tiles (128 x 128, causal, 8 heads together) taken
-    in turn and as ``persistent_schedule`` hands them out (each tile's key blocks + 1, as ``block_time``)."""
-    (gluon,) = checkout_kernels("attention_gluon")
+    in turn and as ``persistent_schedule`` (of the ``attention_gluon`` module ``gluon``) hands them out (each tile's
+    key blocks + 1, as ``block_time``)."""
     costs = gluon.tile_costs(T, 128, 128, n_heads, gluon.order_heads(n_heads, 8), True)
     blocks = min(sms, len(costs))
     scheduled = gluon.persistent_schedule(costs, blocks)
@@ -73,13 +73,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sms", type=int, default=132, help="blocks running at once (H100/H200 SMs, one block each)")
     p.add_argument("--heads-together", default="8", help="group sizes G to model")
     args = p.parse_args(argv)
-    rows = []
+    rows, (gluon,) = [], checkout_kernels("attention_gluon")
     for T in map(int, args.lengths.split(",")):
         n_blocks, n_heads = T // 128, (args.tokens // T) * args.heads
         timings = orders(n_blocks, n_heads, [int(g) for g in args.heads_together.split(",")])
         ideal = sum(timings["head-major"]) / args.sms
         row = {"T": T, **{name: 1 - ideal / makespan(d, args.sms) for name, d in timings.items()},
-               **persistent(T, n_heads, args.sms, ideal)}
+               **persistent(gluon, T, n_heads, args.sms, ideal)}
         rows.append(row)
         print(f"T={T:>6}  " + "  ".join(f"{name}: {lost:5.1%} lost" for name, lost in row.items() if name != "T"))
     return rows
