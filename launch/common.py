@@ -49,25 +49,10 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
 
 
-def interpreter_ninja_first() -> None:
-    """Put this interpreter's bin folder first on PATH when it holds a ninja (a venv's, from requirements.txt).
-
-    DeepSpeed JIT-builds its CPU ops (shm_comm at start-up on CPU, CPU Adam with offload) with the first
-    ``ninja`` on PATH. Run as ``.venv/bin/python launch/...`` without activating the venv, that was the
-    system's, and a ninja of another version than the venv's keeps another build log: every switch
-    between that and ``make`` (which puts the venv first) rebuilt them, 30-55 s a start on 2 cores.
-    """
-    bin_dir = str(Path(sys.executable).parent)
-    path = os.environ.get("PATH", "")
-    if (Path(bin_dir) / "ninja").is_file() and path.split(os.pathsep)[0] != bin_dir:
-        os.environ["PATH"] = os.pathsep.join(filter(None, [bin_dir, path]))
-
-
 def setup_logging() -> None:
     """INFO on rank 0, warnings only elsewhere, so N ranks do not print N copies (and the process's environment
-    for the third-party code every launcher reaches: ``quiet_third_party``, ``interpreter_ninja_first``)."""
+    for the third-party code every launcher reaches: ``quiet_third_party``)."""
     quiet_third_party()
-    interpreter_ninja_first()
     level = logging.INFO if launch_rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):

@@ -113,21 +113,36 @@ def test_a_precision_the_device_lacks_is_refused_in_one_line(monkeypatch):
     check_precision("fp32")  # always there
 
 
-def test_the_launchers_put_their_interpreters_ninja_first(monkeypatch, tmp_path):
-    """Run as .venv/bin/python launch/... without the venv activated, DeepSpeed's JIT builds took the system's
-    ninja, whose other build-log version made every switch with `make` rebuild its ops (30-55 s a start): the
-    launchers put their interpreter's bin first when it has a ninja, once, and leave PATH alone when it has none."""
+def test_deepspeed_builds_its_ops_with_the_interpreters_ninja(monkeypatch, tmp_path):
+    """Run as .venv/bin/python launch/... (or a bench/ script) without the venv activated, DeepSpeed's JIT builds
+    took the system's ninja, whose other build-log version made every switch with `make` rebuild its ops (30-55 s
+    a start). ``init_distributed``, where DeepSpeed builds its first op, puts the interpreter's bin first when it
+    has a ninja (once), and leaves PATH alone when it has none."""
     import sys
 
-    import launch.common as common
+    import deepspeed
+
+    from megascale.train import dist
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def fake_init(**kwargs):  # what DeepSpeed's op build would see; then stop before any process group
+        seen.append(os.environ["PATH"])
+        raise Built
 
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)
     monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setattr(deepspeed, "init_distributed", fake_init)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by the call: undone after
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin")
-    common.interpreter_ninja_first()
-    assert os.environ["PATH"] == "/usr/local/bin:/usr/bin"  # no ninja beside the interpreter: nothing to prefer
-    (bin_dir / "ninja").write_text("")
-    common.interpreter_ninja_first()
-    common.interpreter_ninja_first()
-    assert os.environ["PATH"] == f"{bin_dir}:/usr/local/bin:/usr/bin"
+    for _ in range(3):
+        with pytest.raises(Built):
+            dist.init_distributed()
+        (bin_dir / "ninja").write_text("")  # from the second call on
+    assert seen == ["/usr/local/bin:/usr/bin"] + [f"{bin_dir}:/usr/local/bin:/usr/bin"] * 2
