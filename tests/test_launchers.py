@@ -35,6 +35,7 @@ def test_deepspeed_launcher_reports_and_writes_everything(deepspeed_run):
     assert (out / "loss.png").stat().st_size > 10_000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert "pretrain: 100%" in proc.stderr  # tqdm bar on rank 0
+    assert "shm_comm" not in proc.stdout + proc.stderr  # DeepSpeed's inference-only op is neither built nor loaded
 
 
 def test_mpirun_matches_deepspeed_launcher(deepspeed_run, data_dir, tmp_path):
@@ -146,3 +147,18 @@ def test_deepspeed_builds_its_ops_with_the_interpreters_ninja(monkeypatch, tmp_p
             dist.init_distributed()
         (bin_dir / "ninja").write_text("")  # from the second call on
     assert seen == ["/usr/local/bin:/usr/bin"] + [f"{bin_dir}:/usr/local/bin:/usr/bin"] * 2
+
+def test_deepspeed_skips_its_inference_only_comm_op_on_cpu():
+    """On CPU, deepspeed.init_distributed built its shared-memory all-reduce op (35-46 s on a fresh 2-core machine),
+    which only DeepSpeed inference calls: marked incompatible, DeepSpeed's own build step returns no op."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    from megascale.train.dist import skip_inference_comm_op
+
+    accelerator = get_accelerator()
+    assert accelerator.device_name() == "cpu"
+    assert accelerator.create_op_builder("ShareMemCommBuilder") is not None  # the op this CPU would build
+    skip_inference_comm_op(deepspeed, accelerator)
+    assert build_shm_op() is None

@@ -79,11 +79,11 @@ def slurm_env(env: dict[str, str]) -> dict[str, str]:
             "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr, "MASTER_PORT": port}
 
 
-STALE_LOCK_S = 600  # building DeepSpeed's CPU communication op takes seconds; a lock this old is left over
+STALE_LOCK_S = 600  # building a DeepSpeed CPU op takes about a minute; a lock this old is left over
 
 
 def stale_build_locks(max_age_s: float = STALE_LOCK_S, now: float | None = None) -> list[Path]:
-    """Lock files of torch C++ extension builds (DeepSpeed JIT-builds its CPU comm op at start-up) older than ``max_age_s``.
+    """Lock files of torch C++ extension builds (DeepSpeed JIT-builds CPU Adam for offload) older than ``max_age_s``.
 
     A process killed while it holds such a lock leaves it behind, and every later start
     then waits on it forever without a word: the lock is worth a line before that wait.
@@ -91,7 +91,8 @@ def stale_build_locks(max_age_s: float = STALE_LOCK_S, now: float | None = None)
     from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC0415 (private, hence the guard)
 
     try:
-        root = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).parent
+        # the folder of one op's build (torch makes it if missing): CPU Adam's, the op DeepSpeed builds with offload
+        root = Path(_get_build_directory("cpu_adam", verbose=False)).parent
     except Exception:  # noqa: BLE001 - a torch without it: nothing to check
         return []
     now = time.time() if now is None else now
@@ -122,6 +123,24 @@ def interpreter_ninja_first() -> None:
         os.environ["PATH"] = os.pathsep.join(filter(None, [bin_dir, path]))
 
 
+def skip_inference_comm_op(deepspeed, accelerator) -> None:
+    """Keep DeepSpeed from building its shared-memory all-reduce op, which training never calls.
+
+    On CPU, ``deepspeed.init_distributed`` JIT-builds ``deepspeed_shm_comm`` (35-46 s on 2 cores on a fresh
+    machine, ~0.1 s a rank start afterwards to check it is built and load it). Only ``inference_all_reduce``
+    calls it (DeepSpeed inference's tensor parallelism); ZeRO, the pipeline and our collectives use the process
+    group, and ``inference_all_reduce`` itself falls back to it without the op. DeepSpeed builds the op only
+    when its table of compatible ops says it can, and keeps that table in one dict, so that an edit to it lasts:
+    marking the op incompatible there skips the build. A DeepSpeed without that table builds it as before.
+    """
+    if accelerator.device_name() != "cpu":
+        return  # the CUDA accelerator has no such op
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if builder is not None and isinstance(table, dict):
+        table[builder.NAME] = False
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     """Start the default process group for whatever launched us and return our identity.
 
@@ -137,8 +156,9 @@ def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     elif launcher == "slurm":
         os.environ.update(slurm_env(dict(os.environ)))
     port = int(os.environ.get("MASTER_PORT", 29500))
-    interpreter_ninja_first()  # DeepSpeed's CPU backend builds an op here, with the first ninja on PATH
-    warn_stale_build_locks()  # DeepSpeed's CPU backend builds it under such a lock
+    skip_inference_comm_op(deepspeed, get_accelerator())
+    interpreter_ninja_first()  # DeepSpeed builds its CPU ops (CPU Adam) with the first ninja on PATH
+    warn_stale_build_locks()  # and under such a lock
     deepspeed.init_distributed(
         auto_mpi_discovery=launcher == "mpi",
         distributed_port=port,
