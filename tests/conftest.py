@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = ROOT / "launch" / "pretrain.py"
 BIN = Path(sys.executable).parent
-# The venv's tools first, for this process and all it starts: DeepSpeed JIT-builds its ops (shm_comm,
-# CPU Adam) with the first ninja on PATH, and a system ninja of another version keeps a build log the
+# The venv's tools first, for this process and all it starts: DeepSpeed JIT-builds its ops (CPU Adam)
+# with the first ninja on PATH, and a system ninja of another version keeps a build log the
 # venv's cannot read, so each rebuilt what the other had built (~30 s and ~55 s on the CI machine).
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 

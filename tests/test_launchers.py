@@ -148,6 +148,7 @@ def test_deepspeed_builds_its_ops_with_the_interpreters_ninja(monkeypatch, tmp_p
         (bin_dir / "ninja").write_text("")  # from the second call on
     assert seen == ["/usr/local/bin:/usr/bin"] + [f"{bin_dir}:/usr/local/bin:/usr/bin"] * 2
 
+
 def test_deepspeed_skips_its_inference_only_comm_op_on_cpu():
     """On CPU, deepspeed.init_distributed built its shared-memory all-reduce op (35-46 s on a fresh 2-core machine),
     which only DeepSpeed inference calls: marked incompatible, DeepSpeed's own build step returns no op."""

@@ -110,12 +110,11 @@ def warn_stale_build_locks() -> None:
 def interpreter_ninja_first() -> None:
     """Put this interpreter's bin folder first on PATH when it holds a ninja (a venv's, from requirements.txt).
 
-    DeepSpeed JIT-builds its CPU ops (shm_comm in ``init_distributed`` on CPU, CPU Adam with offload in
-    ``build_engine``) with the first ``ninja`` on PATH. Run as ``.venv/bin/python launch/...`` (or a
-    ``bench/`` script) without activating the venv, that was the system's, and a ninja of another version
-    than the venv's keeps another build log: every switch between that and ``make`` (which puts the venv
-    first) rebuilt them, 30-55 s a start on 2 cores. Called where the first build happens, so that every
-    entry point that starts a process group gets it, not only the launchers.
+    DeepSpeed JIT-builds its CPU ops (CPU Adam with offload, in ``build_engine``) with the first ``ninja`` on
+    PATH. Run as ``.venv/bin/python launch/...`` (or a ``bench/`` script) without activating the venv, that was
+    the system's, and a ninja of another version than the venv's keeps another build log: every switch between
+    that and ``make`` (which puts the venv first) rebuilt them, 30-55 s a start on 2 cores. Called on the way to
+    every build, so that every entry point that starts a process group gets it, not only the launchers.
     """
     bin_dir = str(Path(sys.executable).parent)
     path = os.environ.get("PATH", "")
