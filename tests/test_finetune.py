@@ -245,23 +245,51 @@ def test_finetune_resumes_exactly(tmp_path, pretrained):
     assert meta["finetune"]["separators"]["<|query|>"] == 512 and meta["config"]["model"]["vocab_size"] == 576
 
 
+def eval_records(out_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "acc_in" in r]
+
+
+def held_out_samples(proc) -> list[str]:
+    """The generated continuations the run logged ("held-out in, e.g. 78*60 → ..."), without timestamps."""
+    return [line.split("held-out ", 1)[1] for line in (proc.stdout + proc.stderr).splitlines() if "held-out " in line and "e.g." in line]
+
+
+def assert_same_evaluation(got: Path, expected: Path, rel: float = 1e-5) -> None:
+    """Both runs' held-out metrics at every evaluation, key by key."""
+    a, b = eval_records(got), eval_records(expected)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 2]
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        for key in rb:
+            assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-7), (ra["step"], key)
+
+
 def test_init_from_untied_tp2_checkpoint(tmp_path, data_dir):
-    """A checkpoint saved with tp=2 and untied blocks starts a tp=1 and a tp=2 fine-tune with the same loss; eval runs."""
+    """A checkpoint saved with tp=2 and untied blocks starts a tp=1 and a tp=2 fine-tune with the same loss.
+
+    The tp=2 run uses sequence parallelism: it trains on T/tp slices and evaluates (generation,
+    teacher forcing) on whole sequences, with the tp=1 run's metrics and generated text.
+    """
     pre = tmp_path / "pre"
     run_pretrain(pre, data_dir, "train.max_steps=2", "parallel.tp=2", "model.sharing=none", nproc=2)
     one = run_finetune(tmp_path / "tp1", pre, "train.max_steps=2", "train.eval_every=2")
-    two = run_finetune(tmp_path / "tp2", pre, "train.max_steps=2", "parallel.tp=2", nproc=2)
+    two = run_finetune(tmp_path / "tp2", pre, "train.max_steps=2", "train.eval_every=2", "parallel.tp=2",
+                       "parallel.sequence_parallel=true", nproc=2)
     l1, l2 = losses(tmp_path / "tp1"), losses(tmp_path / "tp2")
     assert abs(l1[1] - l2[1]) < 1e-4 and abs(l1[2] - l2[2]) < 1e-4
-    records = [json.loads(line) for line in (tmp_path / "tp1" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if "acc_in" in r]
-    assert [r["step"] for r in evals] == [0, 2] and all(0 <= r["acc_in"] <= 1 and "trace_tok_acc_out" in r for r in evals)
-    assert one.returncode == two.returncode == 0
+    evals = eval_records(tmp_path / "tp1")
+    assert all(0 <= r["acc_in"] <= 1 and "trace_tok_acc_out" in r for r in evals)
+    assert_same_evaluation(tmp_path / "tp2", tmp_path / "tp1", rel=1e-4)
+    assert held_out_samples(two) == held_out_samples(one) and len(held_out_samples(one)) == 4
 
 
-def test_pipeline_finetune_refused_in_one_line(tmp_path, pretrained):
-    proc = run_finetune(tmp_path / "pp", pretrained, "parallel.pp=2", check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "error: fine-tuning with parallel.pp > 1 is not supported yet; use parallel.pp=1 (a checkpoint saved with pp > 1 loads fine)"
-    )
+def test_pipeline_finetune_matches_one_stage(tmp_path, pretrained):
+    """pp=2: packed rows cross the stage boundary with their doc_ids and positions, the last stage takes the
+    weighted loss, and evaluation generates stage to stage: losses, metrics and generated text as at pp=1."""
+    one = run_finetune(tmp_path / "pp1", pretrained, "train.max_steps=2", "train.eval_every=2")
+    two = run_finetune(tmp_path / "pp2", pretrained, "train.max_steps=2", "train.eval_every=2", "parallel.pp=2", nproc=2)
+    l1, l2 = losses(tmp_path / "pp1"), losses(tmp_path / "pp2")
+    assert sorted(l2) == [1, 2] and all(l2[s] == pytest.approx(l1[s], rel=1e-5) for s in (1, 2))
+    assert_same_evaluation(tmp_path / "pp2", tmp_path / "pp1")
+    assert held_out_samples(two) == held_out_samples(one) and len(held_out_samples(one)) == 4

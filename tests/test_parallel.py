@@ -36,8 +36,11 @@ def runs(tmp_path_factory, data_dir):
         key = (tp, pp, dp, sharing, extra)
         if key not in cache:
             out = tmp_path_factory.mktemp(f"tp{tp}pp{pp}dp{dp}")
-            run_pretrain(out, data_dir, f"parallel.tp={tp}", f"parallel.pp={pp}", f"model.sharing={sharing}",
-                         "train.eval_every=5", "train.eval_batches=2", *extra, nproc=tp * pp * dp)
+            # A short greedy sample at the end (stdout.txt), except where every new length recompiles the blocks.
+            sample = [] if "train.compile=true" in extra else ["train.sample_tokens=12"]
+            proc = run_pretrain(out, data_dir, f"parallel.tp={tp}", f"parallel.pp={pp}", f"model.sharing={sharing}",
+                                "train.eval_every=5", "train.eval_batches=2", *sample, *extra, nproc=tp * pp * dp)
+            (out / "stdout.txt").write_text(proc.stdout)
             cache[key] = out
         return cache[key]
 
@@ -258,6 +261,22 @@ def test_sequence_parallelism_matches_single_rank(runs, layout):
     reference, weights = final_weights(runs(1, 1, 1, "cycle:2")), final_weights(runs(*layout, "cycle:2", "parallel.sequence_parallel=true"))
     for name, tensor in reference.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def greedy_sample(out_dir) -> str:
+    """The end-of-run greedy sample the launcher printed."""
+    text = (out_dir / "stdout.txt").read_text()
+    assert "sample (greedy):\n" in text, text[-2000:]
+    return text.split("sample (greedy):\n", 1)[1]
+
+
+@pytest.mark.parametrize("layout, extra", [((1, 2, 1), ()), ((2, 2, 1), ()), ((2, 1, 1), ("parallel.sequence_parallel=true",)),
+                                           ((2, 2, 1), ("parallel.sequence_parallel=true",))],
+                         ids=["pp2", "tp2pp2", "tp2-sp", "tp2pp2-sp"])
+def test_end_of_run_sample_on_every_layout(runs, layout, extra):
+    """Generation runs stage to stage under the pipeline (megascale.parallel.pipeline_infer) and on whole
+    sequences under sequence parallelism: the same greedy tokens as the 1-rank run's, from the same weights."""
+    assert greedy_sample(runs(*layout, "cycle:2", *extra)) == greedy_sample(runs(1, 1, 1, "cycle:2"))
 
 
 def test_explicit_partition_puts_blocks_where_asked(runs):

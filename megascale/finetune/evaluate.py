@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from megascale.finetune.arithmetic import Example
 from megascale.finetune.data import TRACE, Template
-from megascale.model.generate import generate_batch
+from megascale.model.generate import generate_batch, reduce_logits
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,17 @@ def teacher_forced(model, template: Template, examples: list[Example], device) -
     for row, (ids, r) in enumerate(encoded):  # right padding: causal attention never sees it
         tokens[row, : len(ids)], roles[row, : len(ids)] = torch.tensor(ids), torch.tensor(r)
     tokens, roles = tokens.to(device), roles.to(device)
-    logits = model(tokens[:, :-1]).float()  # (B, T-1, V), full vocabulary
     targets, is_trace = tokens[:, 1:], roles[:, 1:] == TRACE
-    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
-    right = (logits.argmax(-1) == targets) & is_trace
-    return float(right.sum()), float(is_trace.sum()), float((ce * is_trace).sum())
+
+    def sums(logits: torch.Tensor) -> torch.Tensor:  # logits (B, T-1, V), full vocabulary
+        logits = logits.float()
+        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+        right = (logits.argmax(-1) == targets) & is_trace
+        return torch.stack([right.sum(), is_trace.sum(), (ce * is_trace).sum()]).double()
+
+    like = torch.empty(3, dtype=torch.float64, device=device)
+    right, count, loss = reduce_logits(model, sums, like, tokens[:, :-1]).tolist()
+    return right, count, loss
 
 
 @torch.no_grad()

@@ -29,9 +29,10 @@ from megascale.export.hf import hf_model_overrides, is_hf_directory, lazy_hf_wei
 from megascale.finetune import data as fd
 from megascale.finetune.arithmetic import Example, arithmetic_splits
 from megascale.finetune.evaluate import evaluate_splits
+from megascale.parallel.tensor_parallel import sequence_parallel_off
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
-from megascale.train.loop import Data, RunSummary, run_loop, setup_run
+from megascale.train.loop import Data, RunSummary, inference_model, run_loop, setup_run
 from megascale.train.metrics import new_axes, read_metrics, save_figure
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,6 @@ def finetune_config(cfg: Config) -> tuple[Config, Path, dict[str, Any]]:
     model.attention = cfg.model.attention
     model.max_seq_len = max(model.max_seq_len, cfg.data.seq_len)
     out = dataclasses.replace(cfg, model=model)
-    if out.parallel.pp > 1:
-        raise MegascaleError("fine-tuning with parallel.pp > 1 is not supported yet; use parallel.pp=1 (a checkpoint saved with pp > 1 loads fine)")
-    if out.parallel.sequence_parallel:
-        raise MegascaleError("fine-tuning with parallel.sequence_parallel is not supported yet (generation needs whole sequences); set it to false")
     validate(out)
     return out, path, meta
 
@@ -164,9 +161,10 @@ class TraceStage:
 
     def evaluate(self, run) -> dict[str, float]:
         f = self.cfg.finetune
-        return evaluate_splits(run.engine.module, self.template, self.splits.held_out, f.max_new_tokens,
-                               f.eval_batch_size, run.groups.dp_rank, run.groups.dims.dp, run.groups.dp_group,
-                               stop_early=self.cfg.train.zero_stage < 3)
+        with sequence_parallel_off(run.engine.module):  # generation runs whole sequences
+            return evaluate_splits(inference_model(run), self.template, self.splits.held_out, f.max_new_tokens,
+                                   f.eval_batch_size, run.groups.dp_rank, run.groups.dims.dp, run.groups.dp_group,
+                                   stop_early=self.cfg.train.zero_stage < 3)
 
     def meta(self) -> dict[str, Any]:
         f = self.cfg.finetune

@@ -19,6 +19,12 @@ Each block entry's ``forward_fn`` (``BlockUnit``) tells the block which layer ap
 it, for the per-unit gradients of megascale.train.probe; ``StageUnit`` keeps such
 entries in DeepSpeed's per-layer checkpoint files and activation checkpointing.
 
+Trace fine-tuning's packed rows travel between stages as a tuple (hidden, doc_ids,
+positions): every block rebuilds its block-diagonal mask and RoPE tables from the two
+(B, T) integer tensors, which are far smaller than a (B, 1, T, T) mask, and DeepSpeed
+sends no gradient for integer tensors. The last stage's labels are then (targets,
+weights). Pretraining sends the hidden states alone.
+
 Weights come from the (with tp > 1, already sharded) plain model: its own when it
 was built with storage; drawn by name for this stage's layers only when it was
 built on the meta device (megascale.model.init). Either way a pipelined run starts
@@ -36,12 +42,15 @@ import torch.nn as nn
 
 from megascale.errors import MegascaleError
 from megascale.kernels.tied_grad import flatten_for_collective, unflatten_into
-from megascale.model.llama import Transformer, rope_tables
+from megascale.model.llama import Transformer, document_mask, rope_tables, rope_tables_at
 from megascale.parallel.topology import ParallelGroups
 
 
 class EmbedLayer(nn.Module):
-    """tokens (B, T) → hidden (B, T, D). Holds the LM head too when it is tied to the embedding."""
+    """tokens (B, T) → hidden (B, T, D), or (tokens, doc_ids, positions) → (hidden, doc_ids, positions).
+
+    Holds the LM head too when it is tied to the embedding.
+    """
 
     def __init__(self, embed: nn.Module, lm_head: nn.Module | None = None, fused_loss: bool = False):
         super().__init__()
@@ -49,8 +58,11 @@ class EmbedLayer(nn.Module):
         self.lm_head = lm_head
         self.fused_loss = fused_loss
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed(tokens)
+    def forward(self, x):
+        if isinstance(x, tuple):
+            tokens, *rows = x
+            return (self.embed(tokens), *rows)
+        return self.embed(x)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The tied LM head on the last stage: hidden (B, T, D) → logits (B, T, V[/tp]); with the fused loss, hidden."""
@@ -67,7 +79,11 @@ class BlockLayer(nn.Module):
         self.seq_multiplier = seq_multiplier  # tp under sequence parallelism: x holds T/tp positions
         self.unit_tracker = None  # as Transformer.unit_tracker: told which layer applies the block
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
+        if isinstance(x, tuple):  # packed fine-tuning rows: per-example positions and attention
+            hidden, doc_ids, positions = x
+            cos, sin = rope_tables_at(positions, self.head_dim, self.rope_theta)
+            return self.block(hidden, cos, sin, document_mask(doc_ids)), doc_ids, positions
         cos, sin = rope_tables(self.head_dim, x.shape[1] * self.seq_multiplier, self.rope_theta, x.device)
         return self.block(x, cos, sin)
 
@@ -84,7 +100,7 @@ class BlockUnit:
 
     layer: int
 
-    def __call__(self, module: BlockLayer, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, module: BlockLayer, x):
         if module.unit_tracker is not None:
             module.unit_tracker.current = self.layer
         return module(x)
@@ -104,7 +120,7 @@ class StageUnit:
     def __init__(self, unit: BlockUnit, module: BlockLayer):
         self.unit, self.module = unit, module
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x):
         return self.unit(self.module, x)
 
     def state_dict(self, *args, **kwargs):
@@ -125,8 +141,8 @@ class NormLayer(nn.Module):
         super().__init__()
         self.norm = norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
+    def forward(self, x) -> torch.Tensor:
+        return self.norm(x[0] if isinstance(x, tuple) else x)  # the rows' doc_ids and positions end here
 
 
 class HeadLayer(nn.Module):
@@ -151,8 +167,19 @@ class HeadLoss:
     def __init__(self) -> None:
         self.head: nn.Module | None = None
 
-    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden, targets)
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(hidden, targets, weights)
+
+
+class PipelineLoss:
+    """The last stage's loss_fn as DeepSpeed calls it, ``fn(outputs, labels)``: labels are the
+    targets, or (targets, weights) for trace fine-tuning's weighted loss."""
+
+    def __init__(self, loss: Callable[..., torch.Tensor]):
+        self.loss = loss
+
+    def __call__(self, outputs: torch.Tensor, labels) -> torch.Tensor:
+        return self.loss(outputs, *labels) if isinstance(labels, tuple) else self.loss(outputs, labels)
 
 
 def _stage_head(module) -> nn.Module | None:
@@ -267,7 +294,8 @@ def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition:
     stages' blocks never take memory here.
     """
     bounds = explicit_boundaries(partition, model.cfg.n_layers, groups.dims.pp)
-    loss_fn = HeadLoss() if fused_loss else model.loss_fn
+    head_loss = HeadLoss()
+    loss_fn = PipelineLoss(head_loss if fused_loss else model.loss_fn)
     module = _module_class(bounds, give_storage)(
         layers=pipeline_layers(model, groups.dims.tp if sequence_parallel else 1, fused_loss),
         topology=groups.topology,
@@ -277,7 +305,7 @@ def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition:
         activation_checkpoint_func=_checkpoint,
     )
     if fused_loss:
-        loss_fn.head = _stage_head(module)
+        head_loss.head = _stage_head(module)
     return module
 
 

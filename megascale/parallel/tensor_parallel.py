@@ -23,6 +23,9 @@ them once per shard and replicated ones (norms) once in the gradient norm.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -231,3 +234,22 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     model.loss_fn = VocabParallelCrossEntropy(model.cfg.vocab_size, group)
     model.full_logits = GatherLogits(group)
     return model
+
+
+@contextmanager
+def sequence_parallel_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` on whole sequences inside the block, under sequence parallelism too.
+
+    Generation's one-token steps and prompts of any length cannot be cut into T/tp
+    slices. The weights are the same either way; only the collectives around them
+    change (all-reduces where there were reduce-scatters and all-gathers), so the
+    model computes the same function. A no-op without sequence parallelism.
+    """
+    switched = [m for m in model.modules() if getattr(m, "sequence_parallel", False)]
+    for m in switched:
+        m.sequence_parallel = False
+    try:
+        yield model
+    finally:
+        for m in switched:
+            m.sequence_parallel = True

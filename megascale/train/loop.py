@@ -26,6 +26,7 @@ from megascale.model.ops import apply_ops_backend
 from megascale.model.generate import greedy_generate
 from megascale.model.init import LazyWeights
 from megascale.model.sharing import SharingPlan, replay_untie_history
+from megascale.parallel.tensor_parallel import sequence_parallel_off
 from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
@@ -207,7 +208,7 @@ def train_step(run: Run) -> torch.Tensor:
     batches = [load_batch(run, run.data.train, idx) for idx in guard.draw(run.sampler, run.progress.step + 1)]
     if run.pipelined:
         # DeepSpeed's 1F1B schedule consumes the micro-batches and steps the optimizer itself.
-        loss = run.engine.train_batch(data_iter=iter([(x.to(device), y.to(device)) for x, y in batches])).detach().float()
+        loss = run.engine.train_batch(data_iter=iter([pipeline_batch(b, device) for b in batches])).detach().float()
         return loss * float("nan") if guard.poison else loss
     total, kept = torch.zeros((), device=device), 0
     guard.skipped_micro = 0
@@ -228,6 +229,20 @@ def train_step(run: Run) -> torch.Tensor:
             run.grad_bytes = measured_state_bytes(run.engine).grads  # gradients exist only until the step
         run.engine.step()  # DeepSpeed only updates at the accumulation boundary
     return total / kept if kept else torch.full((), float("nan"), device=device)
+
+
+def pipeline_batch(batch: tuple[torch.Tensor, ...], device) -> tuple:
+    """A micro-batch as the pipeline engine takes it: (the first stage's inputs, the last stage's labels).
+
+    Pretraining's (inputs, targets) stays as it is. Fine-tuning's (inputs, targets, weights,
+    doc_ids, positions) becomes ((inputs, doc_ids, positions), (targets, weights)): the stages
+    pass doc_ids and positions on beside the hidden states (megascale.parallel.pipeline).
+    """
+    batch = tuple(t.to(device) for t in batch)
+    if len(batch) == 2:
+        return batch
+    inputs, targets, weights, doc_ids, positions = batch
+    return (inputs, doc_ids, positions), (targets, weights)
 
 
 def finite_everywhere(loss: torch.Tensor, group) -> bool:
@@ -295,10 +310,11 @@ def evaluate(run: Run) -> float:
         )
     device = run.ctx.device
     batches = [load_batch(run, val, range(b * micro, (b + 1) * micro)) for b in range(run.groups.dp_rank, n_batches, dp)]
-    batches = [tuple(t.to(device) for t in batch) for batch in batches]
     if run.pipelined:
+        batches = [pipeline_batch(batch, device) for batch in batches]
         loss = run.engine.eval_batch(iter(batches), num_micro_batches=len(batches)).float()
     else:
+        batches = [tuple(t.to(device) for t in batch) for batch in batches]
         run.engine.eval()
         loss = torch.stack([run.engine(*batch).float() for batch in batches]).mean()
         run.engine.train()
@@ -710,15 +726,25 @@ def _save(run: Run) -> Path:
     return path
 
 
+def inference_model(run: Run):
+    """What generation and scoring call: the plain model, or this rank's pipeline stage run as one
+    (megascale.parallel.pipeline_infer). Wrap the calls in ``sequence_parallel_off``."""
+    if not run.pipelined:
+        return run.engine.module
+    from megascale.parallel.pipeline_infer import PipelinedLM  # noqa: PLC0415 (the pipeline imports Triton)
+
+    return PipelinedLM(run.engine.module, run.groups, run.model.cfg, run.model.plan, run.model.full_logits)
+
+
 def _finish(run: Run, summary: RunSummary) -> None:
     if run.ctx.is_main and run.cfg.metrics.plot and summary.metrics.exists():
         summary.loss_png = plot_loss_curve(summary.metrics, summary.out_dir / "loss.png",
                                            title=f"{summary.out_dir.name}: {run.model.plan.spec}")
-    # Generation needs arbitrary lengths: not under the pipeline engine or sequence parallelism's T/tp slices.
-    sliced = run.cfg.parallel.sequence_parallel and run.groups.dims.tp > 1
-    if run.cfg.train.sample_tokens and not run.pipelined and not sliced and not summary.preempted:
-        # All ranks generate: under ZeRO-3 and tensor parallelism every forward is collective.
+    if run.cfg.train.sample_tokens and not summary.preempted:
+        # All ranks generate: under ZeRO-3 and tensor parallelism every forward is collective, and
+        # every pipeline stage takes part in each token.
         run.engine.eval()
         prompt = run.data.tokenizer.encode(run.cfg.train.sample_prompt)
-        ids = greedy_generate(run.engine.module, prompt, run.cfg.train.sample_tokens)
+        with sequence_parallel_off(run.engine.module):
+            ids = greedy_generate(inference_model(run), prompt, run.cfg.train.sample_tokens)
         summary.sample = run.cfg.train.sample_prompt + run.data.tokenizer.decode(ids)
