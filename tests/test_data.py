@@ -395,6 +395,15 @@ def test_ensure_stdlib_dataset_concurrent_ranks_build_once(tmp_path: Path) -> No
     stamp = (out / "train.bin").stat().st_mtime_ns
     ensure_stdlib_dataset(out, 512, 200_000)  # already there: nothing rebuilt
     assert (out / "train.bin").stat().st_mtime_ns == stamp
+    # Another vocabulary or size: one line, and the corpus (whose tokenizer checkpoints name) is left as it was.
+    tokenizer = (out / "tokenizer.model").read_bytes()
+    for vocab, max_bytes, changed in [(384, 200_000, "model.vocab_size=512, not model.vocab_size=384"),
+                                      (512, 100_000, "data.stdlib_max_bytes=200000, not data.stdlib_max_bytes=100000")]:
+        with pytest.raises(MegascaleError) as err:
+            ensure_stdlib_dataset(out, vocab, max_bytes)
+        line = assert_one_line(err)
+        assert f"built with {changed}; it is not rebuilt in place" in line and "set data.path to a new directory" in line
+    assert (out / "tokenizer.model").read_bytes() == tokenizer and (out / "train.bin").stat().st_mtime_ns == stamp
 
 
 def test_ensure_stdlib_dataset_never_overwrites_other_data(tmp_path: Path) -> None:

@@ -214,9 +214,13 @@ def _stdlib_sources(max_bytes: int) -> dict:
 
 
 def _existing_stdlib_is_current(out_dir: Path, vocab_size: int, max_bytes: int, seed: int) -> bool:
-    """True if ``out_dir`` already holds this exact stdlib build.
+    """True if ``out_dir`` already holds the stdlib corpus asked for; False if it holds no complete corpus.
 
-    A directory holding some other prepared corpus is never overwritten.
+    A built corpus is never replaced. A directory holding some other prepared corpus is an
+    error, and so is a stdlib corpus built with another vocabulary, size or seed: checkpoints
+    name their tokenizer by its path (megascale.json), so a rebuild in place would change the
+    token ids under every run made from it. One built from another Python release's stdlib is
+    kept as it is (it is still a consistent corpus).
     """
     try:
         manifest = load_manifest(out_dir)
@@ -228,12 +232,20 @@ def _existing_stdlib_is_current(out_dir: Path, vocab_size: int, max_bytes: int, 
             f"{out_dir} holds a prepared corpus that is not the embedded stdlib one; "
             "set data.corpus=prepared to use it, or choose another data.path"
         )
-    wanted_sources = _stdlib_sources(max_bytes)
-    wanted = (vocab_size, wanted_sources, seed)
-    current = (manifest["vocab_size"], {k: sources.get(k) for k in wanted_sources}, manifest.get("seed"))
-    if current != wanted:
-        log.warning("rebuilding %s: it was built with %s, %s is needed", out_dir, current, wanted)
-    return current == wanted
+    asked = {"model.vocab_size": vocab_size, "data.stdlib_max_bytes": max_bytes, "seed": seed}
+    built = {"model.vocab_size": manifest["vocab_size"], "data.stdlib_max_bytes": sources.get("max_bytes"), "seed": manifest.get("seed")}
+    differ = [key for key in asked if built[key] != asked[key]]
+    if differ:
+        was = ", ".join(f"{key}={built[key]}" for key in differ)
+        now = ", ".join(f"{key}={asked[key]}" for key in differ)
+        raise MegascaleError(
+            f"{out_dir} holds the stdlib corpus built with {was}, not {now}; it is not rebuilt in place (checkpoints "
+            f"name its tokenizer): set data.path to a new directory (e.g. data.path={out_dir.parent / f'stdlib-{vocab_size}'}), "
+            f"or delete {out_dir} if no run uses it"
+        )
+    if sources.get("python") != platform.python_version():
+        log.info("using %s, built from Python %s's stdlib (this is %s)", out_dir, sources.get("python"), platform.python_version())
+    return True
 
 
 def ensure_stdlib_dataset(out_dir: Path, vocab_size: int, max_bytes: int, seed: int = 0) -> Path:
