@@ -281,15 +281,18 @@ def test_export_refuses_foreign_out_dir_and_missing_tokenizer(runs, tmp_path):
         export_hf(step, foreign)
     assert (foreign / "keep.txt").read_text() == "mine"
 
-    moved = tmp_path / step.name  # a checkpoint whose data directory has gone
+    moved = tmp_path / step.name  # a checkpoint whose data directory has gone: it carries its own tokenizer
     shutil.copytree(step, moved)
     meta = json.loads((moved / "megascale.json").read_text())
     tokenizer = Path(meta["tokenizer"]["path"])
+    assert (moved / meta["tokenizer"]["file"]).read_bytes() == tokenizer.read_bytes()
     meta["tokenizer"]["path"] = str(tmp_path / "gone" / "tokenizer.model")
     (moved / "megascale.json").write_text(json.dumps(meta))
+    out = export_hf(moved, tmp_path / "hf")
+    assert (out / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    (moved / meta["tokenizer"]["file"]).unlink()  # and without that copy (a checkpoint from before it): one line
     with pytest.raises(MegascaleError, match="--tokenizer"):
-        export_hf(moved, tmp_path / "hf")
-    out = export_hf(moved, tmp_path / "hf", tokenizer=tokenizer)
+        export_hf(moved, tmp_path / "hf2")
     assert export_hf(moved, out, tokenizer=tokenizer) == out  # an earlier export is overwritten
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -243,6 +244,20 @@ def test_finetune_resumes_exactly(tmp_path, pretrained):
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]  # fp32: bit-identical after the resume
     meta = json.loads((tmp_path / "full" / "checkpoints" / "step_00000003" / "megascale.json").read_text())
     assert meta["finetune"]["separators"]["<|query|>"] == 512 and meta["config"]["model"]["vocab_size"] == 576
+
+
+def test_init_from_a_moved_checkpoint_reads_its_own_tokenizer(tmp_path, pretrained):
+    """A checkpoint carries its tokenizer: fine-tuning starts from a copy whose data directory is gone."""
+    step = pretrained / (pretrained / "latest").read_text().strip()
+    moved = tmp_path / step.name
+    shutil.copytree(step, moved)
+    meta = json.loads((moved / "megascale.json").read_text())
+    original = Path(meta["tokenizer"]["path"]).read_bytes()
+    meta["tokenizer"]["path"] = str(tmp_path / "gone" / "tokenizer.model")
+    (moved / "megascale.json").write_text(json.dumps(meta))
+    run_finetune(tmp_path / "ft", moved, "train.max_steps=1")
+    saved = tmp_path / "ft" / "checkpoints" / "step_00000001"
+    assert (saved / "tokenizer.model").read_bytes() == original  # and passed on to the fine-tuned checkpoint
 
 
 def eval_records(out_dir: Path) -> list[dict]:

@@ -99,7 +99,7 @@ def export_hf(checkpoint: Path, out: Path, *, tokenizer: Path | None = None) -> 
     ``tokenizer`` overrides the sentencepiece model recorded in the checkpoint (needed when the
     data directory has moved). ``out`` must be new, empty or an earlier export. Returns ``out``.
     """
-    from megascale.train.checkpoint import full_weights, read_meta, resolve_checkpoint  # noqa: PLC0415 (imports deepspeed lazily)
+    from megascale.train.checkpoint import full_weights, read_meta, resolve_checkpoint, tokenizer_path  # noqa: PLC0415 (imports deepspeed lazily)
 
     out = Path(out)
     path = resolve_checkpoint(str(checkpoint), Path(checkpoint))
@@ -110,7 +110,7 @@ def export_hf(checkpoint: Path, out: Path, *, tokenizer: Path | None = None) -> 
     plan = [int(g) for g in meta["sharing_plan"]]
     if len(plan) != cfg.n_layers:
         raise MegascaleError(f"{path}: sharing plan {plan} has {len(plan)} layers but model.n_layers={cfg.n_layers}; the checkpoint is inconsistent")
-    tok_path = Path(tokenizer) if tokenizer is not None else Path(meta.get("tokenizer", {}).get("path", ""))
+    tok_path = Path(tokenizer) if tokenizer is not None else tokenizer_path(path, meta)
     tok = _tokenizer_info(tok_path, tokenizer is None, cfg.vocab_size, meta)
     _prepare_out(out, path)
 

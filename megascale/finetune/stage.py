@@ -125,7 +125,7 @@ class TraceStage:
     # ---------------------------------------------------------------- setup_run hooks
 
     def open_data(self, cfg: Config, ctx: DistContext) -> Data:
-        tok_path = Path(self.init_meta["tokenizer"]["path"])
+        tok_path = ckpt.tokenizer_path(self.init_path, self.init_meta)
         tokenizer = Tokenizer(tok_path)
         f = cfg.finetune
         self.template = fd.Template(tokenizer, self.base_vocab, f.trace_in_input)

@@ -4,7 +4,7 @@ Layout of ``<out_dir>/checkpoints``::
 
     latest                 tag of the newest complete checkpoint (DeepSpeed's convention)
     zero_to_fp32.py        DeepSpeed's consolidation script, copied by DeepSpeed
-    step_00000100/         DeepSpeed model/optimizer shards + megascale.json
+    step_00000100/         DeepSpeed model/optimizer shards + megascale.json + tokenizer.model
 
 A save goes to ``step_N.tmp`` first; rank 0 writes ``megascale.json`` into it,
 renames it to ``step_N`` (an atomic rename) and only then moves ``latest``
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 META_NAME = "megascale.json"
 META_FORMAT = "megascale-checkpoint"
 META_VERSION = 1
+TOKENIZER_FILE = "tokenizer.model"  # the run's sentencepiece model, copied into every checkpoint
 # Fault injection for the crash-safety tests: MEGASCALE_FAULT_DURING_SAVE=<step> makes rank 0
 # die hard (os._exit) after the shards of that step's save are written, before it is published.
 FAULT_ENV = "MEGASCALE_FAULT_DURING_SAVE"
@@ -69,6 +70,7 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], is_main
     if is_main:
         if os.environ.get(FAULT_ENV) == str(step):
             os._exit(17)
+        _copy_tokenizer(meta, root / (tag + ".tmp"))
         _atomic_write(root / (tag + ".tmp") / META_NAME, json.dumps(meta, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -77,6 +79,26 @@ def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], is_main
         _prune(root, keep)
     _barrier()
     return final
+
+
+def _copy_tokenizer(meta: dict[str, Any], directory: Path) -> None:
+    """Put the run's tokenizer beside the weights (meta["tokenizer"]["file"]), so the checkpoint
+    stays usable when the data directory is rebuilt, deleted, or left on another machine."""
+    tok = meta.get("tokenizer") or {}
+    if not (tok.get("file") and tok.get("path")):
+        return
+    try:
+        shutil.copyfile(tok["path"], directory / tok["file"])
+    except OSError as err:  # the data directory went away mid-run: save the weights all the same
+        log.warning("checkpoint saved without its tokenizer (%s); export with --tokenizer PATH", err)
+        del tok["file"]
+
+
+def tokenizer_path(path: Path, meta: dict[str, Any]) -> Path:
+    """The tokenizer checkpoint ``path`` was trained with: its own copy, else (older checkpoints) the recorded path."""
+    tok = meta.get("tokenizer") or {}
+    own = path / tok["file"] if tok.get("file") else None
+    return own if own is not None and own.is_file() else Path(tok.get("path", ""))
 
 
 def _remove_partial_saves(root: Path) -> None:
