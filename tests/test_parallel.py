@@ -73,6 +73,12 @@ def test_tensor_parallel_with_every_zero_stage(runs, stage):
     expected, got = losses(runs(1, 1, 1, "cycle:2")), losses(runs(2, 1, 1, "cycle:2", f"train.zero_stage={stage}"))
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), (stage, step)
+    # The full weights read back from every stage's files, ZeRO-3's partitions per tensor rank included
+    # (what export, consolidation, layout conversion and fine-tuning start from).
+    reference, weights = final_weights(runs(1, 1, 1, "cycle:2")), final_weights(runs(2, 1, 1, "cycle:2", f"train.zero_stage={stage}"))
+    assert set(weights) == set(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_tied_replicas_stay_identical_across_stages(runs):

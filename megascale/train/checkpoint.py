@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -245,14 +246,36 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, Source]:
 
 def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source]:
     if meta["config"]["train"]["zero_stage"] == 3:
-        if tp > 1:
-            raise MegascaleError(f"{path}: converting a ZeRO-3 checkpoint saved with tp={tp} is not supported; resume it with the same layout")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-        return merge_tp_shards([state])
+        return merge_tp_shards(_zero3_shards(path, tp))
     shards = [_load(path / f"mp_rank_{r:02d}_model_states.pt")["module"] for r in range(tp)]
     return merge_tp_shards(shards)
+
+
+def _zero3_shards(path: Path, tp: int) -> list[dict[str, torch.Tensor]]:
+    """Each tensor rank's fp32 weights in a ZeRO-3 checkpoint, its data-parallel partitions merged by
+    DeepSpeed's zero_to_fp32.
+
+    zero_to_fp32 takes every ``*_model_states.pt`` / ``*_optim_states.pt`` of a directory for
+    partitions of one model, so with tp > 1 each tensor rank's files (``*_mp_rank_NN_*``) are
+    shown to it alone, through links in a scratch directory.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
+
+    if tp == 1:
+        return [get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)]
+    shards = []
+    with tempfile.TemporaryDirectory(prefix="megascale-zero3-") as scratch:
+        for rank in range(tp):
+            view = Path(scratch) / f"mp_rank_{rank:02d}" / path.name
+            view.mkdir(parents=True)
+            files = sorted(path.glob(f"*_mp_rank_{rank:02d}_*_states.pt"))
+            if not files:
+                raise MegascaleError(f"{path} has no ZeRO-3 files of tensor rank {rank} (*_mp_rank_{rank:02d}_*): "
+                                     "the checkpoint is incomplete; use another step_* directory")
+            for file in files:
+                (view / file.name).symlink_to(file.resolve())
+            shards.append(get_fp32_state_dict_from_zero_checkpoint(str(view.parent), tag=path.name))
+    return shards
 
 
 def _layer_file(path: Path, idx: int, tp_rank: int) -> Path:
