@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -112,6 +113,32 @@ def test_a_precision_the_device_lacks_is_refused_in_one_line(monkeypatch):
                               "train.precision=bf16 or fp32 (fp16 needs a GPU, or a CPU with fp16 kernels such as "
                               "AVX512-FP16)")
     check_precision("fp32")  # always there
+
+
+def test_deepspeed_builds_its_ops_in_the_venvs_own_folder(monkeypatch, tmp_path):
+    """Two checkouts' venvs shared ~/.cache/torch_extensions and rebuilt each other's CPU Adam on every switch:
+    a venv builds into <venv>/torch_extensions, where torch's build directory then lies; a folder the user
+    chose stays, and outside a venv torch's default stays."""
+    import sys
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from megascale.train.dist import interpreter_extension_dir
+
+    venv = tmp_path / "venv"
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    interpreter_extension_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(venv / "torch_extensions")
+    assert Path(_get_build_directory("cpu_adam", verbose=False)).parent == venv / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    interpreter_extension_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setattr(sys, "base_prefix", str(venv))  # not a venv
+    interpreter_extension_dir()
+    assert "TORCH_EXTENSIONS_DIR" not in os.environ
 
 
 def test_deepspeed_builds_its_ops_with_the_interpreters_ninja(monkeypatch, tmp_path):
