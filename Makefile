@@ -9,7 +9,7 @@ ARGS        ?=
 TEST_WORKERS ?= 2
 STAMP       := $(VENV)/.installed
 
-.PHONY: venv pretrain finetune test plan plan-demo clean-venv
+.PHONY: venv pretrain finetune test plan plan-demo bench clean-venv
 
 venv: $(STAMP)
 
@@ -43,6 +43,24 @@ plan-demo: $(STAMP)
 # TEST_WORKERS=0 runs it in one process.
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests $(ARGS)
+
+# Benchmarks, never tests (bench/README.md), written to BENCH_OUT. With a GPU: every GPU measurement as one
+# time-boxed session (BENCH_BUDGET seconds; jobs in order of importance) and its Markdown report. On CPU: the
+# framework's overhead per step against a plain PyTorch loop, and the host's Adam step rate (what an offloaded
+# optimizer costs). BENCH_ARGS / BENCH_ADAM_ARGS go to the first / second script.
+BENCH_OUT       ?= runs/bench
+BENCH_BUDGET    ?= 3600
+BENCH_ARGS      ?=
+BENCH_ADAM_ARGS ?=
+bench: $(STAMP)
+	mkdir -p $(BENCH_OUT)
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		set -x; PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/gpu_session.py --budget $(BENCH_BUDGET) --out $(BENCH_OUT)/gpu $(BENCH_ARGS) && \
+		$(PY) bench/gpu_report.py $(BENCH_OUT)/gpu --md $(BENCH_OUT)/gpu/report.md; \
+	else \
+		set -x; PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) bench/train_throughput.py --cpu --json $(BENCH_OUT)/train_throughput_cpu.json $(BENCH_ARGS) && \
+		$(PY) bench/cpu_adam.py --json $(BENCH_OUT)/cpu_adam.json $(BENCH_ADAM_ARGS); \
+	fi
 
 clean-venv:
 	rm -rf $(VENV)

@@ -852,3 +852,18 @@ def test_gpu_session_compares_the_attention_launch_orders(tmp_path):
     at = text.index("Attention launch order (TFLOP/s): 8 heads together")
     rows = [l for l in text[at:].splitlines()[4:] if l.startswith("|")]
     assert rows and all(len(r.split("|")) == 12 for r in rows)
+
+
+def test_make_bench_runs_the_cpu_benchmarks(tmp_path):
+    """`make bench` without a GPU: the framework-overhead table against the plain loop and the host Adam rate,
+    both as JSON in BENCH_OUT (here with the smallest settings each script takes)."""
+    out = tmp_path / "bench"
+    proc = subprocess.run(["make", "--no-print-directory", "bench", f"BENCH_OUT={out}",
+                           "BENCH_ARGS=--steps 1 --warmup 0 --ckpt off --sharings none --max-micro 1",
+                           "BENCH_ADAM_ARGS=--params 1e4 --threads 1 --reps 1"],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    throughput = json.loads((out / "train_throughput_cpu.json").read_text())
+    assert sorted(r["trainer"] for r in throughput["results"]) == ["megascale", "plain"]
+    adam = json.loads((out / "cpu_adam.json").read_text())
+    assert {r["optimizer"] for r in adam["rows"]} >= {"deepspeed_cpu_adam", "torch_adamw_fused"}
