@@ -106,11 +106,16 @@ class OptimConfig:
     lr: float = 3e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of lr (cosine and linear schedules)."""
+    """Final learning rate as a fraction of lr (cosine, linear and wsd schedules)."""
     warmup_steps: int = 100
     """Linear warm-up steps from 0 to lr."""
     schedule: str = "cosine"
-    """Decay after warm-up: cosine | linear | constant."""
+    """Decay after warm-up: cosine | linear | constant | wsd (warmup-stable-decay: lr held until the last
+    decay_fraction of the steps, then decay_shape down to min_lr_ratio)."""
+    decay_fraction: float = 0.2
+    """wsd: the final fraction of train.max_steps that decays."""
+    decay_shape: str = "1-sqrt"
+    """wsd: the decay's shape, 1-sqrt | linear | cosine (1-sqrt did best in Hägele et al. 2024)."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied to matrices only (not norms)."""
     beta1: float = 0.9
@@ -453,7 +458,9 @@ def validate(cfg: Config) -> None:
     _check_sharing(m)
     _check(d.corpus in ("stdlib", "prepared"), f"data.corpus='{d.corpus}' is not one of stdlib, prepared")
     _check(0 < d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
-    _check(o.schedule in ("cosine", "linear", "constant"), f"optim.schedule='{o.schedule}' is not one of cosine, linear, constant")
+    _check(o.schedule in ("cosine", "linear", "constant", "wsd"), f"optim.schedule='{o.schedule}' is not one of cosine, linear, constant, wsd")
+    _check(o.decay_shape in ("1-sqrt", "linear", "cosine"), f"optim.decay_shape='{o.decay_shape}' is not one of 1-sqrt, linear, cosine")
+    _check(0 < o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]: the final fraction of the steps that decays")
     _check(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
     _check(o.warmup_steps >= 0 and o.grad_clip >= 0, "optim.warmup_steps and optim.grad_clip must be >= 0")
     _check(t.precision in PRECISIONS, f"train.precision='{t.precision}' is not one of {', '.join(PRECISIONS)}")

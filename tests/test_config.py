@@ -60,6 +60,9 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("train.offload_params=gpu", "is not one of none, cpu"),
         ("train.init_device=gpu", "is not one of auto, cpu"),
         ("untie.moments=reset", "is not one of copy, scale, probe"),
+        ("optim.schedule=step", "is not one of cosine, linear, constant, wsd"),
+        ("optim.decay_shape=exp", "is not one of 1-sqrt, linear, cosine"),
+        ("optim.decay_fraction=0", "must be in (0, 1]"),
     ],
 )
 def test_bad_input_is_one_line(override, fragment):
@@ -126,3 +129,25 @@ def test_autocast_precision_keeps_fp32_state_and_computes_in_bf16():
         assert formula_state_bytes(1000, "bf16-autocast", stage, dp) == formula_state_bytes(1000, "fp32", stage, dp)
     with pytest.raises(MegascaleError, match="train.precision=.bf16-amp. is not one of fp32, bf16, fp16, bf16-autocast"):
         load_config(ROOT / "configs" / "tiny.yaml", ["train.precision=bf16-amp"])
+
+
+def test_wsd_holds_the_peak_then_decays_and_extends():
+    """warmup-stable-decay: the peak until the last decay_fraction of the steps, then 1-sqrt to min_lr_ratio;
+    resumed with a larger max_steps, a stable-phase checkpoint trains on at the peak and decays at the new end."""
+    import math
+
+    from megascale.config import OptimConfig
+    from megascale.train.engine import lr_lambda
+
+    o = OptimConfig(warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.1)
+    f = lr_lambda(o, 100)
+    assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
+    assert [f(s) for s in range(10, 81)] == [1.0] * 71
+    assert f(90) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.5))) and f(100) == pytest.approx(0.1)
+    assert all(f(s + 1) < f(s) for s in range(80, 100))
+    longer = lr_lambda(o, 200)
+    assert [longer(s) for s in range(81)] == [f(s) for s in range(81)] and longer(99) == 1.0
+    linear = lr_lambda(OptimConfig(warmup_steps=0, schedule="wsd", decay_fraction=0.5, decay_shape="linear", min_lr_ratio=0), 10)
+    assert [linear(s) for s in range(11)] == pytest.approx([1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0])
+    cosine = lr_lambda(OptimConfig(warmup_steps=0, schedule="cosine", min_lr_ratio=0), 10)  # as before
+    assert cosine(5) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)

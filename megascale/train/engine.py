@@ -117,18 +117,37 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, device_type: str = "cpu")
 
 
 def lr_lambda(o: OptimConfig, max_steps: int):
-    """Multiplier of optim.lr at each step: linear warm-up, then cosine/linear/constant decay."""
+    """Multiplier of optim.lr at each step: linear warm-up, then cosine/linear/constant/wsd decay.
+
+    wsd (warmup-stable-decay) holds the peak until the last ``decay_fraction`` of max_steps, then
+    decays. The LR depends only on (step, max_steps), so a checkpoint of the stable phase resumed
+    with a larger train.max_steps trains on at the peak and decays at the new end.
+    """
+    decay_start = max(o.warmup_steps, max_steps - round(o.decay_fraction * max_steps))
 
     def factor(step: int) -> float:
         if step < o.warmup_steps:
             return (step + 1) / (o.warmup_steps + 1)
         if o.schedule == "constant":
             return 1.0
+        if o.schedule == "wsd":
+            if step < decay_start:
+                return 1.0
+            progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay_shape(o.decay_shape, progress)
         progress = min(1.0, (step - o.warmup_steps) / max(1, max_steps - o.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay_shape(o.schedule, progress)
 
     return factor
+
+
+def decay_shape(name: str, progress: float) -> float:
+    """1 at progress 0, 0 at progress 1."""
+    if name == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "1-sqrt":
+        return 1 - math.sqrt(progress)
+    return 1 - progress  # linear
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
