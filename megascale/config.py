@@ -91,6 +91,10 @@ class DataConfig:
     """'stdlib' builds the embedded corpus (Python's own sources) at `path` if missing; 'prepared' requires `path` to exist (see launch/prepare_data.py)."""
     path: str = "data/stdlib"
     """Directory with manifest.json, tokenizer.model and train/val token files."""
+    blend: str = ""
+    """A weighted mix of prepared directories instead of data.path, e.g. '0.7 data/web, 0.3 data/code': training and
+    validation samples come from each in proportion to its weight (repeating or thinning it). They must share one
+    tokenizer (launch/prepare_data.py --tokenizer); data.corpus and data.path are then not used."""
     seq_len: int = 256
     """Training sequence length in tokens."""
     stdlib_max_bytes: int = 8_000_000
@@ -457,6 +461,10 @@ def validate(cfg: Config) -> None:
     _check(m.fused_ops in ("auto", "torch", "triton"), f"model.fused_ops='{m.fused_ops}' is not one of auto, torch, triton")
     _check_sharing(m)
     _check(d.corpus in ("stdlib", "prepared"), f"data.corpus='{d.corpus}' is not one of stdlib, prepared")
+    if d.blend:
+        from megascale.data.blend import parse_blend  # noqa: PLC0415 (imports numpy)
+
+        parse_blend(d.blend)  # raises one line on a malformed mix
     _check(0 < d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
     _check(o.schedule in ("cosine", "linear", "constant", "wsd"), f"optim.schedule='{o.schedule}' is not one of cosine, linear, constant, wsd")
     _check(o.decay_shape in ("1-sqrt", "linear", "cosine"), f"optim.decay_shape='{o.decay_shape}' is not one of 1-sqrt, linear, cosine")

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from megascale.config import Config
 from megascale.data import DistributedBatchSampler, Tokenizer, TokenFile, batch_from_indices, ensure_stdlib_dataset, load_manifest
+from megascale.data.blend import Blend, BlendPart, parse_blend
 from megascale.errors import MegascaleError
 from megascale.model import Transformer
 from megascale.model.attention import resolve_backend
@@ -47,9 +48,10 @@ TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 @dataclass
 class Data:
     tokenizer: Tokenizer
-    train: TokenFile
-    val: TokenFile
+    train: TokenFile | Blend
+    val: TokenFile | Blend
     path: Path
+    blend: list[BlendPart] | None = None  # data.blend's parts (path is then the first one's)
 
 
 @dataclass
@@ -72,6 +74,8 @@ class RunSummary:
 
 def open_data(cfg: Config, ctx: DistContext) -> Data:
     """Open the token files; build the embedded stdlib corpus first if it is missing."""
+    if cfg.data.blend:
+        return open_blend(cfg)
     path = Path(cfg.data.path)
     if cfg.data.corpus == "stdlib":
         # Every rank calls this: a file lock lets one build while the others wait.
@@ -84,6 +88,31 @@ def open_data(cfg: Config, ctx: DistContext) -> Data:
             f"set model.vocab_size >= {tokenizer.vocab_size}"
         )
     return Data(tokenizer, TokenFile(path / "train"), TokenFile(path / "val"), path)
+
+
+def open_blend(cfg: Config) -> Data:
+    """data.blend: the parts' train and val files mixed by weight (megascale.data.blend), one tokenizer."""
+    parts = parse_blend(cfg.data.blend)
+    first = parts[0].path
+    tokenizer = Tokenizer(first / load_manifest(first)["tokenizer"])
+    reference = tokenizer.path.read_bytes()
+    for part in parts[1:]:
+        if (part.path / load_manifest(part.path)["tokenizer"]).read_bytes() != reference:
+            raise MegascaleError(
+                f"data.blend: {part.path} was tokenized with another tokenizer than {first}; prepare it again with "
+                f"launch/prepare_data.py --tokenizer {tokenizer.path} (every part of a blend shares one tokenizer)"
+            )
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise MegascaleError(f"tokenizer in {first} has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                             f"set model.vocab_size >= {tokenizer.vocab_size}")
+    weights = [p.weight for p in parts]
+    train = Blend([TokenFile(p.path / "train") for p in parts], weights)
+    for part, file in zip(parts, train.files):
+        if file.num_samples(cfg.data.seq_len) == 0:
+            raise MegascaleError(f"data.blend: {part.path} holds {file.num_tokens} training tokens, not one sample of "
+                                 f"data.seq_len + 1 = {cfg.data.seq_len + 1}; prepare more text or drop it from the blend")
+    val = Blend([TokenFile(p.path / "val") for p in parts], weights)
+    return Data(tokenizer, train, val, first, parts)
 
 
 def build_model(cfg: Config, ctx: DistContext, plan: SharingPlan | None = None, quiet: bool = False) -> Transformer:
@@ -385,7 +414,8 @@ def checkpoint_meta(run: Run) -> dict[str, Any]:
         "params": {"unique": info["params_unique"], "applied": info["params_applied"], "flops_per_token": info["flops_per_token"]},
         "tokenizer": {"path": str(run.data.tokenizer.path.resolve()), "file": ckpt.TOKENIZER_FILE,
                       "vocab_size": run.data.tokenizer.vocab_size},
-        "data": {"path": str(run.data.path.resolve()), "sampler": run.sampler.state_dict()},
+        "data": {"path": str(run.data.path.resolve()), "sampler": run.sampler.state_dict(),
+                 **({"blend": [[p.weight, str(p.path.resolve())] for p in run.data.blend]} if run.data.blend else {})},
         "layout": layout_of(run.groups),
         "world_size": run.ctx.world_size,
         "untie_history": run.untie_history,
