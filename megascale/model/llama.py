@@ -77,6 +77,17 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
+def position_inputs(cfg: ModelConfig, tokens: torch.Tensor, positions: torch.Tensor | None,
+                    doc_ids: torch.Tensor | None, mask: torch.Tensor | None):
+    """RoPE tables and the attention mask every block of a forward reads: positions 0..T-1 or the given
+    ones; the block-diagonal mask of ``doc_ids`` when given, else ``mask`` (None = causal)."""
+    if positions is None:
+        cos, sin = rope_tables(cfg.head_dim, tokens.shape[1], cfg.rope_theta, tokens.device)
+    else:
+        cos, sin = rope_tables_at(positions, cfg.head_dim, cfg.rope_theta)
+    return cos, sin, (document_mask(doc_ids) if doc_ids is not None else mask)
+
+
 class LayerKV:
     """Keys and values one applied layer has seen so far (generation with a KV cache).
 
@@ -272,13 +283,7 @@ class Transformer(nn.Module):
         example. Generation passes an explicit boolean ``mask`` (B, 1, T, T_keys) and a
         ``cache`` with one ``LayerKV`` per applied layer.
         """
-        B, T = tokens.shape
-        if positions is None:
-            cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_theta, tokens.device)
-        else:
-            cos, sin = rope_tables_at(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        if doc_ids is not None:
-            mask = document_mask(doc_ids)
+        cos, sin, mask = position_inputs(self.cfg, tokens, positions, doc_ids, mask)
         x = self.embed(tokens)  # (B, T, D)
         for layer in range(self.plan.n_layers):
             kv = None if cache is None else cache[layer]

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from megascale.config import ModelConfig
-from megascale.model.llama import LayerKV, document_mask, rope_tables, rope_tables_at
+from megascale.model.llama import LayerKV, position_inputs
 from megascale.model.sharing import SharingPlan
 from megascale.parallel.pipeline import EmbedLayer, HeadLayer, NormLayer, StageUnit
 from megascale.parallel.topology import ParallelGroups
@@ -63,12 +63,7 @@ class PipelinedLM:
                       doc_ids: torch.Tensor | None = None, cache: list[LayerKV] | None = None) -> torch.Tensor:
         """``fn(logits)`` on every stage, computed on the last; the result has ``like``'s shape and dtype."""
         B, T = tokens.shape
-        if positions is None:
-            cos, sin = rope_tables(self.cfg.head_dim, T, self.cfg.rope_theta, tokens.device)
-        else:
-            cos, sin = rope_tables_at(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        if doc_ids is not None:
-            mask = document_mask(doc_ids)
+        cos, sin, mask = position_inputs(self.cfg, tokens, positions, doc_ids, mask)
         x = tokens if self.stage == 0 else self._receive(B, T, tokens.device)
         for step in self.steps:
             x = step(x, cos, sin, mask, cache)
