@@ -57,6 +57,16 @@ def parse_blend(spec: str) -> list[BlendPart]:
     return [BlendPart(w / total, p) for w, p in parts]
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """A blend at one sample length."""
+
+    sizes: list[int]  # each part's samples (n_d)
+    n: int  # the blend's samples
+    weights: bytes  # float64 weights over the parts that hold a sample (the caches' key)
+    counts: np.ndarray  # each part's appearances (T_d)
+
+
 class Blend:
     """Token files mixed by weight, with TokenFile's ``num_samples`` / ``sample`` interface."""
 
@@ -66,22 +76,26 @@ class Blend:
         self.files = files
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.block = max(block, math.ceil(2 / float(self.weights.min())))
-        self.vocab_size = max(f.vocab_size for f in files)
+        self._shapes: dict[int, _Shape] = {}  # per seq_len: what every sample's lookup reads
 
     def __repr__(self) -> str:
         return "Blend(" + ", ".join(f"{w:.3g} {f!r}" for w, f in zip(self.weights, self.files)) + ")"
 
     def num_samples(self, seq_len: int) -> int:
         """Σ n_d, down to whole blocks (under one block's worth: all of it, one block)."""
-        total = sum(f.num_samples(seq_len) for f in self.files)
-        return total if total < self.block else total - total % self.block
+        return self._shape(seq_len).n
 
-    def _weights(self, seq_len: int) -> bytes:
-        """The weights renormalised over the parts that hold a sample of this length (a small part's validation
-        split may hold none), as a cache key."""
-        has = np.array([f.num_samples(seq_len) > 0 for f in self.files])
-        w = self.weights * has
-        return (w / w.sum() if w.sum() else w).tobytes()
+    def _shape(self, seq_len: int) -> _Shape:
+        if seq_len not in self._shapes:
+            sizes = [f.num_samples(seq_len) for f in self.files]
+            total = sum(sizes)
+            n = total if total < self.block else total - total % self.block
+            # renormalised over the parts that hold a sample of this length (a small part's validation split may not)
+            w = self.weights * (np.array(sizes) > 0)
+            weights = (w / w.sum() if w.sum() else w).tobytes()
+            counts = _quota(weights, n, self.block, math.ceil(n / self.block))
+            self._shapes[seq_len] = _Shape(sizes, n, weights, counts)
+        return self._shapes[seq_len]
 
     def sample(self, i: int, seq_len: int) -> np.ndarray:
         """Sample ``i`` of the blend: seq_len + 1 tokens of one part."""
@@ -90,18 +104,17 @@ class Blend:
 
     def locate(self, i: int, seq_len: int) -> tuple[int, int]:
         """(part, the part's sample index) of blend sample ``i``."""
-        n = self.num_samples(seq_len)
-        if not 0 <= i < n:
-            raise IndexError(f"sample {i} out of range for {n} samples of length {seq_len}")
+        shape = self._shape(seq_len)
+        if not 0 <= i < shape.n:
+            raise IndexError(f"sample {i} out of range for {shape.n} samples of length {seq_len}")
         b, offset = divmod(i, self.block)
-        parts, occurrence = _block_layout(self._weights(seq_len), n, self.block, b)
+        parts, occurrence = _block_layout(shape.weights, shape.n, self.block, b)
         part, k = int(parts[offset]), int(occurrence[offset])
-        return part, k * self.files[part].num_samples(seq_len) // int(self.counts(seq_len)[part])
+        return part, k * shape.sizes[part] // int(shape.counts[part])
 
     def counts(self, seq_len: int) -> np.ndarray:
         """Appearances of each part in the blend (T_d)."""
-        n = self.num_samples(seq_len)
-        return _quota(self._weights(seq_len), n, self.block, math.ceil(n / self.block))
+        return self._shape(seq_len).counts
 
 
 @lru_cache(maxsize=4096)
@@ -127,6 +140,6 @@ def _block_layout(weights: bytes, n: int, block: int, b: int) -> tuple[np.ndarra
     here = end - start  # each part's samples in this block (>= 0, see _quota)
     parts = np.repeat(np.arange(len(here)), here)
     k = np.concatenate([np.arange(c) for c in here]) if len(parts) else np.zeros(0, dtype=np.int64)
-    ideal = (k + 0.5) / np.repeat(np.maximum(here, 1), here)  # spread each part evenly over the block
+    ideal = (k + 0.5) / np.repeat(here, here)  # spread each part evenly over the block
     order = np.lexsort((parts, ideal))
     return parts[order], (k + np.repeat(start, here))[order]

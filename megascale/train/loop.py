@@ -80,21 +80,26 @@ def open_data(cfg: Config, ctx: DistContext) -> Data:
     if cfg.data.corpus == "stdlib":
         # Every rank calls this: a file lock lets one build while the others wait.
         ensure_stdlib_dataset(path, cfg.model.vocab_size, cfg.data.stdlib_max_bytes, seed=0)
-    manifest = load_manifest(path)
-    tokenizer = Tokenizer(path / manifest["tokenizer"])
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+    tokenizer = open_tokenizer(path, cfg.model.vocab_size)
+    return Data(tokenizer, TokenFile(path / "train"), TokenFile(path / "val"), path)
+
+
+def open_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
+    """The prepared directory's tokenizer, checked against model.vocab_size."""
+    tokenizer = Tokenizer(path / load_manifest(path)["tokenizer"])
+    if tokenizer.vocab_size > vocab_size:
         raise MegascaleError(
-            f"tokenizer in {path} has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+            f"tokenizer in {path} has {tokenizer.vocab_size} tokens but model.vocab_size={vocab_size}; "
             f"set model.vocab_size >= {tokenizer.vocab_size}"
         )
-    return Data(tokenizer, TokenFile(path / "train"), TokenFile(path / "val"), path)
+    return tokenizer
 
 
 def open_blend(cfg: Config) -> Data:
     """data.blend: the parts' train and val files mixed by weight (megascale.data.blend), one tokenizer."""
     parts = parse_blend(cfg.data.blend)
     first = parts[0].path
-    tokenizer = Tokenizer(first / load_manifest(first)["tokenizer"])
+    tokenizer = open_tokenizer(first, cfg.model.vocab_size)
     reference = tokenizer.path.read_bytes()
     for part in parts[1:]:
         if (part.path / load_manifest(part.path)["tokenizer"]).read_bytes() != reference:
@@ -102,9 +107,6 @@ def open_blend(cfg: Config) -> Data:
                 f"data.blend: {part.path} was tokenized with another tokenizer than {first}; prepare it again with "
                 f"launch/prepare_data.py --tokenizer {tokenizer.path} (every part of a blend shares one tokenizer)"
             )
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise MegascaleError(f"tokenizer in {first} has {tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
-                             f"set model.vocab_size >= {tokenizer.vocab_size}")
     weights = [p.weight for p in parts]
     train = Blend([TokenFile(p.path / "train") for p in parts], weights)
     for part, file in zip(parts, train.files):
