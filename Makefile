@@ -40,8 +40,9 @@ plan-demo: $(STAMP)
 
 # Two pytest workers, a test file each (module fixtures stay whole): a 2-core machine ran the suite in
 # 17 min against 26.5 in one process, whose subprocess tests leave a core idle part of the time.
-# TEST_WORKERS=0 runs it in one process.
+# TEST_WORKERS=0 runs it in one process. DeepSpeed's CPU Adam is built first, alone (tests/prebuild_ops.py).
 test: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) tests/prebuild_ops.py
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests $(ARGS)
 
 # Benchmarks, never tests (bench/README.md), written to BENCH_OUT. With a GPU: every GPU measurement as one

@@ -1,8 +1,9 @@
 """Shared fixtures: a tiny stdlib dataset and a launcher runner for multi-process tests.
 
-Every multi-rank test starts real processes (torchrun, deepspeed, mpirun) on
-gloo with the tiny test model below, and reads the losses back from the run's
-metrics.jsonl.
+Every multi-rank test starts real processes on gloo with the tiny test model
+below, and reads the losses back from the run's metrics.jsonl. The ranks are
+spawned directly with torchrun's variables (``spawn_ranks``); test_launchers.py
+runs the launchers themselves (torchrun, deepspeed, mpirun, srun).
 """
 
 from __future__ import annotations
@@ -65,8 +66,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(cmd: list[str], nproc: int, env: dict[str, str], timeout: float, cwd: Path = ROOT,
+                grace: float = 0.0) -> subprocess.CompletedProcess:
+    """Run ``cmd`` as ``nproc`` ranks on this host, as torchrun does, without torchrun's own process.
+
+    torchrun's agent imports torch before it starts a rank (2.4 s of CPU, a third of a 2-rank tiny
+    run on the 2-core CI machine): with a hundred multi-rank runs in the suite, that was the largest
+    cost left. The ranks get torchrun's variables (the "torch-env" launcher) and one rendezvous port.
+    When a rank fails, the others are killed (after ``grace`` seconds), as torchrun does, so one
+    rank's error cannot leave the rest waiting in a collective. stdout and stderr come back
+    rank after rank; the return code is the first failing rank's (0 when all succeed).
+    """
+    import tempfile
+    import time
+
+    shared = {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(free_port())}
+    files = [(tempfile.TemporaryFile(), tempfile.TemporaryFile()) for _ in range(nproc)]
+    procs = [subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err,
+                              env={**env, **shared, "RANK": str(r), "LOCAL_RANK": str(r), "GROUP_RANK": "0"})
+             for r, (out, err) in enumerate(files)]
+    start, failed_at = time.monotonic(), None
+    try:
+        while any(p.poll() is None for p in procs):
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > grace:
+                break
+            if time.monotonic() - start > timeout:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    read = lambda f: (f.seek(0), f.read().decode(errors="replace"))[1]  # noqa: E731
+    stdout, stderr = "".join(read(o) for o, _ in files), "".join(read(e) for _, e in files)
+    for out, err in files:
+        out.close(), err.close()
+    return subprocess.CompletedProcess(cmd, next((c for c in codes if c != 0), 0), stdout, stderr)
+
+
 def launch_command(nproc: int, launcher: str) -> list[str]:
-    if launcher == "single":
+    if launcher in ("single", "spawn"):
         return [sys.executable, str(PRETRAIN)]
     if launcher == "torchrun":
         return [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", f"--master-port={free_port()}", str(PRETRAIN)]
@@ -80,12 +124,15 @@ def launch_command(nproc: int, launcher: str) -> list[str]:
 def run_pretrain(out_dir: Path, data: Path, *overrides: str, nproc: int = 1, launcher: str | None = None,
                  env: dict[str, str] | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run launch/pretrain.py on the tiny model; returns the finished process."""
-    launcher = launcher or ("single" if nproc == 1 else "torchrun")
+    launcher = launcher or ("single" if nproc == 1 else "spawn")
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *TINY, f"data.path={data}", f"train.out_dir={out_dir}", *overrides]
     if launcher == "mpirun":
         env = {**(env or {}), "MASTER_PORT": str(free_port())}
-    proc = subprocess.run(launch_command(nproc, launcher) + args, capture_output=True, text=True,
-                          env=clean_env(**(env or {})), cwd=ROOT, timeout=timeout)
+    cmd = launch_command(nproc, launcher) + args
+    if launcher == "spawn":
+        proc = spawn_ranks(cmd, nproc, clean_env(**(env or {})), timeout)
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(**(env or {})), cwd=ROOT, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, ROOT, clean_env, free_port, losses, run_pretrain
+from conftest import ROOT, clean_env, free_port, losses, run_pretrain, spawn_ranks
 from megascale.config import ModelConfig
 from megascale.errors import MegascaleError
 from megascale.finetune import data as fd
@@ -221,9 +221,9 @@ def test_extend_vocab_mean_rows_and_tp_divisible():
 
 def run_finetune(out_dir: Path, init: Path, *overrides: str, nproc: int = 1, check: bool = True):
     args = ["--config", str(ROOT / "configs" / "trace_tiny.yaml"), "--init", str(init), *FT, f"train.out_dir={out_dir}", *overrides]
-    cmd = [sys.executable, str(FINETUNE)] if nproc == 1 else \
-        [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", f"--master-port={free_port()}", str(FINETUNE)]
-    proc = subprocess.run(cmd + args, capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=600)
+    cmd = [sys.executable, str(FINETUNE), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=600) if nproc == 1 \
+        else spawn_ranks(cmd, nproc, clean_env(), timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"finetune failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

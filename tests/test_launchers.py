@@ -1,4 +1,6 @@
-"""The same command under `deepspeed` and `mpirun` (mpi4py discovery); metrics, plots and the sample."""
+"""The same command under `deepspeed`, `torchrun` and `mpirun` (mpi4py discovery); metrics, plots and the sample.
+
+The other test files spawn their ranks directly (conftest.spawn_ranks); these run the launchers."""
 
 import json
 import os
@@ -39,11 +41,12 @@ def test_deepspeed_launcher_reports_and_writes_everything(deepspeed_run):
     assert "shm_comm" not in proc.stdout + proc.stderr  # DeepSpeed's inference-only op is neither built nor loaded
 
 
-def test_mpirun_matches_deepspeed_launcher(deepspeed_run, data_dir, tmp_path):
+@pytest.mark.parametrize("launcher, name", [("mpirun", "mpi"), ("torchrun", "torch-env")])
+def test_other_launchers_match_the_deepspeed_launcher(deepspeed_run, data_dir, tmp_path, launcher, name):
     out, _ = deepspeed_run
     proc = run_pretrain(tmp_path, data_dir, "train.max_steps=4", "train.eval_every=2", "train.eval_batches=4",
-                        nproc=2, launcher="mpirun")
-    assert "launcher mpi, backend gloo, device cpu, world size 2" in proc.stderr
+                        nproc=2, launcher=launcher)
+    assert f"launcher {name}, backend gloo, device cpu, world size 2" in proc.stderr
     assert losses(tmp_path) == losses(out)
 
 

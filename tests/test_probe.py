@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from conftest import BIN, ROOT, clean_env, free_port
+from conftest import ROOT, clean_env, spawn_ranks
 from megascale.config import ModelConfig
 from megascale.model import SharingPlan, Transformer
 from megascale.train import probe as probe_module
@@ -217,8 +217,9 @@ def test_a_wrong_plan_is_refused():
 def probe_step(nproc: int, *overrides: str) -> dict:
     """tests/probe_ranks.py on ``nproc`` ranks; rank 0's JSON."""
     script = str(ROOT / "tests" / "probe_ranks.py")
-    launch = [sys.executable] if nproc == 1 else [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
-    proc = subprocess.run(launch + [script, *overrides], capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=300)
+    cmd = [sys.executable, script, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=300) if nproc == 1 \
+        else spawn_ranks(cmd, nproc, clean_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

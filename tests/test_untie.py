@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TINY, clean_env, events, free_port, losses, run_pretrain
+from conftest import ROOT, TINY, clean_env, events, losses, run_pretrain, spawn_ranks
 from megascale.config import load_config
 from megascale.errors import MegascaleError
 from megascale.model.sharing import SharingPlan, block_sources, replay_untie_history, untie_units
@@ -219,10 +219,9 @@ def test_partial_untie_keeps_watching_the_rest_of_the_group():
 
 
 def untie_check(data_dir, tmp_path, units: str, *overrides: str, nproc: int = 1) -> dict:
-    cmd = [str(BIN / "torchrun"), f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-           str(ROOT / "tests" / "untie_check.py"), units, *TINY, f"data.path={data_dir}",
+    cmd = [sys.executable, str(ROOT / "tests" / "untie_check.py"), units, *TINY, f"data.path={data_dir}",
            f"train.out_dir={tmp_path / 'run'}", "train.eval_batches=2", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=600)
+    proc = spawn_ranks(cmd, nproc, clean_env(), timeout=600)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("UNTIE_REPORT ")), None)
     assert proc.returncode == 0 and line, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(line.split(" ", 1)[1])

@@ -1,4 +1,4 @@
-"""Untie a running engine in place and report what changed (run by tests/test_untie.py under torchrun).
+"""Untie a running engine in place and report what changed (run by tests/test_untie.py, one process per rank).
 
     torchrun --nproc-per-node N tests/untie_check.py UNITS KEY=VALUE...
 
