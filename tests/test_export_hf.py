@@ -25,6 +25,7 @@ import transformers
 
 from conftest import ROOT, clean_env, run_pretrain
 from megascale.config import ModelConfig
+from megascale.data import Tokenizer
 from megascale.errors import MegascaleError
 from megascale.export import export_hf, import_hf, model_config_of
 from megascale.export.hf import Stored, lazy_hf_weights, megascale_weights, open_safetensors
@@ -370,3 +371,71 @@ def test_finetuning_starts_from_a_hugging_face_directory(exports, tmp_path):
     assert "initialised from" in proc.stderr and "hugging face" in proc.stderr
     meta = json.loads((tmp_path / "ft" / "checkpoints" / "step_00000002" / "megascale.json").read_text())
     assert meta["finetune"]["init"] == str(exports("untied").resolve())
+
+
+# ------------------------------------------------------------------ launch/generate.py
+
+GENERATE = ROOT / "launch" / "generate.py"
+PROMPTS = ["def f(x):\n    return", "import os\n", "for i in range(10):\n    "]
+
+
+def generate_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(GENERATE), *args], capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=300)
+
+
+def test_generate_gives_transformers_greedy_tokens(runs, exports, tmp_path):
+    """launch/generate.py on the tp=2 checkpoint (its shards merged, its tied blocks kept tied), three prompts of
+    different lengths decoded together (left-padded, with a KV cache): for each, the ids Hugging Face's greedy
+    ``generate`` gives that prompt alone on the export."""
+    out = tmp_path / "greedy.jsonl"
+    proc = generate_cli("--checkpoint", str(runs("tp2")), *[a for p in PROMPTS for a in ("--prompt", p)],
+                        "--max-new-tokens", "12", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    hf, tok = hf_model(exports("tp2")), Tokenizer(exports("tp2") / "tokenizer.model")
+    for prompt, row in zip(PROMPTS, rows, strict=True):
+        ids = tok.encode(prompt)
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_id,
+                               pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+        stopped = tok.eos_id in want
+        assert row["ids"] == (want[: want.index(tok.eos_id)] if stopped else want) and row["stopped"] == stopped
+        assert (row["prompt"], row["completion"], row["prompt_tokens"]) == (prompt, tok.decode(row["ids"]), len(ids))
+        assert prompt + row["completion"] in proc.stdout
+    assert "3 prompts" in proc.stdout and "on cpu, fp32, greedy" in proc.stdout
+
+
+def test_generate_samples_the_same_ids_for_the_same_seed(runs, tmp_path):
+    """A sampled run from the CLI and the same request in this process (megascale.generation): the same draws."""
+    from megascale.generation import Generator
+    from megascale.model.generate import Sampling
+
+    args = ["--temperature", "1.5", "--top-k", "40", "--top-p", "0.9", "--seed", "7", "--batch-size", "2"]
+    out = tmp_path / "sampled.jsonl"
+    proc = generate_cli("--checkpoint", str(runs("tied")), *[a for p in PROMPTS for a in ("--prompt", p)],
+                        "--max-new-tokens", "16", "--json", str(out), *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "sampled at temperature 1.5, top-k 40, top-p 0.9" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    gen = Generator.from_checkpoint(runs("tied"), device="cpu")
+    sampling = Sampling(1.5, 40, 0.9)
+    assert [r["ids"] for r in gen.complete(PROMPTS, 16, sampling, seed=7, batch_size=2)] == [r["ids"] for r in rows]
+    assert gen.complete(PROMPTS, 16, sampling, seed=8, batch_size=2) != rows  # another seed, other draws
+    greedy = gen.complete(PROMPTS, 16, Sampling(), seed=7)
+    assert [r["ids"] for r in greedy] != [r["ids"] for r in rows]  # sampled at 1.5, not the argmax
+
+
+def test_generate_refuses_what_it_cannot_do_in_one_line(runs, tmp_path):
+    from megascale.generation import Generator
+    from megascale.model.generate import Sampling
+
+    line = one_error_line(generate_cli("--checkpoint", str(runs("tied")), "--query", "12+34"))
+    assert "was not trace fine-tuned" in line and "--prompt" in line
+    line = one_error_line(generate_cli("--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"))
+    assert "does not exist" in line
+    gen = Generator.from_checkpoint(runs("tied"), device="cpu")
+    with pytest.raises(MegascaleError, match="nothing to generate"):
+        gen.check_request(0, 0, 8, 8, Sampling())
+    with pytest.raises(MegascaleError, match="max_seq_len=32; shorten it or lower --max-new-tokens"):
+        gen.complete(["x = 1\n" * 8], 30, Sampling())  # 8 lines of prompt and 30 new tokens: past 32
+    assert gen.complete([""], 4, Sampling())[0]["prompt_tokens"] == 1  # an empty prompt starts a document: eos

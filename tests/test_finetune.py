@@ -308,3 +308,15 @@ def test_pipeline_finetune_matches_one_stage(tmp_path, pretrained):
     assert sorted(l2) == [1, 2] and all(l2[s] == pytest.approx(l1[s], rel=1e-5) for s in (1, 2))
     assert_same_evaluation(tmp_path / "pp2", tmp_path / "pp1")
     assert held_out_samples(two) == held_out_samples(one) and len(held_out_samples(one)) == 4
+
+    # launch/generate.py answers the final evaluation's logged queries from the pp=2 checkpoint (its stages
+    # joined) with the trace steps and response the evaluation generated.
+    logged = [sample.split("e.g. ", 1)[1].split(" → ", 1) for sample in held_out_samples(two)[-2:]]
+    out = tmp_path / "answers.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), "--checkpoint", str(tmp_path / "pp2"),
+                           *[a for query, _ in logged for a in ("--query", query)], "--max-new-tokens", "40",
+                           "--json", str(out)], capture_output=True, text=True, env=clean_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [str((a["trace"], a["response"])) for a in answers] == [answer for _, answer in logged]
+    assert [a["query"] for a in answers] == [query for query, _ in logged] and f"response: {answers[0]['response']}" in proc.stdout

@@ -1,0 +1,143 @@
+"""A checkpoint as a text generator (``launch/generate.py``): one process, the full weights, its own tokenizer.
+
+The checkpoint may be saved under any layout: its weights are read as export and
+consolidation read them (``train.checkpoint.full_weights``) into the plain
+``Transformer`` with the checkpoint's sharing plan, so tied blocks stay tied. A trace
+fine-tuned checkpoint brings its separators: queries are formatted as fine-tuning's
+evaluation formats them, and the answer is split into trace steps and response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megascale.data import Tokenizer
+from megascale.errors import MegascaleError
+from megascale.finetune.data import SEPARATORS, Template
+from megascale.finetune.arithmetic import Example
+from megascale.model.generate import Sampling, generate_batch
+from megascale.model.llama import Transformer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(spec: str) -> torch.device:
+    """``auto`` → the first GPU if there is one, else the CPU; anything else as torch spells it."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise MegascaleError(f"--device {spec} is not a device; pass auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MegascaleError(f"--device {spec}: this machine has no CUDA device; pass --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise MegascaleError(f"--device {spec}: generation runs on cpu or cuda; pass one of them")
+    return device
+
+
+@dataclass
+class Generator:
+    model: Transformer
+    tokenizer: Tokenizer
+    template: Template | None  # a trace fine-tuned checkpoint's separators; None after pretraining
+    source: str  # "<step dir> (step N)"
+    device: torch.device
+    dtype_name: str
+
+    @classmethod
+    def from_checkpoint(cls, spec: str | Path, device: str = "auto", dtype: str = "auto") -> Generator:
+        from megascale.export.hf import model_config_of  # noqa: PLC0415
+        from megascale.train.checkpoint import full_weights, read_meta, resolve_checkpoint, tokenizer_path  # noqa: PLC0415
+
+        path = resolve_checkpoint(str(spec), Path(spec))
+        if path is None:
+            raise MegascaleError(f"{spec} holds no checkpoint yet; pass a step_* directory, a checkpoints/ directory or a run directory")
+        meta = read_meta(path)
+        where = pick_device(device)
+        dtype_name = dtype if dtype != "auto" else ("bf16" if where.type == "cuda" else "fp32")
+        tok_path = tokenizer_path(path, meta)
+        if not tok_path.is_file():
+            raise MegascaleError(f"{path} names tokenizer {tok_path}, which does not exist; restore it there")
+        tokenizer = Tokenizer(tok_path)
+        model = Transformer(model_config_of(meta))
+        model.load_state_dict(full_weights(path, meta))
+        model = model.to(device=where, dtype=DTYPES[dtype_name]).eval()
+        finetune = meta.get("finetune")
+        template = Template(tokenizer, finetune["base_vocab_size"], finetune.get("trace_in_input", True)) if finetune else None
+        return cls(model, tokenizer, template, f"{path} (step {meta.get('step')})", where, dtype_name)
+
+    @property
+    def valid_ids(self) -> int:
+        """Ids that are tokens: the tokenizer's, plus the separators after fine-tuning (the rest pad the vocabulary)."""
+        base = self.tokenizer.vocab_size
+        return base + len(SEPARATORS) if self.template is not None else base
+
+    def check_request(self, n_prompts: int, n_queries: int, max_new_tokens: int, batch_size: int, sampling: Sampling) -> None:
+        """One line for a request that cannot run, before anything is computed."""
+        if n_prompts + n_queries == 0:
+            raise MegascaleError("nothing to generate: pass --prompt TEXT, --prompt-file FILE or --query TEXT")
+        if n_queries and self.template is None:
+            raise MegascaleError(f"{self.source} was not trace fine-tuned, so it has no query format; "
+                                 "pass the text as --prompt, or a checkpoint of launch/finetune_trace.py")
+        if max_new_tokens < 1:
+            raise MegascaleError(f"--max-new-tokens {max_new_tokens}: ask for at least 1 token")
+        if batch_size < 1:
+            raise MegascaleError(f"--batch-size {batch_size}: decode at least 1 prompt at a time")
+        sampling.check()
+
+    def complete(self, prompts: list[str], max_new_tokens: int, sampling: Sampling, seed: int = 0,
+                 batch_size: int = 8) -> list[dict[str, Any]]:
+        """Continue each text; an empty one starts a document (after the end-of-document token)."""
+        ids = [self.tokenizer.encode(p) or [self.tokenizer.eos_id] for p in prompts]
+        out = []
+        for text, prompt, (new, stopped) in zip(prompts, ids, self._generate(ids, max_new_tokens, sampling, seed, batch_size)):
+            out.append({"prompt": text, "completion": self.decode(new), "prompt_tokens": len(prompt),
+                        "new_tokens": len(new), "stopped": stopped, "ids": new})
+        return out
+
+    def answer(self, queries: list[str], max_new_tokens: int, sampling: Sampling, seed: int = 0,
+               batch_size: int = 8) -> list[dict[str, Any]]:
+        """Answer each query as trace fine-tuning taught: ⟨q⟩ query ⟨t⟩ → trace steps ⟨r⟩ response."""
+        if not queries:
+            return []
+        ids = [self.template.prompt(Example(q, [], "")) for q in queries]
+        out = []
+        for query, prompt, (new, stopped) in zip(queries, ids, self._generate(ids, max_new_tokens, sampling, seed, batch_size)):
+            trace, response = self.template.split_generation(new)
+            out.append({"query": query, "trace": trace, "response": response, "prompt_tokens": len(prompt),
+                        "new_tokens": len(new), "stopped": stopped, "ids": new})
+        return out
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; a separator is written as its name (``<|trace|>``)."""
+        base, parts, run = self.tokenizer.vocab_size, [], []
+        for i in ids:
+            if i < base:
+                run.append(i)
+                continue
+            parts.append(self.tokenizer.decode(run))
+            run = []
+            parts.append(SEPARATORS[i - base] if i - base < len(SEPARATORS) else f"<|{i}|>")
+        return "".join(parts + [self.tokenizer.decode(run)])
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, seed: int,
+                  batch_size: int) -> list[tuple[list[int], bool]]:
+        """(new ids, whether it stopped at end of document) per prompt, ``batch_size`` prompts at a time."""
+        limit = self.model.cfg.max_seq_len
+        for n, prompt in enumerate(prompts, 1):
+            if len(prompt) + max_new_tokens > limit:
+                raise MegascaleError(f"prompt {n} has {len(prompt)} tokens, and {max_new_tokens} new ones would take it past "
+                                     f"the model's max_seq_len={limit}; shorten it or lower --max-new-tokens")
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        pick = sampling.picker(self.valid_ids, generator)
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            rows = generate_batch(self.model, prompts[start : start + batch_size], max_new_tokens, self.tokenizer.eos_id,
+                                  pad_id=self.tokenizer.pad_id, pick=pick)
+            out += [(row, len(row) < max_new_tokens) for row in rows]
+        return out
