@@ -30,11 +30,13 @@ SUBCOMMANDS = ("plan", "fit", "sweep", "mappings")
 
 def _shape_args(p: argparse.ArgumentParser, seq_len: int | None = 2048) -> None:
     g = p.add_argument_group("model shape")
-    g.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the --data tokenizer's, rounded up to 64; else 32000)")
+    g.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the --data/--blend tokenizer's, rounded up to 64; else 32000)")
     g.add_argument("--seq-len", type=int, default=seq_len, help="training sequence length (default 2048; cpu-demo 64)")
     g.add_argument("--sharing", default="none", help="tied blocks: none | all | cycle:k | sequence:k (compute follows applied, memory unique parameters)")
     g.add_argument("--tie-embeddings", action="store_true", help="share the input embedding with the LM head")
     g.add_argument("--data", default=None, metavar="DIR", help="prepared data directory (launch/prepare_data.py); default: the embedded stdlib corpus")
+    g.add_argument("--blend", default=None, metavar="SPEC",
+                   help="prepared corpora mixed by weight instead of --data, as data.blend: \"0.7 data/web, 0.3 data/code\"")
     g.add_argument("--precision", default=None, choices=("bf16", "fp16", "fp32", "bf16-autocast"),
                    help="training precision (default bf16; fp32 for the CPU demo; bf16-autocast: fp32 state, bf16 compute)")
 
@@ -108,7 +110,7 @@ def main_plan(argv: list[str]) -> int:
     mapping = get_mapping(args.mapping, parse_overrides(args.set))
     plan = make_plan(budget, mapping, vocab_size=_vocab(args), seq_len=args.seq_len, sharing=args.sharing,
                      tie_embeddings=args.tie_embeddings, kv_heads=args.kv_heads, flops_model=args.flops_model,
-                     precision=args.precision or "bf16", data_path=args.data, out_dir=args.out_dir)
+                     precision=args.precision or "bf16", data_path=args.data, data_blend=args.blend, out_dir=args.out_dir)
     written = write_config(plan, args.emit_config) if args.emit_config else None
     if args.json:
         print(json.dumps(plan_to_dict(plan) | {"emitted_config": str(written) if written else None}, indent=2))
@@ -124,14 +126,18 @@ def _vocab(args) -> int:
     """--vocab, else the prepared data's tokenizer size rounded up to a multiple of 64, else 32000."""
     from megascale.errors import MegascaleError
 
+    if args.data and args.blend:
+        raise MegascaleError("--data and --blend both name the training data; pass one (a blend of one part is --data)")
     if args.vocab is not None:
         if args.vocab <= 0:
             raise MegascaleError(f"--vocab {args.vocab} must be positive")
         return args.vocab
-    if args.data:
+    if args.data or args.blend:
         from megascale.data import load_manifest
+        from megascale.data.blend import parse_blend
 
-        return 64 * -(-int(load_manifest(Path(args.data))["vocab_size"]) // 64)
+        first = Path(args.data) if args.data else parse_blend(args.blend)[0].path  # a blend's parts share one tokenizer
+        return 64 * -(-int(load_manifest(first)["vocab_size"]) // 64)
     return 32000
 
 
@@ -241,7 +247,8 @@ def main_sweep(argv: list[str]) -> int:
     changes = {k: v for k, v in {
         "budgets": _budget_list(args.budgets) if args.budgets else None, "sizes": args.sizes, "spread": args.spread,
         "center": args.center,
-        "vocab_size": _vocab(args) if (args.vocab or args.data) else None, "seq_len": args.seq_len, "precision": args.precision, "data_path": args.data,
+        "vocab_size": _vocab(args) if (args.vocab or args.data or args.blend) else None, "seq_len": args.seq_len,
+        "precision": args.precision, "data_path": args.data, "data_blend": args.blend,
         "micro_batch": args.micro_batch, "global_batch": args.global_batch, "tie_embeddings": args.tie_embeddings or None,
         "sharing": args.sharing if args.sharing != "none" else None,
     }.items() if v is not None}

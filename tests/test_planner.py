@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,49 @@ def test_bad_plan_input_is_one_line(capsys, argv, fragment):
     rc, out, err = run_cli(capsys, *argv)
     assert rc == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err
+
+
+def _part_with_tokens(source: Path, out: Path, train_tokens: int) -> Path:
+    """A copy of a prepared corpus whose manifest says it has ``train_tokens`` train tokens (all the planner reads)."""
+    shutil.copytree(source, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["tokens"] = train_tokens
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_plan_counts_the_epochs_of_each_blended_part_and_emits_the_blend(capsys, tmp_path, data_dir):
+    """--blend: each part's share of D against its train tokens (from its manifest); a note past 4 epochs
+    (Muennighoff et al. 2023), stronger past 16; the emitted config trains on the blend, vocabulary from its tokenizer."""
+    rc, out, _ = run_cli(capsys, "--flops", "1e15", "--seq-len", "64", "--data", str(data_dir), "--json")
+    assert rc == 0
+    tokens = json.loads(out)["tokens"]
+    mid = _part_with_tokens(data_dir, tmp_path / "mid", int(tokens * 0.25 / 8))  # read 8 times
+    big = _part_with_tokens(data_dir, tmp_path / "big", int(tokens * 0.25 * 2))  # half of it read
+    blend = f"0.5 {data_dir}, 0.25 {mid}, 0.25 {big}"
+    rc, out, _ = run_cli(capsys, "--flops", "1e15", "--seq-len", "64", "--blend", blend, "--json",
+                         "--emit-config", str(tmp_path / "blend.yaml"))
+    assert rc == 0
+    plan = json.loads(out)
+    assert plan["tokens"] == tokens
+    use = {Path(u["path"]).name: u for u in plan["data_use"]}
+    assert [(u["weight"], u["train_tokens"]) for u in use.values()] == [
+        (0.5, 300_200), (0.25, int(tokens * 0.25 / 8)), (0.25, int(tokens * 0.25 * 2))]
+    assert use["stdlib-512"]["epochs"] == pytest.approx(tokens * 0.5 / 300_200) and use["stdlib-512"]["epochs"] > 16
+    assert use["mid"]["epochs"] == pytest.approx(8, rel=1e-6) and use["big"]["epochs"] == pytest.approx(0.5, rel=1e-6)
+    repeated = [n for n in plan["notes"] if "Muennighoff" in n]
+    assert len(repeated) == 2
+    assert repeated[0].startswith(f"{data_dir}:") and "worth little" in repeated[0]
+    assert repeated[1].startswith(f"{mid}:") and "train tokens 8.0 times" in repeated[1] and "worth less and less" in repeated[1]
+    cfg = load_config(tmp_path / "blend.yaml")
+    assert cfg.data.blend == blend and cfg.data.corpus == "prepared" and cfg.model.vocab_size == 512
+
+    rc, out, _ = run_cli(capsys, "--flops", "1e15", "--seq-len", "64", "--blend", blend)  # the table's data row
+    (row,) = [line for line in out.splitlines() if line.strip().startswith("data ")]
+    assert f"{mid}: " in row and "× 25%, 8.00 epochs" in row and "0.50 epochs" in row
+
+    rc, out, err = run_cli(capsys, "--flops", "1e15", "--data", str(data_dir), "--blend", blend)
+    assert rc == 2 and err.count("\n") == 1 and "--data and --blend both name the training data" in err
 
 
 # ------------------------------------------------------------------ fits

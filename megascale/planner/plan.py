@@ -264,6 +264,36 @@ class Recipe(HostOffload):
 # ------------------------------------------------------------------ the plan
 
 
+# Muennighoff et al. 2023, "Scaling Data-Constrained Language Models": up to about 4 epochs, repeated
+# tokens train about as well as new ones; past that each repetition is worth less, and past ~16 little.
+REPEAT_EPOCHS_FREE = 4.0
+REPEAT_EPOCHS_FUTILE = 16.0
+
+
+@dataclass(frozen=True)
+class DataPart:
+    """A prepared corpus a run draws from: its share of the samples and the size of its train split."""
+
+    path: str
+    weight: float
+    train_tokens: int
+
+    def epochs(self, tokens: float) -> float:
+        """How many times a run of ``tokens`` tokens reads this part's train split."""
+        return tokens * self.weight / max(1, self.train_tokens)
+
+
+def data_parts(data: dict[str, Any]) -> list[DataPart]:
+    """The parts of a config's data section with their train tokens, read from each manifest (none for stdlib)."""
+    from megascale.data import load_manifest  # noqa: PLC0415 (imports sentencepiece)
+    from megascale.data.blend import parse_blend  # noqa: PLC0415
+
+    if data.get("corpus") != "prepared":
+        return []
+    parts = [(p.weight, p.path) for p in parse_blend(data["blend"])] if data.get("blend") else [(1.0, Path(data["path"]))]
+    return [DataPart(str(path), weight, int(load_manifest(path)["splits"]["train"]["tokens"])) for weight, path in parts]
+
+
 @dataclass
 class Plan:
     budget: Budget
@@ -280,6 +310,7 @@ class Plan:
     out_dir: str
     notes: list[str] = field(default_factory=list)
     comparison: list[dict[str, Any]] = field(default_factory=list)
+    data_parts: list[DataPart] = field(default_factory=list)  # the prepared corpora drawn from (none: the stdlib demo)
 
     @property
     def size_error(self) -> float:
@@ -320,6 +351,7 @@ def make_plan(
     flops_model: str = "exact",
     precision: str = "bf16",
     data_path: str | None = None,
+    data_blend: str | None = None,
     out_dir: str = "runs/plan",
     strict: bool = True,
     global_batch: int | None = None,
@@ -331,7 +363,7 @@ def make_plan(
     shape = solve_shape(alloc.target, kind=alloc.target_kind, vocab_size=vocab_size, seq_len=seq_len, sharing=sharing,
                         tie_embeddings=tie_embeddings, kv_heads=kv_heads, strict=strict)
     return plan_for_shape(budget, mapping, alloc, shape, flops_model=flops_model, precision=precision,
-                          data=data_section(data_path, vocab_size, seq_len), out_dir=out_dir, global_batch=global_batch)
+                          data=data_section(data_path, vocab_size, seq_len, data_blend), out_dir=out_dir, global_batch=global_batch)
 
 
 def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: Shape, *, flops_model: str, precision: str,
@@ -352,13 +384,15 @@ def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: S
                     "cpu" if layout.offload_params else "none")
     loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
     plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, layout.memory, loss, data, out_dir,
-                list(layout.notes))
+                list(layout.notes), data_parts=data_parts(data))
     plan.notes += _notes(plan)
     plan.comparison = compare_mappings(budget.flops, exclude=mapping.name)
     return plan
 
 
-def data_section(data_path: str | None, vocab_size: int, seq_len: int) -> dict[str, Any]:
+def data_section(data_path: str | None, vocab_size: int, seq_len: int, blend: str | None = None) -> dict[str, Any]:
+    if blend:
+        return {"corpus": "prepared", "blend": blend, "seq_len": seq_len}
     if data_path:
         return {"corpus": "prepared", "path": data_path, "seq_len": seq_len}
     # The embedded stdlib corpus runs as is (a demo: a few million tokens); point at your data for a real run.
@@ -385,9 +419,25 @@ def _notes(plan: Plan) -> list[str]:
         notes.append(f"mapping '{plan.mapping.name}' sizes {TARGET_WORDS[plan.mapping.param_count]}; the shape hits that quantity")
     if plan.predicted_loss is not None and not plan.mapping.extra.get("fitted"):
         notes.append("predicted loss is in nats/token on the paper's data and tokenizer (MassiveText): a relative guide, not your corpus's loss")
+    notes += _repetition_notes(plan)
     if plan.data["corpus"] == "stdlib":
         notes.append("the emitted config trains on the embedded stdlib corpus (a few million tokens, repeated); "
                      "for a real run prepare your corpus and pass --data PATH (or override data.corpus=prepared data.path=...)")
+    return notes
+
+
+def _repetition_notes(plan: Plan) -> list[str]:
+    """A note per part that the plan's tokens read more than REPEAT_EPOCHS_FREE times."""
+    notes = []
+    for part in plan.data_parts:
+        epochs = part.epochs(plan.recipe.tokens)
+        if epochs <= REPEAT_EPOCHS_FREE:
+            continue
+        worth = "little" if epochs > REPEAT_EPOCHS_FUTILE else "less and less"
+        notes.append(f"{part.path}: the plan reads its {human(part.train_tokens)} train tokens {epochs:.1f} times "
+                     f"({part.weight:.0%} of {human(plan.recipe.tokens)} tokens); past ~{REPEAT_EPOCHS_FREE:g} epochs repeated "
+                     f"tokens are worth {worth} next to new ones (Muennighoff et al. 2023): add data, lower its weight, "
+                     "or plan a smaller budget")
     return notes
 
 
@@ -475,6 +525,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "memory_per_gpu_gib": {"state": plan.memory.state / 2**30, "activations": plan.memory.activations / 2**30,
                                "capacity": plan.memory.capacity / 2**30 or None, "host": plan.memory.host / 2**30},
         "predicted_loss": plan.predicted_loss,
+        "data_use": [asdict(p) | {"epochs": p.epochs(r.tokens)} for p in plan.data_parts],
         "wall_seconds": plan.wall_seconds,
         "device_seconds": plan.device_seconds,
         "host_step_seconds": plan.host_step_seconds,
@@ -525,6 +576,7 @@ def render_plan(plan: Plan) -> str:
                         + (f" (6N: {sci(6 * c.applied, 4)})" if plan.flops_model == "exact" else f" (exact: {sci(c.flops_per_token, 4)})")),
         ("tokens", f"D = C / FLOPs-per-token = {human(r.tokens)} tokens ({r.tokens / c.applied:.1f} per parameter), "
                    f"{sci(r.flops)} FLOPs"),
+        *([("data", _data_words(plan))] if plan.data_parts else []),
         ("training", f"{r.steps:,} steps × {r.global_batch} sequences × {r.seq_len} tokens ({human(r.tokens_per_step)} tokens/step) · "
                      f"lr {r.lr:.2g}, warm-up {r.warmup}, cosine to 10%"),
         ("layout", f"{r.precision} · ZeRO-{r.zero_stage}{_offload_words(r)}"
@@ -548,6 +600,12 @@ def render_plan(plan: Plan) -> str:
     out += [f"  {'note':<{width}}  {n}" for n in plan.notes]
     out += ["", f"other mappings at {sci(b.flops)} FLOPs (C = 6ND):", render_comparison(plan.comparison)]
     return "\n".join(out)
+
+
+def _data_words(plan: Plan) -> str:
+    return " · ".join(f"{p.path}: {human(p.train_tokens)} train tokens"
+                      + (f" × {p.weight:.0%}" if len(plan.data_parts) > 1 else "")
+                      + f", {p.epochs(plan.recipe.tokens):.2f} epochs" for p in plan.data_parts)
 
 
 def _wall_words(plan: Plan) -> str:

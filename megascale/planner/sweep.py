@@ -40,6 +40,7 @@ class SweepSettings:
     tie_embeddings: bool = False
     precision: str = "bf16"
     data_path: str | None = None
+    data_blend: str | None = None  # prepared corpora mixed by weight (data.blend), instead of data_path
     micro_batch: int | None = None
     global_batch: int | None = None
     eval_batches: int = 32
@@ -84,8 +85,8 @@ def plan_sweep(settings: SweepSettings, prior: Mapping, runs_dir: str) -> list[S
         raise MegascaleError(f"sweep budgets {list(s.budgets)} must all be positive FLOPs")
     if s.sizes < 3 or s.spread <= 1:
         raise MegascaleError("a sweep needs --sizes 3 or more and --spread > 1 to find an IsoFLOP minimum")
-    data = data_section(s.data_path, s.vocab_size, s.seq_len)
-    if not s.data_path:
+    data = data_section(s.data_path, s.vocab_size, s.seq_len, s.data_blend)
+    if data["corpus"] == "stdlib":
         data["stdlib_max_bytes"] = s.stdlib_max_bytes
     runs = []
     for flops in sorted(s.budgets):
