@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import losses, run_pretrain
-from megascale.data import prepare_dataset
+from megascale.data import DistributedBatchSampler, prepare_dataset
 from megascale.data.blend import Blend, _block_layout, _quota, parse_blend
+from megascale.data.sampler import SamplerState
 from megascale.data.tokens import TokenFile, TokenFileWriter
 from megascale.errors import MegascaleError
 
@@ -68,6 +69,26 @@ def test_parts_repeat_or_thin_evenly(blend):
     thinned = by_part[1]  # 0.3 of the blend from 30,000 samples: each at most once, spread over the whole file
     assert len(set(thinned)) == len(thinned) and max(thinned) > 29_990
     assert max(np.diff(sorted(thinned))) <= 30_000 // len(thinned) + 1
+
+
+def test_later_epochs_read_the_rest_of_a_thinned_part(blend):
+    """Epoch e (blend indices e·N + i) shifts each part's samples by e: the part thinned to every ~3.2nd sample
+    is read whole in 4 epochs, the mix of every epoch is the first's, and the sampler hands out such indices."""
+    n = blend.num_samples(SEQ)
+    epochs = [[blend.locate(e * n + i, SEQ) for i in range(n)] for e in range(4)]
+    assert [part for part, _ in epochs[3]] == [part for part, _ in epochs[0]]
+    assert all(local == (first + 3) % size for (part, local), (_, first), size in
+               ((a, b, [1000, 30_000, 200][a[0]]) for a, b in zip(epochs[3], epochs[0])))
+    thinned = [{local for part, local in epoch if part == 1} for epoch in epochs]
+    assert len(thinned[0]) == len(thinned[1]) and not thinned[0] & thinned[1]  # a new third of the part
+    assert set().union(*thinned) == set(range(30_000))
+    assert blend.sample(2 * n + 5, SEQ).tolist() != blend.sample(5, SEQ).tolist()
+
+    sampler = DistributedBatchSampler(n, 8, 8, 0, 1, seed=0, epoch_in_index=True)
+    plain = DistributedBatchSampler(n, 8, 8, 0, 1, seed=0)
+    sampler.state, plain.state = SamplerState(epoch=2, consumed=0), SamplerState(epoch=2, consumed=0)
+    (got,), (want,) = sampler.next_global_batch(), plain.next_global_batch()
+    assert got.tolist() == (want + 2 * n).tolist()
 
 
 def test_a_sample_does_not_depend_on_the_order_asked(blend):

@@ -7,6 +7,11 @@ below it is thinned (N is rounded down to whole blocks, a few thousand samples a
 appearance is its sample ⌊k·n_d / T_d⌋, which spreads a
 thinned part's samples evenly over the whole corpus and repeats a small part's evenly.
 
+Epochs: sample i of epoch e is blend index e·N + i (the sampler hands out such indices
+for a blend), and each part's samples there are shifted by e. A part thinned to every
+r-th sample is then read whole within ⌈r⌉ epochs, as Megatron's blend reads on into a
+dataset's next epoch, instead of the same 1/r of it every time.
+
 The interleaving is exact and needs no index over N samples: the blend is cut into
 blocks of ``block`` samples, part d's count at each block boundary is w_d times the
 position rounded by largest remainder (so every prefix holds each part within a couple
@@ -103,14 +108,16 @@ class Blend:
         return self.files[part].sample(local, seq_len)
 
     def locate(self, i: int, seq_len: int) -> tuple[int, int]:
-        """(part, the part's sample index) of blend sample ``i``."""
+        """(part, the part's sample index) of blend sample ``i`` (epoch i // N, see the module docstring)."""
         shape = self._shape(seq_len)
-        if not 0 <= i < shape.n:
+        if i < 0:
             raise IndexError(f"sample {i} out of range for {shape.n} samples of length {seq_len}")
+        epoch, i = divmod(i, shape.n)
         b, offset = divmod(i, self.block)
         parts, occurrence = _block_layout(shape.weights, shape.n, self.block, b)
         part, k = int(parts[offset]), int(occurrence[offset])
-        return part, k * shape.sizes[part] // int(shape.counts[part])
+        size = shape.sizes[part]
+        return part, (k * size // int(shape.counts[part]) + epoch) % size
 
     def counts(self, seq_len: int) -> np.ndarray:
         """Appearances of each part in the blend (T_d)."""

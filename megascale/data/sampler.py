@@ -59,8 +59,10 @@ class DistributedBatchSampler:
         shuffle: bool = True,
         *,
         seq_len: int | None = None,
+        epoch_in_index: bool = False,
     ):
-        """``seq_len`` is only used to make the too-little-data error clearer."""
+        """``seq_len`` is only used to make the too-little-data error clearer. ``epoch_in_index``: hand out
+        sample i of epoch e as e·num_samples + i, for data that reads another sample in another epoch (a blend)."""
         self._grad_accum = _grad_accum(global_batch, micro_batch, dp_size)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is outside 0..{dp_size - 1}")
@@ -77,6 +79,7 @@ class DistributedBatchSampler:
         self.dp_size = dp_size
         self.seed = seed
         self.shuffle = shuffle
+        self.epoch_in_index = epoch_in_index
         self.state = SamplerState()
         self._order_epoch = -1  # epoch whose order is cached in self._order
         self._order = np.empty(0, dtype=np.int64)
@@ -110,6 +113,8 @@ class DistributedBatchSampler:
         self._roll_over_if_exhausted()
         start = self.state.consumed
         batch = self.epoch_order(self.state.epoch)[start : start + self.global_batch]
+        if self.epoch_in_index:
+            batch = batch + self.state.epoch * self.num_samples
         self.state.consumed += self.global_batch
         self._roll_over_if_exhausted()  # so state_dict() already points at the next batch
         return [self._micro_slice(batch, m) for m in range(self._grad_accum)]

@@ -464,7 +464,7 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     log_startup(ctx, info, cfg, groups)
     sampler = DistributedBatchSampler(
         data.train.num_samples(cfg.data.seq_len), layout.global_batch, layout.micro_batch,
-        groups.dp_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle,
+        groups.dp_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle, epoch_in_index=isinstance(data.train, Blend),
     )
     converted = resume_path is not None and meta["layout"] != layout_of(groups)
     weights = None  # full plain-model weights to start from, by name; None: drawn from train.seed
