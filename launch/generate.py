@@ -30,7 +30,9 @@ import common
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a step_* directory, a checkpoints/ directory or a run directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a step_* directory, a checkpoints/ directory or a run directory; or a Hugging Face Llama "
+                        "directory with a sentencepiece tokenizer.model (a megascale export)")
     p.add_argument("--prompt", action="append", default=[], help="text to continue (repeat for several)")
     p.add_argument("--prompt-file", type=Path, action="append", default=[],
                    help=".jsonl: one prompt per line, its \"prompt\" field; any other file: the whole file is one prompt")

@@ -2,7 +2,9 @@
 
 The checkpoint may be saved under any layout: its weights are read as export and
 consolidation read them (``train.checkpoint.full_weights``) into the plain
-``Transformer`` with the checkpoint's sharing plan, so tied blocks stay tied. A trace
+``Transformer`` with the checkpoint's sharing plan, so tied blocks stay tied. A Hugging
+Face Llama directory with a sentencepiece ``tokenizer.model`` (a megascale export) is
+read as training's ``init_hf`` reads it. A trace
 fine-tuned checkpoint brings its separators: queries are formatted as fine-tuning's
 evaluation formats them, and the answer is split into trace steps and response.
 """
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megascale.config import ModelConfig
 from megascale.data import Tokenizer
 from megascale.errors import MegascaleError
 from megascale.finetune.data import SEPARATORS, Template
@@ -51,25 +54,21 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, spec: str | Path, device: str = "auto", dtype: str = "auto") -> Generator:
-        from megascale.export.hf import model_config_of  # noqa: PLC0415
-        from megascale.train.checkpoint import full_weights, read_meta, resolve_checkpoint, tokenizer_path  # noqa: PLC0415
+        """From a megascale checkpoint (step, checkpoints/ or run directory), or a Hugging Face Llama directory
+        with a sentencepiece ``tokenizer.model`` (a megascale export: it keeps a fine-tune's separators)."""
+        from megascale.export.hf import is_hf_directory  # noqa: PLC0415
 
-        path = resolve_checkpoint(str(spec), Path(spec))
-        if path is None:
-            raise MegascaleError(f"{spec} holds no checkpoint yet; pass a step_* directory, a checkpoints/ directory or a run directory")
-        meta = read_meta(path)
         where = pick_device(device)
         dtype_name = dtype if dtype != "auto" else ("bf16" if where.type == "cuda" else "fp32")
-        tok_path = tokenizer_path(path, meta)
+        cfg, weights, tok_path, finetune, source = (_hf_parts if is_hf_directory(Path(spec)) else _checkpoint_parts)(Path(spec))
         if not tok_path.is_file():
-            raise MegascaleError(f"{path} names tokenizer {tok_path}, which does not exist; restore it there")
+            raise MegascaleError(f"{source} names tokenizer {tok_path}, which does not exist; restore it there")
         tokenizer = Tokenizer(tok_path)
-        model = Transformer(model_config_of(meta))
-        model.load_state_dict(full_weights(path, meta))
+        model = Transformer(cfg)
+        model.load_state_dict(weights)
         model = model.to(device=where, dtype=DTYPES[dtype_name]).eval()
-        finetune = meta.get("finetune")
         template = Template(tokenizer, finetune["base_vocab_size"], finetune.get("trace_in_input", True)) if finetune else None
-        return cls(model, tokenizer, template, f"{path} (step {meta.get('step')})", where, dtype_name)
+        return cls(model, tokenizer, template, source, where, dtype_name)
 
     @property
     def valid_ids(self) -> int:
@@ -141,3 +140,34 @@ class Generator:
                                   pad_id=self.tokenizer.pad_id, pick=pick)
             out += [(row, len(row) < max_new_tokens) for row in rows]
         return out
+
+
+def _checkpoint_parts(spec: Path) -> tuple[ModelConfig, dict, Path, dict | None, str]:
+    """(model config, full weights, tokenizer, fine-tune record, description) of a megascale checkpoint, any layout."""
+    from megascale.export.hf import model_config_of  # noqa: PLC0415
+    from megascale.train.checkpoint import full_weights, read_meta, resolve_checkpoint, tokenizer_path  # noqa: PLC0415
+
+    path = resolve_checkpoint(str(spec), spec)
+    if path is None:
+        raise MegascaleError(f"{spec} holds no checkpoint yet; pass a step_* directory, a checkpoints/ directory or a run directory")
+    meta = read_meta(path)
+    return model_config_of(meta), full_weights(path, meta), tokenizer_path(path, meta), meta.get("finetune"), \
+        f"{path} (step {meta.get('step')})"
+
+
+def _hf_parts(directory: Path) -> tuple[ModelConfig, dict, Path, dict | None, str]:
+    """The same of a Hugging Face Llama directory; megascale.json (an export's) names the step and any fine-tune."""
+    import json  # noqa: PLC0415
+
+    from megascale.export.hf import TOKENIZER_NAME, lazy_hf_weights  # noqa: PLC0415
+
+    overrides, weights = lazy_hf_weights(directory)
+    if not (directory / TOKENIZER_NAME).is_file():
+        raise MegascaleError(f"{directory} has no {TOKENIZER_NAME}: generation reads sentencepiece tokenizers; "
+                             "pass a megascale export (launch/export_hf.py) or put the model's tokenizer.model there")
+    note_path = directory / "megascale.json"
+    note = json.loads(note_path.read_text()) if note_path.is_file() else {}
+    step = f" (exported at step {note['step']})" if "step" in note else ""
+    return ModelConfig(**overrides, attention="torch"), weights.to_dict(), directory / TOKENIZER_NAME, note.get("finetune"), \
+        f"{directory}{step}"
+

@@ -405,8 +405,9 @@ def test_generate_gives_transformers_greedy_tokens(runs, exports, tmp_path):
     assert "3 prompts" in proc.stdout and "on cpu, fp32, greedy" in proc.stdout
 
 
-def test_generate_samples_the_same_ids_for_the_same_seed(runs, tmp_path):
-    """A sampled run from the CLI and the same request in this process (megascale.generation): the same draws."""
+def test_generate_samples_the_same_ids_for_the_same_seed(runs, exports, tmp_path):
+    """A sampled run from the CLI and the same request in this process (megascale.generation): the same draws;
+    and from the checkpoint's Hugging Face export."""
     from megascale.generation import Generator
     from megascale.model.generate import Sampling
 
@@ -424,8 +425,12 @@ def test_generate_samples_the_same_ids_for_the_same_seed(runs, tmp_path):
     greedy = gen.complete(PROMPTS, 16, Sampling(), seed=7)
     assert [r["ids"] for r in greedy] != [r["ids"] for r in rows]  # sampled at 1.5, not the argmax
 
+    exported = Generator.from_checkpoint(exports("tied"), device="cpu")  # the export generates as its checkpoint does
+    assert exported.source.endswith(f"(exported at step {read_meta(resolve_checkpoint(str(runs('tied')), runs('tied')))['step']})")
+    assert exported.complete(PROMPTS, 16, sampling, seed=7, batch_size=2) == gen.complete(PROMPTS, 16, sampling, seed=7, batch_size=2)
 
-def test_generate_refuses_what_it_cannot_do_in_one_line(runs, tmp_path):
+
+def test_generate_refuses_what_it_cannot_do_in_one_line(runs, exports, tmp_path):
     from megascale.generation import Generator
     from megascale.model.generate import Sampling
 
@@ -433,6 +438,11 @@ def test_generate_refuses_what_it_cannot_do_in_one_line(runs, tmp_path):
     assert "was not trace fine-tuned" in line and "--prompt" in line
     line = one_error_line(generate_cli("--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"))
     assert "does not exist" in line
+    no_tokenizer = tmp_path / "hf"
+    shutil.copytree(exports("tied"), no_tokenizer)
+    (no_tokenizer / "tokenizer.model").unlink()
+    with pytest.raises(MegascaleError, match="has no tokenizer.model: generation reads sentencepiece tokenizers"):
+        Generator.from_checkpoint(no_tokenizer, device="cpu")
     gen = Generator.from_checkpoint(runs("tied"), device="cpu")
     with pytest.raises(MegascaleError, match="nothing to generate"):
         gen.check_request(0, 0, 8, 8, Sampling())
