@@ -51,6 +51,8 @@ class Generator:
     source: str  # "<step dir> (step N)"
     device: torch.device
     dtype_name: str
+    data_dirs: tuple[Path, ...] = ()  # the prepared corpora a pretraining checkpoint trained on (none otherwise)
+    seq_len: int | None = None  # its training sequence length
 
     @classmethod
     def from_checkpoint(cls, spec: str | Path, device: str = "auto", dtype: str = "auto") -> Generator:
@@ -60,15 +62,16 @@ class Generator:
 
         where = pick_device(device)
         dtype_name = dtype if dtype != "auto" else ("bf16" if where.type == "cuda" else "fp32")
-        cfg, weights, tok_path, finetune, source = (_hf_parts if is_hf_directory(Path(spec)) else _checkpoint_parts)(Path(spec))
-        if not tok_path.is_file():
-            raise MegascaleError(f"{source} names tokenizer {tok_path}, which does not exist; restore it there")
-        tokenizer = Tokenizer(tok_path)
-        model = Transformer(cfg)
-        model.load_state_dict(weights)
+        src = (_hf_source if is_hf_directory(Path(spec)) else _checkpoint_source)(Path(spec))
+        if not src.tokenizer.is_file():
+            raise MegascaleError(f"{src.name} names tokenizer {src.tokenizer}, which does not exist; restore it there")
+        tokenizer = Tokenizer(src.tokenizer)
+        model = Transformer(src.cfg)
+        model.load_state_dict(src.weights)
         model = model.to(device=where, dtype=DTYPES[dtype_name]).eval()
-        template = Template(tokenizer, finetune["base_vocab_size"], finetune.get("trace_in_input", True)) if finetune else None
-        return cls(model, tokenizer, template, source, where, dtype_name)
+        f = src.finetune
+        template = Template(tokenizer, f["base_vocab_size"], f.get("trace_in_input", True)) if f else None
+        return cls(model, tokenizer, template, src.name, where, dtype_name, src.data_dirs, src.seq_len)
 
     @property
     def valid_ids(self) -> int:
@@ -142,8 +145,21 @@ class Generator:
         return out
 
 
-def _checkpoint_parts(spec: Path) -> tuple[ModelConfig, dict, Path, dict | None, str]:
-    """(model config, full weights, tokenizer, fine-tune record, description) of a megascale checkpoint, any layout."""
+@dataclass
+class _Source:
+    """What a checkpoint or Hugging Face directory holds for a Generator."""
+
+    cfg: ModelConfig
+    weights: dict
+    tokenizer: Path
+    finetune: dict | None  # the fine-tune record (separators), if any
+    name: str  # "<dir> (step N)"
+    data_dirs: tuple[Path, ...] = ()
+    seq_len: int | None = None
+
+
+def _checkpoint_source(spec: Path) -> _Source:
+    """A megascale checkpoint saved under any layout."""
     from megascale.export.hf import model_config_of  # noqa: PLC0415
     from megascale.train.checkpoint import full_weights, read_meta, resolve_checkpoint, tokenizer_path  # noqa: PLC0415
 
@@ -151,12 +167,15 @@ def _checkpoint_parts(spec: Path) -> tuple[ModelConfig, dict, Path, dict | None,
     if path is None:
         raise MegascaleError(f"{spec} holds no checkpoint yet; pass a step_* directory, a checkpoints/ directory or a run directory")
     meta = read_meta(path)
-    return model_config_of(meta), full_weights(path, meta), tokenizer_path(path, meta), meta.get("finetune"), \
-        f"{path} (step {meta.get('step')})"
+    data, dirs = meta.get("data", {}), ()
+    if "finetune" not in meta:  # a fine-tune's data are its examples, not token files
+        dirs = tuple(Path(p) for _, p in data["blend"]) if "blend" in data else (Path(data["path"]),) if "path" in data else ()
+    return _Source(model_config_of(meta), full_weights(path, meta), tokenizer_path(path, meta), meta.get("finetune"),
+                   f"{path} (step {meta.get('step')})", dirs, meta["config"]["data"]["seq_len"])
 
 
-def _hf_parts(directory: Path) -> tuple[ModelConfig, dict, Path, dict | None, str]:
-    """The same of a Hugging Face Llama directory; megascale.json (an export's) names the step and any fine-tune."""
+def _hf_source(directory: Path) -> _Source:
+    """A Hugging Face Llama directory; megascale.json (an export's) names the step and any fine-tune."""
     import json  # noqa: PLC0415
 
     from megascale.export.hf import TOKENIZER_NAME, lazy_hf_weights  # noqa: PLC0415
@@ -168,6 +187,5 @@ def _hf_parts(directory: Path) -> tuple[ModelConfig, dict, Path, dict | None, st
     note_path = directory / "megascale.json"
     note = json.loads(note_path.read_text()) if note_path.is_file() else {}
     step = f" (exported at step {note['step']})" if "step" in note else ""
-    return ModelConfig(**overrides, attention="torch"), weights.to_dict(), directory / TOKENIZER_NAME, note.get("finetune"), \
-        f"{directory}{step}"
-
+    return _Source(ModelConfig(**overrides, attention="torch"), weights.to_dict(), directory / TOKENIZER_NAME,
+                   note.get("finetune"), f"{directory}{step}")

@@ -1,10 +1,11 @@
-"""How generation picks the next token (megascale.model.generate.Sampling), on fixed logits.
+"""How generation picks the next token (megascale.model.generate.Sampling), on fixed logits; what scoring refuses.
 
 Greedy, temperature, top-k and top-p are checked against the distributions they
 define: which ids can come out at all, and how often each does over many seeded
 draws. The CLI on real checkpoints is tested in test_export_hf.py (greedy ids against
 Hugging Face's generate on the export) and test_finetune.py (queries against the
-fine-tuning run's own evaluation).
+fine-tuning run's own evaluation); launch/evaluate.py's scores in test_parallel.py (a tp=2 pp=2
+checkpoint's loss against its run's val_loss).
 """
 
 from __future__ import annotations
@@ -83,3 +84,20 @@ def test_bad_settings_are_one_line(sampling, fragment):
     with pytest.raises(MegascaleError, match=fragment.replace("-", r"\-").replace(".", r"\.")) as err:
         sampling.check()
     assert "\n" not in str(err.value)
+
+
+def test_scoring_refuses_another_tokenizer_a_missing_split_and_too_short_windows(tmp_path, data_dir):
+    from megascale.data import Tokenizer, prepare_dataset
+    from megascale.evaluation import open_split, score
+
+    tokenizer = Tokenizer(data_dir / "tokenizer.model")
+    docs = [f"def f{i}(x):\n    return x * {i}\n" * 20 for i in range(100)]
+    other = prepare_dataset(docs, tmp_path / "other", vocab_size=300)
+    for directory, split, fragment in [(other, "val", "was tokenized with another tokenizer than the model's"),
+                                       (data_dir, "test", "has no 'test' split; use one of train, val")]:
+        with pytest.raises(MegascaleError, match=fragment) as err:
+            open_split(directory, split, tokenizer)
+        assert "\n" not in str(err.value)
+    model = torch.nn.Linear(1, 1)  # never called: the split is refused first
+    with pytest.raises(MegascaleError, match="holds no window of 10000001 tokens; lower --seq-len"):
+        score(model, tokenizer, data_dir, "val", 10_000_000, 8, 2)

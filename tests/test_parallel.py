@@ -6,7 +6,9 @@ plans; losses, gradient norms and the final (gathered) weights must agree.
 """
 
 import json
+import math
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -240,6 +242,26 @@ def assert_state_memory_matches(out_dir, layout):
                 continue
             # Flat ZeRO buffers are padded for alignment: allow 3%.
             assert measured == pytest.approx(r["formula"][kind], rel=0.03), (r["rank"], kind)
+
+
+def test_evaluate_cli_scores_a_sharded_checkpoint_as_its_run_did(runs, tmp_path):
+    """launch/evaluate.py on the tp=2 pp=2 checkpoint, one process, over the run's validation windows (eval_batches 2
+    × micro-batch 4): the run's logged val_loss; bits per byte over the bytes those targets decode to."""
+    from megascale.data import Tokenizer, TokenFile, batch_from_indices
+
+    run, out = runs(2, 2, 1, "cycle:2"), tmp_path / "scores.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--checkpoint", str(run), "--samples", "8",
+                           "--batch-size", "3", "--json", str(out)], env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (got,) = json.loads(out.read_text())["scores"]
+    assert got["loss"] == pytest.approx(records(run, "val_loss")[5], rel=1e-5)
+    assert (got["split"], got["samples"], got["tokens"], got["seq_len"]) == ("val", 8, 8 * 32, 32)
+    data = read_meta(run / "checkpoints" / "step_00000005")["data"]["path"]
+    tokenizer = Tokenizer(f"{data}/tokenizer.model")
+    _, targets = batch_from_indices(TokenFile(f"{data}/val"), range(8), 32)
+    assert got["bytes"] == sum(len(tokenizer.decode(row).encode()) for row in targets.tolist())
+    assert got["bits_per_byte"] == pytest.approx(got["loss"] * got["tokens"] / math.log(2) / got["bytes"])
+    assert f"{got['loss']:.4f}" in proc.stdout
 
 
 def test_consolidate_cli_merges_any_layout(runs, tmp_path):

@@ -1,0 +1,72 @@
+"""A model's loss on prepared token files (``launch/evaluate.py``): nats per token, perplexity, bits per byte.
+
+The samples are those training's validation reads: windows of ``seq_len + 1`` tokens at
+stride ``seq_len``, the first ``max_samples`` of the split, so a checkpoint scored on its
+own validation split with the run's batch count gives the run's logged ``val_loss``.
+Bits per byte divide the summed loss by the UTF-8 bytes the scored tokens decode to,
+which compares models whose tokenizers differ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megascale.data import Tokenizer, TokenFile, batch_from_indices, load_manifest
+from megascale.errors import MegascaleError
+
+
+@dataclass(frozen=True)
+class Score:
+    data: str
+    split: str
+    seq_len: int
+    samples: int
+    tokens: int
+    bytes: int
+    loss: float  # mean nats per scored token
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.loss * self.tokens / math.log(2) / max(1, self.bytes)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+
+
+def open_split(data_dir: Path, split: str, tokenizer: Tokenizer) -> TokenFile:
+    """``data_dir``'s ``split`` token file, refused in one line if another tokenizer wrote it."""
+    manifest = load_manifest(data_dir)
+    if split not in manifest["splits"]:
+        raise MegascaleError(f"{data_dir} has no '{split}' split; use one of {', '.join(manifest['splits'])}")
+    if (data_dir / manifest["tokenizer"]).read_bytes() != tokenizer.path.read_bytes():
+        raise MegascaleError(f"{data_dir} was tokenized with another tokenizer than the model's ({tokenizer.path}); prepare "
+                             f"it again with launch/prepare_data.py --tokenizer {tokenizer.path}")
+    return TokenFile(data_dir / manifest["splits"][split]["prefix"])
+
+
+@torch.no_grad()
+def score(model, tokenizer: Tokenizer, data_dir: Path, split: str, seq_len: int, max_samples: int,
+          batch_size: int) -> Score:
+    """Mean next-token loss of ``model`` over the first ``max_samples`` windows of ``data_dir``'s ``split``."""
+    file = open_split(data_dir, split, tokenizer)
+    n = min(max_samples, file.num_samples(seq_len))
+    if n == 0:
+        raise MegascaleError(f"{data_dir} '{split}' holds no window of {seq_len + 1} tokens; lower --seq-len")
+    device = next(model.parameters()).device
+    total, tokens, nbytes = 0.0, 0, 0
+    for start in range(0, n, batch_size):
+        inputs, targets = batch_from_indices(file, range(start, min(n, start + batch_size)), seq_len)  # (B, T) each
+        logits = model(inputs.to(device)).float()  # (B, T, V)
+        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(device), reduction="sum").item()
+        tokens += targets.numel()
+        nbytes += sum(len(tokenizer.decode(row).encode("utf-8")) for row in targets.tolist())
+    return Score(str(data_dir), split, seq_len, n, tokens, nbytes, total / tokens)
