@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import losses, run_pretrain
+from conftest import losses, metrics, run_pretrain
 from megascale.data import DistributedBatchSampler, prepare_dataset
 from megascale.data.blend import Blend, _block_layout, _quota, parse_blend
 from megascale.data.sampler import SamplerState
 from megascale.data.tokens import TokenFile, TokenFileWriter
 from megascale.errors import MegascaleError
+from megascale.evaluation import score
+from megascale.generation import Generator
 
 SEQ = 4
 VOCAB = 60_000
@@ -113,10 +115,21 @@ def test_pretraining_on_a_blend(tmp_path, data_dir):
     docs = [f"def f{i}(x):\n    return x * {i}\n" * 20 for i in range(200)]
     second = prepare_dataset(docs, tmp_path / "second", vocab_size=512, tokenizer_path=data_dir / "tokenizer.model")
     spec = f"data.blend=0.75 {data_dir}, 0.25 {second}"
-    run_pretrain(tmp_path / "run", data_dir, spec, "train.max_steps=3", "train.save_every=3")
-    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "megascale.json").read_text())
+    run = tmp_path / "run"
+    run_pretrain(run, data_dir, spec, "train.max_steps=3", "train.save_every=3", "train.eval_every=3",
+                 "train.eval_batches=2", "metrics.plot=true")
+    assert sorted(losses(run)) == [1, 2, 3]
+    meta = json.loads((run / "checkpoints" / "step_00000003" / "megascale.json").read_text())
     assert meta["data"]["blend"] == [[0.75, str(data_dir.resolve())], [0.25, str(second.resolve())]]
+
+    # Each part's own validation loss beside the blend's: what launch/evaluate.py scores on the part's
+    # validation windows (2 batches of 4) from the final checkpoint.
+    evals = [r for r in metrics(run) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3] and list(evals[-1]["val_loss_parts"]) == [str(data_dir), str(second)]
+    final = Generator.from_checkpoint(run, device="cpu")
+    for path, loss in evals[-1]["val_loss_parts"].items():
+        assert score(final.model, final.tokenizer, Path(path), "val", 32, 8, 4).loss == pytest.approx(loss, rel=1e-5)
+    assert (run / "loss.png").stat().st_size > 10_000
 
     other = prepare_dataset(docs, tmp_path / "other", vocab_size=300)
     proc = run_pretrain(tmp_path / "bad", data_dir, f"data.blend=1 {data_dir}, 1 {other}", check=False)

@@ -324,16 +324,23 @@ def read_log_values(run: Run, loss_t: torch.Tensor, stop: StopRequest) -> tuple[
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> float:
-    """Mean loss over the first ``eval_batches`` validation micro-batches, round-robin over DP ranks.
+def eval_batch_count(run: Run, split) -> int:
+    """Validation micro-batches of ``split``: ``eval_batches``, or fewer if it is short, a multiple of dp (0: too short)."""
+    micro, dp = run.cfg.train.micro_batch_size, run.groups.dims.dp
+    n_batches = min(run.cfg.train.eval_batches, split.num_samples(run.cfg.data.seq_len) // micro)
+    return n_batches - n_batches % dp  # every rank runs the same number of forwards (ZeRO-3 gathers, pipelines)
+
+
+def evaluate(run: Run, split=None) -> float:
+    """Mean loss over the first ``eval_batches`` micro-batches of ``split`` (default: the validation
+    split), round-robin over DP ranks.
 
     The set does not depend on the layout (beyond rounding to a multiple of the
     data-parallel size), so runs on different layouts report comparable losses.
     """
     seq, micro, dp = run.cfg.data.seq_len, run.cfg.train.micro_batch_size, run.groups.dims.dp
-    val = run.data.val
-    n_batches = min(run.cfg.train.eval_batches, val.num_samples(seq) // micro)
-    n_batches -= n_batches % dp  # every rank runs the same number of forwards (ZeRO-3 gathers, pipelines)
+    val = run.data.val if split is None else split
+    n_batches = eval_batch_count(run, val)
     if n_batches == 0:
         raise MegascaleError(
             f"validation split has {val.num_samples(seq)} sequences of {seq} tokens, fewer than the {micro * dp} "
@@ -743,11 +750,27 @@ def _step_record(run: Run, loss: float, grad_norm: float | None, steps_per_s: fl
 def _log_eval(run: Run, writer: MetricsWriter) -> float:
     val_loss = evaluate(run)
     extra = run.stage.evaluate(run) if run.stage is not None else {}  # e.g. generation accuracy
-    writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "val_loss": val_loss, **extra})
+    parts = blend_part_losses(run)
+    writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "val_loss": val_loss,
+                **({"val_loss_parts": parts} if parts else {}), **extra})
     if run.ctx.is_main:
-        log.info("step %d: validation loss %.4f%s", run.progress.step, val_loss,
+        log.info("step %d: validation loss %.4f%s%s", run.progress.step, val_loss,
+                 f" ({', '.join(f'{k} {v:.4f}' for k, v in parts.items())})" if parts else "",
                  "".join(f", {k} {v:.4g}" for k, v in extra.items() if isinstance(v, float)))
     return val_loss
+
+
+def blend_part_losses(run: Run) -> dict[str, float]:
+    """data.blend: each part's own validation loss, by the path the blend names it with ({} otherwise).
+
+    The blend's loss mixes the parts by weight; a part that gets worse while another gets
+    better shows only here. Each part is scored like the blend (``eval_batches`` of its own
+    validation split); one too short for a batch per data-parallel rank is left out.
+    """
+    if not run.data.blend:
+        return {}
+    return {str(part.path): evaluate(run, split) for part, split in zip(run.data.blend, run.data.val.files)
+            if eval_batch_count(run, split) > 0}
 
 
 def _save(run: Run) -> Path:
