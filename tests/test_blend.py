@@ -18,6 +18,7 @@ from megascale.data.tokens import TokenFile, TokenFileWriter
 from megascale.errors import MegascaleError
 from megascale.evaluation import score
 from megascale.generation import Generator
+from megascale.train.report import write_report
 
 SEQ = 4
 VOCAB = 60_000
@@ -130,6 +131,10 @@ def test_pretraining_on_a_blend(tmp_path, data_dir):
     for path, loss in evals[-1]["val_loss_parts"].items():
         assert score(final.model, final.tokenizer, Path(path), "val", 32, 8, 4).loss == pytest.approx(loss, rel=1e-5)
     assert (run / "loss.png").stat().st_size > 10_000
+    page = write_report(run).read_text()  # launch/report.py
+    for path in (data_dir, second):
+        first, last = evals[0]["val_loss_parts"][str(path)], evals[-1]["val_loss_parts"][str(path)]
+        assert f"| validation loss, {path} | {first:.4f} → {last:.4f} |" in page
 
     other = prepare_dataset(docs, tmp_path / "other", vocab_size=300)
     proc = run_pretrain(tmp_path / "bad", data_dir, f"data.blend=1 {data_dir}, 1 {other}", check=False)

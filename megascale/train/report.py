@@ -110,6 +110,9 @@ def write_report(run_dir: Path) -> Path:
                 f"{start.get('params_unique', 0):,} / {start.get('params_applied', 0):,}"],
                ["final training loss", f"{steps[-1]['loss']:.4f}" if steps else "n/a"],
                ["validation loss", f"{vals[0]['val_loss']:.4f} → {vals[-1]['val_loss']:.4f}" if vals else "n/a"]]
+    summary += [[f"validation loss, {name}", f"{first:.4f} → {vals[-1]['val_loss_parts'][name]:.4f}"]  # a blend's parts
+                for name, first in (vals[0].get("val_loss_parts", {}) if vals else {}).items()
+                if name in vals[-1].get("val_loss_parts", {})]
     lines += _table(["", ""], summary) + ["", f"![loss]({loss_png.name})", ""]
     if coh_png:
         lines += ["## Gradient coherence", "", f"![coherence]({coh_png.name})", ""]
