@@ -1,7 +1,7 @@
 """A checkpoint as a text generator (``launch/generate.py``): one process, the full weights, its own tokenizer.
 
 The checkpoint may be saved under any layout: its weights are read as export and
-consolidation read them (``train.checkpoint.full_weights``) into the plain
+consolidation read them (``train.checkpoint.lazy_full_weights``) into the plain
 ``Transformer`` with the checkpoint's sharing plan, so tied blocks stay tied. A Hugging
 Face Llama directory with a sentencepiece ``tokenizer.model`` (a megascale export) is
 read as training's ``init_hf`` reads it. A trace
@@ -11,6 +11,7 @@ evaluation formats them, and the answer is split into trace steps and response.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from megascale.errors import MegascaleError
 from megascale.finetune.data import SEPARATORS, Template
 from megascale.finetune.arithmetic import Example
 from megascale.model.generate import Sampling, generate_batch
+from megascale.model.init import check_full_weights, materialize
 from megascale.model.llama import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,9 +68,11 @@ class Generator:
         if not src.tokenizer.is_file():
             raise MegascaleError(f"{src.name} names tokenizer {src.tokenizer}, which does not exist; restore it there")
         tokenizer = Tokenizer(src.tokenizer)
-        model = Transformer(src.cfg)
-        model.load_state_dict(src.weights)
-        model = model.to(device=where, dtype=DTYPES[dtype_name]).eval()
+        with torch.device("meta"):  # shapes only: no random init to overwrite, no fp32 copy on the host
+            model = Transformer(src.cfg)
+        check_full_weights(model, src.weights)
+        materialize(model, 0, where, src.weights)  # each tensor read (lazily) and moved one at a time
+        model = model.to(dtype=DTYPES[dtype_name]).eval()
         f = src.finetune
         template = Template(tokenizer, f["base_vocab_size"], f.get("trace_in_input", True)) if f else None
         return cls(model, tokenizer, template, src.name, where, dtype_name, src.data_dirs, src.seq_len)
@@ -150,7 +154,7 @@ class _Source:
     """What a checkpoint or Hugging Face directory holds for a Generator."""
 
     cfg: ModelConfig
-    weights: dict
+    weights: Mapping[str, torch.Tensor]  # full plain-model weights by name, read when indexed
     tokenizer: Path
     finetune: dict | None  # the fine-tune record (separators), if any
     name: str  # "<dir> (step N)"
@@ -161,7 +165,7 @@ class _Source:
 def _checkpoint_source(spec: Path) -> _Source:
     """A megascale checkpoint saved under any layout."""
     from megascale.export.hf import model_config_of  # noqa: PLC0415
-    from megascale.train.checkpoint import full_weights, read_meta, resolve_checkpoint, tokenizer_path  # noqa: PLC0415
+    from megascale.train.checkpoint import lazy_full_weights, read_meta, resolve_checkpoint, tokenizer_path  # noqa: PLC0415
 
     path = resolve_checkpoint(str(spec), spec)
     if path is None:
@@ -170,7 +174,7 @@ def _checkpoint_source(spec: Path) -> _Source:
     data, dirs = meta.get("data", {}), ()
     if "finetune" not in meta:  # a fine-tune's data are its examples, not token files
         dirs = tuple(Path(p) for _, p in data["blend"]) if "blend" in data else (Path(data["path"]),) if "path" in data else ()
-    return _Source(model_config_of(meta), full_weights(path, meta), tokenizer_path(path, meta), meta.get("finetune"),
+    return _Source(model_config_of(meta), lazy_full_weights(path, meta), tokenizer_path(path, meta), meta.get("finetune"),
                    f"{path} (step {meta.get('step')})", dirs, meta["config"]["data"]["seq_len"])
 
 
@@ -187,5 +191,5 @@ def _hf_source(directory: Path) -> _Source:
     note_path = directory / "megascale.json"
     note = json.loads(note_path.read_text()) if note_path.is_file() else {}
     step = f" (exported at step {note['step']})" if "step" in note else ""
-    return _Source(ModelConfig(**overrides, attention="torch"), weights.to_dict(), directory / TOKENIZER_NAME,
+    return _Source(ModelConfig(**overrides, attention="torch"), weights, directory / TOKENIZER_NAME,
                    note.get("finetune"), f"{directory}{step}")
