@@ -95,6 +95,9 @@ class DataConfig:
     """A weighted mix of prepared directories instead of data.path, e.g. '0.7 data/web, 0.3 data/code': training and
     validation samples come from each in proportion to its weight (repeating or thinning it). They must share one
     tokenizer (launch/prepare_data.py --tokenizer); data.corpus and data.path are then not used."""
+    eval_parts: bool = True
+    """With data.blend: also score each part's own validation split at every evaluation (val_loss_parts in
+    metrics.jsonl), at the blend's cost per part; false scores the blend alone."""
     seq_len: int = 256
     """Training sequence length in tokens."""
     stdlib_max_bytes: int = 8_000_000

@@ -135,6 +135,10 @@ def test_pretraining_on_a_blend(tmp_path, data_dir):
     for path in (data_dir, second):
         first, last = evals[0]["val_loss_parts"][str(path)], evals[-1]["val_loss_parts"][str(path)]
         assert f"| validation loss, {path} | {first:.4f} → {last:.4f} |" in page
+    run_pretrain(tmp_path / "blend-only", data_dir, spec, "data.eval_parts=false", "train.max_steps=1", "train.eval_every=1",
+                 "train.eval_batches=1")
+    evals = [r for r in metrics(tmp_path / "blend-only") if "val_loss" in r]
+    assert len(evals) == 2 and not any("val_loss_parts" in r for r in evals)
 
     other = prepare_dataset(docs, tmp_path / "other", vocab_size=300)
     proc = run_pretrain(tmp_path / "bad", data_dir, f"data.blend=1 {data_dir}, 1 {other}", check=False)

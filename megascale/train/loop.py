@@ -767,7 +767,7 @@ def blend_part_losses(run: Run) -> dict[str, float]:
     better shows only here. Each part is scored like the blend (``eval_batches`` of its own
     validation split); one too short for a batch per data-parallel rank is left out.
     """
-    if not run.data.blend:
+    if not run.data.blend or not run.cfg.data.eval_parts:
         return {}
     return {str(part.path): evaluate(run, split) for part, split in zip(run.data.blend, run.data.val.files)
             if eval_batch_count(run, split) > 0}

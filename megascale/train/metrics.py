@@ -132,9 +132,11 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str = "") -> Path
         ax.plot(*zip(*train), label="train", lw=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="validation", lw=1.5, ms=4)
-    for name in sorted({k for r in records for k in r.get("val_loss_parts", {})}):  # a blend's parts, each alone
+    names = sorted({k for r in records for k in r.get("val_loss_parts", {})})  # a blend's parts, each alone
+    short = len({Path(n).name for n in names}) == len(names)  # label by directory name where that is unambiguous
+    for name in names:
         part = [(r["tokens"], r["val_loss_parts"][name]) for r in records if name in r.get("val_loss_parts", {})]
-        ax.plot(*zip(*part), ".--", label=f"validation: {name}", lw=1, ms=4)
+        ax.plot(*zip(*part), ".--", label=f"validation: {Path(name).name if short else name}", lw=1, ms=4)
     mark_unties(ax, records)
     return save_figure(fig, ax, png_path, "tokens", "cross-entropy (nats/token)", title or "loss")
 
