@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -26,6 +27,33 @@ def launch_world_size() -> int | None:
         if var in os.environ:
             return int(os.environ[var])
     return None
+
+
+def add_model_args(p) -> None:
+    """The arguments launch/generate.py and launch/evaluate.py share: which model, where, how split."""
+    p.add_argument("--checkpoint", required=True,
+                   help="a step_* directory, a checkpoints/ directory or a run directory; or a Hugging Face Llama "
+                        "directory with a sentencepiece tokenizer.model (a megascale export)")
+    p.add_argument("--device", default="auto", help="one process: auto (cuda when there is one), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch tp × pp processes, e.g. with deepspeed)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+
+
+def open_model(args):
+    """(the checkpoint as a ``megascale.generation.Generator``, whether this process reports): one process, or
+    tp × pp ranks under a launcher, each holding its part of the model."""
+    from megascale.generation import Generator  # noqa: PLC0415 (imports torch)
+
+    if (launch_world_size() or 1) == 1 and args.tp * args.pp == 1:
+        return Generator.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype), True
+    if args.tp < 1 or args.pp < 1:
+        raise MegascaleError(f"--tp {args.tp} --pp {args.pp}: use positive counts")
+    from megascale.train.dist import init_distributed  # noqa: PLC0415
+
+    ctx = init_distributed()
+    return Generator.from_checkpoint(args.checkpoint, dtype=args.dtype, tp=args.tp, pp=args.pp, ctx=ctx), ctx.is_main
 
 
 def launch_rank() -> int:

@@ -3,8 +3,8 @@
     python launch/evaluate.py --checkpoint runs/tiny                       # its own validation data
     python launch/evaluate.py --checkpoint CKPT --data data/web --data data/code --samples 1024 --json scores.json
 
-One process, any checkpoint layout (or a Hugging Face export), as launch/generate.py
-loads it. The samples are the ones training's validation reads: windows of seq_len + 1
+One process, or tp × pp ranks (--tp, --pp under a launcher), any checkpoint layout (or a
+Hugging Face export), as launch/generate.py loads it. The samples are the ones training's validation reads: windows of seq_len + 1
 tokens at stride seq_len, the first --samples of the split. So a pretraining checkpoint
 scored on its own validation split over the run's eval_batches × micro_batch_size
 samples gives the run's logged val_loss, and other checkpoints or other corpora are
@@ -25,16 +25,13 @@ import common
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a step_* directory, a checkpoints/ directory or a run directory; or a Hugging Face export")
+    common.add_model_args(p)
     p.add_argument("--data", type=Path, action="append", default=[],
                    help="a prepared data directory (repeat for several; default: the ones the checkpoint trained on)")
     p.add_argument("--split", default="val", help="the split to score (default: val)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the checkpoint's data.seq_len)")
     p.add_argument("--samples", type=int, default=256, help="windows per corpus, from the split's start (default 256)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--json", type=Path, default=None, help="also write the scores here")
     return p.parse_args(argv)
 
@@ -43,12 +40,11 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from megascale.errors import MegascaleError  # noqa: PLC0415
     from megascale.evaluation import score  # noqa: PLC0415 (imports torch)
-    from megascale.generation import Generator  # noqa: PLC0415
 
     for name, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len or 1)):
         if value < 1:
             raise MegascaleError(f"{name} {value}: use a positive number")
-    model = Generator.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    model, reports = common.open_model(args)
     dirs = args.data or list(model.data_dirs)
     if not dirs:
         raise MegascaleError(f"{model.source} names no prepared data to score (a fine-tune or an export): pass --data DIR")
@@ -56,8 +52,10 @@ def main(argv: list[str]) -> int:
     if seq_len > model.model.cfg.max_seq_len:
         raise MegascaleError(f"--seq-len {seq_len} is past the model's max_seq_len={model.model.cfg.max_seq_len}; lower it")
     scores = [score(model.model, model.tokenizer, d, args.split, seq_len, args.samples, args.batch_size) for d in dirs]
+    if not reports:
+        return 0  # every rank computed the same scores; one says them
 
-    print(f"{model.source} on {model.device}, {model.dtype_name}; {args.split} split, windows of {seq_len} tokens")
+    print(f"{model.source} on {model.device}{model.split_words}, {model.dtype_name}; {args.split} split, windows of {seq_len} tokens")
     width = max(len(s.data) for s in scores)
     print(f"  {'data':<{width}}  {'samples':>8} {'tokens':>10}  {'loss':>7} {'perplexity':>11} {'bits/byte':>9}")
     for s in scores:

@@ -3,10 +3,13 @@
     python launch/generate.py --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
     python launch/generate.py --checkpoint runs/trace-tiny --query "Compute 17 + 5 * 3."
     python launch/generate.py --checkpoint CKPT --prompt-file prompts.jsonl --temperature 0.8 --top-p 0.95 --json out.jsonl
+    deepspeed --num_gpus 4 launch/generate.py --checkpoint CKPT --tp 2 --pp 2 --prompt "def main("
 
 One process: the full weights are read from the checkpoint's files as export and
 consolidation read them (tensor shards merged, pipeline stages joined, ZeRO
-partitions gathered), with the tokenizer the checkpoint carries. Prompts are
+partitions gathered), with the tokenizer the checkpoint carries. A model too big for
+one device runs on tp × pp ranks under any launcher, split as training splits it,
+whatever layout saved it; rank 0 prints. Prompts are
 decoded together in batches with a KV cache; each stops at the end-of-document
 token or after --max-new-tokens. Temperature 0 (the default) is greedy: the
 tokens of the end-of-run sample and of fine-tuning's evaluation. Otherwise each
@@ -30,9 +33,7 @@ import common
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True,
-                   help="a step_* directory, a checkpoints/ directory or a run directory; or a Hugging Face Llama "
-                        "directory with a sentencepiece tokenizer.model (a megascale export)")
+    common.add_model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="text to continue (repeat for several)")
     p.add_argument("--prompt-file", type=Path, action="append", default=[],
                    help=".jsonl: one prompt per line, its \"prompt\" field; any other file: the whole file is one prompt")
@@ -45,8 +46,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="sample among the fewest most likely tokens whose probability reaches p (1: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (with --temperature > 0)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
-    p.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--json", type=Path, default=None, help="also write one JSON line per prompt here")
     return p.parse_args(argv)
 
@@ -77,18 +76,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from megascale.generation import Generator  # noqa: PLC0415 (imports torch)
-    from megascale.model.generate import Sampling  # noqa: PLC0415
+    from megascale.model.generate import Sampling  # noqa: PLC0415 (imports torch)
 
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    gen = Generator.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
     prompts = read_prompts(args)
+    gen, reports = common.open_model(args)
     gen.check_request(len(prompts), len(args.query), args.max_new_tokens, args.batch_size, sampling)
     start = time.perf_counter()
     results = gen.complete(prompts, args.max_new_tokens, sampling, args.seed, args.batch_size)
     results += gen.answer(args.query, args.max_new_tokens, sampling, args.seed, args.batch_size)
     seconds = time.perf_counter() - start
-
+    if not reports:
+        return 0  # every rank computed the same results; one says them
     for i, r in enumerate(results, 1):
         print(f"=== {i}/{len(results)} · {r['prompt_tokens']} prompt tokens · {r['new_tokens']} new"
               f"{' (stopped at end of document)' if r['stopped'] else ''} ===")
@@ -101,7 +100,7 @@ def main(argv: list[str]) -> int:
             print(r["prompt"] + r["completion"])
     new = sum(r["new_tokens"] for r in results)
     print(f"{len(results)} prompts, {new} new tokens in {seconds:.2f} s ({new / max(seconds, 1e-9):.1f} tokens/s) "
-          f"on {gen.device}, {gen.dtype_name}, {sampling.describe()}; {gen.source}")
+          f"on {gen.device}{gen.split_words}, {gen.dtype_name}, {sampling.describe()}; {gen.source}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from megascale.data import Tokenizer, TokenFile, batch_from_indices, load_manifest
 from megascale.errors import MegascaleError
+from megascale.model.generate import reduce_logits
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,16 @@ def score(model, tokenizer: Tokenizer, data_dir: Path, split: str, seq_len: int,
     if n == 0:
         raise MegascaleError(f"{data_dir} '{split}' holds no window of {seq_len + 1} tokens; lower --seq-len")
     device = next(model.parameters()).device
+    like = torch.zeros((), dtype=torch.float32, device=device)
     total, tokens, nbytes = 0.0, 0, 0
     for start in range(0, n, batch_size):
         inputs, targets = batch_from_indices(file, range(start, min(n, start + batch_size)), seq_len)  # (B, T) each
-        logits = model(inputs.to(device)).float()  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1), targets.flatten().to(device), reduction="sum").item()
+        targets = targets.to(device)
+
+        def summed(logits: torch.Tensor) -> torch.Tensor:  # (B, T, V) → the batch's summed loss; a pipeline's last stage runs it
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+        total += reduce_logits(model, summed, like, inputs.to(device)).item()
         tokens += targets.numel()
         nbytes += sum(len(tokenizer.decode(row).encode("utf-8")) for row in targets.tolist())
     return Score(str(data_dir), split, seq_len, n, tokens, nbytes, total / tokens)

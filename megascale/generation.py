@@ -47,7 +47,7 @@ def pick_device(spec: str) -> torch.device:
 
 @dataclass
 class Generator:
-    model: Transformer
+    model: Transformer  # or, split over ranks, a tensor-parallel Transformer or a PipelinedLM stage
     tokenizer: Tokenizer
     template: Template | None  # a trace fine-tuned checkpoint's separators; None after pretraining
     source: str  # "<step dir> (step N)"
@@ -55,14 +55,25 @@ class Generator:
     dtype_name: str
     data_dirs: tuple[Path, ...] = ()  # the prepared corpora a pretraining checkpoint trained on (none otherwise)
     seq_len: int | None = None  # its training sequence length
+    split: tuple[int, int] = (1, 1)  # (tp, pp) the model is split over
+
+    @property
+    def split_words(self) -> str:
+        return "" if self.split == (1, 1) else f" ×{self.split[0] * self.split[1]} (tp {self.split[0]}, pp {self.split[1]})"
 
     @classmethod
-    def from_checkpoint(cls, spec: str | Path, device: str = "auto", dtype: str = "auto") -> Generator:
+    def from_checkpoint(cls, spec: str | Path, device: str = "auto", dtype: str = "auto", *, tp: int = 1, pp: int = 1,
+                        ctx=None) -> Generator:
         """From a megascale checkpoint (step, checkpoints/ or run directory), or a Hugging Face Llama directory
-        with a sentencepiece ``tokenizer.model`` (a megascale export: it keeps a fine-tune's separators)."""
+        with a sentencepiece ``tokenizer.model`` (a megascale export: it keeps a fine-tune's separators).
+
+        With ``ctx`` (a ``train.dist.DistContext`` of tp × pp ranks) the model is split as training splits it:
+        each rank holds its tensor shard of its pipeline stage, cut from the full weights. Every rank then
+        calls the same methods; the results are the same on every rank.
+        """
         from megascale.export.hf import is_hf_directory  # noqa: PLC0415
 
-        where = pick_device(device)
+        where = ctx.device if ctx is not None else pick_device(device)
         dtype_name = dtype if dtype != "auto" else ("bf16" if where.type == "cuda" else "fp32")
         src = (_hf_source if is_hf_directory(Path(spec)) else _checkpoint_source)(Path(spec))
         if not src.tokenizer.is_file():
@@ -70,12 +81,16 @@ class Generator:
         tokenizer = Tokenizer(src.tokenizer)
         with torch.device("meta"):  # shapes only: no random init to overwrite, no fp32 copy on the host
             model = Transformer(src.cfg)
-        check_full_weights(model, src.weights)
-        materialize(model, 0, where, src.weights)  # each tensor read (lazily) and moved one at a time
-        model = model.to(dtype=DTYPES[dtype_name]).eval()
+        if ctx is None or ctx.world_size == tp * pp == 1:
+            check_full_weights(model, src.weights)
+            materialize(model, 0, where, src.weights)  # each tensor read (lazily) and moved one at a time
+            model = model.to(dtype=DTYPES[dtype_name]).eval()
+        else:
+            model = _split(model, src, tp, pp, ctx, DTYPES[dtype_name])
         f = src.finetune
         template = Template(tokenizer, f["base_vocab_size"], f.get("trace_in_input", True)) if f else None
-        return cls(model, tokenizer, template, src.name, where, dtype_name, src.data_dirs, src.seq_len)
+        split = (tp, pp) if ctx is not None else (1, 1)
+        return cls(model, tokenizer, template, src.name, where, dtype_name, src.data_dirs, src.seq_len, split)
 
     @property
     def valid_ids(self) -> int:
@@ -147,6 +162,25 @@ class Generator:
                                   pad_id=self.tokenizer.pad_id, pick=pick)
             out += [(row, len(row) < max_new_tokens) for row in rows]
         return out
+
+
+def _split(model: Transformer, src: _Source, tp: int, pp: int, ctx, dtype: torch.dtype):
+    """This rank's part of ``model`` under tp × pp (the whole world: no data parallelism), weights from ``src``."""
+    from megascale.config import Config, ParallelConfig  # noqa: PLC0415
+    from megascale.train.engine import parallelize  # noqa: PLC0415 (imports deepspeed)
+    from megascale.train.loop import make_groups  # noqa: PLC0415
+
+    if tp * pp != ctx.world_size:
+        raise MegascaleError(f"{ctx.world_size} process{'es' * (ctx.world_size != 1)} for --tp {tp} × --pp {pp}; launch tp × pp = {tp * pp} "
+                             "(generation and scoring split the model, not the prompts)")
+    cfg = Config(model=src.cfg, parallel=ParallelConfig(tp=tp, pp=pp))
+    groups = make_groups(cfg, ctx)
+    module = parallelize(model, cfg, groups, ctx.device, weights=src.weights).to(dtype).eval()
+    if pp == 1:
+        return module
+    from megascale.parallel.pipeline_infer import PipelinedLM  # noqa: PLC0415 (the pipeline imports Triton)
+
+    return PipelinedLM(module, groups, model.cfg, model.plan, model.full_logits).eval()
 
 
 @dataclass

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TINY, clean_env, free_port, losses, metrics, state_memory, run_pretrain
+from conftest import BIN, ROOT, TINY, clean_env, free_port, losses, metrics, spawn_ranks, state_memory, run_pretrain
 from megascale.train.checkpoint import full_weights, read_meta
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1)]
@@ -262,6 +262,13 @@ def test_evaluate_cli_scores_a_sharded_checkpoint_as_its_run_did(runs, tmp_path)
     assert got["bytes"] == sum(len(tokenizer.decode(row).encode()) for row in targets.tolist())
     assert got["bits_per_byte"] == pytest.approx(got["loss"] * got["tokens"] / math.log(2) / got["bytes"])
     assert f"{got['loss']:.4f}" in proc.stdout
+
+    split = tmp_path / "split.json"  # scored on 2 ranks again, split as training splits it (--tp 2): the same
+    proc = spawn_ranks([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--checkpoint", str(run), "--samples", "8",
+                        "--tp", "2", "--json", str(split)], 2, clean_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(split.read_text())["scores"][0]["loss"] == pytest.approx(got["loss"], rel=1e-5)
+    assert "×2 (tp 2, pp 1)" in proc.stdout
 
 
 def test_consolidate_cli_merges_any_layout(runs, tmp_path):
