@@ -93,7 +93,7 @@ def check_layout(cfg) -> None:
     if world is not None:
         from megascale.parallel.topology import ParallelDims  # noqa: PLC0415
 
-        ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, world).check_model(cfg.model)
+        ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, world, cfg.parallel.cp).check_model(cfg.model)
 
 
 def summary_lines(summary) -> list[str]:

@@ -228,6 +228,8 @@ class ParallelConfig:
     """Recompute each block's activations in backward instead of storing them."""
     sequence_parallel: bool = False
     """With tp > 1, hold norms and residuals as (B, T/tp, D) sequence slices (Megatron's sequence parallelism); data.seq_len must divide by tp."""
+    cp: int = 1
+    """Context-parallel degree: each of cp ranks holds 1/cp of every sequence's tokens (two load-balanced chunks of 2·cp), keys and values all-gathered per layer; pretraining only; data.seq_len must divide by 2·cp."""
 
 
 @dataclass
@@ -489,7 +491,9 @@ def validate(cfg: Config) -> None:
            "which break the compiled graph); use train.zero_stage 0-2 or train.compile=false")
     _check(t.loss_chunk_tokens >= 0, f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0 = auto)")
     p = cfg.parallel
-    _check(p.tp >= 1 and p.pp >= 1, f"parallel.tp={p.tp} and parallel.pp={p.pp} must be >= 1")
+    _check(p.tp >= 1 and p.pp >= 1 and p.cp >= 1, f"parallel.tp={p.tp}, parallel.pp={p.pp} and parallel.cp={p.cp} must be >= 1")
+    _check(p.cp == 1 or d.seq_len % (2 * p.cp) == 0,
+           f"parallel.cp={p.cp} needs data.seq_len={d.seq_len} divisible by 2·cp = {2 * p.cp} (two chunks per rank); change one of them")
     if p.pp > 1:
         from megascale.parallel.pipeline import explicit_boundaries  # noqa: PLC0415 (imports torch)
 
@@ -500,8 +504,9 @@ def validate(cfg: Config) -> None:
         f"set train.zero_stage=1 or parallel.pp=1",
     )
     _check(
-        not p.sequence_parallel or d.seq_len % p.tp == 0,
-        f"parallel.sequence_parallel needs data.seq_len={d.seq_len} divisible by parallel.tp={p.tp}; change one of them",
+        not p.sequence_parallel or d.seq_len % (p.tp * p.cp) == 0,
+        f"parallel.sequence_parallel needs data.seq_len={d.seq_len} divisible by parallel.tp={p.tp}"
+        + (f" × parallel.cp={p.cp}" if p.cp > 1 else "") + "; change one of them",
     )
     _check(t.nan_policy in ("stop", "skip", "rollback"), f"train.nan_policy='{t.nan_policy}' is not one of stop, skip, rollback")
     _check(t.nan_policy != "skip" or p.pp == 1,

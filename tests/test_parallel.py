@@ -1,4 +1,4 @@
-"""Tensor and pipeline parallelism by equivalence against the 1-rank run.
+"""Tensor, pipeline and context parallelism by equivalence against the 1-rank run.
 
 Each layout trains the tiny model (4 layers, GQA 4/2 heads) for 5 steps on the
 same seed and global batch as the single process, fp32, for three sharing
@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TINY, clean_env, free_port, losses, metrics, spawn_ranks, state_memory, run_pretrain
+from conftest import (BIN, ROOT, TINY, clean_env, events, free_port, losses, metrics, spawn_ranks, state_memory,
+                      run_pretrain)
 from megascale.train.checkpoint import full_weights, read_meta
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1)]
@@ -40,8 +41,9 @@ def runs(tmp_path_factory, data_dir):
             out = tmp_path_factory.mktemp(f"tp{tp}pp{pp}dp{dp}")
             # A short greedy sample at the end (stdout.txt), except where every new length recompiles the blocks.
             sample = [] if "train.compile=true" in extra else ["train.sample_tokens=12"]
+            cp = next((int(e.split("=")[1]) for e in extra if e.startswith("parallel.cp=")), 1)
             proc = run_pretrain(out, data_dir, f"parallel.tp={tp}", f"parallel.pp={pp}", f"model.sharing={sharing}",
-                                "train.eval_every=5", "train.eval_batches=2", *sample, *extra, nproc=tp * pp * dp)
+                                "train.eval_every=5", "train.eval_batches=2", *sample, *extra, nproc=tp * pp * cp * dp)
             (out / "stdout.txt").write_text(proc.stdout)
             cache[key] = out
         return cache[key]
@@ -56,7 +58,11 @@ MATRIX = [(layout, sharing) for layout in LAYOUTS[:2] for sharing in SHARINGS] +
 
 @pytest.mark.parametrize("layout, sharing", MATRIX, ids=lambda v: "tp{}pp{}dp{}".format(*v) if isinstance(v, tuple) else v)
 def test_layout_matches_single_rank(runs, layout, sharing):
-    single, parallel = runs(1, 1, 1, sharing), runs(*layout, sharing)
+    assert_matches_single_rank(runs(1, 1, 1, sharing), runs(*layout, sharing))
+
+
+def assert_matches_single_rank(single, parallel):
+    """Losses, gradient norms and final weights of ``parallel`` are the 1-rank run ``single``'s."""
     expected, got = losses(single), losses(parallel)
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step, loss in expected.items():
@@ -232,9 +238,9 @@ def test_bf16_zero3_trains_in_bf16(runs):
     assert_state_memory_matches(zero3, (1, 1, 2))
 
 
-def assert_state_memory_matches(out_dir, layout):
+def assert_state_memory_matches(out_dir, layout, cp=1):
     reports = state_memory(out_dir)
-    assert len(reports) == layout[0] * layout[1] * layout[2]
+    assert len(reports) == layout[0] * layout[1] * layout[2] * cp
     for r in reports:
         for kind in ("weights", "grads", "optimizer"):
             measured = r["measured"][kind]
@@ -383,3 +389,48 @@ def test_vocab_parallel_loss_with_the_row_kernels(runs, data_dir, tmp_path):
     assert sorted(got) == sorted(expected) == [1, 2, 3]
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-4), step
+
+
+# ------------------------------------------------------------------ context parallelism
+
+# Each with the 1-rank run's seed and global batch; cp2dp2 also checks that the two
+# context-parallel pairs read different samples (the sampler's rank is the batch rank).
+CP_LAYOUTS = {
+    "cp2": ((1, 1, 1), ()),
+    "tp2cp2-sp": ((2, 1, 1), ("parallel.sequence_parallel=true",)),
+    "pp2cp2": ((1, 2, 1), ()),
+    "cp2dp2-zero3": ((1, 1, 2), ("train.zero_stage=3",)),
+}
+
+
+@pytest.mark.parametrize("name", CP_LAYOUTS)
+def test_context_parallelism_matches_single_rank(runs, name):
+    """Losses, gradient norms, validation loss, final weights and the end-of-run sample (run on whole
+    sequences, megascale.parallel.context_parallel.context_parallel_off) of the 1-rank run."""
+    layout, extra = CP_LAYOUTS[name]
+    single, parallel = runs(1, 1, 1, "cycle:2"), runs(*layout, "cycle:2", "parallel.cp=2", *extra)
+    assert_matches_single_rank(single, parallel)
+    assert records(parallel, "val_loss")[5] == pytest.approx(records(single, "val_loss")[5], rel=1e-5)
+    assert greedy_sample(parallel) == greedy_sample(single)
+    # ZeRO partitions span the dp × cp ranks: the formula follows, as DeepSpeed's buffers show.
+    assert_state_memory_matches(parallel, layout, cp=2)
+    meta = read_meta(parallel / "checkpoints" / "step_00000005")
+    assert meta["layout"] == {"tp": layout[0], "pp": layout[1], "cp": 2, "dp": layout[2]}
+
+
+UNTIE = ("untie.when=step:3", "untie.probe_every=1", "untie.units=lowest:2")
+
+
+def test_context_parallel_untie_and_probes_match_single_rank(runs):
+    """sharing=all, probes every step, the two least aligned units untied at step 3, under ZeRO-2 partitions
+    over the cp ranks: the same coherence, the same units untied, the same losses after."""
+    single, parallel = runs(1, 1, 1, "all", *UNTIE), runs(1, 1, 1, "all", "parallel.cp=2", "train.zero_stage=2", *UNTIE)
+    for step, loss in losses(single).items():
+        assert losses(parallel)[step] == pytest.approx(loss, rel=1e-5), step
+    probes = {r["step"]: r for r in events(single, "probe")}
+    for r in events(parallel, "probe"):
+        for key, value in probes[r["step"]].items():
+            if key.startswith(("coherence/", "alignment/")):
+                assert r[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (r["step"], key)
+    (expected,), (got,) = events(single, "untie"), events(parallel, "untie")
+    assert (got["step"], got["units"], got["plan_after"]) == (expected["step"], expected["units"], expected["plan_after"])

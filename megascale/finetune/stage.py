@@ -73,6 +73,11 @@ def init_weights(path: Path, meta: dict[str, Any]):
 
 def finetune_config(cfg: Config) -> tuple[Config, Path, dict[str, Any]]:
     """``cfg`` with the model section taken from the init checkpoint (vocabulary extended); checks the layout."""
+    if cfg.parallel.cp > 1:
+        # Packed rows need a block-diagonal mask across the token shares and a loss normalised by
+        # the weights of the whole row; the examples are short enough for one rank's sequence.
+        raise MegascaleError(f"parallel.cp={cfg.parallel.cp}: context parallelism is for pretraining; trace fine-tuning "
+                             "runs with parallel.cp=1 (use tp, pp or data parallelism)")
     path, meta = resolve_init(cfg)
     saved = meta["config"]["model"]
     names = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -47,10 +47,24 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device)
     Recomputing (T·hd/2 multiplies) instead of caching a buffer keeps the tables
     out of the engine's dtype cast, so positions stay exact under bf16.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    return rope_tables_of(torch.arange(seq_len, device=device), head_dim, theta)
+
+
+def rope_tables_of(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, hd) for positions (T,) shared by every row of a batch."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(positions.float(), inv_freq)  # (T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
     return emb.cos(), emb.sin()
+
+
+def sequence_rope_tables(head_dim: int, seq_len: int, theta: float, device: torch.device,
+                         context=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables of a batch's own ``seq_len`` tokens: positions 0..T-1, or under context parallelism
+    (``context``: megascale.parallel.context_parallel.ContextParallel) this rank's tokens' global positions."""
+    if context is None:
+        return rope_tables(head_dim, seq_len, theta, device)
+    return rope_tables_of(context.positions(seq_len, device), head_dim, theta)
 
 
 def rope_tables_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,11 +92,12 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def position_inputs(cfg: ModelConfig, tokens: torch.Tensor, positions: torch.Tensor | None,
-                    doc_ids: torch.Tensor | None, mask: torch.Tensor | None):
-    """RoPE tables and the attention mask every block of a forward reads: positions 0..T-1 or the given
-    ones; the block-diagonal mask of ``doc_ids`` when given, else ``mask`` (None = causal)."""
+                    doc_ids: torch.Tensor | None, mask: torch.Tensor | None, context=None):
+    """RoPE tables and the attention mask every block of a forward reads: positions 0..T-1 (this rank's
+    under context parallelism) or the given ones; the block-diagonal mask of ``doc_ids`` when given,
+    else ``mask`` (None = causal)."""
     if positions is None:
-        cos, sin = rope_tables(cfg.head_dim, tokens.shape[1], cfg.rope_theta, tokens.device)
+        cos, sin = sequence_rope_tables(cfg.head_dim, tokens.shape[1], cfg.rope_theta, tokens.device, context)
     else:
         cos, sin = rope_tables_at(positions, cfg.head_dim, cfg.rope_theta)
     return cos, sin, (document_mask(doc_ids) if doc_ids is not None else mask)
@@ -115,6 +130,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.backend = "torch"  # set by Transformer.set_attention_backend
         self.ops = "torch"  # model.fused_ops, set by Transformer.set_ops_backend
+        self.context = None  # context parallelism (megascale.parallel.context_parallel), applied from outside
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
@@ -127,7 +143,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin, self.ops), apply_rope(k, cos, sin, self.ops)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, nkv, T_seen + T, hd)
-        y = attention(q, k, v, causal=True, backend=self.backend, mask=mask)  # (B, nh, T, hd)
+        if self.context is not None and mask is None and cache is None:  # x holds this rank's tokens only
+            y = self.context.attention(q, k, v, backend=self.backend)
+        else:
+            y = attention(q, k, v, causal=True, backend=self.backend, mask=mask)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -237,6 +256,8 @@ class Transformer(nn.Module):
         # An object with an int ``current``, told which layer (unit) runs each block: how the
         # coherence probe (megascale.train.probe) attributes a shared block's gradient to units.
         self.unit_tracker = None
+        # Context parallelism: tokens hold this rank's share of each sequence (set from outside).
+        self.context = None
         init.mark(self, self._init_std)
         self.reset_parameters(seed)
 
@@ -283,7 +304,7 @@ class Transformer(nn.Module):
         example. Generation passes an explicit boolean ``mask`` (B, 1, T, T_keys) and a
         ``cache`` with one ``LayerKV`` per applied layer.
         """
-        cos, sin, mask = position_inputs(self.cfg, tokens, positions, doc_ids, mask)
+        cos, sin, mask = position_inputs(self.cfg, tokens, positions, doc_ids, mask, self.context)
         x = self.embed(tokens)  # (B, T, D)
         for layer in range(self.plan.n_layers):
             kv = None if cache is None else cache[layer]

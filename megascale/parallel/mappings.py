@@ -114,26 +114,35 @@ def split_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 # move as with copy/reduce, but activations outside the matmuls take 1/tp of the memory.
 
 
-def _gather_seq(x: torch.Tensor, group) -> torch.Tensor:
-    world = _world(group)
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
+def all_gather_parts(x: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's ``x``, in group rank order (outside autograd)."""
+    parts = [torch.empty_like(x) for _ in range(_world(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=1)
+    return parts
 
 
-def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+def _gather_seq(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    if _world(group) == 1:
+        return x
+    return torch.cat(all_gather_parts(x, group), dim=dim)
+
+
+def reduce_scatter_along(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
+    """``x`` summed over ``group``, this rank keeping its 1/world chunk along ``dim`` (outside autograd)."""
     world = _world(group)
     if world == 1:
         return x
     if dist.get_backend(group) == "nccl":
-        chunks = [c.contiguous() for c in x.chunk(world, dim=1)]
+        chunks = [c.contiguous() for c in x.chunk(world, dim=dim)]
         out = torch.empty_like(chunks[0])
         dist.reduce_scatter(out, chunks, group=group)
         return out
     # gloo has no reduce-scatter: all-reduce, keep our slice (same result, more traffic; CPU only).
-    return _all_reduce(x.clone(), group).chunk(world, dim=1)[dist.get_rank(group)].contiguous()
+    return _all_reduce(x.clone(), group).chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
+    return reduce_scatter_along(x, group, dim=1)
 
 
 class _GatherFromSP(torch.autograd.Function):

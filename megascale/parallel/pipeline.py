@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from megascale.errors import MegascaleError
 from megascale.kernels.tied_grad import flatten_for_collective, unflatten_into
-from megascale.model.llama import Transformer, document_mask, rope_tables, rope_tables_at
+from megascale.model.llama import Transformer, document_mask, rope_tables_at, sequence_rope_tables
 from megascale.parallel.topology import ParallelGroups
 
 
@@ -72,11 +72,12 @@ class EmbedLayer(nn.Module):
 class BlockLayer(nn.Module):
     """One applied transformer layer: RoPE tables from the sequence length, then the (shared) block."""
 
-    def __init__(self, block: nn.Module, head_dim: int, rope_theta: float, seq_multiplier: int = 1):
+    def __init__(self, block: nn.Module, head_dim: int, rope_theta: float, seq_multiplier: int = 1, context=None):
         super().__init__()
         self.block = block
         self.head_dim, self.rope_theta = head_dim, rope_theta
         self.seq_multiplier = seq_multiplier  # tp under sequence parallelism: x holds T/tp positions
+        self.context = context  # context parallelism: x holds this rank's tokens of each sequence
         self.unit_tracker = None  # as Transformer.unit_tracker: told which layer applies the block
 
     def forward(self, x):
@@ -84,7 +85,8 @@ class BlockLayer(nn.Module):
             hidden, doc_ids, positions = x
             cos, sin = rope_tables_at(positions, self.head_dim, self.rope_theta)
             return self.block(hidden, cos, sin, document_mask(doc_ids)), doc_ids, positions
-        cos, sin = rope_tables(self.head_dim, x.shape[1] * self.seq_multiplier, self.rope_theta, x.device)
+        cos, sin = sequence_rope_tables(self.head_dim, x.shape[1] * self.seq_multiplier, self.rope_theta, x.device,
+                                        self.context)
         return self.block(x, cos, sin)
 
 
@@ -210,7 +212,7 @@ def pipeline_layers(model: Transformer, seq_multiplier: int = 1, fused_loss: boo
         block = model.blocks[str(group)]
         names = _param_names(BlockLayer(block, cfg.head_dim, cfg.rope_theta))
         layers.append(TiedLayerSpec(f"block{group}", BlockLayer, block, cfg.head_dim, cfg.rope_theta, seq_multiplier,
-                                    forward_fn=BlockUnit(layer), tied_weight_attr=names))
+                                    model.context, forward_fn=BlockUnit(layer), tied_weight_attr=names))
     layers.append(LayerSpec(NormLayer, model.norm))
     if tied_embed:
         layers.append(TiedLayerSpec("embed", EmbedLayer, model.embed, model.lm_head, fused_loss,

@@ -1,4 +1,4 @@
-"""Parallel layout: tensor × pipeline × data degrees, their checks and process groups.
+"""Parallel layout: tensor × pipeline × context × data degrees, their checks and process groups.
 
 ``ParallelDims`` is checked once, at start-up, against the world size and the
 model (heads, KV heads, FFN width, vocabulary, layers) so a bad layout fails
@@ -10,6 +10,13 @@ Rank order is DeepSpeed's ``PipeModelDataParallelTopology``: axes
 (pipe, data, model) with tensor parallelism innermost, so TP peers are
 adjacent ranks (same node on a cluster) and the grid doubles as DeepSpeed's
 ``mpu`` for ZeRO and gradient-norm reductions.
+
+Context parallelism lives inside DeepSpeed's data axis, as Megatron-Core's
+"data-parallel group with context parallelism": the context-parallel ranks of
+one sequence each hold a share of its tokens, so for the weights they are
+data-parallel peers (gradients averaged, ZeRO partitions spread over all
+dp × cp of them). Data coordinate d = batch_rank · cp + cp_rank keeps the peers
+of one sequence adjacent, after tensor parallelism.
 """
 
 from __future__ import annotations
@@ -25,22 +32,31 @@ from megascale.errors import MegascaleError
 class ParallelDims:
     tp: int
     pp: int
-    dp: int
+    dp: int  # data-parallel replicas: each reads its own share of every global batch
+    cp: int = 1  # context-parallel ranks per replica: each holds 1/cp of every sequence's tokens
 
     @classmethod
-    def from_world(cls, tp: int, pp: int, world_size: int) -> "ParallelDims":
-        if tp < 1 or pp < 1:
-            raise MegascaleError(f"parallel.tp={tp} and parallel.pp={pp} must be >= 1")
-        if world_size % (tp * pp):
+    def from_world(cls, tp: int, pp: int, world_size: int, cp: int = 1) -> "ParallelDims":
+        if tp < 1 or pp < 1 or cp < 1:
+            raise MegascaleError(f"parallel.tp={tp}, parallel.pp={pp} and parallel.cp={cp} must be >= 1")
+        model = tp * pp * cp
+        if world_size % model:
+            names = "parallel.tp × parallel.pp" + (" × parallel.cp" if cp > 1 else "")
+            sizes = f"{tp}×{pp}" + (f"×{cp}" if cp > 1 else "")
             raise MegascaleError(
-                f"world size {world_size} is not divisible by parallel.tp × parallel.pp = {tp}×{pp}; "
-                f"launch a multiple of {tp * pp} processes or change the layout"
+                f"world size {world_size} is not divisible by {names} = {sizes}; "
+                f"launch a multiple of {model} processes or change the layout"
             )
-        return cls(tp, pp, world_size // (tp * pp))
+        return cls(tp, pp, world_size // model, cp)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that average gradients and share ZeRO partitions: DeepSpeed's data axis, dp × cp."""
+        return self.dp * self.cp
 
     def check_model(self, m: ModelConfig) -> None:
         """Raise one line for the first model dimension the layout does not divide."""
@@ -57,7 +73,7 @@ class ParallelDims:
             raise MegascaleError(f"parallel.pp={self.pp} exceeds model.n_layers={m.n_layers}; use at most one stage per layer")
 
     def describe(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+        return f"tp={self.tp} pp={self.pp}" + (f" cp={self.cp}" if self.cp > 1 else "") + f" dp={self.dp}"
 
 
 @dataclass(frozen=True)
@@ -68,11 +84,27 @@ class ParallelGroups:
     topology: Any  # deepspeed ProcessTopology
     grid: Any  # deepspeed PipelineParallelGrid: also DeepSpeed's ``mpu``
     tp_group: Any
-    dp_group: Any
+    dp_group: Any  # DeepSpeed's data-parallel group: dp × cp ranks (gradient averaging, ZeRO partitions)
     pp_group: Any
     tp_rank: int
-    dp_rank: int
+    dp_rank: int  # rank in dp_group
     stage: int
+    cp_group: Any = None  # the ranks holding the other token shares of this rank's sequences
+    cp_rank: int = 0
+
+    @property
+    def context(self):
+        """This rank's ``ContextParallel`` (megascale.parallel.context_parallel), or None at cp = 1."""
+        if self.dims.cp == 1:
+            return None
+        from megascale.parallel.context_parallel import ContextParallel  # noqa: PLC0415 (imports the model's attention)
+
+        return ContextParallel(self.cp_group, self.dims.cp, self.cp_rank)
+
+    @property
+    def batch_rank(self) -> int:
+        """Which of the dims.dp shares of each global batch this rank reads (its cp peers read the same)."""
+        return self.dp_rank // self.dims.cp
 
     @property
     def is_first_stage(self) -> bool:
@@ -90,8 +122,9 @@ def build_groups(dims: ParallelDims) -> ParallelGroups:
 
     if dist.get_world_size() != dims.world_size:
         raise MegascaleError(f"layout {dims.describe()} needs {dims.world_size} processes but {dist.get_world_size()} were launched")
-    topo = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
+    topo = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp_cp)
     grid = PipelineParallelGrid(topology=topo, process_group=dist.group.WORLD)
+    cp_group = _context_group(topo, dims.cp)
     return ParallelGroups(
         dims=dims,
         topology=topo,
@@ -102,4 +135,25 @@ def build_groups(dims: ParallelDims) -> ParallelGroups:
         tp_rank=grid.get_slice_parallel_rank(),
         dp_rank=grid.get_data_parallel_rank(),
         stage=grid.get_stage_id(),
+        cp_group=cp_group,
+        cp_rank=grid.get_data_parallel_rank() % dims.cp,
     )
+
+
+def _context_group(topo, cp: int):
+    """This rank's context-parallel group: same stage and tensor rank, data coordinates d // cp equal.
+
+    Collective: every rank creates every group, in one order.
+    """
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if cp == 1:
+        return None
+    mine = None
+    for ranks in topo.get_axis_comm_lists("data"):  # each: one (pipe, model) pair's data axis, in data order
+        for start in range(0, len(ranks), cp):
+            members = ranks[start:start + cp]
+            group = dist.new_group(members)
+            if dist.get_rank() in members:
+                mine = group
+    return mine

@@ -33,13 +33,19 @@ class BatchLayout:
     micro_batch: int
     grad_accum: int
     dp_size: int
+    cp_size: int = 1  # context-parallel ranks share each sequence: they read the same samples
 
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.dp_size
 
+    @property
+    def grad_replicas(self) -> int:
+        """Ranks that average their gradients and share ZeRO partitions: dp × cp (DeepSpeed's data-parallel size)."""
+        return self.dp_size * self.cp_size
 
-def batch_layout(cfg: Config, dp_size: int) -> BatchLayout:
+
+def batch_layout(cfg: Config, dp_size: int, cp_size: int = 1) -> BatchLayout:
     """Derive gradient accumulation from the global batch; one line if it does not divide."""
     micro = cfg.train.micro_batch_size
     global_batch = cfg.train.global_batch_size or micro * dp_size
@@ -48,7 +54,7 @@ def batch_layout(cfg: Config, dp_size: int) -> BatchLayout:
             f"train.global_batch_size={global_batch} is not a multiple of micro_batch_size*dp = {micro}*{dp_size}; "
             f"use a multiple of {micro * dp_size}"
         )
-    return BatchLayout(micro, global_batch // (micro * dp_size), dp_size)
+    return BatchLayout(micro, global_batch // (micro * dp_size), dp_size, cp_size)
 
 
 def effective_zero_stage(cfg: Config, dp: int) -> int:
@@ -95,11 +101,13 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, device_type: str = "cpu")
     """The DeepSpeed config dict for this run."""
     t = cfg.train
     ds: dict[str, Any] = {
-        "train_batch_size": layout.global_batch,
+        # DeepSpeed counts a "sample" per rank of its data-parallel group; under context parallelism
+        # cp ranks hold the shares of one sample, so its batch is cp times ours.
+        "train_batch_size": layout.global_batch * layout.cp_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero_config(cfg, layout.dp_size, device_type),
+        "zero_optimization": zero_config(cfg, layout.grad_replicas, device_type),
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": t.check_grad_overflow},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # fp32 weights, bf16 compute: DeepSpeed's forward runs under torch.autocast.
@@ -177,7 +185,7 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, device: torch.device):
 
 def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.device,
                 weights: Mapping[str, torch.Tensor] | None = None, then=None):
-    """Apply tensor parallelism, activation checkpointing and the pipeline split, in that order.
+    """Apply tensor and context parallelism, activation checkpointing and the pipeline split, in that order.
 
     Returns the module DeepSpeed should wrap: the model itself, or this stage's PipelineModule.
     A model built on the meta device gets storage on ``device`` here, for the parameters
@@ -193,6 +201,7 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
     def give_storage(module: torch.nn.Module) -> None:
         materialize(module, cfg.train.seed, device, weights, then, draw_on)
 
+    from megascale.parallel.context_parallel import apply_context_parallel  # noqa: PLC0415
     from megascale.parallel.pipeline import build_pipeline_module  # noqa: PLC0415
     from megascale.parallel.tensor_parallel import apply_tensor_parallel  # noqa: PLC0415
 
@@ -200,6 +209,7 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
     model.fused_loss = cfg.train.fused_loss
     model.lm_head.chunk_tokens = cfg.train.loss_chunk_tokens
     apply_tensor_parallel(model, groups.tp_group, p.sequence_parallel)
+    apply_context_parallel(model, groups.context)
     if cfg.train.compile:
         for block in model.blocks.values():
             block.compile()  # in place: the block keeps its parameters and their names
@@ -237,7 +247,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     from megascale.parallel.pipeline import install_coalesced_tied_reduction  # noqa: PLC0415
 
     ds_config = deepspeed_config(cfg, layout, device.type)
-    zero3 = effective_zero_stage(cfg, layout.dp_size) == 3
+    zero3 = effective_zero_stage(cfg, layout.grad_replicas) == 3
     module = parallelize(model, cfg, groups, device, weights, zero3_partitioner(ds_config, groups) if zero3 else None)
     optimizer, scheduler = build_optimizer(module, cfg, device)
     pipelined = groups.dims.pp > 1
@@ -250,7 +260,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     )
     if pipelined:
         install_coalesced_tied_reduction(engine)
-    if effective_zero_stage(cfg, layout.dp_size) == 0 and cfg.train.precision in FP32_STATE:
+    if effective_zero_stage(cfg, layout.grad_replicas) == 0 and cfg.train.precision in FP32_STATE:
         keep_clip_norm(engine)
     return engine
 

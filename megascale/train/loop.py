@@ -27,6 +27,7 @@ from megascale.model.ops import apply_ops_backend
 from megascale.model.generate import greedy_generate
 from megascale.model.init import LazyWeights
 from megascale.model.sharing import SharingPlan, replay_untie_history
+from megascale.parallel.context_parallel import context_parallel_off
 from megascale.parallel.tensor_parallel import sequence_parallel_off
 from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups
 from megascale.train import checkpoint as ckpt
@@ -172,7 +173,7 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: Par
     log.info(
         "batch: %d sequences × %d tokens per step (micro %d, accumulation %d, dp %d); ZeRO stage %s, %s",
         info["global_batch"], cfg.data.seq_len, cfg.train.micro_batch_size, info["grad_accum"], groups.dims.dp,
-        zero_stage_note(cfg, groups.dims.dp), cfg.train.precision,
+        zero_stage_note(cfg, groups.dims.dp_cp), cfg.train.precision,
     )
 
 
@@ -288,7 +289,11 @@ def load_batch(run: Run, split, indices) -> tuple[torch.Tensor, ...]:
     """The engine's forward arguments for sample ``indices``: (inputs, targets), or the stage's tuple."""
     if run.stage is not None:
         return run.stage.batch(split, indices)
-    return batch_from_indices(split, indices, run.cfg.data.seq_len)
+    batch = batch_from_indices(split, indices, run.cfg.data.seq_len)
+    context = run.groups.context
+    if context is not None:  # this rank's token share of each sequence
+        batch = tuple(context.shard(t) for t in batch)
+    return batch
 
 
 def mean_over(value: torch.Tensor, group) -> float:
@@ -307,7 +312,8 @@ def read_log_values(run: Run, loss_t: torch.Tensor, stop: StopRequest) -> tuple[
     TP and PP peers hold the same loss (the pipeline engine broadcasts it), so only the first
     tensor-parallel rank of the first stage of each replica contributes it; the gradient norm, the
     same everywhere, comes from global rank 0 alone. Every other entry is an exact zero, so the
-    sums are those of a data-parallel reduction.
+    sums are those of a data-parallel reduction. Context-parallel ranks hold the mean over equal
+    shares of the same sequences: they count as replicas here.
     """
     groups, device = run.groups, loss_t.device
     speaks_for_replica = groups.tp_rank == 0 and groups.stage == 0
@@ -320,7 +326,7 @@ def read_log_values(run: Run, loss_t: torch.Tensor, stop: StopRequest) -> tuple[
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values)
     loss, stops, norm = values.tolist()
-    return loss / groups.dims.dp, (norm if grad_norm is not None else None), stops > 0
+    return loss / groups.dims.dp_cp, (norm if grad_norm is not None else None), stops > 0
 
 
 @torch.no_grad()
@@ -347,7 +353,7 @@ def evaluate(run: Run, split=None) -> float:
             f"needed for one batch per data-parallel rank; prepare more data, or lower data.seq_len or train.micro_batch_size"
         )
     device = run.ctx.device
-    batches = [load_batch(run, val, range(b * micro, (b + 1) * micro)) for b in range(run.groups.dp_rank, n_batches, dp)]
+    batches = [load_batch(run, val, range(b * micro, (b + 1) * micro)) for b in range(run.groups.batch_rank, n_batches, dp)]
     if run.pipelined:
         batches = [pipeline_batch(batch, device) for batch in batches]
         loss = run.engine.eval_batch(iter(batches), num_micro_batches=len(batches)).float()
@@ -408,7 +414,8 @@ def check_finite(loss: float, step: int, out_dir: Path) -> None:
 
 
 def layout_of(groups: ParallelGroups) -> dict[str, int]:
-    return {"tp": groups.dims.tp, "pp": groups.dims.pp, "dp": groups.dims.dp}
+    cp = {"cp": groups.dims.cp} if groups.dims.cp > 1 else {}  # absent at 1: checkpoints from before cp compare equal
+    return {"tp": groups.dims.tp, "pp": groups.dims.pp, **cp, "dp": groups.dims.dp}
 
 
 def checkpoint_meta(run: Run) -> dict[str, Any]:
@@ -451,7 +458,7 @@ def find_resume(cfg: Config) -> tuple[Path | None, dict[str, Any] | None, Sharin
 
 
 def make_groups(cfg: Config, ctx: DistContext) -> ParallelGroups:
-    dims = ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, ctx.world_size)
+    dims = ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, ctx.world_size, cfg.parallel.cp)
     dims.check_model(cfg.model)
     return build_groups(dims)
 
@@ -466,12 +473,12 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     data = open_data(cfg, ctx) if stage is None else stage.open_data(cfg, ctx)
     resume_path, meta, plan = find_resume(cfg)
     model = build_model(cfg, ctx, plan)
-    layout = batch_layout(cfg, groups.dims.dp)
+    layout = batch_layout(cfg, groups.dims.dp, groups.dims.cp)
     info = describe_model(model, cfg, layout)
     log_startup(ctx, info, cfg, groups)
     sampler = DistributedBatchSampler(
         data.train.num_samples(cfg.data.seq_len), layout.global_batch, layout.micro_batch,
-        groups.dp_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle, epoch_in_index=isinstance(data.train, Blend),
+        groups.batch_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle, epoch_in_index=isinstance(data.train, Blend),
     )
     converted = resume_path is not None and meta["layout"] != layout_of(groups)
     weights = None  # full plain-model weights to start from, by name; None: drawn from train.seed
@@ -703,7 +710,7 @@ def report_state_memory(run: Run, writer: MetricsWriter) -> None:
     """Per rank: local parameters and the bytes of weights, gradients, optimizer state — formula vs measured."""
     c, dims = run.cfg, run.groups.dims
     params = local_param_count(run.engine)
-    formula = state_formula(c, params, dims.dp, run.pipelined)
+    formula = state_formula(c, params, dims.dp_cp, run.pipelined)
     measured = measured_state_bytes(run.engine)
     mine = {"rank": run.ctx.rank, "stage": run.groups.stage, "tp_rank": run.groups.tp_rank, "params": params,
             "formula": dataclasses.asdict(formula),
@@ -784,7 +791,7 @@ def _save(run: Run) -> Path:
 
 def inference_model(run: Run):
     """What generation and scoring call: the plain model, or this rank's pipeline stage run as one
-    (megascale.parallel.pipeline_infer). Wrap the calls in ``sequence_parallel_off``."""
+    (megascale.parallel.pipeline_infer). Wrap the calls in ``sequence_parallel_off`` and ``context_parallel_off``."""
     if not run.pipelined:
         return run.engine.module
     from megascale.parallel.pipeline_infer import PipelinedLM  # noqa: PLC0415 (the pipeline imports Triton)
@@ -801,6 +808,6 @@ def _finish(run: Run, summary: RunSummary) -> None:
         # every pipeline stage takes part in each token.
         run.engine.eval()
         prompt = run.data.tokenizer.encode(run.cfg.train.sample_prompt)
-        with sequence_parallel_off(run.engine.module):
+        with sequence_parallel_off(run.engine.module), context_parallel_off(run.engine.module):
             ids = greedy_generate(inference_model(run), prompt, run.cfg.train.sample_tokens)
         summary.sample = run.cfg.train.sample_prompt + run.data.tokenizer.decode(ids)

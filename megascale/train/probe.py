@@ -317,7 +317,7 @@ class CoherenceProbe:
         if self._grads is None:
             raise RuntimeError("finish() without arm(): this was not a probe step")
         device = self._device()
-        dp = self.groups.dims.dp if self.groups is not None else 1
+        dp = self.groups.dims.dp_cp if self.groups is not None else 1  # context-parallel peers average too
         if dp > 1:
             self._average_over_data_parallel(dp)
         n_layers, n_groups = self.plan.n_layers, self.plan.n_groups
