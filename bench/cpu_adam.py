@@ -57,6 +57,9 @@ def optimizers(param: torch.nn.Parameter) -> dict[str, torch.optim.Optimizer]:
 
 def measure(n_params: int, threads: int, reps: int) -> list[dict]:
     """In this process, whose OpenMP threads were fixed at start-up (``in_child``)."""
+    from megascale.train.dist import cache_cpu_info  # noqa: PLC0415
+
+    cache_cpu_info()  # as training has it: DeepSpeed's CPU Adam asks py-cpuinfo once, not three times
     torch.set_num_threads(threads)
     param = torch.nn.Parameter(torch.randn(n_params))
     param.grad = torch.randn(n_params) * 1e-3

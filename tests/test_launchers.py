@@ -193,3 +193,33 @@ def test_deepspeed_skips_its_inference_only_comm_op_on_cpu():
     assert accelerator.create_op_builder("ShareMemCommBuilder") is not None  # the op this CPU would build
     skip_inference_comm_op(deepspeed, accelerator)
     assert build_shm_op() is None
+
+
+def test_cpu_adam_asks_cpuinfo_once(monkeypatch):
+    """DeepSpeed's CPU Adam called py-cpuinfo three times as it loaded, each a subprocess that times the clock
+    (1.2 s alone, 115 s of CPU for the three beside a 4-rank run): cached, once, with the same answers."""
+    import cpuinfo
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    from megascale.train.dist import cache_cpu_info, interpreter_extension_dir, interpreter_ninja_first
+
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # both restored after the test
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", ""))
+    interpreter_ninja_first()  # the prebuilt op (tests/prebuild_ops.py), as training finds it: not rebuilt
+    interpreter_extension_dir()
+    calls, real = [], cpuinfo.get_cpu_info
+
+    def counted():  # the real answers: other flags would make DeepSpeed compile the op again, for them
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", counted)
+    cache_cpu_info()
+    cache_cpu_info()  # a second call keeps the first cache
+    first = cpuinfo.get_cpu_info()
+    flags = list(first["flags"])
+    first["flags"].append("changed")  # a copy: what a caller does to it is its own
+    assert cpuinfo.get_cpu_info()["flags"] == flags and len(calls) == 1
+    DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(4))])
+    assert len(calls) == 1

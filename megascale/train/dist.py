@@ -12,6 +12,8 @@ accelerator DeepSpeed detects at run time: NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 import socket
@@ -153,6 +155,30 @@ def skip_inference_comm_op(deepspeed, accelerator) -> None:
         table[builder.NAME] = False
 
 
+def cache_cpu_info() -> None:
+    """Ask py-cpuinfo once per process: DeepSpeed's CPU Adam asks it three times as it loads.
+
+    ``cpuinfo.get_cpu_info`` runs a Python subprocess each call (probing CPUID and timing the
+    clock): 1.2 s each on this 2-core machine alone, many times that beside other busy processes,
+    and DeepSpeed calls it from the op builder's compiler flags (twice) and from the optimizer.
+    DeepSpeed imports the function at each call, so replacing the module's attribute with a
+    memoised one serves all three. The CPU does not change under a running process.
+    """
+    try:
+        import cpuinfo  # noqa: PLC0415 (DeepSpeed's dependency)
+    except ImportError:
+        return
+    if getattr(cpuinfo.get_cpu_info, "megascale_cached", False):
+        return
+    first = functools.cache(cpuinfo.get_cpu_info)
+
+    def get_cpu_info() -> dict:
+        return copy.deepcopy(first())  # a copy each time, as the original returns a fresh dict
+
+    get_cpu_info.megascale_cached = True
+    cpuinfo.get_cpu_info = get_cpu_info
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     """Start the default process group for whatever launched us and return our identity.
 
@@ -172,6 +198,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistContext:
     interpreter_ninja_first()  # DeepSpeed builds its CPU ops (CPU Adam) with the first ninja on PATH,
     interpreter_extension_dir()  # into this folder,
     warn_stale_build_locks()  # and under such a lock
+    cache_cpu_info()  # asking the CPU's features once
     deepspeed.init_distributed(
         auto_mpi_discovery=launcher == "mpi",
         distributed_port=port,
