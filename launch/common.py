@@ -36,14 +36,15 @@ def add_model_args(p) -> None:
                         "directory with a sentencepiece tokenizer.model (a megascale export)")
     p.add_argument("--device", default="auto", help="one process: auto (cuda when there is one), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on a GPU, fp32 on a CPU")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch tp × pp processes, e.g. with deepspeed)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch a multiple of tp × pp processes, e.g. with deepspeed; "
+                                                        "the copies beyond one share the batches)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
 
 
 def open_model(args):
     """(the checkpoint as a ``megascale.generation.Generator``, whether this process reports): one process, or
-    tp × pp ranks under a launcher, each holding its part of the model."""
+    a multiple of tp × pp ranks under a launcher, each holding its part of one copy of the model."""
     from megascale.generation import Generator  # noqa: PLC0415 (imports torch)
 
     if (launch_world_size() or 1) == 1 and args.tp * args.pp == 1:

@@ -3,8 +3,9 @@
     python launch/evaluate.py --checkpoint runs/tiny                       # its own validation data
     python launch/evaluate.py --checkpoint CKPT --data data/web --data data/code --samples 1024 --json scores.json
 
-One process, or tp × pp ranks (--tp, --pp under a launcher), any checkpoint layout (or a
-Hugging Face export), as launch/generate.py loads it. The samples are the ones training's validation reads: windows of seq_len + 1
+One process, or any multiple of tp × pp ranks under a launcher (--tp, --pp; the copies beyond
+one share the batches), any checkpoint layout (or a Hugging Face export), as launch/generate.py
+loads it. The samples are the ones training's validation reads: windows of seq_len + 1
 tokens at stride seq_len, the first --samples of the split. So a pretraining checkpoint
 scored on its own validation split over the run's eval_batches × micro_batch_size
 samples gives the run's logged val_loss, and other checkpoints or other corpora are
@@ -51,7 +52,8 @@ def main(argv: list[str]) -> int:
     seq_len = args.seq_len or model.seq_len or model.model.cfg.max_seq_len
     if seq_len > model.model.cfg.max_seq_len:
         raise MegascaleError(f"--seq-len {seq_len} is past the model's max_seq_len={model.model.cfg.max_seq_len}; lower it")
-    scores = [score(model.model, model.tokenizer, d, args.split, seq_len, args.samples, args.batch_size) for d in dirs]
+    scores = [score(model.model, model.tokenizer, d, args.split, seq_len, args.samples, args.batch_size, model.replicas)
+              for d in dirs]
     if not reports:
         return 0  # every rank computed the same scores; one says them
 

@@ -4,17 +4,20 @@
     python launch/generate.py --checkpoint runs/trace-tiny --query "Compute 17 + 5 * 3."
     python launch/generate.py --checkpoint CKPT --prompt-file prompts.jsonl --temperature 0.8 --top-p 0.95 --json out.jsonl
     deepspeed --num_gpus 4 launch/generate.py --checkpoint CKPT --tp 2 --pp 2 --prompt "def main("
+    deepspeed --num_gpus 8 launch/generate.py --checkpoint CKPT --tp 2 --prompt-file prompts.jsonl   # 4 copies share the batches
 
 One process: the full weights are read from the checkpoint's files as export and
 consolidation read them (tensor shards merged, pipeline stages joined, ZeRO
 partitions gathered), with the tokenizer the checkpoint carries. A model too big for
 one device runs on tp × pp ranks under any launcher, split as training splits it,
-whatever layout saved it; rank 0 prints. Prompts are
+whatever layout saved it; rank 0 prints. Launched on a multiple of tp × pp ranks,
+the copies of the model share the batches round-robin (data parallelism). Prompts are
 decoded together in batches with a KV cache; each stops at the end-of-document
 token or after --max-new-tokens. Temperature 0 (the default) is greedy: the
 tokens of the end-of-run sample and of fine-tuning's evaluation. Otherwise each
-token is drawn from the tempered distribution, cut to --top-k and --top-p; the
-same seed and batch size give the same text.
+token is drawn from the tempered distribution, cut to --top-k and --top-p; each
+batch draws from its own stream of the seed, so the same seed and batch size give
+the same text on any number of ranks.
 
 --query formats a question as trace fine-tuning does (query, then the trace
 separator) and prints the trace steps and the response apart.

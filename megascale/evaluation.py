@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from megascale.data import Tokenizer, TokenFile, batch_from_indices, load_manifest
 from megascale.errors import MegascaleError
 from megascale.model.generate import reduce_logits
+from megascale.parallel.topology import Replicas
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,9 @@ def open_split(data_dir: Path, split: str, tokenizer: Tokenizer) -> TokenFile:
 
 @torch.no_grad()
 def score(model, tokenizer: Tokenizer, data_dir: Path, split: str, seq_len: int, max_samples: int,
-          batch_size: int) -> Score:
-    """Mean next-token loss of ``model`` over the first ``max_samples`` windows of ``data_dir``'s ``split``."""
+          batch_size: int, replicas: Replicas = Replicas()) -> Score:
+    """Mean next-token loss of ``model`` over the first ``max_samples`` windows of ``data_dir``'s ``split``;
+    ``replicas`` share the batches (the same score on every rank)."""
     file = open_split(data_dir, split, tokenizer)
     n = min(max_samples, file.num_samples(seq_len))
     if n == 0:
@@ -65,7 +67,8 @@ def score(model, tokenizer: Tokenizer, data_dir: Path, split: str, seq_len: int,
     device = next(model.parameters()).device
     like = torch.zeros((), dtype=torch.float32, device=device)
     total, tokens, nbytes = 0.0, 0, 0
-    for start in range(0, n, batch_size):
+    for b in replicas.mine(-(-n // batch_size)):
+        start = b * batch_size
         inputs, targets = batch_from_indices(file, range(start, min(n, start + batch_size)), seq_len)  # (B, T) each
         targets = targets.to(device)
 
@@ -75,4 +78,6 @@ def score(model, tokenizer: Tokenizer, data_dir: Path, split: str, seq_len: int,
         total += reduce_logits(model, summed, like, inputs.to(device)).item()
         tokens += targets.numel()
         nbytes += sum(len(tokenizer.decode(row).encode("utf-8")) for row in targets.tolist())
+    total, tokens, nbytes = replicas.sum([total, tokens, nbytes], device)
+    tokens, nbytes = int(tokens), int(nbytes)
     return Score(str(data_dir), split, seq_len, n, tokens, nbytes, total / tokens)

@@ -1,4 +1,5 @@
-"""A checkpoint as a text generator (``launch/generate.py``): one process, the full weights, its own tokenizer.
+"""A checkpoint as a text generator (``launch/generate.py``): the full weights, its own tokenizer; one process,
+or split over tp × pp ranks, with data-parallel copies sharing the batches.
 
 The checkpoint may be saved under any layout: its weights are read as export and
 consolidation read them (``train.checkpoint.lazy_full_weights``) into the plain
@@ -26,6 +27,7 @@ from megascale.finetune.arithmetic import Example
 from megascale.model.generate import Sampling, generate_batch
 from megascale.model.init import check_full_weights, materialize
 from megascale.model.llama import Transformer
+from megascale.parallel.topology import Replicas
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,10 +58,14 @@ class Generator:
     data_dirs: tuple[Path, ...] = ()  # the prepared corpora a pretraining checkpoint trained on (none otherwise)
     seq_len: int | None = None  # its training sequence length
     split: tuple[int, int] = (1, 1)  # (tp, pp) the model is split over
+    replicas: Replicas = Replicas()  # data-parallel copies of the (split) model sharing the batches
 
     @property
     def split_words(self) -> str:
-        return "" if self.split == (1, 1) else f" ×{self.split[0] * self.split[1]} (tp {self.split[0]}, pp {self.split[1]})"
+        (tp, pp), dp = self.split, self.replicas.size
+        if tp * pp * dp == 1:
+            return ""
+        return f" ×{tp * pp * dp} (tp {tp}, pp {pp}" + (f", dp {dp}" if dp > 1 else "") + ")"
 
     @classmethod
     def from_checkpoint(cls, spec: str | Path, device: str = "auto", dtype: str = "auto", *, tp: int = 1, pp: int = 1,
@@ -67,8 +73,9 @@ class Generator:
         """From a megascale checkpoint (step, checkpoints/ or run directory), or a Hugging Face Llama directory
         with a sentencepiece ``tokenizer.model`` (a megascale export: it keeps a fine-tune's separators).
 
-        With ``ctx`` (a ``train.dist.DistContext`` of tp × pp ranks) the model is split as training splits it:
-        each rank holds its tensor shard of its pipeline stage, cut from the full weights. Every rank then
+        With ``ctx`` (a ``train.dist.DistContext`` of a multiple of tp × pp ranks) the model is split as
+        training splits it: each rank holds its tensor shard of its pipeline stage, cut from the full weights,
+        and the world / (tp × pp) copies share the batches of a request (``Replicas``). Every rank then
         calls the same methods; the results are the same on every rank.
         """
         from megascale.export.hf import is_hf_directory  # noqa: PLC0415
@@ -81,16 +88,17 @@ class Generator:
         tokenizer = Tokenizer(src.tokenizer)
         with torch.device("meta"):  # shapes only: no random init to overwrite, no fp32 copy on the host
             model = Transformer(src.cfg)
+        replicas = Replicas()
         if ctx is None or ctx.world_size == tp * pp == 1:
             check_full_weights(model, src.weights)
             materialize(model, 0, where, src.weights)  # each tensor read (lazily) and moved one at a time
             model = model.to(dtype=DTYPES[dtype_name]).eval()
         else:
-            model = _split(model, src, tp, pp, ctx, DTYPES[dtype_name])
+            model, replicas = _split(model, src, tp, pp, ctx, DTYPES[dtype_name])
         f = src.finetune
         template = Template(tokenizer, f["base_vocab_size"], f.get("trace_in_input", True)) if f else None
         split = (tp, pp) if ctx is not None else (1, 1)
-        return cls(model, tokenizer, template, src.name, where, dtype_name, src.data_dirs, src.seq_len, split)
+        return cls(model, tokenizer, template, src.name, where, dtype_name, src.data_dirs, src.seq_len, split, replicas)
 
     @property
     def valid_ids(self) -> int:
@@ -154,33 +162,42 @@ class Generator:
             if len(prompt) + max_new_tokens > limit:
                 raise MegascaleError(f"prompt {n} has {len(prompt)} tokens, and {max_new_tokens} new ones would take it past "
                                      f"the model's max_seq_len={limit}; shorten it or lower --max-new-tokens")
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        pick = sampling.picker(self.valid_ids, generator)
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            rows = generate_batch(self.model, prompts[start : start + batch_size], max_new_tokens, self.tokenizer.eos_id,
-                                  pad_id=self.tokenizer.pad_id, pick=pick)
-            out += [(row, len(row) < max_new_tokens) for row in rows]
-        return out
+        batches = [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
+        done = {}
+        for b in self.replicas.mine(len(batches)):
+            # Each batch draws from its own stream, seeded by (seed, batch): a replica that runs
+            # batch b draws what one process would, however many replicas share the request.
+            generator = torch.Generator(device=self.device).manual_seed(batch_seed(seed, b))
+            rows = generate_batch(self.model, batches[b], max_new_tokens, self.tokenizer.eos_id,
+                                  pad_id=self.tokenizer.pad_id, pick=sampling.picker(self.valid_ids, generator))
+            done[b] = [(row, len(row) < max_new_tokens) for row in rows]
+        done = self.replicas.gather(done)
+        return [result for b in range(len(batches)) for result in done[b]]
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The sampling seed of a request's batch ``batch`` (batch 0 keeps ``seed``)."""
+    return seed + 1_000_003 * batch
 
 
 def _split(model: Transformer, src: _Source, tp: int, pp: int, ctx, dtype: torch.dtype):
-    """This rank's part of ``model`` under tp × pp (the whole world: no data parallelism), weights from ``src``."""
+    """This rank's part of ``model`` under tp × pp, weights from ``src``, and the data-parallel copies
+    (world / (tp × pp)) it shares requests with."""
     from megascale.config import Config, ParallelConfig  # noqa: PLC0415
     from megascale.train.engine import parallelize  # noqa: PLC0415 (imports deepspeed)
     from megascale.train.loop import make_groups  # noqa: PLC0415
 
-    if tp * pp != ctx.world_size:
-        raise MegascaleError(f"{ctx.world_size} process{'es' * (ctx.world_size != 1)} for --tp {tp} × --pp {pp}; launch tp × pp = {tp * pp} "
-                             "(generation and scoring split the model, not the prompts)")
+    if ctx.world_size % (tp * pp):
+        raise MegascaleError(f"{ctx.world_size} process{'es' * (ctx.world_size != 1)} for --tp {tp} × --pp {pp}; launch a multiple "
+                             f"of tp × pp = {tp * pp} (the copies beyond one share the prompts or samples)")
     cfg = Config(model=src.cfg, parallel=ParallelConfig(tp=tp, pp=pp))
     groups = make_groups(cfg, ctx)
     module = parallelize(model, cfg, groups, ctx.device, weights=src.weights).to(dtype).eval()
     if pp == 1:
-        return module
+        return module, Replicas.of(groups)
     from megascale.parallel.pipeline_infer import PipelinedLM  # noqa: PLC0415 (the pipeline imports Triton)
 
-    return PipelinedLM(module, groups, model.cfg, model.plan, model.full_logits).eval()
+    return PipelinedLM(module, groups, model.cfg, model.plan, model.full_logits).eval(), Replicas.of(groups)
 
 
 @dataclass

@@ -430,25 +430,28 @@ def test_generate_samples_the_same_ids_for_the_same_seed(runs, exports, tmp_path
     assert exported.complete(PROMPTS, 16, sampling, seed=7, batch_size=2) == gen.complete(PROMPTS, 16, sampling, seed=7, batch_size=2)
 
 
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_generate_split_over_ranks_gives_the_one_process_ids(runs, tmp_path, tp, pp):
-    """--tp / --pp: the tied run's model (cycle:2 blocks, tied embeddings) split over two ranks as training splits
-    it, decoding stage to stage under pp: the ids of one process, greedy and sampled; rank 0 alone reports."""
+@pytest.mark.parametrize("tp, pp, nproc, words", [(2, 1, 2, "tp 2, pp 1"), (1, 2, 2, "tp 1, pp 2"), (1, 1, 2, "tp 1, pp 1, dp 2"),
+                                                  (1, 2, 4, "tp 1, pp 2, dp 2")], ids=["tp2", "pp2", "dp2", "pp2dp2"])
+def test_generate_split_over_ranks_gives_the_one_process_ids(runs, tmp_path, tp, pp, nproc, words):
+    """--tp / --pp: the tied run's model (cycle:2 blocks, tied embeddings) split as training splits it, decoding
+    stage to stage under pp; on more ranks than tp × pp the copies share the two batches. The ids of one process,
+    greedy and sampled (each batch draws from its own stream of the seed); rank 0 alone reports."""
     from megascale.generation import Generator
     from megascale.model.generate import Sampling
 
     out, sampled = tmp_path / "split.jsonl", tmp_path / "sampled.jsonl"
     args = [sys.executable, str(GENERATE), "--checkpoint", str(runs("tied")), *[a for p in PROMPTS for a in ("--prompt", p)],
-            "--max-new-tokens", "12", "--tp", str(tp), "--pp", str(pp)]
-    proc = spawn_ranks([*args, "--json", str(out)], tp * pp, clean_env(), timeout=300)
+            "--max-new-tokens", "12", "--tp", str(tp), "--pp", str(pp), "--batch-size", "2"]
+    proc = spawn_ranks([*args, "--json", str(out)], nproc, clean_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("3 prompts") == 1 and f"on cpu ×2 (tp {tp}, pp {pp}), fp32, greedy" in proc.stdout
+    assert proc.stdout.count("3 prompts") == 1 and f"on cpu ×{nproc} ({words}), fp32, greedy" in proc.stdout
     one = Generator.from_checkpoint(runs("tied"), device="cpu")
-    assert [json.loads(line)["ids"] for line in out.read_text().splitlines()] == [r["ids"] for r in one.complete(PROMPTS, 12, Sampling())]
-    proc = spawn_ranks([*args, "--temperature", "1", "--seed", "3", "--json", str(sampled)], tp * pp, clean_env(), timeout=300)
+    assert [json.loads(line)["ids"] for line in out.read_text().splitlines()] == \
+        [r["ids"] for r in one.complete(PROMPTS, 12, Sampling(), batch_size=2)]
+    proc = spawn_ranks([*args, "--temperature", "1", "--seed", "3", "--json", str(sampled)], nproc, clean_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [json.loads(line)["ids"] for line in sampled.read_text().splitlines()] == \
-        [r["ids"] for r in one.complete(PROMPTS, 12, Sampling(1.0), seed=3)]
+        [r["ids"] for r in one.complete(PROMPTS, 12, Sampling(1.0), seed=3, batch_size=2)]
 
 
 def test_generate_refuses_what_it_cannot_do_in_one_line(runs, exports, tmp_path):
@@ -460,7 +463,7 @@ def test_generate_refuses_what_it_cannot_do_in_one_line(runs, exports, tmp_path)
     line = one_error_line(generate_cli("--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"))
     assert "does not exist" in line
     line = one_error_line(generate_cli("--checkpoint", str(runs("tied")), "--prompt", "x", "--tp", "2"))
-    assert "1 process for --tp 2 × --pp 1; launch tp × pp = 2" in line
+    assert "1 process for --tp 2 × --pp 1; launch a multiple of tp × pp = 2" in line
     no_tokenizer = tmp_path / "hf"
     shutil.copytree(exports("tied"), no_tokenizer)
     (no_tokenizer / "tokenizer.model").unlink()

@@ -276,6 +276,15 @@ def test_evaluate_cli_scores_a_sharded_checkpoint_as_its_run_did(runs, tmp_path)
     assert json.loads(split.read_text())["scores"][0]["loss"] == pytest.approx(got["loss"], rel=1e-5)
     assert "×2 (tp 2, pp 1)" in proc.stdout
 
+    shared = tmp_path / "shared.json"  # two data-parallel copies, batches of 3 windows round-robin: 0 and 2, then 1
+    proc = spawn_ranks([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--checkpoint", str(run), "--samples", "8",
+                        "--batch-size", "3", "--json", str(shared)], 2, clean_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (dp,) = json.loads(shared.read_text())["scores"]
+    assert (dp["samples"], dp["tokens"], dp["bytes"]) == (got["samples"], got["tokens"], got["bytes"])
+    assert dp["loss"] == pytest.approx(got["loss"], rel=1e-6)
+    assert "×2 (tp 1, pp 1, dp 2)" in proc.stdout and proc.stdout.count("bits/byte") == 1
+
 
 def test_consolidate_cli_merges_any_layout(runs, tmp_path):
     """launch/consolidate.py: full fp32 weights from a tp=2 pp=2 checkpoint equal the 1-rank run's."""

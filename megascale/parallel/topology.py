@@ -115,6 +115,48 @@ class ParallelGroups:
         return self.stage == self.dims.pp - 1
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """Data-parallel copies of a model that split a list of batches round-robin (generation, scoring).
+
+    Batch b goes to replica b mod size, whole: each batch is the one a single process
+    would run, so the results do not depend on how many replicas share the work.
+    """
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # the data-parallel group (None: one replica)
+
+    @classmethod
+    def of(cls, groups: ParallelGroups) -> "Replicas":
+        return cls(groups.batch_rank, groups.dims.dp, groups.dp_group if groups.dims.dp > 1 else None)
+
+    def mine(self, n_batches: int) -> range:
+        """The batch indices this replica runs."""
+        return range(self.rank, n_batches, self.size)
+
+    def gather(self, results: dict[int, Any]) -> dict[int, Any]:
+        """Every replica's {batch index: result}, merged (collective over the replicas; picklable results)."""
+        if self.size == 1:
+            return results
+        import torch.distributed as dist  # noqa: PLC0415
+
+        parts: list[dict[int, Any]] = [{} for _ in range(self.size)]
+        dist.all_gather_object(parts, results, group=self.group)
+        return {b: r for part in parts for b, r in part.items()}
+
+    def sum(self, values: list[float], device) -> list[float]:
+        """Each value summed over the replicas, in float64, through ``device`` (NCCL reduces CUDA tensors only)."""
+        if self.size == 1:
+            return values
+        import torch  # noqa: PLC0415
+        import torch.distributed as dist  # noqa: PLC0415
+
+        total = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(total, group=self.group)
+        return total.tolist()
+
+
 def build_groups(dims: ParallelDims) -> ParallelGroups:
     """Create the process groups of ``dims`` (collective: every rank calls it in the same order)."""
     import torch.distributed as dist  # noqa: PLC0415
