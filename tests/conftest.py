@@ -36,6 +36,24 @@ TINY = [
 ]
 
 
+# What steers the builds and launches of later tests in a worker. Libraries set others once, on first import
+# (DeepSpeed: TORCHINDUCTOR_CACHE_DIR, OMP_NUM_THREADS; torch: PYTORCH_NVML_BASED_CUDA_CHECK); those may stay.
+WATCHED_ENV = ("PATH", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES",
+               "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def environment_is_left_as_found():
+    """A test that changed one of WATCHED_ENV and left it changed bent every later test of its worker: a
+    TORCH_EXTENSIONS_DIR left pointing at one test's tmp folder made the next CPU Adam user rebuild the op
+    there (50-100 s, twice a suite). Tests change the environment through monkeypatch, which puts it back."""
+    before = {k: os.environ.get(k) for k in os.environ if k in WATCHED_ENV or k.startswith("MEGASCALE_")}
+    yield
+    after = {k: os.environ.get(k) for k in os.environ if k in WATCHED_ENV or k.startswith("MEGASCALE_")}
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the test left os.environ changed: {changed}"
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """The embedded stdlib corpus, small: 512-token vocabulary, ~600 kB of source."""

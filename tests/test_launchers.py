@@ -131,7 +131,10 @@ def test_deepspeed_builds_its_ops_in_the_venvs_own_folder(monkeypatch, tmp_path)
     venv = tmp_path / "venv"
     monkeypatch.setattr(sys, "prefix", str(venv))
     monkeypatch.setattr(sys, "base_prefix", "/usr")
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    # set, then removed: pytest's delenv of an absent variable records nothing, and the value set below by the
+    # function would outlive the test (later tests in this worker then rebuilt CPU Adam into this tmp folder)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     interpreter_extension_dir()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(venv / "torch_extensions")
     assert Path(_get_build_directory("cpu_adam", verbose=False)).parent == venv / "torch_extensions"
@@ -172,6 +175,8 @@ def test_deepspeed_builds_its_ops_with_the_interpreters_ninja(monkeypatch, tmp_p
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
     monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin")
+    # init_distributed points TORCH_EXTENSIONS_DIR at the venv's folder first: restored after the test
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", ""))
     for _ in range(3):
         with pytest.raises(Built):
             dist.init_distributed()
