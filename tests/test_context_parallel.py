@@ -45,16 +45,17 @@ def test_sequence_and_rank_order_are_inverse(cp):
     assert torch.equal(ranks(cp)[0].to_rank_order(whole), torch.cat(parts, dim=2))
 
 
-@pytest.mark.parametrize("cp, heads, kv_heads", [(2, 4, 2), (3, 4, 4), (4, 6, 2)])
-def test_rank_attention_equals_causal_attention_and_its_gradients(cp, heads, kv_heads):
+def assert_ranks_give_the_whole(cp, heads, kv_heads, T, whole_fn, rank_fn) -> None:
+    """Every simulated rank's ``rank_fn(rank, its queries, all keys, all values)`` equals ``whole_fn(q, k, v)``'s rows
+    at its positions, and the q/k/v gradients of a loss over all ranks' outputs equal the whole one's."""
     torch.manual_seed(0)
-    B, T, hd = 2, 8 * cp, 16
+    B, hd = 3, 16
     q = torch.randn(B, heads, T, hd, dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, kv_heads, T, hd, dtype=torch.float64, requires_grad=True)
     v = torch.randn(B, kv_heads, T, hd, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(B, heads, T, hd, dtype=torch.float64)  # a loss that weighs every output differently
 
-    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    reference = whole_fn(q, k, v)
     (reference * weight).sum().backward()
     expected = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
@@ -62,12 +63,20 @@ def test_rank_attention_equals_causal_attention_and_its_gradients(cp, heads, kv_
 
     total = 0
     for r in ranks(cp):
-        out = r.attend(r.shard(q, dim=2), k, v)
+        out = rank_fn(r, r.shard(q, dim=2), k, v)
         torch.testing.assert_close(out, r.shard(reference, dim=2).detach(), rtol=1e-10, atol=1e-10)
         total = total + (out * r.shard(weight, dim=2)).sum()
     total.backward()
     for name, t, want in zip("qkv", (q, k, v), expected):
         torch.testing.assert_close(t.grad, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("cp, heads, kv_heads", [(2, 4, 2), (3, 4, 4), (4, 6, 2)])
+def test_rank_attention_equals_causal_attention_and_its_gradients(cp, heads, kv_heads):
+    assert_ranks_give_the_whole(
+        cp, heads, kv_heads, 8 * cp,
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=heads != kv_heads),
+        lambda rank, q, k, v: rank.attend(q, k, v))
 
 
 def test_world_size_must_hold_whole_context_groups():
@@ -81,12 +90,39 @@ def test_world_size_must_hold_whole_context_groups():
     assert (dims.dp, dims.dp_cp, dims.describe()) == (2, 4, "tp=2 pp=1 cp=2 dp=2")
 
 
-def test_finetuning_refuses_context_parallelism_in_one_line():
-    from megascale.config import load_config
-    from megascale.errors import MegascaleError
-    from megascale.finetune.stage import finetune_config
+def packed_doc_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    """Rows of examples of random lengths, padding (-1) after the last whole one, as finetune.data.pack lays them."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.full((B, T), -1, dtype=torch.long)
+    for b in range(B):
+        start, doc = 0, 0
+        while True:
+            length = int(torch.randint(1, T // 2, (1,), generator=gen))
+            if start + length > T - 1:
+                break
+            rows[b, start:start + length], start, doc = doc, start + length, doc + 1
+    return rows
 
-    cfg = load_config(ROOT / "configs" / "trace_tiny.yaml", ["parallel.cp=2"])
-    with pytest.raises(MegascaleError, match="context parallelism is for pretraining") as err:
-        finetune_config(cfg)
-    assert "\n" not in str(err.value)
+
+@pytest.mark.parametrize("cp, heads, kv_heads", [(2, 4, 2), (3, 4, 4)])
+def test_rank_attention_over_packed_rows_equals_the_document_masked_attention(cp, heads, kv_heads):
+    """Packed fine-tuning rows: each rank's rows of the block-diagonal causal mask (by global position, against
+    the gathered doc ids) give the 1-rank attention's rows at its positions, and its q/k/v gradients summed."""
+    from megascale.model.attention import attention
+    from megascale.model.llama import document_mask
+
+    T = 8 * cp
+    doc = packed_doc_ids(3, T)
+    assert (doc == -1).any() and int(doc.max()) >= 2  # padding and several examples in a row
+    whole = document_mask(doc)
+    for r in ranks(cp):
+        assert torch.equal(r.mask_rows(r.shard(doc), doc), r.shard(whole, dim=2))
+    assert_ranks_give_the_whole(cp, heads, kv_heads, T, lambda q, k, v: attention(q, k, v, mask=whole),
+                                lambda rank, q, k, v: attention(q, k, v, mask=rank.mask_rows(rank.shard(doc), doc)))
+
+
+def test_gathered_ids_come_back_in_sequence_order():
+    cp = 3
+    doc = packed_doc_ids(2, 12 * cp, seed=1)
+    parts = [r.shard(doc) for r in ranks(cp)]
+    assert torch.equal(ranks(cp)[1].to_sequence_order(parts, dim=1), doc)

@@ -299,15 +299,27 @@ def test_init_from_untied_tp2_checkpoint(tmp_path, data_dir):
     assert held_out_samples(two) == held_out_samples(one) and len(held_out_samples(one)) == 4
 
 
-def test_pipeline_finetune_matches_one_stage(tmp_path, pretrained):
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, pretrained):
+    """Two steps and two evaluations on one process: what every layout below must give. (out_dir, process)"""
+    out = tmp_path_factory.mktemp("ft") / "one"
+    return out, run_finetune(out, pretrained, "train.max_steps=2", "train.eval_every=2")
+
+
+def assert_same_finetune(out: Path, proc, one_rank) -> None:
+    """Losses (rel 1e-5), held-out metrics and the generated samples the run logged, as the 1-rank run's."""
+    one_dir, one = one_rank
+    l1, l2 = losses(one_dir), losses(out)
+    assert sorted(l2) == [1, 2] and all(l2[s] == pytest.approx(l1[s], rel=1e-5) for s in (1, 2)), (l1, l2)
+    assert_same_evaluation(out, one_dir)
+    assert held_out_samples(proc) == held_out_samples(one) and len(held_out_samples(one)) == 4
+
+
+def test_pipeline_finetune_matches_one_stage(tmp_path, pretrained, one_rank):
     """pp=2: packed rows cross the stage boundary with their doc_ids and positions, the last stage takes the
     weighted loss, and evaluation generates stage to stage: losses, metrics and generated text as at pp=1."""
-    one = run_finetune(tmp_path / "pp1", pretrained, "train.max_steps=2", "train.eval_every=2")
     two = run_finetune(tmp_path / "pp2", pretrained, "train.max_steps=2", "train.eval_every=2", "parallel.pp=2", nproc=2)
-    l1, l2 = losses(tmp_path / "pp1"), losses(tmp_path / "pp2")
-    assert sorted(l2) == [1, 2] and all(l2[s] == pytest.approx(l1[s], rel=1e-5) for s in (1, 2))
-    assert_same_evaluation(tmp_path / "pp2", tmp_path / "pp1")
-    assert held_out_samples(two) == held_out_samples(one) and len(held_out_samples(one)) == 4
+    assert_same_finetune(tmp_path / "pp2", two, one_rank)
 
     # launch/generate.py answers the final evaluation's logged queries from the pp=2 checkpoint (its stages
     # joined) with the trace steps and response the evaluation generated.
@@ -320,3 +332,14 @@ def test_pipeline_finetune_matches_one_stage(tmp_path, pretrained):
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [str((a["trace"], a["response"])) for a in answers] == [answer for _, answer in logged]
     assert [a["query"] for a in answers] == [query for query, _ in logged] and f"response: {answers[0]['response']}" in proc.stdout
+
+
+@pytest.mark.parametrize("layout", [("parallel.cp=2",), ("parallel.pp=2", "parallel.cp=2")], ids=["cp2", "pp2cp2"])
+def test_context_parallel_finetune_matches_one_rank(tmp_path, pretrained, one_rank, layout):
+    """cp=2: each rank holds half of every packed row. Its queries take their rows of the block-diagonal mask
+    against the gathered keys, and its weighted loss is scaled by its share of the row's weights (a query's
+    tokens weigh 0, so the halves weigh differently); evaluation generates on whole sequences, the cp ranks
+    scoring examples of their own. With the pipeline, the doc ids and positions cross the stages sharded."""
+    nproc = 2 * (2 if "parallel.pp=2" in layout else 1)
+    proc = run_finetune(tmp_path / "cp", pretrained, "train.max_steps=2", "train.eval_every=2", *layout, nproc=nproc)
+    assert_same_finetune(tmp_path / "cp", proc, one_rank)

@@ -29,6 +29,7 @@ from megascale.export.hf import hf_model_overrides, is_hf_directory, lazy_hf_wei
 from megascale.finetune import data as fd
 from megascale.finetune.arithmetic import Example, arithmetic_splits
 from megascale.finetune.evaluate import evaluate_splits
+from megascale.parallel.context_parallel import context_parallel_off
 from megascale.parallel.tensor_parallel import sequence_parallel_off
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
@@ -73,11 +74,6 @@ def init_weights(path: Path, meta: dict[str, Any]):
 
 def finetune_config(cfg: Config) -> tuple[Config, Path, dict[str, Any]]:
     """``cfg`` with the model section taken from the init checkpoint (vocabulary extended); checks the layout."""
-    if cfg.parallel.cp > 1:
-        # Packed rows need a block-diagonal mask across the token shares and a loss normalised by
-        # the weights of the whole row; the examples are short enough for one rank's sequence.
-        raise MegascaleError(f"parallel.cp={cfg.parallel.cp}: context parallelism is for pretraining; trace fine-tuning "
-                             "runs with parallel.cp=1 (use tp, pp or data parallelism)")
     path, meta = resolve_init(cfg)
     saved = meta["config"]["model"]
     names = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -166,9 +162,12 @@ class TraceStage:
 
     def evaluate(self, run) -> dict[str, float]:
         f = self.cfg.finetune
-        with sequence_parallel_off(run.engine.module):  # generation runs whole sequences
+        groups = run.groups
+        # Generation runs whole sequences on every rank: context-parallel peers then score examples of their own,
+        # as data-parallel ones do (the data-parallel group holds dp × cp ranks).
+        with sequence_parallel_off(run.engine.module), context_parallel_off(run.engine.module):
             return evaluate_splits(inference_model(run), self.template, self.splits.held_out, f.max_new_tokens,
-                                   f.eval_batch_size, run.groups.dp_rank, run.groups.dims.dp, run.groups.dp_group,
+                                   f.eval_batch_size, groups.dp_rank, groups.dims.dp_cp, groups.dp_group,
                                    stop_early=self.cfg.train.zero_stage < 3)
 
     def meta(self) -> dict[str, Any]:

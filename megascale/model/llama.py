@@ -79,12 +79,16 @@ def rope_tables_at(positions: torch.Tensor, head_dim: int, theta: float) -> tupl
     return emb.cos(), emb.sin()
 
 
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+def document_mask(doc_ids: torch.Tensor, context=None) -> torch.Tensor:
     """Block-diagonal causal mask (B, 1, T, T), True = may attend: same document and not in the future.
 
     Packed sequences hold several examples; a token must see only earlier tokens
     of its own example, so its output does not depend on what is packed beside it.
+    Under context parallelism (doc_ids: this rank's tokens) the rank's rows of the
+    whole sequence's mask, (B, 1, T/cp, T).
     """
+    if context is not None:
+        return context.document_mask(doc_ids)
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
     same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # (B, T, T)
@@ -100,7 +104,7 @@ def position_inputs(cfg: ModelConfig, tokens: torch.Tensor, positions: torch.Ten
         cos, sin = sequence_rope_tables(cfg.head_dim, tokens.shape[1], cfg.rope_theta, tokens.device, context)
     else:
         cos, sin = rope_tables_at(positions, cfg.head_dim, cfg.rope_theta)
-    return cos, sin, (document_mask(doc_ids) if doc_ids is not None else mask)
+    return cos, sin, (document_mask(doc_ids, context) if doc_ids is not None else mask)
 
 
 class LayerKV:
@@ -143,8 +147,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin, self.ops), apply_rope(k, cos, sin, self.ops)
         if cache is not None:
             k, v = cache.extend(k, v)  # (B, nkv, T_seen + T, hd)
-        if self.context is not None and mask is None and cache is None:  # x holds this rank's tokens only
-            y = self.context.attention(q, k, v, backend=self.backend)
+        if self.context is not None and cache is None:  # x holds this rank's tokens only
+            y = self.context.attention(q, k, v, backend=self.backend, mask=mask)
         else:
             y = attention(q, k, v, causal=True, backend=self.backend, mask=mask)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
@@ -312,14 +316,18 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(self._apply_unit, layer, x, cos, sin, mask, kv, use_reentrant=False)
             else:
                 x = self._apply_unit(layer, x, cos, sin, mask, kv)
-        if targets is not None and self.fused_loss:
-            return self.lm_head(self.norm(x), targets, weights)
-        logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, V/tp) under tensor parallelism
+        hidden = self.norm(x)
         if targets is None:
-            return self.full_logits(logits)
-        if weights is None:
-            return self.loss_fn(logits, targets)
-        return self.loss_fn(logits, targets, weights)
+            return self.full_logits(self.lm_head(hidden))  # the head gives (B, T, V/tp) under tensor parallelism
+        if self.fused_loss:
+            loss = self.lm_head(hidden, targets, weights)
+        elif weights is None:
+            loss = self.loss_fn(self.lm_head(hidden), targets)
+        else:
+            loss = self.loss_fn(self.lm_head(hidden), targets, weights)
+        if weights is not None and self.context is not None:  # this rank's share of the rows' weighted loss
+            loss = loss * self.context.loss_share(weights)
+        return loss
 
     def _apply_unit(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     mask: torch.Tensor | None, kv: LayerKV | None) -> torch.Tensor:

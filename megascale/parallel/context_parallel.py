@@ -20,6 +20,11 @@ Gradients: each rank's loss is the mean over its tokens; the cp ranks are
 data-parallel peers for the weights (megascale.parallel.topology), so the
 engine's average over dp × cp ranks is the gradient of the mean over every
 token, as on one rank.
+
+Packed fine-tuning rows: each rank's queries take their rows of the block-diagonal
+causal mask (same example, not in the future, by global position) against the
+gathered keys, and the weighted loss is rescaled by the rank's share of the
+weights (``loss_share``), as the shares of a row weigh differently.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -65,14 +71,47 @@ class ContextParallel:
         return torch.cat([torch.arange(first * c, (first + 1) * c), torch.arange(second * c, (second + 1) * c)]).to(device)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "torch",
-                  softmax_scale: float | None = None) -> torch.Tensor:
+                  softmax_scale: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal attention of this rank's queries over the whole sequence.
 
-        q: (B, nh, T/cp, hd), k and v: (B, nkv, T/cp, hd), this rank's two chunks each.
-        Returns (B, nh, T/cp, hd) as the 1-rank attention's rows at this rank's positions.
+        q: (B, nh, T/cp, hd), k and v: (B, nkv, T/cp, hd), this rank's two chunks each; ``mask``: None
+        (causal) or this rank's rows of the whole sequence's boolean mask, (B, 1, T/cp, T), from
+        ``document_mask`` (packed fine-tuning rows). Returns (B, nh, T/cp, hd) as the 1-rank
+        attention's rows at this rank's positions.
         """
         keys, values = _GatherContext.apply(k, self), _GatherContext.apply(v, self)  # (B, nkv, T, hd), in order
+        if mask is not None:
+            return attention(q, keys, values, backend=backend, softmax_scale=softmax_scale, mask=mask)
         return self.attend(q, keys, values, backend, softmax_scale)
+
+    def document_mask(self, doc_ids: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (B, 1, T/cp, T) of packed rows' block-diagonal causal mask, from its doc_ids (B, T/cp)."""
+        return self.mask_rows(doc_ids, self.gather_sequence(doc_ids))
+
+    def mask_rows(self, doc_ids: torch.Tensor, all_doc_ids: torch.Tensor) -> torch.Tensor:
+        """Same document and not in the future, by global position: this rank's queries (doc_ids, (B, T/cp))
+        against every key of the sequence (all_doc_ids, (B, T) in sequence order)."""
+        mine = self.positions(doc_ids.shape[1], doc_ids.device)  # (T/cp,)
+        causal = mine.unsqueeze(1) >= torch.arange(all_doc_ids.shape[1], device=doc_ids.device)  # (T/cp, T)
+        same = doc_ids.unsqueeze(2) == all_doc_ids.unsqueeze(1)  # (B, T/cp, T)
+        return (same & causal).unsqueeze(1)
+
+    def gather_sequence(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Every rank's share of ``x`` (no gradient: ids) → the whole sequence along ``dim``, in order."""
+        return self.to_sequence_order(all_gather_parts(x, self.group), dim)
+
+    def loss_share(self, weights: torch.Tensor) -> torch.Tensor:
+        """The factor that turns this rank's weighted mean loss into its share of the sequences' one.
+
+        A weighted loss is Σ w·ce / Σ w over the micro-batch; this rank sees its own tokens'
+        weights only, and its shares of Σ w differ from its peers' (a query weighs 0, a trace
+        its weight). Rank r's mean times cp · W_r / W (W_r its Σ w, W the group's) is
+        cp · Σ_r w·ce / W, and the dp × cp average of the engine then gives the 1-rank loss.
+        """
+        mine = weights.detach().float().sum()
+        total = mine.clone()
+        dist.all_reduce(total, group=self.group)
+        return self.size * mine / total.clamp(min=torch.finfo(torch.float32).tiny)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, backend: str = "torch",
                softmax_scale: float | None = None) -> torch.Tensor:
@@ -87,12 +126,12 @@ class ContextParallel:
 
     # -------------------------------------------------- zigzag order <-> sequence order
 
-    def to_sequence_order(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Every rank's (..., 2c, ...) along SEQ_DIM, in rank order → the whole sequence in order."""
+    def to_sequence_order(self, parts: list[torch.Tensor], dim: int = SEQ_DIM) -> torch.Tensor:
+        """Every rank's (..., 2c, ...) along ``dim``, in rank order → the whole sequence in order."""
         n = 2 * self.size
-        halves = [p.chunk(2, dim=SEQ_DIM) for p in parts]
+        halves = [p.chunk(2, dim=dim) for p in parts]
         ordered = [halves[j][0] if j < self.size else halves[n - 1 - j][1] for j in range(n)]
-        return torch.cat(ordered, dim=SEQ_DIM)
+        return torch.cat(ordered, dim=dim)
 
     def to_rank_order(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse: the whole sequence → every rank's two chunks, rank after rank."""

@@ -84,7 +84,7 @@ class BlockLayer(nn.Module):
         if isinstance(x, tuple):  # packed fine-tuning rows: per-example positions and attention
             hidden, doc_ids, positions = x
             cos, sin = rope_tables_at(positions, self.head_dim, self.rope_theta)
-            return self.block(hidden, cos, sin, document_mask(doc_ids)), doc_ids, positions
+            return self.block(hidden, cos, sin, document_mask(doc_ids, self.context)), doc_ids, positions
         cos, sin = sequence_rope_tables(self.head_dim, x.shape[1] * self.seq_multiplier, self.rope_theta, x.device,
                                         self.context)
         return self.block(x, cos, sin)
@@ -175,13 +175,18 @@ class HeadLoss:
 
 class PipelineLoss:
     """The last stage's loss_fn as DeepSpeed calls it, ``fn(outputs, labels)``: labels are the
-    targets, or (targets, weights) for trace fine-tuning's weighted loss."""
+    targets, or (targets, weights) for trace fine-tuning's weighted loss, which under context
+    parallelism is scaled by the rank's share of the weights (as ``Transformer.forward`` does)."""
 
-    def __init__(self, loss: Callable[..., torch.Tensor]):
+    def __init__(self, loss: Callable[..., torch.Tensor], context=None):
         self.loss = loss
+        self.context = context
 
     def __call__(self, outputs: torch.Tensor, labels) -> torch.Tensor:
-        return self.loss(outputs, *labels) if isinstance(labels, tuple) else self.loss(outputs, labels)
+        if not isinstance(labels, tuple):
+            return self.loss(outputs, labels)
+        loss = self.loss(outputs, *labels)
+        return loss if self.context is None else loss * self.context.loss_share(labels[1])
 
 
 def _stage_head(module) -> nn.Module | None:
@@ -297,7 +302,7 @@ def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition:
     """
     bounds = explicit_boundaries(partition, model.cfg.n_layers, groups.dims.pp)
     head_loss = HeadLoss()
-    loss_fn = PipelineLoss(head_loss if fused_loss else model.loss_fn)
+    loss_fn = PipelineLoss(head_loss if fused_loss else model.loss_fn, model.context)
     module = _module_class(bounds, give_storage)(
         layers=pipeline_layers(model, groups.dims.tp if sequence_parallel else 1, fused_loss),
         topology=groups.topology,

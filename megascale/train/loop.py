@@ -286,10 +286,12 @@ def finite_everywhere(loss: torch.Tensor, group) -> bool:
 
 
 def load_batch(run: Run, split, indices) -> tuple[torch.Tensor, ...]:
-    """The engine's forward arguments for sample ``indices``: (inputs, targets), or the stage's tuple."""
+    """The engine's forward arguments for sample ``indices``: (inputs, targets), or the stage's tuple
+    (fine-tuning: inputs, targets, weights, doc_ids, positions), each (B, T)."""
     if run.stage is not None:
-        return run.stage.batch(split, indices)
-    batch = batch_from_indices(split, indices, run.cfg.data.seq_len)
+        batch = run.stage.batch(split, indices)
+    else:
+        batch = batch_from_indices(split, indices, run.cfg.data.seq_len)
     context = run.groups.context
     if context is not None:  # this rank's token share of each sequence
         batch = tuple(context.shard(t) for t in batch)
