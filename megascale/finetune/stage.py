@@ -29,8 +29,6 @@ from megascale.export.hf import hf_model_overrides, is_hf_directory, lazy_hf_wei
 from megascale.finetune import data as fd
 from megascale.finetune.arithmetic import Example, arithmetic_splits
 from megascale.finetune.evaluate import evaluate_splits
-from megascale.parallel.context_parallel import context_parallel_off
-from megascale.parallel.tensor_parallel import sequence_parallel_off
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
 from megascale.train.loop import Data, RunSummary, inference_model, run_loop, setup_run
@@ -165,8 +163,8 @@ class TraceStage:
         groups = run.groups
         # Generation runs whole sequences on every rank: context-parallel peers then score examples of their own,
         # as data-parallel ones do (the data-parallel group holds dp × cp ranks).
-        with sequence_parallel_off(run.engine.module), context_parallel_off(run.engine.module):
-            return evaluate_splits(inference_model(run), self.template, self.splits.held_out, f.max_new_tokens,
+        with inference_model(run) as model:
+            return evaluate_splits(model, self.template, self.splits.held_out, f.max_new_tokens,
                                    f.eval_batch_size, groups.dp_rank, groups.dims.dp_cp, groups.dp_group,
                                    stop_early=self.cfg.train.zero_stage < 3)
 

@@ -10,6 +10,8 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -791,14 +793,20 @@ def _save(run: Run) -> Path:
     return path
 
 
-def inference_model(run: Run):
+@contextmanager
+def inference_model(run: Run) -> Iterator[Any]:
     """What generation and scoring call: the plain model, or this rank's pipeline stage run as one
-    (megascale.parallel.pipeline_infer). Wrap the calls in ``sequence_parallel_off`` and ``context_parallel_off``."""
-    if not run.pipelined:
-        return run.engine.module
-    from megascale.parallel.pipeline_infer import PipelinedLM  # noqa: PLC0415 (the pipeline imports Triton)
+    (megascale.parallel.pipeline_infer), on whole sequences. Sequence and context parallelism are off
+    inside: one-token steps and prompts of any length cannot be cut into shares; the weights are the
+    same, only the collectives change."""
+    module = run.engine.module
+    with sequence_parallel_off(module), context_parallel_off(module):
+        if not run.pipelined:
+            yield module
+            return
+        from megascale.parallel.pipeline_infer import PipelinedLM  # noqa: PLC0415 (the pipeline imports Triton)
 
-    return PipelinedLM(run.engine.module, run.groups, run.model.cfg, run.model.plan, run.model.full_logits)
+        yield PipelinedLM(module, run.groups, run.model.cfg, run.model.plan, run.model.full_logits)
 
 
 def _finish(run: Run, summary: RunSummary) -> None:
@@ -810,6 +818,6 @@ def _finish(run: Run, summary: RunSummary) -> None:
         # every pipeline stage takes part in each token.
         run.engine.eval()
         prompt = run.data.tokenizer.encode(run.cfg.train.sample_prompt)
-        with sequence_parallel_off(run.engine.module), context_parallel_off(run.engine.module):
-            ids = greedy_generate(inference_model(run), prompt, run.cfg.train.sample_tokens)
+        with inference_model(run) as model:
+            ids = greedy_generate(model, prompt, run.cfg.train.sample_tokens)
         summary.sample = run.cfg.train.sample_prompt + run.data.tokenizer.decode(ids)
