@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -79,9 +78,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # below the ephemeral range: a port bind(0) gave was taken by the other worker's gloo connections
+    # before the rendezvous bound it (EADDRINUSE; the deepspeed launcher tests' fixture, 2026-11-28)
+    from megascale.train.dist import free_port as below_ephemeral  # noqa: PLC0415 (imports torch)
+
+    return below_ephemeral()
 
 
 def spawn_ranks(cmd: list[str], nproc: int, env: dict[str, str], timeout: float, cwd: Path = ROOT,

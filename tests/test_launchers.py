@@ -228,3 +228,18 @@ def test_cpu_adam_asks_cpuinfo_once(monkeypatch):
     assert cpuinfo.get_cpu_info()["flags"] == flags and len(calls) == 1
     DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(4))])
     assert len(calls) == 1
+
+
+def test_rendezvous_ports_are_drawn_below_the_ephemeral_range():
+    """A port from bind(0) lies in the range the kernel also gives outgoing connections their source ports
+    from: the other test worker's gloo connections took one between the draw and the rendezvous (EADDRINUSE)."""
+    import socket
+
+    from megascale.train.dist import _ephemeral_range, free_port
+
+    low, high = _ephemeral_range()
+    assert 1024 <= low < high
+    ports = {free_port() for _ in range(20)}
+    assert all(p < low for p in ports) and len(ports) > 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # free when drawn

@@ -16,6 +16,7 @@ import copy
 import functools
 import logging
 import os
+import random
 import socket
 import sys
 import time
@@ -62,15 +63,40 @@ def detect_launcher(env: dict[str, str] | None = None) -> str:
     return "single"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now, for a rendezvous on this host, drawn below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` comes from the ephemeral range, which it also uses
+    for the source port of every outgoing connection: between choosing the port and the rendezvous
+    binding it, another process's connection (gloo opens many) took it, and the run failed with
+    EADDRINUSE. Ports below the range are taken only by listeners, and the draw is checked free.
+    """
+    low = _ephemeral_range()[0]
+    draw = random.Random()  # seeded from the OS: processes choosing at the same moment draw apart
+    for _ in range(200):
+        port = draw.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every draw taken: the kernel's choice
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default (other systems use 49152-65535, above it too)
 
 
 def _single_process_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def slurm_env(env: dict[str, str]) -> dict[str, str]:
