@@ -57,9 +57,9 @@ def optimizers(param: torch.nn.Parameter) -> dict[str, torch.optim.Optimizer]:
 
 def measure(n_params: int, threads: int, reps: int) -> list[dict]:
     """In this process, whose OpenMP threads were fixed at start-up (``in_child``)."""
-    from megascale.train.dist import cache_cpu_info  # noqa: PLC0415
+    from megascale.train.dist import prepare_op_builds  # noqa: PLC0415
 
-    cache_cpu_info()  # as training has it: DeepSpeed's CPU Adam asks py-cpuinfo once, not three times
+    prepare_op_builds()  # as training has them: the venv's build of the op, py-cpuinfo asked once
     torch.set_num_threads(threads)
     param = torch.nn.Parameter(torch.randn(n_params))
     param.grad = torch.randn(n_params) * 1e-3
@@ -72,6 +72,8 @@ def measure(n_params: int, threads: int, reps: int) -> list[dict]:
             continue
         rows.append({"optimizer": name, "threads": threads, "params": n_params, "step_s": seconds,
                      "params_per_s": n_params / seconds, "gbps": n_params * BYTES_PER_PARAM / seconds / 1e9})
+        if name == "deepspeed_cpu_adam":  # where its op was built and loaded from (None: torch's shared folder)
+            rows[-1]["build_dir"] = os.environ.get("TORCH_EXTENSIONS_DIR")
         del opt
     return rows
 

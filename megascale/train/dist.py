@@ -150,6 +150,19 @@ def interpreter_ninja_first() -> None:
         os.environ["PATH"] = os.pathsep.join(filter(None, [bin_dir, path]))
 
 
+def prepare_op_builds() -> None:
+    """Before anything loads DeepSpeed's JIT-built ops (CPU Adam): where and how they are built and found.
+
+    Every process that may load one calls this (training's ``init_distributed``, ``bench/cpu_adam.py``):
+    one that did not looked in torch's shared folder, found another venv's build there, and compiled
+    the op again (88 s inside the make-bench test of a fresh clone, 2026-11-28).
+    """
+    interpreter_ninja_first()  # DeepSpeed builds its CPU ops with the first ninja on PATH,
+    interpreter_extension_dir()  # into this folder,
+    warn_stale_build_locks()  # and under such a lock
+    cache_cpu_info()  # asking the CPU's features once
+
+
 def interpreter_extension_dir() -> None:
     """Build DeepSpeed's JIT ops into the venv (``<venv>/torch_extensions``) unless TORCH_EXTENSIONS_DIR is set.
 
@@ -221,10 +234,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistContext:
         os.environ.update(slurm_env(dict(os.environ)))
     port = int(os.environ.get("MASTER_PORT", 29500))
     skip_inference_comm_op(deepspeed, get_accelerator())
-    interpreter_ninja_first()  # DeepSpeed builds its CPU ops (CPU Adam) with the first ninja on PATH,
-    interpreter_extension_dir()  # into this folder,
-    warn_stale_build_locks()  # and under such a lock
-    cache_cpu_info()  # asking the CPU's features once
+    prepare_op_builds()
     deepspeed.init_distributed(
         auto_mpi_discovery=launcher == "mpi",
         distributed_port=port,
