@@ -321,9 +321,7 @@ class Transformer(nn.Module):
             return self.full_logits(self.lm_head(hidden))  # the head gives (B, T, V/tp) under tensor parallelism
         if self.fused_loss:
             loss = self.lm_head(hidden, targets, weights)
-        elif weights is None:
-            loss = self.loss_fn(self.lm_head(hidden), targets)
-        else:
+        else:  # CrossEntropy or its vocabulary-parallel swap: both take weights=None as the plain mean
             loss = self.loss_fn(self.lm_head(hidden), targets, weights)
         if weights is not None and self.context is not None:  # this rank's share of the rows' weighted loss
             loss = loss * self.context.loss_share(weights)
