@@ -90,6 +90,18 @@ def test_world_size_must_hold_whole_context_groups():
     assert (dims.dp, dims.dp_cp, dims.describe()) == (2, 4, "tp=2 pp=1 cp=2 dp=2")
 
 
+def test_a_rank_has_one_context_object_that_the_model_and_loop_share():
+    from megascale.parallel.topology import ParallelDims, ParallelGroups
+
+    def groups(cp):
+        return ParallelGroups(ParallelDims(1, 1, 1, cp), None, None, None, None, None, 0, 1, 0, cp_group="cp", cp_rank=1)
+
+    assert groups(1).context is None
+    g = groups(2)
+    assert g.context is g.context  # made once, not once per micro-batch
+    assert (g.context.group, g.context.size, g.context.rank, g.context.chunks) == ("cp", 2, 1, (1, 2))
+
+
 def packed_doc_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
     """Rows of examples of random lengths, padding (-1) after the last whole one, as finetune.data.pack lays them."""
     gen = torch.Generator().manual_seed(seed)

@@ -22,6 +22,7 @@ of one sequence adjacent, after tensor parallelism.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from megascale.config import ModelConfig
@@ -92,9 +93,12 @@ class ParallelGroups:
     cp_group: Any = None  # the ranks holding the other token shares of this rank's sequences
     cp_rank: int = 0
 
-    @property
+    @cached_property
     def context(self):
-        """This rank's ``ContextParallel`` (megascale.parallel.context_parallel), or None at cp = 1."""
+        """This rank's ``ContextParallel`` (megascale.parallel.context_parallel), or None at cp = 1.
+
+        Made once: the model's attention layers, the pipeline's layers and the loop hold the same one.
+        """
         if self.dims.cp == 1:
             return None
         from megascale.parallel.context_parallel import ContextParallel  # noqa: PLC0415 (imports the model's attention)

@@ -40,8 +40,8 @@ class BatchLayout:
         return self.micro_batch * self.grad_accum * self.dp_size
 
     @property
-    def grad_replicas(self) -> int:
-        """Ranks that average their gradients and share ZeRO partitions: dp × cp (DeepSpeed's data-parallel size)."""
+    def dp_cp(self) -> int:
+        """Ranks that average their gradients and share ZeRO partitions: dp × cp, as ``ParallelDims.dp_cp``."""
         return self.dp_size * self.cp_size
 
 
@@ -107,7 +107,7 @@ def deepspeed_config(cfg: Config, layout: BatchLayout, device_type: str = "cpu")
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero_config(cfg, layout.grad_replicas, device_type),
+        "zero_optimization": zero_config(cfg, layout.dp_cp, device_type),
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": t.check_grad_overflow},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         # fp32 weights, bf16 compute: DeepSpeed's forward runs under torch.autocast.
@@ -247,7 +247,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     from megascale.parallel.pipeline import install_coalesced_tied_reduction  # noqa: PLC0415
 
     ds_config = deepspeed_config(cfg, layout, device.type)
-    zero3 = effective_zero_stage(cfg, layout.grad_replicas) == 3
+    zero3 = effective_zero_stage(cfg, layout.dp_cp) == 3
     module = parallelize(model, cfg, groups, device, weights, zero3_partitioner(ds_config, groups) if zero3 else None)
     optimizer, scheduler = build_optimizer(module, cfg, device)
     pipelined = groups.dims.pp > 1
@@ -260,7 +260,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     )
     if pipelined:
         install_coalesced_tied_reduction(engine)
-    if effective_zero_stage(cfg, layout.grad_replicas) == 0 and cfg.train.precision in FP32_STATE:
+    if effective_zero_stage(cfg, layout.dp_cp) == 0 and cfg.train.precision in FP32_STATE:
         keep_clip_norm(engine)
     return engine
 
