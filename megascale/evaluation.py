@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megascale.data import Tokenizer, TokenFile, batch_from_indices, load_manifest
+from megascale.data import Tokenizer, TokenFile, batch_from_indices, load_manifest, require_tokenizer
 from megascale.errors import MegascaleError
 from megascale.model.generate import reduce_logits
 from megascale.parallel.topology import Replicas
@@ -49,9 +49,7 @@ def open_split(data_dir: Path, split: str, tokenizer: Tokenizer) -> TokenFile:
     manifest = load_manifest(data_dir)
     if split not in manifest["splits"]:
         raise MegascaleError(f"{data_dir} has no '{split}' split; use one of {', '.join(manifest['splits'])}")
-    if (data_dir / manifest["tokenizer"]).read_bytes() != tokenizer.path.read_bytes():
-        raise MegascaleError(f"{data_dir} was tokenized with another tokenizer than the model's ({tokenizer.path}); prepare "
-                             f"it again with launch/prepare_data.py --tokenizer {tokenizer.path}")
+    require_tokenizer(data_dir, tokenizer.path, f"the model's ({tokenizer.path})")
     return TokenFile(data_dir / manifest["splits"][split]["prefix"])
 
 

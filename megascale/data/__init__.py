@@ -7,7 +7,7 @@ with ``Tokenizer`` and ``TokenFile`` and walks them with
 """
 
 from megascale.data.corpus import read_documents, stdlib_source_files
-from megascale.data.prepare import ensure_stdlib_dataset, load_manifest, prepare_dataset
+from megascale.data.prepare import ensure_stdlib_dataset, load_manifest, prepare_dataset, require_tokenizer
 from megascale.data.sampler import DistributedBatchSampler, SamplerState, batch_from_indices
 from megascale.data.tokenizer import Tokenizer, train_tokenizer
 from megascale.data.tokens import TokenFile, TokenFileWriter, write_token_file
@@ -23,6 +23,7 @@ __all__ = [
     "load_manifest",
     "prepare_dataset",
     "read_documents",
+    "require_tokenizer",
     "stdlib_source_files",
     "train_tokenizer",
     "write_token_file",

@@ -208,6 +208,17 @@ def load_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def require_tokenizer(data_dir: Path, tokenizer: Path, against: str, why: str = "") -> None:
+    """Refuse in one line a prepared ``data_dir`` that another tokenizer model than ``tokenizer`` wrote.
+
+    Byte equality of the model files: two tokenizers with equal vocabulary sizes still map
+    text to different ids, and their tokens would train or score as noise.
+    """
+    if (data_dir / load_manifest(data_dir)["tokenizer"]).read_bytes() != tokenizer.read_bytes():
+        raise MegascaleError(f"{data_dir} was tokenized with another tokenizer than {against}; prepare it again with "
+                             f"launch/prepare_data.py --tokenizer {tokenizer}{why}")
+
+
 def _stdlib_sources(max_bytes: int) -> dict:
     """Manifest description of the embedded corpus, used to detect stale builds."""
     return {"kind": "stdlib", "python": platform.python_version(), "max_bytes": max_bytes}

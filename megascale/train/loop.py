@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megascale.config import Config
-from megascale.data import DistributedBatchSampler, Tokenizer, TokenFile, batch_from_indices, ensure_stdlib_dataset, load_manifest
+from megascale.data import DistributedBatchSampler, Tokenizer, TokenFile, batch_from_indices, ensure_stdlib_dataset, load_manifest, require_tokenizer
 from megascale.data.blend import Blend, BlendPart, parse_blend
 from megascale.errors import MegascaleError
 from megascale.model import Transformer
@@ -103,13 +103,11 @@ def open_blend(cfg: Config) -> Data:
     parts = parse_blend(cfg.data.blend)
     first = parts[0].path
     tokenizer = open_tokenizer(first, cfg.model.vocab_size)
-    reference = tokenizer.path.read_bytes()
     for part in parts[1:]:
-        if (part.path / load_manifest(part.path)["tokenizer"]).read_bytes() != reference:
-            raise MegascaleError(
-                f"data.blend: {part.path} was tokenized with another tokenizer than {first}; prepare it again with "
-                f"launch/prepare_data.py --tokenizer {tokenizer.path} (every part of a blend shares one tokenizer)"
-            )
+        try:
+            require_tokenizer(part.path, tokenizer.path, str(first), " (every part of a blend shares one tokenizer)")
+        except MegascaleError as e:
+            raise MegascaleError(f"data.blend: {e}") from None
     weights = [p.weight for p in parts]
     train = Blend([TokenFile(p.path / "train") for p in parts], weights)
     for part, file in zip(parts, train.files):
