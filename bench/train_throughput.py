@@ -132,7 +132,7 @@ def sync(device: torch.device) -> None:
 
 def plain_trainer(cfg: Config, device: torch.device):
     model = make_model(cfg, device, "torch")
-    model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    model.activation_checkpointing, model.checkpoint_layers = cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_layers
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")

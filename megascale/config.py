@@ -225,7 +225,9 @@ class ParallelConfig:
     partition: str = "parameters"
     """How layers are split over stages: parameters (balanced by parameter count) | uniform | blocks (equal blocks per stage) | blocks per stage, e.g. "1,3"."""
     activation_checkpointing: bool = False
-    """Recompute each block's activations in backward instead of storing them."""
+    """Recompute each layer's activations in backward instead of storing them (every layer, or the first parallel.checkpoint_layers of each stage)."""
+    checkpoint_layers: int = 0
+    """With activation_checkpointing: recompute only the first N layers each pipeline stage applies and keep the rest's activations (Megatron's --recompute-method block); 0 recomputes every layer."""
     sequence_parallel: bool = False
     """With tp > 1, hold norms and residuals as (B, T/tp, D) sequence slices (Megatron's sequence parallelism); data.seq_len must divide by tp."""
     cp: int = 1
@@ -494,6 +496,11 @@ def validate(cfg: Config) -> None:
     _check(p.tp >= 1 and p.pp >= 1 and p.cp >= 1, f"parallel.tp={p.tp}, parallel.pp={p.pp} and parallel.cp={p.cp} must be >= 1")
     _check(p.cp == 1 or d.seq_len % (2 * p.cp) == 0,
            f"parallel.cp={p.cp} needs data.seq_len={d.seq_len} divisible by 2·cp = {2 * p.cp} (two chunks per rank); change one of them")
+    _check(p.checkpoint_layers >= 0, f"parallel.checkpoint_layers={p.checkpoint_layers} must be >= 0 (0 = every layer)")
+    _check(p.checkpoint_layers == 0 or p.activation_checkpointing,
+           f"parallel.checkpoint_layers={p.checkpoint_layers} needs parallel.activation_checkpointing=true; set it, or drop checkpoint_layers")
+    _check(p.checkpoint_layers <= m.n_layers,
+           f"parallel.checkpoint_layers={p.checkpoint_layers} exceeds model.n_layers={m.n_layers}; use at most n_layers (0 = every layer)")
     if p.pp > 1:
         from megascale.parallel.pipeline import explicit_boundaries  # noqa: PLC0415 (imports torch)
 

@@ -45,6 +45,7 @@ def runs(tmp_path_factory, data_dir):
             proc = run_pretrain(out, data_dir, f"parallel.tp={tp}", f"parallel.pp={pp}", f"model.sharing={sharing}",
                                 "train.eval_every=5", "train.eval_batches=2", *sample, *extra, nproc=tp * pp * cp * dp)
             (out / "stdout.txt").write_text(proc.stdout)
+            (out / "stderr.txt").write_text(proc.stderr)  # the log
             cache[key] = out
         return cache[key]
 
@@ -143,11 +144,16 @@ def test_compiled_blocks_train_the_same_across_pipeline_stages(runs):
 
 
 def test_activation_checkpointing_changes_nothing(runs):
+    """Every layer recomputed, and (parallel.checkpoint_layers=1) the first layer of each stage alone: layers 0 and 2
+    of the two stages (test_recompute.py measures what each keeps)."""
     expected = losses(runs(1, 1, 1, "cycle:2"))
-    for layout in [(1, 1, 1), (1, 2, 1)]:
-        got = losses(runs(*layout, "cycle:2", "parallel.activation_checkpointing=true"))
+    for layout, extra in [((1, 1, 1), ()), ((1, 2, 1), ()), ((1, 2, 1), ("parallel.checkpoint_layers=1",))]:
+        run = runs(*layout, "cycle:2", "parallel.activation_checkpointing=true", *extra)
+        got = losses(run)
         for step, loss in expected.items():
-            assert got[step] == pytest.approx(loss, rel=1e-5), (layout, step)
+            assert got[step] == pytest.approx(loss, rel=1e-5), (layout, extra, step)
+    said = "the first 1 layer of each stage (the others keep their activations)"
+    assert f"activation checkpointing: {said} recomputed in backward" in (run / "stderr.txt").read_text()
 
 
 def test_checkpoint_converts_between_layouts(runs, data_dir, tmp_path):

@@ -255,8 +255,10 @@ class Transformer(nn.Module):
         self.fused_loss = False
         # Identity here; tensor parallelism swaps in an all-gather of the vocabulary shards.
         self.full_logits: nn.Module = nn.Identity()
-        # Recompute block activations in backward (set from parallel.activation_checkpointing).
+        # Recompute layer activations in backward (set from parallel.activation_checkpointing): every
+        # layer's, or only the first ``checkpoint_layers`` ones' (parallel.checkpoint_layers; 0 = all).
         self.activation_checkpointing = False
+        self.checkpoint_layers = 0
         # An object with an int ``current``, told which layer (unit) runs each block: how the
         # coherence probe (megascale.train.probe) attributes a shared block's gradient to units.
         self.unit_tracker = None
@@ -312,7 +314,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)  # (B, T, D)
         for layer in range(self.plan.n_layers):
             kv = None if cache is None else cache[layer]
-            if self.activation_checkpointing and self.training:
+            if self.recomputes(layer):
                 x = torch.utils.checkpoint.checkpoint(self._apply_unit, layer, x, cos, sin, mask, kv, use_reentrant=False)
             else:
                 x = self._apply_unit(layer, x, cos, sin, mask, kv)
@@ -326,6 +328,11 @@ class Transformer(nn.Module):
         if weights is not None and self.context is not None:  # this rank's share of the rows' weighted loss
             loss = loss * self.context.loss_share(weights)
         return loss
+
+    def recomputes(self, layer: int) -> bool:
+        """Whether applied layer ``layer`` keeps only its input in forward and recomputes the rest in backward."""
+        wanted = self.checkpoint_layers == 0 or layer < self.checkpoint_layers
+        return self.activation_checkpointing and self.training and wanted
 
     def _apply_unit(self, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     mask: torch.Tensor | None, kv: LayerKV | None) -> torch.Tensor:

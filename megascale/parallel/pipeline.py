@@ -121,6 +121,7 @@ class StageUnit:
 
     def __init__(self, unit: BlockUnit, module: BlockLayer):
         self.unit, self.module = unit, module
+        self.recompute = True  # under activation checkpointing (parallel.checkpoint_layers picks the stage's first N)
 
     def __call__(self, x):
         return self.unit(self.module, x)
@@ -261,11 +262,15 @@ def stage_units(module) -> list[int]:
     return [spec.forward_fn.layer for spec in specs if isinstance(getattr(spec, "forward_fn", None), BlockUnit)]
 
 
-def _module_class(bounds: list[int] | None, give_storage: Callable[[nn.Module], None] | None = None):
+def _module_class(bounds: list[int] | None, give_storage: Callable[[nn.Module], None] | None = None,
+                  checkpoint_layers: int = 0):
     """A PipelineModule subclass that applies blocks as StageUnits, and takes the stage boundaries as given if any.
 
     Its ``_build`` calls ``give_storage`` on the stage: after DeepSpeed has chosen this
     stage's layers, before it moves them to the device and broadcasts tied weights.
+    With ``checkpoint_layers`` N > 0 only the stage's first N block applications are
+    recomputed in backward (DeepSpeed checkpoints each entry of ``forward_funcs`` that
+    ``_is_checkpointable`` accepts, one at a time at interval 1).
     """
     from deepspeed.pipe import PipelineModule  # noqa: PLC0415
 
@@ -275,8 +280,13 @@ def _module_class(bounds: list[int] | None, give_storage: Callable[[nn.Module], 
             give_storage(self)
         self.forward_funcs = [StageUnit(f.func, f.args[0]) if isinstance(getattr(f, "func", None), BlockUnit) else f
                               for f in self.forward_funcs]
+        units = [f for f in self.forward_funcs if isinstance(f, StageUnit)]
+        for i, unit in enumerate(units):
+            unit.recompute = checkpoint_layers == 0 or i < checkpoint_layers
 
     def _is_checkpointable(self, funcs):
+        if checkpoint_layers:  # the chosen block applications alone: the embedding, norm and head keep theirs
+            return any(isinstance(f, StageUnit) and f.recompute for f in funcs)
         # DeepSpeed's own test checkpoints nn.Modules with parameters; a StageUnit is not one.
         return any(isinstance(f, StageUnit) for f in funcs) or PipelineModule._is_checkpointable(self, funcs)
 
@@ -293,7 +303,7 @@ def _module_class(bounds: list[int] | None, give_storage: Callable[[nn.Module], 
 
 def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition: str, activation_checkpointing: bool,
                           sequence_parallel: bool = False, fused_loss: bool = False,
-                          give_storage: Callable[[nn.Module], None] | None = None):
+                          give_storage: Callable[[nn.Module], None] | None = None, checkpoint_layers: int = 0):
     """Wrap the plain (possibly tensor-parallel) model into a DeepSpeed PipelineModule for this rank's stage.
 
     ``give_storage(stage_module)`` runs once the stage's layers are chosen (parameters still
@@ -303,7 +313,7 @@ def build_pipeline_module(model: Transformer, groups: ParallelGroups, partition:
     bounds = explicit_boundaries(partition, model.cfg.n_layers, groups.dims.pp)
     head_loss = HeadLoss()
     loss_fn = PipelineLoss(head_loss if fused_loss else model.loss_fn, model.context)
-    module = _module_class(bounds, give_storage)(
+    module = _module_class(bounds, give_storage, checkpoint_layers if activation_checkpointing else 0)(
         layers=pipeline_layers(model, groups.dims.tp if sequence_parallel else 1, fused_loss),
         topology=groups.topology,
         loss_fn=loss_fn,

@@ -214,10 +214,11 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
         for block in model.blocks.values():
             block.compile()  # in place: the block keeps its parameters and their names
     if groups.dims.pp == 1:
-        model.activation_checkpointing = p.activation_checkpointing
+        model.activation_checkpointing, model.checkpoint_layers = p.activation_checkpointing, p.checkpoint_layers
         give_storage(model)
         return model
     return build_pipeline_module(model, groups, p.partition, p.activation_checkpointing, p.sequence_parallel,
+                                 checkpoint_layers=p.checkpoint_layers,
                                  fused_loss=cfg.train.fused_loss, give_storage=give_storage)
 
 

@@ -175,6 +175,11 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: Par
         info["global_batch"], cfg.data.seq_len, cfg.train.micro_batch_size, info["grad_accum"], groups.dims.dp,
         zero_stage_note(cfg, groups.dims.dp_cp), cfg.train.precision,
     )
+    p = cfg.parallel
+    if p.activation_checkpointing:
+        n = p.checkpoint_layers
+        which = f"the first {n} layer{'s' * (n > 1)} of each stage (the others keep their activations)" if n else "every layer"
+        log.info("activation checkpointing: %s recomputed in backward", which)
 
 
 def zero_stage_note(cfg: Config, dp: int) -> str:
