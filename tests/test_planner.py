@@ -202,6 +202,36 @@ def test_optimizer_is_offloaded_only_when_it_does_not_fit_on_the_gpus(tmp_path):
     assert fits.recipe.offload_params == big.recipe.offload_params == "none"
 
 
+def test_layers_recompute_only_when_one_sequence_does_not_fit_and_before_offloading(tmp_path):
+    """~1B on one 24 GB GPU: 2k-token sequences fit; at 16k the fewest layers that make one sequence fit recompute,
+    with the optimizer still on the GPU; at 32k every layer does."""
+    from megascale.planner.plan import activation_bytes  # noqa: PLC0415
+
+    def plan(seq_len):
+        return make_plan(make_budget(gpu=lookup_gpu("A10G"), n_gpus=1, hours=30 * 24), PUBLISHED["epoch"], seq_len=seq_len)
+
+    short, long, longer = plan(2048), plan(16384), plan(32768)
+    cfg = load_config(write_config(short, tmp_path / "short.yaml"))
+    assert short.recipe.recomputed_layers == 0 and not cfg.parallel.activation_checkpointing
+    usable = 0.9 * 24 * 2**30
+    L, n = long.shape.n_layers, long.recipe.recomputed_layers
+    assert 0 < n < L and long.recipe.offload_optimizer == "none" and long.recipe.micro_batch == 1
+    mem = long.memory
+    assert mem.activations == activation_bytes(long.shape, 1, "bf16", n) and mem.state + mem.activations <= usable
+    assert mem.state + activation_bytes(long.shape, 1, "bf16", n - 1) > usable  # one layer fewer would not fit
+    cfg = load_config(write_config(long, tmp_path / "long.yaml"))
+    assert cfg.parallel.activation_checkpointing and cfg.parallel.checkpoint_layers == n
+    assert f"{n} of {L} layers recomputed" in render_plan(long)
+    assert any(f"parallel.checkpoint_layers={n}): one more forward" in note for note in long.notes)
+    cfg = load_config(write_config(longer, tmp_path / "longer.yaml"))
+    assert longer.recipe.recomputed_layers == longer.shape.n_layers and longer.recipe.offload_optimizer == "none"
+    assert cfg.parallel.activation_checkpointing and cfg.parallel.checkpoint_layers == 0  # 0: every layer
+    assert "every layer recomputed" in render_plan(longer)
+    # each recomputed layer keeps its input (2·d bytes a token in bf16) of the 34·d it would keep, plus one rebuilt layer
+    d, T = long.shape.d_model, long.shape.seq_len
+    assert activation_bytes(long.shape, 1, "bf16", 0) - activation_bytes(long.shape, 1, "bf16", 2) == (2 * 32 - 34) * d * T
+
+
 def test_emitted_config_loads_validates_and_matches_the_plan(tmp_path):
     plan = make_plan(make_budget(flops=3e19), PUBLISHED["chinchilla-2"], vocab_size=32000, seq_len=1024, sharing="cycle:2")
     cfg = load_config(write_config(plan, tmp_path / "run.yaml"))

@@ -23,7 +23,14 @@ Recipe rules (each stated where it is applied):
   (Korthikanti et al. 2022, without the attention-score term that flash
   attention never stores; ×2 in fp32) plus the fused chunked loss
   (train.fused_loss): the hidden states' gradient per token, the head's fp32
-  gradient and one chunk of fp32 logits — not V bytes per token.
+  gradient and one chunk of fp32 logits — not V bytes per token;
+* activation recomputation (parallel.activation_checkpointing and
+  checkpoint_layers) only when no ZeRO stage fits one sequence per GPU with
+  every layer's activations, before offloading: the fewest layers that make
+  it fit keep only their input (2·d bytes per token in bf16), and backward
+  rebuilds one layer's activations at a time. It costs one more forward of
+  those layers, ≈ n/(3L) of the blocks' FLOPs, against a host Adam step or
+  weights crossing PCIe every step.
 """
 
 from __future__ import annotations
@@ -181,9 +188,12 @@ def offloaded_state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: 
     return unique * w / (n if zero_stage >= 3 else 1), unique * (16 + w) / n
 
 
-def activation_bytes(shape: Shape, micro_batch: int, precision: str) -> float:
+def activation_bytes(shape: Shape, micro_batch: int, precision: str, recomputed: int = 0) -> float:
+    """Activations of one micro-batch per GPU; ``recomputed`` of the layers keep only their input."""
     width = 1 if precision in ("bf16", "fp16", "bf16-autocast") else 2  # autocast keeps bf16 activations
-    per_token = shape.n_layers * 34 * shape.d_model * width + 2 * width * shape.d_model  # blocks; the loss's dx
+    layer, layer_input = 34 * shape.d_model * width, 2 * width * shape.d_model
+    blocks = (shape.n_layers - recomputed) * layer + recomputed * layer_input + (layer if recomputed else 0)  # + the one rebuilt
+    per_token = blocks + 2 * width * shape.d_model  # the loss's dx
     loss = 4 * shape.vocab_size * shape.d_model + 3 * 4 * CHUNK_ELEMENTS  # head gradient (fp32); a chunk's logits, softmax
     return per_token * shape.seq_len * micro_batch + loss
 
@@ -198,13 +208,15 @@ class MemoryLayout:
     offload: bool = False  # the optimizer
     offload_params: bool = False  # the weights too (ZeRO-3)
     notes: tuple[str, ...] = ()
+    recomputed: int = 0  # layers that recompute their activations in backward
 
 
 def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU | None, n_gpus: int,
                          global_batch: int) -> MemoryLayout:
-    """The lowest ZeRO stage and largest power-of-two micro-batch that fit; the optimizer offloaded to the
-    host (ZeRO-2, then ZeRO-3) only when no stage fits with it on the device, since the host step is slower,
-    and the weights as well (ZeRO-3) only when even that does not fit."""
+    """The lowest ZeRO stage and largest power-of-two micro-batch that fit; else one sequence per GPU with the
+    fewest layers recomputed; the optimizer offloaded to the host (ZeRO-2, then ZeRO-3) only when no stage fits
+    with it on the device even so, since the host step is slower, and the weights as well (ZeRO-3) only when
+    even that does not fit."""
     per_gpu_batch = max(1, global_batch // max(1, n_gpus))
     if gpu is None or not gpu.memory_gib:  # no hardware, or an unlisted GPU (--peak-tflops): memory unknown
         micro = min(per_gpu_batch, 16)
@@ -215,19 +227,39 @@ def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, gpu:
     candidates = [(stage, False, False, state_bytes(unique, precision, stage, n_gpus), 0.0) for stage in (1, 2, 3)]
     candidates += [(stage, True, False, *offloaded_state_bytes(unique, precision, stage, n_gpus)) for stage in (2, 3)]
     candidates.append((3, True, True, *offloaded_state_bytes(unique, precision, 3, n_gpus, params=True)))
-    for stage, offload, offload_params, state, host in candidates:
-        micro = 2 ** int(math.log2(min(64, per_gpu_batch)))
-        while micro >= 1:
-            act = activation_bytes(shape, micro, precision)
-            if state + act <= usable:
-                notes = (_offload_note(host, offload_params),) if offload else ()
-                return MemoryLayout(stage, micro, Memory(state, act, capacity, host), offload, offload_params, notes)
-            micro //= 2
+    on_device, offloaded = candidates[:3], candidates[3:]
+    for group in (on_device, offloaded):
+        for stage, offload, offload_params, state, host in group:
+            micro = 2 ** int(math.log2(min(64, per_gpu_batch)))
+            while micro >= 1:
+                act = activation_bytes(shape, micro, precision)
+                if state + act <= usable:
+                    notes = (_offload_note(host, offload_params),) if offload else ()
+                    return MemoryLayout(stage, micro, Memory(state, act, capacity, host), offload, offload_params, notes)
+                micro //= 2
+        for stage, offload, offload_params, state, host in group:
+            n = _fewest_recomputed(shape, precision, usable - state)
+            if n is not None:
+                notes = (_recompute_note(n, shape.n_layers),) + ((_offload_note(host, offload_params),) if offload else ())
+                act = activation_bytes(shape, 1, precision, n)
+                return MemoryLayout(stage, 1, Memory(state, act, capacity, host), offload, offload_params, notes, n)
     state = state_bytes(unique, precision, 3, n_gpus)
     note = (f"does not fit: {state / 2**30:.0f} GiB of weights+grads+Adam per GPU even with ZeRO-3 (and the weights "
-            f"gathered for compute even with everything offloaded) plus activations for one sequence exceed "
-            f"{gpu.memory_gib:g} GiB; use more GPUs, tensor/pipeline parallelism or activation checkpointing")
+            f"gathered for compute even with everything offloaded) plus one sequence's activations with every layer "
+            f"recomputed exceed {gpu.memory_gib:g} GiB; use more GPUs, tensor/pipeline parallelism or a shorter data.seq_len")
     return MemoryLayout(3, 1, Memory(state, activation_bytes(shape, 1, precision), capacity), notes=(note,))
+
+
+def _fewest_recomputed(shape: Shape, precision: str, room: float) -> int | None:
+    """The fewest layers whose recomputation fits one sequence's activations in ``room`` bytes (None: none do)."""
+    return next((n for n in range(1, shape.n_layers + 1) if activation_bytes(shape, 1, precision, n) <= room), None)
+
+
+def _recompute_note(n: int, n_layers: int) -> str:
+    which = "every layer recomputes its activations" if n == n_layers else f"{n} of {n_layers} layers recompute their activations"
+    key = "parallel.activation_checkpointing=true" + (f", parallel.checkpoint_layers={n}" if n < n_layers else "")
+    return (f"one sequence's activations do not fit beside the state, so {which} in backward ({key}): one more forward of "
+            f"those layers, ≈ {100 * n / (3 * n_layers):.0f}% more block FLOPs per step, which the wall time does not include")
 
 
 def _offload_note(host: float, params: bool) -> str:
@@ -255,6 +287,7 @@ class Recipe(HostOffload):
     flops: float  # the trainer's FLOPs for those tokens (under the chosen FLOPs model)
     offload_optimizer: str = "none"  # train.offload_optimizer
     offload_params: str = "none"  # train.offload_params
+    recomputed_layers: int = 0  # of n_layers: parallel.activation_checkpointing (+ checkpoint_layers when fewer)
 
     @property
     def tokens_per_step(self) -> int:
@@ -381,7 +414,7 @@ def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: S
     tokens = steps * gb * shape.seq_len
     recipe = Recipe(shape.seq_len, gb, micro, steps, warmup_steps(steps), deepseek_lr(budget.flops), precision,
                     layout.zero_stage, tokens, per_token * tokens, "cpu" if layout.offload else "none",
-                    "cpu" if layout.offload_params else "none")
+                    "cpu" if layout.offload_params else "none", layout.recomputed)
     loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
     plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, layout.memory, loss, data, out_dir,
                 list(layout.notes), data_parts=data_parts(data))
@@ -401,6 +434,12 @@ def data_section(data_path: str | None, vocab_size: int, seq_len: int, blend: st
 
 def _vocab_tag(vocab: int) -> str:
     return f"{vocab // 1000}k" if vocab % 1000 == 0 else str(vocab)
+
+
+def _recompute_words(r: Recipe, n_layers: int) -> str:
+    if not r.recomputed_layers:
+        return ""
+    return " · every layer recomputed" if r.recomputed_layers == n_layers else f" · {r.recomputed_layers} of {n_layers} layers recomputed"
 
 
 def _offload_words(r: Recipe) -> str:
@@ -472,7 +511,14 @@ def plan_config(plan: Plan) -> dict[str, Any]:
             "save_every": max(1, r.steps // 10) if r.steps >= 1000 else 0, "out_dir": plan.out_dir,
         },
         "metrics": {"peak_tflops": plan.budget.gpu.peak_tflops if plan.budget.gpu else 0.0},
-    }
+    } | _parallel_section(r, plan.shape.n_layers)
+
+
+def _parallel_section(r: Recipe, n_layers: int) -> dict[str, Any]:
+    if not r.recomputed_layers:
+        return {}
+    n = r.recomputed_layers
+    return {"parallel": {"activation_checkpointing": True, "checkpoint_layers": n if n < n_layers else 0}}
 
 
 def config_header(plan: Plan) -> str:
@@ -581,7 +627,8 @@ def render_plan(plan: Plan) -> str:
                      f"lr {r.lr:.2g}, warm-up {r.warmup}, cosine to 10%"),
         ("layout", f"{r.precision} · ZeRO-{r.zero_stage}{_offload_words(r)}"
                    f" · micro-batch {r.micro_batch}"
-                   + (f" per GPU × {b.n_gpus} GPUs × accumulation {r.global_batch // (r.micro_batch * b.n_gpus)}" if b.n_gpus else "")),
+                   + (f" per GPU × {b.n_gpus} GPUs × accumulation {r.global_batch // (r.micro_batch * b.n_gpus)}" if b.n_gpus else "")
+                   + _recompute_words(r, s.n_layers)),
     ]
     mem = plan.memory
     if mem.capacity:
