@@ -27,7 +27,7 @@ ATTENTION_FILES = ("attention_gluon.json", "attention_gluon_bwd.json", "attentio
                    "attention_hd64.json")
 TRAIN_FILES = ("train_accum_tied.json", "train_options_1.3b.json", "train_accum.json", "train_small_auto.json", "train_350m.json",
                "train_1.3b_now.json", "train_125m_now.json", "train_ckpt_now.json", "train_small.json", "train_1.3b.json", "train_small_ckpt.json", "train_1.3b_ckpt.json",
-               "train_options.json")
+               "train_options.json", "train_recompute.json")
 
 
 def load(folder: Path, name: str) -> dict | None:

@@ -294,6 +294,14 @@ def jobs(png: bool) -> list[Job]:
              "--providers", "triton-gluon-atomic,sdpa-cudnn", "--json", "{out}/attention_gluon_order1.json"],
             ["bench/attention.py", "--smoke", "--json", "{out}/attention_gluon_order1.json"], 60,
             env={"MEGASCALE_ATTN_ORDER_HEADS": "1"}, requires="gluon_bwd_tests"),
+        # parallel.checkpoint_layers between recomputing all of 1.3b's 24 layers and none (train_1.3b): the first 16,
+        # then 8 of them; peak memory against tokens/s.
+        Job("train_recompute", "train",
+            [*train, "--configs", "1.3b", "--micro-batch", "8", "--ckpt", "on", "--sharings", "none", "--variants",
+             ";parallel.checkpoint_layers=16;parallel.checkpoint_layers=8", "--json", "{out}/train_recompute.json"],
+            [*train_smoke, "--sharings", "none", "--variants",
+             ";parallel.activation_checkpointing=true,parallel.checkpoint_layers=1", "--json", "{out}/train_recompute.json"],
+            200),
     ]
 
 

@@ -49,14 +49,14 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
     archive = tmp_path / "device_out" / "results.tgz"
     proc = _run(["bench/gpu_session.py", "--smoke", "--only",
                  "kernel_tests,tied_grad,train_options,startup,untie,new_tests,fused_loss,tma_tests,train_350m,cast_tests,"
-                 "atomic_tests",
+                 "atomic_tests,train_recompute",
                  "--out", str(out),
                  "--pack", str(archive)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     session = json.loads((out / "session.json").read_text())
     assert [j["name"] for j in session["jobs"]] == [
         "tied_grad", "new_tests", "atomic_tests", "train_350m", "cast_tests", "train_options", "tma_tests", "fused_loss",
-        "kernel_tests", "untie", "startup"]
+        "kernel_tests", "untie", "startup", "train_recompute"]
     assert all(j["rc"] == 0 for j in session["jobs"])
     assert "collected" in (out / "kernel_tests.log").read_text()
     tied = json.loads((out / "tied_grad.json").read_text())["results"]
@@ -69,6 +69,9 @@ def test_gpu_session_smoke_runs_its_jobs(tmp_path):
         ("plain", ""), ("megascale", ""), ("megascale", "train.loss_chunk_tokens=64"),
         ("megascale", "train.precision=bf16-autocast")]
     assert all(r["tokens_per_s"] > 0 for r in train)
+    recompute = json.loads((out / "train_recompute.json").read_text())["results"]
+    assert [(r["trainer"], r["variant"]) for r in recompute] == [
+        ("plain", ""), ("megascale", ""), ("megascale", "parallel.activation_checkpointing=true,parallel.checkpoint_layers=1")]
     assert all(r["state_gib"] > 0 and r["state_formula_gib"] > 0 for r in train if r["trainer"] == "megascale")
     assert (out / "untie" / "metrics.jsonl").is_file()  # its corpus and checkpoint are not sent back
     assert not (out / "untie_data").exists() and not (out / "untie" / "checkpoints").exists()
