@@ -206,7 +206,8 @@ def test_bad_layout_is_one_line(data_dir, tmp_path, overrides, fragment):
 
 @pytest.mark.parametrize("tp, pp, world, overrides, fragment", [
     (3, 1, 2, [], "world size 2 is not divisible by parallel.tp × parallel.pp = 3×1; launch a multiple of 3"),
-    (2, 1, 2, ["model.n_kv_heads=1"], "parallel.tp=2 does not divide model.n_kv_heads=1"),
+    (2, 1, 2, ["model.d_model=96", "model.n_heads=6", "model.n_kv_heads=3"],
+     "parallel.tp=2 neither divides model.n_kv_heads=3 nor is a multiple of it"),
     (2, 1, 2, ["model.vocab_size=511"], "parallel.tp=2 does not divide model.vocab_size=511"),
     (1, 2, 2, ["model.n_layers=1", "model.sharing=none"], "parallel.pp=2 exceeds model.n_layers=1"),
 ])
@@ -317,6 +318,17 @@ def test_sequence_parallelism_matches_single_rank(runs, layout):
     reference, weights = final_weights(runs(1, 1, 1, "cycle:2")), final_weights(runs(*layout, "cycle:2", "parallel.sequence_parallel=true"))
     for name, tensor in reference.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("layout, kv_heads, extra", [((2, 1, 1), 1, ("parallel.sequence_parallel=true",)), ((4, 1, 1), 2, ())],
+                         ids=["tp2-kv1-sp", "tp4-kv2"])
+def test_more_tensor_ranks_than_kv_heads_matches_single_rank(runs, layout, kv_heads, extra):
+    """tp a multiple of n_kv_heads: runs of tp/n_kv ranks hold one KV head, their gradients summed, counted once in
+    the gradient norm (assert_matches_single_rank checks the norms) and once in the checkpoint's full weights."""
+    kv = f"model.n_kv_heads={kv_heads}"
+    single, parallel = runs(1, 1, 1, "cycle:2", kv), runs(*layout, "cycle:2", kv, *extra)
+    assert_matches_single_rank(single, parallel)
+    assert_state_memory_matches(parallel, layout)
 
 
 def greedy_sample(out_dir) -> str:

@@ -244,6 +244,14 @@ def test_tensor_and_sequence_parallel_probe_matches_single_rank(single_rank):
     assert_same_probe(got, single_rank)
 
 
+def test_probe_with_more_tensor_ranks_than_kv_heads_matches_single_rank():
+    """tp=2 over one KV head: each copy of the head captures its own query heads' share; the shares are summed
+    and the head counted once (sequence parallelism and ZeRO-3 as above)."""
+    kv = "model.n_kv_heads=1"
+    got = probe_step(2, kv, "parallel.tp=2", "parallel.sequence_parallel=true", "train.zero_stage=3")
+    assert_same_probe(got, probe_step(1, kv))
+
+
 @pytest.mark.parametrize("overrides", [["train.zero_stage=1"], ["train.zero_stage=2", "train.precision=bf16"]],
                          ids=["zero1", "zero2-bf16"])
 def test_data_parallel_probe_matches_single_rank(single_rank, overrides):

@@ -4,7 +4,9 @@
 
 * attention q/k/v and MLP gate/up → ``ColumnParallelLinear`` (output features split:
   whole heads per rank, so attention runs locally on n_heads/tp query heads and
-  n_kv_heads/tp KV heads — GQA groups never straddle ranks);
+  n_kv_heads/tp KV heads — GQA groups never straddle ranks); with more ranks than
+  KV heads (tp a multiple of n_kv_heads) k/v → ``ReplicatedKVLinear``: each rank
+  holds the one KV head its query heads read, shared with tp/n_kv_heads - 1 others;
 * attention o_proj and MLP down → ``RowParallelLinear`` (input features split,
   partial outputs all-reduced);
 * the embedding → ``VocabParallelEmbedding`` (rows split by vocabulary range);
@@ -35,6 +37,7 @@ from megascale.model.head_loss import linear_cross_entropy, token_weights
 from megascale.model.init import carry_init
 from megascale.model.llama import RMSNorm
 from megascale.model.ops import rms_norm
+from megascale.parallel.topology import kv_replicas
 from megascale.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
 
 
@@ -44,7 +47,10 @@ def _shard(weight: nn.Parameter, dim: int, group) -> nn.Parameter:
     On the meta device it is a shape only; it keeps ``weight``'s init spec and learns
     which chunk it is, so ``megascale.model.init.materialize`` can draw it later.
     """
-    count, index = dist.get_world_size(group), dist.get_rank(group)
+    return _chunk(weight, dim, dist.get_rank(group), dist.get_world_size(group))
+
+
+def _chunk(weight: nn.Parameter, dim: int, index: int, count: int) -> nn.Parameter:
     p = nn.Parameter(weight.detach().chunk(count, dim=dim)[index].clone())
     p.tensor_model_parallel = True
     return carry_init(weight, p, dim, index, count)
@@ -64,6 +70,32 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
         return F.linear(x, self.weight)
+
+
+class ReplicatedKVLinear(nn.Module):
+    """k or v projection when tp exceeds the KV heads: this rank's KV head, one of r = tp / n_kv_heads copies.
+
+    Rank t's query heads (t·nh/tp onwards) all read KV head t // r, so the weight is
+    chunk t // r of n_kv_heads along the output features, the same on the r ranks of
+    ``kv_group``. Each copy's gradient holds only its own query heads' share: summed
+    over the group in backward (``copy_to_tp`` on the weight: identity forward,
+    all-reduce backward), every copy gets the whole gradient and steps alike, so the
+    copies stay equal, as tied weights do. DeepSpeed counts a tensor-parallel weight
+    once per rank in the gradient norm and any other weight on tensor rank 0 alone:
+    marking the group's first copy tensor-parallel and the others not counts each
+    head once (the first copy of head 0 is on tensor rank 0).
+    """
+
+    def __init__(self, dense: nn.Linear, group, kv_group, sequence_parallel: bool = False):
+        super().__init__()
+        self.group, self.kv_group, self.sequence_parallel = group, kv_group, sequence_parallel
+        tp, rank, r = dist.get_world_size(group), dist.get_rank(group), dist.get_world_size(kv_group)
+        self.weight = _chunk(dense.weight, 0, rank // r, tp // r)  # (head_dim, in)
+        self.weight.tensor_model_parallel = rank % r == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return F.linear(x, copy_to_tp(self.weight, self.kv_group))
 
 
 class VocabParallelLMHead(ColumnParallelLinear):
@@ -205,20 +237,29 @@ class GatherLogits(nn.Module):
         return gather_from_tp(logits, self.group)
 
 
-def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = False, kv_group=None) -> nn.Module:
     """Shard ``model`` (a megascale Transformer) over ``group`` in place; returns it.
 
     sequence_parallel: norms and residuals hold (B, T/tp, D) slices (T must divide by tp).
+    kv_group: with tp > n_kv_heads, the ranks of ``group`` that hold this rank's KV head
+    (``ParallelGroups.kv_group``).
     """
     tp = dist.get_world_size(group)
     if tp == 1:
         return model
     sp = sequence_parallel
+    replicated = kv_replicas(tp, model.cfg.kv_heads) > 1
+    if replicated and kv_group is None:
+        raise ValueError(f"tp={tp} exceeds n_kv_heads={model.cfg.kv_heads}: pass the KV-head group (ParallelGroups.kv_group)")
     for block in model.blocks.values():
         attn, mlp = block.attn, block.mlp
-        attn.q_proj, attn.k_proj, attn.v_proj = (ColumnParallelLinear(m, group, sp) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        attn.q_proj = ColumnParallelLinear(attn.q_proj, group, sp)
+        if replicated:
+            attn.k_proj, attn.v_proj = (ReplicatedKVLinear(m, group, kv_group, sp) for m in (attn.k_proj, attn.v_proj))
+        else:
+            attn.k_proj, attn.v_proj = (ColumnParallelLinear(m, group, sp) for m in (attn.k_proj, attn.v_proj))
         attn.o_proj = RowParallelLinear(attn.o_proj, group, sp)
-        attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
+        attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, max(1, attn.n_kv_heads // tp)
         mlp.gate_proj, mlp.up_proj = ColumnParallelLinear(mlp.gate_proj, group, sp), ColumnParallelLinear(mlp.up_proj, group, sp)
         mlp.down_proj = RowParallelLinear(mlp.down_proj, group, sp)
         if sp:

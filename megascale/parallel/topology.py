@@ -29,6 +29,11 @@ from megascale.config import ModelConfig
 from megascale.errors import MegascaleError
 
 
+def kv_replicas(tp: int, kv_heads: int) -> int:
+    """Ranks of a tensor group that hold each KV head: 1, or tp / n_kv_heads when tp exceeds the KV heads."""
+    return tp // kv_heads if tp > kv_heads else 1
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     tp: int
@@ -63,13 +68,15 @@ class ParallelDims:
         """Raise one line for the first model dimension the layout does not divide."""
         tp_checks = [
             ("model.n_heads", m.n_heads),
-            ("model.n_kv_heads", m.kv_heads),
             ("the FFN width (model.ffn_dim)", m.hidden_dim),
             ("model.vocab_size", m.vocab_size),
         ]
         for name, value in tp_checks:
             if value % self.tp:
                 raise MegascaleError(f"parallel.tp={self.tp} does not divide {name}={value}; choose a tp that divides it")
+        if m.kv_heads % self.tp and self.tp % m.kv_heads:  # more ranks than KV heads: each head on tp/n_kv ranks
+            raise MegascaleError(f"parallel.tp={self.tp} neither divides model.n_kv_heads={m.kv_heads} nor is a multiple of it; "
+                                 f"choose a tp that does (each KV head is then held whole by one or by tp/n_kv_heads ranks)")
         if m.n_layers < self.pp:
             raise MegascaleError(f"parallel.pp={self.pp} exceeds model.n_layers={m.n_layers}; use at most one stage per layer")
 
@@ -92,6 +99,7 @@ class ParallelGroups:
     stage: int
     cp_group: Any = None  # the ranks holding the other token shares of this rank's sequences
     cp_rank: int = 0
+    kv_group: Any = None  # with tp > n_kv_heads: the tensor ranks that hold this rank's KV head (copies of it)
 
     @cached_property
     def context(self):
@@ -161,8 +169,13 @@ class Replicas:
         return total.tolist()
 
 
-def build_groups(dims: ParallelDims) -> ParallelGroups:
-    """Create the process groups of ``dims`` (collective: every rank calls it in the same order)."""
+def build_groups(dims: ParallelDims, kv_replicas: int = 1) -> ParallelGroups:
+    """Create the process groups of ``dims`` (collective: every rank calls it in the same order).
+
+    ``kv_replicas`` > 1 (tp > n_kv_heads, megascale.parallel.tensor_parallel.kv_replicas):
+    runs of that many adjacent tensor ranks hold one KV head, and get a group to sum its
+    gradient.
+    """
     import torch.distributed as dist  # noqa: PLC0415
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid  # noqa: PLC0415
 
@@ -183,7 +196,27 @@ def build_groups(dims: ParallelDims) -> ParallelGroups:
         stage=grid.get_stage_id(),
         cp_group=cp_group,
         cp_rank=grid.get_data_parallel_rank() % dims.cp,
+        kv_group=_runs_of(topo.get_axis_comm_lists("model"), kv_replicas),
     )
+
+
+def _runs_of(axis_lists: list[list[int]], size: int):
+    """This rank's group among runs of ``size`` consecutive ranks of each list (None for size 1).
+
+    Collective: every rank creates every group, in one order.
+    """
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if size == 1:
+        return None
+    mine = None
+    for ranks in axis_lists:
+        for start in range(0, len(ranks), size):
+            members = ranks[start:start + size]
+            group = dist.new_group(members)
+            if dist.get_rank() in members:
+                mine = group
+    return mine
 
 
 def _context_group(topo, cp: int):
@@ -191,15 +224,4 @@ def _context_group(topo, cp: int):
 
     Collective: every rank creates every group, in one order.
     """
-    import torch.distributed as dist  # noqa: PLC0415
-
-    if cp == 1:
-        return None
-    mine = None
-    for ranks in topo.get_axis_comm_lists("data"):  # each: one (pipe, model) pair's data axis, in data order
-        for start in range(0, len(ranks), cp):
-            members = ranks[start:start + cp]
-            group = dist.new_group(members)
-            if dist.get_rank() in members:
-                mine = group
-    return mine
+    return _runs_of(topo.get_axis_comm_lists("data"), cp)  # each list: one (pipe, model) pair's data axis, in order

@@ -28,6 +28,7 @@ import torch
 
 from megascale.errors import MegascaleError
 from megascale.model.init import LazyWeights, Shard, Source, chunk_range, cut
+from megascale.parallel.topology import kv_replicas
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def load_checkpoint(engine, path: Path) -> None:
 # Parameter-name suffixes → the dimension tensor parallelism splits (see parallel/tensor_parallel.py).
 _TP_DIM0 = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight", "embed.weight", "lm_head.weight")
 _TP_DIM1 = ("o_proj.weight", "down_proj.weight")
+_KV = ("k_proj.weight", "v_proj.weight")
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -208,7 +210,9 @@ def _tp_dim(name: str) -> int | None:
     return 0 if name.endswith(_TP_DIM0) else 1 if name.endswith(_TP_DIM1) else None
 
 
-def _merged(shards: list[dict[str, torch.Tensor]], name: str) -> Source:
+def _merged(shards: list[dict[str, torch.Tensor]], name: str, kv_replicas: int = 1) -> Source:
+    if name.endswith(_KV):
+        shards = shards[::kv_replicas]  # tp > n_kv_heads: runs of kv_replicas ranks hold equal copies of one head
     dim = _tp_dim(name) if len(shards) > 1 else None
     parts = [s[name] for s in shards] if dim is not None else [shards[0][name]]  # replicated (norms): rank 0's
 
@@ -239,16 +243,22 @@ def _fp32(value: torch.Tensor) -> torch.Tensor:
     return value.float() if value.is_floating_point() else value
 
 
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, Source]:
-    """Name → how to assemble it, over tensor-parallel shards of one state dict, split as each was."""
-    return {name: _merged(shards, name) for name in shards[0]}
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]], kv_replicas: int = 1) -> dict[str, Source]:
+    """Name → how to assemble it, over tensor-parallel shards of one state dict, split as each was;
+    ``kv_replicas`` tensor ranks in a row hold each KV head (megascale.parallel.topology.kv_replicas)."""
+    return {name: _merged(shards, name, kv_replicas) for name in shards[0]}
+
+
+def _kv_replicas(meta: dict[str, Any], tp: int) -> int:
+    m = meta["config"]["model"]
+    return kv_replicas(tp, m.get("n_kv_heads") or m["n_heads"])
 
 
 def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source]:
     if meta["config"]["train"]["zero_stage"] == 3:
-        return merge_tp_shards(_zero3_shards(path, tp))
+        return merge_tp_shards(_zero3_shards(path, tp), _kv_replicas(meta, tp))
     shards = [_load(path / f"mp_rank_{r:02d}_model_states.pt")["module"] for r in range(tp)]
-    return merge_tp_shards(shards)
+    return merge_tp_shards(shards, _kv_replicas(meta, tp))
 
 
 def _zero3_shards(path: Path, tp: int) -> list[dict[str, torch.Tensor]]:
@@ -290,7 +300,7 @@ def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Sour
     for idx in range(n + 3):
         if idx == n + 2 and meta["config"]["model"]["tie_embeddings"]:
             break  # the tied head is the embedding's weight, saved with layer 0
-        layer = merge_tp_shards([_load(_layer_file(path, idx, r)) for r in range(tp)])
+        layer = merge_tp_shards([_load(_layer_file(path, idx, r)) for r in range(tp)], _kv_replicas(meta, tp))
         for key, value in layer.items():
             if 1 <= idx <= n:
                 key = f"blocks.{plan[idx - 1]}." + key.removeprefix("block.")

@@ -208,7 +208,7 @@ def parallelize(model: torch.nn.Module, cfg: Config, groups, device: torch.devic
     p = cfg.parallel
     model.fused_loss = cfg.train.fused_loss
     model.lm_head.chunk_tokens = cfg.train.loss_chunk_tokens
-    apply_tensor_parallel(model, groups.tp_group, p.sequence_parallel)
+    apply_tensor_parallel(model, groups.tp_group, p.sequence_parallel, groups.kv_group)
     apply_context_parallel(model, groups.context)
     if cfg.train.compile:
         for block in model.blocks.values():

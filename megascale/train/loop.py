@@ -31,7 +31,7 @@ from megascale.model.init import LazyWeights
 from megascale.model.sharing import SharingPlan, replay_untie_history
 from megascale.parallel.context_parallel import context_parallel_off
 from megascale.parallel.tensor_parallel import sequence_parallel_off
-from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups
+from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups, kv_replicas
 from megascale.train import checkpoint as ckpt
 from megascale.train.dist import DistContext
 from megascale.train.engine import BatchLayout, batch_layout, build_engine, effective_zero_stage, state_formula
@@ -467,7 +467,7 @@ def find_resume(cfg: Config) -> tuple[Path | None, dict[str, Any] | None, Sharin
 def make_groups(cfg: Config, ctx: DistContext) -> ParallelGroups:
     dims = ParallelDims.from_world(cfg.parallel.tp, cfg.parallel.pp, ctx.world_size, cfg.parallel.cp)
     dims.check_model(cfg.model)
-    return build_groups(dims)
+    return build_groups(dims, kv_replicas(dims.tp, cfg.model.kv_heads))
 
 
 def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:

@@ -77,10 +77,11 @@ from megascale.kernels.tied_grad import (
 from megascale.model.sharing import SharingPlan
 from megascale.parallel.mappings import gather_sequence
 from megascale.parallel.pipeline import stage_units
-from megascale.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megascale.parallel.tensor_parallel import ColumnParallelLinear, ReplicatedKVLinear, RowParallelLinear
 from megascale.parallel.topology import ParallelGroups
 
-MATRICES = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
+COLUMNS = (ColumnParallelLinear, ReplicatedKVLinear)  # input all-gathered under sequence parallelism
+MATRICES = (nn.Linear, *COLUMNS, RowParallelLinear)
 
 
 @dataclass
@@ -150,6 +151,7 @@ class _Matrix:
     name: str  # the weight's name in the block, e.g. "attn.q_proj.weight"
     shape: tuple[int, ...]  # this rank's (out, in) shard
     gather: str  # "input" (column layer) / "grad" (row layer) under sequence parallelism, else ""
+    kv_copy: bool = False  # one of the tp / n_kv_heads copies of a KV head (ReplicatedKVLinear)
 
 
 class _PendingCapture:
@@ -229,10 +231,10 @@ class CoherenceProbe:
         for name, m in block.named_modules():
             if not isinstance(m, MATRICES):
                 continue  # norms are left out (module docstring)
-            if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.sequence_parallel != self.sequence_parallel:
+            if isinstance(m, (*COLUMNS, RowParallelLinear)) and m.sequence_parallel != self.sequence_parallel:
                 raise ValueError(f"{name} has sequence_parallel={m.sequence_parallel}, the probe {self.sequence_parallel}")
             gather = ""
-            if self.sequence_parallel and isinstance(m, ColumnParallelLinear):
+            if self.sequence_parallel and isinstance(m, COLUMNS):
                 gather = "input"
             elif self.sequence_parallel and isinstance(m, RowParallelLinear):
                 gather = "grad"
@@ -240,7 +242,8 @@ class CoherenceProbe:
                 raise ValueError("sequence parallelism needs the process groups (groups=None)")
             # ZeRO-3 empties partitioned parameters and keeps the logical shape in ds_shape.
             shape = tuple(getattr(m.weight, "ds_shape", m.weight.shape))
-            matrix = _Matrix(group, len(matrices), f"{name}.weight" if name else "weight", shape, gather)
+            matrix = _Matrix(group, len(matrices), f"{name}.weight" if name else "weight", shape, gather,
+                             isinstance(m, ReplicatedKVLinear))
             matrices.append(matrix)
             self._handles.append(m.register_forward_hook(partial(self._on_forward, matrix)))
         self._matrices[group] = matrices
@@ -320,6 +323,8 @@ class CoherenceProbe:
         dp = self.groups.dims.dp_cp if self.groups is not None else 1  # context-parallel peers average too
         if dp > 1:
             self._average_over_data_parallel(dp)
+        if self.groups is not None and self.groups.kv_group is not None:
+            self._sum_kv_copies()
         n_layers, n_groups = self.plan.n_layers, self.plan.n_groups
         sums = torch.zeros(2 * n_layers + n_groups, device=device, dtype=torch.float64)  # [‖g_i‖² | ⟨g_i,Σg⟩ | ‖Σg‖²]
         for g, units in sorted(self._units.items()):  # one order on every stage: the tie all-reduces must pair up
@@ -346,6 +351,23 @@ class CoherenceProbe:
         buffers = [self._grads[k] for k in keys]
         flat = flatten_for_collective(buffers, scale=1.0 / dp, dtype=torch.float32)
         dist.all_reduce(flat, group=self.groups.dp_group)
+        unflatten_into(flat, buffers)
+
+    def _sum_kv_copies(self) -> None:
+        """tp > n_kv_heads: each copy of a KV head captured its own query heads' share of the unit gradient.
+
+        Summed over the copies it is the unit's gradient; kept on the group's first copy alone (zeros on
+        the others), the all-rank sums of ‖g_i‖², ⟨g_i, Σg⟩ and ‖Σg‖², additive over matrices, count
+        each head once, as over disjoint tensor shards.
+        """
+        keys = sorted(k for k in self._grads if self._matrices[self.plan.group_of[k[0]]][k[1]].kv_copy)
+        if not keys:
+            return
+        buffers = [self._grads[k] for k in keys]
+        flat = flatten_for_collective(buffers, dtype=torch.float32)
+        dist.all_reduce(flat, group=self.groups.kv_group)
+        if dist.get_rank(self.groups.kv_group) != 0:
+            flat.zero_()
         unflatten_into(flat, buffers)
 
     def _group_stats(self, group: int, units: list[int]) -> TiedGradStats:
