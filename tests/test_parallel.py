@@ -320,11 +320,12 @@ def test_sequence_parallelism_matches_single_rank(runs, layout):
         torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("layout, kv_heads, extra", [((2, 1, 1), 1, ("parallel.sequence_parallel=true",)), ((4, 1, 1), 2, ())],
-                         ids=["tp2-kv1-sp", "tp4-kv2"])
+@pytest.mark.parametrize("layout, kv_heads, extra", [((2, 1, 1), 1, ("parallel.sequence_parallel=true",)), ((4, 1, 1), 2, ()),
+                                                     ((2, 2, 1), 1, ())], ids=["tp2-kv1-sp", "tp4-kv2", "tp2pp2-kv1"])
 def test_more_tensor_ranks_than_kv_heads_matches_single_rank(runs, layout, kv_heads, extra):
     """tp a multiple of n_kv_heads: runs of tp/n_kv ranks hold one KV head, their gradients summed, counted once in
-    the gradient norm (assert_matches_single_rank checks the norms) and once in the checkpoint's full weights."""
+    the gradient norm (assert_matches_single_rank checks the norms) and once in the checkpoint's full weights
+    (per-rank files, and the pipeline's per-layer files at pp=2, where the tie groups span both stages)."""
     kv = f"model.n_kv_heads={kv_heads}"
     single, parallel = runs(1, 1, 1, "cycle:2", kv), runs(*layout, "cycle:2", kv, *extra)
     assert_matches_single_rank(single, parallel)
