@@ -169,12 +169,11 @@ class Replicas:
         return total.tolist()
 
 
-def build_groups(dims: ParallelDims, kv_replicas: int = 1) -> ParallelGroups:
+def build_groups(dims: ParallelDims, kv_copies: int = 1) -> ParallelGroups:
     """Create the process groups of ``dims`` (collective: every rank calls it in the same order).
 
-    ``kv_replicas`` > 1 (tp > n_kv_heads, megascale.parallel.tensor_parallel.kv_replicas):
-    runs of that many adjacent tensor ranks hold one KV head, and get a group to sum its
-    gradient.
+    ``kv_copies`` > 1 (tp > n_kv_heads, ``kv_replicas``): runs of that many adjacent tensor
+    ranks hold one KV head, and get a group to sum its gradient.
     """
     import torch.distributed as dist  # noqa: PLC0415
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology, PipelineParallelGrid  # noqa: PLC0415
@@ -196,7 +195,7 @@ def build_groups(dims: ParallelDims, kv_replicas: int = 1) -> ParallelGroups:
         stage=grid.get_stage_id(),
         cp_group=cp_group,
         cp_rank=grid.get_data_parallel_rank() % dims.cp,
-        kv_group=_runs_of(topo.get_axis_comm_lists("model"), kv_replicas),
+        kv_group=_runs_of(topo.get_axis_comm_lists("model"), kv_copies),
     )
 
 

@@ -255,9 +255,16 @@ def _fewest_recomputed(shape: Shape, precision: str, room: float) -> int | None:
     return next((n for n in range(1, shape.n_layers + 1) if activation_bytes(shape, 1, precision, n) <= room), None)
 
 
+def recompute_overrides(n: int, n_layers: int) -> dict[str, Any]:
+    """The parallel section that recomputes ``n`` of ``n_layers`` layers (0: none; checkpoint_layers 0 is every layer)."""
+    if not n:
+        return {}
+    return {"activation_checkpointing": True} | ({"checkpoint_layers": n} if n < n_layers else {})
+
+
 def _recompute_note(n: int, n_layers: int) -> str:
     which = "every layer recomputes its activations" if n == n_layers else f"{n} of {n_layers} layers recompute their activations"
-    key = "parallel.activation_checkpointing=true" + (f", parallel.checkpoint_layers={n}" if n < n_layers else "")
+    key = ", ".join(f"parallel.{k}={str(v).lower()}" for k, v in recompute_overrides(n, n_layers).items())
     return (f"one sequence's activations do not fit beside the state, so {which} in backward ({key}): one more forward of "
             f"those layers, ≈ {100 * n / (3 * n_layers):.0f}% more block FLOPs per step, which the wall time does not include")
 
@@ -515,10 +522,8 @@ def plan_config(plan: Plan) -> dict[str, Any]:
 
 
 def _parallel_section(r: Recipe, n_layers: int) -> dict[str, Any]:
-    if not r.recomputed_layers:
-        return {}
-    n = r.recomputed_layers
-    return {"parallel": {"activation_checkpointing": True, "checkpoint_layers": n if n < n_layers else 0}}
+    parallel = recompute_overrides(r.recomputed_layers, n_layers)
+    return {"parallel": parallel} if parallel else {}
 
 
 def config_header(plan: Plan) -> str:

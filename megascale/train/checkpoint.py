@@ -210,9 +210,9 @@ def _tp_dim(name: str) -> int | None:
     return 0 if name.endswith(_TP_DIM0) else 1 if name.endswith(_TP_DIM1) else None
 
 
-def _merged(shards: list[dict[str, torch.Tensor]], name: str, kv_replicas: int = 1) -> Source:
+def _merged(shards: list[dict[str, torch.Tensor]], name: str, kv_copies: int = 1) -> Source:
     if name.endswith(_KV):
-        shards = shards[::kv_replicas]  # tp > n_kv_heads: runs of kv_replicas ranks hold equal copies of one head
+        shards = shards[::kv_copies]  # tp > n_kv_heads: runs of kv_copies ranks hold equal copies of one head
     dim = _tp_dim(name) if len(shards) > 1 else None
     parts = [s[name] for s in shards] if dim is not None else [shards[0][name]]  # replicated (norms): rank 0's
 
@@ -243,10 +243,10 @@ def _fp32(value: torch.Tensor) -> torch.Tensor:
     return value.float() if value.is_floating_point() else value
 
 
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]], kv_replicas: int = 1) -> dict[str, Source]:
+def merge_tp_shards(shards: list[dict[str, torch.Tensor]], kv_copies: int = 1) -> dict[str, Source]:
     """Name → how to assemble it, over tensor-parallel shards of one state dict, split as each was;
-    ``kv_replicas`` tensor ranks in a row hold each KV head (megascale.parallel.topology.kv_replicas)."""
-    return {name: _merged(shards, name, kv_replicas) for name in shards[0]}
+    ``kv_copies`` tensor ranks in a row hold each KV head (megascale.parallel.topology.kv_replicas)."""
+    return {name: _merged(shards, name, kv_copies) for name in shards[0]}
 
 
 def _kv_replicas(meta: dict[str, Any], tp: int) -> int:
@@ -295,12 +295,12 @@ def _layer_file(path: Path, idx: int, tp_rank: int) -> Path:
 def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source]:
     """The plain model's tensors from pipeline layer files (see parallel/pipeline.py's layer list)."""
     plan = meta["sharing_plan"]
-    n = len(plan)
+    n, kv_copies = len(plan), _kv_replicas(meta, tp)
     state = {}
     for idx in range(n + 3):
         if idx == n + 2 and meta["config"]["model"]["tie_embeddings"]:
             break  # the tied head is the embedding's weight, saved with layer 0
-        layer = merge_tp_shards([_load(_layer_file(path, idx, r)) for r in range(tp)], _kv_replicas(meta, tp))
+        layer = merge_tp_shards([_load(_layer_file(path, idx, r)) for r in range(tp)], kv_copies)
         for key, value in layer.items():
             if 1 <= idx <= n:
                 key = f"blocks.{plan[idx - 1]}." + key.removeprefix("block.")
