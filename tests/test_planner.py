@@ -21,7 +21,7 @@ from megascale.model import Transformer
 from megascale.planner.fit import RunPoint, fit_runs, read_run
 from megascale.planner.mappings import PUBLISHED, get_mapping, load_mapping, save_mapping
 from megascale.planner.plan import make_budget, make_plan, plan_to_dict, render_plan, write_config
-from megascale.planner.shapes import Shape, count, solve_shape
+from megascale.planner.shapes import Shape, count, recompute_flops_per_token, solve_shape
 from megascale.planner.sweep import PRESETS, plan_sweep, write_sweep
 
 from conftest import ROOT, clean_env
@@ -128,6 +128,31 @@ def test_shape_counts_equal_the_real_transformer(shape):
     assert mine.flops_per_token == model.flops_per_token(shape.seq_len)
 
 
+def test_recompute_flops_are_what_the_real_model_recomputes():
+    """The planner's price of recomputing n layers equals the matmul FLOPs PyTorch counts in a training step of the
+    real model, less the same step without recomputation (attention through SDPA's math backend, whose products
+    the counter sees)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    shape = Shape(64, 32, 4, 4, 2, 96, 16)
+    cfg = ModelConfig(**shape.model_overrides(), attention="torch")
+    tokens = torch.randint(0, shape.vocab_size, (2, shape.seq_len), generator=torch.Generator().manual_seed(0))
+
+    def step_flops(layers: int) -> int:
+        model = Transformer(cfg, seed=0).train()
+        model.activation_checkpointing, model.checkpoint_layers = layers > 0, layers
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            model(tokens, tokens.roll(-1, 1)).backward()
+        return counter.get_total_flops()
+
+    stored = step_flops(0)
+    for n in range(1, shape.n_layers + 1):
+        assert step_flops(n) - stored == recompute_flops_per_token(shape, n) * tokens.numel()
+    # under 6N the attention products are not counted, here as in the rest of the step
+    assert recompute_flops_per_token(shape, 1) - recompute_flops_per_token(shape, 1, exact=False) == 4 * 32 * 16
+
+
 @pytest.mark.parametrize("target", np.geomspace(1e7, 1e12, 11).tolist())
 def test_shape_solver_hits_n_within_2_percent_with_friendly_sizes(target):
     shape = solve_shape(target, vocab_size=32000, seq_len=2048)
@@ -223,6 +248,15 @@ def test_layers_recompute_only_when_one_sequence_does_not_fit_and_before_offload
     assert cfg.parallel.activation_checkpointing and cfg.parallel.checkpoint_layers == n
     assert f"{n} of {L} layers recomputed" in render_plan(long)
     assert any(f"parallel.checkpoint_layers={n}): one more forward" in note for note in long.notes)
+    # the recomputed forwards are paid out of the budget: fewer tokens, and the 30 days still hold
+    r, C = long.recipe, long.budget.flops
+    extra = recompute_flops_per_token(long.shape, n)
+    assert r.steps == math.ceil(C / (long.flops_per_token + extra) / r.tokens_per_step)
+    assert r.recompute_flops == extra * r.tokens and long.hardware_flops == r.flops + r.recompute_flops
+    assert long.wall_seconds == pytest.approx(30 * 24 * 3600, rel=0.01)
+    share = r.recompute_flops / long.hardware_flops
+    assert f"{share:.0%} of it recomputing" in render_plan(long) and f"reads ≈ {0.4 * (1 - share):.2f}" in render_plan(long)
+    assert short.hardware_flops == short.recipe.flops and "recomput" not in render_plan(short)
     cfg = load_config(write_config(longer, tmp_path / "longer.yaml"))
     assert longer.recipe.recomputed_layers == longer.shape.n_layers and longer.recipe.offload_optimizer == "none"
     assert cfg.parallel.activation_checkpointing and cfg.parallel.checkpoint_layers == 0  # 0: every layer

@@ -47,7 +47,7 @@ from megascale.errors import MegascaleError
 from megascale.hardware import GPU
 from megascale.model.head_loss import CHUNK_ELEMENTS
 from megascale.planner.mappings import PUBLISHED, TARGET_WORDS, Allocation, Mapping, ParametricMapping, sci
-from megascale.planner.shapes import Shape, ShapeCounts, count, solve_shape
+from megascale.planner.shapes import Shape, ShapeCounts, count, recompute_flops_per_token, solve_shape
 
 FLOPS_MODELS = ("exact", "6nd")
 FLOPS_MODEL_WORDS = {
@@ -240,7 +240,7 @@ def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, gpu:
         for stage, offload, offload_params, state, host in group:
             n = _fewest_recomputed(shape, precision, usable - state)
             if n is not None:
-                notes = (_recompute_note(n, shape.n_layers),) + ((_offload_note(host, offload_params),) if offload else ())
+                notes = (_recompute_note(shape, n),) + ((_offload_note(host, offload_params),) if offload else ())
                 act = activation_bytes(shape, 1, precision, n)
                 return MemoryLayout(stage, 1, Memory(state, act, capacity, host), offload, offload_params, notes, n)
     state = state_bytes(unique, precision, 3, n_gpus)
@@ -262,11 +262,12 @@ def recompute_overrides(n: int, n_layers: int) -> dict[str, Any]:
     return {"activation_checkpointing": True} | ({"checkpoint_layers": n} if n < n_layers else {})
 
 
-def _recompute_note(n: int, n_layers: int) -> str:
-    which = "every layer recomputes its activations" if n == n_layers else f"{n} of {n_layers} layers recompute their activations"
-    key = ", ".join(f"parallel.{k}={str(v).lower()}" for k, v in recompute_overrides(n, n_layers).items())
+def _recompute_note(shape: Shape, n: int) -> str:
+    which = "every layer recomputes its activations" if n == shape.n_layers else f"{n} of {shape.n_layers} layers recompute their activations"
+    key = ", ".join(f"parallel.{k}={str(v).lower()}" for k, v in recompute_overrides(n, shape.n_layers).items())
+    extra = recompute_flops_per_token(shape, n) / count(shape).flops_per_token
     return (f"one sequence's activations do not fit beside the state, so {which} in backward ({key}): one more forward of "
-            f"those layers, ≈ {100 * n / (3 * n_layers):.0f}% more block FLOPs per step, which the wall time does not include")
+            f"those layers, ≈ {extra:.0%} more FLOPs a token, paid out of the budget (fewer tokens in the same time)")
 
 
 def _offload_note(host: float, params: bool) -> str:
@@ -295,6 +296,7 @@ class Recipe(HostOffload):
     offload_optimizer: str = "none"  # train.offload_optimizer
     offload_params: str = "none"  # train.offload_params
     recomputed_layers: int = 0  # of n_layers: parallel.activation_checkpointing (+ checkpoint_layers when fewer)
+    recompute_flops: float = 0.0  # those layers' second forward for the tokens (same FLOPs model), not in ``flops``
 
     @property
     def tokens_per_step(self) -> int:
@@ -357,9 +359,23 @@ class Plan:
         return self.counts.value(self.allocation.target_kind) / self.allocation.target - 1.0
 
     @property
+    def recompute_hardware_flops(self) -> float:
+        """The recomputed forwards of the planned tokens under the trainer's exact count."""
+        return recompute_flops_per_token(self.shape, self.recipe.recomputed_layers) * self.recipe.tokens
+
+    @property
+    def hardware_flops(self) -> float:
+        """What the GPUs compute for the planned tokens: the trainer's exact count plus the recomputed forwards."""
+        return self.counts.flops_per_token * self.recipe.tokens + self.recompute_hardware_flops
+
+    @property
     def device_seconds(self) -> float | None:
-        """The GPUs' time for the planned FLOPs at the budget's MFU (None without GPUs)."""
-        return self.budget.seconds_for(self.recipe.flops if self.flops_model == "exact" else self.counts.flops_per_token * self.recipe.tokens)
+        """The GPUs' time for the planned FLOPs, recomputation included, at the budget's MFU (None without GPUs).
+
+        Recomputed forwards are assumed to run as fast as the rest of the step, so the trainer's MFU, which counts
+        model FLOPs only (as Megatron's and PaLM's do), reads lower than the budget's by their share.
+        """
+        return self.budget.seconds_for(self.hardware_flops)
 
     @property
     def host_step_seconds(self) -> float | None:
@@ -417,11 +433,14 @@ def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: S
     micro = micro_batch or layout.micro_batch
     gb = max(gb, micro * n_gpus)
     gb -= gb % (micro * n_gpus)
-    steps = max(1, math.ceil(budget.flops / per_token / (gb * shape.seq_len)))
+    # Recomputation is spent out of the budget like the attention FLOPs are: the shape stays the allocation's,
+    # the tokens are what the budget buys at the FLOPs a token really costs.
+    recompute = recompute_flops_per_token(shape, layout.recomputed, exact=flops_model == "exact")
+    steps = max(1, math.ceil(budget.flops / (per_token + recompute) / (gb * shape.seq_len)))
     tokens = steps * gb * shape.seq_len
     recipe = Recipe(shape.seq_len, gb, micro, steps, warmup_steps(steps), deepseek_lr(budget.flops), precision,
                     layout.zero_stage, tokens, per_token * tokens, "cpu" if layout.offload else "none",
-                    "cpu" if layout.offload_params else "none", layout.recomputed)
+                    "cpu" if layout.offload_params else "none", layout.recomputed, recompute * tokens)
     loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
     plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, layout.memory, loss, data, out_dir,
                 list(layout.notes), data_parts=data_parts(data))
@@ -533,7 +552,8 @@ def config_header(plan: Plan) -> str:
         f"mapping {plan.mapping.name}: {plan.mapping.title}",
         f"N_opt {sci(plan.allocation.params, 4)} -> {c.applied:,} applied / {c.unique:,} unique parameters; "
         f"D = {sci(r.tokens, 4)} tokens ({r.tokens / c.applied:.1f} per parameter)",
-        f"FLOPs model {FLOPS_MODEL_WORDS[plan.flops_model]}: {sci(plan.flops_per_token, 4)} FLOPs/token, {sci(r.flops, 4)} in all",
+        f"FLOPs model {FLOPS_MODEL_WORDS[plan.flops_model]}: {sci(plan.flops_per_token, 4)} FLOPs/token, {sci(r.flops, 4)} in all"
+        + (f", + {sci(r.recompute_flops, 4)} recomputing {r.recomputed_layers} layers" if r.recompute_flops else ""),
         "lr and global batch: DeepSeek LLM fits (0.3118*C^-0.125, 0.2920*C^0.3271 tokens); warm-up 2% of steps",
     ]
     if plan.data["corpus"] == "stdlib":
@@ -577,6 +597,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                                "capacity": plan.memory.capacity / 2**30 or None, "host": plan.memory.host / 2**30},
         "predicted_loss": plan.predicted_loss,
         "data_use": [asdict(p) | {"epochs": p.epochs(r.tokens)} for p in plan.data_parts],
+        "hardware_flops": plan.hardware_flops,
         "wall_seconds": plan.wall_seconds,
         "device_seconds": plan.device_seconds,
         "host_step_seconds": plan.host_step_seconds,
@@ -625,8 +646,7 @@ def render_plan(plan: Plan) -> str:
                        f"{c.non_embedding:,} non-embedding · {plan.size_error:+.2%} vs target"),
         ("FLOPs model", f"{FLOPS_MODEL_WORDS[plan.flops_model]} = {sci(plan.flops_per_token, 4)} FLOPs/token"
                         + (f" (6N: {sci(6 * c.applied, 4)})" if plan.flops_model == "exact" else f" (exact: {sci(c.flops_per_token, 4)})")),
-        ("tokens", f"D = C / FLOPs-per-token = {human(r.tokens)} tokens ({r.tokens / c.applied:.1f} per parameter), "
-                   f"{sci(r.flops)} FLOPs"),
+        ("tokens", _tokens_words(plan)),
         *([("data", _data_words(plan))] if plan.data_parts else []),
         ("training", f"{r.steps:,} steps × {r.global_batch} sequences × {r.seq_len} tokens ({human(r.tokens_per_step)} tokens/step) · "
                      f"lr {r.lr:.2g}, warm-up {r.warmup}, cosine to 10%"),
@@ -654,6 +674,15 @@ def render_plan(plan: Plan) -> str:
     return "\n".join(out)
 
 
+def _tokens_words(plan: Plan) -> str:
+    r = plan.recipe
+    per_param = f"{human(r.tokens)} tokens ({r.tokens / plan.counts.applied:.1f} per parameter)"
+    if not r.recompute_flops:
+        return f"D = C / FLOPs-per-token = {per_param}, {sci(r.flops)} FLOPs"
+    return (f"D = C / (FLOPs-per-token + {sci(r.recompute_flops / r.tokens, 4)} recomputed) = {per_param}, "
+            f"{sci(r.flops)} FLOPs + {sci(r.recompute_flops)} recomputation")
+
+
 def _data_words(plan: Plan) -> str:
     return " · ".join(f"{p.path}: {human(p.train_tokens)} train tokens"
                       + (f" × {p.weight:.0%}" if len(plan.data_parts) > 1 else "")
@@ -661,9 +690,22 @@ def _data_words(plan: Plan) -> str:
 
 
 def _wall_words(plan: Plan) -> str:
-    device, host, mfu = plan.device_seconds, plan.host_step_seconds, plan.budget.mfu
+    device, host = plan.device_seconds, plan.host_step_seconds
     if device is None:
         return "n/a: give --gpus and --gpu for a time estimate"
+    return _device_words(plan, device, host) + _recompute_share(plan)
+
+
+def _recompute_share(plan: Plan) -> str:
+    """What recomputation takes of the GPUs' time, and the MFU the trainer (model FLOPs only) will report."""
+    share = plan.recompute_hardware_flops / plan.hardware_flops
+    if not share:
+        return ""
+    return f"; {share:.0%} of it recomputing, so the trainer's MFU (model FLOPs) reads ≈ {plan.budget.mfu * (1 - share):.2f}"
+
+
+def _device_words(plan: Plan, device: float, host: float | None) -> str:
+    mfu = plan.budget.mfu
     if host is not None:
         return (f"{duration(plan.wall_seconds)}: {duration(device)} on the GPUs at MFU {mfu:g} + "
                 f"{duration(host * plan.recipe.steps)} of host Adam steps ({host:.2f} s per step at "

@@ -127,6 +127,21 @@ def count(shape: Shape) -> ShapeCounts:
     return ShapeCounts(applied, unique, vocab, applied - vocab - head, flops, model_scale)
 
 
+def recompute_flops_per_token(shape: Shape, layers: int, exact: bool = True) -> float:
+    """The FLOPs a token costs when ``layers`` blocks run their forward again in backward (activation recomputation).
+
+    The block's forward matmuls but the feed-forward's down projection: PyTorch's non-reentrant checkpoint
+    (the model's) stops recomputing once backward has every tensor it saved, and nothing in backward reads
+    that last product (tests/test_planner.py counts it on the real model). 2 per weight, plus 4·H·hd·T of
+    attention under the exact count (``exact``); under 6N, weights only, as that model counts the rest.
+    """
+    s = shape
+    block = block_params(s.d_model, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_dim)
+    weights = block - 2 * s.d_model - s.d_model * s.ffn_dim  # no norms (no matmul), no down projection
+    attention = 4.0 * s.n_heads * s.head_dim * s.seq_len if exact else 0.0
+    return layers * (2.0 * weights + attention)
+
+
 def aspect_ratio(params: float) -> float:
     """The preferred d_model / n_layers for a model of ``params`` parameters."""
     x = math.log10(max(params, 1.0))
