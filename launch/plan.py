@@ -1,6 +1,7 @@
 """Compute planner: budget → parameters and tokens → a runnable config; fits from your own runs.
 
     python launch/plan.py --gpus 8 --gpu H100 --days 7 [--mfu 0.4] [--emit-config run.yaml]
+    python launch/plan.py --gpus 1024 --gpu H100 --days 30 --emit-config big.yaml   # picks tp/pp; prints the sbatch line
     python launch/plan.py --flops 1e21 --mapping chinchilla-2 --json
     python launch/plan.py --flops 1e21 --mapping fit/mapping.json          # your own fitted mapping
     python launch/plan.py sweep --budgets 1e18,3e18,1e19 --out sweeps/s1   # IsoFLOP sweep configs
@@ -17,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,6 +56,14 @@ def plan_parser() -> argparse.ArgumentParser:
     b.add_argument("--host-adam-rate", type=float, metavar="PARAMS_PER_S",
                    help="parameters per second one GPU's process steps on the host (python bench/cpu_adam.py on a "
                         "training node): prices the optimizer step of a plan that offloads it into the wall time")
+    c = p.add_argument_group("parallel layout (multi-GPU budgets; default: the layout with the best modelled step)")
+    c.add_argument("--tp", type=int, default=0, help="tensor-parallel size to plan with (default: the planner's choice)")
+    c.add_argument("--pp", type=int, default=0, help="pipeline stages to plan with (default: the planner's choice)")
+    c.add_argument("--gpus-per-node", type=int, default=0, help="GPUs in a node (default: the GPU's reference system, 8)")
+    c.add_argument("--link-gbs", type=float, default=0.0, help="GB/s one way per GPU inside a node (default: the GPU table's: NVLink, PCIe)")
+    c.add_argument("--net-gbs", type=float, default=0.0,
+                   help="GB/s one way per GPU between nodes (default: the GPU's reference system, e.g. H100 50 = 400 Gb/s a GPU)")
+
     m = p.add_argument_group("allocation")
     m.add_argument("--mapping", default="epoch", help="chinchilla-1 | chinchilla-2 | chinchilla-3 | chinchilla-3-tex | epoch | kaplan | deepseek, or a mapping.json from `fit` (default %(default)s)")
     m.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a mapping parameter, e.g. --set alpha=0.35 (repeatable)")
@@ -104,21 +114,21 @@ def sweep_parser() -> argparse.ArgumentParser:
 def main_plan(argv: list[str]) -> int:
     args = plan_parser().parse_args(argv)
     from megascale.planner.mappings import get_mapping, parse_overrides
-    from megascale.planner.plan import make_plan, plan_to_dict, render_plan, write_config
+    from megascale.planner.plan import make_plan, plan_to_dict, render_plan, start_command, write_config
 
     budget = _budget(args)
     mapping = get_mapping(args.mapping, parse_overrides(args.set))
     plan = make_plan(budget, mapping, vocab_size=_vocab(args), seq_len=args.seq_len, sharing=args.sharing,
                      tie_embeddings=args.tie_embeddings, kv_heads=args.kv_heads, flops_model=args.flops_model,
-                     precision=args.precision or "bf16", data_path=args.data, data_blend=args.blend, out_dir=args.out_dir)
+                     precision=args.precision or "bf16", data_path=args.data, data_blend=args.blend, out_dir=args.out_dir,
+                     tp=args.tp, pp=args.pp)
     written = write_config(plan, args.emit_config) if args.emit_config else None
     if args.json:
         print(json.dumps(plan_to_dict(plan) | {"emitted_config": str(written) if written else None}, indent=2))
         return 0
     print(render_plan(plan))
     if written:
-        launcher = f"deepspeed --num_gpus {budget.n_gpus} " if budget.n_gpus > 1 else "deepspeed "
-        print(f"\nconfig written: {written}\nstart the run:  {launcher}launch/pretrain.py --config {written}")
+        print(f"\nconfig written: {written}\nstart the run:  {start_command(budget, written)}")
     return 0
 
 
@@ -153,10 +163,11 @@ def _budget(args):
     if args.peak_tflops is not None:
         if not args.peak_tflops > 0:
             raise MegascaleError(f"--peak-tflops {args.peak_tflops:g} must be positive (dense bf16 TFLOP/s per GPU)")
-        gpu = GPU(gpu.name if gpu else "custom", args.peak_tflops, gpu.memory_gib if gpu else 0.0)
+        gpu = replace(gpu, peak_tflops=args.peak_tflops) if gpu else GPU("custom", args.peak_tflops, 0.0)
     if gpu is None and (args.gpus or hours is not None):
         raise MegascaleError("a GPU-time budget needs the GPU model: --gpu H100 (or --peak-tflops for an unlisted one)")
-    return make_budget(args.flops, gpu, args.gpus, hours, args.mfu, args.host_adam_rate)
+    return make_budget(args.flops, gpu, args.gpus, hours, args.mfu, args.host_adam_rate, args.gpus_per_node, args.link_gbs,
+                       args.net_gbs)
 
 
 # ------------------------------------------------------------------ fit

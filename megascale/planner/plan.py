@@ -17,20 +17,24 @@ Recipe rules (each stated where it is applied):
   η_opt = 0.3118·C^-0.1250 — the batch rounded to a power of two sequences;
 * steps = ceil(D / (global batch × seq_len)); warm-up 2% of the steps
   (at most 2000; short runs up to 10%, at most 100 steps); cosine decay to 10%;
-* ZeRO stage and micro-batch from a memory estimate: weights + grads + Adam
-  (16 bytes per unique parameter in bf16 mixed precision and in fp32) sharded as
-  ZeRO does, plus activations ≈ 34·d bytes per token per applied layer in bf16
-  (Korthikanti et al. 2022, without the attention-score term that flash
-  attention never stores; ×2 in fp32) plus the fused chunked loss
-  (train.fused_loss): the hidden states' gradient per token, the head's fp32
-  gradient and one chunk of fp32 logits — not V bytes per token;
+* the parallel layout (tensor × pipeline × data, ZeRO stage, micro-batch,
+  recomputed layers) from a memory estimate and a step-time model, both in
+  ``layout.py``: weights + grads + Adam (16 bytes per unique parameter in bf16
+  mixed precision and in fp32) of a GPU's share, sharded as ZeRO does, plus
+  activations ≈ 34·d bytes per token per applied layer in bf16 (Korthikanti
+  et al. 2022, without the attention-score term that flash attention never
+  stores; ×2 in fp32; over tp with sequence parallelism; pp micro-batches in
+  flight on the first stage) plus the fused chunked loss (train.fused_loss):
+  the hidden states' gradient per token, the head's fp32 gradient and one
+  chunk of fp32 logits — not V bytes per token;
 * activation recomputation (parallel.activation_checkpointing and
-  checkpoint_layers) only when no ZeRO stage fits one sequence per GPU with
-  every layer's activations, before offloading: the fewest layers that make
-  it fit keep only their input (2·d bytes per token in bf16), and backward
-  rebuilds one layer's activations at a time. It costs one more forward of
-  those layers, ≈ n/(3L) of the blocks' FLOPs, against a host Adam step or
-  weights crossing PCIe every step.
+  checkpoint_layers): the fewest layers that make a layout fit keep only
+  their input (2·d bytes per token in bf16), and backward rebuilds one layer's
+  activations at a time; its forwards are charged to the step model and paid
+  out of the budget (``recompute_flops_per_token``);
+* the optimizer (then the weights) offloaded to the host only when no layout
+  fits on the GPUs, with data parallelism alone: a host Adam step or weights
+  crossing PCIe every step.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ import yaml
 from megascale.config import HostOffload
 from megascale.errors import MegascaleError
 from megascale.hardware import GPU
-from megascale.model.head_loss import CHUNK_ELEMENTS
+from megascale.planner.layout import (USABLE, Links, StepTime, activation_bytes, best_layout, candidate_layouts,
+                                      pipeline_sizes, recomputed_layers, stage_layers, state_bytes, tensor_sizes)
 from megascale.planner.mappings import PUBLISHED, TARGET_WORDS, Allocation, Mapping, ParametricMapping, sci
 from megascale.planner.shapes import Shape, ShapeCounts, count, recompute_flops_per_token, solve_shape
 
@@ -70,6 +75,13 @@ class Budget:
     hours: float | None = None
     mfu: float = 0.4
     host_adam_rate: float | None = None  # parameters/s one GPU's process steps on the host (bench/cpu_adam.py)
+    gpus_per_node: int = 0  # 0: the GPU's reference system's
+    link_gbs: float = 0.0  # GB/s one way per GPU inside a node (0: the GPU table's)
+    net_gbs: float = 0.0  # GB/s one way per GPU between nodes (0: the GPU table's)
+
+    @property
+    def links(self) -> Links:
+        return Links.of(self.gpu, self.gpus_per_node, self.link_gbs, self.net_gbs)
 
     @property
     def cluster_flops_per_s(self) -> float | None:
@@ -92,12 +104,21 @@ class Budget:
 
 
 def make_budget(flops: float | None = None, gpu: GPU | None = None, n_gpus: int | None = None,
-                hours: float | None = None, mfu: float = 0.4, host_adam_rate: float | None = None) -> Budget:
+                hours: float | None = None, mfu: float = 0.4, host_adam_rate: float | None = None,
+                gpus_per_node: int = 0, link_gbs: float = 0.0, net_gbs: float = 0.0) -> Budget:
     """Validate and build a budget: either ``flops``, or ``n_gpus`` × ``hours`` on ``gpu`` at ``mfu``.
 
     ``host_adam_rate`` (parameters per second one GPU's process steps with DeepSpeed's CPU Adam)
     prices the host step of a plan that offloads its optimizer; the FLOPs budget stays the GPUs'.
+    ``gpus_per_node``, ``link_gbs`` and ``net_gbs`` describe the cluster where it differs from the
+    GPU's reference system (megascale.hardware); they steer the parallel layout, not the budget.
     """
+    links = {"gpus_per_node": gpus_per_node, "link_gbs": link_gbs, "net_gbs": net_gbs}
+    if gpus_per_node < 0:
+        raise MegascaleError(f"GPUs per node {gpus_per_node} must be a positive integer (e.g. --gpus-per-node 8)")
+    for flag, value in (("--link-gbs", link_gbs), ("--net-gbs", net_gbs)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise MegascaleError(f"{flag} {value:g} must be a positive bandwidth in GB/s per GPU, one way (e.g. --net-gbs 50)")
     if host_adam_rate is not None and not (host_adam_rate > 0 and math.isfinite(host_adam_rate)):
         raise MegascaleError(f"host Adam rate {host_adam_rate:g} must be a positive number of parameters per second "
                              "(measure it on a training node: python bench/cpu_adam.py)")
@@ -112,11 +133,11 @@ def make_budget(flops: float | None = None, gpu: GPU | None = None, n_gpus: int 
             raise MegascaleError(f"budget of {flops:g} FLOPs must be positive (e.g. --flops 1e21)")
         if hours is not None:
             raise MegascaleError("give the budget either as --flops or as --gpus × --hours/--days, not both")
-        return Budget(flops, gpu, n_gpus or (1 if gpu else 0), None, mfu, host_adam_rate)
+        return Budget(flops, gpu, n_gpus or (1 if gpu else 0), None, mfu, host_adam_rate, **links)
     if hours is None or gpu is None:
         raise MegascaleError("no budget: give --flops C, or --gpus N --gpu NAME --hours H (or --days D) [--mfu 0.4]")
     n = n_gpus or 1
-    return Budget(n * gpu.peak_flops * mfu * hours * SECONDS_PER_HOUR, gpu, n, hours, mfu, host_adam_rate)
+    return Budget(n * gpu.peak_flops * mfu * hours * SECONDS_PER_HOUR, gpu, n, hours, mfu, host_adam_rate, **links)
 
 
 # ------------------------------------------------------------------ recipe
@@ -158,20 +179,6 @@ class Memory:
         return self.state + self.activations
 
 
-def state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int) -> float:
-    """Weights + grads + Adam per GPU, sharded as ZeRO stage ``zero_stage`` does over ``n_gpus``."""
-    n = max(1, n_gpus)
-    w, g, opt = (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)  # opt: (fp32 master +) Adam m, v
-    if zero_stage >= 1:
-        opt = 12  # DeepSpeed's ZeRO optimizer keeps an fp32 master partition in fp32 too (train/memory.py)
-        opt /= n
-    if zero_stage >= 2:
-        g /= n
-    if zero_stage >= 3:
-        w /= n
-    return unique * (w + g + opt)
-
-
 # DeepSpeed's default stage3_max_live_parameters: the most weights ZeRO-3 keeps gathered at once.
 MAX_LIVE_PARAMETERS = 10**9
 
@@ -188,19 +195,9 @@ def offloaded_state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: 
     return unique * w / (n if zero_stage >= 3 else 1), unique * (16 + w) / n
 
 
-def activation_bytes(shape: Shape, micro_batch: int, precision: str, recomputed: int = 0) -> float:
-    """Activations of one micro-batch per GPU; ``recomputed`` of the layers keep only their input."""
-    width = 1 if precision in ("bf16", "fp16", "bf16-autocast") else 2  # autocast keeps bf16 activations
-    layer, layer_input = 34 * shape.d_model * width, 2 * width * shape.d_model
-    blocks = (shape.n_layers - recomputed) * layer + recomputed * layer_input + (layer if recomputed else 0)  # + the one rebuilt
-    per_token = blocks + 2 * width * shape.d_model  # the loss's dx
-    loss = 4 * shape.vocab_size * shape.d_model + 3 * 4 * CHUNK_ELEMENTS  # head gradient (fp32); a chunk's logits, softmax
-    return per_token * shape.seq_len * micro_batch + loss
-
-
 @dataclass(frozen=True)
 class MemoryLayout:
-    """How the run fits a GPU: ZeRO stage, micro-batch, whether the optimizer is offloaded, the estimate."""
+    """How the run fits its GPUs: the parallel layout, ZeRO stage, micro-batch, offloading, the estimates."""
 
     zero_stage: int
     micro_batch: int
@@ -208,41 +205,63 @@ class MemoryLayout:
     offload: bool = False  # the optimizer
     offload_params: bool = False  # the weights too (ZeRO-3)
     notes: tuple[str, ...] = ()
-    recomputed: int = 0  # layers that recompute their activations in backward
+    recomputed: int = 0  # layers that recompute their activations in backward, in the whole model
+    tp: int = 1
+    pp: int = 1
+    per_stage: int = 0  # the recomputed layers of each stage (its first ones): parallel.checkpoint_layers
+    step: StepTime | None = None  # the modelled step (layout.py), when the GPUs' memory and links are known
+    data_parallel_only: StepTime | None = None  # the best layout without tp or pp, when another was chosen
 
 
-def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU | None, n_gpus: int,
-                         global_batch: int) -> MemoryLayout:
-    """The lowest ZeRO stage and largest power-of-two micro-batch that fit; else one sequence per GPU with the
-    fewest layers recomputed; the optimizer offloaded to the host (ZeRO-2, then ZeRO-3) only when no stage fits
-    with it on the device even so, since the host step is slower, and the weights as well (ZeRO-3) only when
-    even that does not fit."""
-    per_gpu_batch = max(1, global_batch // max(1, n_gpus))
+def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, budget: Budget, global_batch: int,
+                         tp: int = 0, pp: int = 0) -> MemoryLayout:
+    """The layout of ``budget``'s GPUs: on the device if any fits (the best modelled step, layout.py; the fewest layers
+    recomputed it needs), else one sequence per GPU with the optimizer offloaded to the host (ZeRO-2, then ZeRO-3),
+    and the weights as well (ZeRO-3) only when even that does not fit. ``tp``/``pp`` (0: any) restrict the choice."""
+    gpu, n_gpus = budget.gpu, max(1, budget.n_gpus)
     if gpu is None or not gpu.memory_gib:  # no hardware, or an unlisted GPU (--peak-tflops): memory unknown
-        micro = min(per_gpu_batch, 16)
+        micro = min(max(1, global_batch // n_gpus), 16)
         return MemoryLayout(1, micro, Memory(state_bytes(counts.unique, precision, 1, n_gpus), activation_bytes(shape, micro, precision), 0.0))
     capacity = gpu.memory_gib * 2**30
-    usable = 0.9 * capacity  # allocator fragmentation, CUDA context, communication buffers
-    unique = counts.unique
-    candidates = [(stage, False, False, state_bytes(unique, precision, stage, n_gpus), 0.0) for stage in (1, 2, 3)]
-    candidates += [(stage, True, False, *offloaded_state_bytes(unique, precision, stage, n_gpus)) for stage in (2, 3)]
-    candidates.append((3, True, True, *offloaded_state_bytes(unique, precision, 3, n_gpus, params=True)))
-    on_device, offloaded = candidates[:3], candidates[3:]
-    for group in (on_device, offloaded):
-        for stage, offload, offload_params, state, host in group:
-            micro = 2 ** int(math.log2(min(64, per_gpu_batch)))
-            while micro >= 1:
-                act = activation_bytes(shape, micro, precision)
-                if state + act <= usable:
-                    notes = (_offload_note(host, offload_params),) if offload else ()
-                    return MemoryLayout(stage, micro, Memory(state, act, capacity, host), offload, offload_params, notes)
-                micro //= 2
-        for stage, offload, offload_params, state, host in group:
-            n = _fewest_recomputed(shape, precision, usable - state)
-            if n is not None:
-                notes = (_recompute_note(shape, n),) + ((_offload_note(host, offload_params),) if offload else ())
-                act = activation_bytes(shape, 1, precision, n)
-                return MemoryLayout(stage, 1, Memory(state, act, capacity, host), offload, offload_params, notes, n)
+    layouts = list(candidate_layouts(shape, counts, precision, gpu, budget.links, n_gpus, global_batch, budget.mfu, tp, pp))
+    best = best_layout(layouts)
+    if best is not None:
+        total = recomputed_layers(shape.n_layers, best.pp, best.checkpoint_layers)
+        notes = (_recompute_note(shape, best.checkpoint_layers, best.pp),) if total else ()
+        plain = best_layout([x for x in layouts if x.model_parallel == 1]) if best.model_parallel > 1 else None
+        return MemoryLayout(best.zero_stage, best.micro_batch, Memory(best.state, best.activations, capacity), notes=notes,
+                            recomputed=total, tp=best.tp, pp=best.pp, per_stage=best.checkpoint_layers, step=best.step,
+                            data_parallel_only=plain.step if plain else None)
+    if tp > 1 or pp > 1:
+        raise MegascaleError(f"no layout with {_forced(tp, pp)} fits the model on {gpu.memory_gib:g} GiB GPUs, even with every "
+                             "layer recomputed; allow more model parallelism (or drop --tp/--pp), or use more or larger GPUs")
+    return _offloaded_layout(shape, unique=counts.unique, precision=precision, gpu=gpu, n_gpus=n_gpus, global_batch=global_batch)
+
+
+def _forced(tp: int, pp: int) -> str:
+    return " and ".join(f"--{k} {v}" for k, v in (("tp", tp), ("pp", pp)) if v)
+
+
+def _offloaded_layout(shape: Shape, *, unique: int, precision: str, gpu: GPU, n_gpus: int, global_batch: int) -> MemoryLayout:
+    """Data parallelism with the optimizer (then the weights) on the host; for models no on-device layout fits."""
+    capacity = gpu.memory_gib * 2**30
+    usable = USABLE * capacity
+    candidates = [(stage, False, *offloaded_state_bytes(unique, precision, stage, n_gpus)) for stage in (2, 3)]
+    candidates.append((3, True, *offloaded_state_bytes(unique, precision, 3, n_gpus, params=True)))
+    for stage, offload_params, state, host in candidates:
+        micro = 2 ** int(math.log2(min(64, max(1, global_batch // n_gpus))))
+        while micro >= 1:
+            act = activation_bytes(shape, micro, precision)
+            if state + act <= usable:
+                return MemoryLayout(stage, micro, Memory(state, act, capacity, host), True, offload_params,
+                                    (_offload_note(host, offload_params),))
+            micro //= 2
+    for stage, offload_params, state, host in candidates:
+        n = _fewest_recomputed(shape, precision, usable - state)
+        if n is not None:
+            notes = (_recompute_note(shape, n), _offload_note(host, offload_params))
+            return MemoryLayout(stage, 1, Memory(state, activation_bytes(shape, 1, precision, n), capacity, host), True,
+                                offload_params, notes, recomputed=n, per_stage=n)
     state = state_bytes(unique, precision, 3, n_gpus)
     note = (f"does not fit: {state / 2**30:.0f} GiB of weights+grads+Adam per GPU even with ZeRO-3 (and the weights "
             f"gathered for compute even with everything offloaded) plus one sequence's activations with every layer "
@@ -262,11 +281,18 @@ def recompute_overrides(n: int, n_layers: int) -> dict[str, Any]:
     return {"activation_checkpointing": True} | ({"checkpoint_layers": n} if n < n_layers else {})
 
 
-def _recompute_note(shape: Shape, n: int) -> str:
-    which = "every layer recomputes its activations" if n == shape.n_layers else f"{n} of {shape.n_layers} layers recompute their activations"
-    key = ", ".join(f"parallel.{k}={str(v).lower()}" for k, v in recompute_overrides(n, shape.n_layers).items())
-    extra = recompute_flops_per_token(shape, n) / count(shape).flops_per_token
-    return (f"one sequence's activations do not fit beside the state, so {which} in backward ({key}): one more forward of "
+def _recompute_note(shape: Shape, per_stage: int, pp: int = 1) -> str:
+    """Why layers recompute (``per_stage`` of each of ``pp`` stages), the config keys that say so, and their price."""
+    stages, total = stage_layers(shape.n_layers, pp), recomputed_layers(shape.n_layers, pp, per_stage)
+    if per_stage == stages:
+        which = "every layer recomputes its activations"
+    elif pp > 1:
+        which = f"the first {per_stage} layers of each stage ({total} of {shape.n_layers}) recompute their activations"
+    else:
+        which = f"{total} of {shape.n_layers} layers recompute their activations"
+    key = ", ".join(f"parallel.{k}={str(v).lower()}" for k, v in recompute_overrides(per_stage, stages).items())
+    extra = recompute_flops_per_token(shape, total) / count(shape).flops_per_token
+    return (f"the activations do not fit beside the state, so {which} in backward ({key}): one more forward of "
             f"those layers, ≈ {extra:.0%} more FLOPs a token, paid out of the budget (fewer tokens in the same time)")
 
 
@@ -297,6 +323,9 @@ class Recipe(HostOffload):
     offload_params: str = "none"  # train.offload_params
     recomputed_layers: int = 0  # of n_layers: parallel.activation_checkpointing (+ checkpoint_layers when fewer)
     recompute_flops: float = 0.0  # those layers' second forward for the tokens (same FLOPs model), not in ``flops``
+    tp: int = 1  # parallel.tp (with sequence parallelism when > 1)
+    pp: int = 1  # parallel.pp (blocks split evenly: parallel.partition=blocks)
+    checkpoint_layers: int = 0  # the recomputed layers of each stage (its first ones)
 
     @property
     def tokens_per_step(self) -> int:
@@ -353,6 +382,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     comparison: list[dict[str, Any]] = field(default_factory=list)
     data_parts: list[DataPart] = field(default_factory=list)  # the prepared corpora drawn from (none: the stdlib demo)
+    step: StepTime | None = None  # the layout's modelled step (layout.py), with the GPUs' memory and links known
+    data_parallel_only: StepTime | None = None  # the best layout without tp or pp, when another was chosen
 
     @property
     def size_error(self) -> float:
@@ -411,28 +442,55 @@ def make_plan(
     out_dir: str = "runs/plan",
     strict: bool = True,
     global_batch: int | None = None,
+    tp: int = 0,
+    pp: int = 0,
 ) -> Plan:
-    """The whole plan for ``budget`` under ``mapping``."""
+    """The whole plan for ``budget`` under ``mapping``; ``tp``/``pp`` fix those sizes (0: the planner picks)."""
     if flops_model not in FLOPS_MODELS:
         raise MegascaleError(f"FLOPs model '{flops_model}' is not one of {', '.join(FLOPS_MODELS)}")
     alloc = mapping.allocate(budget.flops)
     shape = solve_shape(alloc.target, kind=alloc.target_kind, vocab_size=vocab_size, seq_len=seq_len, sharing=sharing,
                         tie_embeddings=tie_embeddings, kv_heads=kv_heads, strict=strict)
+    _check_forced_layout(shape, budget, tp, pp)
     return plan_for_shape(budget, mapping, alloc, shape, flops_model=flops_model, precision=precision,
-                          data=data_section(data_path, vocab_size, seq_len, data_blend), out_dir=out_dir, global_batch=global_batch)
+                          data=data_section(data_path, vocab_size, seq_len, data_blend), out_dir=out_dir, global_batch=global_batch,
+                          tp=tp, pp=pp)
+
+
+def _check_forced_layout(shape: Shape, budget: Budget, tp: int, pp: int) -> None:
+    """One line for a --tp or --pp the GPUs or the shape cannot take."""
+    if tp < 0 or pp < 0:
+        raise MegascaleError(f"--tp {tp} and --pp {pp} must be positive (0 or absent: the planner picks)")
+    if not (tp > 1 or pp > 1):
+        return
+    n = max(1, budget.n_gpus)
+    if budget.gpu is None or not budget.gpu.memory_gib:
+        raise MegascaleError("--tp/--pp need a GPU budget whose memory is known: --gpus N --gpu NAME")
+    links = budget.links
+    if tp and tp not in tensor_sizes(shape, n, links.gpus_per_node, tp):
+        raise MegascaleError(
+            f"--tp {tp} does not fit this plan: it must be a power of two dividing the GPUs ({n}), the GPUs per node "
+            f"({links.gpus_per_node}), the heads ({shape.n_heads}), the FFN width ({shape.ffn_dim}), the vocabulary "
+            f"({shape.vocab_size}) and the sequence ({shape.seq_len}), and divide or be a multiple of the KV heads "
+            f"({shape.n_kv_heads})")
+    if pp and not pipeline_sizes(shape.n_layers, n // (tp or 1), pp):
+        raise MegascaleError(f"--pp {pp} must divide the GPUs left after tensor parallelism ({n // (tp or 1)}) and be at most "
+                             f"the layers ({shape.n_layers})")
 
 
 def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: Shape, *, flops_model: str, precision: str,
-                   data: dict[str, Any], out_dir: str, global_batch: int | None = None, micro_batch: int | None = None) -> Plan:
-    """Spend ``budget`` on a given ``shape``: tokens, batch, steps, memory layout, loss, time."""
+                   data: dict[str, Any], out_dir: str, global_batch: int | None = None, micro_batch: int | None = None,
+                   tp: int = 0, pp: int = 0) -> Plan:
+    """Spend ``budget`` on a given ``shape``: tokens, batch, steps, parallel and memory layout, loss, time."""
     counts = count(shape)
     per_token = counts.flops_per_token if flops_model == "exact" else 6.0 * counts.applied
     n_gpus = max(1, budget.n_gpus)
     gb = global_batch or global_batch_sequences(budget.flops, shape.seq_len, n_gpus)
-    layout = choose_memory_layout(shape, counts, precision, budget.gpu, n_gpus, gb)
+    layout = choose_memory_layout(shape, counts, precision, budget, gb, tp, pp)
     micro = micro_batch or layout.micro_batch
-    gb = max(gb, micro * n_gpus)
-    gb -= gb % (micro * n_gpus)
+    dp = n_gpus // (layout.tp * layout.pp)
+    gb = max(gb, micro * dp)
+    gb -= gb % (micro * dp)
     # Recomputation is spent out of the budget like the attention FLOPs are: the shape stays the allocation's,
     # the tokens are what the budget buys at the FLOPs a token really costs.
     recompute = recompute_flops_per_token(shape, layout.recomputed, exact=flops_model == "exact")
@@ -440,10 +498,11 @@ def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: S
     tokens = steps * gb * shape.seq_len
     recipe = Recipe(shape.seq_len, gb, micro, steps, warmup_steps(steps), deepseek_lr(budget.flops), precision,
                     layout.zero_stage, tokens, per_token * tokens, "cpu" if layout.offload else "none",
-                    "cpu" if layout.offload_params else "none", layout.recomputed, recompute * tokens)
+                    "cpu" if layout.offload_params else "none", layout.recomputed, recompute * tokens, layout.tp, layout.pp,
+                    layout.per_stage)
     loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
     plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, layout.memory, loss, data, out_dir,
-                list(layout.notes), data_parts=data_parts(data))
+                list(layout.notes), data_parts=data_parts(data), step=layout.step, data_parallel_only=layout.data_parallel_only)
     plan.notes += _notes(plan)
     plan.comparison = compare_mappings(budget.flops, exclude=mapping.name)
     return plan
@@ -465,7 +524,28 @@ def _vocab_tag(vocab: int) -> str:
 def _recompute_words(r: Recipe, n_layers: int) -> str:
     if not r.recomputed_layers:
         return ""
-    return " · every layer recomputed" if r.recomputed_layers == n_layers else f" · {r.recomputed_layers} of {n_layers} layers recomputed"
+    if r.recomputed_layers == n_layers:
+        return " · every layer recomputed"
+    each = f", the first {r.checkpoint_layers} of each stage" if r.pp > 1 else ""
+    return f" · {r.recomputed_layers} of {n_layers} layers recomputed{each}"
+
+
+def _layout_words(plan: Plan) -> str:
+    b, r = plan.budget, plan.recipe
+    words = f"{r.precision} · ZeRO-{r.zero_stage}{_offload_words(r)} · micro-batch {r.micro_batch}"
+    if b.n_gpus:
+        dp = b.n_gpus // (r.tp * r.pp)
+        if r.tp * r.pp > 1:
+            words += (f" per GPU · tensor {r.tp} × pipeline {r.pp} × data {dp} = {b.n_gpus} GPUs"
+                      + (" (sequence parallel)" if r.tp > 1 else ""))
+        else:
+            words += f" per GPU × {b.n_gpus} GPUs"
+        words += f" × accumulation {r.global_batch // (r.micro_batch * dp)}"
+    return words + _recompute_words(r, plan.shape.n_layers)
+
+
+def _step_words(plan: Plan) -> str:
+    return f"{plan.step.words()} (modelled: {plan.budget.links.describe()})"
 
 
 def _offload_words(r: Recipe) -> str:
@@ -475,7 +555,7 @@ def _offload_words(r: Recipe) -> str:
 
 
 def _notes(plan: Plan) -> list[str]:
-    notes = []
+    notes = _layout_notes(plan)
     if plan.shape.sharing != "none":
         notes.append("tied blocks: N, FLOPs and time follow applied parameters, memory the unique ones; the published "
                      "laws were fitted on untied models, so treat the allocation (and any predicted loss) as a dense "
@@ -489,6 +569,20 @@ def _notes(plan: Plan) -> list[str]:
         notes.append("the emitted config trains on the embedded stdlib corpus (a few million tokens, repeated); "
                      "for a real run prepare your corpus and pass --data PATH (or override data.corpus=prepared data.path=...)")
     return notes
+
+
+def _layout_notes(plan: Plan) -> list[str]:
+    """Why the plan splits the model over GPUs, when it does."""
+    r = plan.recipe
+    if r.tp * r.pp == 1 or plan.step is None:
+        return []
+    alone = plan.data_parallel_only
+    why = (f"data parallelism alone (the best such layout) models at {alone.efficiency:.0%} compute: {alone.words()}"
+           if alone else "no data-parallel layout fits a GPU without offloading")
+    split = " × ".join(f"{name} {size}" for name, size in (("tensor", r.tp), ("pipeline", r.pp)) if size > 1)
+    return [f"the model is split over {r.tp * r.pp} GPUs ({split}) because {why}; "
+            f"this layout models at {plan.step.efficiency:.0%}. The wall time assumes the MFU all the same; "
+            "--tp/--pp fix the sizes, --net-gbs and --gpus-per-node describe your cluster"]
 
 
 def _repetition_notes(plan: Plan) -> list[str]:
@@ -541,7 +635,10 @@ def plan_config(plan: Plan) -> dict[str, Any]:
 
 
 def _parallel_section(r: Recipe, n_layers: int) -> dict[str, Any]:
-    parallel = recompute_overrides(r.recomputed_layers, n_layers)
+    parallel: dict[str, Any] = {"tp": r.tp, "sequence_parallel": True} if r.tp > 1 else {}
+    if r.pp > 1:
+        parallel |= {"pp": r.pp, "partition": "blocks"}  # the stage sizes the layout's memory assumed
+    parallel |= recompute_overrides(r.checkpoint_layers, stage_layers(n_layers, r.pp))
     return {"parallel": parallel} if parallel else {}
 
 
@@ -558,8 +655,19 @@ def config_header(plan: Plan) -> str:
     ]
     if plan.data["corpus"] == "stdlib":
         lines.append("data: the embedded stdlib demo corpus; for a real run: data.corpus=prepared data.path=YOUR_DIR")
-    lines.append("run: deepspeed launch/pretrain.py --config THIS_FILE")
+    lines.append(f"run: {start_command(plan.budget, 'THIS_FILE')}")
     return "".join(f"# {line}\n" for line in lines)
+
+
+def start_command(budget: Budget, config: Path | str) -> str:
+    """The launcher line for the plan's GPUs: one node through deepspeed, more through the SLURM script."""
+    per_node = budget.links.gpus_per_node if budget.gpu else 0
+    if per_node and budget.n_gpus > per_node:
+        nodes = -(-budget.n_gpus // per_node)
+        return (f"sbatch --nodes={nodes} --ntasks-per-node={per_node} --gpus-per-node={per_node} "
+                f"launch/slurm/pretrain.sbatch {config}")
+    launcher = f"deepspeed --num_gpus {budget.n_gpus} " if budget.n_gpus > 1 else "deepspeed "
+    return f"{launcher}launch/pretrain.py --config {config}"
 
 
 def write_config(plan: Plan, path: Path | str) -> Path:
@@ -598,6 +706,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "predicted_loss": plan.predicted_loss,
         "data_use": [asdict(p) | {"epochs": p.epochs(r.tokens)} for p in plan.data_parts],
         "hardware_flops": plan.hardware_flops,
+        "step_model": _step_dict(plan),
         "wall_seconds": plan.wall_seconds,
         "device_seconds": plan.device_seconds,
         "host_step_seconds": plan.host_step_seconds,
@@ -605,6 +714,15 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "notes": plan.notes,
         "other_mappings": plan.comparison,
     }
+
+
+def _step_dict(plan: Plan) -> dict[str, Any] | None:
+    """The modelled step's seconds by cause and the links assumed (None without known GPUs)."""
+    if plan.step is None:
+        return None
+    alone = plan.data_parallel_only
+    return (asdict(plan.step) | {"efficiency": plan.step.efficiency, "links": asdict(plan.budget.links)}
+            | {"data_parallel_only": asdict(alone) | {"efficiency": alone.efficiency} if alone else None})
 
 
 def gib(nbytes: float) -> str:
@@ -650,10 +768,8 @@ def render_plan(plan: Plan) -> str:
         *([("data", _data_words(plan))] if plan.data_parts else []),
         ("training", f"{r.steps:,} steps × {r.global_batch} sequences × {r.seq_len} tokens ({human(r.tokens_per_step)} tokens/step) · "
                      f"lr {r.lr:.2g}, warm-up {r.warmup}, cosine to 10%"),
-        ("layout", f"{r.precision} · ZeRO-{r.zero_stage}{_offload_words(r)}"
-                   f" · micro-batch {r.micro_batch}"
-                   + (f" per GPU × {b.n_gpus} GPUs × accumulation {r.global_batch // (r.micro_batch * b.n_gpus)}" if b.n_gpus else "")
-                   + _recompute_words(r, s.n_layers)),
+        ("layout", _layout_words(plan)),
+        *([("step time", _step_words(plan))] if plan.step is not None and b.n_gpus > 1 else []),
     ]
     mem = plan.memory
     if mem.capacity:

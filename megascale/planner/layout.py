@@ -1,0 +1,245 @@
+"""The parallel layout of a plan: tensor × pipeline × data parallelism, ZeRO stage, micro-batch, recomputation.
+
+Memory decides which layouts fit a GPU; a model of one optimizer step's time
+decides among those that do. On one node data parallelism with ZeRO is nearly
+free and wins; across nodes ZeRO-3 gathers every weight over the network for
+every micro-batch, and a large model is better split by tensor parallelism
+inside a node and pipeline stages across nodes (Narayanan et al. 2021,
+"Efficient Large-Scale Language Model Training on GPU Clusters", §3).
+
+The step model, per GPU, with every FLOP at the budget's MFU:
+
+* compute: the model's FLOPs of the step over the GPUs; recomputed forwards on top;
+* pipeline bubble: (pp − 1)/m of the step's compute, m micro-batches a step
+  (1F1B: DeepSpeed's schedule);
+* tensor parallelism (with sequence parallelism): per layer and micro-batch an
+  all-gather and a reduce-scatter around attention and around the MLP, forward
+  and backward (two more for a recomputed forward), each moving (tp − 1)/tp of
+  the micro-batch's hidden states over the node's links; not overlapped;
+* data parallelism, ZeRO-1/2: the gradients' reduce-scatter (overlapped with the
+  last micro-batch's backward, DeepSpeed's overlap_comm) and the updated weights'
+  all-gather (not overlapped), (dp − 1)/dp of the stage's weights each;
+  ZeRO-3: the weights gathered for forward and for backward and the gradients
+  reduce-scattered, every micro-batch, overlapped with that micro-batch's compute;
+* pipeline sends: each micro-batch's hidden states forward and their gradient
+  back, once per stage boundary, not overlapped (DeepSpeed's are blocking).
+
+Links: the data-parallel group stays inside a node when tp·dp ≤ GPUs per node,
+and pipeline neighbours do when tp·dp < GPUs per node (ranks are ordered tensor,
+then data, then pipeline, as DeepSpeed's topology is); else they cross the
+network. Among the layouts within one point of the best modelled efficiency,
+the plan takes the fewest model-parallel GPUs, then the lowest ZeRO stage, then
+the largest micro-batch: what the model leaves out (kernel efficiency at
+smaller matrices, ZeRO-3's hooks) favours each of those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+from megascale.hardware import GPU
+from megascale.model.head_loss import CHUNK_ELEMENTS
+from megascale.planner.shapes import Shape, ShapeCounts, recompute_flops_per_token
+
+USABLE = 0.9  # of a GPU's memory: allocator fragmentation, CUDA context, communication buffers
+EFFICIENCY_BAND = 0.01  # layouts this close to the best modelled efficiency count as equal
+
+
+@dataclass(frozen=True)
+class Links:
+    """What the GPUs talk over: GPUs per node and GB/s per GPU, one way, inside a node and between nodes."""
+
+    gpus_per_node: int
+    link_gbs: float
+    net_gbs: float
+
+    @classmethod
+    def of(cls, gpu: GPU, gpus_per_node: int = 0, link_gbs: float = 0.0, net_gbs: float = 0.0) -> Links:
+        return cls(gpus_per_node or gpu.gpus_per_node, link_gbs or gpu.link_gbs, net_gbs or gpu.net_gbs)
+
+    def describe(self) -> str:
+        return f"{self.gpus_per_node} GPUs a node, {self.link_gbs:g} GB/s within, {self.net_gbs:g} GB/s between nodes"
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """One optimizer step's modelled seconds per GPU, by what they are spent on."""
+
+    compute: float
+    recompute: float = 0.0
+    bubble: float = 0.0
+    tensor: float = 0.0
+    data: float = 0.0
+    pipeline: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.recompute + self.bubble + self.tensor + self.data + self.pipeline
+
+    @property
+    def efficiency(self) -> float:
+        """The share of the step spent on the model's own FLOPs."""
+        return self.compute / self.total
+
+    def words(self) -> str:
+        parts = [("compute", self.compute), ("recomputation", self.recompute), ("pipeline bubble", self.bubble),
+                 ("tensor-parallel traffic", self.tensor), ("data-parallel traffic", self.data),
+                 ("pipeline sends", self.pipeline)]
+        return " · ".join(f"{name} {seconds / self.total:.0%}" for name, seconds in parts
+                          if seconds / self.total >= 0.005 or name == "compute")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A way to run the plan on its GPUs, with its memory per GPU and modelled step."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+    micro_batch: int
+    global_batch: int
+    checkpoint_layers: int  # per stage, the first ones; 0: none recomputed (unlike the config key, where 0 is all)
+    state: float  # bytes per GPU: weights, gradients, optimizer state
+    activations: float  # bytes per GPU, the heaviest stage
+    step: StepTime
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp
+
+
+def stage_layers(n_layers: int, pp: int) -> int:
+    """Blocks on the fullest stage when the blocks are split evenly (parallel.partition=blocks)."""
+    return math.ceil(n_layers / pp)
+
+
+def recomputed_layers(n_layers: int, pp: int, per_stage: int) -> int:
+    """Layers recomputed in the whole model when each stage recomputes its first ``per_stage``."""
+    base, extra = divmod(n_layers, pp)
+    return sum(min(per_stage, base + (stage < extra)) for stage in range(pp))
+
+
+def stage_params(shape: Shape, tp: int, pp: int) -> float:
+    """Parameters a GPU of the fullest stage holds: its blocks' shards and an embedding's or the head's."""
+    s = shape
+    kv_shard = 2 * s.d_model * s.n_kv_heads * s.head_dim / min(tp, s.n_kv_heads)  # tp > n_kv: a whole head a rank
+    block = 2 * s.d_model + (2 * s.d_model * s.n_heads * s.head_dim + 3 * s.d_model * s.ffn_dim) / tp + kv_shard
+    vocab = s.vocab_size * s.d_model / tp
+    ends = 2 * vocab if pp == 1 and not s.tie_embeddings else vocab  # pp > 1: the first stage's embedding or the last's head
+    return min(stage_layers(s.n_layers, pp), s.n_groups) * block + ends + s.d_model
+
+
+def state_bytes(params: float, precision: str, zero_stage: int, dp: int) -> float:
+    """Weights + grads + Adam per GPU, sharded as ZeRO stage ``zero_stage`` does over ``dp``."""
+    n = max(1, dp)
+    w, g, opt = (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)  # opt: (fp32 master +) Adam m, v
+    if zero_stage >= 1:
+        opt = 12  # DeepSpeed's ZeRO optimizer keeps an fp32 master partition in fp32 too (train/memory.py)
+        opt /= n
+    if zero_stage >= 2:
+        g /= n
+    if zero_stage >= 3:
+        w /= n
+    return params * (w + g + opt)
+
+
+def activation_bytes(shape: Shape, micro_batch: int, precision: str, recomputed: int = 0, *, tp: int = 1, pp: int = 1,
+                     in_flight: int = 1) -> float:
+    """Activations per GPU of the heaviest stage; its first ``recomputed`` layers keep only their input.
+
+    Per token and layer 34·d bytes in 16 bits (Korthikanti et al. 2022, without the scores flash attention
+    never stores), all of it split over ``tp`` with sequence parallelism. The first of ``pp`` stages keeps
+    ``in_flight`` micro-batches (1F1B); the last keeps one and the loss's: the hidden states' gradient, the
+    head's fp32 gradient and a chunk of fp32 logits.
+    """
+    width = 1 if precision in ("bf16", "fp16", "bf16-autocast") else 2  # autocast keeps bf16 activations
+    layer, layer_input = 34 * shape.d_model * width / tp, 2 * width * shape.d_model / tp
+    layers = stage_layers(shape.n_layers, pp)
+    kept = (layers - recomputed) * layer + recomputed * layer_input
+    tokens = shape.seq_len * micro_batch
+    rebuilt = layer * tokens if recomputed else 0  # backward rebuilds one layer at a time
+    loss = 2 * width * shape.d_model / tp * tokens + (4 * shape.vocab_size * shape.d_model + 3 * 4 * CHUNK_ELEMENTS) / tp
+    last = kept * tokens + rebuilt + loss
+    first = kept * tokens * in_flight + rebuilt
+    return max(first, last) if pp > 1 else last
+
+
+def tensor_sizes(shape: Shape, n_gpus: int, gpus_per_node: int, only: int = 0) -> list[int]:
+    """Tensor-parallel sizes the shape and the nodes allow: powers of two within a node dividing heads, FFN,
+    vocabulary and the sequence (sequence parallelism), and either dividing the KV heads or a multiple of them."""
+    sizes = []
+    tp = 1
+    while tp <= min(n_gpus, gpus_per_node):
+        ok = all(x % tp == 0 for x in (n_gpus, gpus_per_node, shape.n_heads, shape.ffn_dim, shape.vocab_size, shape.seq_len))
+        if ok and (shape.n_kv_heads % tp == 0 or tp % shape.n_kv_heads == 0) and only in (0, tp):
+            sizes.append(tp)
+        tp *= 2
+    return sizes
+
+
+def pipeline_sizes(n_layers: int, gpus: int, only: int = 0) -> list[int]:
+    """Stage counts that divide the GPUs left after tensor parallelism, at most one stage a layer."""
+    return [pp for pp in range(1, min(n_layers, gpus) + 1) if gpus % pp == 0 and only in (0, pp)]
+
+
+def step_time(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU, links: Links, n_gpus: int, mfu: float,
+              tp: int, pp: int, zero_stage: int, micro: int, global_batch: int, per_stage: int) -> StepTime:
+    """The modelled seconds of one optimizer step per GPU (module docstring)."""
+    dp = n_gpus // (tp * pp)
+    w = 2 if precision in ("bf16", "fp16", "bf16-autocast") else 4
+    rate = n_gpus * gpu.peak_flops * mfu
+    tokens = global_batch * shape.seq_len
+    compute = counts.flops_per_token * tokens / rate
+    recompute = recompute_flops_per_token(shape, recomputed_layers(shape.n_layers, pp, per_stage)) * tokens / rate
+    m = global_batch // (dp * micro)
+    busy = compute + recompute
+    hidden = micro * shape.seq_len * shape.d_model * w  # one micro-batch's hidden states
+    link, net = links.link_gbs * 1e9, links.net_gbs * 1e9
+    layers = stage_layers(shape.n_layers, pp)
+    tensor = m * (8 * layers + 4 * per_stage) * (tp - 1) / tp * hidden / link if tp > 1 else 0.0
+    weights = stage_params(shape, tp, pp) * w * (dp - 1) / dp
+    dp_bw = link if tp * dp <= links.gpus_per_node else net
+    if zero_stage == 3:
+        data = m * max(0.0, 3 * weights / dp_bw - busy / m)
+    else:
+        data = max(0.0, weights / dp_bw - 2 / 3 * busy / m) + weights / dp_bw
+    pp_bw = link if tp * dp < links.gpus_per_node else net
+    pipeline = m * 2 * hidden / tp / pp_bw if pp > 1 else 0.0
+    return StepTime(compute, recompute, (pp - 1) / m * busy, tensor, data, pipeline)
+
+
+def candidate_layouts(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU, links: Links, n_gpus: int,
+                      global_batch: int, mfu: float, tp_only: int = 0, pp_only: int = 0) -> Iterator[Layout]:
+    """Every layout that fits a GPU without offloading, each with the fewest recomputed layers it needs."""
+    usable = USABLE * gpu.memory_gib * 2**30
+    for tp in tensor_sizes(shape, n_gpus, links.gpus_per_node, tp_only):
+        for pp in pipeline_sizes(shape.n_layers, n_gpus // tp, pp_only):
+            dp = n_gpus // (tp * pp)
+            params = stage_params(shape, tp, pp)
+            for stage in (1,) if pp > 1 else (1, 2, 3):
+                state = state_bytes(params, precision, stage, dp)
+                micro = 2 ** int(math.log2(max(1, min(64, global_batch // dp))))
+                while micro >= 1:
+                    gb = max(global_batch, micro * dp)
+                    gb -= gb % (micro * dp)
+                    in_flight = min(pp, gb // (dp * micro))
+                    fits = [r for r in range(stage_layers(shape.n_layers, pp) + 1)
+                            if state + activation_bytes(shape, micro, precision, r, tp=tp, pp=pp, in_flight=in_flight) <= usable]
+                    if fits:
+                        r = fits[0]
+                        act = activation_bytes(shape, micro, precision, r, tp=tp, pp=pp, in_flight=in_flight)
+                        step = step_time(shape, counts, precision, gpu, links, n_gpus, mfu, tp, pp, stage, micro, gb, r)
+                        yield Layout(tp, pp, dp, stage, micro, gb, r, state, act, step)
+                    micro //= 2
+
+
+def best_layout(layouts: list[Layout]) -> Layout | None:
+    """The fewest model-parallel GPUs, lowest ZeRO stage, largest micro-batch within the band of the best efficiency."""
+    if not layouts:
+        return None
+    best = max(layout.step.efficiency for layout in layouts)
+    near = [layout for layout in layouts if layout.step.efficiency >= best - EFFICIENCY_BAND]
+    return min(near, key=lambda layout: (layout.model_parallel, layout.zero_stage, -layout.micro_batch, layout.checkpoint_layers))

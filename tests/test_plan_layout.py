@@ -1,0 +1,170 @@
+"""The planner's parallel layout: tensor × pipeline × data parallelism chosen by memory and a step-time model.
+
+The memory per GPU is checked against the real trainer (the parameters each rank of a
+tp=2 × pp=2 run holds), the emitted config runs on four CPU ranks, and the choice is
+checked where its answer is known: one node stays data-parallel, a large model across
+many nodes is split, and a slower network never makes the plan split the model less.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from conftest import clean_env, events, launch_command, spawn_ranks
+from megascale.errors import MegascaleError
+from megascale.hardware import lookup_gpu
+from megascale.config import load_config
+from megascale.planner.layout import (Links, activation_bytes, best_layout, candidate_layouts, recomputed_layers,
+                                      stage_params, state_bytes, step_time)
+from megascale.planner.mappings import PUBLISHED
+from megascale.planner.plan import data_section, make_budget, make_plan, plan_for_shape, plan_to_dict, render_plan, write_config
+from megascale.planner.shapes import Shape, count
+
+H100 = lookup_gpu("H100")
+SHAPES = [
+    Shape(512, 64, 4, 4, 2, 192, 32, sharing="cycle:2"),
+    Shape(32000, 2048, 6, 16, 8, 5632, 2048, tie_embeddings=True),
+    Shape(1000, 256, 4, 4, 4, 704, 128, sharing="all"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_gpu_of_the_layout_holds_the_data_parallel_counts(shape):
+    """Without tensor or pipeline parallelism a GPU holds every unique parameter; with them a share of each block."""
+    assert stage_params(shape, 1, 1) == count(shape).unique
+    assert stage_params(shape, 2, 1) < count(shape).unique
+    # activations: sequence parallelism splits them over tp; the first of pp stages keeps pp micro-batches of its layers
+    one = activation_bytes(shape, 1, "bf16")
+    assert activation_bytes(shape, 1, "bf16", tp=2) == pytest.approx(one / 2)
+    first = activation_bytes(shape, 1, "bf16", pp=2, in_flight=2)
+    assert first >= activation_bytes(shape, 1, "bf16", pp=2, in_flight=1)
+    assert recomputed_layers(5, 2, 2) == 4 and recomputed_layers(5, 2, 3) == 5 and recomputed_layers(4, 1, 4) == 4
+
+
+def test_one_node_stays_data_parallel():
+    plan = make_plan(make_budget(gpu=H100, n_gpus=8, hours=168), PUBLISHED["epoch"])
+    assert (plan.recipe.tp, plan.recipe.pp) == (1, 1)
+    assert "step time" in render_plan(plan) and "split over" not in render_plan(plan)
+    single = make_plan(make_budget(gpu=H100, n_gpus=1, hours=168), PUBLISHED["epoch"])
+    assert (single.recipe.tp, single.recipe.pp) == (1, 1) and "step time" not in render_plan(single)
+
+
+def test_a_large_model_across_nodes_is_split_and_the_config_says_how(tmp_path):
+    """~100B on 1024 H100s: data parallelism alone needs recomputation (or ZeRO-3 traffic it cannot hide); the plan
+    splits the model and emits a config that loads, with the SLURM line for 128 nodes."""
+    plan = make_plan(make_budget(gpu=H100, n_gpus=1024, hours=30 * 24), PUBLISHED["epoch"])
+    r = plan.recipe
+    assert r.tp * r.pp > 1
+    assert plan.data_parallel_only is not None and plan.step.efficiency > plan.data_parallel_only.efficiency
+    dp = 1024 // (r.tp * r.pp)
+    assert r.global_batch % (r.micro_batch * dp) == 0
+    assert plan.memory.state + plan.memory.activations <= 0.9 * 80 * 2**30
+    cfg = load_config(write_config(plan, tmp_path / "big.yaml"))
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (r.tp, r.pp) and cfg.parallel.sequence_parallel == (r.tp > 1)
+    assert "sbatch --nodes=128 --ntasks-per-node=8" in (tmp_path / "big.yaml").read_text()
+    assert any("split over" in note for note in plan.notes)
+    step = plan_to_dict(plan)["step_model"]
+    assert step["efficiency"] == pytest.approx(plan.step.efficiency) and step["links"]["net_gbs"] == 50.0
+
+
+def test_a_slower_network_never_splits_the_model_less():
+    def split(net_gbs: float) -> int:
+        recipe = make_plan(make_budget(gpu=lookup_gpu("A10G"), n_gpus=64, hours=30 * 24, net_gbs=net_gbs), PUBLISHED["epoch"]).recipe
+        return recipe.tp * recipe.pp
+
+    splits = [split(gbs) for gbs in (1000.0, 50.0, 1.5625)]
+    assert splits == sorted(splits) and splits[-1] > 1
+
+
+def test_the_step_model_charges_what_its_docstring_says():
+    shape, counts = SHAPES[1], count(SHAPES[1])
+    links = Links(8, 400.0, 40.0)
+
+    def step(**kw):
+        args = dict(tp=1, pp=1, zero_stage=1, micro=1, global_batch=64, per_stage=0) | kw
+        return step_time(shape, counts, "bf16", H100, links, 16, 0.5, **args)
+
+    base = step()
+    assert base.compute == pytest.approx(counts.flops_per_token * 64 * 2048 / (16 * H100.peak_flops * 0.5))
+    assert base.bubble == base.tensor == base.pipeline == 0.0
+    piped = step(pp=2)  # dp 8 → m = 64 / 8 = 8 micro-batches: a bubble of 1/8 of the step's compute
+    assert piped.bubble == pytest.approx(piped.compute / 8)
+    split = step(tp=2)  # per layer and micro-batch 8 transfers (4 with a recomputed forward) of half the hidden states
+    hidden = 2048 * 2048 * 2
+    assert split.tensor == pytest.approx((64 // 8) * 8 * 6 * 0.5 * hidden / 400e9)
+    assert step(tp=2, per_stage=2).tensor == pytest.approx((64 // 8) * (8 * 6 + 4 * 2) * 0.5 * hidden / 400e9)
+    # ZeRO-3's traffic hides behind a micro-batch's compute on fast links, and shows on slow ones
+    fast = step_time(shape, counts, "bf16", H100, Links(16, 400.0, 400.0), 16, 0.5, 1, 1, 3, 1, 64, 0)
+    slow = step_time(shape, counts, "bf16", H100, Links(8, 400.0, 0.5), 16, 0.5, 1, 1, 3, 1, 64, 0)
+    assert fast.data == 0.0 and slow.data > 0.0 and slow.efficiency < fast.efficiency
+
+
+def test_every_candidate_fits_and_the_choice_is_the_best_within_the_band():
+    shape = Shape(32000, 5120, 40, 40, 8, 13824, 4096)
+    layouts = list(candidate_layouts(shape, count(shape), "bf16", H100, Links.of(H100), 64, 512, 0.4))
+    assert {(x.tp, x.pp) for x in layouts} >= {(1, 1), (8, 1), (1, 2)}
+    for x in layouts:
+        assert x.state + x.activations <= 0.9 * 80 * 2**30 and x.tp * x.pp * x.dp == 64
+        assert x.state == state_bytes(stage_params(shape, x.tp, x.pp), "bf16", x.zero_stage, x.dp)
+        if x.checkpoint_layers:  # the fewest recomputed layers: one fewer would not fit
+            fewer = activation_bytes(shape, x.micro_batch, "bf16", x.checkpoint_layers - 1, tp=x.tp, pp=x.pp,
+                                     in_flight=min(x.pp, x.global_batch // (x.dp * x.micro_batch)))
+            assert x.state + fewer > 0.9 * 80 * 2**30
+    best = best_layout(layouts)
+    assert best.step.efficiency >= max(x.step.efficiency for x in layouts) - 0.01
+    assert all(x.model_parallel >= best.model_parallel for x in layouts if x.step.efficiency >= best.step.efficiency)
+
+
+def test_forced_sizes_are_kept_or_refused_in_one_line():
+    budget = make_budget(gpu=H100, n_gpus=64, hours=30 * 24)
+    plan = make_plan(budget, PUBLISHED["epoch"], tp=8, pp=2)
+    assert (plan.recipe.tp, plan.recipe.pp) == (8, 2)
+    with pytest.raises(MegascaleError, match="--tp 3 does not fit this plan: it must be a power of two"):
+        make_plan(budget, PUBLISHED["epoch"], tp=3)
+    with pytest.raises(MegascaleError, match=r"--pp 7 must divide the GPUs left after tensor parallelism \(64\)"):
+        make_plan(budget, PUBLISHED["epoch"], pp=7)
+    with pytest.raises(MegascaleError, match="need a GPU budget whose memory is known"):
+        make_plan(make_budget(flops=1e21), PUBLISHED["epoch"], tp=2)
+    with pytest.raises(MegascaleError, match="--net-gbs -1 must be a positive bandwidth"):
+        make_budget(gpu=H100, n_gpus=8, hours=1, net_gbs=-1)
+    tiny = make_budget(gpu=dataclasses.replace(H100, memory_gib=1), n_gpus=8, hours=168)
+    with pytest.raises(MegascaleError, match="no layout with --tp 2 fits the model on 1 GiB GPUs"):
+        make_plan(tiny, PUBLISHED["epoch"], tp=2)
+
+
+def test_an_emitted_split_layout_trains_and_its_ranks_hold_what_the_plan_counted(tmp_path, data_dir):
+    """tp=2 × pp=2 on four CPU ranks: the emitted config runs, and the fullest rank holds stage_params parameters."""
+    shape = SHAPES[0]
+    budget = make_budget(gpu=lookup_gpu("A10G"), n_gpus=4, hours=0.01)
+    mapping = PUBLISHED["epoch"]
+    plan = plan_for_shape(budget, mapping, mapping.allocate(budget.flops), shape, flops_model="exact", precision="bf16",
+                          data=data_section(str(data_dir), 512, 32), out_dir=str(tmp_path / "run"), global_batch=8, tp=2, pp=2)
+    config = write_config(plan, tmp_path / "plan.yaml")
+    proc = spawn_ranks(launch_command(4, "spawn") + [
+        "--config", str(config), "train.max_steps=2", "train.precision=fp32", "train.eval_every=0", "train.save_every=0",
+        "train.progress=false", "metrics.tensorboard=false", "metrics.plot=false"], 4, clean_env(), 300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layout: tp=2 pp=2 dp=1" in proc.stderr
+    ranks = events(tmp_path / "run", "state_memory")[0]["ranks"]
+    assert max(r["params"] for r in ranks) == stage_params(shape, 2, 2)
+    assert sum(r["params"] for r in ranks) < 4 * count(shape).unique
+
+
+def test_cli_prints_the_split_and_the_sbatch_line(capsys, tmp_path):
+    from test_planner import run_cli  # noqa: PLC0415
+
+    rc, out, _ = run_cli(capsys, "--gpus", "1024", "--gpu", "H100", "--days", "30", "--emit-config", str(tmp_path / "c.yaml"))
+    assert rc == 0 and "step time" in out and "split over" in out
+    assert "start the run:  sbatch --nodes=128 --ntasks-per-node=8 --gpus-per-node=8 launch/slurm/pretrain.sbatch" in out
+    rc, out, _ = run_cli(capsys, "--gpus", "64", "--gpu", "H100", "--days", "30", "--tp", "8", "--pp", "2", "--json")
+    parallel = json.loads(out)["config"]["parallel"]
+    assert rc == 0 and {k: parallel[k] for k in ("tp", "sequence_parallel", "pp", "partition")} == {
+        "tp": 8, "sequence_parallel": True, "pp": 2, "partition": "blocks"}
+    rc, _, err = run_cli(capsys, "--gpus", "64", "--gpu", "H100", "--days", "30", "--tp", "3")
+    assert rc == 2 and "--tp 3 does not fit this plan" in err and len(err.strip().splitlines()) == 1
+    assert math.isfinite(float(json.loads(run_cli(capsys, "--gpus", "16", "--gpu", "H100", "--days", "1", "--json")[1])
+                               ["step_model"]["efficiency"]))
