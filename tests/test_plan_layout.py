@@ -43,6 +43,9 @@ def test_one_gpu_of_the_layout_holds_the_data_parallel_counts(shape):
     first = activation_bytes(shape, 1, "bf16", pp=2, in_flight=2)
     assert first >= activation_bytes(shape, 1, "bf16", pp=2, in_flight=1)
     assert recomputed_layers(5, 2, 2) == 4 and recomputed_layers(5, 2, 3) == 5 and recomputed_layers(4, 1, 4) == 4
+    # ZeRO-3 holds its partition and the weights it gathers for compute (at most DeepSpeed's live-parameter bound)
+    assert state_bytes(4e9, "bf16", 3, 8) == 4e9 * 16 / 8 + 2 * 1e9
+    assert state_bytes(1e8, "bf16", 3, 8) == 1e8 * 16 / 8 + 2 * 1e8
 
 
 def test_one_node_stays_data_parallel():
@@ -93,6 +96,8 @@ def test_the_step_model_charges_what_its_docstring_says():
     assert base.bubble == base.tensor == base.pipeline == 0.0
     piped = step(pp=2)  # dp 8 → m = 64 / 8 = 8 micro-batches: a bubble of 1/8 of the step's compute
     assert piped.bubble == pytest.approx(piped.compute / 8)
+    # the pipeline engine reduces after its schedule: the reduce-scatter and all-gather both show (8 ranks: NVLink)
+    assert piped.data == pytest.approx(2 * stage_params(shape, 1, 2) * 2 * 7 / 8 / 400e9)
     split = step(tp=2)  # per layer and micro-batch 8 transfers (4 with a recomputed forward) of half the hidden states
     hidden = 2048 * 2048 * 2
     assert split.tensor == pytest.approx((64 // 8) * 8 * 6 * 0.5 * hidden / 400e9)

@@ -17,8 +17,9 @@ The step model, per GPU, with every FLOP at the budget's MFU:
   and backward (two more for a recomputed forward), each moving (tp − 1)/tp of
   the micro-batch's hidden states over the node's links; not overlapped;
 * data parallelism, ZeRO-1/2: the gradients' reduce-scatter (overlapped with the
-  last micro-batch's backward, DeepSpeed's overlap_comm) and the updated weights'
-  all-gather (not overlapped), (dp − 1)/dp of the stage's weights each;
+  last micro-batch's backward, DeepSpeed's overlap_comm, but not in the pipeline
+  engine, which reduces after its schedule) and the updated weights' all-gather
+  (not overlapped), (dp − 1)/dp of the stage's weights each;
   ZeRO-3: the weights gathered for forward and for backward and the gradients
   reduce-scattered, every micro-batch, overlapped with that micro-batch's compute;
 * pipeline sends: each micro-batch's hidden states forward and their gradient
@@ -44,6 +45,8 @@ from megascale.model.head_loss import CHUNK_ELEMENTS
 from megascale.planner.shapes import Shape, ShapeCounts, recompute_flops_per_token
 
 USABLE = 0.9  # of a GPU's memory: allocator fragmentation, CUDA context, communication buffers
+# DeepSpeed's default stage3_max_live_parameters: the most weights ZeRO-3 keeps gathered at once.
+MAX_LIVE_PARAMETERS = 10**9
 EFFICIENCY_BAND = 0.01  # layouts this close to the best modelled efficiency count as equal
 
 
@@ -133,7 +136,8 @@ def stage_params(shape: Shape, tp: int, pp: int) -> float:
 
 
 def state_bytes(params: float, precision: str, zero_stage: int, dp: int) -> float:
-    """Weights + grads + Adam per GPU, sharded as ZeRO stage ``zero_stage`` does over ``dp``."""
+    """Weights + grads + Adam per GPU, sharded as ZeRO stage ``zero_stage`` does over ``dp``; with ZeRO-3 also the
+    weights gathered for compute, at most DeepSpeed's MAX_LIVE_PARAMETERS."""
     n = max(1, dp)
     w, g, opt = (2, 2, 12) if precision in ("bf16", "fp16") else (4, 4, 8)  # opt: (fp32 master +) Adam m, v
     if zero_stage >= 1:
@@ -141,9 +145,11 @@ def state_bytes(params: float, precision: str, zero_stage: int, dp: int) -> floa
         opt /= n
     if zero_stage >= 2:
         g /= n
+    gathered = 0.0
     if zero_stage >= 3:
+        gathered = w * min(params, MAX_LIVE_PARAMETERS)
         w /= n
-    return params * (w + g + opt)
+    return params * (w + g + opt) + gathered
 
 
 def activation_bytes(shape: Shape, micro_batch: int, precision: str, recomputed: int = 0, *, tp: int = 1, pp: int = 1,
@@ -204,8 +210,9 @@ def step_time(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU, links
     dp_bw = link if tp * dp <= links.gpus_per_node else net
     if zero_stage == 3:
         data = m * max(0.0, 3 * weights / dp_bw - busy / m)
-    else:
-        data = max(0.0, weights / dp_bw - 2 / 3 * busy / m) + weights / dp_bw
+    else:  # DeepSpeed's pipeline engine reduces after its schedule's last backward: no overlap there
+        overlap = 2 / 3 * busy / m if pp == 1 else 0.0
+        data = max(0.0, weights / dp_bw - overlap) + weights / dp_bw
     pp_bw = link if tp * dp < links.gpus_per_node else net
     pipeline = m * 2 * hidden / tp / pp_bw if pp > 1 else 0.0
     return StepTime(compute, recompute, (pp - 1) / m * busy, tensor, data, pipeline)

@@ -49,7 +49,7 @@ import yaml
 from megascale.config import HostOffload
 from megascale.errors import MegascaleError
 from megascale.hardware import GPU
-from megascale.planner.layout import (USABLE, Links, StepTime, activation_bytes, best_layout, candidate_layouts,
+from megascale.planner.layout import (MAX_LIVE_PARAMETERS, USABLE, Links, StepTime, activation_bytes, best_layout, candidate_layouts,
                                       pipeline_sizes, recomputed_layers, stage_layers, state_bytes, tensor_sizes)
 from megascale.planner.mappings import PUBLISHED, TARGET_WORDS, Allocation, Mapping, ParametricMapping, sci
 from megascale.planner.shapes import Shape, ShapeCounts, count, recompute_flops_per_token, solve_shape
@@ -179,8 +179,6 @@ class Memory:
         return self.state + self.activations
 
 
-# DeepSpeed's default stage3_max_live_parameters: the most weights ZeRO-3 keeps gathered at once.
-MAX_LIVE_PARAMETERS = 10**9
 
 
 def offloaded_state_bytes(unique: int, precision: str, zero_stage: int, n_gpus: int,
