@@ -59,6 +59,7 @@ def plan_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("parallel layout (multi-GPU budgets; default: the layout with the best modelled step)")
     c.add_argument("--tp", type=int, default=0, help="tensor-parallel size to plan with (default: the planner's choice)")
     c.add_argument("--pp", type=int, default=0, help="pipeline stages to plan with (default: the planner's choice)")
+    c.add_argument("--cp", type=int, default=0, help="context-parallel size (ranks sharing each sequence) to plan with (default: the planner's choice)")
     c.add_argument("--gpus-per-node", type=int, default=0, help="GPUs in a node (default: the GPU's reference system, 8)")
     c.add_argument("--link-gbs", type=float, default=0.0, help="GB/s one way per GPU inside a node (default: the GPU table's: NVLink, PCIe)")
     c.add_argument("--net-gbs", type=float, default=0.0,
@@ -121,7 +122,7 @@ def main_plan(argv: list[str]) -> int:
     plan = make_plan(budget, mapping, vocab_size=_vocab(args), seq_len=args.seq_len, sharing=args.sharing,
                      tie_embeddings=args.tie_embeddings, kv_heads=args.kv_heads, flops_model=args.flops_model,
                      precision=args.precision or "bf16", data_path=args.data, data_blend=args.blend, out_dir=args.out_dir,
-                     tp=args.tp, pp=args.pp)
+                     tp=args.tp, pp=args.pp, cp=args.cp)
     written = write_config(plan, args.emit_config) if args.emit_config else None
     if args.json:
         print(json.dumps(plan_to_dict(plan) | {"emitted_config": str(written) if written else None}, indent=2))

@@ -17,9 +17,10 @@ import pytest
 from conftest import clean_env, events, launch_command, spawn_ranks
 from megascale.errors import MegascaleError
 from megascale.hardware import lookup_gpu
+from megascale.model.head_loss import CHUNK_ELEMENTS
 from megascale.config import load_config
-from megascale.planner.layout import (Links, activation_bytes, best_layout, candidate_layouts, recomputed_layers,
-                                      stage_params, state_bytes, step_time)
+from megascale.planner.layout import (MIN_CONTEXT_TOKENS, Links, activation_bytes, best_layout, candidate_layouts,
+                                      context_sizes, recomputed_layers, stage_params, state_bytes, step_time)
 from megascale.planner.mappings import PUBLISHED
 from megascale.planner.plan import data_section, make_budget, make_plan, plan_for_shape, plan_to_dict, render_plan, write_config
 from megascale.planner.shapes import Shape, count
@@ -46,6 +47,28 @@ def test_one_gpu_of_the_layout_holds_the_data_parallel_counts(shape):
     # ZeRO-3 holds its partition and the weights it gathers for compute (at most DeepSpeed's live-parameter bound)
     assert state_bytes(4e9, "bf16", 3, 8) == 4e9 * 16 / 8 + 2 * 1e9
     assert state_bytes(1e8, "bf16", 3, 8) == 1e8 * 16 / 8 + 2 * 1e8
+
+
+def test_context_parallelism_splits_the_tokens_and_keeps_the_gathered_keys():
+    shape = Shape(32000, 4096, 8, 32, 8, 11008, 65536)
+    per_layer_kv = 2 * 8 * 128 * 65536  # bf16 K and V of the whole sequence, every KV head (tp = 1)
+    fixed = 4 * 32000 * 4096 + 12 * CHUNK_ELEMENTS  # the head's fp32 gradient and a chunk of logits: not per token
+    none, two = activation_bytes(shape, 1, "bf16"), activation_bytes(shape, 1, "bf16", cp=2)
+    assert two == none / 2 + fixed / 2 + 8 * per_layer_kv  # half the tokens, and each layer's gathered K and V
+    assert activation_bytes(shape, 1, "bf16", cp=4) < two
+    # shards of at least MIN_CONTEXT_TOKENS when the planner picks; any valid size when asked for
+    assert context_sizes(65536, 1, 64) == [1, 2, 4, 8, 16]
+    assert max(context_sizes(2048, 1, 64)) == 1 and context_sizes(2048, 1, 64, only=2) == [2]
+    assert context_sizes(65536, 8, 8, only=0) == [1, 2, 4, 8] and 65536 // 16 >= MIN_CONTEXT_TOKENS
+    assert context_sizes(100, 1, 8, only=4) == []  # 100 is not a multiple of 2·4
+
+
+def test_a_long_sequence_plan_shares_each_sequence_over_context_ranks(tmp_path):
+    plan = make_plan(make_budget(gpu=H100, n_gpus=64, hours=30 * 24), PUBLISHED["epoch"], seq_len=131072)
+    assert plan.recipe.cp > 1 and plan.step.context > 0
+    cfg = load_config(write_config(plan, tmp_path / "long.yaml"))
+    assert cfg.parallel.cp == plan.recipe.cp and cfg.data.seq_len % (2 * cfg.parallel.cp * cfg.parallel.tp) == 0
+    assert "context-parallel traffic" in render_plan(plan) and f"context {plan.recipe.cp}" in render_plan(plan)
 
 
 def test_one_node_stays_data_parallel():
@@ -102,6 +125,11 @@ def test_the_step_model_charges_what_its_docstring_says():
     hidden = 2048 * 2048 * 2
     assert split.tensor == pytest.approx((64 // 8) * 8 * 6 * 0.5 * hidden / 400e9)
     assert step(tp=2, per_stage=2).tensor == pytest.approx((64 // 8) * (8 * 6 + 4 * 2) * 0.5 * hidden / 400e9)
+    # context parallelism: K and V of the whole sequence gathered in forward, their gradients scattered in backward
+    kv = 2 * 8 * 128 * 2 * 2048
+    assert step(cp=2).context == pytest.approx((64 // 8) * 2 * 6 * 0.5 * kv / 400e9)
+    # a GPU handles as many tokens a step with cp=2 (twice the micro-batches, half of each sequence)
+    assert step(cp=2).tensor == 0.0 and step(tp=2, cp=2).tensor == pytest.approx(split.tensor)
     # ZeRO-3's traffic hides behind a micro-batch's compute on fast links, and shows on slow ones
     fast = step_time(shape, counts, "bf16", H100, Links(16, 400.0, 400.0), 16, 0.5, 1, 1, 3, 1, 64, 0)
     slow = step_time(shape, counts, "bf16", H100, Links(8, 400.0, 0.5), 16, 0.5, 1, 1, 3, 1, 64, 0)
@@ -130,8 +158,10 @@ def test_forced_sizes_are_kept_or_refused_in_one_line():
     assert (plan.recipe.tp, plan.recipe.pp) == (8, 2)
     with pytest.raises(MegascaleError, match="--tp 3 does not fit this plan: it must be a power of two"):
         make_plan(budget, PUBLISHED["epoch"], tp=3)
-    with pytest.raises(MegascaleError, match=r"--pp 7 must divide the GPUs left after tensor parallelism \(64\)"):
+    with pytest.raises(MegascaleError, match=r"--pp 7 must divide the GPUs left after tensor and context parallelism \(64\)"):
         make_plan(budget, PUBLISHED["epoch"], pp=7)
+    with pytest.raises(MegascaleError, match=r"--cp 3 does not fit this plan: it must be a power of two"):
+        make_plan(budget, PUBLISHED["epoch"], cp=3)
     with pytest.raises(MegascaleError, match="need a GPU budget whose memory is known"):
         make_plan(make_budget(flops=1e21), PUBLISHED["epoch"], tp=2)
     with pytest.raises(MegascaleError, match="--net-gbs -1 must be a positive bandwidth"):
@@ -141,21 +171,24 @@ def test_forced_sizes_are_kept_or_refused_in_one_line():
         make_plan(tiny, PUBLISHED["epoch"], tp=2)
 
 
-def test_an_emitted_split_layout_trains_and_its_ranks_hold_what_the_plan_counted(tmp_path, data_dir):
-    """tp=2 × pp=2 on four CPU ranks: the emitted config runs, and the fullest rank holds stage_params parameters."""
+@pytest.mark.parametrize("tp, pp, cp", [(2, 2, 1), (1, 2, 2)], ids=["tp2pp2", "pp2cp2"])
+def test_an_emitted_split_layout_trains_and_its_ranks_hold_what_the_plan_counted(tmp_path, data_dir, tp, pp, cp):
+    """Four CPU ranks: the emitted config runs, and the fullest rank holds stage_params parameters."""
     shape = SHAPES[0]
     budget = make_budget(gpu=lookup_gpu("A10G"), n_gpus=4, hours=0.01)
     mapping = PUBLISHED["epoch"]
     plan = plan_for_shape(budget, mapping, mapping.allocate(budget.flops), shape, flops_model="exact", precision="bf16",
-                          data=data_section(str(data_dir), 512, 32), out_dir=str(tmp_path / "run"), global_batch=8, tp=2, pp=2)
+                          data=data_section(str(data_dir), 512, 32), out_dir=str(tmp_path / "run"), global_batch=8,
+                          tp=tp, pp=pp, cp=cp)
+    assert (plan.recipe.tp, plan.recipe.pp, plan.recipe.cp) == (tp, pp, cp)
     config = write_config(plan, tmp_path / "plan.yaml")
     proc = spawn_ranks(launch_command(4, "spawn") + [
         "--config", str(config), "train.max_steps=2", "train.precision=fp32", "train.eval_every=0", "train.save_every=0",
         "train.progress=false", "metrics.tensorboard=false", "metrics.plot=false"], 4, clean_env(), 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "layout: tp=2 pp=2 dp=1" in proc.stderr
+    assert f"layout: tp={tp} pp={pp}{f' cp={cp}' if cp > 1 else ''} dp=1" in proc.stderr
     ranks = events(tmp_path / "run", "state_memory")[0]["ranks"]
-    assert max(r["params"] for r in ranks) == stage_params(shape, 2, 2)
+    assert max(r["params"] for r in ranks) == stage_params(shape, tp, pp)
     assert sum(r["params"] for r in ranks) < 4 * count(shape).unique
 
 

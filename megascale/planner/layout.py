@@ -1,4 +1,4 @@
-"""The parallel layout of a plan: tensor × pipeline × data parallelism, ZeRO stage, micro-batch, recomputation.
+"""The parallel layout of a plan: tensor × pipeline × context × data parallelism, ZeRO stage, micro-batch, recomputation.
 
 Memory decides which layouts fit a GPU; a model of one optimizer step's time
 decides among those that do. On one node data parallelism with ZeRO is nearly
@@ -23,12 +23,19 @@ The step model, per GPU, with every FLOP at the budget's MFU:
   ZeRO-3: the weights gathered for forward and for backward and the gradients
   reduce-scattered, every micro-batch, overlapped with that micro-batch's compute;
 * pipeline sends: each micro-batch's hidden states forward and their gradient
-  back, once per stage boundary, not overlapped (DeepSpeed's are blocking).
+  back, once per stage boundary, not overlapped (DeepSpeed's are blocking);
+* context parallelism (megascale.parallel.context_parallel): per layer and
+  micro-batch the keys and values all-gathered over the cp ranks in forward (and
+  in a recomputed forward) and their gradients reduce-scattered in backward,
+  (cp − 1)/cp of the whole sequence's K/V each; the rank's tokens are 1/cp of
+  the sequence for everything else, and it keeps the gathered K/V for backward.
+  Only for shards of at least MIN_CONTEXT_TOKENS (unless --cp asks), where the
+  model leaves out what attention kernels lose on short ones.
 
-Links: the data-parallel group stays inside a node when tp·dp ≤ GPUs per node,
-and pipeline neighbours do when tp·dp < GPUs per node (ranks are ordered tensor,
-then data, then pipeline, as DeepSpeed's topology is); else they cross the
-network. Among the layouts within one point of the best modelled efficiency,
+Links: ranks are ordered tensor, context, data, then pipeline (DeepSpeed's
+topology, context parallelism inside its data axis). A group stays inside a
+node when its span of ranks does (tp·cp for context, tp·cp·dp for data; the
+pipeline's neighbours are tp·cp·dp ranks apart); else it crosses the network. Among the layouts within one point of the best modelled efficiency,
 the plan takes the fewest model-parallel GPUs, then the lowest ZeRO stage, then
 the largest micro-batch: what the model leaves out (kernel efficiency at
 smaller matrices, ZeRO-3's hooks) favours each of those.
@@ -48,6 +55,7 @@ USABLE = 0.9  # of a GPU's memory: allocator fragmentation, CUDA context, commun
 # DeepSpeed's default stage3_max_live_parameters: the most weights ZeRO-3 keeps gathered at once.
 MAX_LIVE_PARAMETERS = 10**9
 EFFICIENCY_BAND = 0.01  # layouts this close to the best modelled efficiency count as equal
+MIN_CONTEXT_TOKENS = 4096  # the shortest share of a sequence the planner gives a context-parallel rank
 
 
 @dataclass(frozen=True)
@@ -76,10 +84,11 @@ class StepTime:
     tensor: float = 0.0
     data: float = 0.0
     pipeline: float = 0.0
+    context: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.compute + self.recompute + self.bubble + self.tensor + self.data + self.pipeline
+        return self.compute + self.recompute + self.bubble + self.tensor + self.data + self.pipeline + self.context
 
     @property
     def efficiency(self) -> float:
@@ -88,8 +97,8 @@ class StepTime:
 
     def words(self) -> str:
         parts = [("compute", self.compute), ("recomputation", self.recompute), ("pipeline bubble", self.bubble),
-                 ("tensor-parallel traffic", self.tensor), ("data-parallel traffic", self.data),
-                 ("pipeline sends", self.pipeline)]
+                 ("tensor-parallel traffic", self.tensor), ("context-parallel traffic", self.context),
+                 ("data-parallel traffic", self.data), ("pipeline sends", self.pipeline)]
         return " · ".join(f"{name} {seconds / self.total:.0%}" for name, seconds in parts
                           if seconds / self.total >= 0.005 or name == "compute")
 
@@ -100,7 +109,8 @@ class Layout:
 
     tp: int
     pp: int
-    dp: int
+    cp: int
+    dp: int  # sequences side by side: the GPUs over tp × pp × cp
     zero_stage: int
     micro_batch: int
     global_batch: int
@@ -111,7 +121,8 @@ class Layout:
 
     @property
     def model_parallel(self) -> int:
-        return self.tp * self.pp
+        """GPUs that share one sequence's work."""
+        return self.tp * self.pp * self.cp
 
 
 def stage_layers(n_layers: int, pp: int) -> int:
@@ -153,24 +164,31 @@ def state_bytes(params: float, precision: str, zero_stage: int, dp: int) -> floa
 
 
 def activation_bytes(shape: Shape, micro_batch: int, precision: str, recomputed: int = 0, *, tp: int = 1, pp: int = 1,
-                     in_flight: int = 1) -> float:
+                     in_flight: int = 1, cp: int = 1) -> float:
     """Activations per GPU of the heaviest stage; its first ``recomputed`` layers keep only their input.
 
     Per token and layer 34·d bytes in 16 bits (Korthikanti et al. 2022, without the scores flash attention
-    never stores), all of it split over ``tp`` with sequence parallelism. The first of ``pp`` stages keeps
-    ``in_flight`` micro-batches (1F1B); the last keeps one and the loss's: the hidden states' gradient, the
-    head's fp32 gradient and a chunk of fp32 logits.
+    never stores), all of it split over ``tp`` with sequence parallelism, for the rank's 1/``cp`` of each
+    sequence; with ``cp`` > 1 a layer also keeps the keys and values it gathered, the whole sequence's. The
+    first of ``pp`` stages keeps ``in_flight`` micro-batches (1F1B); the last keeps one and the loss's: the
+    hidden states' gradient, the head's fp32 gradient and a chunk of fp32 logits.
     """
     width = 1 if precision in ("bf16", "fp16", "bf16-autocast") else 2  # autocast keeps bf16 activations
-    layer, layer_input = 34 * shape.d_model * width / tp, 2 * width * shape.d_model / tp
+    tokens = shape.seq_len * micro_batch / cp
+    gathered = 2 * kv_heads_per_rank(shape, tp) * shape.head_dim * width * shape.seq_len * micro_batch if cp > 1 else 0
+    layer = 34 * shape.d_model * width / tp * tokens + gathered
     layers = stage_layers(shape.n_layers, pp)
-    kept = (layers - recomputed) * layer + recomputed * layer_input
-    tokens = shape.seq_len * micro_batch
-    rebuilt = layer * tokens if recomputed else 0  # backward rebuilds one layer at a time
+    kept = (layers - recomputed) * layer + recomputed * 2 * width * shape.d_model / tp * tokens
+    rebuilt = layer if recomputed else 0  # backward rebuilds one layer at a time
     loss = 2 * width * shape.d_model / tp * tokens + (4 * shape.vocab_size * shape.d_model + 3 * 4 * CHUNK_ELEMENTS) / tp
-    last = kept * tokens + rebuilt + loss
-    first = kept * tokens * in_flight + rebuilt
+    last = kept + rebuilt + loss
+    first = kept * in_flight + rebuilt
     return max(first, last) if pp > 1 else last
+
+
+def kv_heads_per_rank(shape: Shape, tp: int) -> float:
+    """KV heads a tensor rank computes: its share, or one whole head when tp > n_kv_heads."""
+    return shape.n_kv_heads / min(tp, shape.n_kv_heads)
 
 
 def tensor_sizes(shape: Shape, n_gpus: int, gpus_per_node: int, only: int = 0) -> list[int]:
@@ -186,15 +204,27 @@ def tensor_sizes(shape: Shape, n_gpus: int, gpus_per_node: int, only: int = 0) -
     return sizes
 
 
+def context_sizes(seq_len: int, tp: int, gpus: int, only: int = 0) -> list[int]:
+    """Context-parallel sizes: powers of two dividing the GPUs left, with two chunks a rank (zigzag) and, with
+    sequence parallelism, tp × cp dividing the sequence; automatic ones keep MIN_CONTEXT_TOKENS a rank."""
+    sizes, cp = [1] if only in (0, 1) else [], 2
+    while cp <= gpus:
+        fits = gpus % cp == 0 and seq_len % (2 * cp) == 0 and (tp == 1 or seq_len % (tp * cp) == 0)
+        if fits and (only == cp or (not only and seq_len // cp >= MIN_CONTEXT_TOKENS)):
+            sizes.append(cp)
+        cp *= 2
+    return sizes
+
+
 def pipeline_sizes(n_layers: int, gpus: int, only: int = 0) -> list[int]:
     """Stage counts that divide the GPUs left after tensor parallelism, at most one stage a layer."""
     return [pp for pp in range(1, min(n_layers, gpus) + 1) if gpus % pp == 0 and only in (0, pp)]
 
 
 def step_time(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU, links: Links, n_gpus: int, mfu: float,
-              tp: int, pp: int, zero_stage: int, micro: int, global_batch: int, per_stage: int) -> StepTime:
+              tp: int, pp: int, zero_stage: int, micro: int, global_batch: int, per_stage: int, cp: int = 1) -> StepTime:
     """The modelled seconds of one optimizer step per GPU (module docstring)."""
-    dp = n_gpus // (tp * pp)
+    dp = n_gpus // (tp * pp * cp)
     w = 2 if precision in ("bf16", "fp16", "bf16-autocast") else 4
     rate = n_gpus * gpu.peak_flops * mfu
     tokens = global_batch * shape.seq_len
@@ -202,45 +232,57 @@ def step_time(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU, links
     recompute = recompute_flops_per_token(shape, recomputed_layers(shape.n_layers, pp, per_stage)) * tokens / rate
     m = global_batch // (dp * micro)
     busy = compute + recompute
-    hidden = micro * shape.seq_len * shape.d_model * w  # one micro-batch's hidden states
+    hidden = micro * shape.seq_len * shape.d_model * w / cp  # a rank's share of one micro-batch's hidden states
     link, net = links.link_gbs * 1e9, links.net_gbs * 1e9
     layers = stage_layers(shape.n_layers, pp)
     tensor = m * (8 * layers + 4 * per_stage) * (tp - 1) / tp * hidden / link if tp > 1 else 0.0
-    weights = stage_params(shape, tp, pp) * w * (dp - 1) / dp
-    dp_bw = link if tp * dp <= links.gpus_per_node else net
+    kv = 2 * kv_heads_per_rank(shape, tp) * shape.head_dim * w * shape.seq_len * micro  # the sequence's K and V
+    cp_bw = link if tp * cp <= links.gpus_per_node else net
+    context = m * (2 * layers + per_stage) * (cp - 1) / cp * kv / cp_bw
+    shards = dp * cp  # ZeRO partitions and the gradient average span the context ranks too
+    weights = stage_params(shape, tp, pp) * w * (shards - 1) / shards
+    dp_bw = link if tp * shards <= links.gpus_per_node else net
     if zero_stage == 3:
         data = m * max(0.0, 3 * weights / dp_bw - busy / m)
     else:  # DeepSpeed's pipeline engine reduces after its schedule's last backward: no overlap there
         overlap = 2 / 3 * busy / m if pp == 1 else 0.0
         data = max(0.0, weights / dp_bw - overlap) + weights / dp_bw
-    pp_bw = link if tp * dp < links.gpus_per_node else net
+    pp_bw = link if tp * shards < links.gpus_per_node else net
     pipeline = m * 2 * hidden / tp / pp_bw if pp > 1 else 0.0
-    return StepTime(compute, recompute, (pp - 1) / m * busy, tensor, data, pipeline)
+    return StepTime(compute, recompute, (pp - 1) / m * busy, tensor, data, pipeline, context)
 
 
 def candidate_layouts(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU, links: Links, n_gpus: int,
-                      global_batch: int, mfu: float, tp_only: int = 0, pp_only: int = 0) -> Iterator[Layout]:
+                      global_batch: int, mfu: float, tp_only: int = 0, pp_only: int = 0, cp_only: int = 0) -> Iterator[Layout]:
     """Every layout that fits a GPU without offloading, each with the fewest recomputed layers it needs."""
-    usable = USABLE * gpu.memory_gib * 2**30
     for tp in tensor_sizes(shape, n_gpus, links.gpus_per_node, tp_only):
-        for pp in pipeline_sizes(shape.n_layers, n_gpus // tp, pp_only):
-            dp = n_gpus // (tp * pp)
-            params = stage_params(shape, tp, pp)
-            for stage in (1,) if pp > 1 else (1, 2, 3):
-                state = state_bytes(params, precision, stage, dp)
-                micro = 2 ** int(math.log2(max(1, min(64, global_batch // dp))))
-                while micro >= 1:
-                    gb = max(global_batch, micro * dp)
-                    gb -= gb % (micro * dp)
-                    in_flight = min(pp, gb // (dp * micro))
-                    fits = [r for r in range(stage_layers(shape.n_layers, pp) + 1)
-                            if state + activation_bytes(shape, micro, precision, r, tp=tp, pp=pp, in_flight=in_flight) <= usable]
-                    if fits:
-                        r = fits[0]
-                        act = activation_bytes(shape, micro, precision, r, tp=tp, pp=pp, in_flight=in_flight)
-                        step = step_time(shape, counts, precision, gpu, links, n_gpus, mfu, tp, pp, stage, micro, gb, r)
-                        yield Layout(tp, pp, dp, stage, micro, gb, r, state, act, step)
-                    micro //= 2
+        for cp in context_sizes(shape.seq_len, tp, n_gpus // tp, cp_only):
+            for pp in pipeline_sizes(shape.n_layers, n_gpus // (tp * cp), pp_only):
+                yield from _fitting(shape, counts, precision, gpu, links, n_gpus, global_batch, mfu, tp, pp, cp)
+
+
+def _fitting(shape: Shape, counts: ShapeCounts, precision: str, gpu: GPU, links: Links, n_gpus: int, global_batch: int,
+             mfu: float, tp: int, pp: int, cp: int) -> Iterator[Layout]:
+    """The layouts of one (tp, pp, cp) split that fit: each ZeRO stage and micro-batch with its fewest recomputed layers."""
+    usable = USABLE * gpu.memory_gib * 2**30
+    dp = n_gpus // (tp * pp * cp)
+    params = stage_params(shape, tp, pp)
+    for stage in (1,) if pp > 1 else (1, 2, 3):
+        state = state_bytes(params, precision, stage, dp * cp)
+        micro = 2 ** int(math.log2(max(1, min(64, global_batch // dp))))
+        while micro >= 1:
+            gb = max(global_batch, micro * dp)
+            gb -= gb % (micro * dp)
+            in_flight = min(pp, gb // (dp * micro))
+
+            def act(r: int) -> float:
+                return activation_bytes(shape, micro, precision, r, tp=tp, pp=pp, in_flight=in_flight, cp=cp)
+
+            r = next((r for r in range(stage_layers(shape.n_layers, pp) + 1) if state + act(r) <= usable), None)
+            if r is not None:
+                step = step_time(shape, counts, precision, gpu, links, n_gpus, mfu, tp, pp, stage, micro, gb, r, cp)
+                yield Layout(tp, pp, cp, dp, stage, micro, gb, r, state, act(r), step)
+            micro //= 2
 
 
 def best_layout(layouts: list[Layout]) -> Layout | None:

@@ -17,14 +17,14 @@ Recipe rules (each stated where it is applied):
   η_opt = 0.3118·C^-0.1250 — the batch rounded to a power of two sequences;
 * steps = ceil(D / (global batch × seq_len)); warm-up 2% of the steps
   (at most 2000; short runs up to 10%, at most 100 steps); cosine decay to 10%;
-* the parallel layout (tensor × pipeline × data, ZeRO stage, micro-batch,
+* the parallel layout (tensor × pipeline × context × data, ZeRO stage, micro-batch,
   recomputed layers) from a memory estimate and a step-time model, both in
   ``layout.py``: weights + grads + Adam (16 bytes per unique parameter in bf16
   mixed precision and in fp32) of a GPU's share, sharded as ZeRO does, plus
   activations ≈ 34·d bytes per token per applied layer in bf16 (Korthikanti
   et al. 2022, without the attention-score term that flash attention never
-  stores; ×2 in fp32; over tp with sequence parallelism; pp micro-batches in
-  flight on the first stage) plus the fused chunked loss (train.fused_loss):
+  stores; ×2 in fp32; over tp with sequence parallelism, over cp with the
+  gathered K/V kept; pp micro-batches in flight on the first stage) plus the fused chunked loss (train.fused_loss):
   the hidden states' gradient per token, the head's fp32 gradient and one
   chunk of fp32 logits — not V bytes per token;
 * activation recomputation (parallel.activation_checkpointing and
@@ -50,7 +50,7 @@ from megascale.config import HostOffload
 from megascale.errors import MegascaleError
 from megascale.hardware import GPU
 from megascale.planner.layout import (MAX_LIVE_PARAMETERS, USABLE, Links, StepTime, activation_bytes, best_layout, candidate_layouts,
-                                      pipeline_sizes, recomputed_layers, stage_layers, state_bytes, tensor_sizes)
+                                      context_sizes, pipeline_sizes, recomputed_layers, stage_layers, state_bytes, tensor_sizes)
 from megascale.planner.mappings import PUBLISHED, TARGET_WORDS, Allocation, Mapping, ParametricMapping, sci
 from megascale.planner.shapes import Shape, ShapeCounts, count, recompute_flops_per_token, solve_shape
 
@@ -206,38 +206,39 @@ class MemoryLayout:
     recomputed: int = 0  # layers that recompute their activations in backward, in the whole model
     tp: int = 1
     pp: int = 1
+    cp: int = 1
     per_stage: int = 0  # the recomputed layers of each stage (its first ones): parallel.checkpoint_layers
     step: StepTime | None = None  # the modelled step (layout.py), when the GPUs' memory and links are known
     data_parallel_only: StepTime | None = None  # the best layout without tp or pp, when another was chosen
 
 
 def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, budget: Budget, global_batch: int,
-                         tp: int = 0, pp: int = 0) -> MemoryLayout:
+                         tp: int = 0, pp: int = 0, cp: int = 0) -> MemoryLayout:
     """The layout of ``budget``'s GPUs: on the device if any fits (the best modelled step, layout.py; the fewest layers
     recomputed it needs), else one sequence per GPU with the optimizer offloaded to the host (ZeRO-2, then ZeRO-3),
-    and the weights as well (ZeRO-3) only when even that does not fit. ``tp``/``pp`` (0: any) restrict the choice."""
+    and the weights as well (ZeRO-3) only when even that does not fit. ``tp``/``pp``/``cp`` (0: any) restrict the choice."""
     gpu, n_gpus = budget.gpu, max(1, budget.n_gpus)
     if gpu is None or not gpu.memory_gib:  # no hardware, or an unlisted GPU (--peak-tflops): memory unknown
         micro = min(max(1, global_batch // n_gpus), 16)
         return MemoryLayout(1, micro, Memory(state_bytes(counts.unique, precision, 1, n_gpus), activation_bytes(shape, micro, precision), 0.0))
     capacity = gpu.memory_gib * 2**30
-    layouts = list(candidate_layouts(shape, counts, precision, gpu, budget.links, n_gpus, global_batch, budget.mfu, tp, pp))
+    layouts = list(candidate_layouts(shape, counts, precision, gpu, budget.links, n_gpus, global_batch, budget.mfu, tp, pp, cp))
     best = best_layout(layouts)
     if best is not None:
         total = recomputed_layers(shape.n_layers, best.pp, best.checkpoint_layers)
         notes = (_recompute_note(shape, best.checkpoint_layers, best.pp),) if total else ()
         plain = best_layout([x for x in layouts if x.model_parallel == 1]) if best.model_parallel > 1 else None
         return MemoryLayout(best.zero_stage, best.micro_batch, Memory(best.state, best.activations, capacity), notes=notes,
-                            recomputed=total, tp=best.tp, pp=best.pp, per_stage=best.checkpoint_layers, step=best.step,
+                            recomputed=total, tp=best.tp, pp=best.pp, cp=best.cp, per_stage=best.checkpoint_layers, step=best.step,
                             data_parallel_only=plain.step if plain else None)
-    if tp > 1 or pp > 1:
-        raise MegascaleError(f"no layout with {_forced(tp, pp)} fits the model on {gpu.memory_gib:g} GiB GPUs, even with every "
-                             "layer recomputed; allow more model parallelism (or drop --tp/--pp), or use more or larger GPUs")
+    if tp > 1 or pp > 1 or cp > 1:
+        raise MegascaleError(f"no layout with {_forced(tp, pp, cp)} fits the model on {gpu.memory_gib:g} GiB GPUs, even with every "
+                             "layer recomputed; allow more model parallelism (or drop --tp/--pp/--cp), or use more or larger GPUs")
     return _offloaded_layout(shape, unique=counts.unique, precision=precision, gpu=gpu, n_gpus=n_gpus, global_batch=global_batch)
 
 
-def _forced(tp: int, pp: int) -> str:
-    return " and ".join(f"--{k} {v}" for k, v in (("tp", tp), ("pp", pp)) if v)
+def _forced(tp: int, pp: int, cp: int) -> str:
+    return " and ".join(f"--{k} {v}" for k, v in (("tp", tp), ("pp", pp), ("cp", cp)) if v)
 
 
 def _offloaded_layout(shape: Shape, *, unique: int, precision: str, gpu: GPU, n_gpus: int, global_batch: int) -> MemoryLayout:
@@ -323,6 +324,7 @@ class Recipe(HostOffload):
     recompute_flops: float = 0.0  # those layers' second forward for the tokens (same FLOPs model), not in ``flops``
     tp: int = 1  # parallel.tp (with sequence parallelism when > 1)
     pp: int = 1  # parallel.pp (blocks split evenly: parallel.partition=blocks)
+    cp: int = 1  # parallel.cp: ranks sharing each sequence's tokens
     checkpoint_layers: int = 0  # the recomputed layers of each stage (its first ones)
 
     @property
@@ -442,28 +444,29 @@ def make_plan(
     global_batch: int | None = None,
     tp: int = 0,
     pp: int = 0,
+    cp: int = 0,
 ) -> Plan:
-    """The whole plan for ``budget`` under ``mapping``; ``tp``/``pp`` fix those sizes (0: the planner picks)."""
+    """The whole plan for ``budget`` under ``mapping``; ``tp``/``pp``/``cp`` fix those sizes (0: the planner picks)."""
     if flops_model not in FLOPS_MODELS:
         raise MegascaleError(f"FLOPs model '{flops_model}' is not one of {', '.join(FLOPS_MODELS)}")
     alloc = mapping.allocate(budget.flops)
     shape = solve_shape(alloc.target, kind=alloc.target_kind, vocab_size=vocab_size, seq_len=seq_len, sharing=sharing,
                         tie_embeddings=tie_embeddings, kv_heads=kv_heads, strict=strict)
-    _check_forced_layout(shape, budget, tp, pp)
+    _check_forced_layout(shape, budget, tp, pp, cp)
     return plan_for_shape(budget, mapping, alloc, shape, flops_model=flops_model, precision=precision,
                           data=data_section(data_path, vocab_size, seq_len, data_blend), out_dir=out_dir, global_batch=global_batch,
-                          tp=tp, pp=pp)
+                          tp=tp, pp=pp, cp=cp)
 
 
-def _check_forced_layout(shape: Shape, budget: Budget, tp: int, pp: int) -> None:
-    """One line for a --tp or --pp the GPUs or the shape cannot take."""
-    if tp < 0 or pp < 0:
-        raise MegascaleError(f"--tp {tp} and --pp {pp} must be positive (0 or absent: the planner picks)")
-    if not (tp > 1 or pp > 1):
+def _check_forced_layout(shape: Shape, budget: Budget, tp: int, pp: int, cp: int) -> None:
+    """One line for a --tp, --pp or --cp the GPUs or the shape cannot take."""
+    if min(tp, pp, cp) < 0:
+        raise MegascaleError(f"--tp {tp}, --pp {pp} and --cp {cp} must be positive (0 or absent: the planner picks)")
+    if not (tp > 1 or pp > 1 or cp > 1):
         return
     n = max(1, budget.n_gpus)
     if budget.gpu is None or not budget.gpu.memory_gib:
-        raise MegascaleError("--tp/--pp need a GPU budget whose memory is known: --gpus N --gpu NAME")
+        raise MegascaleError("--tp/--pp/--cp need a GPU budget whose memory is known: --gpus N --gpu NAME")
     links = budget.links
     if tp and tp not in tensor_sizes(shape, n, links.gpus_per_node, tp):
         raise MegascaleError(
@@ -471,22 +474,26 @@ def _check_forced_layout(shape: Shape, budget: Budget, tp: int, pp: int) -> None
             f"({links.gpus_per_node}), the heads ({shape.n_heads}), the FFN width ({shape.ffn_dim}), the vocabulary "
             f"({shape.vocab_size}) and the sequence ({shape.seq_len}), and divide or be a multiple of the KV heads "
             f"({shape.n_kv_heads})")
-    if pp and not pipeline_sizes(shape.n_layers, n // (tp or 1), pp):
-        raise MegascaleError(f"--pp {pp} must divide the GPUs left after tensor parallelism ({n // (tp or 1)}) and be at most "
-                             f"the layers ({shape.n_layers})")
+    if cp and cp not in context_sizes(shape.seq_len, tp or 1, n // (tp or 1), cp):
+        raise MegascaleError(f"--cp {cp} does not fit this plan: it must be a power of two dividing the GPUs left after tensor "
+                             f"parallelism ({n // (tp or 1)}), with the sequence ({shape.seq_len}) a multiple of 2·cp (and of tp·cp)")
+    rest = n // ((tp or 1) * (cp or 1))
+    if pp and not pipeline_sizes(shape.n_layers, rest, pp):
+        raise MegascaleError(f"--pp {pp} must divide the GPUs left after tensor and context parallelism ({rest}) and be at "
+                             f"most the layers ({shape.n_layers})")
 
 
 def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: Shape, *, flops_model: str, precision: str,
                    data: dict[str, Any], out_dir: str, global_batch: int | None = None, micro_batch: int | None = None,
-                   tp: int = 0, pp: int = 0) -> Plan:
+                   tp: int = 0, pp: int = 0, cp: int = 0) -> Plan:
     """Spend ``budget`` on a given ``shape``: tokens, batch, steps, parallel and memory layout, loss, time."""
     counts = count(shape)
     per_token = counts.flops_per_token if flops_model == "exact" else 6.0 * counts.applied
     n_gpus = max(1, budget.n_gpus)
     gb = global_batch or global_batch_sequences(budget.flops, shape.seq_len, n_gpus)
-    layout = choose_memory_layout(shape, counts, precision, budget, gb, tp, pp)
+    layout = choose_memory_layout(shape, counts, precision, budget, gb, tp, pp, cp)
     micro = micro_batch or layout.micro_batch
-    dp = n_gpus // (layout.tp * layout.pp)
+    dp = n_gpus // (layout.tp * layout.pp * layout.cp)
     gb = max(gb, micro * dp)
     gb -= gb % (micro * dp)
     # Recomputation is spent out of the budget like the attention FLOPs are: the shape stays the allocation's,
@@ -497,7 +504,7 @@ def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: S
     recipe = Recipe(shape.seq_len, gb, micro, steps, warmup_steps(steps), deepseek_lr(budget.flops), precision,
                     layout.zero_stage, tokens, per_token * tokens, "cpu" if layout.offload else "none",
                     "cpu" if layout.offload_params else "none", layout.recomputed, recompute * tokens, layout.tp, layout.pp,
-                    layout.per_stage)
+                    layout.cp, layout.per_stage)
     loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
     plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, layout.memory, loss, data, out_dir,
                 list(layout.notes), data_parts=data_parts(data), step=layout.step, data_parallel_only=layout.data_parallel_only)
@@ -532,9 +539,10 @@ def _layout_words(plan: Plan) -> str:
     b, r = plan.budget, plan.recipe
     words = f"{r.precision} · ZeRO-{r.zero_stage}{_offload_words(r)} · micro-batch {r.micro_batch}"
     if b.n_gpus:
-        dp = b.n_gpus // (r.tp * r.pp)
-        if r.tp * r.pp > 1:
-            words += (f" per GPU · tensor {r.tp} × pipeline {r.pp} × data {dp} = {b.n_gpus} GPUs"
+        dp = b.n_gpus // (r.tp * r.pp * r.cp)
+        if r.tp * r.pp * r.cp > 1:
+            context = f" × context {r.cp}" if r.cp > 1 else ""
+            words += (f" per GPU · tensor {r.tp} × pipeline {r.pp}{context} × data {dp} = {b.n_gpus} GPUs"
                       + (" (sequence parallel)" if r.tp > 1 else ""))
         else:
             words += f" per GPU × {b.n_gpus} GPUs"
@@ -572,15 +580,15 @@ def _notes(plan: Plan) -> list[str]:
 def _layout_notes(plan: Plan) -> list[str]:
     """Why the plan splits the model over GPUs, when it does."""
     r = plan.recipe
-    if r.tp * r.pp == 1 or plan.step is None:
+    if r.tp * r.pp * r.cp == 1 or plan.step is None:
         return []
     alone = plan.data_parallel_only
     why = (f"data parallelism alone (the best such layout) models at {alone.efficiency:.0%} compute: {alone.words()}"
            if alone else "no data-parallel layout fits a GPU without offloading")
-    split = " × ".join(f"{name} {size}" for name, size in (("tensor", r.tp), ("pipeline", r.pp)) if size > 1)
-    return [f"the model is split over {r.tp * r.pp} GPUs ({split}) because {why}; "
+    split = " × ".join(f"{name} {size}" for name, size in (("tensor", r.tp), ("pipeline", r.pp), ("context", r.cp)) if size > 1)
+    return [f"each sequence's work is split over {r.tp * r.pp * r.cp} GPUs ({split}) because {why}; "
             f"this layout models at {plan.step.efficiency:.0%}. The wall time assumes the MFU all the same; "
-            "--tp/--pp fix the sizes, --net-gbs and --gpus-per-node describe your cluster"]
+            "--tp/--pp/--cp fix the sizes, --net-gbs and --gpus-per-node describe your cluster"]
 
 
 def _repetition_notes(plan: Plan) -> list[str]:
@@ -636,6 +644,8 @@ def _parallel_section(r: Recipe, n_layers: int) -> dict[str, Any]:
     parallel: dict[str, Any] = {"tp": r.tp, "sequence_parallel": True} if r.tp > 1 else {}
     if r.pp > 1:
         parallel |= {"pp": r.pp, "partition": "blocks"}  # the stage sizes the layout's memory assumed
+    if r.cp > 1:
+        parallel["cp"] = r.cp
     parallel |= recompute_overrides(r.checkpoint_layers, stage_layers(n_layers, r.pp))
     return {"parallel": parallel} if parallel else {}
 
