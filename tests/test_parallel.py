@@ -321,7 +321,8 @@ def test_sequence_parallelism_matches_single_rank(runs, layout):
 
 
 @pytest.mark.parametrize("layout, kv_heads, extra", [((2, 1, 1), 1, ("parallel.sequence_parallel=true",)), ((4, 1, 1), 2, ()),
-                                                     ((2, 2, 1), 1, ())], ids=["tp2-kv1-sp", "tp4-kv2", "tp2pp2-kv1"])
+                                                     ((2, 2, 1), 1, ()), ((2, 1, 2), 1, ("train.zero_stage=3",))],
+                         ids=["tp2-kv1-sp", "tp4-kv2", "tp2pp2-kv1", "tp2dp2-kv1-zero3"])
 def test_more_tensor_ranks_than_kv_heads_matches_single_rank(runs, layout, kv_heads, extra):
     """tp a multiple of n_kv_heads: runs of tp/n_kv ranks hold one KV head, their gradients summed, counted once in
     the gradient norm (assert_matches_single_rank checks the norms) and once in the checkpoint's full weights
