@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -20,7 +22,8 @@ from megascale.hardware import lookup_gpu
 from megascale.model.head_loss import CHUNK_ELEMENTS
 from megascale.config import load_config
 from megascale.planner.layout import (MIN_CONTEXT_TOKENS, Links, activation_bytes, best_layout, candidate_layouts,
-                                      context_sizes, recomputed_layers, stage_params, state_bytes, step_time)
+                                      context_sizes, layer_bytes_per_token, recomputed_layers, stage_params, state_bytes,
+                                      step_time)
 from megascale.planner.mappings import PUBLISHED
 from megascale.planner.plan import data_section, make_budget, make_plan, plan_for_shape, plan_to_dict, render_plan, write_config
 from megascale.planner.shapes import Shape, count
@@ -49,12 +52,57 @@ def test_one_gpu_of_the_layout_holds_the_data_parallel_counts(shape):
     assert state_bytes(1e8, "bf16", 3, 8) == 1e8 * 16 / 8 + 2 * 1e8
 
 
+SAVED_SCRIPT = r"""
+import json, sys
+import torch
+from megascale.config import ModelConfig
+from megascale.model.llama import Transformer
+
+def saved_bytes(d, heads, kv, ffn, seq, dtype, layers):
+    cfg = ModelConfig(vocab_size=64, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
+                      max_seq_len=seq, attention="torch")
+    model = Transformer(cfg, seed=0).to(dtype).train()
+    model.set_ops_backend("triton")  # the fused RMSNorm, RoPE and SwiGLU kernels, as on CUDA
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # activations only, each storage once
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+    tokens = torch.randint(0, 64, (2, seq), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, tokens.roll(-1, 1))
+    return sum(saved.values())
+
+out = []
+for d, heads, kv, ffn, seq, dtype in json.loads(sys.argv[1]):
+    dtype = getattr(torch, dtype)
+    per_layer = saved_bytes(d, heads, kv, ffn, seq, dtype, 2) - saved_bytes(d, heads, kv, ffn, seq, dtype, 1)
+    out.append(per_layer / (2 * seq))
+print(json.dumps(out))
+"""
+
+
+def test_the_activation_model_is_what_the_real_model_keeps():
+    """Per layer and token, the bytes autograd keeps in a training forward of the real model with the fused kernels
+    (run by Triton's interpreter here, as on CUDA), against layer_bytes_per_token: MHA, GQA, fp32."""
+    cases = [(256, 4, 4, 704, 64, "bfloat16"), (256, 4, 1, 512, 64, "bfloat16"), (128, 2, 2, 384, 32, "float32")]
+    proc = subprocess.run([sys.executable, "-c", SAVED_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
+                          env=clean_env(TRITON_INTERPRET="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (d, heads, kv, ffn, seq, dtype), got in zip(cases, measured):
+        shape = Shape(64, d, 1, heads, kv, ffn, seq)
+        assert got == pytest.approx(layer_bytes_per_token(shape, "fp32" if dtype == "float32" else "bf16")), (d, kv, dtype)
+
+
 def test_context_parallelism_splits_the_tokens_and_keeps_the_gathered_keys():
     shape = Shape(32000, 4096, 8, 32, 8, 11008, 65536)
-    per_layer_kv = 2 * 8 * 128 * 65536  # bf16 K and V of the whole sequence, every KV head (tp = 1)
+    per_layer_kv = 2 * 8 * 128 * 2 * 65536  # bf16 K and V of the whole sequence, every KV head (tp = 1)
     fixed = 4 * 32000 * 4096 + 12 * CHUNK_ELEMENTS  # the head's fp32 gradient and a chunk of logits: not per token
     none, two = activation_bytes(shape, 1, "bf16"), activation_bytes(shape, 1, "bf16", cp=2)
-    assert two == none / 2 + fixed / 2 + 8 * per_layer_kv  # half the tokens, and each layer's gathered K and V
+    assert two == none / 2 + fixed / 2 + 8 * per_layer_kv / 2  # half the tokens, but every layer keeps all the K and V
     assert activation_bytes(shape, 1, "bf16", cp=4) < two
     # shards of at least MIN_CONTEXT_TOKENS when the planner picks; any valid size when asked for
     assert context_sizes(65536, 1, 64) == [1, 2, 4, 8, 16]

@@ -230,6 +230,7 @@ def test_optimizer_is_offloaded_only_when_it_does_not_fit_on_the_gpus(tmp_path):
 def test_layers_recompute_only_when_one_sequence_does_not_fit_and_before_offloading(tmp_path):
     """~1B on one 24 GB GPU: 2k-token sequences fit; at 16k the fewest layers that make one sequence fit recompute,
     with the optimizer still on the GPU; at 32k every layer does."""
+    from megascale.planner.layout import layer_bytes_per_token  # noqa: PLC0415
     from megascale.planner.plan import activation_bytes  # noqa: PLC0415
 
     def plan(seq_len):
@@ -261,9 +262,10 @@ def test_layers_recompute_only_when_one_sequence_does_not_fit_and_before_offload
     assert longer.recipe.recomputed_layers == longer.shape.n_layers and longer.recipe.offload_optimizer == "none"
     assert cfg.parallel.activation_checkpointing and cfg.parallel.checkpoint_layers == 0  # 0: every layer
     assert "every layer recomputed" in render_plan(longer)
-    # each recomputed layer keeps its input (2·d bytes a token in bf16) of the 34·d it would keep, plus one rebuilt layer
+    # each recomputed layer keeps its input (2·d bytes a token in bf16) of what it would keep, plus one rebuilt layer
     d, T = long.shape.d_model, long.shape.seq_len
-    assert activation_bytes(long.shape, 1, "bf16", 0) - activation_bytes(long.shape, 1, "bf16", 2) == (2 * 32 - 34) * d * T
+    layer = layer_bytes_per_token(long.shape, "bf16")
+    assert activation_bytes(long.shape, 1, "bf16", 0) - activation_bytes(long.shape, 1, "bf16", 2) == (2 * (layer - 2 * d) - layer) * T
 
 
 def test_emitted_config_loads_validates_and_matches_the_plan(tmp_path):

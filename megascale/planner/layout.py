@@ -163,24 +163,40 @@ def state_bytes(params: float, precision: str, zero_stage: int, dp: int) -> floa
     return params * (w + g + opt) + gathered
 
 
+def layer_bytes_per_token(shape: Shape, precision: str, tp: int = 1) -> float:
+    """What one block keeps for backward per token on a tensor rank, as the model runs on CUDA (fused RMSNorm,
+    RoPE and SwiGLU kernels, flash attention): each norm's input and fp32 1/rms, the attention input, q, k, v,
+    the attention output (which the output projection reads in place) and its fp32 log-sum-exp, the MLP input,
+    gate, up and the down projection's input: ≈ 32.5·d bytes in bf16 with MHA and an FFN of 2.75·d, where the
+    34·d of Korthikanti et al. 2022 (GPT's GeLU MLP, flash attention) is the usual rule. Everything but the
+    KV heads is split over ``tp`` (heads, FFN columns, sequence parallelism's tokens).
+    tests/test_plan_layout.py measures it on the real model. The PyTorch ops (model.fused_ops=torch, as on
+    CPU) keep ≈ 46·d: norms in fp32 and the SiLU's output besides."""
+    s, w = shape, 4 if precision == "fp32" else 2  # bf16-autocast keeps 16-bit matmul inputs
+    split = 4 * s.d_model + 2 * s.n_heads * s.head_dim + 3 * s.ffn_dim
+    kv = 2 * kv_heads_per_rank(s, tp) * s.head_dim
+    return w * (split / tp + kv) + 4 * (2 + s.n_heads) / tp
+
+
 def activation_bytes(shape: Shape, micro_batch: int, precision: str, recomputed: int = 0, *, tp: int = 1, pp: int = 1,
                      in_flight: int = 1, cp: int = 1) -> float:
     """Activations per GPU of the heaviest stage; its first ``recomputed`` layers keep only their input.
 
-    Per token and layer 34·d bytes in 16 bits (Korthikanti et al. 2022, without the scores flash attention
-    never stores), all of it split over ``tp`` with sequence parallelism, for the rank's 1/``cp`` of each
-    sequence; with ``cp`` > 1 a layer also keeps the keys and values it gathered, the whole sequence's. The
-    first of ``pp`` stages keeps ``in_flight`` micro-batches (1F1B); the last keeps one and the loss's: the
-    hidden states' gradient, the head's fp32 gradient and a chunk of fp32 logits.
+    A layer keeps ``layer_bytes_per_token`` for each of the rank's tokens, 1/``cp`` of each sequence, and with
+    ``cp`` > 1 the keys and values it gathered: the whole sequence's. The first of ``pp`` stages
+    keeps ``in_flight`` micro-batches (1F1B); the last keeps one and the loss's: the hidden states' gradient,
+    the head's fp32 gradient and a chunk of fp32 logits.
     """
-    width = 1 if precision in ("bf16", "fp16", "bf16-autocast") else 2  # autocast keeps bf16 activations
+    w = 4 if precision == "fp32" else 2
     tokens = shape.seq_len * micro_batch / cp
-    gathered = 2 * kv_heads_per_rank(shape, tp) * shape.head_dim * width * shape.seq_len * micro_batch if cp > 1 else 0
-    layer = 34 * shape.d_model * width / tp * tokens + gathered
+    kv = 2 * kv_heads_per_rank(shape, tp) * shape.head_dim * w  # a token's keys and values
+    layer = layer_bytes_per_token(shape, precision, tp) * tokens
+    if cp > 1:  # attention keeps the gathered keys and values of the whole sequence, not the rank's own
+        layer += kv * (shape.seq_len * micro_batch - tokens)
     layers = stage_layers(shape.n_layers, pp)
-    kept = (layers - recomputed) * layer + recomputed * 2 * width * shape.d_model / tp * tokens
+    kept = (layers - recomputed) * layer + recomputed * w * shape.d_model / tp * tokens
     rebuilt = layer if recomputed else 0  # backward rebuilds one layer at a time
-    loss = 2 * width * shape.d_model / tp * tokens + (4 * shape.vocab_size * shape.d_model + 3 * 4 * CHUNK_ELEMENTS) / tp
+    loss = w * shape.d_model / tp * tokens + (4 * shape.vocab_size * shape.d_model + 3 * 4 * CHUNK_ELEMENTS) / tp
     last = kept + rebuilt + loss
     first = kept * in_flight + rebuilt
     return max(first, last) if pp > 1 else last

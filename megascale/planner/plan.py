@@ -21,10 +21,11 @@ Recipe rules (each stated where it is applied):
   recomputed layers) from a memory estimate and a step-time model, both in
   ``layout.py``: weights + grads + Adam (16 bytes per unique parameter in bf16
   mixed precision and in fp32) of a GPU's share, sharded as ZeRO does, plus
-  activations ≈ 34·d bytes per token per applied layer in bf16 (Korthikanti
-  et al. 2022, without the attention-score term that flash attention never
-  stores; ×2 in fp32; over tp with sequence parallelism, over cp with the
-  gathered K/V kept; pp micro-batches in flight on the first stage) plus the fused chunked loss (train.fused_loss):
+  the activations each applied layer keeps per token as the model runs on
+  CUDA (``layer_bytes_per_token``, measured on the real model by the tests:
+  ≈ 32.5·d bytes in bf16 for a Llama block with MHA; over tp with sequence
+  parallelism, over cp with the gathered K/V kept; pp micro-batches in flight
+  on the first stage) plus the fused chunked loss (train.fused_loss):
   the hidden states' gradient per token, the head's fp32 gradient and one
   chunk of fp32 logits — not V bytes per token;
 * activation recomputation (parallel.activation_checkpointing and
