@@ -41,9 +41,10 @@ def test_one_gpu_of_the_layout_holds_the_data_parallel_counts(shape):
     """Without tensor or pipeline parallelism a GPU holds every unique parameter; with them a share of each block."""
     assert stage_params(shape, 1, 1) == count(shape).unique
     assert stage_params(shape, 2, 1) < count(shape).unique
-    # activations: sequence parallelism splits them over tp; the first of pp stages keeps pp micro-batches of its layers
+    # activations: tensor parallelism splits most of them (not the gathered inputs: test_tp_collectives.py);
+    # the first of pp stages keeps pp micro-batches of its layers
     one = activation_bytes(shape, 1, "bf16")
-    assert activation_bytes(shape, 1, "bf16", tp=2) == pytest.approx(one / 2)
+    assert one / 2 < activation_bytes(shape, 1, "bf16", tp=2) < 0.7 * one
     first = activation_bytes(shape, 1, "bf16", pp=2, in_flight=2)
     assert first >= activation_bytes(shape, 1, "bf16", pp=2, in_flight=1)
     assert recomputed_layers(5, 2, 2) == 4 and recomputed_layers(5, 2, 3) == 5 and recomputed_layers(4, 1, 4) == 4

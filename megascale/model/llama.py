@@ -135,10 +135,13 @@ class Attention(nn.Module):
         self.backend = "torch"  # set by Transformer.set_attention_backend
         self.ops = "torch"  # model.fused_ops, set by Transformer.set_ops_backend
         self.context = None  # context parallelism (megascale.parallel.context_parallel), applied from outside
+        # What q, k and v read: tensor parallelism puts its one gather (or copy) of the input here, for all three.
+        self.proj_input: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
         """mask: optional boolean (B, 1, T, T_keys), True = attend (replaces the causal mask); cache: KV of earlier steps."""
+        x = self.proj_input(x)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         B, T = q.shape[:2]  # T from the projection: under sequence parallelism x holds only T/tp positions
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -163,8 +166,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
         self.ops = "torch"  # model.fused_ops, set by Transformer.set_ops_backend
+        self.proj_input: nn.Module = nn.Identity()  # what gate and up read (Attention.proj_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj_input(x)
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.ops))
 
 

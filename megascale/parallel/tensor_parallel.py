@@ -6,7 +6,11 @@
   whole heads per rank, so attention runs locally on n_heads/tp query heads and
   n_kv_heads/tp KV heads — GQA groups never straddle ranks); with more ranks than
   KV heads (tp a multiple of n_kv_heads) k/v → ``ReplicatedKVLinear``: each rank
-  holds the one KV head its query heads read, shared with tp/n_kv_heads - 1 others;
+  holds the one KV head its query heads read, shared with tp/n_kv_heads - 1 others.
+  The projections of one input share one ``ParallelInput`` (the block's
+  ``proj_input``): one all-gather under sequence parallelism (one reduce-scatter of
+  the summed gradient in backward), or one all-reduce of it without, per attention
+  and per MLP, as Megatron's fused QKV and gate-up linears have, not one per matrix;
 * attention o_proj and MLP down → ``RowParallelLinear`` (input features split,
   partial outputs all-reduced);
 * the embedding → ``VocabParallelEmbedding`` (rows split by vocabulary range);
@@ -56,19 +60,37 @@ def _chunk(weight: nn.Parameter, dim: int, index: int, count: int) -> nn.Paramet
     return carry_init(weight, p, dim, index, count)
 
 
+class ParallelInput(nn.Module):
+    """The input of column-parallel projections, made whole once for all of them.
+
+    With sequence parallelism (B, T/tp, D) is all-gathered to (B, T, D), and backward
+    reduce-scatters the gradient the projections summed; without, the input is already
+    whole and backward all-reduces that sum (``copy_to_tp``).
+    """
+
+    def __init__(self, group, sequence_parallel: bool = False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+
+
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_localᵀ with W split by output features (rows).
 
-    With sequence parallelism the input arrives as (B, T/tp, D) and is all-gathered.
+    With sequence parallelism the input arrives as (B, T/tp, D) and is all-gathered, unless
+    ``shared_input``: a ``ParallelInput`` before it has made it whole already.
     """
 
-    def __init__(self, dense: nn.Linear, group, sequence_parallel: bool = False):
+    def __init__(self, dense: nn.Linear, group, sequence_parallel: bool = False, shared_input: bool = False):
         super().__init__()
-        self.group, self.sequence_parallel = group, sequence_parallel
+        self.group, self.sequence_parallel, self.shared_input = group, sequence_parallel, shared_input
         self.weight = _shard(dense.weight, 0, group)  # (out/tp, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        if not self.shared_input:
+            x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
         return F.linear(x, self.weight)
 
 
@@ -86,15 +108,16 @@ class ReplicatedKVLinear(nn.Module):
     head once (the first copy of head 0 is on tensor rank 0).
     """
 
-    def __init__(self, dense: nn.Linear, group, kv_group, sequence_parallel: bool = False):
+    def __init__(self, dense: nn.Linear, group, kv_group, sequence_parallel: bool = False, shared_input: bool = False):
         super().__init__()
-        self.group, self.kv_group, self.sequence_parallel = group, kv_group, sequence_parallel
+        self.group, self.kv_group, self.sequence_parallel, self.shared_input = group, kv_group, sequence_parallel, shared_input
         tp, rank, r = dist.get_world_size(group), dist.get_rank(group), dist.get_world_size(kv_group)
         self.weight = _chunk(dense.weight, 0, rank // r, tp // r)  # (head_dim, in)
         self.weight.tensor_model_parallel = rank % r == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        if not self.shared_input:
+            x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
         return F.linear(x, copy_to_tp(self.weight, self.kv_group))
 
 
@@ -253,14 +276,16 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
         raise ValueError(f"tp={tp} exceeds n_kv_heads={model.cfg.kv_heads}: pass the KV-head group (ParallelGroups.kv_group)")
     for block in model.blocks.values():
         attn, mlp = block.attn, block.mlp
-        attn.q_proj = ColumnParallelLinear(attn.q_proj, group, sp)
+        attn.proj_input, mlp.proj_input = ParallelInput(group, sp), ParallelInput(group, sp)
+        attn.q_proj = ColumnParallelLinear(attn.q_proj, group, sp, shared_input=True)
         if replicated:
-            attn.k_proj, attn.v_proj = (ReplicatedKVLinear(m, group, kv_group, sp) for m in (attn.k_proj, attn.v_proj))
+            attn.k_proj, attn.v_proj = (ReplicatedKVLinear(m, group, kv_group, sp, shared_input=True)
+                                        for m in (attn.k_proj, attn.v_proj))
         else:
-            attn.k_proj, attn.v_proj = (ColumnParallelLinear(m, group, sp) for m in (attn.k_proj, attn.v_proj))
+            attn.k_proj, attn.v_proj = (ColumnParallelLinear(m, group, sp, shared_input=True) for m in (attn.k_proj, attn.v_proj))
         attn.o_proj = RowParallelLinear(attn.o_proj, group, sp)
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, max(1, attn.n_kv_heads // tp)
-        mlp.gate_proj, mlp.up_proj = ColumnParallelLinear(mlp.gate_proj, group, sp), ColumnParallelLinear(mlp.up_proj, group, sp)
+        mlp.gate_proj, mlp.up_proj = (ColumnParallelLinear(m, group, sp, shared_input=True) for m in (mlp.gate_proj, mlp.up_proj))
         mlp.down_proj = RowParallelLinear(mlp.down_proj, group, sp)
         if sp:
             block.input_norm = SequenceParallelRMSNorm(block.input_norm, group)

@@ -168,14 +168,15 @@ def layer_bytes_per_token(shape: Shape, precision: str, tp: int = 1) -> float:
     RoPE and SwiGLU kernels, flash attention): each norm's input and fp32 1/rms, the attention input, q, k, v,
     the attention output (which the output projection reads in place) and its fp32 log-sum-exp, the MLP input,
     gate, up and the down projection's input: ≈ 32.5·d bytes in bf16 with MHA and an FFN of 2.75·d, where the
-    34·d of Korthikanti et al. 2022 (GPT's GeLU MLP, flash attention) is the usual rule. Everything but the
-    KV heads is split over ``tp`` (heads, FFN columns, sequence parallelism's tokens).
-    tests/test_plan_layout.py measures it on the real model. The PyTorch ops (model.fused_ops=torch, as on
-    CPU) keep ≈ 46·d: norms in fp32 and the SiLU's output besides."""
+    34·d of Korthikanti et al. 2022 (GPT's GeLU MLP, flash attention) is the usual rule. With ``tp`` > 1
+    (sequence parallelism) the heads, FFN columns and the norms' tokens split over the ranks, but the attention
+    and MLP inputs are kept as gathered, whole (Megatron gathers them again in backward instead), and a rank
+    keeps its KV heads. tests/test_plan_layout.py and test_tp_collectives.py measure it on the real model.
+    The PyTorch ops (model.fused_ops=torch, as on CPU) keep ≈ 46·d: norms in fp32 and the SiLU's output besides."""
     s, w = shape, 4 if precision == "fp32" else 2  # bf16-autocast keeps 16-bit matmul inputs
-    split = 4 * s.d_model + 2 * s.n_heads * s.head_dim + 3 * s.ffn_dim
-    kv = 2 * kv_heads_per_rank(s, tp) * s.head_dim
-    return w * (split / tp + kv) + 4 * (2 + s.n_heads) / tp
+    split = 2 * s.d_model + 2 * s.n_heads * s.head_dim + 3 * s.ffn_dim  # norm inputs, q, out, gate, up, down input
+    whole = 2 * s.d_model + 2 * kv_heads_per_rank(s, tp) * s.head_dim  # the gathered inputs; k, v
+    return w * (split / tp + whole) + 4 * (2 + s.n_heads) / tp
 
 
 def activation_bytes(shape: Shape, micro_batch: int, precision: str, recomputed: int = 0, *, tp: int = 1, pp: int = 1,

@@ -80,7 +80,7 @@ from megascale.parallel.pipeline import stage_units
 from megascale.parallel.tensor_parallel import ColumnParallelLinear, ReplicatedKVLinear, RowParallelLinear
 from megascale.parallel.topology import ParallelGroups
 
-COLUMNS = (ColumnParallelLinear, ReplicatedKVLinear)  # input all-gathered under sequence parallelism
+COLUMNS = (ColumnParallelLinear, ReplicatedKVLinear)  # input all-gathered under sequence parallelism (maybe before them)
 MATRICES = (nn.Linear, *COLUMNS, RowParallelLinear)
 
 
@@ -234,7 +234,7 @@ class CoherenceProbe:
             if isinstance(m, (*COLUMNS, RowParallelLinear)) and m.sequence_parallel != self.sequence_parallel:
                 raise ValueError(f"{name} has sequence_parallel={m.sequence_parallel}, the probe {self.sequence_parallel}")
             gather = ""
-            if self.sequence_parallel and isinstance(m, COLUMNS):
+            if self.sequence_parallel and isinstance(m, COLUMNS) and not m.shared_input:  # else gathered before it
                 gather = "input"
             elif self.sequence_parallel and isinstance(m, RowParallelLinear):
                 gather = "grad"

@@ -1,0 +1,122 @@
+"""How many collectives a tensor-parallel block costs: one gather of the input per attention and per MLP.
+
+q, k and v read one input, and so do gate and up. Gathering it (sequence parallelism) or
+copying it (without) once for each matrix moved the same bytes three and two times over, in
+forward and again in backward; ``ParallelInput`` does it once per attention and once per MLP,
+as Megatron's fused QKV and gate-up linears do. Counted on two gloo ranks, per block: the
+difference between a two-layer and a one-layer model's forward and backward. Equal losses
+and gradients to one rank are in test_parallel.py.
+"""
+
+import json
+import sys
+
+import pytest
+
+from conftest import clean_env, spawn_ranks
+
+SCRIPT = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+from megascale.config import ModelConfig
+from megascale.model.llama import Transformer
+from megascale.parallel.tensor_parallel import apply_tensor_parallel
+
+dist.init_process_group("gloo")
+sp, kv = sys.argv[1] == "sp", int(sys.argv[2])
+calls = {"all_gather": 0, "all_reduce": 0, "reduce_scatter": 0}
+for name in calls:
+    original = getattr(dist, name)
+    def counted(*args, _name=name, _original=original, **kwargs):
+        calls[_name] += 1
+        return _original(*args, **kwargs)
+    setattr(dist, name, counted)
+
+def count(layers):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=layers, n_heads=4, n_kv_heads=kv, max_seq_len=16, attention="torch")
+    model = apply_tensor_parallel(Transformer(cfg, seed=0), dist.group.WORLD, sp, kv_group=dist.group.WORLD if kv == 1 else None)
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    for name in calls:
+        calls[name] = 0
+    model(tokens, tokens.roll(-1, 1)).backward()
+    return dict(calls)
+
+two, one = count(2), count(1)
+if dist.get_rank() == 0:
+    print(json.dumps({name: two[name] - one[name] for name in calls}), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("mode, kv, expected", [
+    # sequence parallel: forward gathers the attention and the MLP input and reduce-scatters their outputs,
+    # backward the reverse (gloo has no reduce-scatter: megascale's is an all-reduce and a slice there), and
+    # the two norms' weight gradients, each rank's from its own tokens, are summed
+    ("sp", 2, {"all_gather": 4, "all_reduce": 6, "reduce_scatter": 0}),
+    # without: two all-reduces of the outputs forward, two of the inputs' summed gradients backward
+    ("no-sp", 2, {"all_gather": 0, "all_reduce": 4, "reduce_scatter": 0}),
+    # tp = 2 over one KV head: and the k and v copies' weight gradients summed over their group
+    ("sp", 1, {"all_gather": 4, "all_reduce": 8, "reduce_scatter": 0}),
+])
+def test_one_gather_per_attention_and_mlp(tmp_path, mode, kv, expected):
+    script = tmp_path / "count.py"
+    script.write_text(SCRIPT)
+    proc = spawn_ranks([sys.executable, str(script), mode, str(kv)], 2, clean_env(), 120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+
+
+SAVED = r"""
+import json, os, sys
+import torch
+import torch.distributed as dist
+from megascale.config import ModelConfig
+from megascale.model.llama import Transformer
+from megascale.parallel.tensor_parallel import apply_tensor_parallel
+
+dist.init_process_group("gloo")
+d, heads, kv, ffn, seq = json.loads(sys.argv[1])
+
+def saved(layers):
+    cfg = ModelConfig(vocab_size=64, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
+                      max_seq_len=seq, attention="torch")
+    model = Transformer(cfg, seed=0)
+    model.set_ops_backend("triton")  # the fused kernels, as on CUDA (here under Triton's interpreter)
+    model = apply_tensor_parallel(model, dist.group.WORLD, True, kv_group=dist.group.WORLD if kv == 1 else None)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+    tokens = torch.randint(0, 64, (2, seq), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, tokens.roll(-1, 1))
+    return sum(kept.values())
+
+per_token = (saved(2) - saved(1)) / (2 * seq)
+if dist.get_rank() == 0:
+    print(json.dumps(per_token), flush=True)
+dist.barrier()
+os._exit(0)  # gloo's teardown after the interpreter's kernels sometimes aborts; the result is out
+"""
+
+
+@pytest.mark.parametrize("kv", [2, 1], ids=["kv2", "kv1"])
+def test_a_tensor_rank_keeps_what_the_planner_counts(tmp_path, kv):
+    """At tp = 2 with sequence parallelism a rank keeps its share of each layer's activations and the gathered
+    attention and MLP inputs whole: megascale.planner.layout.layer_bytes_per_token, measured (fp32)."""
+    from megascale.planner.layout import layer_bytes_per_token  # noqa: PLC0415
+    from megascale.planner.shapes import Shape  # noqa: PLC0415
+
+    script = tmp_path / "saved.py"
+    script.write_text(SAVED)
+    dims = [32, 4, kv, 96, 16]
+    proc = spawn_ranks([sys.executable, str(script), json.dumps(dims)], 2, clean_env(TRITON_INTERPRET="1"), 300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    d, heads, kv_heads, ffn, seq = dims
+    assert measured == pytest.approx(layer_bytes_per_token(Shape(64, d, 1, heads, kv_heads, ffn, seq), "fp32", tp=2))
