@@ -126,6 +126,7 @@ def test_one_node_stays_data_parallel():
     assert "step time" in render_plan(plan) and "split over" not in render_plan(plan)
     single = make_plan(make_budget(gpu=H100, n_gpus=1, hours=168), PUBLISHED["epoch"])
     assert (single.recipe.tp, single.recipe.pp) == (1, 1) and "step time" not in render_plan(single)
+    assert "other layouts" not in render_plan(single)
 
 
 def test_a_large_model_across_nodes_is_split_and_the_config_says_how(tmp_path):
@@ -144,6 +145,13 @@ def test_a_large_model_across_nodes_is_split_and_the_config_says_how(tmp_path):
     assert any("split over" in note for note in plan.notes)
     step = plan_to_dict(plan)["step_model"]
     assert step["efficiency"] == pytest.approx(plan.step.efficiency) and step["links"]["net_gbs"] == 50.0
+    # the runners-up: the best of each other split, best first, none better than the choice by more than the band
+    others = plan.alternatives
+    splits = [(x.tp, x.pp, x.cp) for x in others]
+    assert 0 < len(others) <= 5 and len(set(splits)) == len(splits) and (r.tp, r.pp, r.cp) not in splits
+    assert [x.step.efficiency for x in others] == sorted((x.step.efficiency for x in others), reverse=True)
+    assert others[0].step.efficiency <= plan.step.efficiency + 0.01
+    assert "other layouts" in render_plan(plan) and len(plan_to_dict(plan)["other_layouts"]) == len(others)
 
 
 def test_a_slower_network_never_splits_the_model_less():

@@ -50,7 +50,7 @@ import yaml
 from megascale.config import HostOffload
 from megascale.errors import MegascaleError
 from megascale.hardware import GPU
-from megascale.planner.layout import (MAX_LIVE_PARAMETERS, USABLE, Links, StepTime, activation_bytes, best_layout, candidate_layouts,
+from megascale.planner.layout import (MAX_LIVE_PARAMETERS, USABLE, Layout, Links, StepTime, activation_bytes, best_layout, candidate_layouts,
                                       context_sizes, pipeline_sizes, recomputed_layers, stage_layers, state_bytes, tensor_sizes)
 from megascale.planner.mappings import PUBLISHED, TARGET_WORDS, Allocation, Mapping, ParametricMapping, sci
 from megascale.planner.shapes import Shape, ShapeCounts, count, recompute_flops_per_token, solve_shape
@@ -211,6 +211,10 @@ class MemoryLayout:
     per_stage: int = 0  # the recomputed layers of each stage (its first ones): parallel.checkpoint_layers
     step: StepTime | None = None  # the modelled step (layout.py), when the GPUs' memory and links are known
     data_parallel_only: StepTime | None = None  # the best layout without tp or pp, when another was chosen
+    alternatives: tuple[Layout, ...] = ()  # the best layout of each other split, best first (OTHER_LAYOUTS at most)
+
+
+OTHER_LAYOUTS = 5  # alternatives a multi-GPU plan lists
 
 
 def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, budget: Budget, global_batch: int,
@@ -231,11 +235,21 @@ def choose_memory_layout(shape: Shape, counts: ShapeCounts, precision: str, budg
         plain = best_layout([x for x in layouts if x.model_parallel == 1]) if best.model_parallel > 1 else None
         return MemoryLayout(best.zero_stage, best.micro_batch, Memory(best.state, best.activations, capacity), notes=notes,
                             recomputed=total, tp=best.tp, pp=best.pp, cp=best.cp, per_stage=best.checkpoint_layers, step=best.step,
-                            data_parallel_only=plain.step if plain else None)
+                            data_parallel_only=plain.step if plain else None, alternatives=_alternatives(layouts, best))
     if tp > 1 or pp > 1 or cp > 1:
         raise MegascaleError(f"no layout with {_forced(tp, pp, cp)} fits the model on {gpu.memory_gib:g} GiB GPUs, even with every "
                              "layer recomputed; allow more model parallelism (or drop --tp/--pp/--cp), or use more or larger GPUs")
     return _offloaded_layout(shape, unique=counts.unique, precision=precision, gpu=gpu, n_gpus=n_gpus, global_batch=global_batch)
+
+
+def _alternatives(layouts: list[Layout], chosen: Layout) -> tuple[Layout, ...]:
+    """The best layout of every (tp, pp, cp) split but the chosen one's, by modelled efficiency."""
+    splits: dict[tuple[int, int, int], list[Layout]] = {}
+    for layout in layouts:
+        splits.setdefault((layout.tp, layout.pp, layout.cp), []).append(layout)
+    splits.pop((chosen.tp, chosen.pp, chosen.cp), None)
+    best = [best_layout(group) for group in splits.values()]
+    return tuple(sorted(best, key=lambda x: -x.step.efficiency)[:OTHER_LAYOUTS])
 
 
 def _forced(tp: int, pp: int, cp: int) -> str:
@@ -385,6 +399,7 @@ class Plan:
     data_parts: list[DataPart] = field(default_factory=list)  # the prepared corpora drawn from (none: the stdlib demo)
     step: StepTime | None = None  # the layout's modelled step (layout.py), with the GPUs' memory and links known
     data_parallel_only: StepTime | None = None  # the best layout without tp or pp, when another was chosen
+    alternatives: tuple[Layout, ...] = ()  # the best layouts of other splits (MemoryLayout.alternatives)
 
     @property
     def size_error(self) -> float:
@@ -508,7 +523,8 @@ def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: S
                     layout.cp, layout.per_stage)
     loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
     plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, layout.memory, loss, data, out_dir,
-                list(layout.notes), data_parts=data_parts(data), step=layout.step, data_parallel_only=layout.data_parallel_only)
+                list(layout.notes), data_parts=data_parts(data), step=layout.step, data_parallel_only=layout.data_parallel_only,
+                alternatives=layout.alternatives)
     plan.notes += _notes(plan)
     plan.comparison = compare_mappings(budget.flops, exclude=mapping.name)
     return plan
@@ -716,6 +732,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "data_use": [asdict(p) | {"epochs": p.epochs(r.tokens)} for p in plan.data_parts],
         "hardware_flops": plan.hardware_flops,
         "step_model": _step_dict(plan),
+        "other_layouts": [{k: v for k, v in asdict(x).items() if k != "step"} | {"efficiency": x.step.efficiency}
+                          for x in plan.alternatives],
         "wall_seconds": plan.wall_seconds,
         "device_seconds": plan.device_seconds,
         "host_step_seconds": plan.host_step_seconds,
@@ -795,6 +813,9 @@ def render_plan(plan: Plan) -> str:
     width = max(len(k) for k, _ in rows)
     out = ["megascale compute plan"] + [f"  {k:<{width}}  {v}" for k, v in rows]
     out += [f"  {'note':<{width}}  {n}" for n in plan.notes]
+    if plan.alternatives and b.n_gpus > 1:
+        out += ["", "other layouts (the best of each split; compute: the modelled share of a step on the model's FLOPs):",
+                render_layouts(plan.alternatives, s.n_layers)]
     out += ["", f"other mappings at {sci(b.flops)} FLOPs (C = 6ND):", render_comparison(plan.comparison)]
     return "\n".join(out)
 
@@ -839,6 +860,15 @@ def _device_words(plan: Plan, device: float, host: float | None) -> str:
         return (f"{duration(device)} at MFU {mfu:g}, plus the host Adam steps, unpriced: measure the host's rate "
                 f"with bench/cpu_adam.py and pass --host-adam-rate")
     return f"{duration(device)} at MFU {mfu:g}"
+
+
+def render_layouts(layouts: tuple[Layout, ...], n_layers: int) -> str:
+    lines = [f"  {'tp':>3} {'pp':>3} {'cp':>3} {'dp':>5}  {'ZeRO':>4} {'micro':>5} {'recomputed':>10} {'memory/GPU':>11} {'compute':>8}"]
+    for x in layouts:
+        recomputed = recomputed_layers(n_layers, x.pp, x.checkpoint_layers)
+        lines.append(f"  {x.tp:>3} {x.pp:>3} {x.cp:>3} {x.dp:>5}  {x.zero_stage:>4} {x.micro_batch:>5} "
+                     f"{f'{recomputed}/{n_layers}':>10} {gib(x.state + x.activations):>11} {x.step.efficiency:>8.0%}")
+    return "\n".join(lines)
 
 
 def render_comparison(rows: list[dict[str, Any]]) -> str:
