@@ -126,6 +126,7 @@ def test_shape_counts_equal_the_real_transformer(shape):
     real, mine = model.param_counts(), count(shape)
     assert (mine.applied, mine.unique, mine.embedding) == (real.applied, real.unique, real.embedding)
     assert mine.flops_per_token == model.flops_per_token(shape.seq_len)
+    assert recompute_flops_per_token(shape, 3) == model.recompute_flops_per_token(shape.seq_len, 3)  # the trainer's HFU
 
 
 def test_recompute_flops_are_what_the_real_model_recomputes():

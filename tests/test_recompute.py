@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, metrics, run_pretrain
 from megascale.config import ModelConfig, load_config
 from megascale.errors import MegascaleError
 from megascale.model.llama import Transformer
@@ -119,3 +119,29 @@ def test_pipeline_stage_recomputes_its_first_layers_only(tmp_path):
 def test_bad_checkpoint_layers_is_one_line(overrides, fragment):
     with pytest.raises(MegascaleError, match=re.escape(fragment)):
         load_config(ROOT / "configs" / "tiny.yaml", overrides)
+
+
+@pytest.mark.parametrize("nproc, overrides, recomputed", [
+    (1, ["parallel.checkpoint_layers=3"], 3),
+    (2, ["parallel.pp=2", "parallel.checkpoint_layers=1"], 2),  # the first layer of each of the two stages
+], ids=["first3", "pp2-first1"])
+def test_throughput_records_count_the_recomputed_forwards_as_hardware_flops(tmp_path, data_dir, nproc, overrides, recomputed):
+    """MFU counts the model's FLOPs; with recomputation the records add hardware TFLOP/s and HFU, which count the
+    recomputed forwards too (what Megatron's TFLOP/s reports), and the report shows both."""
+    out = tmp_path / "run"
+    run_pretrain(out, data_dir, "parallel.activation_checkpointing=true", "metrics.peak_tflops=1", *overrides, nproc=nproc)
+    steps = [r for r in metrics(out) if r.get("tokens_per_s")]
+    model = Transformer(ModelConfig(vocab_size=512, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=32))
+    extra = model.recompute_flops_per_token(32, recomputed) / model.flops_per_token(32)
+    assert steps and all(r["hardware_tflops_per_device"] == pytest.approx(r["tflops_per_device"] * (1 + extra)) for r in steps)
+    assert all(r["hfu"] == pytest.approx(r["mfu"] * (1 + extra)) for r in steps)
+    from megascale.train.report import write_report  # noqa: PLC0415
+
+    assert "| HFU |" in write_report(out).read_text()
+
+
+def test_no_recomputation_no_hardware_flops_field(tmp_path, data_dir):
+    out = tmp_path / "run"
+    run_pretrain(out, data_dir, "metrics.peak_tflops=1")
+    steps = [r for r in metrics(out) if r.get("tokens_per_s")]
+    assert steps and not any("hfu" in r for r in steps) and all(r["mfu"] is not None for r in steps)

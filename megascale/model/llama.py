@@ -374,3 +374,15 @@ class Transformer(nn.Module):
         matmul_params = counts.applied - counts.embedding + (self.lm_head.weight.numel() if c.tie_embeddings else 0)
         return 6.0 * matmul_params + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
+    def recompute_flops_per_token(self, seq_len: int, layers: int) -> float:
+        """The FLOPs a token adds when ``layers`` applied layers run their forward again in backward.
+
+        Their matmuls but the down projection, at 2 per weight: PyTorch's non-reentrant checkpoint stops
+        recomputing once backward has every tensor it saved, and nothing reads that last product; and the
+        attention products, 4·nh·hd·T. The planner's ``recompute_flops_per_token`` is the same closed form,
+        which tests/test_planner.py checks against the FLOPs PyTorch counts in a real step.
+        """
+        c = self.cfg
+        weights = 2 * c.d_model * c.n_heads * c.head_dim + 2 * c.d_model * c.kv_heads * c.head_dim + 2 * c.d_model * c.hidden_dim
+        return layers * (2.0 * weights + 4.0 * c.n_heads * c.head_dim * seq_len)
+

@@ -758,7 +758,24 @@ def _step_record(run: Run, loss: float, grad_norm: float | None, steps_per_s: fl
         **memory_stats(run.ctx.device),
     }
     record["mfu"] = record["tflops_per_device"] / peak if peak else None
+    recomputed = recomputed_layers(run)
+    if recomputed:  # hardware FLOPs: the recomputed forwards too (Megatron's TFLOP/s counts them)
+        hardware = info["flops_per_token"] + run.model.recompute_flops_per_token(run.cfg.data.seq_len, recomputed)
+        record["hardware_tflops_per_device"] = hardware * tokens_per_s / run.ctx.world_size / 1e12
+        record["hfu"] = record["hardware_tflops_per_device"] / peak if peak else None
     return record
+
+
+def recomputed_layers(run: Run) -> int:
+    """Applied layers that recompute their forward in backward, over the whole model (every stage)."""
+    p, n_layers = run.cfg.parallel, run.cfg.model.n_layers
+    if not p.activation_checkpointing:
+        return 0
+    if not run.pipelined:
+        return n_layers if p.checkpoint_layers == 0 else min(p.checkpoint_layers, n_layers)
+    parts = run.engine.module.parts  # layer-list bounds of every stage: [embed, L blocks, norm, head]
+    blocks = [len(set(range(lo, hi)) & set(range(1, n_layers + 1))) for lo, hi in zip(parts, parts[1:])]
+    return sum(b if p.checkpoint_layers == 0 else min(p.checkpoint_layers, b) for b in blocks)
 
 
 def _log_eval(run: Run, writer: MetricsWriter) -> float:

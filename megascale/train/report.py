@@ -52,10 +52,14 @@ def _throughput(steps: list[dict[str, Any]]) -> list[str]:
         return ["No timed steps."]
     med = lambda key: statistics.median(r[key] for r in timed if r.get(key) is not None)  # noqa: E731
     mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
+    hfu = [r["hfu"] for r in timed if r.get("hfu") is not None]
     mem = [r.get("mem_peak_gib") or r.get("mem_rss_peak_gib") for r in timed]
     rows = [["tokens/s", f"{med('tokens_per_s'):,.0f}"], ["model TFLOP/s per device", f"{med('tflops_per_device'):.3g}"],
-            ["MFU", f"{statistics.median(mfu):.1%}" if mfu else "n/a (no peak for this device)"],
-            ["peak memory (GiB)", f"{max(m for m in mem if m is not None):.2f}" if any(mem) else "n/a"]]
+            ["MFU", f"{statistics.median(mfu):.1%}" if mfu else "n/a (no peak for this device)"]]
+    if any(r.get("hardware_tflops_per_device") for r in timed):  # activation recomputation: its forwards counted too
+        rows += [["hardware TFLOP/s per device (with recomputation)", f"{med('hardware_tflops_per_device'):.3g}"],
+                 ["HFU", f"{statistics.median(hfu):.1%}" if hfu else "n/a (no peak for this device)"]]
+    rows.append(["peak memory (GiB)", f"{max(m for m in mem if m is not None):.2f}" if any(mem) else "n/a"])
     return ["Medians over the logged windows after the first:", "", *_table(["", "value"], rows)]
 
 
