@@ -74,6 +74,7 @@ def plan_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the plan as JSON")
     o.add_argument("--emit-config", metavar="PATH", help="write the run config (YAML) that trains this plan")
+    o.add_argument("--plot-layouts", metavar="PNG", help="draw the chosen layout's modelled step beside the runners-up (multi-GPU plans)")
     o.add_argument("--out-dir", default="runs/plan", help="train.out_dir of the emitted config (default %(default)s)")
     return p
 
@@ -114,6 +115,7 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 def main_plan(argv: list[str]) -> int:
     args = plan_parser().parse_args(argv)
+    from megascale.errors import MegascaleError
     from megascale.planner.mappings import get_mapping, parse_overrides
     from megascale.planner.plan import make_plan, plan_to_dict, render_plan, start_command, write_config
 
@@ -124,6 +126,12 @@ def main_plan(argv: list[str]) -> int:
                      precision=args.precision or "bf16", data_path=args.data, data_blend=args.blend, out_dir=args.out_dir,
                      tp=args.tp, pp=args.pp, cp=args.cp)
     written = write_config(plan, args.emit_config) if args.emit_config else None
+    if args.plot_layouts:
+        if plan.step is None:
+            raise MegascaleError("--plot-layouts needs a GPU budget whose memory and links are known: --gpus N --gpu NAME")
+        from megascale.planner.plot import plot_layouts
+
+        plot_layouts(plan, args.plot_layouts)
     if args.json:
         print(json.dumps(plan_to_dict(plan) | {"emitted_config": str(written) if written else None}, indent=2))
         return 0

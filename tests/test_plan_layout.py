@@ -252,8 +252,12 @@ def test_an_emitted_split_layout_trains_and_its_ranks_hold_what_the_plan_counted
 def test_cli_prints_the_split_and_the_sbatch_line(capsys, tmp_path):
     from test_planner import run_cli  # noqa: PLC0415
 
-    rc, out, _ = run_cli(capsys, "--gpus", "1024", "--gpu", "H100", "--days", "30", "--emit-config", str(tmp_path / "c.yaml"))
+    rc, out, _ = run_cli(capsys, "--gpus", "1024", "--gpu", "H100", "--days", "30", "--emit-config", str(tmp_path / "c.yaml"),
+                         "--plot-layouts", str(tmp_path / "layouts.png"))
     assert rc == 0 and "step time" in out and "split over" in out
+    assert (tmp_path / "layouts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, _, err = run_cli(capsys, "--flops", "1e21", "--plot-layouts", str(tmp_path / "none.png"))
+    assert rc == 2 and "--plot-layouts needs a GPU budget" in err and not (tmp_path / "none.png").exists()
     assert "start the run:  sbatch --nodes=128 --ntasks-per-node=8 --gpus-per-node=8 launch/slurm/pretrain.sbatch" in out
     rc, out, _ = run_cli(capsys, "--gpus", "64", "--gpu", "H100", "--days", "30", "--tp", "8", "--pp", "2", "--json")
     parallel = json.loads(out)["config"]["parallel"]

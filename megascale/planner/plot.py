@@ -103,3 +103,38 @@ def _optimum_panel(ax, report: FitReport, colors, what: str) -> None:
     ax.legend(fontsize=7)
     if not math.isfinite(ax.get_ylim()[0]):
         ax.set_yscale("linear")
+
+
+STEP_PARTS = (("compute", "#2b7bba"), ("recompute", "#9ecae1"), ("bubble", "#fdae6b"), ("tensor", "#e6550d"),
+              ("context", "#a63603"), ("data", "#756bb1"), ("pipeline", "#bcbddc"))
+
+
+def plot_layouts(plan, png_path: Path | str) -> Path:
+    """The chosen layout and the runners-up as bars of their modelled step: where each second goes, by cause."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    r = plan.recipe
+    rows = [(f"chosen: tp {r.tp} · pp {r.pp} · cp {r.cp} · ZeRO-{r.zero_stage} · micro {r.micro_batch}", plan.step)]
+    rows += [(f"tp {x.tp} · pp {x.pp} · cp {x.cp} · ZeRO-{x.zero_stage} · micro {x.micro_batch}", x.step)
+             for x in plan.alternatives]
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.45 * len(rows)))
+    for i, (_, step) in enumerate(reversed(rows)):
+        left = 0.0
+        for name, color in STEP_PARTS:
+            share = getattr(step, name) / step.total
+            ax.barh(i, share, left=left, color=color, label=name if i == len(rows) - 1 else None)
+            left += share
+    ax.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of a modelled optimizer step")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(f"{plan.budget.describe()}\n{plan.shape.describe()}", fontsize=8)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
