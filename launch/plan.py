@@ -133,7 +133,8 @@ def main_plan(argv: list[str]) -> int:
 
         plot_layouts(plan, args.plot_layouts)
     if args.json:
-        print(json.dumps(plan_to_dict(plan) | {"emitted_config": str(written) if written else None}, indent=2))
+        print(json.dumps(plan_to_dict(plan) | {"emitted_config": str(written) if written else None,
+                                               "start_command": start_command(budget, written) if written else None}, indent=2))
         return 0
     print(render_plan(plan))
     if written:

@@ -286,6 +286,7 @@ def test_cli_plan_json_and_table(capsys, tmp_path):
     data = json.loads(out)
     assert data["budget"]["n_gpus"] == 8 and data["flops_model"] == "exact"
     assert data["predicted_loss"] is not None and data["emitted_config"].endswith("a.yaml")
+    assert data["start_command"] == f"deepspeed --num_gpus 8 launch/pretrain.py --config {tmp_path / 'a.yaml'}"
     rc, out, _ = run_cli(capsys, "--flops", "1e21", "--mapping", "kaplan")
     assert rc == 0 and "non-embedding" in out and "other mappings" in out
 
