@@ -60,20 +60,22 @@ def _chunk(weight: nn.Parameter, dim: int, index: int, count: int) -> nn.Paramet
     return carry_init(weight, p, dim, index, count)
 
 
-class ParallelInput(nn.Module):
-    """The input of column-parallel projections, made whole once for all of them.
+def whole_input(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """A column-parallel layer's input made whole: all-gathered from (B, T/tp, D) under sequence parallelism
+    (backward: reduce-scatter), else already whole (backward: all-reduce, ``copy_to_tp``)."""
+    return gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
 
-    With sequence parallelism (B, T/tp, D) is all-gathered to (B, T, D), and backward
-    reduce-scatters the gradient the projections summed; without, the input is already
-    whole and backward all-reduces that sum (``copy_to_tp``).
-    """
+
+class ParallelInput(nn.Module):
+    """The input of column-parallel projections, made whole (``whole_input``) once for all of them: backward
+    then reduces the gradient the projections summed, once."""
 
     def __init__(self, group, sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return whole_input(x, self.group, self.sequence_parallel)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -90,7 +92,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.shared_input:
-            x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+            x = whole_input(x, self.group, self.sequence_parallel)
         return F.linear(x, self.weight)
 
 
@@ -117,7 +119,7 @@ class ReplicatedKVLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.shared_input:
-            x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+            x = whole_input(x, self.group, self.sequence_parallel)
         return F.linear(x, copy_to_tp(self.weight, self.kv_group))
 
 
@@ -138,7 +140,7 @@ class VocabParallelLMHead(ColumnParallelLinear):
                 weights: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
-        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        x = whole_input(x, self.group, self.sequence_parallel)
         return linear_cross_entropy(x, self.weight, targets, weights, chunk_tokens=self.chunk_tokens,
                                     vocab_start=self.vocab_start, group=self.group, backend=self.ops)
 

@@ -397,9 +397,22 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     comparison: list[dict[str, Any]] = field(default_factory=list)
     data_parts: list[DataPart] = field(default_factory=list)  # the prepared corpora drawn from (none: the stdlib demo)
-    step: StepTime | None = None  # the layout's modelled step (layout.py), with the GPUs' memory and links known
-    data_parallel_only: StepTime | None = None  # the best layout without tp or pp, when another was chosen
-    alternatives: tuple[Layout, ...] = ()  # the best layouts of other splits (MemoryLayout.alternatives)
+    layout: MemoryLayout | None = None  # what the recipe's parallel and ZeRO settings came from
+
+    @property
+    def step(self) -> StepTime | None:
+        """The layout's modelled step (layout.py), when the GPUs' memory and links are known."""
+        return self.layout.step if self.layout else None
+
+    @property
+    def data_parallel_only(self) -> StepTime | None:
+        """The best layout's step without tp, pp or cp, when another was chosen."""
+        return self.layout.data_parallel_only if self.layout else None
+
+    @property
+    def alternatives(self) -> tuple[Layout, ...]:
+        """The best layouts of the other splits."""
+        return self.layout.alternatives if self.layout else ()
 
     @property
     def size_error(self) -> float:
@@ -420,7 +433,7 @@ class Plan:
         """The GPUs' time for the planned FLOPs, recomputation included, at the budget's MFU (None without GPUs).
 
         Recomputed forwards are assumed to run as fast as the rest of the step, so the trainer's MFU, which counts
-        model FLOPs only (as Megatron's and PaLM's do), reads lower than the budget's by their share.
+        model FLOPs only (PaLM's definition), reads lower than the budget's by their share; its HFU does not.
         """
         return self.budget.seconds_for(self.hardware_flops)
 
@@ -523,8 +536,7 @@ def plan_for_shape(budget: Budget, mapping: Mapping, alloc: Allocation, shape: S
                     layout.cp, layout.per_stage)
     loss = mapping.loss(counts.applied, tokens) if isinstance(mapping, ParametricMapping) else None
     plan = Plan(budget, mapping, alloc, shape, counts, flops_model, per_token, recipe, layout.memory, loss, data, out_dir,
-                list(layout.notes), data_parts=data_parts(data), step=layout.step, data_parallel_only=layout.data_parallel_only,
-                alternatives=layout.alternatives)
+                list(layout.notes), data_parts=data_parts(data), layout=layout)
     plan.notes += _notes(plan)
     plan.comparison = compare_mappings(budget.flops, exclude=mapping.name)
     return plan

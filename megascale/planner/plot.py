@@ -25,6 +25,12 @@ def plot_fit(report: FitReport, png_path: Path | str) -> Path:
     _optimum_panel(axes[2], report, colors, "tokens")
     fig.suptitle(_title(report), fontsize=10)
     fig.tight_layout()
+    return _save(fig, png_path)
+
+
+def _save(fig, png_path: Path | str) -> Path:
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=120)
@@ -133,8 +139,4 @@ def plot_layouts(plan, png_path: Path | str) -> Path:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(f"{plan.budget.describe()}\n{plan.shape.describe()}", fontsize=8)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return png_path
+    return _save(fig, png_path)

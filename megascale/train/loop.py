@@ -774,7 +774,7 @@ def recomputed_layers(run: Run) -> int:
     if not run.pipelined:
         return n_layers if p.checkpoint_layers == 0 else min(p.checkpoint_layers, n_layers)
     parts = run.engine.module.parts  # layer-list bounds of every stage: [embed, L blocks, norm, head]
-    blocks = [len(set(range(lo, hi)) & set(range(1, n_layers + 1))) for lo, hi in zip(parts, parts[1:])]
+    blocks = [max(0, min(hi, n_layers + 1) - max(lo, 1)) for lo, hi in zip(parts, parts[1:])]  # indices 1..L
     return sum(b if p.checkpoint_layers == 0 else min(p.checkpoint_layers, b) for b in blocks)
 
 
