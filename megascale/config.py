@@ -211,7 +211,7 @@ class TrainConfig(HostOffload):
     check_grad_overflow: bool = False
     """bf16: true = DeepSpeed reads every gradient for inf/NaN before each step and skips the step if it finds one (two reductions per tensor and a host sync per step); false (the default: on an H200 it cut a 1.3b step's update from 91 to 39 ms, BENCHMARKS.md) leaves a non-finite gradient to train.nan_policy, which sees it in the loss of a later step, and no checkpoint is written after it. fp16 always checks (its loss scaling needs it)."""
     compile: bool = False
-    """torch.compile each transformer block (in place: names and checkpoints unchanged). Off by default (it needs a compiler and compiles for tens of seconds); configs/1.3b.yaml turns it on, where an H200 measured it faster (BENCHMARKS.md); not with ZeRO-3."""
+    """torch.compile each transformer block (in place: names and checkpoints unchanged). Off by default (it needs a compiler and compiles for tens of seconds); configs/1.3b.yaml turns it on, where an H200 measured it faster (BENCHMARKS.md); not with ZeRO-3. With parallel.sequence_parallel a compiled block keeps its projections' gathered input whole for backward (eager blocks keep their slice and gather it again)."""
 
 
 @dataclass

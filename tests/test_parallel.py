@@ -143,11 +143,22 @@ def test_compiled_blocks_train_the_same_across_pipeline_stages(runs):
         assert got[step] == pytest.approx(loss, rel=1e-4), step
 
 
+def test_compiled_blocks_train_the_same_under_sequence_parallelism(runs):
+    """Compiled blocks keep the projections' gathered input, eager ones gather it again in backward: same losses."""
+    sp = ("cycle:2", "parallel.sequence_parallel=true")
+    expected, got = losses(runs(2, 1, 1, *sp)), losses(runs(2, 1, 1, *sp, "train.compile=true"))
+    assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5]
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
 def test_activation_checkpointing_changes_nothing(runs):
     """Every layer recomputed, and (parallel.checkpoint_layers=1) the first layer of each stage alone: layers 0 and 2
-    of the two stages (test_recompute.py measures what each keeps)."""
+    of the two stages (test_recompute.py measures what each keeps); and under sequence parallelism, whose
+    projections keep their input's slice for backward, which recomputation drops and rebuilds."""
     expected = losses(runs(1, 1, 1, "cycle:2"))
-    for layout, extra in [((1, 1, 1), ()), ((1, 2, 1), ()), ((1, 2, 1), ("parallel.checkpoint_layers=1",))]:
+    for layout, extra in [((1, 1, 1), ()), ((1, 2, 1), ()), ((2, 1, 1), ("parallel.sequence_parallel=true",)),
+                          ((1, 2, 1), ("parallel.checkpoint_layers=1",))]:
         run = runs(*layout, "cycle:2", "parallel.activation_checkpointing=true", *extra)
         got = losses(run)
         for step, loss in expected.items():

@@ -41,10 +41,13 @@ def test_one_gpu_of_the_layout_holds_the_data_parallel_counts(shape):
     """Without tensor or pipeline parallelism a GPU holds every unique parameter; with them a share of each block."""
     assert stage_params(shape, 1, 1) == count(shape).unique
     assert stage_params(shape, 2, 1) < count(shape).unique
-    # activations: tensor parallelism splits most of them (not the gathered inputs: test_tp_collectives.py);
-    # the first of pp stages keeps pp micro-batches of its layers
+    # activations: tensor parallelism with sequence parallelism splits them all (test_tp_collectives.py) while the
+    # ranks split the KV heads; past that each rank keeps a KV head whole; the first of pp stages keeps pp
+    # micro-batches of its layers
     one = activation_bytes(shape, 1, "bf16")
-    assert one / 2 < activation_bytes(shape, 1, "bf16", tp=2) < 0.7 * one
+    assert activation_bytes(shape, 1, "bf16", tp=2) == pytest.approx(one / 2)
+    past_kv = 2 * shape.n_kv_heads
+    assert activation_bytes(shape, 1, "bf16", tp=past_kv) > one / past_kv
     first = activation_bytes(shape, 1, "bf16", pp=2, in_flight=2)
     assert first >= activation_bytes(shape, 1, "bf16", pp=2, in_flight=1)
     assert recomputed_layers(5, 2, 2) == 4 and recomputed_layers(5, 2, 3) == 5 and recomputed_layers(4, 1, 4) == 4

@@ -3,7 +3,9 @@
 q, k and v read one input, and so do gate and up. Gathering it (sequence parallelism) or
 copying it (without) once for each matrix moved the same bytes three and two times over, in
 forward and again in backward; ``ParallelInput`` does it once per attention and once per MLP,
-as Megatron's fused QKV and gate-up linears do. Counted on two gloo ranks, per block: the
+as Megatron's fused QKV and gate-up linears do. Under sequence parallelism backward gathers each
+of those two inputs once more, as Megatron does, rather than keep them whole from forward (the
+second test measures what that saves). Counted on two gloo ranks, per block: the
 difference between a two-layer and a one-layer model's forward and backward. Equal losses
 and gradients to one rank are in test_parallel.py.
 """
@@ -52,13 +54,14 @@ dist.destroy_process_group()
 
 @pytest.mark.parametrize("mode, kv, expected", [
     # sequence parallel: forward gathers the attention and the MLP input and reduce-scatters their outputs,
-    # backward the reverse (gloo has no reduce-scatter: megascale's is an all-reduce and a slice there), and
-    # the two norms' weight gradients, each rank's from its own tokens, are summed
-    ("sp", 2, {"all_gather": 4, "all_reduce": 6, "reduce_scatter": 0}),
+    # backward the reverse (gloo has no reduce-scatter: megascale's is an all-reduce and a slice there) and
+    # gathers the two inputs again for the weight gradients, and the two norms' weight gradients, each
+    # rank's from its own tokens, are summed
+    ("sp", 2, {"all_gather": 6, "all_reduce": 6, "reduce_scatter": 0}),
     # without: two all-reduces of the outputs forward, two of the inputs' summed gradients backward
     ("no-sp", 2, {"all_gather": 0, "all_reduce": 4, "reduce_scatter": 0}),
     # tp = 2 over one KV head: and the k and v copies' weight gradients summed over their group
-    ("sp", 1, {"all_gather": 4, "all_reduce": 8, "reduce_scatter": 0}),
+    ("sp", 1, {"all_gather": 6, "all_reduce": 8, "reduce_scatter": 0}),
 ])
 def test_one_gather_per_attention_and_mlp(tmp_path, mode, kv, expected):
     script = tmp_path / "count.py"
@@ -107,8 +110,9 @@ os._exit(0)  # gloo's teardown after the interpreter's kernels sometimes aborts;
 
 @pytest.mark.parametrize("kv", [2, 1], ids=["kv2", "kv1"])
 def test_a_tensor_rank_keeps_what_the_planner_counts(tmp_path, kv):
-    """At tp = 2 with sequence parallelism a rank keeps its share of each layer's activations and the gathered
-    attention and MLP inputs whole: megascale.planner.layout.layer_bytes_per_token, measured (fp32)."""
+    """At tp = 2 with sequence parallelism a rank keeps its share of each layer's activations, the attention and
+    MLP inputs as its sequence slices (gathered again in backward), and its KV heads whole:
+    megascale.planner.layout.layer_bytes_per_token, measured (fp32)."""
     from megascale.planner.layout import layer_bytes_per_token  # noqa: PLC0415
     from megascale.planner.shapes import Shape  # noqa: PLC0415
 

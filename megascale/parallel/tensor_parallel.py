@@ -30,6 +30,7 @@ them once per shard and replicated ones (norms) once in the gradient norm.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -66,34 +67,136 @@ def whole_input(x: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor
     return gather_from_sp(x, group) if sequence_parallel else copy_to_tp(x, group)
 
 
+class _Regather:
+    """A sequence-parallel input made whole again in backward, once for all the projections that read it.
+
+    Each projection's forward registers as a user; the first backward all-gathers the saved slice
+    (asynchronously, while it computes its input gradient), the others reuse that, and the last one
+    drops it, so the whole input lives only while its projections' weight gradients are computed.
+    """
+
+    def __init__(self, group):
+        self.group, self.users = group, 0
+        self.parts: list[torch.Tensor] | None = None
+        self.work = None
+        self.whole: torch.Tensor | None = None
+
+    def start(self, x_local: torch.Tensor) -> None:
+        """Begin gathering ``x_local`` (B, T/tp, in) unless an earlier user has."""
+        if self.parts is None and self.whole is None:
+            self.parts = [torch.empty_like(x_local) for _ in range(dist.get_world_size(self.group))]
+            self.work = dist.all_gather(self.parts, x_local.contiguous(), group=self.group, async_op=True)
+
+    def take(self) -> torch.Tensor:
+        """The whole (B, T, in) input, for one user; freed here after the last."""
+        if self.whole is None:
+            self.work.wait()
+            self.whole, self.parts, self.work = torch.cat(self.parts, dim=1), None, None
+        whole = self.whole
+        self.users -= 1
+        if self.users == 0:
+            self.whole = None
+        return whole
+
+
+class _RegatheredLinear(torch.autograd.Function):
+    """y = x Wᵀ on the gathered input, keeping for backward this rank's (B, T/tp, in) slice, not the whole.
+
+    Megatron's sequence-parallel linears do the same: the weight gradient needs the whole input, and
+    gathering it again in backward costs one all-gather per attention and per MLP (overlapped with the
+    input-gradient matmul) where keeping it costs (1 - 1/tp) of two d-wide activations per token and layer.
+    ``x_local`` goes through ``save_for_backward`` so activation checkpointing drops and rebuilds it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, x_local, regather):
+        ctx.save_for_backward(x_local, weight)
+        ctx.regather = regather
+        regather.users += 1
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_local, weight = ctx.saved_tensors
+        ctx.regather.start(x_local)
+        grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        whole = ctx.regather.take()
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ whole.reshape(-1, whole.shape[-1]).to(grad.dtype)
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, None, None
+
+
 class ParallelInput(nn.Module):
     """The input of column-parallel projections, made whole (``whole_input``) once for all of them: backward
-    then reduces the gradient the projections summed, once."""
+    then reduces the gradient the projections summed, once.
+
+    Under sequence parallelism it also remembers (weakly) the slice it gathered, so the projections, given its
+    ``gathered`` record as ``shared_input``, keep that slice for backward instead of the whole input.
+    """
 
     def __init__(self, group, sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
+        self.gathered = GatheredInput(group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return whole_input(x, self.group, self.sequence_parallel)
+        whole = whole_input(x, self.group, self.sequence_parallel)
+        if self.sequence_parallel and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.gathered.record(x, whole)
+        return whole
+
+
+class GatheredInput:
+    """What a ``ParallelInput`` gathered last: weak references to the slice and the whole tensor, and the
+    ``_Regather`` its projections share. Weak, so the module holds no activation past its forward."""
+
+    def __init__(self, group):
+        self.group = group
+        self._local = self._whole = None
+        self._regather: _Regather | None = None
+
+    def record(self, x_local: torch.Tensor, whole: torch.Tensor) -> None:
+        self._local, self._whole, self._regather = weakref.ref(x_local), weakref.ref(whole), _Regather(self.group)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x Wᵀ, keeping the slice for backward when ``x`` is the whole tensor gathered last.
+
+        Not in a compiled block: Dynamo cannot trace the state the projections share (it would break the
+        block's graph at each projection), so compiled blocks keep the whole input, as before.
+        """
+        if torch.compiler.is_compiling():
+            return F.linear(x, weight)
+        local = self._local() if self._whole is not None and self._whole() is x else None
+        if local is None:
+            return F.linear(x, weight)
+        return _RegatheredLinear.apply(x, weight, local, self._regather)
 
 
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_localᵀ with W split by output features (rows).
 
     With sequence parallelism the input arrives as (B, T/tp, D) and is all-gathered, unless
-    ``shared_input``: a ``ParallelInput`` before it has made it whole already.
+    ``shared_input`` is given: the ``GatheredInput`` of a ``ParallelInput`` before it that made it whole
+    already (and under sequence parallelism lets backward gather it again, not keep it whole).
     """
 
-    def __init__(self, dense: nn.Linear, group, sequence_parallel: bool = False, shared_input: bool = False):
+    def __init__(self, dense: nn.Linear, group, sequence_parallel: bool = False,
+                 shared_input: GatheredInput | None = None):
         super().__init__()
         self.group, self.sequence_parallel, self.shared_input = group, sequence_parallel, shared_input
         self.weight = _shard(dense.weight, 0, group)  # (out/tp, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.shared_input:
-            x = whole_input(x, self.group, self.sequence_parallel)
-        return F.linear(x, self.weight)
+        return _project(self, x, self.weight)
+
+
+def _project(m: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A column-parallel projection of ``x`` by ``weight``: the input made whole here or by its ParallelInput."""
+    if m.shared_input is None:
+        return F.linear(whole_input(x, m.group, m.sequence_parallel), weight)
+    return m.shared_input.linear(x, weight)
 
 
 class ReplicatedKVLinear(nn.Module):
@@ -110,7 +213,8 @@ class ReplicatedKVLinear(nn.Module):
     head once (the first copy of head 0 is on tensor rank 0).
     """
 
-    def __init__(self, dense: nn.Linear, group, kv_group, sequence_parallel: bool = False, shared_input: bool = False):
+    def __init__(self, dense: nn.Linear, group, kv_group, sequence_parallel: bool = False,
+                 shared_input: GatheredInput | None = None):
         super().__init__()
         self.group, self.kv_group, self.sequence_parallel, self.shared_input = group, kv_group, sequence_parallel, shared_input
         tp, rank, r = dist.get_world_size(group), dist.get_rank(group), dist.get_world_size(kv_group)
@@ -118,9 +222,7 @@ class ReplicatedKVLinear(nn.Module):
         self.weight.tensor_model_parallel = rank % r == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.shared_input:
-            x = whole_input(x, self.group, self.sequence_parallel)
-        return F.linear(x, copy_to_tp(self.weight, self.kv_group))
+        return _project(self, x, copy_to_tp(self.weight, self.kv_group))
 
 
 class VocabParallelLMHead(ColumnParallelLinear):
@@ -279,15 +381,17 @@ def apply_tensor_parallel(model: nn.Module, group, sequence_parallel: bool = Fal
     for block in model.blocks.values():
         attn, mlp = block.attn, block.mlp
         attn.proj_input, mlp.proj_input = ParallelInput(group, sp), ParallelInput(group, sp)
-        attn.q_proj = ColumnParallelLinear(attn.q_proj, group, sp, shared_input=True)
+        qkv, gate_up = attn.proj_input.gathered, mlp.proj_input.gathered
+        attn.q_proj = ColumnParallelLinear(attn.q_proj, group, sp, shared_input=qkv)
         if replicated:
-            attn.k_proj, attn.v_proj = (ReplicatedKVLinear(m, group, kv_group, sp, shared_input=True)
+            attn.k_proj, attn.v_proj = (ReplicatedKVLinear(m, group, kv_group, sp, shared_input=qkv)
                                         for m in (attn.k_proj, attn.v_proj))
         else:
-            attn.k_proj, attn.v_proj = (ColumnParallelLinear(m, group, sp, shared_input=True) for m in (attn.k_proj, attn.v_proj))
+            attn.k_proj, attn.v_proj = (ColumnParallelLinear(m, group, sp, shared_input=qkv) for m in (attn.k_proj, attn.v_proj))
         attn.o_proj = RowParallelLinear(attn.o_proj, group, sp)
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, max(1, attn.n_kv_heads // tp)
-        mlp.gate_proj, mlp.up_proj = (ColumnParallelLinear(m, group, sp, shared_input=True) for m in (mlp.gate_proj, mlp.up_proj))
+        mlp.gate_proj, mlp.up_proj = (ColumnParallelLinear(m, group, sp, shared_input=gate_up)
+                                      for m in (mlp.gate_proj, mlp.up_proj))
         mlp.down_proj = RowParallelLinear(mlp.down_proj, group, sp)
         if sp:
             block.input_norm = SequenceParallelRMSNorm(block.input_norm, group)

@@ -15,7 +15,9 @@ The step model, per GPU, with every FLOP at the budget's MFU:
 * tensor parallelism (with sequence parallelism): per layer and micro-batch an
   all-gather and a reduce-scatter around attention and around the MLP, forward
   and backward (two more for a recomputed forward), each moving (tp − 1)/tp of
-  the micro-batch's hidden states over the node's links; not overlapped;
+  the micro-batch's hidden states over the node's links; not overlapped (backward's
+  second gather of the two inputs, for the weight gradients, overlaps the input
+  gradients' matmuls and is not charged);
 * data parallelism, ZeRO-1/2: the gradients' reduce-scatter (overlapped with the
   last micro-batch's backward, DeepSpeed's overlap_comm, but not in the pipeline
   engine, which reduces after its schedule) and the updated weights' all-gather
@@ -169,13 +171,13 @@ def layer_bytes_per_token(shape: Shape, precision: str, tp: int = 1) -> float:
     the attention output (which the output projection reads in place) and its fp32 log-sum-exp, the MLP input,
     gate, up and the down projection's input: ≈ 32.5·d bytes in bf16 with MHA and an FFN of 2.75·d, where the
     34·d of Korthikanti et al. 2022 (GPT's GeLU MLP, flash attention) is the usual rule. With ``tp`` > 1
-    (sequence parallelism) the heads, FFN columns and the norms' tokens split over the ranks, but the attention
-    and MLP inputs are kept as gathered, whole (Megatron gathers them again in backward instead), and a rank
+    (sequence parallelism) the heads, FFN columns, the norms' tokens and the attention and MLP inputs (a rank
+    keeps its slice and gathers it again in backward, as Megatron does) split over the ranks, but a rank
     keeps its KV heads. tests/test_plan_layout.py and test_tp_collectives.py measure it on the real model.
     The PyTorch ops (model.fused_ops=torch, as on CPU) keep ≈ 46·d: norms in fp32 and the SiLU's output besides."""
     s, w = shape, 4 if precision == "fp32" else 2  # bf16-autocast keeps 16-bit matmul inputs
-    split = 2 * s.d_model + 2 * s.n_heads * s.head_dim + 3 * s.ffn_dim  # norm inputs, q, out, gate, up, down input
-    whole = 2 * s.d_model + 2 * kv_heads_per_rank(s, tp) * s.head_dim  # the gathered inputs; k, v
+    split = 4 * s.d_model + 2 * s.n_heads * s.head_dim + 3 * s.ffn_dim  # norm inputs and outputs, q, out, gate, up, down input
+    whole = 2 * kv_heads_per_rank(s, tp) * s.head_dim  # k, v
     return w * (split / tp + whole) + 4 * (2 + s.n_heads) / tp
 
 
