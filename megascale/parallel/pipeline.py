@@ -285,10 +285,12 @@ def _module_class(bounds: list[int] | None, give_storage: Callable[[nn.Module], 
             unit.recompute = checkpoint_layers == 0 or i < checkpoint_layers
 
     def _is_checkpointable(self, funcs):
-        if checkpoint_layers:  # the chosen block applications alone: the embedding, norm and head keep theirs
-            return any(isinstance(f, StageUnit) and f.recompute for f in funcs)
-        # DeepSpeed's own test checkpoints nn.Modules with parameters; a StageUnit is not one.
-        return any(isinstance(f, StageUnit) for f in funcs) or PipelineModule._is_checkpointable(self, funcs)
+        # The chosen block applications alone, as the 1-rank model recomputes. DeepSpeed's own test would take
+        # every module with parameters too: the embedding, final norm and head, whose recomputation frees
+        # next to nothing (the head keeps the input the checkpoint would keep; the final norm under the PyTorch
+        # ops one d-wide product a token, once per model, none with the fused kernel) and ran an unfused
+        # head's d x V matmul twice on the last stage.
+        return any(isinstance(f, StageUnit) and f.recompute for f in funcs)
 
     def _partition_layers(self, method="uniform"):
         self.parts = list(bounds)
