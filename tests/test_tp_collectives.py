@@ -27,7 +27,7 @@ from megascale.parallel.tensor_parallel import apply_tensor_parallel
 
 dist.init_process_group("gloo")
 sp, kv = sys.argv[1] == "sp", int(sys.argv[2])
-calls = {"all_gather": 0, "all_reduce": 0, "reduce_scatter": 0}
+calls = {"all_gather": 0, "all_gather_single": 0, "all_reduce": 0, "reduce_scatter": 0, "reduce_scatter_single": 0}
 for name in calls:
     original = getattr(dist, name)
     def counted(*args, _name=name, _original=original, **kwargs):
@@ -54,14 +54,14 @@ dist.destroy_process_group()
 
 @pytest.mark.parametrize("mode, kv, expected", [
     # sequence parallel: forward gathers the attention and the MLP input and reduce-scatters their outputs,
-    # backward the reverse (gloo has no reduce-scatter: megascale's is an all-reduce and a slice there) and
-    # gathers the two inputs again for the weight gradients, and the two norms' weight gradients, each
-    # rank's from its own tokens, are summed
-    ("sp", 2, {"all_gather": 6, "all_reduce": 6, "reduce_scatter": 0}),
+    # backward the reverse and gathers the two inputs again for the weight gradients, each collective into
+    # or out of one buffer (the *_single calls, not lists of parts); and the two norms' weight gradients,
+    # each rank's from its own tokens, are summed
+    ("sp", 2, {"all_gather": 0, "all_gather_single": 6, "all_reduce": 2, "reduce_scatter": 0, "reduce_scatter_single": 4}),
     # without: two all-reduces of the outputs forward, two of the inputs' summed gradients backward
-    ("no-sp", 2, {"all_gather": 0, "all_reduce": 4, "reduce_scatter": 0}),
+    ("no-sp", 2, {"all_gather": 0, "all_gather_single": 0, "all_reduce": 4, "reduce_scatter": 0, "reduce_scatter_single": 0}),
     # tp = 2 over one KV head: and the k and v copies' weight gradients summed over their group
-    ("sp", 1, {"all_gather": 6, "all_reduce": 8, "reduce_scatter": 0}),
+    ("sp", 1, {"all_gather": 0, "all_gather_single": 6, "all_reduce": 4, "reduce_scatter": 0, "reduce_scatter_single": 4}),
 ])
 def test_one_gather_per_attention_and_mlp(tmp_path, mode, kv, expected):
     script = tmp_path / "count.py"
@@ -124,3 +124,25 @@ def test_a_tensor_rank_keeps_what_the_planner_counts(tmp_path, kv):
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
     d, heads, kv_heads, ffn, seq = dims
     assert measured == pytest.approx(layer_bytes_per_token(Shape(64, d, 1, heads, kv_heads, ffn, seq), "fp32", tp=2))
+
+
+@pytest.mark.parametrize("shape, dim", [((1, 8, 3), 1), ((2, 8, 3), 1), ((1, 1, 8, 3), 2), ((2, 4, 8, 3), 2)],
+                         ids=["one-sequence", "micro-batch-2", "context-one-head", "context-heads"])
+def test_one_buffer_collectives_lay_out_what_lists_of_parts_did(shape, dim):
+    """The sequence-parallel and context-parallel collectives gather into and reduce-scatter out of one rank-major
+    buffer: merging it is the concatenation of the ranks' parts and staging is the chunks, with no copy when
+    every dimension before the split one has size 1."""
+    import torch  # noqa: PLC0415
+
+    from megascale.parallel.mappings import merge_parts, rank_major  # noqa: PLC0415
+
+    world = 4
+    x = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+    staged = rank_major(x, world, dim)
+    assert staged.shape[0] == world and staged.is_contiguous()
+    for r, chunk in enumerate(x.chunk(world, dim)):
+        assert torch.equal(staged[r], chunk)
+    merged = merge_parts(staged, dim)
+    assert torch.equal(merged, torch.cat(list(staged.unbind(0)), dim)) and torch.equal(merged, x)
+    free = all(n == 1 for n in shape[:dim])
+    assert (staged.data_ptr() == x.data_ptr()) == free and (merged.data_ptr() == staged.data_ptr()) == free

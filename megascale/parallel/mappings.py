@@ -114,31 +114,66 @@ def split_to_tp(x: torch.Tensor, group) -> torch.Tensor:
 # move as with copy/reduce, but activations outside the matmuls take 1/tp of the memory.
 
 
+def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    # torch 2.13 names it all_gather_single and deprecates all_gather_into_tensor, the name older versions have.
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, x, group=group, async_op=async_op)
+
+
+def _reduce_scatter_single(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, x, group=group)
+
+
+def stacked_gather(x: torch.Tensor, group, async_op: bool = False):
+    """(every rank's ``x`` stacked as (world, *x.shape) in group rank order, the work handle when ``async_op``).
+
+    One all-gather into one buffer: NCCL's list all-gather gathers into a flat buffer of its own and copies
+    each rank's part out, and concatenating those parts copied them again.
+    """
+    world = _world(group)
+    flat = x.new_empty((world * x.shape[0], *x.shape[1:]))  # gloo wants the ranks' parts along dim 0
+    work = _all_gather_single(flat, x.contiguous(), group, async_op)
+    return flat.view(world, *x.shape), work
+
+
+def merge_parts(stacked: torch.Tensor, dim: int) -> torch.Tensor:
+    """(world, *shape) → ``shape`` with ``dim`` ``world`` times longer, rank r's part r-th along it: a view when
+    every dimension before ``dim`` has size 1 (one sequence a micro-batch), else one copy."""
+    world, shape = stacked.shape[0], stacked.shape[1:]
+    return stacked.movedim(0, dim).reshape(*shape[:dim], world * shape[dim], *shape[dim + 1:])
+
+
 def all_gather_parts(x: torch.Tensor, group) -> list[torch.Tensor]:
-    """Every rank's ``x``, in group rank order (outside autograd)."""
-    parts = [torch.empty_like(x) for _ in range(_world(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return parts
+    """Every rank's ``x``, in group rank order (outside autograd): views of one gathered buffer."""
+    return list(stacked_gather(x, group)[0].unbind(0))
 
 
 def _gather_seq(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     if _world(group) == 1:
         return x
-    return torch.cat(all_gather_parts(x, group), dim=dim)
+    return merge_parts(stacked_gather(x, group)[0], dim)
+
+
+def rank_major(x: torch.Tensor, world: int, dim: int) -> torch.Tensor:
+    """``x`` cut into ``world`` chunks along ``dim``, stacked as (world, *chunk) in one contiguous buffer: the
+    inverse of ``merge_parts``, and no copy when every dimension before ``dim`` has size 1."""
+    return x.unflatten(dim, (world, -1)).movedim(dim, 0).contiguous()
 
 
 def reduce_scatter_along(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
-    """``x`` summed over ``group``, this rank keeping its 1/world chunk along ``dim`` (outside autograd)."""
+    """``x`` summed over ``group``, this rank keeping its 1/world chunk along ``dim`` (outside autograd).
+
+    The chunks are staged rank-major in one buffer for one reduce-scatter (a view when every dimension before
+    ``dim`` has size 1), not copied one by one into a list that NCCL copies again into a flat buffer.
+    """
     world = _world(group)
     if world == 1:
         return x
-    if dist.get_backend(group) == "nccl":
-        chunks = [c.contiguous() for c in x.chunk(world, dim=dim)]
-        out = torch.empty_like(chunks[0])
-        dist.reduce_scatter(out, chunks, group=group)
-        return out
-    # gloo has no reduce-scatter: all-reduce, keep our slice (same result, more traffic; CPU only).
-    return _all_reduce(x.clone(), group).chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
+    staged = rank_major(x, world, dim)
+    out = x.new_empty(staged.shape[1:])
+    _reduce_scatter_single(out, staged.flatten(0, 1), group)
+    return out
 
 
 def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:

@@ -43,7 +43,8 @@ from megascale.model.init import carry_init
 from megascale.model.llama import RMSNorm
 from megascale.model.ops import rms_norm
 from megascale.parallel.topology import kv_replicas
-from megascale.parallel.mappings import copy_to_tp, gather_from_sp, gather_from_tp, reduce_from_tp, reduce_scatter_to_sp
+from megascale.parallel.mappings import (copy_to_tp, gather_from_sp, gather_from_tp, merge_parts, reduce_from_tp,
+                                         reduce_scatter_to_sp, stacked_gather)
 
 
 def _shard(weight: nn.Parameter, dim: int, group) -> nn.Parameter:
@@ -77,21 +78,20 @@ class _Regather:
 
     def __init__(self, group):
         self.group, self.users = group, 0
-        self.parts: list[torch.Tensor] | None = None
+        self.stacked: torch.Tensor | None = None
         self.work = None
         self.whole: torch.Tensor | None = None
 
     def start(self, x_local: torch.Tensor) -> None:
         """Begin gathering ``x_local`` (B, T/tp, in) unless an earlier user has."""
-        if self.parts is None and self.whole is None:
-            self.parts = [torch.empty_like(x_local) for _ in range(dist.get_world_size(self.group))]
-            self.work = dist.all_gather(self.parts, x_local.contiguous(), group=self.group, async_op=True)
+        if self.stacked is None and self.whole is None:
+            self.stacked, self.work = stacked_gather(x_local, self.group, async_op=True)
 
     def take(self) -> torch.Tensor:
         """The whole (B, T, in) input, for one user; freed here after the last."""
         if self.whole is None:
             self.work.wait()
-            self.whole, self.parts, self.work = torch.cat(self.parts, dim=1), None, None
+            self.whole, self.stacked, self.work = merge_parts(self.stacked, 1), None, None
         whole = self.whole
         self.users -= 1
         if self.users == 0:
