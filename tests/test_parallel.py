@@ -164,7 +164,9 @@ def test_activation_checkpointing_changes_nothing(runs):
         for step, loss in expected.items():
             assert got[step] == pytest.approx(loss, rel=1e-5), (layout, extra, step)
     said = "the first 1 layer of each stage (the others keep their activations)"
-    assert f"activation checkpointing: {said} recomputed in backward" in (run / "stderr.txt").read_text()
+    log = (run / "stderr.txt").read_text()
+    assert f"activation checkpointing: {said} recomputed in backward" in log
+    assert "memory per GPU by the planner's count: state (weights, gradients, Adam)" in log  # train/preflight.py
 
 
 def test_checkpoint_converts_between_layouts(runs, data_dir, tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from conftest import clean_env, events, launch_command, spawn_ranks
 from megascale.errors import MegascaleError
 from megascale.hardware import lookup_gpu
-from megascale.model.head_loss import CHUNK_ELEMENTS
+from megascale.model.head_loss import auto_chunk_tokens
 from megascale.config import load_config
 from megascale.planner.layout import (MIN_CONTEXT_TOKENS, Links, activation_bytes, best_layout, candidate_layouts,
                                       context_sizes, layer_bytes_per_token, recomputed_layers, stage_params, state_bytes,
@@ -104,7 +104,7 @@ def test_the_activation_model_is_what_the_real_model_keeps():
 def test_context_parallelism_splits_the_tokens_and_keeps_the_gathered_keys():
     shape = Shape(32000, 4096, 8, 32, 8, 11008, 65536)
     per_layer_kv = 2 * 8 * 128 * 2 * 65536  # bf16 K and V of the whole sequence, every KV head (tp = 1)
-    fixed = 4 * 32000 * 4096 + 12 * CHUNK_ELEMENTS  # the head's fp32 gradient and a chunk of logits: not per token
+    fixed = 4 * 32000 * 4096 + 12 * auto_chunk_tokens(32000) * 32000  # the head's fp32 gradient, a chunk of logits
     none, two = activation_bytes(shape, 1, "bf16"), activation_bytes(shape, 1, "bf16", cp=2)
     assert two == none / 2 + fixed / 2 + 8 * per_layer_kv / 2  # half the tokens, but every layer keeps all the K and V
     assert activation_bytes(shape, 1, "bf16", cp=4) < two

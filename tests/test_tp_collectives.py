@@ -80,14 +80,14 @@ from megascale.model.llama import Transformer
 from megascale.parallel.tensor_parallel import apply_tensor_parallel
 
 dist.init_process_group("gloo")
-d, heads, kv, ffn, seq = json.loads(sys.argv[1])
+d, heads, kv, ffn, seq, sp = json.loads(sys.argv[1])
 
 def saved(layers):
     cfg = ModelConfig(vocab_size=64, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
                       max_seq_len=seq, attention="torch")
     model = Transformer(cfg, seed=0)
     model.set_ops_backend("triton")  # the fused kernels, as on CUDA (here under Triton's interpreter)
-    model = apply_tensor_parallel(model, dist.group.WORLD, True, kv_group=dist.group.WORLD if kv == 1 else None)
+    model = apply_tensor_parallel(model, dist.group.WORLD, sp, kv_group=dist.group.WORLD if kv == 1 else None)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
     def pack(t):
@@ -108,22 +108,24 @@ os._exit(0)  # gloo's teardown after the interpreter's kernels sometimes aborts;
 """
 
 
-@pytest.mark.parametrize("kv", [2, 1], ids=["kv2", "kv1"])
-def test_a_tensor_rank_keeps_what_the_planner_counts(tmp_path, kv):
+@pytest.mark.parametrize("kv, sp", [(2, True), (1, True), (2, False)], ids=["kv2", "kv1", "kv2-no-sp"])
+def test_a_tensor_rank_keeps_what_the_planner_counts(tmp_path, kv, sp):
     """At tp = 2 with sequence parallelism a rank keeps its share of each layer's activations, the attention and
-    MLP inputs as its sequence slices (gathered again in backward), and its KV heads whole:
-    megascale.planner.layout.layer_bytes_per_token, measured (fp32)."""
+    MLP inputs as its sequence slices (gathered again in backward), and its KV heads whole; without sequence
+    parallelism the norms' inputs, outputs and 1/rms whole: megascale.planner.layout.layer_bytes_per_token,
+    measured (fp32)."""
     from megascale.planner.layout import layer_bytes_per_token  # noqa: PLC0415
     from megascale.planner.shapes import Shape  # noqa: PLC0415
 
     script = tmp_path / "saved.py"
     script.write_text(SAVED)
-    dims = [32, 4, kv, 96, 16]
+    dims = [32, 4, kv, 96, 16, sp]
     proc = spawn_ranks([sys.executable, str(script), json.dumps(dims)], 2, clean_env(TRITON_INTERPRET="1"), 300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
-    d, heads, kv_heads, ffn, seq = dims
-    assert measured == pytest.approx(layer_bytes_per_token(Shape(64, d, 1, heads, kv_heads, ffn, seq), "fp32", tp=2))
+    d, heads, kv_heads, ffn, seq, _ = dims
+    shape = Shape(64, d, 1, heads, kv_heads, ffn, seq)
+    assert measured == pytest.approx(layer_bytes_per_token(shape, "fp32", tp=2, sequence_parallel=sp))
 
 
 @pytest.mark.parametrize("shape, dim", [((1, 8, 3), 1), ((2, 8, 3), 1), ((1, 1, 8, 3), 2), ((2, 4, 8, 3), 2)],

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from megascale.hardware import GPU
-from megascale.model.head_loss import CHUNK_ELEMENTS
+from megascale.model.head_loss import auto_chunk_tokens
 from megascale.planner.shapes import Shape, ShapeCounts, recompute_flops_per_token
 
 USABLE = 0.9  # of a GPU's memory: allocator fragmentation, CUDA context, communication buffers
@@ -165,7 +165,7 @@ def state_bytes(params: float, precision: str, zero_stage: int, dp: int) -> floa
     return params * (w + g + opt) + gathered
 
 
-def layer_bytes_per_token(shape: Shape, precision: str, tp: int = 1) -> float:
+def layer_bytes_per_token(shape: Shape, precision: str, tp: int = 1, sequence_parallel: bool = True) -> float:
     """What one block keeps for backward per token on a tensor rank, as the model runs on CUDA (fused RMSNorm,
     RoPE and SwiGLU kernels, flash attention): each norm's input and fp32 1/rms, the attention input, q, k, v,
     the attention output (which the output projection reads in place) and its fp32 log-sum-exp, the MLP input,
@@ -174,32 +174,40 @@ def layer_bytes_per_token(shape: Shape, precision: str, tp: int = 1) -> float:
     (sequence parallelism) the heads, FFN columns, the norms' tokens and the attention and MLP inputs (a rank
     keeps its slice and gathers it again in backward, as Megatron does) split over the ranks, but a rank
     keeps its KV heads. tests/test_plan_layout.py and test_tp_collectives.py measure it on the real model.
+    Without ``sequence_parallel`` every rank keeps the norms' inputs, outputs and 1/rms whole.
     The PyTorch ops (model.fused_ops=torch, as on CPU) keep ≈ 46·d: norms in fp32 and the SiLU's output besides."""
     s, w = shape, 4 if precision == "fp32" else 2  # bf16-autocast keeps 16-bit matmul inputs
-    split = 4 * s.d_model + 2 * s.n_heads * s.head_dim + 3 * s.ffn_dim  # norm inputs and outputs, q, out, gate, up, down input
+    norms = 4 * s.d_model  # the two norms' inputs and outputs (what the projections read)
+    split = 2 * s.n_heads * s.head_dim + 3 * s.ffn_dim  # q, attention out, gate, up, down input
     whole = 2 * kv_heads_per_rank(s, tp) * s.head_dim  # k, v
-    return w * (split / tp + whole) + 4 * (2 + s.n_heads) / tp
+    norm_tp = tp if sequence_parallel else 1
+    return w * (split / tp + norms / norm_tp + whole) + 4 * s.n_heads / tp + 4 * 2 / norm_tp
 
 
 def activation_bytes(shape: Shape, micro_batch: int, precision: str, recomputed: int = 0, *, tp: int = 1, pp: int = 1,
-                     in_flight: int = 1, cp: int = 1) -> float:
+                     in_flight: int = 1, cp: int = 1, sequence_parallel: bool = True) -> float:
     """Activations per GPU of the heaviest stage; its first ``recomputed`` layers keep only their input.
 
     A layer keeps ``layer_bytes_per_token`` for each of the rank's tokens, 1/``cp`` of each sequence, and with
     ``cp`` > 1 the keys and values it gathered: the whole sequence's. The first of ``pp`` stages
     keeps ``in_flight`` micro-batches (1F1B); the last keeps one and the loss's: the hidden states' gradient,
-    the head's fp32 gradient and a chunk of fp32 logits.
+    the head's fp32 gradient and a chunk of fp32 logits (``auto_chunk_tokens``: about CHUNK_ELEMENTS on each
+    rank, whatever the tensor split, or the whole micro-batch's when smaller). Without ``sequence_parallel`` the hidden states between
+    blocks are whole on every tensor rank.
     """
     w = 4 if precision == "fp32" else 2
     tokens = shape.seq_len * micro_batch / cp
+    hidden = w * shape.d_model / (tp if sequence_parallel else 1) * tokens  # a block's input on this rank
     kv = 2 * kv_heads_per_rank(shape, tp) * shape.head_dim * w  # a token's keys and values
-    layer = layer_bytes_per_token(shape, precision, tp) * tokens
+    layer = layer_bytes_per_token(shape, precision, tp, sequence_parallel) * tokens
     if cp > 1:  # attention keeps the gathered keys and values of the whole sequence, not the rank's own
         layer += kv * (shape.seq_len * micro_batch - tokens)
     layers = stage_layers(shape.n_layers, pp)
-    kept = (layers - recomputed) * layer + recomputed * w * shape.d_model / tp * tokens
+    kept = (layers - recomputed) * layer + recomputed * hidden
     rebuilt = layer if recomputed else 0  # backward rebuilds one layer at a time
-    loss = w * shape.d_model / tp * tokens + (4 * shape.vocab_size * shape.d_model + 3 * 4 * CHUNK_ELEMENTS) / tp
+    vocab = shape.vocab_size / tp  # the head's rows on this rank
+    chunk = min(auto_chunk_tokens(int(vocab)), shape.seq_len * micro_batch / cp) * vocab  # the fused loss's logits
+    loss = hidden + 4 * vocab * shape.d_model + 3 * 4 * chunk
     last = kept + rebuilt + loss
     first = kept * in_flight + rebuilt
     return max(first, last) if pp > 1 else last

@@ -33,6 +33,7 @@ from megascale.parallel.context_parallel import context_parallel_off
 from megascale.parallel.tensor_parallel import sequence_parallel_off
 from megascale.parallel.topology import ParallelDims, ParallelGroups, build_groups, kv_replicas
 from megascale.train import checkpoint as ckpt
+from megascale.train import preflight
 from megascale.train.dist import DistContext
 from megascale.train.engine import BatchLayout, batch_layout, build_engine, effective_zero_stage, state_formula
 from megascale.train.memory import local_param_count, measured_state_bytes
@@ -180,6 +181,13 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: Par
         n = p.checkpoint_layers
         which = f"the first {n} layer{'s' * (n > 1)} of each stage (the others keep their activations)" if n else "every layer"
         log.info("activation checkpointing: %s recomputed in backward", which)
+    dims, stage = groups.dims, effective_zero_stage(cfg, groups.dims.dp_cp)
+    capacity = preflight.device_capacity(ctx.device)
+    est = preflight.estimate(cfg, dims, stage, info["grad_accum"])
+    log.info("%s", preflight.describe(est, capacity))
+    note = preflight.fit_note(est, capacity)
+    if note:
+        log.warning("%s; to fit: %s", note, preflight.fixes(cfg, dims, stage, info["grad_accum"], capacity))
 
 
 def zero_stage_note(cfg: Config, dp: int) -> str:
@@ -564,7 +572,8 @@ def run_loop(run: Run) -> RunSummary:
             probing = probe is not None and run.controller.probe_due(progress.step + 1)
             if probing:
                 probe.arm()
-            loss_t = train_step(run)
+            with out_of_memory_explained(run):
+                loss_t = train_step(run)
             progress.step += 1
             progress.tokens += run.info["tokens_per_step"]
             if run.nan.checks_every_step and handle_nonfinite(run, loss_t, writer):
@@ -699,6 +708,13 @@ def log_probe(run: Run, probe, writer: MetricsWriter) -> None:
     run.controller.observe_probe(run.model.plan, {g: {"rho": c.rho, "alignment": c.alignment, **c.unit_shares()}
                                                   for g, c in result.groups.items()})
     writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "event": "probe", **result.to_record()})
+
+
+def out_of_memory_explained(run: Run):
+    """A step's allocation failure as one line: the layout's memory estimate and what to change."""
+    dims = run.groups.dims
+    return preflight.out_of_memory_explained(run.cfg, dims, effective_zero_stage(run.cfg, dims.dp_cp), run.info["grad_accum"],
+                                             run.progress.step + 1, run.ctx.rank, preflight.device_capacity(run.ctx.device))
 
 
 def untie_now(run: Run, probe, decisions, writer: MetricsWriter):
