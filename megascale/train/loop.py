@@ -504,7 +504,8 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
         weights = stage.initial_weights(cfg.model)  # e.g. the pretraining checkpoint's weights
     elif resume_path is None and cfg.train.init_hf:
         weights = hf_weights(Path(cfg.train.init_hf), ctx)
-    engine = build_engine(model, cfg, layout, ctx.device, groups, weights=weights)
+    with out_of_memory_explained(cfg, ctx, groups, layout.grad_accum, "building the model and optimizer"):
+        engine = build_engine(model, cfg, layout, ctx.device, groups, weights=weights)
     del weights  # each rank now holds its shard only
     controller = UntieController(cfg, planned_tokens=cfg.train.max_steps * info["tokens_per_step"])
     run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), layout, controller, stage=stage,
@@ -572,7 +573,7 @@ def run_loop(run: Run) -> RunSummary:
             probing = probe is not None and run.controller.probe_due(progress.step + 1)
             if probing:
                 probe.arm()
-            with out_of_memory_explained(run):
+            with out_of_memory_explained(run.cfg, run.ctx, run.groups, run.info["grad_accum"], f"in step {progress.step + 1}"):
                 loss_t = train_step(run)
             progress.step += 1
             progress.tokens += run.info["tokens_per_step"]
@@ -710,11 +711,11 @@ def log_probe(run: Run, probe, writer: MetricsWriter) -> None:
     writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "event": "probe", **result.to_record()})
 
 
-def out_of_memory_explained(run: Run):
-    """A step's allocation failure as one line: the layout's memory estimate and what to change."""
-    dims = run.groups.dims
-    return preflight.out_of_memory_explained(run.cfg, dims, effective_zero_stage(run.cfg, dims.dp_cp), run.info["grad_accum"],
-                                             run.progress.step + 1, run.ctx.rank, preflight.device_capacity(run.ctx.device))
+def out_of_memory_explained(cfg: Config, ctx: DistContext, groups: ParallelGroups, grad_accum: int, where: str):
+    """An allocation failure as one line: the layout's memory estimate and what to change."""
+    dims = groups.dims
+    return preflight.out_of_memory_explained(cfg, dims, effective_zero_stage(cfg, dims.dp_cp), grad_accum, where,
+                                             ctx.rank, preflight.device_capacity(ctx.device))
 
 
 def untie_now(run: Run, probe, decisions, writer: MetricsWriter):
@@ -795,7 +796,8 @@ def recomputed_layers(run: Run) -> int:
 
 
 def _log_eval(run: Run, writer: MetricsWriter) -> float:
-    val_loss = evaluate(run)
+    with out_of_memory_explained(run.cfg, run.ctx, run.groups, run.info["grad_accum"], f"in evaluation at step {run.progress.step}"):
+        val_loss = evaluate(run)
     extra = run.stage.evaluate(run) if run.stage is not None else {}  # e.g. generation accuracy
     parts = blend_part_losses(run)
     writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "val_loss": val_loss,

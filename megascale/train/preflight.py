@@ -90,7 +90,7 @@ def fixes(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, cap
     if t.micro_batch_size > 1:
         options.append(f"a smaller train.micro_batch_size (now {t.micro_batch_size}; set train.global_batch_size "
                        "to keep the step's batch)")
-    if zero_stage < 3 and not t.optimizer_on_host:
+    if zero_stage < 3 and not t.optimizer_on_host and dims.pp == 1:  # DeepSpeed's pipeline engine takes ZeRO-1 at most
         options.append("a higher train.zero_stage")
     options.append("more tensor or pipeline ranks (parallel.tp, parallel.pp; `python launch/plan.py --gpus N --gpu NAME "
                    "--tp/--pp` sizes them)")
@@ -118,9 +118,10 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 @contextmanager
-def out_of_memory_explained(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, step: int, rank: int,
+def out_of_memory_explained(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, where: str, rank: int,
                             capacity: float | None) -> Iterator[None]:
-    """Turn an allocation failure inside into one MegascaleError line with the estimate and the fixes."""
+    """Turn an allocation failure inside into one MegascaleError line with the estimate and the fixes; ``where``
+    says what ran out ("in step 12", "building the model and optimizer")."""
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -129,7 +130,7 @@ def out_of_memory_explained(cfg: Config, dims: ParallelDims, zero_stage: int, gr
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         est = estimate(cfg, dims, zero_stage, grad_accum)
         raise MegascaleError(
-            f"out of memory in step {step} on rank {rank} ({_clip(first)}); {describe(est, capacity)}; "
+            f"out of memory {where} on rank {rank} ({_clip(first)}); {describe(est, capacity)}; "
             f"to fit: {fixes(cfg, dims, zero_stage, grad_accum, capacity)}"
         ) from None
 
