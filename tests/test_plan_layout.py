@@ -61,23 +61,15 @@ import json, sys
 import torch
 from megascale.config import ModelConfig
 from megascale.model.llama import Transformer
+from megascale.train.memory import saved_activation_bytes
 
 def saved_bytes(d, heads, kv, ffn, seq, dtype, layers):
     cfg = ModelConfig(vocab_size=64, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
                       max_seq_len=seq, attention="torch")
     model = Transformer(cfg, seed=0).to(dtype).train()
     model.set_ops_backend("triton")  # the fused RMSNorm, RoPE and SwiGLU kernels, as on CUDA
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:  # activations only, each storage once
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
     tokens = torch.randint(0, 64, (2, seq), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, tokens.roll(-1, 1))
-    return sum(saved.values())
+    return saved_activation_bytes(model, lambda: model(tokens, tokens.roll(-1, 1)))
 
 out = []
 for d, heads, kv, ffn, seq, dtype in json.loads(sys.argv[1]):

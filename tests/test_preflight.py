@@ -50,11 +50,11 @@ def test_an_allocation_failure_in_a_step_becomes_one_line():
     """A real failed allocation (the CPU allocator's; CUDA's is torch.OutOfMemoryError) inside the step."""
     cfg, dims = tiny(), ParallelDims(1, 1, 1)
     with pytest.raises(MegascaleError) as caught:
-        with preflight.out_of_memory_explained(cfg, dims, 0, 1, "in step 3", rank=0, capacity=None):
+        with preflight.out_of_memory_explained(cfg, dims, 0, 1, "in step 3", rank=0, device=torch.device("cpu")):
             torch.empty(2**50, dtype=torch.uint8)
     said = str(caught.value)
     assert said.startswith("out of memory in step 3 on rank 0 (") and "\n" not in said
     assert "memory per GPU by the planner's count" in said and "to fit: recompute layers" in said
     with pytest.raises(RuntimeError, match="not about memory"):  # anything else passes through untouched
-        with preflight.out_of_memory_explained(cfg, dims, 0, 1, "in step 3", rank=0, capacity=None):
+        with preflight.out_of_memory_explained(cfg, dims, 0, 1, "in step 3", rank=0, device=torch.device("cpu")):
             raise RuntimeError("not about memory")

@@ -78,6 +78,7 @@ import torch.distributed as dist
 from megascale.config import ModelConfig
 from megascale.model.llama import Transformer
 from megascale.parallel.tensor_parallel import apply_tensor_parallel
+from megascale.train.memory import saved_activation_bytes
 
 dist.init_process_group("gloo")
 d, heads, kv, ffn, seq, sp = json.loads(sys.argv[1])
@@ -88,17 +89,8 @@ def saved(layers):
     model = Transformer(cfg, seed=0)
     model.set_ops_backend("triton")  # the fused kernels, as on CUDA (here under Triton's interpreter)
     model = apply_tensor_parallel(model, dist.group.WORLD, sp, kv_group=dist.group.WORLD if kv == 1 else None)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
     tokens = torch.randint(0, 64, (2, seq), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, tokens.roll(-1, 1))
-    return sum(kept.values())
+    return saved_activation_bytes(model, lambda: model(tokens, tokens.roll(-1, 1)))
 
 per_token = (saved(2) - saved(1)) / (2 * seq)
 if dist.get_rank() == 0:

@@ -29,8 +29,8 @@ them once per shard and replicated ones (norms) once in the gradient norm.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -166,12 +166,9 @@ class GatheredInput:
         Not in a compiled block: Dynamo cannot trace the state the projections share (it would break the
         block's graph at each projection), so compiled blocks keep the whole input, as before.
         """
-        if torch.compiler.is_compiling():
-            return F.linear(x, weight)
-        local = self._local() if self._whole is not None and self._whole() is x else None
-        if local is None:
-            return F.linear(x, weight)
-        return _RegatheredLinear.apply(x, weight, local, self._regather)
+        mine = not torch.compiler.is_compiling() and self._whole is not None and self._whole() is x
+        local = self._local() if mine else None
+        return F.linear(x, weight) if local is None else _RegatheredLinear.apply(x, weight, local, self._regather)
 
 
 class ColumnParallelLinear(nn.Module):

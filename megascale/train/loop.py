@@ -715,7 +715,7 @@ def out_of_memory_explained(cfg: Config, ctx: DistContext, groups: ParallelGroup
     """An allocation failure as one line: the layout's memory estimate and what to change."""
     dims = groups.dims
     return preflight.out_of_memory_explained(cfg, dims, effective_zero_stage(cfg, dims.dp_cp), grad_accum, where,
-                                             ctx.rank, preflight.device_capacity(ctx.device))
+                                             ctx.rank, ctx.device)
 
 
 def untie_now(run: Run, probe, decisions, writer: MetricsWriter):

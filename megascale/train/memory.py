@@ -8,6 +8,7 @@ storage and are counted once — which is the point of measuring it.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,23 @@ def live_tensor_bytes(device_type: str = "cpu") -> int:
         if storage.data_ptr():
             seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
     return sum(seen.values())
+
+
+def saved_activation_bytes(model: torch.nn.Module, forward: Callable[[], object]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``forward()`` runs, ``model``'s
+    parameters left out: what a training forward keeps as activations (the planner's count is checked by it)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # activations only, each storage once
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(kept.values())
 
 
 # ------------------------------------------------------------ per-rank state accounting

@@ -119,16 +119,16 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 @contextmanager
 def out_of_memory_explained(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, where: str, rank: int,
-                            capacity: float | None) -> Iterator[None]:
+                            device: torch.device) -> Iterator[None]:
     """Turn an allocation failure inside into one MegascaleError line with the estimate and the fixes; ``where``
-    says what ran out ("in step 12", "building the model and optimizer")."""
+    says what ran out ("in step 12", "building the model and optimizer"). Costs nothing unless one fails."""
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        est = estimate(cfg, dims, zero_stage, grad_accum)
+        est, capacity = estimate(cfg, dims, zero_stage, grad_accum), device_capacity(device)
         raise MegascaleError(
             f"out of memory {where} on rank {rank} ({_clip(first)}); {describe(est, capacity)}; "
             f"to fit: {fixes(cfg, dims, zero_stage, grad_accum, capacity)}"
