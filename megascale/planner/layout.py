@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from megascale.hardware import GPU
 from megascale.model.head_loss import auto_chunk_tokens
@@ -138,14 +138,27 @@ def recomputed_layers(n_layers: int, pp: int, per_stage: int) -> int:
     return sum(min(per_stage, base + (stage < extra)) for stage in range(pp))
 
 
-def stage_params(shape: Shape, tp: int, pp: int) -> float:
-    """Parameters a GPU of the fullest stage holds: its blocks' shards and an embedding's or the head's."""
+def stage_blocks(group_of: Sequence[int], pp: int) -> int:
+    """Distinct blocks (tie groups) the fullest stage stores when the layers are split evenly, the first
+    stages taking one more: a stage keeps one copy of each group it applies (a run's plan after an untie,
+    or one that ``Shape.sharing`` cannot spell)."""
+    base, extra = divmod(len(group_of), pp)
+    bounds = [0]
+    for stage in range(pp):
+        bounds.append(bounds[-1] + base + (stage < extra))
+    return max(len(set(group_of[a:b])) for a, b in zip(bounds, bounds[1:]))
+
+
+def stage_params(shape: Shape, tp: int, pp: int, blocks: int | None = None) -> float:
+    """Parameters a GPU of the fullest stage holds: its blocks' shards and an embedding's or the head's.
+    ``blocks``: the blocks that stage stores (``stage_blocks``); None counts ``shape.sharing``'s groups."""
     s = shape
     kv_shard = 2 * s.d_model * s.n_kv_heads * s.head_dim / min(tp, s.n_kv_heads)  # tp > n_kv: a whole head a rank
     block = 2 * s.d_model + (2 * s.d_model * s.n_heads * s.head_dim + 3 * s.d_model * s.ffn_dim) / tp + kv_shard
     vocab = s.vocab_size * s.d_model / tp
     ends = 2 * vocab if pp == 1 and not s.tie_embeddings else vocab  # pp > 1: the first stage's embedding or the last's head
-    return min(stage_layers(s.n_layers, pp), s.n_groups) * block + ends + s.d_model
+    blocks = min(stage_layers(s.n_layers, pp), s.n_groups) if blocks is None else blocks
+    return blocks * block + ends + s.d_model
 
 
 def state_bytes(params: float, precision: str, zero_stage: int, dp: int) -> float:

@@ -161,7 +161,7 @@ def describe_model(model: Transformer, cfg: Config, layout: BatchLayout) -> dict
     }
 
 
-def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: ParallelGroups) -> None:
+def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: ParallelGroups, plan: SharingPlan) -> None:
     if not ctx.is_main:
         return
     log.info("launcher %s, backend %s, device %s, world size %d", ctx.launcher, ctx.backend, ctx.device, ctx.world_size)
@@ -183,11 +183,11 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: Par
         log.info("activation checkpointing: %s recomputed in backward", which)
     dims, stage = groups.dims, effective_zero_stage(cfg, groups.dims.dp_cp)
     capacity = preflight.device_capacity(ctx.device)
-    est = preflight.estimate(cfg, dims, stage, info["grad_accum"])
+    est = preflight.estimate(cfg, dims, stage, info["grad_accum"], plan=plan)
     log.info("%s", preflight.describe(est, capacity))
     note = preflight.fit_note(est, capacity)
     if note:
-        log.warning("%s; to fit: %s", note, preflight.fixes(cfg, dims, stage, info["grad_accum"], capacity))
+        log.warning("%s; to fit: %s", note, preflight.fixes(cfg, dims, stage, info["grad_accum"], capacity, plan))
 
 
 def zero_stage_note(cfg: Config, dp: int) -> str:
@@ -490,7 +490,7 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     model = build_model(cfg, ctx, plan)
     layout = batch_layout(cfg, groups.dims.dp, groups.dims.cp)
     info = describe_model(model, cfg, layout)
-    log_startup(ctx, info, cfg, groups)
+    log_startup(ctx, info, cfg, groups, model.plan)
     sampler = DistributedBatchSampler(
         data.train.num_samples(cfg.data.seq_len), layout.global_batch, layout.micro_batch,
         groups.batch_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle, epoch_in_index=isinstance(data.train, Blend),
@@ -504,7 +504,7 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
         weights = stage.initial_weights(cfg.model)  # e.g. the pretraining checkpoint's weights
     elif resume_path is None and cfg.train.init_hf:
         weights = hf_weights(Path(cfg.train.init_hf), ctx)
-    with out_of_memory_explained(cfg, ctx, groups, layout.grad_accum, "building the model and optimizer"):
+    with out_of_memory_explained(cfg, ctx, groups, layout.grad_accum, "building the model and optimizer", model.plan):
         engine = build_engine(model, cfg, layout, ctx.device, groups, weights=weights)
     del weights  # each rank now holds its shard only
     controller = UntieController(cfg, planned_tokens=cfg.train.max_steps * info["tokens_per_step"])
@@ -573,7 +573,7 @@ def run_loop(run: Run) -> RunSummary:
             probing = probe is not None and run.controller.probe_due(progress.step + 1)
             if probing:
                 probe.arm()
-            with out_of_memory_explained(run.cfg, run.ctx, run.groups, run.info["grad_accum"], f"in step {progress.step + 1}"):
+            with run_out_of_memory_explained(run, f"in step {progress.step + 1}"):
                 loss_t = train_step(run)
             progress.step += 1
             progress.tokens += run.info["tokens_per_step"]
@@ -711,11 +711,18 @@ def log_probe(run: Run, probe, writer: MetricsWriter) -> None:
     writer.log({"step": run.progress.step, "tokens": run.progress.tokens, "event": "probe", **result.to_record()})
 
 
-def out_of_memory_explained(cfg: Config, ctx: DistContext, groups: ParallelGroups, grad_accum: int, where: str):
-    """An allocation failure as one line: the layout's memory estimate and what to change."""
+def out_of_memory_explained(cfg: Config, ctx: DistContext, groups: ParallelGroups, grad_accum: int, where: str,
+                            plan: SharingPlan, **how):
+    """An allocation failure as one line: the layout's memory estimate with ``plan``'s blocks, and what to change
+    (``how``: preflight.out_of_memory_explained's ``untying`` and ``then``)."""
     dims = groups.dims
     return preflight.out_of_memory_explained(cfg, dims, effective_zero_stage(cfg, dims.dp_cp), grad_accum, where,
-                                             ctx.rank, ctx.device)
+                                             ctx.rank, ctx.device, plan, **how)
+
+
+def run_out_of_memory_explained(run: Run, where: str):
+    """The same for a running ``run``, whose plan is its current one (after any untie)."""
+    return out_of_memory_explained(run.cfg, run.ctx, run.groups, run.info["grad_accum"], where, run.model.plan)
 
 
 def untie_now(run: Run, probe, decisions, writer: MetricsWriter):
@@ -796,7 +803,7 @@ def recomputed_layers(run: Run) -> int:
 
 
 def _log_eval(run: Run, writer: MetricsWriter) -> float:
-    with out_of_memory_explained(run.cfg, run.ctx, run.groups, run.info["grad_accum"], f"in evaluation at step {run.progress.step}"):
+    with run_out_of_memory_explained(run, f"in evaluation at step {run.progress.step}"):
         val_loss = evaluate(run)
     extra = run.stage.evaluate(run) if run.stage is not None else {}  # e.g. generation accuracy
     parts = blend_part_losses(run)

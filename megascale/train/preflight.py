@@ -14,7 +14,7 @@ naming the same fixes, instead of the allocator's traceback; nothing saved is to
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,7 +23,8 @@ import torch
 from megascale.config import Config
 from megascale.errors import MegascaleError
 from megascale.parallel.topology import ParallelDims
-from megascale.planner.layout import USABLE, activation_bytes, stage_layers, stage_params, state_bytes
+from megascale.model.sharing import SharingPlan
+from megascale.planner.layout import USABLE, activation_bytes, stage_blocks, stage_layers, stage_params, state_bytes
 from megascale.planner.shapes import Shape
 
 
@@ -55,8 +56,10 @@ def recomputed_per_stage(cfg: Config, dims: ParallelDims) -> int:
     return min(p.checkpoint_layers, layers) if p.checkpoint_layers else layers
 
 
-def estimate(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, recomputed: int | None = None) -> MemoryEstimate:
-    """The layout's state and activations per GPU, with ``recomputed`` layers a stage (None: the config's)."""
+def estimate(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, recomputed: int | None = None,
+             plan: SharingPlan | None = None) -> MemoryEstimate:
+    """The layout's state and activations per GPU, with ``recomputed`` layers a stage (None: the config's), and
+    the blocks ``plan`` stores (the run's: resumed or untied ones differ from model.sharing; None: the config's)."""
     t, shape = cfg.train, model_shape(cfg)
     recomputed = recomputed_per_stage(cfg, dims) if recomputed is None else recomputed
     acts = activation_bytes(shape, t.micro_batch_size, t.precision, recomputed, tp=dims.tp, pp=dims.pp,
@@ -64,22 +67,26 @@ def estimate(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, 
                             sequence_parallel=cfg.parallel.sequence_parallel or dims.tp == 1)
     if t.optimizer_on_host or t.weights_on_host:
         return MemoryEstimate(None, acts)
-    return MemoryEstimate(state_bytes(stage_params(shape, dims.tp, dims.pp), t.precision, zero_stage, dims.dp_cp), acts)
+    blocks = None if plan is None else stage_blocks(plan.group_of, dims.pp)
+    params = stage_params(shape, dims.tp, dims.pp, blocks)
+    return MemoryEstimate(state_bytes(params, t.precision, zero_stage, dims.dp_cp), acts)
 
 
-def fewest_recomputed(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, capacity: float) -> int | None:
+def fewest_recomputed(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, capacity: float,
+                      plan: SharingPlan | None = None) -> int | None:
     """The fewest layers a stage must recompute for the estimate to fit ``capacity`` bytes; None if none does."""
     for r in range(stage_layers(cfg.model.n_layers, dims.pp) + 1):
-        if estimate(cfg, dims, zero_stage, grad_accum, r).total <= USABLE * capacity:
+        if estimate(cfg, dims, zero_stage, grad_accum, r, plan).total <= USABLE * capacity:
             return r
     return None
 
 
-def fixes(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, capacity: float | None) -> str:
-    """What to change, most specific first."""
+def fixes(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, capacity: float | None,
+          plan: SharingPlan | None = None, untying: bool = False) -> str:
+    """What to change, most specific first; ``untying``: the untie's new weights and Adam state ran out."""
     p, t = cfg.parallel, cfg.train
-    options = []
-    r = fewest_recomputed(cfg, dims, zero_stage, grad_accum, capacity) if capacity else None
+    options = ["untie fewer units (untie.units=lowest:k with untie.probe_every > 0), or none (untie.when='')"] if untying else []
+    r = fewest_recomputed(cfg, dims, zero_stage, grad_accum, capacity, plan) if capacity else None
     if r is not None and r > recomputed_per_stage(cfg, dims):
         every = r == stage_layers(cfg.model.n_layers, dims.pp)
         options.append("recompute " + ("every layer (parallel.activation_checkpointing=true)" if every else
@@ -92,6 +99,8 @@ def fixes(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, cap
                        "to keep the step's batch)")
     if zero_stage < 3 and not t.optimizer_on_host and dims.pp == 1:  # DeepSpeed's pipeline engine takes ZeRO-1 at most
         options.append("a higher train.zero_stage")
+    if untying and zero_stage >= 1 and not t.optimizer_on_host:  # the untie multiplies the state, not the activations
+        options.append("the optimizer state on the host (train.offload_optimizer=cpu)")
     options.append("more tensor or pipeline ranks (parallel.tp, parallel.pp; `python launch/plan.py --gpus N --gpu NAME "
                    "--tp/--pp` sizes them)")
     return "; ".join(options)
@@ -119,19 +128,23 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 @contextmanager
 def out_of_memory_explained(cfg: Config, dims: ParallelDims, zero_stage: int, grad_accum: int, where: str, rank: int,
-                            device: torch.device) -> Iterator[None]:
+                            device: torch.device, plan: SharingPlan | None = None, untying: bool = False,
+                            then: Callable[[], str] | None = None) -> Iterator[None]:
     """Turn an allocation failure inside into one MegascaleError line with the estimate and the fixes; ``where``
-    says what ran out ("in step 12", "building the model and optimizer"). Costs nothing unless one fails."""
+    says what ran out ("in step 12", "building the model and optimizer"), ``plan`` is the sharing plan whose
+    blocks the ranks hold or were building (``untying``: the one an untie was building), ``then()`` what the
+    user can do next. Costs nothing unless one fails."""
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        est, capacity = estimate(cfg, dims, zero_stage, grad_accum), device_capacity(device)
+        est, capacity = estimate(cfg, dims, zero_stage, grad_accum, plan=plan), device_capacity(device)
+        after = " after the untie" if untying else ""
         raise MegascaleError(
-            f"out of memory {where} on rank {rank} ({_clip(first)}); {describe(est, capacity)}; "
-            f"to fit: {fixes(cfg, dims, zero_stage, grad_accum, capacity)}"
+            f"out of memory {where} on rank {rank} ({_clip(first)}); {describe(est, capacity)}{after}; "
+            f"to fit: {fixes(cfg, dims, zero_stage, grad_accum, capacity, plan, untying)}" + (f"; {then()}" if then else "")
         ) from None
 
 

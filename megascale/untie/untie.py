@@ -25,9 +25,10 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-
+from megascale.errors import MegascaleError
 from megascale.model.sharing import SharingPlan, block_sources, untie_units
 from megascale.untie.conditions import Decision
 from megascale.untie.moments import block_factors
@@ -69,7 +70,7 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     """Untie the decided units of ``run`` in place (all ranks); returns the event recorded in metrics and checkpoints."""
     from megascale.train.checkpoint import restore_schedule  # noqa: PLC0415
     from megascale.train.engine import build_engine  # noqa: PLC0415
-    from megascale.train.loop import build_model, describe_model  # noqa: PLC0415
+    from megascale.train.loop import build_model, describe_model, out_of_memory_explained  # noqa: PLC0415
 
     start = time.perf_counter()
     old_plan: SharingPlan = run.model.plan
@@ -77,12 +78,15 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     new_plan = untie_units(old_plan, units)
     sources = block_sources(old_plan, new_plan)
     factors = block_factors(old_plan, new_plan, run.cfg.untie.moments, run.controller.unit_stats(old_plan))
-    state = read_state(run.engine, run.groups.dp_group)  # this rank's 1/dp slice, on the host
-    _release(run)
-    model = build_model(run.cfg, run.ctx, new_plan, quiet=True)  # meta: build_engine draws, write_state overwrites
-    info = describe_model(model, run.cfg, run.layout)  # before tensor parallelism shards the plain model
-    engine = build_engine(model, run.cfg, run.layout, run.ctx.device, run.groups)
-    write_state(engine, state, source_name(sources, run.pipelined), moment_scale(factors, run.pipelined))
+    where = f"untying units {units} at step {run.progress.step}"
+    with out_of_memory_explained(run.cfg, run.ctx, run.groups, run.info["grad_accum"], where, new_plan, untying=True,
+                                 then=lambda: _resume_hint(run.out_dir / "checkpoints")):
+        state = read_state(run.engine, run.groups.dp_group)  # this rank's 1/dp slice, on the host
+        _release(run)
+        model = build_model(run.cfg, run.ctx, new_plan, quiet=True)  # meta: build_engine draws, write_state overwrites
+        info = describe_model(model, run.cfg, run.layout)  # before tensor parallelism shards the plain model
+        engine = build_engine(model, run.cfg, run.layout, run.ctx.device, run.groups)
+        write_state(engine, state, source_name(sources, run.pipelined), moment_scale(factors, run.pipelined))
     restore_schedule(engine, run.progress.step)
     engine.global_samples = run.progress.step * run.layout.global_batch
     before = run.info
@@ -105,6 +109,20 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
                  new_plan.describe(), f"{before['params_unique']:,}", f"{run.info['params_unique']:,}",
                  _factor_words(factors), seconds)
     return event
+
+
+def _resume_hint(root: Path) -> str:
+    """What an untie that ran out of memory leaves: the latest checkpoint, untouched, to resume after the fix."""
+    from megascale.train.checkpoint import latest_checkpoint  # noqa: PLC0415
+
+    try:
+        path = latest_checkpoint(root)
+    except MegascaleError as err:  # a broken pointer: say so rather than hide the memory error behind it
+        return str(err)
+    if path is None:
+        return f"no checkpoint was saved before it ({root}): set train.save_every so a run can resume before an untie"
+    return (f"the latest checkpoint, {path}, is untouched: after the fix, train.resume=auto resumes from it and the "
+            "untie runs again when its condition holds")
 
 
 def _factor_words(factors: dict[int, tuple[float, float, str]]) -> str:
