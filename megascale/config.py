@@ -184,6 +184,8 @@ class TrainConfig(HostOffload):
     """Checkpoint every this many steps; 0 means only at the end."""
     keep_checkpoints: int = 2
     """Complete checkpoints to keep; older ones are deleted after a newer one is safely written."""
+    async_save: bool = False
+    """Write the periodic checkpoints in the background: training pauses only while each rank copies its state to host memory (one copy's worth of host RAM), a thread writes the files, and the checkpoint becomes `latest` at the first logging step after every rank has written. The final save, and one before a rollback, wait."""
     out_dir: str = "runs/tiny"
     """Run directory: checkpoints/, metrics.jsonl, loss.png, tensorboard/."""
     init_hf: str = ""

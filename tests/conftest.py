@@ -175,3 +175,42 @@ def state_memory(out_dir: Path) -> list[dict]:
 def losses(out_dir: Path) -> dict[int, float]:
     """step → training loss from the run's metrics.jsonl."""
     return {r["step"]: r["loss"] for r in metrics(out_dir) if "loss" in r}
+
+
+def same_state(a, b, where: str = "") -> None:
+    """Two loaded checkpoint files hold the same values (tensors bit for bit, DeepSpeed's plain objects by field)."""
+    import torch  # noqa: PLC0415 (conftest itself stays import-light)
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert type(a) is type(b) and list(a) == list(b), where
+        for key in a:
+            same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_state(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__") and not isinstance(a, type):  # e.g. the loss scaler's state
+        assert type(a) is type(b), where
+        same_state(vars(a), vars(b), where)
+    else:
+        assert a == b, (where, a, b)
+
+
+def same_checkpoint(saved: Path, other: Path) -> None:
+    """Every file of two checkpoints: the same names, the same tensors and state, the same metadata but for
+    the run's directory and the settings that do not change the state."""
+    import torch  # noqa: PLC0415
+
+    names = sorted(str(p.relative_to(saved)) for p in saved.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(other)) for p in other.rglob("*") if p.is_file())
+    assert any(n.endswith("optim_states.pt") or n.startswith("layer_") for n in names), names
+    for name in names:
+        if name.endswith(".pt"):
+            same_state(torch.load(saved / name, weights_only=False), torch.load(other / name, weights_only=False), name)
+    metas = [json.loads((c / "megascale.json").read_text()) for c in (saved, other)]
+    for meta in metas:
+        for key in ("out_dir", "async_save", "save_every"):
+            meta["config"]["train"].pop(key)
+    assert metas[0] == metas[1]

@@ -3,11 +3,13 @@
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from conftest import losses, run_pretrain
+from conftest import events, losses, run_pretrain, same_checkpoint
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -56,6 +58,21 @@ def test_crash_during_save_keeps_previous_checkpoint(data_dir, tmp_path, eight_s
     assert not (ckpts / "step_00000008.tmp").exists()
     # The resumed run ends where the uninterrupted 2-rank run did (same global batches).
     assert losses(tmp_path)[8] == pytest.approx(losses(eight_steps)[8], rel=1e-5)
+
+
+def test_a_background_save_writes_the_same_checkpoints_and_publishes_them_later(eight_steps, data_dir, tmp_path):
+    """train.async_save: the same losses, the same files as the waiting saves; each periodic checkpoint becomes
+    latest at a logging step after its own (once every rank has written), the last one before the run ends."""
+    run_pretrain(tmp_path, data_dir, "train.max_steps=8", "train.save_every=4", "train.async_save=true", nproc=2)
+    assert losses(tmp_path) == losses(eight_steps)
+    for tag in ("step_00000004", "step_00000008"):
+        same_checkpoint(eight_steps / "checkpoints" / tag, tmp_path / "checkpoints" / tag)
+    saved = events(tmp_path, "checkpoint")
+    assert [(e["saved_step"], "write_s" in e) for e in saved] == [(4, True), (8, True)]
+    assert saved[0]["step"] > 4 and saved[1]["step"] == 8  # the last one waited for, at the end
+    assert [e["saved_step"] for e in events(eight_steps, "checkpoint")] == [4, 8]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000008"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
 def test_checkpoint_from_another_shape_is_refused(eight_steps, data_dir, tmp_path):
@@ -158,3 +175,42 @@ def test_lazy_weights_read_a_new_shard_from_the_saved_shards_it_overlaps(count):
                 unread = [{k: v.to("meta") if r != index * 2 // count else v for k, v in s.items()} for r, s in enumerate(saved)]
                 torch.testing.assert_close(LazyWeights(merge_tp_shards(unread)).piece(name, shard), piece, rtol=0, atol=0)
     assert torch.equal(whole.piece("norm.weight", None), full["norm.weight"])
+
+
+def test_a_host_copy_is_the_state_at_the_save_not_after():
+    from collections import OrderedDict
+
+    from megascale.train.async_save import host_copy
+
+    weight = torch.arange(6.0)
+    state = {"module": OrderedDict(w=weight, alias=weight), "groups": [{"lr": 1e-3, "params": [0]}], "step": 4}
+    copied = host_copy(state)
+    weight.add_(1)  # the next optimizer step
+    state["groups"][0]["lr"] = 5e-4  # the LR schedule
+    assert torch.equal(copied["module"]["w"], torch.arange(6.0)) and copied["groups"][0]["lr"] == 1e-3
+    assert type(copied["module"]) is OrderedDict and copied["module"]["alias"] is copied["module"]["w"]  # once
+
+
+def test_a_background_write_that_fails_stops_with_one_line_and_publishes_nothing(tmp_path):
+    """A real failed write (its directory is gone, as a full disk or a lost mount would fail it): the error
+    names the checkpoint and the latest complete one, and ``latest`` is not moved."""
+    from megascale.errors import MegascaleError
+    from megascale.train.async_save import BackgroundWrites, HostSnapshotEngine
+    from megascale.train.checkpoint import PendingSave
+
+    root = tmp_path / "checkpoints"
+    (root / "step_00000002").mkdir(parents=True)
+    (root / "latest").write_text("step_00000002")
+    engine = HostSnapshotEngine()
+    engine.save({"w": torch.ones(3)}, str(root / "step_00000004.tmp" / "gone" / "model_states.pt"))
+    pending = PendingSave(root, 4, {"step": 4}, True, 2, BackgroundWrites(engine, engine.take()))
+    while not pending.writes.done():
+        time.sleep(0.01)
+    # the training loop's poll at a logging step, and the wait before another save or at the end
+    for call in (lambda: pending.written_everywhere(torch.device("cpu")), pending.finish):
+        with pytest.raises(MegascaleError) as caught:
+            call()
+        said = str(caught.value)
+        assert said.startswith("writing checkpoint step_00000004 failed (") and "step_00000002 is the latest" in said
+        assert "\n" not in said and (root / "latest").read_text() == "step_00000002"
+        assert not (root / "step_00000004").exists()

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from conftest import (BIN, ROOT, TINY, clean_env, events, free_port, losses, metrics, spawn_ranks, state_memory,
-                      run_pretrain)
+from conftest import (BIN, ROOT, TINY, clean_env, events, free_port, losses, metrics, run_pretrain, same_checkpoint,
+                      spawn_ranks, state_memory)
 from megascale.train.checkpoint import full_weights, read_meta
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1)]
@@ -167,6 +167,18 @@ def test_activation_checkpointing_changes_nothing(runs):
     log = (run / "stderr.txt").read_text()
     assert f"activation checkpointing: {said} recomputed in backward" in log
     assert "memory per GPU by the planner's count: state (weights, gradients, Adam)" in log  # train/preflight.py
+
+
+def test_a_background_save_of_pipeline_stages_writes_the_same_checkpoint(runs):
+    """train.async_save with two stages: each stage's layer files and ZeRO partition, written by its thread,
+    equal the waiting save's (the periodic save at the last step, published when the run ends)."""
+    waited = runs(1, 2, 1, "cycle:2")
+    background = runs(1, 2, 1, "cycle:2", "train.async_save=true", "train.save_every=5")
+    assert losses(background) == losses(waited)
+    (event,) = events(background, "checkpoint")
+    assert event["saved_step"] == 5 and "write_s" in event
+    tag = (waited / "checkpoints" / "latest").read_text()
+    same_checkpoint(waited / "checkpoints" / tag, background / "checkpoints" / tag)
 
 
 def test_checkpoint_converts_between_layouts(runs, data_dir, tmp_path):

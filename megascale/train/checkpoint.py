@@ -15,12 +15,14 @@ the next save.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,26 +63,100 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def save_checkpoint(engine, root: Path, step: int, meta: dict[str, Any], is_main: bool, keep: int) -> Path:
     """Save a complete checkpoint for ``step`` (all ranks call this); returns its directory."""
+    return start_save(engine, root, step, meta, is_main, keep).finish()
+
+
+def start_save(engine, root: Path, step: int, meta: dict[str, Any], is_main: bool, keep: int) -> PendingSave:
+    """Begin the save of ``step`` (all ranks): DeepSpeed writes its files into ``step_N.tmp``; with a
+    ``HostSnapshotEngine`` installed (train.async_save) it only copies the state to host memory, and a
+    thread writes the files. ``PendingSave`` publishes the checkpoint once they are all on disk."""
     tag = tag_for(step)
+    meta = copy.deepcopy(meta)  # published later: not the live lists it was made from (the untie rules' history)
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         _remove_partial_saves(root)
     _barrier()
     engine.save_checkpoint(str(root), tag=tag + ".tmp", save_latest=False)
-    _barrier()
-    final = root / tag
-    if is_main:
-        if os.environ.get(FAULT_ENV) == str(step):
+    take = getattr(engine.checkpoint_engine, "take", None)
+    if take is None:
+        return PendingSave(root, step, meta, is_main, keep)
+    from megascale.train.async_save import BackgroundWrites  # noqa: PLC0415 (imports DeepSpeed)
+
+    return PendingSave(root, step, meta, is_main, keep, BackgroundWrites(engine.checkpoint_engine, take()))
+
+
+@dataclass
+class PendingSave:
+    """A save whose files are written (``writes`` None) or being written by a thread, not yet published."""
+
+    root: Path
+    step: int
+    meta: dict[str, Any]
+    is_main: bool
+    keep: int
+    writes: Any = None  # megascale.train.async_save.BackgroundWrites
+    paused_seconds: float = 0.0  # how long training stood still to start it (the host copy)
+
+    @property
+    def path(self) -> Path:
+        return self.root / tag_for(self.step)
+
+    def written_everywhere(self, device: torch.device) -> bool:
+        """Whether every rank's files are on disk: one all-reduce, all ranks together. A write that failed
+        anywhere stops every rank with one line, before anything is published."""
+        writes = self.writes
+        state = torch.tensor([0.0 if writes is None or writes.done() else 1.0,
+                              1.0 if writes is not None and writes.done() and writes.error else 0.0], device=device)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(state)
+        busy, failed = state.tolist()
+        if failed:
+            self._wait()  # this rank's own error, if it is one of them
+            raise MegascaleError(f"writing checkpoint {self.path.name} failed on another rank (its log says why); "
+                                 f"{self._previous()} is the latest complete one")
+        return busy == 0
+
+    def publish_written(self) -> Path:
+        """Publish after ``written_everywhere()`` said so (all ranks call it; nothing to wait for)."""
+        self._wait()
+        self._publish()
+        return self.path
+
+    def finish(self) -> Path:
+        """Wait for this rank's writes and every other rank's, then publish (all ranks call it)."""
+        self._wait()
+        _barrier()
+        self._publish()
+        _barrier()
+        return self.path
+
+    def _wait(self) -> None:
+        if self.writes is None:
+            return
+        try:
+            self.writes.wait()
+        except Exception as err:  # noqa: BLE001 (disk full, a quota, a vanished mount: one line, not the thread's traceback)
+            raise MegascaleError(f"writing checkpoint {self.path.name} failed ({err}); {self._previous()} is the "
+                                 f"latest complete one; free space in {self.root} or set train.async_save=false") from None
+
+    def _previous(self) -> str:
+        pointer = self.root / "latest"
+        return pointer.read_text().strip() if pointer.is_file() else "no checkpoint"
+
+    def _publish(self) -> None:
+        """Rank 0: metadata and tokenizer in, rename step_N.tmp to step_N, move ``latest``, prune."""
+        if not self.is_main:
+            return
+        tag, tmp = self.path.name, self.root / (self.path.name + ".tmp")
+        if os.environ.get(FAULT_ENV) == str(self.step):
             os._exit(17)
-        _copy_tokenizer(meta, root / (tag + ".tmp"))
-        _atomic_write(root / (tag + ".tmp") / META_NAME, json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(root / (tag + ".tmp"), final)
-        _atomic_write(root / "latest", tag)
-        _prune(root, keep)
-    _barrier()
-    return final
+        _copy_tokenizer(self.meta, tmp)
+        _atomic_write(tmp / META_NAME, json.dumps(self.meta, indent=2))
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(tmp, self.path)
+        _atomic_write(self.root / "latest", tag)
+        _prune(self.root, self.keep)
 
 
 def _copy_tokenizer(meta: dict[str, Any], directory: Path) -> None:

@@ -261,6 +261,10 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     )
     if pipelined:
         install_coalesced_tied_reduction(engine)
+    if cfg.train.async_save:
+        from megascale.train import async_save  # noqa: PLC0415
+
+        async_save.install(engine)
     if effective_zero_stage(cfg, layout.dp_cp) == 0 and cfg.train.precision in FP32_STATE:
         keep_clip_norm(engine)
     return engine

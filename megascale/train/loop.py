@@ -231,6 +231,7 @@ class Run:
     untie_history: list[dict[str, Any]] = field(default_factory=list)  # events, in order (megascale.json)
     nan: NanGuard = field(default_factory=NanGuard)  # train.nan_policy and the batches it skips
     grad_bytes: float | None = None  # measured on the first step, between backward and the optimizer step
+    pending_save: ckpt.PendingSave | None = None  # train.async_save: a checkpoint still being written
     # A later training stage (megascale.finetune.stage.TraceStage): its data, initial weights,
     # batches (extra forward arguments), evaluation and checkpoint extras. None = pretraining.
     stage: Any = None
@@ -589,15 +590,17 @@ def run_loop(run: Run) -> RunSummary:
             logged = progress.step % t.log_every == 0 or progress.step == t.max_steps
             stop_agreed = meter.step(run, loss_t if logged else None, writer, summary, stop)
             decisions = run.controller.decide(progress.step, progress.tokens, run.model.plan)
+            if logged and run.pending_save is not None:  # logging steps synchronise anyway
+                publish_if_written(run, writer)
             if decisions:
                 probe = untie_now(run, probe, decisions, writer)
                 memory_due = True
                 if run.nan.policy == "rollback":  # a rollback must never cross an untie
-                    summary.checkpoint, last_saved = _save(run), progress.step
+                    summary.checkpoint, last_saved = _save(run, writer), progress.step
             if t.eval_every and progress.step % t.eval_every == 0 and progress.step < t.max_steps:
                 _log_eval(run, writer)
             if t.save_every and progress.step % t.save_every == 0:
-                summary.checkpoint, last_saved = _save(run), progress.step
+                summary.checkpoint, last_saved = _save(run, writer, wait=False), progress.step
             if stop_agreed:  # decided by the logging step's read, so every rank stops at the same step
                 summary.preempted = stop.signal_name or "a stop signal on another rank"
                 break
@@ -609,7 +612,8 @@ def run_loop(run: Run) -> RunSummary:
     elif t.eval_every:
         summary.final_val_loss = _log_eval(run, writer)
     if last_saved != progress.step:
-        summary.checkpoint = _save(run)
+        summary.checkpoint = _save(run, writer)
+    settle_save(run, writer)  # the last periodic save, if it is still being written
     writer.close()
     _finish(run, summary)
     return summary
@@ -669,6 +673,7 @@ def handle_nonfinite(run: Run, loss_t: torch.Tensor, writer: MetricsWriter) -> b
 def rollback(run: Run, writer: MetricsWriter) -> None:
     """Reload the latest checkpoint and mark the batch just trained on as never to be used again."""
     root = run.out_dir / "checkpoints"
+    settle_save(run, writer)  # a save still being written is of a finite step: the one to roll back to
     path = ckpt.latest_checkpoint(root)
     if path is None:
         raise MegascaleError(
@@ -829,13 +834,55 @@ def blend_part_losses(run: Run) -> dict[str, float]:
             if eval_batch_count(run, split) > 0}
 
 
-def _save(run: Run) -> Path:
+def _save(run: Run, writer: MetricsWriter, wait: bool = True) -> Path:
+    """Checkpoint this step. Under train.async_save with ``wait`` False, return once the state is copied to
+    host memory: the files are written in the background and published at a later logging step."""
     check_update_finite(run)
-    path = ckpt.save_checkpoint(run.engine, run.out_dir / "checkpoints", run.progress.step, checkpoint_meta(run),
-                                run.ctx.is_main, run.cfg.train.keep_checkpoints)
+    settle_save(run, writer)  # one save in flight at a time
+    start = time.perf_counter()
+    pending = ckpt.start_save(run.engine, run.out_dir / "checkpoints", run.progress.step, checkpoint_meta(run),
+                              run.ctx.is_main, run.cfg.train.keep_checkpoints)
+    if wait or pending.writes is None:
+        path = pending.finish()
+        _log_saved(run, writer, pending, time.perf_counter() - start)
+        return path
+    run.pending_save = pending
+    pending.paused_seconds = time.perf_counter() - start
     if run.ctx.is_main:
-        log.info("checkpoint saved: %s", path)
-    return path
+        log.info("checkpoint %s: state copied to host memory in %.2f s, writing in the background",
+                 pending.path.name, pending.paused_seconds)
+    return pending.path
+
+
+def publish_if_written(run: Run, writer: MetricsWriter) -> None:
+    """Publish the background save if every rank has written its files (one small all-reduce)."""
+    pending = run.pending_save
+    if pending.written_everywhere(run.ctx.device):
+        run.pending_save = None
+        pending.publish_written()
+        _log_saved(run, writer, pending, pending.paused_seconds)
+
+
+def settle_save(run: Run, writer: MetricsWriter) -> None:
+    """Wait for a background save and publish it (before another save, a rollback, the end of the run)."""
+    pending, run.pending_save = run.pending_save, None
+    if pending is not None:
+        start = time.perf_counter()
+        pending.finish()
+        _log_saved(run, writer, pending, pending.paused_seconds + time.perf_counter() - start)
+
+
+def _log_saved(run: Run, writer: MetricsWriter, pending: ckpt.PendingSave, paused: float) -> None:
+    """``paused``: the seconds training stood still for this save (a background save: the copy, and any wait)."""
+    background = pending.writes is not None
+    record = {"step": run.progress.step, "event": "checkpoint", "saved_step": pending.step, "path": str(pending.path),
+              "paused_s": round(paused, 3)}
+    if background:
+        record["write_s"] = round(pending.writes.seconds, 3)
+    writer.log(record)
+    if run.ctx.is_main:
+        how = f" (written in the background in {pending.writes.seconds:.1f} s)" if background else ""
+        log.info("checkpoint saved: %s%s", pending.path, how)
 
 
 @contextmanager
