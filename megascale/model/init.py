@@ -241,6 +241,11 @@ def _materialized(p: nn.Parameter, seed: int, device: torch.device,
     return new
 
 
+def piece_of(p: nn.Parameter, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``p``'s piece (its tensor-parallel shard) of the full plain-model ``weights``, as they hold it."""
+    return _piece(weights, getattr(p, INIT_ATTR).name, getattr(p, SHARD_ATTR, None))
+
+
 def _piece(weights: Mapping[str, torch.Tensor], name: str, shard: Shard | None) -> torch.Tensor:
     return weights.piece(name, shard) if isinstance(weights, LazyWeights) else cut(weights[name], shard)
 

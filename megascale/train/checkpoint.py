@@ -331,18 +331,25 @@ def _kv_replicas(meta: dict[str, Any], tp: int) -> int:
 
 
 def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source]:
-    if meta["config"]["train"]["zero_stage"] == 3:
-        return merge_tp_shards(_zero3_shards(path, tp), _kv_replicas(meta, tp))
+    train = meta["config"]["train"]
+    if train["zero_stage"] == 3 or (train["precision"] in ("bf16", "fp16") and _has_zero_partitions(path)):
+        # ZeRO's fp32 master partitions: a 16-bit run's module states hold the weights rounded to 16 bits,
+        # and a run converted from those would start from the rounded weights
+        return merge_tp_shards(_zero_shards(path, tp), _kv_replicas(meta, tp))
     shards = [_load(path / f"mp_rank_{r:02d}_model_states.pt")["module"] for r in range(tp)]
     return merge_tp_shards(shards, _kv_replicas(meta, tp))
 
 
-def _zero3_shards(path: Path, tp: int) -> list[dict[str, torch.Tensor]]:
-    """Each tensor rank's fp32 weights in a ZeRO-3 checkpoint, its data-parallel partitions merged by
-    DeepSpeed's zero_to_fp32.
+def _has_zero_partitions(path: Path) -> bool:
+    return any(path.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def _zero_shards(path: Path, tp: int) -> list[dict[str, torch.Tensor]]:
+    """Each tensor rank's fp32 weights in a ZeRO checkpoint (the fp32 master partitions of stages 1 and 2,
+    ZeRO-3's partitions), its data-parallel partitions merged by DeepSpeed's zero_to_fp32.
 
     zero_to_fp32 takes every ``*_model_states.pt`` / ``*_optim_states.pt`` of a directory for
-    partitions of one model, so with tp > 1 each tensor rank's files (``*_mp_rank_NN_*``) are
+    partitions of one model, so with tp > 1 each tensor rank's files (``*mp_rank_NN_*``) are
     shown to it alone, through links in a scratch directory.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
@@ -354,9 +361,9 @@ def _zero3_shards(path: Path, tp: int) -> list[dict[str, torch.Tensor]]:
         for rank in range(tp):
             view = Path(scratch) / f"mp_rank_{rank:02d}" / path.name
             view.mkdir(parents=True)
-            files = sorted(path.glob(f"*_mp_rank_{rank:02d}_*_states.pt"))
+            files = sorted(path.glob(f"*mp_rank_{rank:02d}_*states.pt"))
             if not files:
-                raise MegascaleError(f"{path} has no ZeRO-3 files of tensor rank {rank} (*_mp_rank_{rank:02d}_*): "
+                raise MegascaleError(f"{path} has no ZeRO files of tensor rank {rank} (*mp_rank_{rank:02d}_*): "
                                      "the checkpoint is incomplete; use another step_* directory")
             for file in files:
                 (view / file.name).symlink_to(file.resolve())

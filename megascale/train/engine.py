@@ -22,7 +22,7 @@ import torch
 
 from megascale.config import FP32_STATE, Config, OptimConfig
 from megascale.errors import MegascaleError
-from megascale.model.init import check_full_weights, materialize
+from megascale.model.init import check_full_weights, materialize, piece_of
 from megascale.train.memory import StateBytes, formula_state_bytes
 
 
@@ -268,6 +268,23 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
     if effective_zero_stage(cfg, layout.dp_cp) == 0 and cfg.train.precision in FP32_STATE:
         keep_clip_norm(engine)
     return engine
+
+
+def restore_fp32_masters(engine, weights: Mapping[str, torch.Tensor]) -> int:
+    """Set the fp32 master copies DeepSpeed keeps of 16-bit weights (ZeRO 1-3, its BF16 optimizer) from the
+    full fp32 ``weights`` the engine was built from: it made them from the module's 16-bit values, so a run
+    converted from another layout, or started from fp32 weights, would step from rounded ones. Returns how
+    many parameters it set."""
+    from deepspeed.utils import safe_set_full_fp32_param  # noqa: PLC0415
+
+    done: set[int] = set()
+    for p in engine.module.parameters():
+        if id(p) in done or not (hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None):
+            continue
+        done.add(id(p))
+        device = p.device if p.device.type != "meta" else torch.device("cpu")
+        safe_set_full_fp32_param(p, piece_of(p, weights).to(device, torch.float32))
+    return len(done)
 
 
 def zero3_partitioner(ds_config: dict[str, Any], groups):
