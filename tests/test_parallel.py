@@ -209,10 +209,12 @@ def test_checkpoint_converts_into_a_sharded_layout(runs, data_dir, tmp_path, tar
         torch.testing.assert_close(converted[name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_a_16_bit_checkpoint_converts_from_its_fp32_masters(runs, data_dir, tmp_path):
-    """bf16 under ZeRO: the module states hold the weights rounded to bf16, so a new layout (here tp=2 from dp=2)
-    starts from the fp32 master partitions (DeepSpeed's zero_to_fp32), the weights the optimizer steps."""
-    source = runs(1, 1, 2, "cycle:2", "train.precision=bf16", "train.zero_stage=1")
+@pytest.mark.parametrize("source_layout", [(1, 1, 2), (1, 2, 1)], ids=["dp2", "pp2"])
+def test_a_16_bit_checkpoint_converts_from_its_fp32_masters(runs, data_dir, tmp_path, source_layout):
+    """bf16 under ZeRO: the module states (a pipeline's layer files) hold the weights rounded to bf16, so a new
+    layout (here tp=2) starts from the fp32 master partitions (DeepSpeed's zero_to_fp32; a pipeline's stage by
+    stage), the weights the optimizer steps."""
+    source = runs(*source_layout, "cycle:2", "train.precision=bf16", "train.zero_stage=1")
     ckpt = source / "checkpoints" / "step_00000005"
     masters = full_weights(ckpt, read_meta(ckpt))
     assert any(not torch.equal(w, w.bfloat16().float()) for w in masters.values())  # more than bf16 holds

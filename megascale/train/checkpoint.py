@@ -331,44 +331,75 @@ def _kv_replicas(meta: dict[str, Any], tp: int) -> int:
 
 
 def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source]:
-    train = meta["config"]["train"]
-    if train["zero_stage"] == 3 or (train["precision"] in ("bf16", "fp16") and _has_zero_partitions(path)):
-        # ZeRO's fp32 master partitions: a 16-bit run's module states hold the weights rounded to 16 bits,
-        # and a run converted from those would start from the rounded weights
-        return merge_tp_shards(_zero_shards(path, tp), _kv_replicas(meta, tp))
+    if meta["config"]["train"]["zero_stage"] == 3 or _master_partitions(path, meta):
+        return merge_tp_shards(_zero_shards(path, range(tp)), _kv_replicas(meta, tp))
     shards = [_load(path / f"mp_rank_{r:02d}_model_states.pt")["module"] for r in range(tp)]
     return merge_tp_shards(shards, _kv_replicas(meta, tp))
 
 
-def _has_zero_partitions(path: Path) -> bool:
-    return any(path.glob("*zero_pp_rank_*_optim_states.pt"))
+def _master_partitions(path: Path, meta: dict[str, Any]) -> bool:
+    """Whether to read the weights from ZeRO's fp32 master partitions: a 16-bit run's module states (and a
+    pipeline's layer files) hold them rounded to 16 bits, and a run converted from those would start rounded."""
+    return meta["config"]["train"]["precision"] in ("bf16", "fp16") and any(path.glob("*zero_pp_rank_*_optim_states.pt"))
 
 
-def _zero_shards(path: Path, tp: int) -> list[dict[str, torch.Tensor]]:
-    """Each tensor rank's fp32 weights in a ZeRO checkpoint (the fp32 master partitions of stages 1 and 2,
-    ZeRO-3's partitions), its data-parallel partitions merged by DeepSpeed's zero_to_fp32.
+def _zero_shards(path: Path, mp_ranks: range) -> list[dict[str, torch.Tensor]]:
+    """The fp32 weights of each of ``mp_ranks`` in a ZeRO checkpoint (the fp32 master partitions of stages 1
+    and 2, ZeRO-3's partitions), its data-parallel partitions merged by DeepSpeed's zero_to_fp32. DeepSpeed
+    numbers a pipeline's model-parallel ranks stage-major (stage × tp + tensor rank).
 
     zero_to_fp32 takes every ``*_model_states.pt`` / ``*_optim_states.pt`` of a directory for
-    partitions of one model, so with tp > 1 each tensor rank's files (``*mp_rank_NN_*``) are
-    shown to it alone, through links in a scratch directory.
+    partitions of one model, so each rank's files (``*mp_rank_NN_*``) are shown to it alone, through
+    links in a scratch directory.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
 
-    if tp == 1:
-        return [get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)]
     shards = []
-    with tempfile.TemporaryDirectory(prefix="megascale-zero3-") as scratch:
-        for rank in range(tp):
+    with tempfile.TemporaryDirectory(prefix="megascale-zero-") as scratch:
+        for rank in mp_ranks:
             view = Path(scratch) / f"mp_rank_{rank:02d}" / path.name
             view.mkdir(parents=True)
             files = sorted(path.glob(f"*mp_rank_{rank:02d}_*states.pt"))
             if not files:
-                raise MegascaleError(f"{path} has no ZeRO files of tensor rank {rank} (*mp_rank_{rank:02d}_*): "
+                raise MegascaleError(f"{path} has no ZeRO files of model-parallel rank {rank} (*mp_rank_{rank:02d}_*): "
                                      "the checkpoint is incomplete; use another step_* directory")
             for file in files:
-                (view / file.name).symlink_to(file.resolve())
+                _show(file, view / file.name)
             shards.append(get_fp32_state_dict_from_zero_checkpoint(str(view.parent), tag=path.name))
     return shards
+
+
+def _show(file: Path, link: Path) -> None:
+    """``file`` at ``link`` for zero_to_fp32: a link, except a pipeline stage's model states, whose weights are
+    in its layer files (``module`` None, which zero_to_fp32 cannot read): a small copy with an empty one."""
+    if file.name.startswith("mp_rank_"):
+        states = torch.load(file, map_location="cpu", weights_only=False)
+        if states.get("module") is None:
+            torch.save({**states, "module": {}}, link)
+            return
+    link.symlink_to(file.resolve())
+
+
+def _plain_name(name: str, plan: list[int]) -> str:
+    """A pipeline module's parameter name as the plain model's: ``tied_modules.block3.block.X`` (a tie group's
+    block) → ``blocks.3.X``, ``tied_modules.embed.embed.weight`` → ``embed.weight``, ``5.norm.weight`` →
+    ``norm.weight`` (see parallel/pipeline.py's layer list)."""
+    head, _, rest = name.partition(".")
+    if head == "tied_modules":
+        key, _, rest = rest.partition(".")
+        return f"blocks.{int(key[5:])}.{rest.removeprefix('block.')}" if key.startswith("block") else rest
+    return f"blocks.{plan[int(head) - 1]}.{rest.removeprefix('block.')}" if rest.startswith("block.") else rest
+
+
+def _pipeline_zero_state(path: Path, meta: dict[str, Any], tp: int, pp: int) -> dict[str, Source]:
+    """The plain model's fp32 tensors from a pipeline's ZeRO master partitions, stage by stage (a tie group
+    held by two stages keeps equal replicas: either serves)."""
+    state, plan = {}, meta["sharing_plan"]
+    for stage in range(pp):
+        shards = [{_plain_name(k, plan): v for k, v in shard.items()}
+                  for shard in _zero_shards(path, range(stage * tp, (stage + 1) * tp))]
+        state.update(merge_tp_shards(shards, _kv_replicas(meta, tp)))
+    return state
 
 
 def _layer_file(path: Path, idx: int, tp_rank: int) -> Path:
@@ -395,7 +426,12 @@ def lazy_full_weights(path: Path, meta: dict[str, Any]) -> LazyWeights:
     """The unsharded plain-model tensors of a checkpoint saved under any layout, each assembled when read (fp32)."""
     layout = meta.get("layout", {"tp": 1, "pp": 1})
     tp, pp = layout["tp"], layout["pp"]
-    parts = _pipeline_state(path, meta, tp) if pp > 1 else _engine_state(path, meta, tp)
+    if pp == 1:
+        parts = _engine_state(path, meta, tp)
+    elif _master_partitions(path, meta):
+        parts = _pipeline_zero_state(path, meta, tp, pp)
+    else:
+        parts = _pipeline_state(path, meta, tp)
     aliases = {}
     if meta["config"]["model"]["tie_embeddings"]:
         parts.pop("lm_head.weight", None)
