@@ -373,7 +373,7 @@ def _show(file: Path, link: Path) -> None:
     """``file`` at ``link`` for zero_to_fp32: a link, except a pipeline stage's model states, whose weights are
     in its layer files (``module`` None, which zero_to_fp32 cannot read): a small copy with an empty one."""
     if file.name.startswith("mp_rank_"):
-        states = torch.load(file, map_location="cpu", weights_only=False)
+        states = torch.load(file, map_location="cpu", weights_only=False, mmap=True)  # a 16-bit model's weights: not read
         if states.get("module") is None:
             torch.save({**states, "module": {}}, link)
             return
