@@ -45,6 +45,7 @@ smaller matrices, ZeRO-3's hooks) favours each of those.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -132,20 +133,22 @@ def stage_layers(n_layers: int, pp: int) -> int:
     return math.ceil(n_layers / pp)
 
 
+def stage_sizes(n_layers: int, pp: int) -> list[int]:
+    """Blocks per stage when they are split evenly, the first stages taking one more."""
+    base, extra = divmod(n_layers, pp)
+    return [base + (stage < extra) for stage in range(pp)]
+
+
 def recomputed_layers(n_layers: int, pp: int, per_stage: int) -> int:
     """Layers recomputed in the whole model when each stage recomputes its first ``per_stage``."""
-    base, extra = divmod(n_layers, pp)
-    return sum(min(per_stage, base + (stage < extra)) for stage in range(pp))
+    return sum(min(per_stage, size) for size in stage_sizes(n_layers, pp))
 
 
 def stage_blocks(group_of: Sequence[int], pp: int) -> int:
-    """Distinct blocks (tie groups) the fullest stage stores when the layers are split evenly, the first
-    stages taking one more: a stage keeps one copy of each group it applies (a run's plan after an untie,
-    or one that ``Shape.sharing`` cannot spell)."""
-    base, extra = divmod(len(group_of), pp)
-    bounds = [0]
-    for stage in range(pp):
-        bounds.append(bounds[-1] + base + (stage < extra))
+    """Distinct blocks (tie groups) the fullest stage stores when the layers are split evenly (``stage_sizes``):
+    a stage keeps one copy of each group it applies (a run's plan after an untie, or one that ``Shape.sharing``
+    cannot spell)."""
+    bounds = list(itertools.accumulate(stage_sizes(len(group_of), pp), initial=0))
     return max(len(set(group_of[a:b])) for a, b in zip(bounds, bounds[1:]))
 
 

@@ -43,7 +43,7 @@ def host_copy(obj: Any, memo: dict[int, torch.Tensor] | None = None) -> Any:
         for key, value in obj.items():
             out[key] = host_copy(value, memo)
         return out
-    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+    if type(obj) in (list, tuple):  # a namedtuple or other subclass: deep-copied below
         return type(obj)(host_copy(v, memo) for v in obj)
     return copy.deepcopy(obj)
 
@@ -57,9 +57,8 @@ class HostSnapshotEngine(TorchCheckpointEngine):
         self.snapshots: list[tuple[str, Any]] = []
 
     def save(self, state_dict, path: str) -> None:
+        # A copy to pageable host memory returns once it is complete: the next step cannot change it.
         self.snapshots.append((path, host_copy(state_dict)))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the copies are complete before the step that follows changes the state
 
     def write(self, state_dict, path: str) -> None:
         """The file as DeepSpeed's own engine writes it (its serialization setting)."""

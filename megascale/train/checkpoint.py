@@ -117,8 +117,7 @@ class PendingSave:
         return busy == 0
 
     def publish_written(self) -> Path:
-        """Publish after ``written_everywhere()`` said so (all ranks call it; nothing to wait for)."""
-        self._wait()
+        """Publish after ``written_everywhere()`` said so (all ranks call it; no write is left, none failed)."""
         self._publish()
         return self.path
 

@@ -267,24 +267,27 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
         async_save.install(engine)
     if effective_zero_stage(cfg, layout.dp_cp) == 0 and cfg.train.precision in FP32_STATE:
         keep_clip_norm(engine)
+    if weights is not None and cfg.train.precision not in FP32_STATE:
+        restore_fp32_masters(engine, weights)
     return engine
 
 
-def restore_fp32_masters(engine, weights: Mapping[str, torch.Tensor]) -> int:
-    """Set the fp32 master copies DeepSpeed keeps of 16-bit weights (ZeRO 1-3, its BF16 optimizer) from the
-    full fp32 ``weights`` the engine was built from: it made them from the module's 16-bit values, so a run
-    converted from another layout, or started from fp32 weights, would step from rounded ones. Returns how
-    many parameters it set."""
+def holds_fp32_master(param: torch.nn.Parameter) -> bool:
+    """True when DeepSpeed keeps the fp32 state of ``param`` in its own partitions (ZeRO 1-3, its BF16 optimizer)."""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
+def restore_fp32_masters(engine, weights: Mapping[str, torch.Tensor]) -> None:
+    """Set the fp32 master copies DeepSpeed keeps of 16-bit weights from the full fp32 ``weights`` the engine
+    was built from: it made them from the module's 16-bit values, so a run converted from another layout, or
+    started from fp32 weights, would step from rounded ones."""
     from deepspeed.utils import safe_set_full_fp32_param  # noqa: PLC0415
 
-    done: set[int] = set()
-    for p in engine.module.parameters():
-        if id(p) in done or not (hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None):
-            continue
-        done.add(id(p))
+    for p in filter(holds_fp32_master, engine.module.parameters()):
+        if hasattr(p, "_hp_mapping") and p._hp_mapping is None:
+            continue  # ZeRO 1-2: none of its fp32 partition is on this rank; skip reading its piece
         device = p.device if p.device.type != "meta" else torch.device("cpu")
         safe_set_full_fp32_param(p, piece_of(p, weights).to(device, torch.float32))
-    return len(done)
 
 
 def zero3_partitioner(ds_config: dict[str, Any], groups):

@@ -35,8 +35,7 @@ from megascale.parallel.topology import ParallelDims, ParallelGroups, build_grou
 from megascale.train import checkpoint as ckpt
 from megascale.train import preflight
 from megascale.train.dist import DistContext
-from megascale.train.engine import (BatchLayout, batch_layout, build_engine, effective_zero_stage, restore_fp32_masters,
-                                    state_formula)
+from megascale.train.engine import BatchLayout, batch_layout, build_engine, effective_zero_stage, state_formula
 from megascale.train.memory import local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
 from megascale.train.nonfinite import NanGuard, harmless_backward_loss, zero_lr
@@ -508,8 +507,6 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
         weights = hf_weights(Path(cfg.train.init_hf), ctx)
     with out_of_memory_explained(cfg, ctx, groups, layout.grad_accum, "building the model and optimizer", model.plan):
         engine = build_engine(model, cfg, layout, ctx.device, groups, weights=weights)
-        if weights is not None and cfg.train.precision in ("bf16", "fp16"):
-            restore_fp32_masters(engine, weights)
     del weights  # each rank now holds its shard only
     controller = UntieController(cfg, planned_tokens=cfg.train.max_steps * info["tokens_per_step"])
     run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), layout, controller, stage=stage,

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megascale.train.engine import holds_fp32_master
+
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's state, besides "step"
 
 
@@ -97,11 +99,6 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
-def _partitioned(param: torch.nn.Parameter) -> bool:
-    """True when DeepSpeed keeps the fp32 state of ``param`` in its own partitions (ZeRO 1-3, BF16)."""
-    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
-
-
 def _state_step(opt: torch.optim.Optimizer) -> torch.Tensor:
     for state in opt.state.values():
         if "step" in state:
@@ -135,7 +132,7 @@ def read_state(engine, dp_group=None) -> EngineState:
     slicing = Slicing.over(dp_group)
     params = {}
     for name, p in engine.module.named_parameters():
-        if _partitioned(p):
+        if holds_fp32_master(p):
             weight = safe_get_full_fp32_param(p)
             moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
         else:
@@ -205,7 +202,7 @@ def write_state(engine, state: EngineState, source: Callable[[str], str],
         src = state.params[source(name)]
         weight = state.slicing.gather(src.weight, src.shape, meet)
         _set_weight(p, weight)
-        partitioned = _partitioned(p)
+        partitioned = holds_fp32_master(p)
         device = p.device if p.device.type != "meta" else torch.device("cpu")
         if partitioned:
             safe_set_full_fp32_param(p, weight.to(device))
