@@ -75,6 +75,48 @@ def test_a_background_save_writes_the_same_checkpoints_and_publishes_them_later(
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
+def test_a_run_resumed_in_another_layout_steps_on_as_the_saved_one(eight_steps, data_dir, tmp_path):
+    """Adam's moments and step carry across layouts: saved under dp=2 (ZeRO-1 partitions) at step 4, resumed under
+    tp=2 (torch's AdamW state, ZeRO-0), saved at step 6 and resumed over two pipeline stages (ZeRO-1 per stage):
+    every loss is the uninterrupted run's. With the moments reset, the losses from step 6 on differ by 5e-4 to 2e-3."""
+    steps = ["train.max_steps=8", "train.save_every=2"]
+    whole, tp2, pp2 = eight_steps, tmp_path / "tp2", tmp_path / "pp2"
+    proc = run_pretrain(tp2, data_dir, *steps, "parallel.tp=2", f"train.resume={whole / 'checkpoints' / 'step_00000004'}",
+                        nproc=2)
+    assert "weights and Adam state restored" in proc.stderr
+    run_pretrain(pp2, data_dir, *steps, "parallel.pp=2", f"train.resume={tp2 / 'checkpoints' / 'step_00000006'}", nproc=2)
+    expected = losses(whole)
+    for run, first in ((tp2, 5), (pp2, 7)):
+        got = losses(run)
+        assert sorted(got) == list(range(first, 9))
+        for step, loss in got.items():
+            assert loss == pytest.approx(expected[step], rel=1e-6, abs=0), (run.name, step)
+
+
+def test_a_run_resumed_with_adam_moved_to_the_host_steps_on_as_the_saved_one(eight_steps, data_dir, tmp_path):
+    """Same layout, another state format (torch's AdamW in ZeRO-1 partitions → DeepSpeed's CPU Adam at ZeRO-2):
+    DeepSpeed's own load would fail on the optimizer's settings, so this resumes by name as a layout change does."""
+    proc = run_pretrain(tmp_path, data_dir, "train.max_steps=8", "train.zero_stage=2", "train.offload_optimizer=cpu",
+                        f"train.resume={eight_steps / 'checkpoints' / 'step_00000004'}", nproc=2)
+    assert "converted from layout {'tp': 1, 'pp': 1, 'dp': 2}, ZeRO-1/2 fp32 (weights and Adam state restored)" in proc.stderr
+    expected, got = losses(eight_steps), losses(tmp_path)
+    assert sorted(got) == [5, 6, 7, 8]
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6, abs=0), step
+
+
+def test_a_pipelines_zero_0_state_resumes_elsewhere_with_fresh_moments_and_says_so(data_dir, tmp_path):
+    """A pipeline at ZeRO-0 saves its Adam state by parameter index only: a new layout starts its moments from
+    zero, with a warning that names the fix, and trains on."""
+    source, target = tmp_path / "pp2", tmp_path / "one"
+    run_pretrain(source, data_dir, "parallel.pp=2", "train.zero_stage=0", "train.max_steps=2", nproc=2)
+    proc = run_pretrain(target, data_dir, "train.max_steps=3", f"train.resume={source / 'checkpoints' / 'step_00000002'}")
+    assert "optimizer moments start from zero: a pipeline's ZeRO-0 optimizer state is kept by parameter index" in proc.stderr
+    assert "(train.zero_stage=1 saves it by name, for a change of layout)" in proc.stderr
+    assert "weights restored, optimizer moments reset" in proc.stderr
+    assert sorted(losses(target)) == [3]
+
+
 def test_checkpoint_from_another_shape_is_refused(eight_steps, data_dir, tmp_path):
     ckpts = eight_steps / "checkpoints"
     before = snapshot(ckpts)
@@ -175,6 +217,18 @@ def test_lazy_weights_read_a_new_shard_from_the_saved_shards_it_overlaps(count):
                 unread = [{k: v.to("meta") if r != index * 2 // count else v for k, v in s.items()} for r, s in enumerate(saved)]
                 torch.testing.assert_close(LazyWeights(merge_tp_shards(unread)).piece(name, shard), piece, rtol=0, atol=0)
     assert torch.equal(whole.piece("norm.weight", None), full["norm.weight"])
+
+
+def test_a_zero_3_piece_is_read_across_the_flat_groups_it_spans():
+    """ZeRO-3 lays each rank's pieces of every parameter end to end over its flat groups: a piece may start in one
+    group and end in the next, and is read from those elements only."""
+    from megascale.train.zero_files import _span
+
+    flats = [torch.arange(0, 5.0), torch.arange(5, 7.0), torch.arange(7, 12.0)]
+    whole = torch.cat(flats)
+    for start in range(12):
+        for numel in range(0, 12 - start + 1):
+            assert torch.equal(_span(flats, start, numel), whole[start:start + numel])
 
 
 def test_a_host_copy_is_the_state_at_the_save_not_after():

@@ -15,7 +15,7 @@ import torch
 
 from conftest import (BIN, ROOT, TINY, clean_env, events, free_port, losses, metrics, run_pretrain, same_checkpoint,
                       spawn_ranks, state_memory)
-from megascale.train.checkpoint import full_weights, read_meta
+from megascale.train.checkpoint import full_weights, lazy_adam_state, read_meta
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1)]
 SHARINGS = ["none", "all", "cycle:2"]
@@ -26,8 +26,22 @@ def records(out_dir, key):
 
 
 def final_weights(out_dir):
+    return full_weights(*final_checkpoint(out_dir))
+
+
+def final_checkpoint(out_dir):
     path = out_dir / "checkpoints" / (out_dir / "checkpoints" / "latest").read_text()
-    return full_weights(path, read_meta(path))
+    return path, read_meta(path)
+
+
+def same_adam_state(converted, source):
+    """The converted run's last checkpoint holds the source's Adam moments, bit for bit, at the same step."""
+    got, want = lazy_adam_state(*final_checkpoint(converted)), lazy_adam_state(*final_checkpoint(source))
+    assert got.step == want.step >= 5  # DeepSpeed's 16-bit optimizer without ZeRO steps once on zeros at start
+    for key, moments in want.moments.items():
+        assert sorted(got.moments[key]) == sorted(moments)
+        for name in moments:
+            torch.testing.assert_close(got.moments[key][name], moments[name], rtol=0, atol=0, msg=f"{key} {name}")
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +207,14 @@ def test_checkpoint_converts_between_layouts(runs, data_dir, tmp_path):
     for name, tensor in original.items():
         torch.testing.assert_close(converted[name], tensor, rtol=0, atol=0, msg=name)
     assert read_meta(tmp_path / "checkpoints" / "step_00000005")["layout"] == {"tp": 1, "pp": 1, "dp": 1}
+    assert "weights and Adam state restored" in proc.stderr
+    same_adam_state(tmp_path, source)  # a pipeline's tensor-parallel ZeRO-1 partitions into torch's AdamW state
 
 
 @pytest.mark.parametrize("target", [["parallel.tp=2"], ["train.zero_stage=3"], ["parallel.pp=2"]], ids=["tp2", "dp2-zero3", "pp2"])
 def test_checkpoint_converts_into_a_sharded_layout(runs, data_dir, tmp_path, target):
-    """Saved by one rank, resumed on two: each rank cuts its shard (tensor, stage or ZeRO-3 partition) from the full weights."""
+    """Saved by one rank, resumed on two: each rank cuts its shard (tensor, stage or ZeRO-3 partition) from the full
+    weights, and from the full Adam moments."""
     source = runs(1, 1, 1, "cycle:2")
     ckpt = source / "checkpoints" / "step_00000005"
     proc = run_pretrain(tmp_path, data_dir, "model.sharing=cycle:2", f"train.resume={ckpt}", *target,
@@ -207,14 +224,16 @@ def test_checkpoint_converts_into_a_sharded_layout(runs, data_dir, tmp_path, tar
     converted, original = final_weights(tmp_path), final_weights(source)
     for name, tensor in original.items():
         torch.testing.assert_close(converted[name], tensor, rtol=0, atol=0, msg=name)
+    same_adam_state(tmp_path, source)
 
 
-@pytest.mark.parametrize("source_layout", [(1, 1, 2), (1, 2, 1)], ids=["dp2", "pp2"])
-def test_a_16_bit_checkpoint_converts_from_its_fp32_masters(runs, data_dir, tmp_path, source_layout):
-    """bf16 under ZeRO: the module states (a pipeline's layer files) hold the weights rounded to bf16, so a new
-    layout (here tp=2) starts from the fp32 master partitions (DeepSpeed's zero_to_fp32; a pipeline's stage by
-    stage), the weights the optimizer steps."""
-    source = runs(*source_layout, "cycle:2", "train.precision=bf16", "train.zero_stage=1")
+@pytest.mark.parametrize("source_layout, stage", [((1, 1, 2), 1), ((1, 2, 1), 1), ((1, 1, 2), 0)],
+                         ids=["dp2", "pp2", "dp2-zero0"])
+def test_a_16_bit_checkpoint_converts_from_its_fp32_masters(runs, data_dir, tmp_path, source_layout, stage):
+    """bf16: the module states (a pipeline's layer files) hold the weights rounded to bf16, so a new layout (here
+    tp=2) starts from the fp32 masters the optimizer steps (ZeRO's partitions, a pipeline's stage by stage; at
+    ZeRO-0 DeepSpeed's fp32 copies beside torch's state), with the Adam moments beside them."""
+    source = runs(*source_layout, "cycle:2", "train.precision=bf16", f"train.zero_stage={stage}")
     ckpt = source / "checkpoints" / "step_00000005"
     masters = full_weights(ckpt, read_meta(ckpt))
     assert any(not torch.equal(w, w.bfloat16().float()) for w in masters.values())  # more than bf16 holds
@@ -224,6 +243,7 @@ def test_a_16_bit_checkpoint_converts_from_its_fp32_masters(runs, data_dir, tmp_
     converted = final_weights(tmp_path)
     for name, tensor in masters.items():
         torch.testing.assert_close(converted[name], tensor, rtol=0, atol=0, msg=name)
+    same_adam_state(tmp_path, source)
 
 
 def one_error_line(proc):

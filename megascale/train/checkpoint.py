@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from megascale.errors import MegascaleError
 from megascale.model.init import LazyWeights, Shard, Source, chunk_range, cut
 from megascale.parallel.topology import kv_replicas
+from megascale.train import zero_files
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +263,11 @@ def load_checkpoint(engine, path: Path) -> None:
 # ------------------------------------------------------------ layout conversion
 #
 # A checkpoint saved under one (tp, pp, dp) layout resumes under another through
-# full weights: the plain model's state dict is rebuilt from the DeepSpeed files
-# (pipeline layer files or per-tensor-rank model files, TP shards concatenated),
-# loaded into the fresh model, and the model is sharded anew. Optimizer moments
-# do not survive the conversion; step, LR schedule and data position do.
+# full tensors by name: the plain model's state dict is rebuilt from the DeepSpeed
+# files (pipeline layer files, per-tensor-rank model files or ZeRO partitions, TP
+# shards concatenated), loaded into the fresh model, and the model is sharded anew.
+# Adam's moments take the same way (megascale/train/zero_files.py reads them), and
+# step, LR schedule and data position are restored: the run goes on as the saved one.
 
 # Parameter-name suffixes → the dimension tensor parallelism splits (see parallel/tensor_parallel.py).
 _TP_DIM0 = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight", "embed.weight", "lm_head.weight")
@@ -274,25 +275,23 @@ _TP_DIM1 = ("o_proj.weight", "down_proj.weight")
 _KV = ("k_proj.weight", "v_proj.weight")
 
 
-def _load(path: Path) -> dict[str, Any]:
-    """A checkpoint file, memory-mapped: a tensor's bytes are read when used, and ranks share the page cache."""
-    if not path.is_file():
-        raise MegascaleError(f"{path} is missing: the checkpoint is incomplete; resume from another step_* directory")
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+_load = zero_files.load
 
 
 def _tp_dim(name: str) -> int | None:
     return 0 if name.endswith(_TP_DIM0) else 1 if name.endswith(_TP_DIM1) else None
 
 
-def _merged(shards: list[dict[str, torch.Tensor]], name: str, kv_copies: int = 1) -> Source:
+def _merged(shards: list[dict[str, torch.Tensor | Source]], name: str, kv_copies: int = 1) -> Source:
     if name.endswith(_KV):
         shards = shards[::kv_copies]  # tp > n_kv_heads: runs of kv_copies ranks hold equal copies of one head
     dim = _tp_dim(name) if len(shards) > 1 else None
     parts = [s[name] for s in shards] if dim is not None else [shards[0][name]]  # replicated (norms): rank 0's
 
     def make() -> torch.Tensor:
-        return _fp32(torch.cat(parts, dim=dim) if dim is not None else parts[0].clone())  # never the memory map itself
+        if dim is None:
+            return _fp32(_read(parts[0]).clone())  # never the memory map itself
+        return _fp32(torch.cat([_read(p) for p in parts], dim=dim))
 
     def piece(shard: Shard) -> torch.Tensor:
         if dim is not None and dim != shard.dim:
@@ -303,9 +302,9 @@ def _merged(shards: list[dict[str, torch.Tensor]], name: str, kv_copies: int = 1
             size = part.shape[shard.dim]
             lo, hi = max(start, offset), min(end, offset + size)
             if lo < hi:
-                chunks.append(part.narrow(shard.dim, lo - offset, hi - lo))
+                chunks.append(_read(part).narrow(shard.dim, lo - offset, hi - lo))
             offset += size
-        chunks = chunks or [parts[0].narrow(shard.dim, 0, 0)]  # an empty chunk, as torch.chunk's past the end
+        chunks = chunks or [_read(parts[0]).narrow(shard.dim, 0, 0)]  # an empty chunk, as torch.chunk's past the end
         return _fp32(torch.cat(chunks, dim=shard.dim))  # a copy: nothing keeps the memory map alive
 
     shape = list(parts[0].shape)
@@ -314,11 +313,16 @@ def _merged(shards: list[dict[str, torch.Tensor]], name: str, kv_copies: int = 1
     return Source(make, tuple(shape), piece)
 
 
+def _read(part: torch.Tensor | Source) -> torch.Tensor:
+    """A saved shard: a tensor of a memory-mapped file, or made from ZeRO's partitions when read."""
+    return part.make() if isinstance(part, Source) else part
+
+
 def _fp32(value: torch.Tensor) -> torch.Tensor:
     return value.float() if value.is_floating_point() else value
 
 
-def merge_tp_shards(shards: list[dict[str, torch.Tensor]], kv_copies: int = 1) -> dict[str, Source]:
+def merge_tp_shards(shards: list[dict[str, torch.Tensor | Source]], kv_copies: int = 1) -> dict[str, Source]:
     """Name → how to assemble it, over tensor-parallel shards of one state dict, split as each was;
     ``kv_copies`` tensor ranks in a row hold each KV head (megascale.parallel.topology.kv_replicas)."""
     return {name: _merged(shards, name, kv_copies) for name in shards[0]}
@@ -330,53 +334,35 @@ def _kv_replicas(meta: dict[str, Any], tp: int) -> int:
 
 
 def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source]:
+    kv_copies = _kv_replicas(meta, tp)
     if meta["config"]["train"]["zero_stage"] == 3 or _master_partitions(path, meta):
-        return merge_tp_shards(_zero_shards(path, range(tp)), _kv_replicas(meta, tp))
+        return merge_tp_shards(_zero_shards(path, range(tp)), kv_copies)
+    if _sixteen_bit(meta):  # DeepSpeed's 16-bit optimizer without ZeRO: its fp32 copies, beside the torch state
+        return merge_tp_shards([zero_files.torch_tensors(path, r, "fp32", _tied(meta)) for r in range(tp)], kv_copies)
     shards = [_load(path / f"mp_rank_{r:02d}_model_states.pt")["module"] for r in range(tp)]
-    return merge_tp_shards(shards, _kv_replicas(meta, tp))
+    return merge_tp_shards(shards, kv_copies)
+
+
+def _sixteen_bit(meta: dict[str, Any]) -> bool:
+    return meta["config"]["train"]["precision"] in ("bf16", "fp16")
+
+
+def _tied(meta: dict[str, Any]) -> set[str]:
+    """The module state's names that are another parameter: the LM head tied to the embedding."""
+    return {"lm_head.weight"} if meta["config"]["model"]["tie_embeddings"] else set()
 
 
 def _master_partitions(path: Path, meta: dict[str, Any]) -> bool:
     """Whether to read the weights from ZeRO's fp32 master partitions: a 16-bit run's module states (and a
     pipeline's layer files) hold them rounded to 16 bits, and a run converted from those would start rounded."""
-    return meta["config"]["train"]["precision"] in ("bf16", "fp16") and any(path.glob("*zero_pp_rank_*_optim_states.pt"))
+    return _sixteen_bit(meta) and zero_files.has_zero_files(path)
 
 
-def _zero_shards(path: Path, mp_ranks: range) -> list[dict[str, torch.Tensor]]:
-    """The fp32 weights of each of ``mp_ranks`` in a ZeRO checkpoint (the fp32 master partitions of stages 1
-    and 2, ZeRO-3's partitions), its data-parallel partitions merged by DeepSpeed's zero_to_fp32. DeepSpeed
-    numbers a pipeline's model-parallel ranks stage-major (stage × tp + tensor rank).
-
-    zero_to_fp32 takes every ``*_model_states.pt`` / ``*_optim_states.pt`` of a directory for
-    partitions of one model, so each rank's files (``*mp_rank_NN_*``) are shown to it alone, through
-    links in a scratch directory.
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # noqa: PLC0415
-
-    shards = []
-    with tempfile.TemporaryDirectory(prefix="megascale-zero-") as scratch:
-        for rank in mp_ranks:
-            view = Path(scratch) / f"mp_rank_{rank:02d}" / path.name
-            view.mkdir(parents=True)
-            files = sorted(path.glob(f"*mp_rank_{rank:02d}_*states.pt"))
-            if not files:
-                raise MegascaleError(f"{path} has no ZeRO files of model-parallel rank {rank} (*mp_rank_{rank:02d}_*): "
-                                     "the checkpoint is incomplete; use another step_* directory")
-            for file in files:
-                _show(file, view / file.name)
-            shards.append(get_fp32_state_dict_from_zero_checkpoint(str(view.parent), tag=path.name))
-    return shards
-
-
-def _show(file: Path, link: Path) -> None:
-    """``file`` at ``link`` for zero_to_fp32: a link, except a pipeline stage's model states, whose weights are
-    in its layer files (``module`` None, which zero_to_fp32 cannot read): a small copy with an empty one."""
-    if file.name.startswith("mp_rank_"):
-        states = torch.load(file, map_location="cpu", weights_only=False, mmap=True)  # a 16-bit model's weights: not read
-        if states.get("module") is None:
-            torch.save({**states, "module": {}}, link)
-            return
-    link.symlink_to(file.resolve())
+def _zero_shards(path: Path, mp_ranks: range, key: str = "fp32") -> list[dict[str, Source]]:
+    """``key`` (the fp32 master weight, or an Adam moment) of every parameter of each of ``mp_ranks`` in a ZeRO
+    checkpoint, its data-parallel partitions joined when read. DeepSpeed numbers a pipeline's model-parallel
+    ranks stage-major (stage × tp + tensor rank)."""
+    return [zero_files.zero_tensors(path, rank, key) for rank in mp_ranks]
 
 
 def _plain_name(name: str, plan: list[int]) -> str:
@@ -390,13 +376,13 @@ def _plain_name(name: str, plan: list[int]) -> str:
     return f"blocks.{plan[int(head) - 1]}.{rest.removeprefix('block.')}" if rest.startswith("block.") else rest
 
 
-def _pipeline_zero_state(path: Path, meta: dict[str, Any], tp: int, pp: int) -> dict[str, Source]:
-    """The plain model's fp32 tensors from a pipeline's ZeRO master partitions, stage by stage (a tie group
-    held by two stages keeps equal replicas: either serves)."""
+def _pipeline_zero_state(path: Path, meta: dict[str, Any], tp: int, pp: int, key: str = "fp32") -> dict[str, Source]:
+    """The plain model's ``key`` tensors from a pipeline's ZeRO partitions, stage by stage (a tie group held by
+    two stages keeps equal replicas: either serves)."""
     state, plan = {}, meta["sharing_plan"]
     for stage in range(pp):
         shards = [{_plain_name(k, plan): v for k, v in shard.items()}
-                  for shard in _zero_shards(path, range(stage * tp, (stage + 1) * tp))]
+                  for shard in _zero_shards(path, range(stage * tp, (stage + 1) * tp), key)]
         state.update(merge_tp_shards(shards, _kv_replicas(meta, tp)))
     return state
 
@@ -423,19 +409,54 @@ def _pipeline_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Sour
 
 def lazy_full_weights(path: Path, meta: dict[str, Any]) -> LazyWeights:
     """The unsharded plain-model tensors of a checkpoint saved under any layout, each assembled when read (fp32)."""
-    layout = meta.get("layout", {"tp": 1, "pp": 1})
-    tp, pp = layout["tp"], layout["pp"]
+    tp, pp = _layout(meta)
     if pp == 1:
         parts = _engine_state(path, meta, tp)
     elif _master_partitions(path, meta):
         parts = _pipeline_zero_state(path, meta, tp, pp)
     else:
         parts = _pipeline_state(path, meta, tp)
+    return _plain_weights(parts, meta)
+
+
+def _layout(meta: dict[str, Any]) -> tuple[int, int]:
+    layout = meta.get("layout", {"tp": 1, "pp": 1})
+    return layout["tp"], layout["pp"]
+
+
+def _plain_weights(parts: dict[str, Source], meta: dict[str, Any]) -> LazyWeights:
     aliases = {}
     if meta["config"]["model"]["tie_embeddings"]:
         parts.pop("lm_head.weight", None)
         aliases["lm_head.weight"] = "embed.weight"
     return LazyWeights(parts, aliases)
+
+
+@dataclass
+class AdamState:
+    """A checkpoint's Adam state as full plain-model tensors: each moment by name, and the step count."""
+
+    moments: dict[str, LazyWeights]  # "exp_avg", "exp_avg_sq"
+    step: int
+
+
+def lazy_adam_state(path: Path, meta: dict[str, Any]) -> AdamState:
+    """The Adam moments of a checkpoint saved under any layout, each assembled when read (fp32).
+
+    Raises ``zero_files.StateUnavailable`` (its message says why) where the saved
+    format does not name them: a pipeline's ZeRO-0 state is a list by index."""
+    tp, pp = _layout(meta)
+    moments = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        if zero_files.has_zero_files(path):
+            parts = (_pipeline_zero_state(path, meta, tp, pp, key) if pp > 1
+                     else merge_tp_shards(_zero_shards(path, range(tp), key), _kv_replicas(meta, tp)))
+        elif pp == 1:
+            parts = merge_tp_shards([zero_files.torch_tensors(path, r, key, _tied(meta)) for r in range(tp)], _kv_replicas(meta, tp))
+        else:
+            raise zero_files.StateUnavailable(zero_files.PIPELINE_ZERO_0)
+        moments[key] = _plain_weights(parts, meta)
+    return AdamState(moments, zero_files.adam_step(path))
 
 
 def full_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ DeepSpeed's ZeRO-Offload steps on the host.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,9 +70,13 @@ def effective_zero_stage(cfg: Config, dp: int) -> int:
     DeepSpeed's ``zero_to_fp32`` has nothing to merge there; ``launch/consolidate.py``
     reads every stage.
     """
-    stage, one_replica = cfg.train.zero_stage, dp == 1 and cfg.parallel.pp == 1
-    kept = cfg.train.precision not in FP32_STATE or cfg.train.optimizer_on_host  # offload is a ZeRO feature
-    return 0 if one_replica and stage in (1, 2) and not kept else stage
+    return zero_stage_run(cfg.train.zero_stage, cfg.train.precision, cfg.train.optimizer_on_host, dp, cfg.parallel.pp)
+
+
+def zero_stage_run(stage: int, precision: str, on_host: bool, dp: int, pp: int) -> int:
+    """``effective_zero_stage`` from the settings themselves (a checkpoint's saved config, say)."""
+    kept = precision not in FP32_STATE or on_host  # offload is a ZeRO feature
+    return 0 if dp == 1 and pp == 1 and stage in (1, 2) and not kept else stage
 
 
 def state_formula(cfg: Config, local_params: int, dp: int, pipelined: bool = False) -> StateBytes:
@@ -277,17 +281,31 @@ def holds_fp32_master(param: torch.nn.Parameter) -> bool:
     return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
 
 
+def stepped_tensors(engine) -> Callable[[torch.nn.Parameter], torch.Tensor]:
+    """The tensor the torch optimizer steps for a parameter DeepSpeed does not partition: the parameter itself
+    (fp32 at ZeRO-0), or the fp32 copy DeepSpeed's 16-bit optimizer without ZeRO keeps of it (bf16/fp16 at
+    ZeRO-0: ``fp32_groups``, parallel to the parameters' ``fp16_groups``)."""
+    opt = engine.optimizer
+    copies = {id(low): high for lows, highs in zip(getattr(opt, "fp16_groups", ()), getattr(opt, "fp32_groups", ()))
+              for low, high in zip(lows, highs)}
+    return lambda p: copies.get(id(p), p)
+
+
 def restore_fp32_masters(engine, weights: Mapping[str, torch.Tensor]) -> None:
     """Set the fp32 master copies DeepSpeed keeps of 16-bit weights from the full fp32 ``weights`` the engine
     was built from: it made them from the module's 16-bit values, so a run converted from another layout, or
     started from fp32 weights, would step from rounded ones."""
     from deepspeed.utils import safe_set_full_fp32_param  # noqa: PLC0415
 
-    for p in filter(holds_fp32_master, engine.module.parameters()):
+    stepped = stepped_tensors(engine)
+    for p in engine.module.parameters():
         if hasattr(p, "_hp_mapping") and p._hp_mapping is None:
             continue  # ZeRO 1-2: none of its fp32 partition is on this rank; skip reading its piece
         device = p.device if p.device.type != "meta" else torch.device("cpu")
-        safe_set_full_fp32_param(p, piece_of(p, weights).to(device, torch.float32))
+        if holds_fp32_master(p):
+            safe_set_full_fp32_param(p, piece_of(p, weights).to(device, torch.float32))
+        elif stepped(p) is not p:
+            stepped(p).data.copy_(piece_of(p, weights))
 
 
 def zero3_partitioner(ds_config: dict[str, Any], groups):

@@ -35,12 +35,15 @@ from megascale.parallel.topology import ParallelDims, ParallelGroups, build_grou
 from megascale.train import checkpoint as ckpt
 from megascale.train import preflight
 from megascale.train.dist import DistContext
-from megascale.train.engine import BatchLayout, batch_layout, build_engine, effective_zero_stage, state_formula
+from megascale.train.engine import (BatchLayout, batch_layout, build_engine, effective_zero_stage, state_formula,
+                                    zero_stage_run)
 from megascale.train.memory import local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
 from megascale.train.nonfinite import NanGuard, harmless_backward_loss, zero_lr
 from megascale.train.preempt import PREEMPTED_EXIT, StopRequest
+from megascale.train.zero_files import StateUnavailable
 from megascale.untie.conditions import UntieController
+from megascale.untie.transfer import restore_adam_state
 
 log = logging.getLogger(__name__)
 
@@ -434,6 +437,21 @@ def layout_of(groups: ParallelGroups) -> dict[str, int]:
     return {"tp": groups.dims.tp, "pp": groups.dims.pp, **cp, "dp": groups.dims.dp}
 
 
+def state_format(train: dict[str, Any], layout: dict[str, int]) -> str:
+    """How DeepSpeed's files hold a run's training state: the ZeRO stage it runs (1 and 2 write the same files),
+    the precision, and whether Adam steps on the host. DeepSpeed loads a checkpoint only into its own format."""
+    on_host = train.get("offload_optimizer", "none") != "none"
+    stage = zero_stage_run(train["zero_stage"], train["precision"], on_host, layout["dp"] * layout.get("cp", 1), layout["pp"])
+    return f"ZeRO-{'1/2' if stage in (1, 2) else stage} {train['precision']}" + (" optimizer on host" if on_host else "")
+
+
+def needs_conversion(meta: dict[str, Any], cfg: Config, groups: ParallelGroups) -> bool:
+    """Whether a checkpoint resumes by name (full tensors, sharded anew) rather than DeepSpeed's own load: another
+    layout, or another state format (ZeRO-3 from ZeRO-1, bf16 from fp32, Adam moved to the host)."""
+    saved = state_format(meta["config"]["train"], meta["layout"])
+    return meta["layout"] != layout_of(groups) or saved != state_format(cfg.to_dict()["train"], layout_of(groups))
+
+
 def checkpoint_meta(run: Run) -> dict[str, Any]:
     info = run.info
     return {
@@ -496,7 +514,7 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
         data.train.num_samples(cfg.data.seq_len), layout.global_batch, layout.micro_batch,
         groups.batch_rank, groups.dims.dp, cfg.train.seed, cfg.data.shuffle, epoch_in_index=isinstance(data.train, Blend),
     )
-    converted = resume_path is not None and meta["layout"] != layout_of(groups)
+    converted = resume_path is not None and needs_conversion(meta, cfg, groups)
     weights = None  # full plain-model weights to start from, by name; None: drawn from train.seed
     if converted:
         # Another layout: full weights, then sharded anew like fresh ones.
@@ -535,16 +553,32 @@ def restore_position(run: Run, meta: dict[str, Any]) -> None:
 
 
 def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None:
+    how = "exact"
     if converted:
         ckpt.restore_schedule(run.engine, meta["step"])
+        saved = state_format(meta["config"]["train"], meta["layout"])
+        how = f"converted from layout {meta['layout']}, {saved} ({restore_adam(run, path, meta)})"
     else:
         ckpt.load_checkpoint(run.engine, path)
     restore_position(run, meta)
     run.untie_history = list(meta.get("untie_history", []))
     run.nan.load_state_dict(meta.get("nonfinite", {}))
     if run.ctx.is_main:
-        how = f"converted from layout {meta.get('layout')} (weights restored, optimizer moments reset)" if converted else "exact"
         log.info("resumed from %s at step %d: %s", path, run.progress.step, how)
+
+
+def restore_adam(run: Run, path: Path, meta: dict[str, Any]) -> str:
+    """Adam's moments and step of a checkpoint saved in another layout (the weights are in already); says which."""
+    try:
+        adam = ckpt.lazy_adam_state(path, meta)
+    except StateUnavailable as why:
+        if run.ctx.is_main:
+            log.warning("optimizer moments start from zero: %s", why)
+        return "weights restored, optimizer moments reset"
+    with out_of_memory_explained(run.cfg, run.ctx, run.groups, run.layout.grad_accum, "restoring the optimizer state",
+                                 run.model.plan):
+        restore_adam_state(run.engine, adam.moments, adam.step)
+    return "weights and Adam state restored"
 
 
 def pretrain(cfg: Config, ctx: DistContext) -> RunSummary:

@@ -30,13 +30,14 @@ holds at most one full tensor beyond the engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megascale.train.engine import holds_fp32_master
+from megascale.model.init import piece_of
+from megascale.train.engine import holds_fp32_master, stepped_tensors
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's state, besides "step"
 
@@ -84,7 +85,7 @@ class Slicing:
 @dataclass
 class EngineState:
     params: dict[str, ParamState]
-    step: torch.Tensor  # AdamW's step count (bias correction); the same for every parameter
+    step: int  # Adam's step count (bias correction); the same for every parameter
     loss_scale: float | None = None  # fp16 dynamic loss scale
     slicing: Slicing = Slicing()
 
@@ -99,11 +100,10 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(opt, "optimizer", opt)
 
 
-def _state_step(opt: torch.optim.Optimizer) -> torch.Tensor:
+def _state_step(opt: torch.optim.Optimizer) -> int:
     for state in opt.state.values():
         if "step" in state:
-            step = state["step"]
-            return step.detach().clone() if torch.is_tensor(step) else torch.tensor(float(step))
+            return int(round(float(state["step"])))
     raise RuntimeError("the optimizer has not stepped yet; untie after at least one training step")
 
 
@@ -127,7 +127,7 @@ def read_state(engine, dp_group=None) -> EngineState:
     (the engine's data-parallel group) has several ranks. Collective over the data-parallel ranks."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: PLC0415
 
-    opt = base_optimizer(engine)
+    opt, stepped = base_optimizer(engine), stepped_tensors(engine)
     _link_optimizer_state(engine)
     slicing = Slicing.over(dp_group)
     params = {}
@@ -136,7 +136,7 @@ def read_state(engine, dp_group=None) -> EngineState:
             weight = safe_get_full_fp32_param(p)
             moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
         else:
-            weight, moments = p.detach(), {k: opt.state[p][k] for k in MOMENTS}
+            weight, moments = stepped(p).detach(), {k: opt.state[stepped(p)][k] for k in MOMENTS}
         params[name] = ParamState(slicing.take(weight), {k: slicing.take(v) for k, v in moments.items()}, weight.shape)
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     return EngineState(params, _state_step(opt), getattr(scaler, "cur_scale", None), slicing)
@@ -152,13 +152,25 @@ def _hp_flat_tensors(engine) -> list[torch.Tensor]:
     return [p for group in base_optimizer(engine).param_groups for p in group["params"]]
 
 
-def _create_optimizer_state(engine, step: torch.Tensor) -> None:
-    """Zero moments and the given step count for every stepped tensor, then link DeepSpeed's fragments."""
+def _create_optimizer_state(engine, step: int) -> None:
+    """Zero moments for every stepped tensor that has none, the given step count for all, then link DeepSpeed's
+    fragments. (DeepSpeed's 16-bit optimizer without ZeRO has stepped once on zero gradients when it was built.)"""
     opt = base_optimizer(engine)
+    on_device = {id(p) for g in opt.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
     for flat in _hp_flat_tensors(engine):
         if flat.numel() and not opt.state.get(flat):
-            opt.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+            opt.state[flat] = {k: torch.zeros_like(flat) for k in MOMENTS}
+        if flat.numel():
+            opt.state[flat]["step"] = _step_as_kept(opt, step, flat.device if id(flat) in on_device else None)
     _link_optimizer_state(engine)
+
+
+def _step_as_kept(opt: torch.optim.Optimizer, step: int, device: torch.device | None):
+    """The step count as ``opt`` keeps it: torch's Adam a float tensor (on the parameters' device when fused),
+    DeepSpeed's CPU Adam a Python int (its C++ step takes one)."""
+    if not isinstance(opt, torch.optim.Adam):
+        return step
+    return torch.tensor(float(step), device=device)
 
 
 def _set_weight(p: torch.nn.Parameter, value: torch.Tensor) -> None:
@@ -196,7 +208,7 @@ def write_state(engine, state: EngineState, source: Callable[[str], str],
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # noqa: PLC0415
 
     _create_optimizer_state(engine, state.step)
-    opt = base_optimizer(engine)
+    opt, stepped = base_optimizer(engine), stepped_tensors(engine)
     meet = _collective_device(engine, state.slicing)
     for name, p in engine.module.named_parameters():
         src = state.params[source(name)]
@@ -206,12 +218,34 @@ def write_state(engine, state: EngineState, source: Callable[[str], str],
         device = p.device if p.device.type != "meta" else torch.device("cpu")
         if partitioned:
             safe_set_full_fp32_param(p, weight.to(device))
+        elif stepped(p) is not p:
+            stepped(p).data.copy_(weight)
         del weight
         for k, moment in _full_moments(state, src, scale(name) if scale else (1.0, 1.0), meet):
             if partitioned:
                 safe_set_full_optimizer_state(p, moment.to(device), k)
             else:
-                opt.state[p][k].copy_(moment.to(p.device))
+                opt.state[stepped(p)][k].copy_(moment.to(p.device))
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if state.loss_scale is not None and scaler is not None:
         scaler.cur_scale = state.loss_scale
+
+
+def restore_adam_state(engine, moments: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> None:
+    """Adam's moments of every parameter, each cut from a full plain-model tensor by name (``piece_of``: this
+    rank's tensor-parallel shard), and its step count: a checkpoint resumed in another layout steps on as the
+    saved run would have. ``moments``: {"exp_avg": full tensors by name, "exp_avg_sq": ...}."""
+    from deepspeed.utils import safe_set_full_optimizer_state  # noqa: PLC0415
+
+    _create_optimizer_state(engine, step)
+    opt, stepped = base_optimizer(engine), stepped_tensors(engine)
+    for p in engine.module.parameters():
+        if hasattr(p, "_hp_mapping") and p._hp_mapping is None:
+            continue  # ZeRO 1-2: none of its partition is on this rank
+        device = p.device if p.device.type != "meta" else torch.device("cpu")
+        for k in MOMENTS:
+            value = piece_of(p, moments[k])
+            if holds_fp32_master(p):
+                safe_set_full_optimizer_state(p, value.to(device), k)
+            else:
+                opt.state[stepped(p)][k].copy_(value.to(p.device))
