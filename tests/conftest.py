@@ -214,3 +214,22 @@ def same_checkpoint(saved: Path, other: Path) -> None:
         for key in ("out_dir", "async_save", "save_every"):
             meta["config"]["train"].pop(key)
     assert metas[0] == metas[1]
+
+
+def last_checkpoint(out_dir: Path) -> Path:
+    """The step_* directory ``latest`` names in a run's checkpoints."""
+    return out_dir / "checkpoints" / (out_dir / "checkpoints" / "latest").read_text()
+
+
+def same_adam_state(converted: Path, source: Path) -> None:
+    """Two checkpoints (step_* directories, any layouts) hold the same Adam moments, bit for bit, and step count."""
+    import torch  # noqa: PLC0415
+
+    from megascale.train.checkpoint import lazy_adam_state, read_meta  # noqa: PLC0415
+
+    got, want = (lazy_adam_state(path, read_meta(path)) for path in (converted, source))
+    assert got.step == want.step >= 2  # DeepSpeed's 16-bit optimizer without ZeRO steps once on zeros at start
+    for key, moments in want.moments.items():
+        assert sorted(got.moments[key]) == sorted(moments)
+        for name in moments:
+            torch.testing.assert_close(got.moments[key][name], moments[name], rtol=0, atol=0, msg=f"{key} {name}")

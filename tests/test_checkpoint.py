@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import events, losses, run_pretrain, same_checkpoint
+from conftest import events, last_checkpoint, losses, run_pretrain, same_adam_state, same_checkpoint
+from megascale.train.checkpoint import full_weights, read_meta
+from megascale.train.zero_files import OPTIMIZER_NAMES
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -105,16 +107,34 @@ def test_a_run_resumed_with_adam_moved_to_the_host_steps_on_as_the_saved_one(eig
         assert loss == pytest.approx(expected[step], rel=1e-6, abs=0), step
 
 
-def test_a_pipelines_zero_0_state_resumes_elsewhere_with_fresh_moments_and_says_so(data_dir, tmp_path):
-    """A pipeline at ZeRO-0 saves its Adam state by parameter index only: a new layout starts its moments from
-    zero, with a warning that names the fix, and trains on."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_pipelines_zero_0_state_converts_by_the_names_saved_beside_it(data_dir, tmp_path, precision):
+    """At ZeRO-0 a pipeline stage's Adam state is a list by index (fp32: torch's; bf16: DeepSpeed's BF16
+    optimizer, which writes no parameter shapes) and its file holds no module: megascale saves the names and
+    shapes beside it, and one process takes the moments bit for bit (converted at the last step, saved again)."""
     source, target = tmp_path / "pp2", tmp_path / "one"
-    run_pretrain(source, data_dir, "parallel.pp=2", "train.zero_stage=0", "train.max_steps=2", nproc=2)
-    proc = run_pretrain(target, data_dir, "train.max_steps=3", f"train.resume={source / 'checkpoints' / 'step_00000002'}")
-    assert "optimizer moments start from zero: a pipeline's ZeRO-0 optimizer state is kept by parameter index" in proc.stderr
-    assert "(train.zero_stage=1 saves it by name, for a change of layout)" in proc.stderr
+    run_pretrain(source, data_dir, "parallel.pp=2", "train.zero_stage=0", f"train.precision={precision}",
+                 "train.max_steps=2", nproc=2)
+    ckpt = source / "checkpoints" / "step_00000002"
+    proc = run_pretrain(target, data_dir, f"train.precision={precision}", "train.max_steps=2", f"train.resume={ckpt}")
+    assert f"ZeRO-0 {precision} (weights and Adam state restored)" in proc.stderr
+    same_adam_state(last_checkpoint(target), ckpt)
+    if precision == "bf16":  # the fp32 masters, not the layer files' bf16 values
+        masters, converted = (full_weights(path, read_meta(path)) for path in (ckpt, last_checkpoint(target)))
+        assert all(torch.equal(converted[name], value) for name, value in masters.items())
+        assert any(not torch.equal(value, value.bfloat16().float()) for value in masters.values())
+        return
+    # Saved before megascale named the state: the new layout starts its moments from zero, says so, and trains on.
+    old = tmp_path / "old" / ckpt.name
+    shutil.copytree(ckpt, old)
+    for file in old.glob("mp_rank_*_model_states.pt"):
+        states = torch.load(file, weights_only=False)
+        del states[OPTIMIZER_NAMES]
+        torch.save(states, file)
+    proc = run_pretrain(tmp_path / "fresh", data_dir, "train.max_steps=3", f"train.resume={old}")
+    assert "optimizer moments start from zero: this pipeline's ZeRO-0 optimizer state is kept by parameter index" in proc.stderr
     assert "weights restored, optimizer moments reset" in proc.stderr
-    assert sorted(losses(target)) == [3]
+    assert sorted(losses(tmp_path / "fresh")) == [3]
 
 
 def test_checkpoint_from_another_shape_is_refused(eight_steps, data_dir, tmp_path):

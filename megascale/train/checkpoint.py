@@ -76,13 +76,26 @@ def start_save(engine, root: Path, step: int, meta: dict[str, Any], is_main: boo
         root.mkdir(parents=True, exist_ok=True)
         _remove_partial_saves(root)
     _barrier()
-    engine.save_checkpoint(str(root), tag=tag + ".tmp", save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag + ".tmp", save_latest=False, client_state=optimizer_names(engine))
     take = getattr(engine.checkpoint_engine, "take", None)
     if take is None:
         return PendingSave(root, step, meta, is_main, keep)
     from megascale.train.async_save import BackgroundWrites  # noqa: PLC0415 (imports DeepSpeed)
 
     return PendingSave(root, step, meta, is_main, keep, BackgroundWrites(engine.checkpoint_engine, take()))
+
+
+def optimizer_names(engine) -> dict[str, Any]:
+    """For the model-states file at ZeRO-0: the module's names of the parameters the torch optimizer steps, in
+    its order (its state is a list by index, and a pipeline stage's file holds no module to name them by), and
+    every parameter's shape (DeepSpeed's BF16 optimizer, a bf16 pipeline's at ZeRO-0, writes none)."""
+    if engine.zero_optimization_stage() > 0:
+        return {}  # ZeRO's files name and shape every parameter's slice themselves
+    named = {id(p): name for name, p in engine.module.named_parameters()}
+    opt = engine.optimizer
+    groups = getattr(opt, "fp16_groups", None) or [g["params"] for g in getattr(opt, "param_groups", [])]
+    return {zero_files.OPTIMIZER_NAMES: [named.get(id(p), "") for group in groups for p in group],
+            zero_files.PARAM_SHAPES: {name: list(p.shape) for name, p in engine.module.named_parameters()}}
 
 
 @dataclass
@@ -377,12 +390,16 @@ def _plain_name(name: str, plan: list[int]) -> str:
 
 
 def _pipeline_zero_state(path: Path, meta: dict[str, Any], tp: int, pp: int, key: str = "fp32") -> dict[str, Source]:
-    """The plain model's ``key`` tensors from a pipeline's ZeRO partitions, stage by stage (a tie group held by
-    two stages keeps equal replicas: either serves)."""
+    """The plain model's ``key`` tensors from a pipeline's ZeRO partitions, stage by stage."""
+    return _by_stage(meta, tp, pp, lambda rank: zero_files.zero_tensors(path, rank, key))
+
+
+def _by_stage(meta: dict[str, Any], tp: int, pp: int, read) -> dict[str, Source]:
+    """The plain model's tensors from a pipeline's per-rank state, ``read(model-parallel rank)`` by the pipeline
+    module's names (a tie group held by two stages keeps equal replicas: either serves)."""
     state, plan = {}, meta["sharing_plan"]
     for stage in range(pp):
-        shards = [{_plain_name(k, plan): v for k, v in shard.items()}
-                  for shard in _zero_shards(path, range(stage * tp, (stage + 1) * tp), key)]
+        shards = [{_plain_name(k, plan): v for k, v in read(rank).items()} for rank in range(stage * tp, (stage + 1) * tp)]
         state.update(merge_tp_shards(shards, _kv_replicas(meta, tp)))
     return state
 
@@ -413,10 +430,18 @@ def lazy_full_weights(path: Path, meta: dict[str, Any]) -> LazyWeights:
     if pp == 1:
         parts = _engine_state(path, meta, tp)
     elif _master_partitions(path, meta):
-        parts = _pipeline_zero_state(path, meta, tp, pp)
+        parts = _pipeline_fp32_masters(path, meta, tp, pp)
     else:
         parts = _pipeline_state(path, meta, tp)
     return _plain_weights(parts, meta)
+
+
+def _pipeline_fp32_masters(path: Path, meta: dict[str, Any], tp: int, pp: int) -> dict[str, Source]:
+    try:
+        return _pipeline_zero_state(path, meta, tp, pp)
+    except zero_files.StateUnavailable as why:  # a bf16 pipeline at ZeRO-0 saved before megascale wrote its shapes
+        log.warning("the weights come from the 16-bit layer files, rounded: %s", why)
+        return _pipeline_state(path, meta, tp)
 
 
 def _layout(meta: dict[str, Any]) -> tuple[int, int]:
@@ -444,7 +469,7 @@ def lazy_adam_state(path: Path, meta: dict[str, Any]) -> AdamState:
     """The Adam moments of a checkpoint saved under any layout, each assembled when read (fp32).
 
     Raises ``zero_files.StateUnavailable`` (its message says why) where the saved
-    format does not name them: a pipeline's ZeRO-0 state is a list by index."""
+    format does not name them (a pipeline's ZeRO-0 state saved before megascale named it)."""
     tp, pp = _layout(meta)
     moments = {}
     for key in ("exp_avg", "exp_avg_sq"):
@@ -454,7 +479,7 @@ def lazy_adam_state(path: Path, meta: dict[str, Any]) -> AdamState:
         elif pp == 1:
             parts = merge_tp_shards([zero_files.torch_tensors(path, r, key, _tied(meta)) for r in range(tp)], _kv_replicas(meta, tp))
         else:
-            raise zero_files.StateUnavailable(zero_files.PIPELINE_ZERO_0)
+            parts = _by_stage(meta, tp, pp, lambda rank: zero_files.torch_tensors(path, rank, key))
         moments[key] = _plain_weights(parts, meta)
     return AdamState(moments, zero_files.adam_step(path))
 

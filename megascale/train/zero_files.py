@@ -13,11 +13,11 @@ model-parallel rank (a tensor rank, or a stage × tensor rank of a pipeline):
 * ZeRO-3: every parameter is cut into dp equal pieces (the last padded), rank r
   holding piece r of each, parameter after parameter, in ``param_shapes`` order.
 * ZeRO-0: the torch AdamW state dict in ``mp_rank_M_model_states.pt``, by
-  parameter index: megascale's two groups (matrices with decay, then norms;
+  parameter index, named by the list megascale saves beside it (``OPTIMIZER_NAMES``;
+  a pipeline stage's file holds no module to name them by). Older checkpoints
+  without it: megascale's two groups (matrices with decay, then norms;
   ``engine.param_groups``) in module order. A 16-bit run keeps DeepSpeed's fp32
-  copies of the weights beside it (``fp32_groups``), in the same order. A
-  pipeline stage's file names no parameter (its weights are in layer files), so
-  its state cannot be matched to names.
+  copies of the weights beside it (``fp32_groups``), in the same order.
 
 Nothing is read until a tensor is asked for: each is a ``Source`` whose maker
 concatenates its fragments out of memory-mapped files, so a rank never holds a
@@ -42,8 +42,10 @@ from megascale.errors import MegascaleError
 from megascale.model.init import Source
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # the fp32 master weight, Adam's two moments
-PIPELINE_ZERO_0 = ("a pipeline's ZeRO-0 optimizer state is kept by parameter index only "
-                   "(train.zero_stage=1 saves it by name, for a change of layout)")
+PIPELINE_ZERO_0 = ("this pipeline's ZeRO-0 optimizer state is kept by parameter index only: it was saved before "
+                   "megascale named it (OPTIMIZER_NAMES)")
+OPTIMIZER_NAMES = "megascale_optimizer_names"  # in each ZeRO-0 model-states file: checkpoint.optimizer_names
+PARAM_SHAPES = "megascale_param_shapes"  # the same; DeepSpeed's own "param_shapes" where it writes them
 
 
 class StateUnavailable(MegascaleError):
@@ -82,8 +84,8 @@ def zero_tensors(path: Path, mp_rank: int, key: str) -> dict[str, Source]:
 
 
 def _shapes(model_states: dict[str, Any]) -> dict[str, torch.Size]:
-    groups = model_states.get("param_shapes")
-    if not groups:
+    groups = model_states.get("param_shapes") or [model_states.get(PARAM_SHAPES) or {}]
+    if not groups[0]:
         raise StateUnavailable("its model states list no parameter shapes")
     return {name: torch.Size(shape) for group in groups for name, shape in group.items()}
 
@@ -163,36 +165,43 @@ def _span(flats: list[torch.Tensor], start: int, numel: int) -> torch.Tensor:
     return torch.cat(pieces) if pieces else flats[0].new_empty(0)
 
 
-def _unpartitioned(path: Path, mp_rank: int) -> tuple[dict[str, Any], dict[str, Any], list[torch.Tensor] | None]:
-    """A ZeRO-0 rank's module, torch optimizer state and (16-bit runs) fp32 master copies in optimizer order."""
-    states = load(path / f"mp_rank_{mp_rank:02d}_model_states.pt")
-    module, optimizer = states.get("module"), states.get("optimizer") or {}
-    if not module:
-        raise StateUnavailable(PIPELINE_ZERO_0)
+def _torch_state(states: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
+    """A ZeRO-0 model-states file's torch optimizer state and (16-bit runs) DeepSpeed's fp32 copies, in its order."""
+    optimizer = states.get("optimizer") or {}
     if "fp32_groups" in optimizer:  # DeepSpeed's 16-bit optimizer without ZeRO: fp32 copies beside the torch state
-        return module, optimizer["optimizer_state_dict"], [t for group in optimizer["fp32_groups"] for t in group]
+        return optimizer["optimizer_state_dict"], [t for group in optimizer["fp32_groups"] for t in group]
     if "state" not in optimizer:
         raise StateUnavailable(f"its optimizer state ({', '.join(map(str, optimizer)) or 'none'}) is not torch's")
-    return module, optimizer, None
+    return optimizer, None
 
 
-def torch_tensors(path: Path, mp_rank: int, key: str, alias: Collection[str]) -> dict[str, Source]:
-    """ZeRO-0: ``key`` (see KEYS) of every parameter of ``mp_rank`` from the torch optimizer's state by index.
+def _module_order(module: dict[str, torch.Tensor] | None, alias: Collection[str]) -> list[str]:
+    """The optimizer's parameter order from the module state (checkpoints without OPTIMIZER_NAMES)."""
+    if not module:
+        raise StateUnavailable(PIPELINE_ZERO_0)
+    names = [n for n in module if n not in alias]
+    return [n for n in names if module[n].dim() >= 2] + [n for n in names if module[n].dim() < 2]  # engine.param_groups
+
+
+def torch_tensors(path: Path, mp_rank: int, key: str, alias: Collection[str] = ()) -> dict[str, Source]:
+    """ZeRO-0: ``key`` (see KEYS) of every parameter of ``mp_rank`` from the torch optimizer's state by index,
+    named by the list saved beside it (OPTIMIZER_NAMES), or (older checkpoints) by the module state's order.
 
     ``alias``: names of the module's state dict that are another parameter (the tied LM head)."""
-    module, optimizer, masters = _unpartitioned(path, mp_rank)
-    names = [n for n in module if n not in alias]
-    order = [n for n in names if module[n].dim() >= 2] + [n for n in names if module[n].dim() < 2]  # engine.param_groups
+    states = load(path / f"mp_rank_{mp_rank:02d}_model_states.pt")
+    module = states.get("module")
+    optimizer, masters = _torch_state(states)
+    names = states.get(OPTIMIZER_NAMES) or _module_order(module, alias)
     indices = [i for group in optimizer["param_groups"] for i in group["params"]]
-    if len(indices) != len(order):
-        raise StateUnavailable(f"its optimizer holds {len(indices)} parameters where the module has {len(order)}")
+    if len(indices) != len(names):
+        raise StateUnavailable(f"its optimizer holds {len(indices)} parameters where the module has {len(names)}")
     sources = {}
-    for position, (index, name) in enumerate(zip(indices, order)):
+    for position, (index, name) in enumerate(zip(indices, names)):
         if key == "fp32":
-            value = module[name] if masters is None else masters[position]
+            value = masters[position] if masters is not None else (module or {}).get(name)
         else:
             value = optimizer["state"].get(index, {}).get(key)
-        if value is None or value.shape != module[name].shape:
+        if value is None or (module and value.shape != module[name].shape):
             raise StateUnavailable(f"its optimizer state {index} does not match parameter {name}")
         sources[name] = Source(lambda v=value: v.float().clone(), tuple(value.shape))
     return sources
@@ -205,7 +214,7 @@ def adam_step(path: Path) -> int:
         outer = load(files[0])["optimizer_state_dict"]
         state = outer.get("base_optimizer_state", outer.get("optimizer_state_dict"))
     else:
-        _, state, _ = _unpartitioned(path, 0)
+        state, _ = _torch_state(load(path / "mp_rank_00_model_states.pt"))
     for param in (state or {}).get("state", {}).values() if isinstance(state, dict) else ():
         if "step" in param:
             return int(round(float(param["step"])))
