@@ -1,7 +1,7 @@
 """Operator calls in one DeepSpeed optimizer step, per trainer variant: the per-step launch count a GPU pays.
 
     python bench/step_ops.py                                   # 125m shape, bf16, ZeRO-1, on CPU
-    python bench/step_ops.py --variants ";train.check_grad_overflow=true;train.zero_stage=0"
+    python bench/step_ops.py --variants ";train.check_grad_overflow=true"
 
 On a GPU every ATen call in ``engine.step()`` is at least one kernel launch issued
 by the host, and the optimizer step is a long run of small ones (per-tensor
@@ -49,7 +49,7 @@ def count_step(name: str, variant: str, ctx) -> tuple[str, int, list[tuple[int, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="125m", help="configs/<name>.yaml")
-    p.add_argument("--variants", default=";train.check_grad_overflow=true;train.zero_stage=0",
+    p.add_argument("--variants", default=";train.check_grad_overflow=true",
                    help="semicolon-separated override sets (comma-separated within one); the first empty = defaults")
     args = p.parse_args(argv)
     from megascale.train.dist import init_distributed  # noqa: PLC0415

@@ -213,13 +213,12 @@ def test_checkpoint_converts_into_a_sharded_layout(runs, data_dir, tmp_path, tar
     same_adam_state(last_checkpoint(tmp_path), last_checkpoint(source))
 
 
-@pytest.mark.parametrize("source_layout, stage", [((1, 1, 2), 1), ((1, 2, 1), 1), ((1, 1, 2), 0)],
-                         ids=["dp2", "pp2", "dp2-zero0"])
-def test_a_16_bit_checkpoint_converts_from_its_fp32_masters(runs, data_dir, tmp_path, source_layout, stage):
-    """bf16: the module states (a pipeline's layer files) hold the weights rounded to bf16, so a new layout (here
-    tp=2) starts from the fp32 masters the optimizer steps (ZeRO's partitions, a pipeline's stage by stage; at
-    ZeRO-0 DeepSpeed's fp32 copies beside torch's state), with the Adam moments beside them."""
-    source = runs(*source_layout, "cycle:2", "train.precision=bf16", f"train.zero_stage={stage}")
+@pytest.mark.parametrize("source_layout", [(1, 1, 2), (1, 2, 1)], ids=["dp2", "pp2"])
+def test_a_16_bit_checkpoint_converts_from_its_fp32_masters(runs, data_dir, tmp_path, source_layout):
+    """bf16 under ZeRO: the module states (a pipeline's layer files) hold the weights rounded to bf16, so a new
+    layout (here tp=2) starts from the fp32 master partitions (a pipeline's stage by stage), the weights the
+    optimizer steps, with the Adam moments beside them."""
+    source = runs(*source_layout, "cycle:2", "train.precision=bf16", "train.zero_stage=1")
     ckpt = source / "checkpoints" / "step_00000005"
     masters = full_weights(ckpt, read_meta(ckpt))
     assert any(not torch.equal(w, w.bfloat16().float()) for w in masters.values())  # more than bf16 holds
@@ -276,10 +275,15 @@ def test_state_memory_formula_matches_measurement(runs, layout):
 
 
 @pytest.mark.parametrize("layout", [(1, 1, 2), (1, 2, 1)], ids=["dp2", "pp2"])
-def test_bf16_zero0_state_memory_matches(runs, layout):
-    """bf16 at ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer (an fp32 copy and moments on every
-    rank) without a pipeline, its BF16_Optimizer (partitioned, fp32 gradient buffer) with one."""
-    assert_state_memory_matches(runs(*layout, "cycle:2", "train.precision=bf16", "train.zero_stage=0"), layout)
+def test_bf16_at_zero_0_runs_as_zero_1(runs, layout):
+    """DeepSpeed's 16-bit optimizers without ZeRO train differently (an Adam step on zeros at start; a pipeline's
+    BF16 optimizer clips by another gradient norm): bf16 at train.zero_stage=0 runs ZeRO-1, says so, and gives
+    ZeRO-1's losses to the bit, with the state memory its formula counts."""
+    zero0 = runs(*layout, "cycle:2", "train.precision=bf16", "train.zero_stage=0")
+    assert losses(zero0) == losses(runs(*layout, "cycle:2", "train.precision=bf16", "train.zero_stage=1"))
+    assert "ZeRO stage 1 (train.zero_stage=0 with bf16 weights would get DeepSpeed's 16-bit optimizers" in (
+        zero0 / "stderr.txt").read_text()
+    assert_state_memory_matches(zero0, layout)
 
 
 def test_bf16_zero3_trains_in_bf16(runs):

@@ -85,17 +85,13 @@ def start_save(engine, root: Path, step: int, meta: dict[str, Any], is_main: boo
     return PendingSave(root, step, meta, is_main, keep, BackgroundWrites(engine.checkpoint_engine, take()))
 
 
-def optimizer_names(engine) -> dict[str, Any]:
+def optimizer_names(engine) -> dict[str, list[str]]:
     """For the model-states file at ZeRO-0: the module's names of the parameters the torch optimizer steps, in
-    its order (its state is a list by index, and a pipeline stage's file holds no module to name them by), and
-    every parameter's shape (DeepSpeed's BF16 optimizer, a bf16 pipeline's at ZeRO-0, writes none)."""
+    its order (its state is a list by index, and a pipeline stage's file holds no module to name them by)."""
     if engine.zero_optimization_stage() > 0:
-        return {}  # ZeRO's files name and shape every parameter's slice themselves
+        return {}  # ZeRO's files name every parameter's slice themselves
     named = {id(p): name for name, p in engine.module.named_parameters()}
-    opt = engine.optimizer
-    groups = getattr(opt, "fp16_groups", None) or [g["params"] for g in getattr(opt, "param_groups", [])]
-    return {zero_files.OPTIMIZER_NAMES: [named.get(id(p), "") for group in groups for p in group],
-            zero_files.PARAM_SHAPES: {name: list(p.shape) for name, p in engine.module.named_parameters()}}
+    return {zero_files.OPTIMIZER_NAMES: [named.get(id(p), "") for g in engine.optimizer.param_groups for p in g["params"]]}
 
 
 @dataclass
@@ -350,7 +346,7 @@ def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source
     kv_copies = _kv_replicas(meta, tp)
     if meta["config"]["train"]["zero_stage"] == 3 or _master_partitions(path, meta):
         return merge_tp_shards(_zero_shards(path, range(tp)), kv_copies)
-    if _sixteen_bit(meta):  # DeepSpeed's 16-bit optimizer without ZeRO: its fp32 copies, beside the torch state
+    if _sixteen_bit(meta):  # a 16-bit run at ZeRO-0 (before 2026-11-29): DeepSpeed's fp32 copies beside torch's state
         return merge_tp_shards([zero_files.torch_tensors(path, r, "fp32", _tied(meta)) for r in range(tp)], kv_copies)
     shards = [_load(path / f"mp_rank_{r:02d}_model_states.pt")["module"] for r in range(tp)]
     return merge_tp_shards(shards, kv_copies)
@@ -439,7 +435,7 @@ def lazy_full_weights(path: Path, meta: dict[str, Any]) -> LazyWeights:
 def _pipeline_fp32_masters(path: Path, meta: dict[str, Any], tp: int, pp: int) -> dict[str, Source]:
     try:
         return _pipeline_zero_state(path, meta, tp, pp)
-    except zero_files.StateUnavailable as why:  # a bf16 pipeline at ZeRO-0 saved before megascale wrote its shapes
+    except zero_files.StateUnavailable as why:  # DeepSpeed's BF16 optimizer (a bf16 pipeline's at ZeRO-0 before 2026-11-29)
         log.warning("the weights come from the 16-bit layer files, rounded: %s", why)
         return _pipeline_state(path, meta, tp)
 

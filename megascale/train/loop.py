@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megascale.config import Config
+from megascale.config import FP32_STATE, Config
 from megascale.data import DistributedBatchSampler, Tokenizer, TokenFile, batch_from_indices, ensure_stdlib_dataset, load_manifest, require_tokenizer
 from megascale.data.blend import Blend, BlendPart, parse_blend
 from megascale.errors import MegascaleError
@@ -203,6 +203,9 @@ def zero_stage_note(cfg: Config, dp: int) -> str:
         return f"{stage}, {' and '.join(offloaded)} offloaded to the host{adam}"
     if stage == cfg.train.zero_stage:
         return str(stage)
+    if stage > cfg.train.zero_stage:
+        return (f"{stage} (train.zero_stage={cfg.train.zero_stage} with {t.precision} weights would get DeepSpeed's 16-bit "
+                "optimizers without ZeRO, which train differently; see effective_zero_stage)")
     return f"{stage} (train.zero_stage={cfg.train.zero_stage} partitions nothing at dp=1 with fp32 weights; see effective_zero_stage)"
 
 
@@ -445,11 +448,20 @@ def state_format(train: dict[str, Any], layout: dict[str, int]) -> str:
     return f"ZeRO-{'1/2' if stage in (1, 2) else stage} {train['precision']}" + (" optimizer on host" if on_host else "")
 
 
+def saved_state_format(meta: dict[str, Any]) -> str:
+    """The state format a checkpoint was saved in: recorded since 2026-11-29; before, 16-bit weights at
+    train.zero_stage=0 ran DeepSpeed's optimizers without ZeRO (they run ZeRO-1 now: effective_zero_stage)."""
+    train = meta["config"]["train"]
+    if "state_format" not in meta and train["zero_stage"] == 0 and train["precision"] not in FP32_STATE:
+        return f"ZeRO-0 {train['precision']}"
+    return meta.get("state_format") or state_format(train, meta["layout"])
+
+
 def needs_conversion(meta: dict[str, Any], cfg: Config, groups: ParallelGroups) -> bool:
     """Whether a checkpoint resumes by name (full tensors, sharded anew) rather than DeepSpeed's own load: another
     layout, or another state format (ZeRO-3 from ZeRO-1, bf16 from fp32, Adam moved to the host)."""
-    saved = state_format(meta["config"]["train"], meta["layout"])
-    return meta["layout"] != layout_of(groups) or saved != state_format(cfg.to_dict()["train"], layout_of(groups))
+    now = state_format(cfg.to_dict()["train"], layout_of(groups))
+    return meta["layout"] != layout_of(groups) or saved_state_format(meta) != now
 
 
 def checkpoint_meta(run: Run) -> dict[str, Any]:
@@ -467,6 +479,7 @@ def checkpoint_meta(run: Run) -> dict[str, Any]:
         "data": {"path": str(run.data.path.resolve()), "sampler": run.sampler.state_dict(),
                  **({"blend": [[p.weight, str(p.path.resolve())] for p in run.data.blend]} if run.data.blend else {})},
         "layout": layout_of(run.groups),
+        "state_format": state_format(run.cfg.to_dict()["train"], layout_of(run.groups)),
         "world_size": run.ctx.world_size,
         "untie_history": run.untie_history,
         "untie_state": run.controller.state_dict(),
@@ -556,8 +569,7 @@ def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None
     how = "exact"
     if converted:
         ckpt.restore_schedule(run.engine, meta["step"])
-        saved = state_format(meta["config"]["train"], meta["layout"])
-        how = f"converted from layout {meta['layout']}, {saved} ({restore_adam(run, path, meta)})"
+        how = f"converted from layout {meta['layout']}, {saved_state_format(meta)} ({restore_adam(run, path, meta)})"
     else:
         ckpt.load_checkpoint(run.engine, path)
     restore_position(run, meta)

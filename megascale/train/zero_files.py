@@ -16,8 +16,9 @@ model-parallel rank (a tensor rank, or a stage × tensor rank of a pipeline):
   parameter index, named by the list megascale saves beside it (``OPTIMIZER_NAMES``;
   a pipeline stage's file holds no module to name them by). Older checkpoints
   without it: megascale's two groups (matrices with decay, then norms;
-  ``engine.param_groups``) in module order. A 16-bit run keeps DeepSpeed's fp32
-  copies of the weights beside it (``fp32_groups``), in the same order.
+  ``engine.param_groups``) in module order. A 16-bit run (megascale ran those at
+  ZeRO-0 before 2026-11-29, and runs them at ZeRO-1 since) keeps DeepSpeed's
+  fp32 copies of the weights beside it (``fp32_groups``), in the same order.
 
 Nothing is read until a tensor is asked for: each is a ``Source`` whose maker
 concatenates its fragments out of memory-mapped files, so a rank never holds a
@@ -45,7 +46,6 @@ KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # the fp32 master weight, Adam's two m
 PIPELINE_ZERO_0 = ("this pipeline's ZeRO-0 optimizer state is kept by parameter index only: it was saved before "
                    "megascale named it (OPTIMIZER_NAMES)")
 OPTIMIZER_NAMES = "megascale_optimizer_names"  # in each ZeRO-0 model-states file: checkpoint.optimizer_names
-PARAM_SHAPES = "megascale_param_shapes"  # the same; DeepSpeed's own "param_shapes" where it writes them
 
 
 class StateUnavailable(MegascaleError):
@@ -84,8 +84,8 @@ def zero_tensors(path: Path, mp_rank: int, key: str) -> dict[str, Source]:
 
 
 def _shapes(model_states: dict[str, Any]) -> dict[str, torch.Size]:
-    groups = model_states.get("param_shapes") or [model_states.get(PARAM_SHAPES) or {}]
-    if not groups[0]:
+    groups = model_states.get("param_shapes")
+    if not groups:
         raise StateUnavailable("its model states list no parameter shapes")
     return {name: torch.Size(shape) for group in groups for name, shape in group.items()}
 

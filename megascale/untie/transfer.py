@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megascale.model.init import piece_of
-from megascale.train.engine import holds_fp32_master, stepped_tensors
+from megascale.train.engine import holds_fp32_master
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's state, besides "step"
 
@@ -127,7 +127,7 @@ def read_state(engine, dp_group=None) -> EngineState:
     (the engine's data-parallel group) has several ranks. Collective over the data-parallel ranks."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state  # noqa: PLC0415
 
-    opt, stepped = base_optimizer(engine), stepped_tensors(engine)
+    opt = base_optimizer(engine)
     _link_optimizer_state(engine)
     slicing = Slicing.over(dp_group)
     params = {}
@@ -136,7 +136,7 @@ def read_state(engine, dp_group=None) -> EngineState:
             weight = safe_get_full_fp32_param(p)
             moments = {k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}
         else:
-            weight, moments = stepped(p).detach(), {k: opt.state[stepped(p)][k] for k in MOMENTS}
+            weight, moments = p.detach(), {k: opt.state[p][k] for k in MOMENTS}
         params[name] = ParamState(slicing.take(weight), {k: slicing.take(v) for k, v in moments.items()}, weight.shape)
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     return EngineState(params, _state_step(opt), getattr(scaler, "cur_scale", None), slicing)
@@ -154,7 +154,7 @@ def _hp_flat_tensors(engine) -> list[torch.Tensor]:
 
 def _create_optimizer_state(engine, step: int) -> None:
     """Zero moments for every stepped tensor that has none, the given step count for all, then link DeepSpeed's
-    fragments. (DeepSpeed's 16-bit optimizer without ZeRO has stepped once on zero gradients when it was built.)"""
+    fragments."""
     opt = base_optimizer(engine)
     on_device = {id(p) for g in opt.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
     for flat in _hp_flat_tensors(engine):
@@ -208,7 +208,7 @@ def write_state(engine, state: EngineState, source: Callable[[str], str],
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state  # noqa: PLC0415
 
     _create_optimizer_state(engine, state.step)
-    opt, stepped = base_optimizer(engine), stepped_tensors(engine)
+    opt = base_optimizer(engine)
     meet = _collective_device(engine, state.slicing)
     for name, p in engine.module.named_parameters():
         src = state.params[source(name)]
@@ -218,14 +218,12 @@ def write_state(engine, state: EngineState, source: Callable[[str], str],
         device = p.device if p.device.type != "meta" else torch.device("cpu")
         if partitioned:
             safe_set_full_fp32_param(p, weight.to(device))
-        elif stepped(p) is not p:
-            stepped(p).data.copy_(weight)
         del weight
         for k, moment in _full_moments(state, src, scale(name) if scale else (1.0, 1.0), meet):
             if partitioned:
                 safe_set_full_optimizer_state(p, moment.to(device), k)
             else:
-                opt.state[stepped(p)][k].copy_(moment.to(p.device))
+                opt.state[p][k].copy_(moment.to(p.device))
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if state.loss_scale is not None and scaler is not None:
         scaler.cur_scale = state.loss_scale
@@ -238,7 +236,7 @@ def restore_adam_state(engine, moments: Mapping[str, Mapping[str, torch.Tensor]]
     from deepspeed.utils import safe_set_full_optimizer_state  # noqa: PLC0415
 
     _create_optimizer_state(engine, step)
-    opt, stepped = base_optimizer(engine), stepped_tensors(engine)
+    opt = base_optimizer(engine)
     for p in engine.module.parameters():
         if hasattr(p, "_hp_mapping") and p._hp_mapping is None:
             continue  # ZeRO 1-2: none of its partition is on this rank
@@ -248,4 +246,4 @@ def restore_adam_state(engine, moments: Mapping[str, Mapping[str, torch.Tensor]]
             if holds_fp32_master(p):
                 safe_set_full_optimizer_state(p, value.to(device), k)
             else:
-                opt.state[stepped(p)][k].copy_(value.to(p.device))
+                opt.state[p][k].copy_(value.to(p.device))
