@@ -25,8 +25,9 @@ concatenates its fragments out of memory-mapped files, so a rank never holds a
 second copy of the model's state.
 
 DeepSpeed's ``zero_to_fp32`` reads the fp32 masters of the first two formats and
-drops the moments; universal checkpoints need ``universal_checkpoint_info``
-written by Megatron-DeepSpeed's model code. Neither resumes Adam in a new layout.
+drops the moments. DeepSpeed's universal checkpoints keep them across layouts,
+but ``ds_to_universal`` needs the ``universal_checkpoint_info`` that
+Megatron-DeepSpeed's model code writes, and a separate conversion step.
 """
 
 from __future__ import annotations
