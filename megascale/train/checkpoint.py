@@ -345,7 +345,7 @@ def _kv_replicas(meta: dict[str, Any], tp: int) -> int:
 def _engine_state(path: Path, meta: dict[str, Any], tp: int) -> dict[str, Source]:
     kv_copies = _kv_replicas(meta, tp)
     if meta["config"]["train"]["zero_stage"] == 3 or _master_partitions(path, meta):
-        return merge_tp_shards(_zero_shards(path, range(tp)), kv_copies)
+        return merge_tp_shards([zero_files.zero_tensors(path, rank, "fp32") for rank in range(tp)], kv_copies)
     if _sixteen_bit(meta):  # a 16-bit run at ZeRO-0 (before 2026-11-29): DeepSpeed's fp32 copies beside torch's state
         return merge_tp_shards([zero_files.torch_tensors(path, r, "fp32", _tied(meta)) for r in range(tp)], kv_copies)
     shards = [_load(path / f"mp_rank_{r:02d}_model_states.pt")["module"] for r in range(tp)]
@@ -367,13 +367,6 @@ def _master_partitions(path: Path, meta: dict[str, Any]) -> bool:
     return _sixteen_bit(meta) and zero_files.has_zero_files(path)
 
 
-def _zero_shards(path: Path, mp_ranks: range, key: str = "fp32") -> list[dict[str, Source]]:
-    """``key`` (the fp32 master weight, or an Adam moment) of every parameter of each of ``mp_ranks`` in a ZeRO
-    checkpoint, its data-parallel partitions joined when read. DeepSpeed numbers a pipeline's model-parallel
-    ranks stage-major (stage × tp + tensor rank)."""
-    return [zero_files.zero_tensors(path, rank, key) for rank in mp_ranks]
-
-
 def _plain_name(name: str, plan: list[int]) -> str:
     """A pipeline module's parameter name as the plain model's: ``tied_modules.block3.block.X`` (a tie group's
     block) → ``blocks.3.X``, ``tied_modules.embed.embed.weight`` → ``embed.weight``, ``5.norm.weight`` →
@@ -385,14 +378,15 @@ def _plain_name(name: str, plan: list[int]) -> str:
     return f"blocks.{plan[int(head) - 1]}.{rest.removeprefix('block.')}" if rest.startswith("block.") else rest
 
 
-def _pipeline_zero_state(path: Path, meta: dict[str, Any], tp: int, pp: int, key: str = "fp32") -> dict[str, Source]:
-    """The plain model's ``key`` tensors from a pipeline's ZeRO partitions, stage by stage."""
-    return _by_stage(meta, tp, pp, lambda rank: zero_files.zero_tensors(path, rank, key))
+def _pipeline_zero_state(path: Path, meta: dict[str, Any], tp: int, pp: int) -> dict[str, Source]:
+    """The plain model's fp32 masters from a pipeline's ZeRO partitions, stage by stage."""
+    return _by_stage(meta, tp, pp, lambda rank: zero_files.zero_tensors(path, rank, "fp32"))
 
 
 def _by_stage(meta: dict[str, Any], tp: int, pp: int, read) -> dict[str, Source]:
     """The plain model's tensors from a pipeline's per-rank state, ``read(model-parallel rank)`` by the pipeline
-    module's names (a tie group held by two stages keeps equal replicas: either serves)."""
+    module's names (a tie group held by two stages keeps equal replicas: either serves). DeepSpeed numbers a
+    pipeline's model-parallel ranks stage-major (stage × tp + tensor rank)."""
     state, plan = {}, meta["sharing_plan"]
     for stage in range(pp):
         shards = [{_plain_name(k, plan): v for k, v in read(rank).items()} for rank in range(stage * tp, (stage + 1) * tp)]
@@ -446,10 +440,9 @@ def _layout(meta: dict[str, Any]) -> tuple[int, int]:
 
 
 def _plain_weights(parts: dict[str, Source], meta: dict[str, Any]) -> LazyWeights:
-    aliases = {}
-    if meta["config"]["model"]["tie_embeddings"]:
-        parts.pop("lm_head.weight", None)
-        aliases["lm_head.weight"] = "embed.weight"
+    aliases = {name: "embed.weight" for name in _tied(meta)}
+    for name in aliases:
+        parts.pop(name, None)
     return LazyWeights(parts, aliases)
 
 
@@ -467,15 +460,16 @@ def lazy_adam_state(path: Path, meta: dict[str, Any]) -> AdamState:
     Raises ``zero_files.StateUnavailable`` (its message says why) where the saved
     format does not name them (a pipeline's ZeRO-0 state saved before megascale named it)."""
     tp, pp = _layout(meta)
+    if zero_files.has_zero_files(path):
+        read = lambda rank, key: zero_files.zero_tensors(path, rank, key)  # noqa: E731
+    else:  # ZeRO-0: torch's state
+        read = lambda rank, key: zero_files.torch_tensors(path, rank, key, _tied(meta))  # noqa: E731
     moments = {}
     for key in ("exp_avg", "exp_avg_sq"):
-        if zero_files.has_zero_files(path):
-            parts = (_pipeline_zero_state(path, meta, tp, pp, key) if pp > 1
-                     else merge_tp_shards(_zero_shards(path, range(tp), key), _kv_replicas(meta, tp)))
-        elif pp == 1:
-            parts = merge_tp_shards([zero_files.torch_tensors(path, r, key, _tied(meta)) for r in range(tp)], _kv_replicas(meta, tp))
+        if pp > 1:
+            parts = _by_stage(meta, tp, pp, lambda rank: read(rank, key))
         else:
-            parts = _by_stage(meta, tp, pp, lambda rank: zero_files.torch_tensors(path, rank, key))
+            parts = merge_tp_shards([read(rank, key) for rank in range(tp)], _kv_replicas(meta, tp))
         moments[key] = _plain_weights(parts, meta)
     return AdamState(moments, zero_files.adam_step(path))
 

@@ -192,16 +192,15 @@ def torch_tensors(path: Path, mp_rank: int, key: str, alias: Collection[str] = (
     states = load(path / f"mp_rank_{mp_rank:02d}_model_states.pt")
     module = states.get("module")
     optimizer, masters = _torch_state(states)
+    if key == "fp32" and masters is None:
+        raise StateUnavailable("an fp32 run's weights are its module's own, not its optimizer's")
     names = states.get(OPTIMIZER_NAMES) or _module_order(module, alias)
     indices = [i for group in optimizer["param_groups"] for i in group["params"]]
     if len(indices) != len(names):
         raise StateUnavailable(f"its optimizer holds {len(indices)} parameters where the module has {len(names)}")
     sources = {}
     for position, (index, name) in enumerate(zip(indices, names)):
-        if key == "fp32":
-            value = masters[position] if masters is not None else (module or {}).get(name)
-        else:
-            value = optimizer["state"].get(index, {}).get(key)
+        value = masters[position] if key == "fp32" else optimizer["state"].get(index, {}).get(key)
         if value is None or (module and value.shape != module[name].shape):
             raise StateUnavailable(f"its optimizer state {index} does not match parameter {name}")
         sources[name] = Source(lambda v=value: v.float().clone(), tuple(value.shape))

@@ -153,15 +153,13 @@ def _hp_flat_tensors(engine) -> list[torch.Tensor]:
 
 
 def _create_optimizer_state(engine, step: int) -> None:
-    """Zero moments for every stepped tensor that has none, the given step count for all, then link DeepSpeed's
-    fragments."""
+    """Zero moments and the given step count for every stepped tensor, then link DeepSpeed's fragments."""
     opt = base_optimizer(engine)
     on_device = {id(p) for g in opt.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
     for flat in _hp_flat_tensors(engine):
         if flat.numel() and not opt.state.get(flat):
-            opt.state[flat] = {k: torch.zeros_like(flat) for k in MOMENTS}
-        if flat.numel():
-            opt.state[flat]["step"] = _step_as_kept(opt, step, flat.device if id(flat) in on_device else None)
+            opt.state[flat] = {"step": _step_as_kept(opt, step, flat.device if id(flat) in on_device else None),
+                               **{k: torch.zeros_like(flat) for k in MOMENTS}}
     _link_optimizer_state(engine)
 
 
