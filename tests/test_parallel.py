@@ -90,6 +90,14 @@ def test_tensor_parallel_with_every_zero_stage(runs, stage):
         torch.testing.assert_close(weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_pipeline_at_zero_0_clips_by_the_whole_models_gradient_norm(runs):
+    """fp32 ZeRO-0 over stages: DeepSpeed's own clip counted, past the first stage, only the tensor-sharded
+    weights (1.07 for 1.20 on two stages) and clipped by that. Every kind of weight is on the second stage
+    here: tensor shards, replicated norms, and the embedding tied to the LM head."""
+    extra = ("model.tie_embeddings=true",)
+    assert_matches_single_rank(runs(1, 1, 1, "cycle:2", *extra), runs(2, 2, 1, "cycle:2", "train.zero_stage=0", *extra))
+
+
 def test_tied_replicas_stay_identical_across_stages(runs):
     """sharing=all on 2 stages: layers 1-2 (stage 0) and 3-4 (stage 1) hold replicas of one block."""
     ckpt = runs(1, 2, 1, "all") / "checkpoints" / "step_00000005"

@@ -66,7 +66,8 @@ def effective_zero_stage(cfg: Config, dp: int) -> int:
     overhead (BENCHMARKS.md, "framework overhead"). Stage 0 in fp32 is the torch
     optimizer on the parameters themselves. bf16/fp16 keep their stage (the fp32
     master copy is needed there), ZeRO-3 keeps its own checkpoint format, and so does
-    the pipeline engine (its ZeRO-0 gradient clipping differs from the 1-rank run's).
+    the pipeline engine (the shortcut predates a correct ZeRO-0 clip over stages,
+    ``clip_by_global_norm``, and has not been extended to the untie over stages).
     At stage 0 the checkpoint holds the full weights in ``mp_rank_00_model_states.pt``:
     DeepSpeed's ``zero_to_fp32`` has nothing to merge there; ``launch/consolidate.py``
     reads every stage.
@@ -281,7 +282,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: BatchLayout, devic
 
         async_save.install(engine)
     if effective_zero_stage(cfg, layout.dp_cp) == 0 and cfg.train.precision in FP32_STATE:
-        keep_clip_norm(engine)
+        clip_by_global_norm(engine, groups.tp_rank, groups.grid.get_model_parallel_group())
     if weights is not None and cfg.train.precision not in FP32_STATE:
         restore_fp32_masters(engine, weights)
     return engine
@@ -328,17 +329,43 @@ def zero3_partitioner(ds_config: dict[str, Any], groups):
     return partition
 
 
-def keep_clip_norm(engine) -> None:
-    """fp32 ZeRO-0: DeepSpeed clips the gradients but drops their norm; keep it for ``get_global_grad_norm``.
+def clip_by_global_norm(engine, tp_rank: int, model_group) -> None:
+    """fp32 ZeRO-0: clip by the norm of the whole model's gradient, and keep it for ``get_global_grad_norm``.
 
-    The same call DeepSpeed makes (model-parallel aware, no host read), with its result
-    stored where the ZeRO optimizers leave theirs, so the logged grad_norm does not
-    depend on the stage.
+    DeepSpeed's own clip at ZeRO-0 (``runtime.utils.clip_grad_norm_``) asks the grid for
+    its "model-parallel rank", which for a ``PipelineParallelGrid`` is the rank among
+    every stage and tensor rank: past the first stage it counts only tensor-sharded
+    weights, and it counts a tied module on each stage that holds it. Two stages of the
+    tiny model reported 1.07 where one process has 1.20, and clipped by it. ZeRO-1-3
+    ask for the tensor rank instead and skip pipeline replicas, as ``counts_once``
+    does here; it also drops DeepSpeed's host read of the norm. ``model_group``: every
+    stage and tensor rank of this data-parallel replica.
     """
-    from deepspeed.runtime.utils import clip_grad_norm_  # noqa: PLC0415
 
-    def clip_and_keep() -> None:
-        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
-                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+    def clip() -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        norm = global_grad_norm(params, tp_rank, model_group)
+        coef = torch.clamp(engine.gradient_clipping() / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_([p.grad for p in params], coef)
+        engine._global_grad_norm = norm
 
-    engine.clip_fp32_gradients = clip_and_keep
+    engine.clip_fp32_gradients = clip
+
+
+def counts_once(p: torch.nn.Parameter, tp_rank: int) -> bool:
+    """Whether this rank's copy of ``p`` is the one that counts in the model's gradient norm: not a pipeline
+    stage's replica of a tied module, and either a tensor-parallel shard or on tensor rank 0."""
+    if getattr(p, "ds_pipe_replicated", False):
+        return False
+    return tp_rank == 0 or getattr(p, "tensor_model_parallel", False) or getattr(p, "model_parallel", False)
+
+
+def global_grad_norm(params: list[torch.nn.Parameter], tp_rank: int, model_group) -> torch.Tensor:
+    """The L2 norm of the gradient of the whole model, each parameter counted once over ``model_group``."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    norms = [p.grad.detach().float().norm() for p in params if counts_once(p, tp_rank)]
+    device = params[0].grad.device if params else torch.device("cpu")
+    squares = torch.stack(norms).pow(2).sum() if norms else torch.zeros((), device=device)
+    dist.all_reduce(squares, group=model_group)
+    return squares.sqrt()
