@@ -169,7 +169,7 @@ class TrainConfig(HostOffload):
     precision: str = "fp32"
     """fp32 | bf16 | fp16 | bf16-autocast. bf16/fp16: weights and gradients in that dtype, an fp32 master copy in the optimizer (fp16 with dynamic loss scaling). bf16-autocast: weights, gradients and optimizer in fp32, matmuls and attention in bf16 under torch.autocast (DeepSpeed's torch_autocast), as a plain PyTorch AMP loop trains; on one rank it steps torch's fused AdamW directly instead of DeepSpeed's bf16 optimizer."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage 0-3. What runs is logged at start-up: fp32 stages 1-2 at dp=1 without a pipeline run as 0 (nothing to partition); bf16/fp16 at 0 run as 1 (DeepSpeed's 16-bit optimizers without ZeRO train differently; README, "ZeRO at one data-parallel rank")."""
+    """DeepSpeed ZeRO stage 0-3. What runs is logged at start-up: fp32 stages 1-2 at dp=1 run as 0 (nothing to partition); bf16/fp16 at 0 run as 1 (DeepSpeed's 16-bit optimizers without ZeRO train differently; README, "ZeRO at one data-parallel rank")."""
     offload_optimizer: str = "none"
     """none | cpu: keep the fp32 master weights and Adam moments in host memory and step them there with DeepSpeed's CPU Adam (ZeRO-Offload), so the accelerator holds only the working weights and gradients. Needs train.zero_stage 1-3."""
     offload_params: str = "none"

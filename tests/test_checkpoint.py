@@ -132,7 +132,7 @@ def test_a_pipelines_zero_0_state_converts_by_the_names_saved_beside_it(data_dir
 def test_the_state_format_of_a_checkpoint_is_what_deepspeed_ran_when_it_was_saved():
     """Recorded in megascale.json; older checkpoints are judged by the rules of their time: 16-bit weights at
     ZeRO-0 then ran DeepSpeed's optimizers without ZeRO, so they convert into today's ZeRO-1 rather than load."""
-    from megascale.train.loop import saved_state_format
+    from megascale.train.loop import saved_state_format, state_format
 
     bf16 = {"config": {"train": {"zero_stage": 0, "precision": "bf16"}}, "layout": {"tp": 1, "pp": 1, "dp": 2}}
     assert saved_state_format(bf16) == "ZeRO-0 bf16"
@@ -140,7 +140,10 @@ def test_the_state_format_of_a_checkpoint_is_what_deepspeed_ran_when_it_was_save
     fp32 = {"config": {"train": {"zero_stage": 1, "precision": "fp32", "offload_optimizer": "none"}},
             "layout": {"tp": 2, "pp": 1, "dp": 1}}
     assert saved_state_format(fp32) == "ZeRO-0 fp32"  # nothing to partition at dp=1
-    assert saved_state_format({**fp32, "layout": {"tp": 1, "pp": 2, "dp": 1}}) == "ZeRO-1/2 fp32"
+    # Pipeline stages at dp=1 kept ZeRO-1 until they ran ZeRO-0 too: a checkpoint of theirs converts into it.
+    piped = {**fp32, "layout": {"tp": 1, "pp": 2, "dp": 1}}
+    assert saved_state_format(piped) == "ZeRO-1/2 fp32"
+    assert state_format(piped["config"]["train"], piped["layout"]) == "ZeRO-0 fp32"
 
 
 def test_checkpoint_from_another_shape_is_refused(eight_steps, data_dir, tmp_path):

@@ -105,7 +105,8 @@ def test_zero_section_follows_the_layout_and_device():
     assert zero(1) == {"stage": 0}  # fp32 ZeRO-1 on one rank partitions nothing: stage 0
     assert zero(1, "cuda", "train.precision=bf16") == {"stage": 1}  # bf16 needs its fp32 master copy
     assert zero(1, "cuda", "train.precision=bf16-autocast") == {"stage": 0}  # fp32 weights: as fp32
-    assert zero(1, "cuda", "parallel.pp=2") == {"stage": 1}  # the pipeline engine keeps its stage
+    assert zero(1, "cuda", "parallel.pp=2") == {"stage": 0}  # pipeline stages too
+    assert zero(1, "cuda", "parallel.pp=2", "train.precision=bf16") == {"stage": 1}
     assert zero(2) == {"stage": 1, "overlap_comm": True}
     assert zero(2, "cuda", "train.overlap_comm=false") == {"stage": 1, "overlap_comm": False}
     assert zero(2, "cpu") == {"stage": 1}  # no streams to overlap on

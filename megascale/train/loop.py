@@ -444,17 +444,27 @@ def state_format(train: dict[str, Any], layout: dict[str, int]) -> str:
     """How DeepSpeed's files hold a run's training state: the ZeRO stage it runs (1 and 2 write the same files),
     the precision, and whether Adam steps on the host. DeepSpeed loads a checkpoint only into its own format."""
     on_host = train.get("offload_optimizer", "none") != "none"
-    stage = zero_stage_run(train["zero_stage"], train["precision"], on_host, layout["dp"] * layout.get("cp", 1), layout["pp"])
-    return f"ZeRO-{'1/2' if stage in (1, 2) else stage} {train['precision']}" + (" optimizer on host" if on_host else "")
+    stage = zero_stage_run(train["zero_stage"], train["precision"], on_host, layout["dp"] * layout.get("cp", 1))
+    return _format_name(stage, train["precision"], on_host)
+
+
+def _format_name(stage: int, precision: str, on_host: bool) -> str:
+    return f"ZeRO-{'1/2' if stage in (1, 2) else stage} {precision}" + (" optimizer on host" if on_host else "")
 
 
 def saved_state_format(meta: dict[str, Any]) -> str:
-    """The state format a checkpoint was saved in: recorded since 2026-11-29; before, 16-bit weights at
-    train.zero_stage=0 ran DeepSpeed's optimizers without ZeRO (they run ZeRO-1 now: effective_zero_stage)."""
-    train = meta["config"]["train"]
-    if "state_format" not in meta and train["zero_stage"] == 0 and train["precision"] not in FP32_STATE:
+    """The state format a checkpoint was saved in: recorded since 2026-11-29. Before, 16-bit weights at
+    train.zero_stage=0 ran DeepSpeed's optimizers without ZeRO (they run ZeRO-1 now), and fp32 pipeline stages at
+    dp=1 kept ZeRO-1/2 (they run ZeRO-0 now: effective_zero_stage)."""
+    if "state_format" in meta:
+        return meta["state_format"]
+    train, layout = meta["config"]["train"], meta["layout"]
+    if train["zero_stage"] == 0 and train["precision"] not in FP32_STATE:
         return f"ZeRO-0 {train['precision']}"
-    return meta.get("state_format") or state_format(train, meta["layout"])
+    on_host = train.get("offload_optimizer", "none") != "none"
+    if layout["pp"] > 1 and train["zero_stage"] in (1, 2) and not on_host:
+        return _format_name(train["zero_stage"], train["precision"], on_host)
+    return state_format(train, layout)
 
 
 def needs_conversion(meta: dict[str, Any], cfg: Config, groups: ParallelGroups) -> bool:
