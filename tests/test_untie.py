@@ -248,6 +248,7 @@ def test_untie_keeps_output_and_copies_the_state(data_dir, tmp_path, nproc, over
     r = untie_check(data_dir, tmp_path, "0,2", *overrides, nproc=nproc)
     assert r["plan_after"] == [0, 1, 2, 1]
     assert r["val_after"] == pytest.approx(r["val_before"], rel=1e-6, abs=1e-6)  # same output
+    assert r["eval_grad_modes"] == [False]  # evaluation keeps no autograd graph of its micro-batches
     assert r["state_max_diff"] == 0.0  # fp32 weights and both Adam moments copied exactly
     assert all(ratio == [1.0, 1.0] for ratio in r["moment_ratios"].values())
     assert r["step_after"] == r["step_before"] == 2 and r["adam_state_step"] == 2

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N tests/untie_check.py UNITS KEY=VALUE...
 
 Trains two steps of the tiny model, unties UNITS (comma-separated layers) as one
-decision, and prints on rank 0 one JSON line: validation loss before and after,
+decision, and prints on rank 0 one JSON line: validation loss before and after
+(and whether its forwards ran with autograd on),
 the largest difference between every new parameter's fp32 weight and Adam moments
 and those of the parameter it was copied from (this rank's data-parallel slices),
 the elements of untie state each rank held, the optimizer step and LR before
@@ -76,7 +77,11 @@ def main(units: str, overrides: list[str]) -> None:
     run = setup_run(cfg, ctx)
     losses = steps(run, 2)
     old_plan = run.model.plan
+    grad_modes = []  # torch.is_grad_enabled() at each forward of the evaluation: it must build no graph
+    hook = run.engine.module.register_forward_pre_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     report = {"val_before": evaluate(run), "memory_before": memory(run), "lr_before": run.engine.get_lr()[0]}
+    hook.remove()
+    report["eval_grad_modes"] = sorted(set(grad_modes))
     before = read_state(run.engine, run.groups.dp_group)  # as untie_run reads it: this rank's slices
     event = untie_run(run, [Decision(0, [int(u) for u in units.split(",")], "test")])
     after = read_state(run.engine, run.groups.dp_group)

@@ -359,6 +359,7 @@ def eval_batch_count(run: Run, split) -> int:
     return n_batches - n_batches % dp  # every rank runs the same number of forwards (ZeRO-3 gathers, pipelines)
 
 
+@torch.no_grad()  # no autograd graph: one would hold every eval micro-batch's activations until the mean
 def evaluate(run: Run, split=None) -> float:
     """Mean loss over the first ``eval_batches`` micro-batches of ``split`` (default: the validation
     split), round-robin over DP ranks.
