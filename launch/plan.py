@@ -175,7 +175,9 @@ def _budget(args):
             raise MegascaleError(f"--peak-tflops {args.peak_tflops:g} must be positive (dense bf16 TFLOP/s per GPU)")
         gpu = replace(gpu, peak_tflops=args.peak_tflops) if gpu else GPU("custom", args.peak_tflops, 0.0)
     if gpu is None and (args.gpus or hours is not None):
-        raise MegascaleError("a GPU-time budget needs the GPU model: --gpu H100 (or --peak-tflops for an unlisted one)")
+        # With --flops, --gpus only asks for a layout, which needs the GPU's memory and speed.
+        need = f"laying the run out over --gpus {args.gpus}" if args.flops is not None and hours is None else "a GPU-time budget"
+        raise MegascaleError(f"{need} needs the GPU model: --gpu H100 (or --peak-tflops for an unlisted one)")
     return make_budget(args.flops, gpu, args.gpus, hours, args.mfu, args.host_adam_rate, args.gpus_per_node, args.link_gbs,
                        args.net_gbs)
 

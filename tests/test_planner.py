@@ -298,6 +298,8 @@ def test_cli_plan_json_and_table(capsys, tmp_path):
     (["--gpus", "8", "--gpu", "H100", "--days", "7", "--mfu", "0"], "MFU 0 must be in (0, 1]"),
     (["--gpus", "8", "--gpu", "Z100", "--days", "7"], "unknown GPU 'Z100'"),
     (["--gpus", "0", "--gpu", "H100", "--days", "7"], "GPU count 0"),
+    (["--gpus", "8", "--days", "7"], "a GPU-time budget needs the GPU model: --gpu H100"),
+    (["--flops", "1e21", "--gpus", "8"], "laying the run out over --gpus 8 needs the GPU model: --gpu H100"),
     ([], "no budget"),
     (["--flops", "1e21", "--mapping", "nope"], "unknown mapping 'nope'"),
 ])
