@@ -351,7 +351,6 @@ def read_log_values(run: Run, loss_t: torch.Tensor, stop: StopRequest) -> tuple[
     return loss / groups.dims.dp_cp, (norm if grad_norm is not None else None), stops > 0
 
 
-@torch.no_grad()
 def eval_batch_count(run: Run, split) -> int:
     """Validation micro-batches of ``split``: ``eval_batches``, or fewer if it is short, a multiple of dp (0: too short)."""
     micro, dp = run.cfg.train.micro_batch_size, run.groups.dims.dp
