@@ -146,6 +146,17 @@ def test_the_state_format_of_a_checkpoint_is_what_deepspeed_ran_when_it_was_save
     assert state_format(piped["config"]["train"], piped["layout"]) == "ZeRO-0 fp32"
 
 
+def test_a_resume_with_nothing_to_train_leaves_its_checkpoint_as_it_is(data_dir, tmp_path):
+    """Resumed at or past train.max_steps: it says so and ends, the checkpoint read neither rewritten nor replaced."""
+    run_pretrain(tmp_path, data_dir, "train.max_steps=2")
+    ckpts = tmp_path / "checkpoints"
+    files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpts.rglob("*") if p.is_file()}
+    proc = run_pretrain(tmp_path, data_dir, "train.max_steps=2", "train.resume=auto")
+    assert "nothing to train: the checkpoint is at step 2, train.max_steps=2" in proc.stderr
+    assert f"checkpoint    : {ckpts / 'step_00000002'}" in proc.stdout
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpts.rglob("*") if p.is_file()} == files
+
+
 def test_checkpoint_from_another_shape_is_refused(eight_steps, data_dir, tmp_path):
     ckpts = eight_steps / "checkpoints"
     before = snapshot(ckpts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -238,6 +239,7 @@ class Run:
     nan: NanGuard = field(default_factory=NanGuard)  # train.nan_policy and the batches it skips
     grad_bytes: float | None = None  # measured on the first step, between backward and the optimizer step
     pending_save: ckpt.PendingSave | None = None  # train.async_save: a checkpoint still being written
+    resumed_exactly_from: Path | None = None  # the checkpoint this run resumed from by DeepSpeed's own load
     # A later training stage (megascale.finetune.stage.TraceStage): its data, initial weights,
     # batches (extra forward arguments), evaluation and checkpoint extras. None = pretraining.
     stage: Any = None
@@ -585,6 +587,7 @@ def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None
     restore_position(run, meta)
     run.untie_history = list(meta.get("untie_history", []))
     run.nan.load_state_dict(meta.get("nonfinite", {}))
+    run.resumed_exactly_from = None if converted else path
     if run.ctx.is_main:
         log.info("resumed from %s at step %d: %s", path, run.progress.step, how)
 
@@ -622,6 +625,14 @@ def run_loop(run: Run) -> RunSummary:
     if t.eval_every and progress.step == 0:
         summary.first_val_loss = _log_eval(run, writer)
     last_saved = -1
+    if progress.step >= t.max_steps and _is_own_checkpoint(run, run.resumed_exactly_from):
+        # Saving again would only rewrite the checkpoint just read. (One converted from another layout, or
+        # read from another run, is saved: that writes it in this run's layout, into this run's directory.)
+        last_saved = progress.step
+        summary.checkpoint = run.resumed_exactly_from
+        if ctx.is_main:
+            log.info("nothing to train: the checkpoint is at step %d, train.max_steps=%d; raise train.max_steps to "
+                     "train on", progress.step, t.max_steps)
     memory_due = True  # per-rank state memory on the first step, and again after each untie
     probe = make_probe(run)
     stop = StopRequest().install()
@@ -673,6 +684,12 @@ def run_loop(run: Run) -> RunSummary:
     writer.close()
     _finish(run, summary)
     return summary
+
+
+def _is_own_checkpoint(run: Run, path: Path | None) -> bool:
+    """Whether ``path`` is this run's checkpoint of its current step (by name only: every rank decides alike)."""
+    own = run.out_dir / "checkpoints" / ckpt.tag_for(run.progress.step)
+    return path is not None and os.path.abspath(path) == os.path.abspath(own)
 
 
 class _Meter:
