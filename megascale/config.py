@@ -183,7 +183,7 @@ class TrainConfig(HostOffload):
     save_every: int = 0
     """Checkpoint every this many steps; 0 means only at the end."""
     keep_checkpoints: int = 2
-    """Complete checkpoints to keep; older ones are deleted after a newer one is safely written."""
+    """Complete checkpoints to keep; older ones are deleted after a newer one is safely written. 0 keeps every one."""
     async_save: bool = False
     """Write the periodic checkpoints in the background: training pauses only while each rank copies its state to host memory (one copy's worth of host RAM), a thread writes the files, and the checkpoint becomes `latest` at the first logging step after every rank has written. The final save, and one before a rollback, wait."""
     out_dir: str = "runs/tiny"
@@ -523,6 +523,41 @@ def validate(cfg: Config) -> None:
     _check(t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = micro_batch_size * data-parallel size)")
     _check_finetune(cfg.finetune)
     _check_untie(cfg)
+    _check_numbers(cfg)
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Ranges of the numeric settings the relations above do not cover; each a setting that would otherwise fail
+    deep inside a run (log_every=0: a modulo by zero; a negative seed: numpy's generator) or train on silently
+    (rope_theta=0, beta2=1, a negative weight decay)."""
+    m, d, o, t, u = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.untie
+    for name, value, ok, rule in (
+        ("model.rope_theta", m.rope_theta, m.rope_theta > 0, "> 0 (10000 is Llama's)"),
+        ("model.norm_eps", m.norm_eps, m.norm_eps > 0, "> 0 (e.g. 1e-5)"),
+        ("model.init_std", m.init_std, m.init_std > 0, "> 0 (e.g. 0.02)"),
+        ("model.ffn_dim", m.ffn_dim, m.ffn_dim >= 0, ">= 0 (0 = 8/3 d_model)"),
+        ("model.ffn_multiple_of", m.ffn_multiple_of, m.ffn_multiple_of >= 1, ">= 1"),
+        ("data.stdlib_max_bytes", d.stdlib_max_bytes, d.stdlib_max_bytes > 0, "> 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.beta1", o.beta1, 0 <= o.beta1 < 1, "in [0, 1) (e.g. 0.9)"),
+        ("optim.beta2", o.beta2, 0 <= o.beta2 < 1, "in [0, 1) (e.g. 0.95)"),
+        ("optim.eps", o.eps, o.eps > 0, "> 0 (e.g. 1e-8)"),
+        ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0 disables validation)"),
+        ("train.eval_batches", t.eval_batches, t.eval_batches >= 1, ">= 1 (set train.eval_every=0 to skip validation)"),
+        ("train.save_every", t.save_every, t.save_every >= 0, ">= 0 (0 = only at the end)"),
+        ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 0, ">= 0 (0 keeps every checkpoint)"),
+        ("train.sample_tokens", t.sample_tokens, t.sample_tokens >= 0, ">= 0 (0 disables the sample)"),
+        ("train.nan_max_events", t.nan_max_events, t.nan_max_events >= 0, ">= 0 (0 stops at the first)"),
+        ("train.collective_timeout_s", t.collective_timeout_s, t.collective_timeout_s > 0, "> 0 seconds"),
+        ("untie.plateau_threshold", u.plateau_threshold, u.plateau_threshold >= 0, ">= 0 (a relative improvement)"),
+        ("untie.probe_every", u.probe_every, u.probe_every >= 0, ">= 0 (0 = never)"),
+        ("untie.coherence_threshold", u.coherence_threshold, 0 < u.coherence_threshold <= 1, "in (0, 1] (rho is at most 1)"),
+        ("untie.min_step", u.min_step, u.min_step >= 0, ">= 0"),
+        ("metrics.peak_tflops", cfg.metrics.peak_tflops, cfg.metrics.peak_tflops >= 0, ">= 0 (0 looks the device up)"),
+    ):
+        _check(ok, f"{name}={value} must be {rule}")
 
 
 def _check_untie(cfg: Config) -> None:

@@ -66,6 +66,18 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("optim.schedule=step", "is not one of cosine, linear, constant, wsd"),
         ("optim.decay_shape=exp", "is not one of 1-sqrt, linear, cosine"),
         ("optim.decay_fraction=0", "must be in (0, 1]"),
+        # Ranges that failed deep inside a run (a modulo by zero, numpy's seed) or trained on silently.
+        ("train.log_every=0", "train.log_every=0 must be >= 1"),
+        ("train.seed=-1", "train.seed=-1 must be >= 0"),
+        ("model.rope_theta=0", "model.rope_theta=0.0 must be > 0"),
+        ("model.norm_eps=-1e-5", "must be > 0"),
+        ("optim.beta2=1", "optim.beta2=1.0 must be in [0, 1)"),
+        ("optim.weight_decay=-0.1", "must be >= 0"),
+        ("optim.eps=0", "optim.eps=0.0 must be > 0"),
+        ("train.eval_batches=0", "set train.eval_every=0 to skip validation"),
+        ("train.keep_checkpoints=-1", "0 keeps every checkpoint"),
+        ("untie.coherence_threshold=2", "must be in (0, 1]"),
+        ("metrics.peak_tflops=-1", "must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line(override, fragment):
