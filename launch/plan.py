@@ -264,6 +264,8 @@ def main_sweep(argv: list[str]) -> int:
     from megascale.planner.mappings import get_mapping
     from megascale.planner.sweep import PRESETS, SweepSettings, plan_sweep, write_sweep
 
+    if args.jobs < 1:
+        raise MegascaleError(f"--jobs {args.jobs} must be >= 1 (runs trained at once with --run)")
     base = PRESETS[args.preset] if args.preset else None
     if base is None and not args.budgets:
         raise MegascaleError("give --budgets C1,C2,... (2 or more) or --preset cpu-demo")

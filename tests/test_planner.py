@@ -300,6 +300,11 @@ def test_cli_plan_json_and_table(capsys, tmp_path):
     (["--gpus", "0", "--gpu", "H100", "--days", "7"], "GPU count 0"),
     (["--gpus", "8", "--days", "7"], "a GPU-time budget needs the GPU model: --gpu H100"),
     (["--flops", "1e21", "--gpus", "8"], "laying the run out over --gpus 8 needs the GPU model: --gpu H100"),
+    (["--flops", "1e21", "--seq-len", "0"], "sequence length 0 and vocabulary 32000 must be positive"),
+    (["--flops", "1e21", "--kv-heads", "-1"], "KV heads -1 must be >= 0"),
+    (["sweep", "--budgets", "1e18,3e18", "--out", "/nonexistent/never", "--micro-batch", "0"], "--micro-batch 0 must be positive"),
+    (["sweep", "--budgets", "1e18,3e18", "--out", "/nonexistent/never", "--global-batch", "-1"], "--global-batch -1 must be"),
+    (["sweep", "--budgets", "1e18,3e18", "--out", "/nonexistent/never", "--jobs", "0"], "--jobs 0 must be >= 1"),
     ([], "no budget"),
     (["--flops", "1e21", "--mapping", "nope"], "unknown mapping 'nope'"),
 ])

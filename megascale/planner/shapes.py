@@ -215,6 +215,10 @@ def solve_shape(
     """
     if not (target > 0 and math.isfinite(target)):
         raise MegascaleError(f"target model size {target} must be a positive number")
+    if seq_len <= 0 or vocab_size <= 0:
+        raise MegascaleError(f"sequence length {seq_len} and vocabulary {vocab_size} must be positive (e.g. --seq-len 2048)")
+    if kv_heads < 0:
+        raise MegascaleError(f"KV heads {kv_heads} must be >= 0 (0: MHA below 3B parameters, 8 above)")
     approx_params = target / 6.0 if kind == MODEL_SCALE else target
     ratio = aspect_ratio(approx_params)
     best: _Candidate | None = None

@@ -85,6 +85,9 @@ def plan_sweep(settings: SweepSettings, prior: Mapping, runs_dir: str) -> list[S
         raise MegascaleError(f"sweep budgets {list(s.budgets)} must all be positive FLOPs")
     if s.sizes < 3 or s.spread <= 1:
         raise MegascaleError("a sweep needs --sizes 3 or more and --spread > 1 to find an IsoFLOP minimum")
+    for flag, value in (("--micro-batch", s.micro_batch), ("--global-batch", s.global_batch), ("--center", s.center)):
+        if value is not None and not value > 0:
+            raise MegascaleError(f"{flag} {value:g} must be positive (or absent: the planner's choice)")
     data = data_section(s.data_path, s.vocab_size, s.seq_len, s.data_blend)
     if data["corpus"] == "stdlib":
         data["stdlib_max_bytes"] = s.stdlib_max_bytes
