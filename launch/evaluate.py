@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     from megascale.errors import MegascaleError  # noqa: PLC0415
     from megascale.evaluation import score  # noqa: PLC0415 (imports torch)
 
-    for name, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len or 1)):
+    for name, value in (("--samples", args.samples), ("--batch-size", args.batch_size), ("--seq-len", 1 if args.seq_len is None else args.seq_len)):
         if value < 1:
             raise MegascaleError(f"{name} {value}: use a positive number")
     model, reports = common.open_model(args)

@@ -77,6 +77,8 @@ def collect_files(inputs: list[str], max_bytes: int | None) -> list[Path]:
 def resolve_vocab_size(args: argparse.Namespace) -> int:
     """--vocab-size, or the size of the --tokenizer being reused."""
     if args.vocab_size is not None:
+        if args.vocab_size <= 0:
+            raise MegascaleError(f"--vocab-size {args.vocab_size} must be positive; use e.g. --vocab-size 8000")
         return args.vocab_size
     if args.tokenizer is None:
         raise MegascaleError("--vocab-size is required unless --tokenizer is given; add e.g. --vocab-size 8000")

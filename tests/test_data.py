@@ -441,8 +441,13 @@ def test_cli_prepares_a_directory(tmp_path: Path) -> None:
     assert splits["train"]["documents"] + splits["val"]["documents"] == 30 + 1 + 5
 
 
-def test_cli_missing_input_exits_2_with_one_line(tmp_path: Path) -> None:
-    result = run_cli("--out", tmp_path / "out", "--vocab-size", 300, tmp_path / "nope", cwd=tmp_path)
+@pytest.mark.parametrize("vocab, what, fragment", [(300, "nope", "nope"), (0, "docs", "--vocab-size 0 must be positive")])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path, vocab: int, what: str, fragment: str) -> None:
+    (tmp_path / "docs").mkdir()
+    for i in range(3):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"document {i}\n")
+    result = run_cli("--out", tmp_path / "out", "--vocab-size", vocab, tmp_path / what, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "Traceback" not in result.stderr and "nope" in result.stderr
+    assert "Traceback" not in result.stderr and fragment in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -101,3 +101,17 @@ def test_scoring_refuses_another_tokenizer_a_missing_split_and_too_short_windows
     model = torch.nn.Linear(1, 1)  # never called: the split is refused first
     with pytest.raises(MegascaleError, match="holds no window of 10000001 tokens; lower --seq-len"):
         score(model, tokenizer, data_dir, "val", 10_000_000, 8, 2)
+
+
+@pytest.mark.parametrize("flag, value", [("--seq-len", "0"), ("--samples", "0"), ("--batch-size", "-1")])
+def test_evaluate_cli_refuses_a_count_below_one_before_loading(flag, value):
+    """0 was taken for "the checkpoint's own" --seq-len; every count is checked before the checkpoint is read."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from conftest import ROOT, clean_env  # noqa: PLC0415
+
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), "--checkpoint", "/nonexistent", flag, value],
+                          env=clean_env(), capture_output=True, text=True, cwd=ROOT)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and errors == [f"error: {flag} {value}: use a positive number"], proc.stderr[-2000:]
