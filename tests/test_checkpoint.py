@@ -157,6 +157,29 @@ def test_a_resume_with_nothing_to_train_leaves_its_checkpoint_as_it_is(data_dir,
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in ckpts.rglob("*") if p.is_file()} == files
 
 
+def test_a_step_saved_again_replaces_the_old_one_without_a_gap(data_dir, tmp_path):
+    """Restarted from step 2 of a run that had saved step 4, the new step 4 takes the old one's place: the old one
+    is moved aside, never deleted first. A stop between the two renames loses nothing: the next save, or the
+    error naming the rename, puts it back."""
+    from megascale.errors import MegascaleError
+    from megascale.train.checkpoint import _remove_partial_saves, latest_checkpoint
+
+    run_pretrain(tmp_path, data_dir, "train.max_steps=4", "train.save_every=2")
+    ckpts = tmp_path / "checkpoints"
+    first = (ckpts / "step_00000004" / "megascale.json").stat().st_ino
+    run_pretrain(tmp_path, data_dir, "train.max_steps=4", "train.save_every=2", f"train.resume={ckpts / 'step_00000002'}")
+    assert (ckpts / "step_00000004" / "megascale.json").stat().st_ino != first  # a new save, not the old files
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_00000002", "step_00000004"]
+    # The stop between the renames: the old step aside, the new one not yet in place.
+    (ckpts / "step_00000004").rename(ckpts / "step_00000004.replaced")
+    (ckpts / "step_00000004.tmp").mkdir()
+    with pytest.raises(MegascaleError, match="rename it to step_00000004"):
+        latest_checkpoint(ckpts)
+    _remove_partial_saves(ckpts)  # what the next save does first
+    assert latest_checkpoint(ckpts) == ckpts / "step_00000004" and (ckpts / "step_00000004" / "megascale.json").is_file()
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_00000002", "step_00000004"]
+
+
 def test_checkpoint_from_another_shape_is_refused(eight_steps, data_dir, tmp_path):
     ckpts = eight_steps / "checkpoints"
     before = snapshot(ckpts)

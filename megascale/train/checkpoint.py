@@ -10,7 +10,10 @@ A save goes to ``step_N.tmp`` first; rank 0 writes ``megascale.json`` into it,
 renames it to ``step_N`` (an atomic rename) and only then moves ``latest``
 (write-temp-then-replace). A crash at any point leaves ``latest`` pointing at
 the previous complete checkpoint; leftover ``.tmp`` directories are removed by
-the next save.
+the next save. A step saved again (a checkpoint converted into its own directory,
+a run restarted from an earlier step) moves the old ``step_N`` aside to
+``step_N.replaced`` until the new one has its name; the next save puts it back if
+the new one never did.
 """
 
 from __future__ import annotations
@@ -160,10 +163,13 @@ class PendingSave:
             os._exit(17)
         _copy_tokenizer(self.meta, tmp)
         _atomic_write(tmp / META_NAME, json.dumps(self.meta, indent=2))
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        aside = _aside(self.path)
+        if self.path.exists():  # a step saved before (another timeline, a conversion): kept until replaced
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(self.path, aside)
         os.replace(tmp, self.path)
         _atomic_write(self.root / "latest", tag)
+        shutil.rmtree(aside, ignore_errors=True)
         _prune(self.root, self.keep)
 
 
@@ -187,16 +193,28 @@ def tokenizer_path(path: Path, meta: dict[str, Any]) -> Path:
     return own if own is not None and own.is_file() else Path(tok.get("path", ""))
 
 
+def _aside(path: Path) -> Path:
+    """Where a step directory waits while a new save of the same step takes its name."""
+    return path.with_name(path.name + ".replaced")
+
+
 def _remove_partial_saves(root: Path) -> None:
     for partial in root.glob("step_*.tmp"):
         log.warning("removing incomplete checkpoint %s (a save was interrupted)", partial)
         shutil.rmtree(partial, ignore_errors=True)
+    for aside in root.glob("step_*.replaced"):
+        step_dir = aside.with_name(aside.name.removesuffix(".replaced"))
+        if step_dir.exists():  # the new save of that step was published
+            shutil.rmtree(aside, ignore_errors=True)
+        else:  # interrupted between the two renames: the old one is still the complete checkpoint
+            log.warning("restoring %s (a save that was replacing it was interrupted)", step_dir)
+            os.replace(aside, step_dir)
 
 
 def _prune(root: Path, keep: int) -> None:
     if keep <= 0:
         return
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".replaced")))
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -207,6 +225,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
+    if not path.is_dir() and _aside(path).is_dir():
+        raise MegascaleError(f"{pointer} names '{path.name}', which a save was replacing when it stopped; the complete one "
+                             f"is {_aside(path)}: rename it to {path.name}")
     if not path.is_dir():
         raise MegascaleError(f"{pointer} names '{path.name}', which does not exist; point it at a step_* directory in {root}")
     return path
