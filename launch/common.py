@@ -108,7 +108,8 @@ def summary_lines(summary) -> list[str]:
 
 
 def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
-    """Call ``main``; a MegascaleError becomes one line on stderr (``report_error``) and exit status 2.
+    """Call ``main``; a MegascaleError becomes one line on stderr (``report_error``) and exit status 2, Ctrl-C one
+    line and 130.
 
     The process group is torn down on every way out: left to the interpreter's exit, gloo's
     threads were sometimes destroyed while still joinable ("terminate called without an active
@@ -120,6 +121,11 @@ def run(main: Callable[[list[str]], int], argv: list[str]) -> int:
     except MegascaleError as err:
         report_error(err, launch_rank())
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the traceback would only say where the step was
+        if launch_rank() == 0:
+            print("interrupted (Ctrl-C): the checkpoints already published are complete; continue with "
+                  "train.resume=auto (SIGTERM or SIGUSR1 would have saved this step first)", file=sys.stderr, flush=True)
+        return 130
     finally:
         from megascale.train.dist import leave_process_group  # noqa: PLC0415 (imports torch)
 

@@ -118,3 +118,22 @@ def test_a_dead_rank_makes_the_others_exit_within_the_timeout(tmp_path, data_dir
     rc, out = finish(proc, timeout=180)
     assert rc != 0
     assert time.time() - killed < 20 + 40, out[-3000:]  # the timeout plus process teardown
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_checkpoints(tmp_path, data_dir):
+    """SIGINT (Ctrl-C in a terminal) ends a one-process run with one line and status 130, not a traceback; the
+    checkpoint published before it is whole and resumes. SIGINT is reset to its default in the child: a test run
+    in the background of a shell would otherwise hand it down ignored."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), *TINY,
+           f"data.path={data_dir}", f"train.out_dir={run_dir}", "train.max_steps=100000", "train.save_every=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for_step(run_dir, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    rc, out = finish(proc)
+    assert rc == 130 and "Traceback" not in out, out[-3000:]
+    assert "interrupted (Ctrl-C): the checkpoints already published are complete" in out
+    rc, out = finish(subprocess.Popen([*cmd[:-2], "train.max_steps=3", "train.resume=auto"], cwd=ROOT, env=clean_env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    assert rc == 0 and "resumed from" in out, out[-3000:]
