@@ -553,7 +553,8 @@ def _check_numbers(cfg: Config) -> None:
         ("train.collective_timeout_s", t.collective_timeout_s, t.collective_timeout_s > 0, "> 0 seconds"),
         ("untie.plateau_threshold", u.plateau_threshold, u.plateau_threshold >= 0, ">= 0 (a relative improvement)"),
         ("untie.probe_every", u.probe_every, u.probe_every >= 0, ">= 0 (0 = never)"),
-        ("untie.coherence_threshold", u.coherence_threshold, 0 < u.coherence_threshold <= 1, "in (0, 1] (rho is at most 1)"),
+        # Above 1 is allowed: rho never exceeds 1, so such a threshold fires after coherence_probes probes.
+        ("untie.coherence_threshold", u.coherence_threshold, u.coherence_threshold > 0, "> 0 (rho is in (0, 1])"),
         ("untie.min_step", u.min_step, u.min_step >= 0, ">= 0"),
         ("metrics.peak_tflops", cfg.metrics.peak_tflops, cfg.metrics.peak_tflops >= 0, ">= 0 (0 looks the device up)"),
     ):

@@ -76,7 +76,7 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("optim.eps=0", "optim.eps=0.0 must be > 0"),
         ("train.eval_batches=0", "set train.eval_every=0 to skip validation"),
         ("train.keep_checkpoints=-1", "0 keeps every checkpoint"),
-        ("untie.coherence_threshold=2", "must be in (0, 1]"),
+        ("untie.coherence_threshold=0", "untie.coherence_threshold=0.0 must be > 0"),
         ("metrics.peak_tflops=-1", "must be >= 0"),
     ],
 )

@@ -339,8 +339,8 @@ def clip_by_global_norm(engine, tp_rank: int, model_group) -> None:
     weights, and it counts a tied module on each stage that holds it. Two stages of the
     tiny model reported 1.07 where one process has 1.20, and clipped by it. ZeRO-1-3
     ask for the tensor rank instead and skip pipeline replicas, as ``counts_once``
-    does here; it also drops DeepSpeed's host read of the norm. ``model_group``: every
-    stage and tensor rank of this data-parallel replica.
+    does here (no host read either). ``model_group``: every stage and tensor rank of
+    this data-parallel replica.
     """
 
     def clip() -> None:
