@@ -356,9 +356,12 @@ def clip_by_global_norm(engine, tp_rank: int, model_group) -> None:
 def counts_once(p: torch.nn.Parameter, tp_rank: int) -> bool:
     """Whether this rank's copy of ``p`` is the one that counts in the model's gradient norm: not a pipeline
     stage's replica of a tied module, and either a tensor-parallel shard or on tensor rank 0."""
-    if getattr(p, "ds_pipe_replicated", False):
+    from deepspeed.runtime.constants import PIPE_REPLICATED  # noqa: PLC0415
+    from deepspeed.runtime.utils import is_model_parallel_parameter  # noqa: PLC0415
+
+    if getattr(p, PIPE_REPLICATED, False):
         return False
-    return tp_rank == 0 or getattr(p, "tensor_model_parallel", False) or getattr(p, "model_parallel", False)
+    return tp_rank == 0 or is_model_parallel_parameter(p)  # the marks ZeRO-1-3 read, by DeepSpeed's own test
 
 
 def global_grad_norm(params: list[torch.nn.Parameter], tp_rank: int, model_group) -> torch.Tensor:

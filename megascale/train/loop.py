@@ -625,14 +625,8 @@ def run_loop(run: Run) -> RunSummary:
     if t.eval_every and progress.step == 0:
         summary.first_val_loss = _log_eval(run, writer)
     last_saved = -1
-    if progress.step >= t.max_steps and _is_own_checkpoint(run, run.resumed_exactly_from):
-        # Saving again would only rewrite the checkpoint just read. (One converted from another layout, or
-        # read from another run, is saved: that writes it in this run's layout, into this run's directory.)
-        last_saved = progress.step
-        summary.checkpoint = run.resumed_exactly_from
-        if ctx.is_main:
-            log.info("nothing to train: the checkpoint is at step %d, train.max_steps=%d; raise train.max_steps to "
-                     "train on", progress.step, t.max_steps)
+    if _nothing_to_train(run):  # saving again would only rewrite the checkpoint just read
+        last_saved, summary.checkpoint = progress.step, run.resumed_exactly_from
     memory_due = True  # per-rank state memory on the first step, and again after each untie
     probe = make_probe(run)
     stop = StopRequest().install()
@@ -686,10 +680,18 @@ def run_loop(run: Run) -> RunSummary:
     return summary
 
 
-def _is_own_checkpoint(run: Run, path: Path | None) -> bool:
-    """Whether ``path`` is this run's checkpoint of its current step (by name only: every rank decides alike)."""
-    own = run.out_dir / "checkpoints" / ckpt.tag_for(run.progress.step)
-    return path is not None and os.path.abspath(path) == os.path.abspath(own)
+def _nothing_to_train(run: Run) -> bool:
+    """Resumed at or past train.max_steps from this run's own checkpoint of that step (says so). By name only, so
+    every rank decides alike. One converted from another layout, or read from another run, is saved again: that
+    writes it in this run's layout, into this run's directory."""
+    step, path = run.progress.step, run.resumed_exactly_from
+    own = run.out_dir / "checkpoints" / ckpt.tag_for(step)
+    if step < run.cfg.train.max_steps or path is None or os.path.abspath(path) != os.path.abspath(own):
+        return False
+    if run.ctx.is_main:
+        log.info("nothing to train: the checkpoint is at step %d, train.max_steps=%d; raise train.max_steps to "
+                 "train on", step, run.cfg.train.max_steps)
+    return True
 
 
 class _Meter:
