@@ -12,8 +12,8 @@ renames it to ``step_N`` (an atomic rename) and only then moves ``latest``
 the previous complete checkpoint; leftover ``.tmp`` directories are removed by
 the next save. A step saved again (a checkpoint converted into its own directory,
 a run restarted from an earlier step) moves the old ``step_N`` aside to
-``step_N.replaced`` until the new one has its name; the next save puts it back if
-the new one never did.
+``step_N.replaced`` until the new one has its name. If the new one never got it,
+a resume reads the old one where it is and the next save puts it back.
 """
 
 from __future__ import annotations
@@ -226,8 +226,12 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     path = root / pointer.read_text().strip()
     if not path.is_dir() and _aside(path).is_dir():
-        raise MegascaleError(f"{pointer} names '{path.name}', which a save was replacing when it stopped; the complete one "
-                             f"is {_aside(path)}: rename it to {path.name}")
+        # Stopped between the two renames of a save over an existing step: the old directory, moved aside, is
+        # complete. Read it where it is (every rank may be reading; renaming here would race them); the next
+        # save puts it back under its name.
+        log.warning("%s names '%s', which a save was replacing when it stopped; using the complete %s",
+                    pointer, path.name, _aside(path).name)
+        return _aside(path)
     if not path.is_dir():
         raise MegascaleError(f"{pointer} names '{path.name}', which does not exist; point it at a step_* directory in {root}")
     return path
