@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import events, last_checkpoint, losses, run_pretrain, same_adam_state, same_checkpoint
+from conftest import ROOT, TINY, events, last_checkpoint, losses, run_pretrain, same_adam_state, same_checkpoint
 from megascale.train.zero_files import OPTIMIZER_NAMES
 
 
@@ -43,6 +43,24 @@ def test_resume_is_exact(eight_steps, data_dir, tmp_path):
     full, resumed = losses(eight_steps), losses(tmp_path)
     assert sorted(resumed) == [5, 6, 7, 8]
     assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit-identical in fp32
+
+
+def test_a_resumed_run_steps_with_the_configs_optimizer_settings_not_the_checkpoints(eight_steps, data_dir, tmp_path):
+    """DeepSpeed's load brings back the saved param groups and peak LR; a run extended with a new LR, weight decay,
+    beta2 and max_steps must step with those (ZeRO-1 over two ranks here), and say which it changed."""
+    from megascale.config import load_config
+    from megascale.train.engine import lr_lambda
+
+    changes = ["optim.lr=2e-3", "optim.weight_decay=0.5", "optim.beta2=0.9", "train.max_steps=10"]
+    proc = run_pretrain(tmp_path, data_dir, "train.save_every=0", *changes,
+                        f"train.resume={eight_steps / 'checkpoints' / 'step_00000004'}", nproc=2)
+    assert ("optim.lr 0.001 -> 0.002, optim.weight_decay 0.1 -> 0.5, optim.beta2 0.95 -> 0.9, train.max_steps 8 -> 10"
+            in proc.stderr)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *changes])
+    (start,) = events(tmp_path, "start")
+    assert start["optimizer"] == [
+        {"lr": pytest.approx(2e-3 * lr_lambda(cfg.optim, 10)(4), rel=1e-12), "betas": [0.9, 0.9], "eps": 1e-8, "weight_decay": wd}
+        for wd in (0.5, 0.0)]
 
 
 def test_crash_during_save_keeps_previous_checkpoint(data_dir, tmp_path, eight_steps):

@@ -34,6 +34,7 @@ from megascale.errors import MegascaleError
 from megascale.model.init import LazyWeights, Shard, Source, chunk_range, cut
 from megascale.parallel.topology import kv_replicas
 from megascale.train import zero_files
+from megascale.train.engine import base_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -288,10 +289,23 @@ def check_compatible(meta: dict[str, Any], model_cfg: dict[str, Any], plan: list
 
 
 def load_checkpoint(engine, path: Path) -> None:
-    """Load weights, optimizer and LR-scheduler state into the engine (all ranks)."""
+    """Load weights, optimizer and LR-scheduler state into the engine (all ranks).
+
+    The optimizer's settings stay the config's: DeepSpeed's load brings back the saved param groups
+    (betas, eps, weight decay, LR) and the scheduler's peak LR, which would silently override an
+    optim.* changed for the resumed run. The LR is recomputed at the loaded step, as on a converted resume.
+    """
+    opt, scheduler = base_optimizer(engine), engine.lr_scheduler
+    settings = [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in opt.param_groups]
+    peaks = list(scheduler.base_lrs) if scheduler is not None else []
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True)
     if loaded is None:
         raise MegascaleError(f"DeepSpeed could not load {path}; it may be incomplete — resume from an older step_* directory")
+    for group, own in zip(opt.param_groups, settings, strict=True):
+        group.update(own)
+    if scheduler is not None:
+        scheduler.base_lrs = peaks
+        restore_schedule(engine, engine.global_steps)
 
 
 # ------------------------------------------------------------ layout conversion

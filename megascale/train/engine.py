@@ -184,6 +184,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW under DeepSpeed's wrappers (ZeRO, BF16 optimizer), or the engine's own."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def optimizer_settings(engine) -> list[dict[str, Any]]:
+    """What each param group steps with now (LR, betas, eps, weight decay): for the run's start record."""
+    keys = ("lr", "betas", "eps", "weight_decay")
+    return [{k: group[k] for k in keys if k in group} for group in base_optimizer(engine).param_groups]
+
+
 def build_optimizer(module: torch.nn.Module, cfg: Config, device: torch.device):
     """AdamW over the decay / no-decay groups: torch's, or DeepSpeed's CPU Adam when the optimizer is offloaded."""
     o = cfg.optim

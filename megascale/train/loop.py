@@ -36,7 +36,7 @@ from megascale.parallel.topology import ParallelDims, ParallelGroups, build_grou
 from megascale.train import checkpoint as ckpt
 from megascale.train import preflight
 from megascale.train.dist import DistContext
-from megascale.train.engine import (BatchLayout, batch_layout, build_engine, effective_zero_stage, state_formula,
+from megascale.train.engine import (BatchLayout, batch_layout, build_engine, effective_zero_stage, optimizer_settings, state_formula,
                                     zero_stage_run)
 from megascale.train.memory import local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
@@ -590,6 +590,16 @@ def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None
     run.resumed_exactly_from = None if converted else path
     if run.ctx.is_main:
         log.info("resumed from %s at step %d: %s", path, run.progress.step, how)
+        changed = changed_schedule(meta.get("config", {}), run.cfg.to_dict())
+        if changed:
+            log.info("the config's optimizer settings apply from here on, not the checkpoint's: %s", ", ".join(changed))
+
+
+def changed_schedule(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'optim.lr 0.001 -> 0.002'-style lines for each optimizer or schedule setting a resume changes."""
+    pairs = [(f"optim.{k}", v, saved.get("optim", {}).get(k, v)) for k, v in now["optim"].items()]
+    pairs.append(("train.max_steps", now["train"]["max_steps"], saved.get("train", {}).get("max_steps", now["train"]["max_steps"])))
+    return [f"{name} {old} -> {new}" for name, new, old in pairs if old != new]
 
 
 def restore_adam(run: Run, path: Path, meta: dict[str, Any]) -> str:
@@ -618,7 +628,7 @@ def run_loop(run: Run) -> RunSummary:
     t, ctx, progress = run.cfg.train, run.ctx, run.progress
     writer = MetricsWriter(run.out_dir, ctx.is_main, run.cfg.metrics.tensorboard, run.cfg.metrics.wandb_project, run.cfg.to_dict())
     writer.log({"step": progress.step, "event": "start", "world_size": ctx.world_size, "device": str(ctx.device),
-                "layout": layout_of(run.groups), **run.info})
+                "layout": layout_of(run.groups), "optimizer": optimizer_settings(run.engine), **run.info})
     summary = RunSummary(run.out_dir, None, writer.path, None)
     meter = _Meter(device_peak_tflops(ctx.device, run.cfg.metrics.peak_tflops),
                    _progress_bar(ctx, t, progress.step, "pretrain" if run.stage is None else "finetune"))

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megascale.model.init import piece_of
-from megascale.train.engine import holds_fp32_master
+from megascale.train.engine import base_optimizer, holds_fp32_master
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch AdamW's state, besides "step"
 
@@ -92,12 +92,6 @@ class EngineState:
     def held_elements(self) -> int:
         """Elements this rank holds (weights and both moments): its host memory / 4 bytes."""
         return sum(s.weight.numel() + sum(m.numel() for m in s.moments.values()) for s in self.params.values())
-
-
-def base_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch AdamW under DeepSpeed's wrappers (ZeRO, BF16 optimizer), or the engine's own."""
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
 
 
 def _state_step(opt: torch.optim.Optimizer) -> int:
