@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, events, last_checkpoint, losses, run_pretrain, same_adam_state, same_checkpoint
+from conftest import ROOT, TINY, events, metrics, last_checkpoint, losses, run_pretrain, same_adam_state, same_checkpoint
 from megascale.train.zero_files import OPTIMIZER_NAMES
 
 
@@ -45,17 +45,20 @@ def test_resume_is_exact(eight_steps, data_dir, tmp_path):
     assert [resumed[s] for s in range(5, 9)] == [full[s] for s in range(5, 9)]  # bit-identical in fp32
 
 
-def test_a_resumed_run_steps_with_the_configs_optimizer_settings_not_the_checkpoints(eight_steps, data_dir, tmp_path):
+def test_a_resumed_run_steps_with_the_configs_optimizer_settings_and_batch_not_the_checkpoints(eight_steps, data_dir, tmp_path):
     """DeepSpeed's load brings back the saved param groups and peak LR; a run extended with a new LR, weight decay,
-    beta2 and max_steps must step with those (ZeRO-1 over two ranks here), and say which it changed."""
+    beta2 and max_steps must step with those (ZeRO-1 over two ranks here), and say which it changed. A larger
+    global batch goes on from the sample the checkpoint stopped at (the order is the sampler test's)."""
     from megascale.config import load_config
     from megascale.train.engine import lr_lambda
 
-    changes = ["optim.lr=2e-3", "optim.weight_decay=0.5", "optim.beta2=0.9", "train.max_steps=10"]
+    changes = ["optim.lr=2e-3", "optim.weight_decay=0.5", "optim.beta2=0.9", "train.max_steps=10", "train.global_batch_size=16"]
     proc = run_pretrain(tmp_path, data_dir, "train.save_every=0", *changes,
                         f"train.resume={eight_steps / 'checkpoints' / 'step_00000004'}", nproc=2)
     assert ("optim.lr 0.001 -> 0.002, optim.weight_decay 0.1 -> 0.5, optim.beta2 0.95 -> 0.9, train.max_steps 8 -> 10"
             in proc.stderr)
+    assert "the global batch goes from 8 to 16 sequences per step; the data goes on in the same order from sample 32" in proc.stderr
+    assert [(r["step"], r["tokens"]) for r in metrics(tmp_path) if "loss" in r][:2] == [(5, (32 + 16) * 32), (6, (32 + 32) * 32)]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *changes])
     (start,) = events(tmp_path, "start")
     assert start["optimizer"] == [

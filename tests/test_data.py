@@ -296,10 +296,27 @@ def test_sampler_bad_arithmetic(kwargs: dict, words: str) -> None:
 def test_sampler_rejects_foreign_state() -> None:
     state = sampler(gb=8).state_dict()
     with pytest.raises(MegascaleError) as err:
-        sampler(gb=16, mb=2).load_state_dict(state)
-    assert "global_batch" in assert_one_line(err)
-    with pytest.raises(MegascaleError):
         sampler(num=40).load_state_dict(state)
+    assert "num_samples" in assert_one_line(err)
+    with pytest.raises(MegascaleError):
+        sampler(seed=1).load_state_dict(state)
+
+
+def test_a_resume_with_another_global_batch_goes_on_from_the_same_sample() -> None:
+    """Steps of 8, then of 16 from where they stopped: the same stream of samples as steps of 8 all along,
+    across the epoch boundary too (each epoch's tail that cannot fill a batch is dropped, as always)."""
+    small = sampler(num=64, gb=8, mb=2)
+    first = [i for _ in range(3) for m in small.next_global_batch() for i in m.tolist()]
+    large = sampler(num=64, gb=16, mb=2)
+    large.load_state_dict(small.state_dict())
+    then = [i for _ in range(2) for m in large.next_global_batch() for i in m.tolist()]
+    reference = sampler(num=64, gb=8, mb=2)
+    expected = [i for _ in range(7) for m in reference.next_global_batch() for i in m.tolist()]
+    assert first + then == expected[:56]
+    # 56 + 16 > 64: the last 8 of epoch 0 cannot fill a batch of 16; the next epoch starts at its first sample.
+    assert (large.state.epoch, large.state.consumed) == (1, 0)
+    after = [i for m in large.next_global_batch() for i in m.tolist()]
+    assert after == reference.epoch_order(1)[:16].tolist() and (large.state.epoch, large.state.consumed) == (1, 16)
 
 
 def test_batch_from_indices_shifts_targets(tmp_path: Path) -> None:

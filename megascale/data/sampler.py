@@ -135,13 +135,17 @@ class DistributedBatchSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume exactly where ``state_dict()`` was taken (any dp/accum split)."""
-        for key in ("global_batch", "num_samples", "seed", "shuffle"):
+        """Resume exactly where ``state_dict()`` was taken (any dp/accum split, any global batch).
+
+        The order of an epoch depends on (seed, epoch, num_samples) only, so another global batch goes on
+        from the same sample: each is still read once per epoch, only grouped into steps differently.
+        """
+        for key in ("num_samples", "seed", "shuffle"):
             saved, current = state.get(key), getattr(self, key)
             if saved != current:
                 raise MegascaleError(
                     f"the checkpoint's data position was saved with {key}={saved} but this run has "
-                    f"{key}={current}; resume with the same data and batch settings or start a new run"
+                    f"{key}={current}; resume with the same data, data.seq_len, data.shuffle and train.seed, or start a new run"
                 )
         self.state = SamplerState(epoch=int(state["epoch"]), consumed=int(state["consumed"]))
 

@@ -590,6 +590,11 @@ def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None
     run.resumed_exactly_from = None if converted else path
     if run.ctx.is_main:
         log.info("resumed from %s at step %d: %s", path, run.progress.step, how)
+        saved_batch = meta["data"]["sampler"]["global_batch"]
+        if saved_batch != run.sampler.global_batch:
+            log.info("the global batch goes from %d to %d sequences per step; the data goes on in the same order "
+                     "from sample %d of epoch %d", saved_batch, run.sampler.global_batch,
+                     run.sampler.state.consumed, run.sampler.state.epoch)
         changed = changed_schedule(meta.get("config", {}), run.cfg.to_dict())
         if changed:
             log.info("the config's optimizer settings apply from here on, not the checkpoint's: %s", ", ".join(changed))
