@@ -55,14 +55,15 @@ def test_a_resumed_run_steps_with_the_configs_optimizer_settings_and_batch_not_t
     changes = ["optim.lr=2e-3", "optim.weight_decay=0.5", "optim.beta2=0.9", "train.max_steps=10", "train.global_batch_size=16"]
     proc = run_pretrain(tmp_path, data_dir, "train.save_every=0", *changes,
                         f"train.resume={eight_steps / 'checkpoints' / 'step_00000004'}", nproc=2)
-    assert ("optim.lr 0.001 -> 0.002, optim.weight_decay 0.1 -> 0.5, optim.beta2 0.95 -> 0.9, train.max_steps 8 -> 10"
-            in proc.stderr)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *changes])
+    lr_now, lr_then = 2e-3 * lr_lambda(cfg.optim, 10)(4), 1e-3 * lr_lambda(cfg.optim, 8)(4)
+    assert ("optim.lr 0.001 -> 0.002, optim.weight_decay 0.1 -> 0.5, optim.beta2 0.95 -> 0.9, train.max_steps 8 -> 10; "
+            f"the LR for step 5 is {lr_now:.4g} (the saved run's schedule: {lr_then:.4g})" in proc.stderr)
     assert "the global batch goes from 8 to 16 sequences per step; the data goes on in the same order from sample 32" in proc.stderr
     assert [(r["step"], r["tokens"]) for r in metrics(tmp_path) if "loss" in r][:2] == [(5, (32 + 16) * 32), (6, (32 + 32) * 32)]
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [*TINY, *changes])
     (start,) = events(tmp_path, "start")
     assert start["optimizer"] == [
-        {"lr": pytest.approx(2e-3 * lr_lambda(cfg.optim, 10)(4), rel=1e-12), "betas": [0.9, 0.9], "eps": 1e-8, "weight_decay": wd}
+        {"lr": pytest.approx(lr_now, rel=1e-12), "betas": [0.9, 0.9], "eps": 1e-8, "weight_decay": wd}
         for wd in (0.5, 0.0)]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megascale.config import FP32_STATE, Config
+from megascale.config import FP32_STATE, Config, OptimConfig
 from megascale.data import DistributedBatchSampler, Tokenizer, TokenFile, batch_from_indices, ensure_stdlib_dataset, load_manifest, require_tokenizer
 from megascale.data.blend import Blend, BlendPart, parse_blend
 from megascale.errors import MegascaleError
@@ -36,8 +36,8 @@ from megascale.parallel.topology import ParallelDims, ParallelGroups, build_grou
 from megascale.train import checkpoint as ckpt
 from megascale.train import preflight
 from megascale.train.dist import DistContext
-from megascale.train.engine import (BatchLayout, batch_layout, build_engine, effective_zero_stage, optimizer_settings, state_formula,
-                                    zero_stage_run)
+from megascale.train.engine import (BatchLayout, batch_layout, build_engine, effective_zero_stage, lr_lambda, optimizer_settings,
+                                    state_formula, zero_stage_run)
 from megascale.train.memory import local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
 from megascale.train.nonfinite import NanGuard, harmless_backward_loss, zero_lr
@@ -597,7 +597,9 @@ def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None
                      run.sampler.state.consumed, run.sampler.state.epoch)
         changed = changed_schedule(meta.get("config", {}), run.cfg.to_dict())
         if changed:
-            log.info("the config's optimizer settings apply from here on, not the checkpoint's: %s", ", ".join(changed))
+            then, now = (schedule_lr(c, run.progress.step) for c in (meta["config"], run.cfg.to_dict()))
+            log.info("the config's optimizer settings apply from here on, not the checkpoint's: %s; the LR for "
+                     "step %d is %.4g (the saved run's schedule: %.4g)", ", ".join(changed), run.progress.step + 1, now, then)
 
 
 def changed_schedule(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -605,6 +607,13 @@ def changed_schedule(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     pairs = [(f"optim.{k}", v, saved.get("optim", {}).get(k, v)) for k, v in now["optim"].items()]
     pairs.append(("train.max_steps", now["train"]["max_steps"], saved.get("train", {}).get("max_steps", now["train"]["max_steps"])))
     return [f"{name} {old} -> {new}" for name, new, old in pairs if old != new]
+
+
+def schedule_lr(config: dict[str, Any], step: int) -> float:
+    """The LR a config's schedule gives after ``step`` steps (settings a checkpoint lacks: today's defaults)."""
+    known = {f.name for f in dataclasses.fields(OptimConfig)}
+    optim = OptimConfig(**{k: v for k, v in config["optim"].items() if k in known})
+    return optim.lr * lr_lambda(optim, config["train"]["max_steps"])(step)
 
 
 def restore_adam(run: Run, path: Path, meta: dict[str, Any]) -> str:
