@@ -284,6 +284,11 @@ class MetricsConfig:
     """Write loss.png at the end of the run."""
     wandb_project: str = ""
     """Also log to Weights & Biases under this project when wandb is installed ('' = off; never required; WANDB_MODE=offline works)."""
+    profile_start: int = 0
+    """Run steps profile_start … profile_start + profile_steps - 1 under torch.profiler (0 = off): each rank writes a trace
+    (open in https://ui.perfetto.dev) and a table of its top operators to <train.out_dir>/profile/."""
+    profile_steps: int = 2
+    """How many steps the profiler window holds (a GPU step's trace runs to tens of MB)."""
 
 
 @dataclass
@@ -557,6 +562,8 @@ def _check_numbers(cfg: Config) -> None:
         ("untie.coherence_threshold", u.coherence_threshold, u.coherence_threshold > 0, "> 0 (rho is in (0, 1])"),
         ("untie.min_step", u.min_step, u.min_step >= 0, ">= 0"),
         ("metrics.peak_tflops", cfg.metrics.peak_tflops, cfg.metrics.peak_tflops >= 0, ">= 0 (0 looks the device up)"),
+        ("metrics.profile_start", cfg.metrics.profile_start, cfg.metrics.profile_start >= 0, ">= 0 (0 = no profile)"),
+        ("metrics.profile_steps", cfg.metrics.profile_steps, cfg.metrics.profile_steps >= 1, ">= 1"),
     ):
         _check(ok, f"{name}={value} must be {rule}")
 

@@ -78,6 +78,8 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("train.keep_checkpoints=-1", "0 keeps every checkpoint"),
         ("untie.coherence_threshold=0", "untie.coherence_threshold=0.0 must be > 0"),
         ("metrics.peak_tflops=-1", "must be >= 0"),
+        ("metrics.profile_steps=0", "metrics.profile_steps=0 must be >= 1"),
+        ("metrics.profile_start=-2", "metrics.profile_start=-2 must be >= 0 (0 = no profile)"),
     ],
 )
 def test_bad_input_is_one_line(override, fragment):

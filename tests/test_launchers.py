@@ -2,11 +2,13 @@
 
 The other test files spawn their ranks directly (conftest.spawn_ranks); these run the launchers."""
 
+import gzip
 import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import losses, run_pretrain
 
@@ -16,7 +18,7 @@ def deepspeed_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("deepspeed")
     proc = run_pretrain(out, data_dir, "train.max_steps=4", "train.eval_every=2", "train.eval_batches=4",
                         "metrics.plot=true", "metrics.tensorboard=true", "train.sample_tokens=8", "train.progress=true",
-                        nproc=2, launcher="deepspeed")
+                        "metrics.profile_start=2", nproc=2, launcher="deepspeed")
     return out, proc
 
 
@@ -39,6 +41,38 @@ def test_deepspeed_launcher_reports_and_writes_everything(deepspeed_run):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert "pretrain: 100%" in proc.stderr  # tqdm bar on rank 0
     assert "shm_comm" not in proc.stdout + proc.stderr  # DeepSpeed's inference-only op is neither built nor loaded
+
+
+def test_a_profiled_window_writes_a_trace_and_a_table_per_rank(deepspeed_run):
+    """metrics.profile_start=2 (two steps by default): each rank's trace holds steps 2 and 3 as named ranges with the
+    model's matmuls inside, beside its top-operator table. The losses are the unprofiled torchrun run's (next test)."""
+    out, proc = deepspeed_run
+    files = sorted(p.name for p in (out / "profile").iterdir())
+    assert files == [f"rank{r}_steps2-3{suffix}" for r in (0, 1) for suffix in (".json.gz", "_top.txt")]
+    for rank in (0, 1):
+        trace = json.loads(gzip.decompress((out / "profile" / f"rank{rank}_steps2-3.json.gz").read_bytes()))
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"megascale step 2", "megascale step 3", "aten::mm"} <= names and "megascale step 4" not in names
+        assert "aten::mm" in (out / "profile" / f"rank{rank}_steps2-3_top.txt").read_text()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], [Path(f).name for f in r["files"]]) for r in records if r.get("event") == "profile"] == [
+        (3, ["rank0_steps2-3.json.gz", "rank0_steps2-3_top.txt"])]
+    assert "profile written: rank0_steps2-3.json.gz" in proc.stderr
+
+
+def test_a_run_that_ends_inside_the_profiled_window_writes_what_it_profiled(tmp_path):
+    from megascale.train.profiling import StepProfiler
+
+    profiler, x = StepProfiler(start=2, steps=5, out_dir=tmp_path, rank=3, device=torch.device("cpu")), torch.ones(8, 8)
+    for step in (1, 2, 3):
+        profiler.before_step(step)
+        x = x @ x / 8
+        assert profiler.after_step(step) == []  # the window (2-6) is still open
+    files = profiler.close(3)
+    assert [f.name for f in files] == ["rank3_steps2-3.json.gz", "rank3_steps2-3_top.txt"]
+    names = {e.get("name") for e in json.loads(gzip.decompress(files[0].read_bytes()))["traceEvents"]}
+    assert {"megascale step 2", "megascale step 3"} <= names and "megascale step 1" not in names
+    assert profiler.close(3) == [] and profiler.after_step(4) == []  # once only
 
 
 @pytest.mark.parametrize("launcher, name", [("mpirun", "mpi"), ("torchrun", "torch-env")])

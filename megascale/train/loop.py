@@ -42,6 +42,7 @@ from megascale.train.memory import local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
 from megascale.train.nonfinite import NanGuard, harmless_backward_loss, zero_lr
 from megascale.train.preempt import PREEMPTED_EXIT, StopRequest
+from megascale.train.profiling import StepProfiler
 from megascale.train.zero_files import StateUnavailable
 from megascale.untie.conditions import UntieController
 from megascale.untie.transfer import restore_adam_state
@@ -653,15 +654,20 @@ def run_loop(run: Run) -> RunSummary:
         last_saved, summary.checkpoint = progress.step, run.resumed_exactly_from
     memory_due = True  # per-rank state memory on the first step, and again after each untie
     probe = make_probe(run)
+    profiler = make_profiler(run)
     stop = StopRequest().install()
     try:
         while progress.step < t.max_steps:
             probing = probe is not None and run.controller.probe_due(progress.step + 1)
             if probing:
                 probe.arm()
+            if profiler is not None:
+                profiler.before_step(progress.step + 1)
             with run_out_of_memory_explained(run, f"in step {progress.step + 1}"):
                 loss_t = train_step(run)
             progress.step += 1
+            if profiler is not None:
+                log_profile(run, writer, profiler.after_step(progress.step))
             progress.tokens += run.info["tokens_per_step"]
             if run.nan.checks_every_step and handle_nonfinite(run, loss_t, writer):
                 if probing:
@@ -692,6 +698,8 @@ def run_loop(run: Run) -> RunSummary:
     finally:
         stop.uninstall()
         meter.close()
+    if profiler is not None:  # the run ended inside the window (max_steps, a stop signal)
+        log_profile(run, writer, profiler.close(progress.step))
     if summary.preempted:
         _log_preempted(run, writer, summary)
     elif t.eval_every:
@@ -702,6 +710,23 @@ def run_loop(run: Run) -> RunSummary:
     writer.close()
     _finish(run, summary)
     return summary
+
+
+def make_profiler(run: Run) -> StepProfiler | None:
+    m = run.cfg.metrics
+    if not m.profile_start:
+        return None
+    if m.profile_start + m.profile_steps - 1 <= run.progress.step and run.ctx.is_main:
+        log.warning("metrics.profile_start=%d: the run resumes at step %d, past the profiled steps; nothing is profiled",
+                    m.profile_start, run.progress.step)
+    return StepProfiler(m.profile_start, m.profile_steps, run.out_dir, run.ctx.rank, run.ctx.device)
+
+
+def log_profile(run: Run, writer: MetricsWriter, files: list[Path]) -> None:
+    if files and run.ctx.is_main:
+        log.info("profile written: %s (open the trace in https://ui.perfetto.dev); every rank wrote its own to %s",
+                 ", ".join(f.name for f in files), files[0].parent)
+        writer.log({"step": run.progress.step, "event": "profile", "files": [str(f) for f in files]})
 
 
 def _nothing_to_train(run: Run) -> bool:
