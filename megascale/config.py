@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,9 @@ class TrainConfig(HostOffload):
     """Sequences per rank per forward/backward."""
     global_batch_size: int = 0
     """Sequences per optimizer step over all ranks; 0 means micro_batch_size * data-parallel size. Gradient accumulation = global / (micro * dp)."""
+    batch_rampup: str = ""
+    """A smaller global batch early in the run: 'B1:S1,B2:S2' trains with global batch B1 until step S1, B2 until S2, then
+    global_batch_size (Llama 3 and DeepSeek-V3 grow theirs). Each B a multiple of micro_batch_size * dp; '' = no ramp."""
     precision: str = "fp32"
     """fp32 | bf16 | fp16 | bf16-autocast. bf16/fp16: weights and gradients in that dtype, an fp32 master copy in the optimizer (fp16 with dynamic loss scaling). bf16-autocast: weights, gradients and optimizer in fp32, matmuls and attention in bf16 under torch.autocast (DeepSpeed's torch_autocast), as a plain PyTorch AMP loop trains; on one rank it steps torch's fused AdamW directly instead of DeepSpeed's bf16 optimizer."""
     zero_stage: int = 1
@@ -412,13 +416,28 @@ def _yaml11_float(text: str) -> float | str:
         return text
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 without its base-60 integers: '4:2' stays the text it looks like (train.batch_rampup), not 242."""
+
+
+_INT = "tag:yaml.org,2002:int"
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _INT] for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'train.max_steps=50'`` → (['train', 'max_steps'], 50). Values are parsed as YAML scalars."""
     if "=" not in text:
         raise MegascaleError(f"override '{text}' is not of the form key.sub=value (e.g. train.max_steps=50)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -451,7 +470,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MegascaleError(f"config file '{path}' not found; pass an existing YAML file, e.g. --config configs/tiny.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml(path.read_text())
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
@@ -526,6 +545,7 @@ def validate(cfg: Config) -> None:
     _check(t.nan_policy != "skip" or p.pp == 1,
            "train.nan_policy=skip needs parallel.pp=1 (the pipeline engine runs all micro-batches in one call); use rollback")
     _check(t.global_batch_size >= 0, "train.global_batch_size must be >= 0 (0 = micro_batch_size * data-parallel size)")
+    parse_batch_rampup(t.batch_rampup)
     _check_finetune(cfg.finetune)
     _check_untie(cfg)
     _check_numbers(cfg)
@@ -566,6 +586,22 @@ def _check_numbers(cfg: Config) -> None:
         ("metrics.profile_steps", cfg.metrics.profile_steps, cfg.metrics.profile_steps >= 1, ">= 1"),
     ):
         _check(ok, f"{name}={value} must be {rule}")
+
+
+def parse_batch_rampup(spec: str) -> list[tuple[int, int]]:
+    """'B1:S1,B2:S2' → [(B1, S1), (B2, S2)]: global batch B until step S (steps strictly increasing)."""
+    stages = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        batch, _, until = part.partition(":")
+        try:
+            stage = (int(batch), int(until))
+        except ValueError:
+            stage = (0, 0)
+        _check(stage[0] > 0 and stage[1] > (stages[-1][1] if stages else 0),
+               f"train.batch_rampup='{spec}': '{part}' is not BATCH:UNTIL_STEP with both positive and the steps increasing "
+               "(e.g. '256:1000,512:3000')")
+        stages.append(stage)
+    return stages
 
 
 def _check_untie(cfg: Config) -> None:

@@ -67,6 +67,23 @@ def test_a_resumed_run_steps_with_the_configs_optimizer_settings_and_batch_not_t
         for wd in (0.5, 0.0)]
 
 
+def test_a_batch_ramp_steps_as_a_resume_with_the_larger_batch_does(data_dir, tmp_path):
+    """train.batch_rampup=8:3 over two ranks at ZeRO-2 with Adam on the host: accumulation goes from 1 to 2 after step
+    3, where DeepSpeed's run-long micro-step count (3) would put the boundary after one micro-batch and ZeRO-2's host
+    path keeps its own count. Steps 4-5 must equal a fresh engine's resumed from the ramp's own step 3 at batch 16."""
+    common = ["train.global_batch_size=16", "train.zero_stage=2", "train.offload_optimizer=cpu", "train.max_steps=5"]
+    ramp = tmp_path / "ramp"
+    proc = run_pretrain(ramp, data_dir, *common, "train.batch_rampup=8:3", "train.save_every=3", nproc=2)
+    assert "batch ramp: 8 until step 3, then 16 (train.batch_rampup)" in proc.stderr
+    assert [(r["step"], r["global_batch"], r["grad_accum"]) for r in events(ramp, "global_batch")] == [(3, 16, 2)]
+    assert [(r["step"], r["tokens"]) for r in metrics(ramp) if "loss" in r] == [
+        (1, 256), (2, 512), (3, 768), (4, 1280), (5, 1792)]  # 8, then 16 sequences of 32 tokens
+    resumed = tmp_path / "resumed"
+    proc = run_pretrain(resumed, data_dir, *common, f"train.resume={ramp / 'checkpoints' / 'step_00000003'}", nproc=2)
+    assert "the global batch goes from 8 to 16 sequences per step" in proc.stderr
+    assert losses(resumed) == {s: losses(ramp)[s] for s in (4, 5)}  # bit for bit in fp32
+
+
 def test_crash_during_save_keeps_previous_checkpoint(data_dir, tmp_path, eight_steps):
     args = ("train.max_steps=8", "train.save_every=4")
     crashed = run_pretrain(tmp_path, data_dir, *args, env={"MEGASCALE_FAULT_DURING_SAVE": "8"}, check=False)

@@ -79,6 +79,9 @@ def test_int_is_accepted_for_float_and_list_for_sharing(tmp_path):
         ("untie.coherence_threshold=0", "untie.coherence_threshold=0.0 must be > 0"),
         ("metrics.peak_tflops=-1", "must be >= 0"),
         ("metrics.profile_steps=0", "metrics.profile_steps=0 must be >= 1"),
+        ("train.batch_rampup=8:0", "'8:0' is not BATCH:UNTIL_STEP with both positive and the steps increasing"),
+        ("train.batch_rampup=8:30,16:20", "'16:20' is not BATCH:UNTIL_STEP"),
+        ("train.batch_rampup=eight:3", "(e.g. '256:1000,512:3000')"),
         ("metrics.profile_start=-2", "metrics.profile_start=-2 must be >= 0 (0 = no profile)"),
     ],
 )
@@ -87,6 +90,24 @@ def test_bad_input_is_one_line(override, fragment):
         load_config(ROOT / "configs/tiny.yaml", override.split(" "))
     message = str(err.value)
     assert fragment in message and "\n" not in message
+
+
+def test_a_batch_ramp_reads_as_written_and_counts_its_tokens(tmp_path):
+    """'4:2' is 242 to YAML 1.1 (base 60); the config reads it as the text it is, in a file and in an override."""
+    from megascale.train.engine import batch_layout, planned_tokens
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_rampup: 4:2\n  global_batch_size: 12\n  micro_batch_size: 4\n  max_steps: 5\n"
+                    "data:\n  seq_len: 32\n")
+    assert load_config(path).train.batch_rampup == "4:2"
+    cfg = load_config(path, ["train.batch_rampup=4:2,8:3", "train.seed=0x10"])
+    assert cfg.train.batch_rampup == "4:2,8:3" and cfg.train.seed == 16  # other YAML integers as before
+    assert [batch_layout(cfg, 1, completed_steps=s).global_batch for s in range(5)] == [4, 4, 8, 12, 12]
+    assert batch_layout(cfg, 1).global_batch == 12  # no step: the final batch
+    assert planned_tokens(cfg, 1) == (2 * 4 + 1 * 8 + 2 * 12) * 32
+    assert planned_tokens(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=1)), 1) == 4 * 32
+    with pytest.raises(MegascaleError, match=r"^a train.batch_rampup batch=4 is not a multiple of micro_batch_size\*dp = 4\*2; "):
+        batch_layout(cfg, 2, completed_steps=0)
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -88,6 +88,11 @@ class DistributedBatchSampler:
     def grad_accum(self) -> int:
         return self._grad_accum
 
+    def set_global_batch(self, global_batch: int) -> None:
+        """Take ``global_batch`` sequences per step from the next step on, from the same position (a batch ramp)."""
+        self._grad_accum = _grad_accum(global_batch, self.micro_batch, self.dp_size)
+        self.global_batch = global_batch
+
     @property
     def steps_per_epoch(self) -> int:
         """Full global batches per epoch (the tail that cannot fill one is dropped)."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megascale.config import FP32_STATE, Config, OptimConfig
+from megascale.config import FP32_STATE, Config, OptimConfig, parse_batch_rampup
 from megascale.errors import MegascaleError
 from megascale.model.init import check_full_weights, materialize, piece_of
 from megascale.train.memory import StateBytes, formula_state_bytes
@@ -45,16 +45,50 @@ class BatchLayout:
         return self.dp_size * self.cp_size
 
 
-def batch_layout(cfg: Config, dp_size: int, cp_size: int = 1) -> BatchLayout:
-    """Derive gradient accumulation from the global batch; one line if it does not divide."""
+def batch_layout(cfg: Config, dp_size: int, cp_size: int = 1, completed_steps: int | None = None) -> BatchLayout:
+    """Derive gradient accumulation from the global batch (train.global_batch_size, or train.batch_rampup's
+    after ``completed_steps`` steps when given); one line if it does not divide."""
     micro = cfg.train.micro_batch_size
     global_batch = cfg.train.global_batch_size or micro * dp_size
+    key = "train.global_batch_size"
+    for batch, until in parse_batch_rampup(cfg.train.batch_rampup) if completed_steps is not None else ():
+        if completed_steps < until:
+            global_batch, key = batch, "a train.batch_rampup batch"
+            break
     if global_batch % (micro * dp_size):
         raise MegascaleError(
-            f"train.global_batch_size={global_batch} is not a multiple of micro_batch_size*dp = {micro}*{dp_size}; "
+            f"{key}={global_batch} is not a multiple of micro_batch_size*dp = {micro}*{dp_size}; "
             f"use a multiple of {micro * dp_size}"
         )
     return BatchLayout(micro, global_batch // (micro * dp_size), dp_size, cp_size)
+
+
+def ramp_layouts(cfg: Config, dp_size: int, cp_size: int = 1) -> list[tuple[int, BatchLayout]]:
+    """(first step, layout) of each train.batch_rampup stage and of the final batch; checks each divides."""
+    starts = [0] + [until for _, until in parse_batch_rampup(cfg.train.batch_rampup)]
+    return [(start, batch_layout(cfg, dp_size, cp_size, start)) for start in starts]
+
+
+def planned_tokens(cfg: Config, dp_size: int) -> int:
+    """Tokens over train.max_steps, each step at the global batch train.batch_rampup gives it."""
+    stages = ramp_layouts(cfg, dp_size) + [(cfg.train.max_steps, None)]
+    return sum(max(0, min(end, cfg.train.max_steps) - start) * layout.global_batch * cfg.data.seq_len
+               for (start, layout), (end, _) in zip(stages, stages[1:]))
+
+
+def set_global_batch(engine, layout: BatchLayout) -> None:
+    """Switch a built engine to ``layout``'s accumulation at a step boundary (train.batch_rampup).
+
+    DeepSpeed finds the accumulation boundary by (micro_steps + 1) % gradient_accumulation_steps, with
+    micro_steps counted over the whole run: restarted at 0, as a freshly built engine has it (a resume
+    with another global batch), the boundary falls after the new count. ZeRO-1/2 keep their own copy of
+    the count: the installed DeepSpeed no longer reads it, but older releases (requirements.txt allows
+    >= 0.15) chose by it whether to accumulate gradients on the host under offload, so it is set too.
+    """
+    engine.set_train_batch_size(layout.global_batch * layout.cp_size)  # the pipeline engine's micro_batches too
+    engine.micro_steps = 0
+    if hasattr(engine.optimizer, "gradient_accumulation_steps"):
+        engine.optimizer.gradient_accumulation_steps = layout.grad_accum
 
 
 def effective_zero_stage(cfg: Config, dp: int) -> int:

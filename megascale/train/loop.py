@@ -37,7 +37,7 @@ from megascale.train import checkpoint as ckpt
 from megascale.train import preflight
 from megascale.train.dist import DistContext
 from megascale.train.engine import (BatchLayout, batch_layout, build_engine, effective_zero_stage, lr_lambda, optimizer_settings,
-                                    state_formula, zero_stage_run)
+                                    planned_tokens, ramp_layouts, set_global_batch, state_formula, zero_stage_run)
 from megascale.train.memory import local_param_count, measured_state_bytes
 from megascale.train.metrics import MetricsWriter, device_peak_tflops, memory_stats, plot_loss_curve
 from megascale.train.nonfinite import NanGuard, harmless_backward_loss, zero_lr
@@ -181,6 +181,10 @@ def log_startup(ctx: DistContext, info: dict[str, Any], cfg: Config, groups: Par
         info["global_batch"], cfg.data.seq_len, cfg.train.micro_batch_size, info["grad_accum"], groups.dims.dp,
         zero_stage_note(cfg, groups.dims.dp_cp), cfg.train.precision,
     )
+    if cfg.train.batch_rampup:
+        stages = ramp_layouts(cfg, groups.dims.dp, groups.dims.cp)
+        log.info("batch ramp: %s, then %d (train.batch_rampup)", ", ".join(
+            f"{layout.global_batch} until step {end}" for (_, layout), (end, _) in zip(stages, stages[1:])), stages[-1][1].global_batch)
     p = cfg.parallel
     if p.activation_checkpointing:
         n = p.checkpoint_layers
@@ -533,7 +537,8 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     data = open_data(cfg, ctx) if stage is None else stage.open_data(cfg, ctx)
     resume_path, meta, plan = find_resume(cfg)
     model = build_model(cfg, ctx, plan)
-    layout = batch_layout(cfg, groups.dims.dp, groups.dims.cp)
+    layout = batch_layout(cfg, groups.dims.dp, groups.dims.cp)  # the final batch: memory, preflight, the sampler's check
+    ramp_layouts(cfg, groups.dims.dp, groups.dims.cp)  # every ramp batch divides, before anything is built
     info = describe_model(model, cfg, layout)
     log_startup(ctx, info, cfg, groups, model.plan)
     sampler = DistributedBatchSampler(
@@ -552,7 +557,7 @@ def setup_run(cfg: Config, ctx: DistContext, stage: Any = None) -> Run:
     with out_of_memory_explained(cfg, ctx, groups, layout.grad_accum, "building the model and optimizer", model.plan):
         engine = build_engine(model, cfg, layout, ctx.device, groups, weights=weights)
     del weights  # each rank now holds its shard only
-    controller = UntieController(cfg, planned_tokens=cfg.train.max_steps * info["tokens_per_step"])
+    controller = UntieController(cfg, planned_tokens=planned_tokens(cfg, groups.dims.dp))
     run = Run(cfg, ctx, groups, model, engine, data, sampler, info, Path(cfg.train.out_dir), layout, controller, stage=stage,
               nan=NanGuard(cfg.train.nan_policy, cfg.train.nan_max_events))
     if resume_path is not None:
@@ -592,10 +597,10 @@ def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None
     if run.ctx.is_main:
         log.info("resumed from %s at step %d: %s", path, run.progress.step, how)
         saved_batch = meta["data"]["sampler"]["global_batch"]
-        if saved_batch != run.sampler.global_batch:
+        batch = batch_layout(run.cfg, run.groups.dims.dp, run.groups.dims.cp, run.progress.step).global_batch
+        if saved_batch != batch:
             log.info("the global batch goes from %d to %d sequences per step; the data goes on in the same order "
-                     "from sample %d of epoch %d", saved_batch, run.sampler.global_batch,
-                     run.sampler.state.consumed, run.sampler.state.epoch)
+                     "from sample %d of epoch %d", saved_batch, batch, run.sampler.state.consumed, run.sampler.state.epoch)
         changed = changed_schedule(meta.get("config", {}), run.cfg.to_dict())
         if changed:
             then, now = (schedule_lr(c, run.progress.step) for c in (meta["config"], run.cfg.to_dict()))
@@ -642,6 +647,7 @@ def pretrain(cfg: Config, ctx: DistContext) -> RunSummary:
 def run_loop(run: Run) -> RunSummary:
     t, ctx, progress = run.cfg.train, run.ctx, run.progress
     writer = MetricsWriter(run.out_dir, ctx.is_main, run.cfg.metrics.tensorboard, run.cfg.metrics.wandb_project, run.cfg.to_dict())
+    follow_batch_ramp(run)  # the start record shows the batch the first step takes
     writer.log({"step": progress.step, "event": "start", "world_size": ctx.world_size, "device": str(ctx.device),
                 "layout": layout_of(run.groups), "optimizer": optimizer_settings(run.engine), **run.info})
     summary = RunSummary(run.out_dir, None, writer.path, None)
@@ -661,6 +667,11 @@ def run_loop(run: Run) -> RunSummary:
             probing = probe is not None and run.controller.probe_due(progress.step + 1)
             if probing:
                 probe.arm()
+            if follow_batch_ramp(run) and ctx.is_main:
+                log.info("global batch %d sequences (accumulation %d) from step %d on (train.batch_rampup)",
+                         run.layout.global_batch, run.layout.grad_accum, progress.step + 1)
+                writer.log({"step": progress.step, "event": "global_batch", "global_batch": run.layout.global_batch,
+                            "grad_accum": run.layout.grad_accum})
             if profiler is not None:
                 profiler.before_step(progress.step + 1)
             with run_out_of_memory_explained(run, f"in step {progress.step + 1}"):
@@ -710,6 +721,19 @@ def run_loop(run: Run) -> RunSummary:
     writer.close()
     _finish(run, summary)
     return summary
+
+
+def follow_batch_ramp(run: Run) -> bool:
+    """Put engine, sampler and counts at the global batch train.batch_rampup gives the next step; whether it changed."""
+    layout = batch_layout(run.cfg, run.groups.dims.dp, run.groups.dims.cp, run.progress.step)
+    if layout == run.layout:
+        return False
+    set_global_batch(run.engine, layout)
+    run.sampler.set_global_batch(layout.global_batch)
+    run.layout = layout
+    run.info.update(global_batch=layout.global_batch, grad_accum=layout.grad_accum,
+                    tokens_per_step=layout.global_batch * run.cfg.data.seq_len)
+    return True
 
 
 def make_profiler(run: Run) -> StepProfiler | None:
