@@ -93,9 +93,22 @@ def _events(records: list[dict[str, Any]]) -> list[str]:
         lines += _table(["step", "groups", "units", "why", "unique parameters", "Adam moments", "pause s"], rows)
     else:
         lines.append("No untie.")
-    other = [r for r in records if r.get("event") in ("preempted", "nan_skip", "nan_rollback")]
+    other = [r for r in records if r.get("event") in ("preempted", "nan_skip", "nan_rollback", "global_batch")]
     lines += ["", *[f"- step {r['step']}: {r['event']} {json.dumps({k: v for k, v in r.items() if k not in ('step', 'event')})}"
                     for r in other]]
+    return lines
+
+
+def _profiles(records: list[dict[str, Any]]) -> list[str]:
+    """Each profiled window's files, and the first rows of rank 0's operator table (metrics.profile_start)."""
+    lines = []
+    for event in (r for r in records if r.get("event") == "profile"):
+        files = [Path(f) for f in event["files"]]
+        lines += [f"Steps up to {event['step']}: " + ", ".join(f"`{f.name}`" for f in files)
+                  + " (each rank wrote its own; open a trace in https://ui.perfetto.dev)", ""]
+        table = next((f for f in files if f.name.endswith("_top.txt") and f.is_file()), None)
+        if table is not None:
+            lines += ["```", *table.read_text().splitlines()[:14], "```", ""]
     return lines
 
 
@@ -122,6 +135,9 @@ def write_report(run_dir: Path) -> Path:
         lines += ["## Gradient coherence", "", f"![coherence]({coh_png.name})", ""]
     lines += ["## Untie and fault events", "", *_events(records), "", "## Throughput", "", *_throughput(steps), "",
               "## Per-rank state memory", "", *_memory(records), ""]
+    profiles = _profiles(records)
+    if profiles:
+        lines += ["## Profile", "", *profiles]
     if meta is not None:
         lines += ["## Config (newest checkpoint)", "", "```json", json.dumps(meta["config"], indent=2), "```", ""]
     page = run_dir / "report.md"
