@@ -106,7 +106,7 @@ def test_a_batch_ramp_reads_as_written_and_counts_its_tokens(tmp_path):
     assert batch_layout(cfg, 1).global_batch == 12  # no step: the final batch
     assert planned_tokens(cfg, 1) == (2 * 4 + 1 * 8 + 2 * 12) * 32
     assert planned_tokens(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=1)), 1) == 4 * 32
-    with pytest.raises(MegascaleError, match=r"^a train.batch_rampup batch=4 is not a multiple of micro_batch_size\*dp = 4\*2; "):
+    with pytest.raises(MegascaleError, match=r"^train.batch_rampup's batch 4 \(until step 2\) is not a multiple of micro_batch_size\*dp = 4\*2; "):
         batch_layout(cfg, 2, completed_steps=0)
 
 

@@ -50,14 +50,14 @@ def batch_layout(cfg: Config, dp_size: int, cp_size: int = 1, completed_steps: i
     after ``completed_steps`` steps when given); one line if it does not divide."""
     micro = cfg.train.micro_batch_size
     global_batch = cfg.train.global_batch_size or micro * dp_size
-    key = "train.global_batch_size"
+    what = f"train.global_batch_size={global_batch}"
     for batch, until in parse_batch_rampup(cfg.train.batch_rampup) if completed_steps is not None else ():
         if completed_steps < until:
-            global_batch, key = batch, "a train.batch_rampup batch"
+            global_batch, what = batch, f"train.batch_rampup's batch {batch} (until step {until})"
             break
     if global_batch % (micro * dp_size):
         raise MegascaleError(
-            f"{key}={global_batch} is not a multiple of micro_batch_size*dp = {micro}*{dp_size}; "
+            f"{what} is not a multiple of micro_batch_size*dp = {micro}*{dp_size}; "
             f"use a multiple of {micro * dp_size}"
         )
     return BatchLayout(micro, global_batch // (micro * dp_size), dp_size, cp_size)
