@@ -82,13 +82,14 @@ def untie_run(run, decisions: list[Decision]) -> dict[str, Any]:
     with out_of_memory_explained(run.cfg, run.ctx, run.groups, run.info["grad_accum"], where, new_plan, untying=True,
                                  then=lambda: _resume_hint(run.out_dir / "checkpoints")):
         state = read_state(run.engine, run.groups.dp_group)  # this rank's 1/dp slice, on the host
+        samples = run.engine.global_samples  # DeepSpeed's count, kept in its checkpoints (a batch ramp varies it)
         _release(run)
         model = build_model(run.cfg, run.ctx, new_plan, quiet=True)  # meta: build_engine draws, write_state overwrites
         info = describe_model(model, run.cfg, run.layout)  # before tensor parallelism shards the plain model
         engine = build_engine(model, run.cfg, run.layout, run.ctx.device, run.groups)
         write_state(engine, state, source_name(sources, run.pipelined), moment_scale(factors, run.pipelined))
     restore_schedule(engine, run.progress.step)
-    engine.global_samples = run.progress.step * run.layout.global_batch
+    engine.global_samples = samples
     before = run.info
     run.model, run.engine, run.info = model, engine, info
     run.grad_bytes = None  # measured again on the next step
