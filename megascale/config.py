@@ -168,8 +168,7 @@ class TrainConfig(HostOffload):
     global_batch_size: int = 0
     """Sequences per optimizer step over all ranks; 0 means micro_batch_size * data-parallel size. Gradient accumulation = global / (micro * dp)."""
     batch_rampup: str = ""
-    """A smaller global batch early in the run: 'B1:S1,B2:S2' trains with global batch B1 until step S1, B2 until S2, then
-    global_batch_size (Llama 3 and DeepSeek-V3 grow theirs). Each B a multiple of micro_batch_size * dp; '' = no ramp."""
+    """A smaller global batch early in the run: 'B1:S1,B2:S2' trains with global batch B1 until step S1, B2 until S2, then global_batch_size (Llama 3 and DeepSeek-V3 grow theirs). Each B a multiple of micro_batch_size * dp; '' = no ramp."""
     precision: str = "fp32"
     """fp32 | bf16 | fp16 | bf16-autocast. bf16/fp16: weights and gradients in that dtype, an fp32 master copy in the optimizer (fp16 with dynamic loss scaling). bf16-autocast: weights, gradients and optimizer in fp32, matmuls and attention in bf16 under torch.autocast (DeepSpeed's torch_autocast), as a plain PyTorch AMP loop trains; on one rank it steps torch's fused AdamW directly instead of DeepSpeed's bf16 optimizer."""
     zero_stage: int = 1
@@ -289,10 +288,9 @@ class MetricsConfig:
     wandb_project: str = ""
     """Also log to Weights & Biases under this project when wandb is installed ('' = off; never required; WANDB_MODE=offline works)."""
     profile_start: int = 0
-    """Run steps profile_start … profile_start + profile_steps - 1 under torch.profiler (0 = off): each rank writes a trace
-    (open in https://ui.perfetto.dev) and a table of its top operators to <train.out_dir>/profile/."""
+    """Run steps profile_start … profile_start + profile_steps - 1 under torch.profiler (0 = off): each rank writes a trace (open in https://ui.perfetto.dev) and a table of its top operators to <train.out_dir>/profile/."""
     profile_steps: int = 2
-    """How many steps the profiler window holds (a GPU step's trace runs to tens of MB)."""
+    """How many steps the profiler window holds (each step adds to every rank's trace)."""
 
 
 @dataclass
