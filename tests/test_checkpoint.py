@@ -67,6 +67,38 @@ def test_a_resumed_run_steps_with_the_configs_optimizer_settings_and_batch_not_t
         for wd in (0.5, 0.0)]
 
 
+def test_a_resume_keeps_the_schedules_saved_position_when_steps_were_skipped(tmp_path):
+    """fp16 skips the optimizer and scheduler steps that overflowed, so a checkpoint's schedule can be behind its
+    step count. The LR after a load is the config's schedule at the scheduler's saved position, not at the step count.
+    (fp16 does not run on this CPU; the engine below loads as DeepSpeed's does: optimizer, scheduler, step count.)"""
+    from megascale.config import OptimConfig
+    from megascale.train.checkpoint import load_checkpoint
+    from megascale.train.engine import lr_lambda
+
+    class Engine:  # DeepSpeed's load_checkpoint, reduced to what it restores for a torch optimizer at ZeRO-0
+        def __init__(self, lr, saved=None):
+            self.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=lr, betas=(0.9, 0.9))
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(OptimConfig(warmup_steps=2), 10))
+            self.global_steps, self.saved = 0, saved
+
+        def load_checkpoint(self, load_dir, tag, **_):
+            optimizer, scheduler, self.global_steps = self.saved
+            self.optimizer.load_state_dict(optimizer)
+            self.lr_scheduler.load_state_dict(scheduler)
+            return load_dir, {}
+
+    before = Engine(1e-3)
+    for _ in range(6):  # six steps, two of them skipped: the scheduler stepped four times
+        before.optimizer.step()
+    for _ in range(4):
+        before.lr_scheduler.step()
+    after = Engine(2e-3, (before.optimizer.state_dict(), before.lr_scheduler.state_dict(), 6))
+    load_checkpoint(after, tmp_path / "step_00000006")
+    assert after.global_steps == 6 and after.lr_scheduler.last_epoch == 4
+    group = after.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(2e-3 * lr_lambda(OptimConfig(warmup_steps=2), 10)(4)) and group["betas"] == (0.9, 0.9)
+
+
 def test_a_batch_ramp_steps_as_a_resume_with_the_larger_batch_does(data_dir, tmp_path):
     """train.batch_rampup=8:3 over two ranks at ZeRO-2 with Adam on the host: accumulation goes from 1 to 2 after step
     3, where DeepSpeed's run-long micro-step count (3) would put the boundary after one micro-batch and ZeRO-2's host

@@ -305,7 +305,7 @@ def load_checkpoint(engine, path: Path) -> None:
         group.update(own)
     if scheduler is not None:
         scheduler.base_lrs = peaks
-        restore_schedule(engine, engine.global_steps)
+        _schedule_at(scheduler, scheduler.last_epoch)  # the saved position: fp16 steps skipped on overflow did not count
 
 
 # ------------------------------------------------------------ layout conversion
@@ -521,9 +521,13 @@ def full_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
 def restore_schedule(engine, step: int) -> None:
     """Put the LR schedule and DeepSpeed's step counter at ``step`` (for a converted resume)."""
     engine.global_steps = step
-    scheduler = engine.lr_scheduler
-    if scheduler is not None:
-        scheduler.last_epoch = step - 1
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
-            warnings.simplefilter("ignore", UserWarning)
-            scheduler.step()
+    if engine.lr_scheduler is not None:
+        _schedule_at(engine.lr_scheduler, step)
+
+
+def _schedule_at(scheduler, step: int) -> None:
+    """Set the optimizer's LR to the schedule's value at ``step`` (the scheduler's own position after it)."""
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
