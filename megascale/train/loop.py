@@ -667,11 +667,7 @@ def run_loop(run: Run) -> RunSummary:
             probing = probe is not None and run.controller.probe_due(progress.step + 1)
             if probing:
                 probe.arm()
-            if follow_batch_ramp(run) and ctx.is_main:
-                log.info("global batch %d sequences (accumulation %d) from step %d on (train.batch_rampup)",
-                         run.layout.global_batch, run.layout.grad_accum, progress.step + 1)
-                writer.log({"step": progress.step, "event": "global_batch", "global_batch": run.layout.global_batch,
-                            "grad_accum": run.layout.grad_accum})
+            follow_batch_ramp(run, writer)
             if profiler is not None:
                 profiler.before_step(progress.step + 1)
             with run_out_of_memory_explained(run, f"in step {progress.step + 1}"):
@@ -723,17 +719,22 @@ def run_loop(run: Run) -> RunSummary:
     return summary
 
 
-def follow_batch_ramp(run: Run) -> bool:
-    """Put engine, sampler and counts at the global batch train.batch_rampup gives the next step; whether it changed."""
+def follow_batch_ramp(run: Run, writer: MetricsWriter | None = None) -> None:
+    """Put engine, sampler and counts at the global batch train.batch_rampup gives the next step; a change is
+    logged and recorded when ``writer`` is given (not before the start record)."""
     layout = batch_layout(run.cfg, run.groups.dims.dp, run.groups.dims.cp, run.progress.step)
     if layout == run.layout:
-        return False
+        return
     set_global_batch(run.engine, layout)
     run.sampler.set_global_batch(layout.global_batch)
     run.layout = layout
     run.info.update(global_batch=layout.global_batch, grad_accum=layout.grad_accum,
                     tokens_per_step=layout.global_batch * run.cfg.data.seq_len)
-    return True
+    if writer is not None and run.ctx.is_main:
+        log.info("global batch %d sequences (accumulation %d) from step %d on (train.batch_rampup)",
+                 layout.global_batch, layout.grad_accum, run.progress.step + 1)
+        writer.log({"step": run.progress.step, "event": "global_batch", "global_batch": layout.global_batch,
+                    "grad_accum": layout.grad_accum})
 
 
 def make_profiler(run: Run) -> StepProfiler | None:
