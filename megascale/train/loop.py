@@ -603,7 +603,9 @@ def restore(run: Run, path: Path, meta: dict[str, Any], converted: bool) -> None
                      "from sample %d of epoch %d", saved_batch, batch, run.sampler.state.consumed, run.sampler.state.epoch)
         changed = changed_schedule(meta.get("config", {}), run.cfg.to_dict())
         if changed:
-            then, now = (schedule_lr(c, run.progress.step) for c in (meta["config"], run.cfg.to_dict()))
+            # At the schedule's own position: fp16 steps skipped on overflow did not advance it.
+            position = getattr(run.engine.lr_scheduler, "last_epoch", run.progress.step)
+            then, now = (schedule_lr(c, position) for c in (meta["config"], run.cfg.to_dict()))
             log.info("the config's optimizer settings apply from here on, not the checkpoint's: %s; the LR for "
                      "step %d is %.4g (the saved run's schedule: %.4g)", ", ".join(changed), run.progress.step + 1, now, then)
 
