@@ -868,3 +868,16 @@ def test_make_bench_runs_the_cpu_benchmarks(tmp_path):
     # the venv's build of CPU Adam (tests/prebuild_ops.py): torch's shared folder held another venv's, rebuilt
     ds = next(r for r in rows if r["optimizer"] == "deepspeed_cpu_adam")
     assert ds["build_dir"] == str(Path(sys.prefix) / "torch_extensions")
+
+
+def test_bf16_accumulation_measures_zero_for_one_micro_batch_and_the_rounding_for_more(tmp_path):
+    """One micro-batch: autograd's bf16 .grad is the fp32 sum of itself, so the error is exactly 0 (both paths take
+    the same micro-gradient). Eight: bf16 adds round, a few 2^-9 roundings' worth, never a whole gradient's."""
+    out = tmp_path / "acc.json"
+    proc = _run(["bench/bf16_accumulation.py", "--ks", "1,8", "--d-model", "32", "--layers", "2", "--heads", "2",
+                 "--vocab", "256", "--seq", "16", "--micro", "2", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, eight = json.loads(out.read_text())["results"]
+    assert one["relative_error"] == 0.0 and one["worst_tensor"] == 0.0
+    assert 1e-4 < eight["relative_error"] <= eight["worst_tensor"] < 0.05
+    assert "relative error" in proc.stdout
