@@ -85,7 +85,27 @@ def free_port() -> int:
     return below_ephemeral()
 
 
+# A rendezvous port checked free can still be taken before the ranks' store listens on it (seen once
+# in a CI run, 2026-11-29: EADDRINUSE in init_process_group, nothing trained yet). A port collision is the
+# harness's, not the code under test's: such a start is run again with another port, twice at most.
+PORT_TAKEN = "EADDRINUSE"
+
+
+def _port_taken(proc: subprocess.CompletedProcess) -> bool:
+    return proc.returncode != 0 and PORT_TAKEN in proc.stderr
+
+
 def spawn_ranks(cmd: list[str], nproc: int, env: dict[str, str], timeout: float, cwd: Path = ROOT,
+                grace: float = 0.0) -> subprocess.CompletedProcess:
+    """``_spawn_once``, started again on another rendezvous port if the drawn one was taken meanwhile."""
+    for _ in range(2):
+        proc = _spawn_once(cmd, nproc, env, timeout, cwd, grace)
+        if not _port_taken(proc):
+            return proc
+    return _spawn_once(cmd, nproc, env, timeout, cwd, grace)
+
+
+def _spawn_once(cmd: list[str], nproc: int, env: dict[str, str], timeout: float, cwd: Path = ROOT,
                 grace: float = 0.0) -> subprocess.CompletedProcess:
     """Run ``cmd`` as ``nproc`` ranks on this host, as torchrun does, without torchrun's own process.
 
@@ -145,13 +165,15 @@ def run_pretrain(out_dir: Path, data: Path, *overrides: str, nproc: int = 1, lau
     """Run launch/pretrain.py on the tiny model; returns the finished process."""
     launcher = launcher or ("single" if nproc == 1 else "spawn")
     args = ["--config", str(ROOT / "configs" / "tiny.yaml"), *TINY, f"data.path={data}", f"train.out_dir={out_dir}", *overrides]
-    if launcher == "mpirun":
-        env = {**(env or {}), "MASTER_PORT": str(free_port())}
-    cmd = launch_command(nproc, launcher) + args
-    if launcher == "spawn":
-        proc = spawn_ranks(cmd, nproc, clean_env(**(env or {})), timeout)
-    else:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(**(env or {})), cwd=ROOT, timeout=timeout)
+    for _ in range(3):  # a launcher's rendezvous port taken meanwhile: again with another (PORT_TAKEN)
+        run_env = {**(env or {}), "MASTER_PORT": str(free_port())} if launcher == "mpirun" else env
+        cmd = launch_command(nproc, launcher) + args  # the torchrun and deepspeed commands draw their port here
+        if launcher == "spawn":
+            proc = spawn_ranks(cmd, nproc, clean_env(**(run_env or {})), timeout)
+            break
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(**(run_env or {})), cwd=ROOT, timeout=timeout)
+        if launcher == "single" or not _port_taken(proc):
+            break
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

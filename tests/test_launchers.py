@@ -278,3 +278,22 @@ def test_rendezvous_ports_are_drawn_below_the_ephemeral_range():
     assert all(p < low for p in ports) and len(ports) > 1
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports.pop()))  # free when drawn
+
+
+def test_ranks_whose_rendezvous_port_was_taken_start_again_on_another(monkeypatch):
+    """The harness's port race (tests/conftest.py, PORT_TAKEN): the first draw is a port something listens on, so the
+    ranks fail with EADDRINUSE before anything runs; the second attempt draws a free one and the ranks meet."""
+    import socket
+    import sys
+
+    import conftest
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        draws = iter([taken.getsockname()[1]])
+        real = conftest.free_port
+        monkeypatch.setattr(conftest, "free_port", lambda: next(draws, None) or real())
+        code = "import torch.distributed as d; d.init_process_group('gloo'); d.barrier(); print('met', d.get_rank())"
+        proc = conftest.spawn_ranks([sys.executable, "-c", code], 2, conftest.clean_env(), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["met", "0", "met", "1"], proc.stderr[-2000:]
