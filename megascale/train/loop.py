@@ -724,6 +724,8 @@ def run_loop(run: Run) -> RunSummary:
 def follow_batch_ramp(run: Run, writer: MetricsWriter | None = None) -> None:
     """Put engine, sampler and counts at the global batch train.batch_rampup gives the next step; a change is
     logged and recorded when ``writer`` is given (not before the start record)."""
+    if not run.cfg.train.batch_rampup:  # the batch never changes: nothing to parse each step
+        return
     layout = batch_layout(run.cfg, run.groups.dims.dp, run.groups.dims.cp, run.progress.step)
     if layout == run.layout:
         return

@@ -13,12 +13,9 @@ Only those steps run under the profiler, so the rest of the run keeps its speed
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 class StepProfiler:
